@@ -1,0 +1,1 @@
+"""OpenID Connect provider for Taiwan's public-sector portals."""

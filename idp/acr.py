@@ -1,0 +1,48 @@
+"""The assurance ladder: which ``acr`` a set of factors (``amr``) earns.
+
+====================  =====================================================
+``urn:idp:loa:1``     one factor: password, or a Google account alone
+``urn:idp:loa:2``     two factors: password + OTP, password + push app,
+                      Google + OTP, password + passkey
+``urn:idp:loa:3``     a certificate proven with its private key: the MOICA
+                      natural-person card or an organisation (XCA/GCA) card
+                      with its PIN, or the mobile natural-person certificate
+====================  =====================================================
+
+A client asks for a level with ``acr_values`` or sets ``minimum_acr`` in its
+registration; the login flow keeps asking for factors until the level is
+reached (step-up), and the ID token's ``acr`` says which level was.
+"""
+
+from __future__ import annotations
+
+LOA1, LOA2, LOA3 = "urn:idp:loa:1", "urn:idp:loa:2", "urn:idp:loa:3"
+LADDER = (LOA1, LOA2, LOA3)
+# RFC 8176 method values that prove possession of a certificate's key.
+CERTIFICATE_AMR = {"sc", "hwk"}
+
+
+def rank(acr: str | None) -> int:
+    return LADDER.index(acr) + 1 if acr in LADDER else 0
+
+
+def earned(amr: list[str]) -> str:
+    methods = set(amr)
+    if methods & CERTIFICATE_AMR:
+        return LOA3
+    if "mfa" in methods:
+        return LOA2
+    return LOA1
+
+
+def required(acr_values: str | None, minimum: str | None) -> str:
+    """The level a login must reach: the client's minimum or the first known
+    value the request asks for, whichever is higher."""
+    asked = next((v for v in (acr_values or "").split() if v in LADDER), None)
+    return max((LOA1, asked, minimum), key=rank)
+
+
+def with_mfa(amr: list[str]) -> list[str]:
+    """Add RFC 8176 ``mfa`` once two different factors are in."""
+    methods = [m for m in amr if m != "mfa"]
+    return methods + ["mfa"] if len(set(methods)) >= 2 else methods

@@ -1,0 +1,27 @@
+"""The audit log (SPEC M6, O3): every login, failure, lockout and logout, with
+time, address, client and method. Never a secret: no passwords, codes or tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from idp.storage.models import AuditEvent
+
+log = logging.getLogger("idp.audit")
+
+
+class Audit:
+    def __init__(self, db, clock):
+        self.db, self.clock = db, clock
+
+    def record(self, event: str, *, account_id=None, username=None, client_id=None, ip=None, method=None, **detail):
+        when = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
+        with self.db.session() as session:
+            session.add(
+                AuditEvent(
+                    time=when, event=event, account_id=account_id, username=username,
+                    client_id=client_id, ip=ip, method=method, detail=detail,
+                )
+            )
+        log.info("%s account=%s user=%s client=%s ip=%s method=%s %s", event, account_id, username, client_id, ip, method, detail or "")

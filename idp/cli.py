@@ -1,0 +1,282 @@
+"""The ``idp`` command: serve, and administer accounts, clients and keys."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+
+from sqlalchemy import select
+
+from idp.settings import Settings
+
+
+def _services():
+    from idp.services import Services
+
+    svc = Services(Settings.from_env())
+    svc.start()
+    return svc
+
+
+def _now(svc) -> dt.datetime:
+    return dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
+
+
+def _fail(message: str) -> int:
+    print(f"idp: {message}", file=sys.stderr)
+    return 2
+
+
+# -- serve ---------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    if args.workers > 1:
+        # Each worker migrates on start; the migration lock makes that safe.
+        uvicorn.run("idp.web.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    proxy_headers=True, access_log=False)
+    else:
+        from idp.web.app import create_app
+
+        uvicorn.run(create_app(), host=args.host, port=args.port, proxy_headers=True, access_log=False)
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    _services()
+    print("database is up to date")
+    return 0
+
+
+def cmd_settings(args) -> int:
+    print(Settings.markdown_table())
+    return 0
+
+
+# -- keys ----------------------------------------------------------------------------
+def cmd_keys_rotate(args) -> int:
+    svc = _services()
+    keep = max(svc.settings.id_token_seconds, svc.settings.access_token_seconds) + 86400
+    for kid in svc.keys.rotate(keep):
+        print(f"now signing with {kid}")
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    svc = _services()
+    for record in svc.keys._records():
+        print(f"{record['kid']}\t{record['alg']}\t{record['status']}")
+    return 0
+
+
+# -- users ---------------------------------------------------------------------------
+def cmd_users_add(args) -> int:
+    from idp.accounts import AccountError, create_account
+    from idp.web.i18n import translate
+
+    svc = _services()
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+    try:
+        with svc.db.session() as session:
+            account = create_account(
+                session, svc.passwords, args.username, password, now=_now(svc),
+                email=args.email, name=args.name or args.username, kind=args.kind, org=args.org,
+                email_verified=bool(args.email), national_id=args.national_id,
+            )
+            account_id = account.id
+    except AccountError as e:
+        rules = "; ".join(translate("en", r, n=svc.settings.password_min_length) for r in e.params.get("rules", []))
+        return _fail(translate("en", e.key, **{k: v for k, v in e.params.items() if k != "rules"}) + (f" {rules}" if rules else ""))
+    svc.audit.record("account.created", account_id=account_id, username=args.username, method="cli")
+    print(account_id)
+    return 0
+
+
+def _with_account(username, change):
+    from idp.accounts import by_username
+
+    svc = _services()
+    with svc.db.session() as session:
+        account = by_username(session, username)
+        if account is None:
+            return svc, None
+        change(account)
+        return svc, account.id
+
+
+def cmd_users_list(args) -> int:
+    from idp.storage.models import Account
+
+    svc = _services()
+    with svc.db.session() as session:
+        for a in session.execute(select(Account).order_by(Account.username)).scalars():
+            state = "disabled" if a.disabled else "active"
+            print(f"{a.username}\t{a.kind}\t{a.name}\t{a.email or ''}\t{state}")
+    return 0
+
+
+def cmd_users_disable(args, disabled=True) -> int:
+    svc, account_id = _with_account(args.username, lambda a: setattr(a, "disabled", disabled))
+    if account_id is None:
+        return _fail(f"no account {args.username}")
+    svc.audit.record("account.disabled" if disabled else "account.enabled", account_id=account_id, username=args.username, method="cli")
+    return 0
+
+
+def cmd_users_unlock(args) -> int:
+    svc = _services()
+    if not svc.settings.redis_url:
+        return _fail("without IDP_REDIS_URL the lockout counters live inside the running provider; "
+                     "they clear themselves after IDP_LOCKOUT_SECONDS")
+    svc.lockout.clear(args.username)
+    svc.audit.record("account.unlocked", username=args.username, method="cli")
+    return 0
+
+
+# -- clients -------------------------------------------------------------------------
+def cmd_clients_add(args) -> int:
+    from idp.protocol.clients import ClientError, client_info, create_client
+
+    svc = _services()
+    meta = {
+        "client_name": args.name,
+        "redirect_uris": args.redirect_uri or [],
+        "post_logout_redirect_uris": args.post_logout_redirect_uri or [],
+        "grant_types": args.grant_type or (["client_credentials"] if not args.redirect_uri else ["authorization_code", "refresh_token"]),
+        "token_endpoint_auth_method": "none" if args.public else args.auth_method,
+        "subject_type": args.subject_type,
+        "minimum_acr": args.minimum_acr,
+        "id_token_signed_response_alg": args.alg,
+    }
+    if args.jwks:
+        with open(args.jwks) as f:
+            meta["jwks"] = json.load(f)
+    try:
+        with svc.db.session() as session:
+            row, secret, _ = create_client(session, meta, first_party=args.first_party)
+            info = client_info(row, secret)
+    except ClientError as e:
+        return _fail(f"{e.error}: {e.description}")
+    svc.audit.record("client.registered", client_id=info["client_id"], method="cli")
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False))
+    else:
+        print(f"client_id: {info['client_id']}")
+        if "client_secret" in info:
+            print(f"client_secret: {info['client_secret']}  (shown once; store it now)")
+    return 0
+
+
+def cmd_clients_list(args) -> int:
+    from idp.storage.models import Client
+
+    svc = _services()
+    with svc.db.session() as session:
+        for c in session.execute(select(Client).order_by(Client.created_at)).scalars():
+            print(f"{c.client_id}\t{c.metadata_.get('client_name', '')}\t{' '.join(c.metadata_.get('redirect_uris', []))}")
+    return 0
+
+
+def cmd_clients_show(args) -> int:
+    from idp.protocol.clients import client_info, find
+
+    svc = _services()
+    with svc.db.session() as session:
+        row = find(session, args.client_id)
+        if row is None:
+            return _fail(f"no client {args.client_id}")
+        print(json.dumps(client_info(row), ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_clients_remove(args) -> int:
+    from idp.protocol.clients import find
+
+    svc = _services()
+    with svc.db.session() as session:
+        row = find(session, args.client_id)
+        if row is None:
+            return _fail(f"no client {args.client_id}")
+        session.delete(row)
+    svc.audit.record("client.deleted", client_id=args.client_id, method="cli")
+    return 0
+
+
+def cmd_clients_token(args) -> int:
+    from idp.protocol.clients import new_initial_access_token
+
+    svc = _services()
+    with svc.db.session() as session:
+        token = new_initial_access_token(session, args.expires_in, _now(svc))
+    print(token)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="idp", description="OpenID Connect provider. Settings: IDP_* variables (idp settings).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the provider (migrates the database first)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(func=cmd_serve)
+    sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=cmd_migrate)
+    sub.add_parser("settings", help="print the settings table (Markdown)").set_defaults(func=cmd_settings)
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    keys.add_parser("rotate", help="publish-ahead rotation of the signing keys").set_defaults(func=cmd_keys_rotate)
+    keys.add_parser("list").set_defaults(func=cmd_keys_list)
+
+    users = sub.add_parser("users", help="accounts").add_subparsers(dest="users_command", required=True)
+    u = users.add_parser("add", help="create an account")
+    u.add_argument("username")
+    u.add_argument("--email")
+    u.add_argument("--name")
+    u.add_argument("--kind", choices=["personal", "aa"], default="personal")
+    u.add_argument("--org")
+    u.add_argument("--national-id")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    u.set_defaults(func=cmd_users_add)
+    users.add_parser("list").set_defaults(func=cmd_users_list)
+    for name, func in (("disable", cmd_users_disable), ("enable", lambda a: cmd_users_disable(a, False)), ("unlock", cmd_users_unlock)):
+        c = users.add_parser(name)
+        c.add_argument("username")
+        c.set_defaults(func=func)
+
+    clients = sub.add_parser("clients", help="relying parties").add_subparsers(dest="clients_command", required=True)
+    c = clients.add_parser("add", help="register a client")
+    c.add_argument("--name", required=True)
+    c.add_argument("--redirect-uri", action="append")
+    c.add_argument("--post-logout-redirect-uri", action="append")
+    c.add_argument("--grant-type", action="append", choices=["authorization_code", "refresh_token", "client_credentials"])
+    c.add_argument("--public", action="store_true", help="a public client (no secret; PKCE required)")
+    c.add_argument("--auth-method", default="client_secret_basic",
+                   choices=["client_secret_basic", "client_secret_post", "private_key_jwt"])
+    c.add_argument("--jwks", help="file with the client's public JWKS (private_key_jwt)")
+    c.add_argument("--first-party", action="store_true", help="a portal of ours: no consent screen")
+    c.add_argument("--subject-type", choices=["public", "pairwise"], default="public")
+    c.add_argument("--minimum-acr", help="the lowest acr this client accepts (urn:idp:loa:1..3)")
+    c.add_argument("--alg", choices=["ES256", "RS256"], help="ID token signing algorithm")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_clients_add)
+    clients.add_parser("list").set_defaults(func=cmd_clients_list)
+    for name, func in (("show", cmd_clients_show), ("remove", cmd_clients_remove)):
+        c = clients.add_parser(name)
+        c.add_argument("client_id")
+        c.set_defaults(func=func)
+    t = clients.add_parser("token", help="issue an RFC 7591 initial access token")
+    t.add_argument("--expires-in", type=int, default=86400)
+    t.set_defaults(func=cmd_clients_token)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

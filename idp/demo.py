@@ -1,0 +1,78 @@
+"""``make run``: the provider on :8000 and the school-records portal on :8001.
+
+Creates (once) a demo account and the portal's client registration under
+``var/``, then serves both from one process. Settings still come from
+``IDP_*`` variables; only their defaults are the demo's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from pathlib import Path
+
+import uvicorn
+
+from clients.school_portal import create_app as create_portal
+from idp.accounts import by_username, create_account
+from idp.protocol.clients import create_client, find
+from idp.settings import Settings
+from idp.web.app import create_app
+
+PROVIDER, PORTAL = "http://localhost:8000", "http://localhost:8001"
+DEMO_USER, DEMO_PASSWORD = "demo", "Taipei-101-School!"
+VAR = Path("var")
+
+
+def _prepare(app) -> dict:
+    svc = app.state.svc
+    saved = VAR / "demo-portal.json"
+    with svc.db.session() as session:
+        if by_username(session, DEMO_USER) is None:
+            import datetime as dt
+
+            create_account(session, svc.passwords, DEMO_USER, DEMO_PASSWORD, now=dt.datetime.now(dt.timezone.utc),
+                           name="王小明", email="demo@example.tw", email_verified=True, org="臺北市立示範國民中學")
+        portal = json.loads(saved.read_text()) if saved.exists() else None
+        if portal is None or find(session, portal["client_id"]) is None:
+            row, secret, _ = create_client(session, {
+                "client_name": "校務行政系統 2.0",
+                "redirect_uris": [f"{PORTAL}/callback"],
+                "post_logout_redirect_uris": [f"{PORTAL}/"],
+            }, first_party=True)
+            portal = {"client_id": row.client_id, "client_secret": secret}
+            fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(portal, f)
+    return portal
+
+
+async def _serve(*servers: uvicorn.Server) -> None:
+    await asyncio.gather(*(s.serve() for s in servers))
+
+
+def main() -> None:
+    VAR.mkdir(exist_ok=True)
+    os.environ.setdefault("IDP_ISSUER", PROVIDER)
+    os.environ.setdefault("IDP_DATABASE_URL", f"sqlite:///{VAR}/idp.sqlite3")
+    os.environ.setdefault("IDP_KEYS_DIR", str(VAR / "keys"))
+    app = create_app(Settings.from_env())
+    portal = _prepare(app)
+    portal_app = create_portal(PROVIDER, portal["client_id"], portal["client_secret"], PORTAL, secrets.token_urlsafe(32))
+    print(f"""
+  Provider:  {PROVIDER}   (discovery: {PROVIDER}/.well-known/openid-configuration)
+  Portal:    {PORTAL}     ← open this and press 登入
+  Account:   {DEMO_USER}
+  Password:  {DEMO_PASSWORD}
+  Stop with Ctrl-C.
+""", flush=True)
+    asyncio.run(_serve(
+        uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8000, log_level="warning")),
+        uvicorn.Server(uvicorn.Config(portal_app, host="127.0.0.1", port=8001, log_level="warning")),
+    ))
+
+
+if __name__ == "__main__":
+    main()

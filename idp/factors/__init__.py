@@ -1,0 +1,34 @@
+"""Login factors. Each module exposes one object with the same small interface:
+
+- ``name``: its URL segment and binding name;
+- ``amr``: the RFC 8176 method values a success adds;
+- ``first``: whether it can start a login (it finds the account itself);
+- ``template``: the page that asks for it;
+- ``bound(account)``: whether this account can use it;
+- ``context(svc, tx, account)``: what its page shows;
+- ``verify(request, svc, tx, form) -> Outcome`` (async): check the answer.
+
+``idp.flow`` decides which of them a login still needs; adding a factor is
+adding a module here and listing it in ``FACTORS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Outcome:
+    account_id: str | None = None
+    error: str | None = None  # message key shown to the user
+    params: dict = field(default_factory=dict)
+    keep: dict = field(default_factory=dict)  # form values to show again
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.account_id is not None
+
+
+from idp.factors.password import PASSWORD  # noqa: E402
+
+FACTORS = {f.name: f for f in (PASSWORD,)}

@@ -1,0 +1,81 @@
+"""Account and password (SPEC A1), with the image captcha and lockout."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+
+from starlette.concurrency import run_in_threadpool
+
+from idp import captcha
+from idp.accounts import by_username
+from idp.factors import Outcome
+
+
+class PasswordFactor:
+    name = "password"
+    amr = ["pwd"]
+    first = True
+    template = "factor_password.html"
+
+    def bound(self, account) -> bool:
+        return bool(account.password_hash) and not account.password_login_disabled
+
+    def context(self, svc, tx, account) -> dict:
+        return {"username": account.username if account else tx.get("username", ""), "captcha": captcha.wanted(svc, tx)}
+
+    async def verify(self, request, svc, tx, form) -> Outcome:
+        username = (form.get("username") or "").strip()[:64]
+        password = form.get("password") or ""
+        if tx.get("account"):  # stepping up: the account is known
+            username = tx["username"]
+        keep = {"username": username}
+        if not username or not password:
+            return Outcome(error="login.missing", keep=keep)
+        if captcha.wanted(svc, tx) and not captcha.check(tx, form.get("captcha")):
+            return Outcome(error="captcha.wrong", keep=keep)
+        ip, client_id = request.client.host if request.client else None, tx["client_id"]
+        lockout = svc.lockout
+
+        def locked(until):
+            svc.audit.record("login.locked", username=username, client_id=client_id, ip=ip, method=self.name)
+            local = dt.datetime.fromtimestamp(until, dt.timezone(dt.timedelta(hours=8)))
+            return Outcome(error="login.locked", params={"until": local.strftime("%H:%M")}, keep=keep)
+
+        if until := lockout.locked_until(username):
+            return locked(until)
+        attempt = lockout.reserve(username)
+        if attempt > lockout.threshold:
+            return locked(lockout.locked_until(username) or lockout.lock(username))
+
+        account = await run_in_threadpool(self._verify, svc, username, password)
+        if account is None:
+            svc.audit.record("login.failure", username=username, client_id=client_id, ip=ip, method=self.name)
+            if attempt >= lockout.threshold:
+                return locked(lockout.lock(username))
+            return Outcome(error="login.failed", params={"left": lockout.threshold - attempt}, keep=keep)
+        lockout.clear(username)
+        if tx.get("account") and not hmac.compare_digest(tx["account"], account.id):
+            return Outcome(error="login.failed", params={"left": lockout.threshold}, keep=keep)
+        if account.disabled:
+            svc.audit.record("login.disabled", account_id=account.id, username=username, client_id=client_id, ip=ip, method=self.name)
+            return Outcome(error="login.disabled", keep=keep)
+        if account.password_login_disabled:
+            return Outcome(error="login.password_disabled", keep=keep)
+        return Outcome(account_id=account.id)
+
+    @staticmethod
+    def _verify(svc, username, password):
+        """Check the password (argon2, off the event loop); upgrade an old hash."""
+        with svc.db.session() as session:
+            account = by_username(session, username)
+            ok, rehash = svc.passwords.verify(account.password_hash if account else None, password)
+            if not ok:
+                return None
+            if rehash:
+                account.password_hash = svc.passwords.hash(password)
+            session.expunge(account)
+            return account
+
+
+PASSWORD = PasswordFactor()

@@ -1,0 +1,128 @@
+"""The login flow: the one place that decides what a login still needs.
+
+An authorization request becomes a *login transaction* in the short-lived
+store. Each time the browser comes back, ``next_step`` looks at what the
+transaction has proven so far (``amr``), what the client and the request
+demand (``acr``), and the account, and answers with exactly one step:
+
+1. a factor: the first one (which finds the account), or one more to reach
+   the required assurance (step-up);
+2. an account action the account must do before going on (an expired
+   password; later issues add forced binding here);
+3. consent, for a third-party client the user has not approved yet;
+4. done: the session is set and a code goes back to the client.
+
+Pages never decide this themselves; they do their one step and send the
+browser back here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from idp import acr
+from idp.accounts import password_expired
+from idp.factors import FACTORS
+from idp.storage.models import Account, Consent
+
+
+@dataclass
+class Step:
+    kind: str  # "factor" | "action" | "consent" | "done" | "unmet" | "disabled"
+    factors: tuple = ()
+    action: str | None = None
+
+
+class Transactions:
+    def __init__(self, store, clock, lifetime: int):
+        self.store, self.clock, self.lifetime = store, clock, lifetime
+
+    def create(self, *, params, client_id, browser, fresh, target_acr, session, locale_hint=None) -> dict:
+        now = self.clock()
+        tx = {
+            "id": secrets.token_urlsafe(24),
+            "browser": browser,
+            "params": params,
+            "client_id": client_id,
+            "created": now,
+            "exp": now + self.lifetime,
+            "target_acr": target_acr,
+            "ui_locales": locale_hint,
+            "account": None,
+            "username": "",
+            "amr": [],
+            "done": [],
+            "auth_time": None,
+            "failures": 0,
+            "sid": None,
+        }
+        if session and not fresh:
+            # Build on the session: step-up asks only for what is missing.
+            tx.update(account=session["account"], amr=list(session["amr"]), auth_time=session["auth_time"], sid=session["sid"])
+        self.save(tx)
+        return tx
+
+    def get(self, tx_id: str | None) -> dict | None:
+        if not tx_id:
+            return None
+        tx = self.store.get("tx:" + tx_id)
+        if tx is None or tx["exp"] < self.clock():
+            return None
+        return tx
+
+    def save(self, tx: dict) -> None:
+        self.store.set("tx:" + tx["id"], tx, max(1, int(tx["exp"] - self.clock())) + 60)
+
+    def drop(self, tx: dict) -> None:
+        self.store.delete("tx:" + tx["id"])
+
+
+def record_factor(tx: dict, factor, account: Account, now: float) -> None:
+    """A factor succeeded: remember who and how, and when (``auth_time``)."""
+    if tx["account"] != account.id:
+        tx.update(amr=[], done=[], sid=None)
+    tx["account"], tx["username"] = account.id, account.username
+    tx["amr"] = acr.with_mfa(tx["amr"] + [m for m in factor.amr if m not in tx["amr"]])
+    tx["done"].append(factor.name)
+    tx["auth_time"] = now
+
+
+def _raises(factor, amr: list[str]) -> bool:
+    return acr.rank(acr.earned(acr.with_mfa(amr + factor.amr))) > acr.rank(acr.earned(amr))
+
+
+def next_step(svc, session, tx: dict, account: Account | None, client) -> Step:
+    if account is None:
+        return Step("factor", factors=tuple(f for f in FACTORS.values() if f.first))
+    if account.disabled:
+        return Step("disabled")
+    if acr.rank(acr.earned(tx["amr"])) < acr.rank(tx["target_acr"]):
+        options = tuple(f for f in FACTORS.values() if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
+        return Step("factor", factors=options) if options else Step("unmet")
+    now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
+    if "password" in tx["done"] and password_expired(account, svc.settings.password_max_age_days, now):
+        return Step("action", action="password_change")
+    if needs_consent(session, tx, account, client):
+        return Step("consent")
+    return Step("done")
+
+
+def requested_scope(tx: dict) -> set[str]:
+    return set(dict(tx["params"]).get("scope", "").split())
+
+
+def needs_consent(session, tx: dict, account: Account, client) -> bool:
+    if client.first_party:
+        return False
+    if "consent" in dict(tx["params"]).get("prompt", "").split():
+        return not tx.get("consented")
+    if tx.get("consented"):
+        return False
+    row = session.execute(
+        select(Consent).where(Consent.account_id == account.id, Consent.client_id == client.client_id)
+    ).scalar_one_or_none()
+    return row is None or not requested_scope(tx) <= set(row.scope.split())

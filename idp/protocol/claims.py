@@ -1,0 +1,80 @@
+"""What a relying party learns about a user: ``sub``, UserInfo claims and the ID token."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+
+from joserfc import jwt
+
+from idp.protocol.clients import OAuthClient
+from idp.storage.models import Account
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def subject(account_id: str, client: OAuthClient, pairwise_salt: bytes) -> str:
+    """Public ``sub`` is the account id; pairwise differs per sector (OIDC Core 8.1)."""
+    if client.metadata.get("subject_type") != "pairwise":
+        return account_id
+    mac = hmac.new(pairwise_salt, f"{client.sector_identifier()}|{account_id}".encode(), hashlib.sha256)
+    return _b64(mac.digest())
+
+
+def userinfo(account: Account, scope: str, sub: str) -> dict:
+    scopes = set(scope.split())
+    claims = {"sub": sub}
+    if "profile" in scopes:
+        claims.update(
+            name=account.name,
+            preferred_username=account.username,
+            # The portals' own claims: personal account or an organisation's AA administrator.
+            account_kind=account.kind,
+        )
+        if account.org:
+            claims["org"] = account.org
+    if "email" in scopes and account.email:
+        claims.update(email=account.email, email_verified=account.email_verified)
+    if "phone" in scopes and account.phone:
+        claims.update(phone_number=account.phone, phone_number_verified=False)
+    return claims
+
+
+def half_hash(value: str) -> str:
+    """``at_hash``/``c_hash``: the left half of SHA-256, for ES256 and RS256 alike."""
+    return _b64(hashlib.sha256(value.encode()).digest()[:16])
+
+
+def sign(keys, alg: str, claims: dict, typ: str = "JWT") -> str:
+    key = keys.signing_key(alg)
+    return jwt.encode({"alg": alg, "kid": key.kid, "typ": typ}, claims, key)
+
+
+def id_token(svc, client: OAuthClient, account: Account, auth: dict, scope: str, *, nonce=None, access_token=None) -> str:
+    now = int(svc.clock())
+    sub = subject(account.id, client, svc.pairwise_salt)
+    claims = {
+        "iss": svc.settings.issuer,
+        "sub": sub,
+        "aud": client.client_id,
+        "azp": client.client_id,
+        "iat": now,
+        "exp": now + svc.settings.id_token_seconds,
+        "auth_time": int(auth["auth_time"]),
+        "acr": auth["acr"],
+        "amr": auth["amr"],
+        "sid": auth["sid"],
+        "jti": secrets.token_urlsafe(12),
+    }
+    if nonce:
+        claims["nonce"] = nonce
+    if access_token:
+        claims["at_hash"] = half_hash(access_token)
+    for name, value in userinfo(account, scope, sub).items():
+        claims.setdefault(name, value)
+    alg = client.id_token_signed_response_alg or svc.settings.signing_alg
+    return sign(svc.keys, alg, claims)

@@ -1,0 +1,211 @@
+"""Relying parties: their registration metadata and authlib's client interface.
+
+A client's metadata follows RFC 7591 / OpenID Connect Dynamic Registration
+names (``redirect_uris``, ``grant_types``, ``token_endpoint_auth_method``,
+``post_logout_redirect_uris``, ``subject_type``,
+``id_token_signed_response_alg``, ``jwks``) plus our own policy fields
+(``first_party``, ``minimum_acr``, ``allowed_factors``,
+``access_token_lifetime``, ``refresh_token_lifetime``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from urllib.parse import urlsplit
+
+from authlib.oauth2.rfc6749 import ClientMixin
+from sqlalchemy import select
+
+from idp.acr import LADDER
+from idp.storage.models import Client, InitialAccessToken
+
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
+GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
+SCOPES = ("openid", "profile", "email", "phone", "offline_access")
+
+
+class ClientError(ValueError):
+    """Invalid client metadata; ``error`` is the RFC 7591 error code."""
+
+    def __init__(self, description: str, error: str = "invalid_client_metadata"):
+        super().__init__(description)
+        self.error = error
+        self.description = description
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits
+
+
+class OAuthClient(ClientMixin):
+    """A read-only view of a ``Client`` row for authlib."""
+
+    def __init__(self, row: Client):
+        self.client_id = row.client_id
+        self.secret_hash = row.secret_hash
+        self.registration_token_hash = row.registration_token_hash
+        self.first_party = row.first_party
+        self.metadata = dict(row.metadata_)
+        self.client_id_issued_at = int(row.created_at.timestamp()) if row.created_at else 0
+
+    # -- metadata shortcuts --------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.metadata.get("client_name") or self.client_id
+
+    @property
+    def auth_method(self) -> str:
+        return self.metadata.get("token_endpoint_auth_method", "client_secret_basic")
+
+    @property
+    def is_public(self) -> bool:
+        return self.auth_method == "none"
+
+    @property
+    def redirect_uris(self) -> list[str]:
+        return self.metadata.get("redirect_uris", [])
+
+    @property
+    def post_logout_redirect_uris(self) -> list[str]:
+        return self.metadata.get("post_logout_redirect_uris", [])
+
+    @property
+    def id_token_signed_response_alg(self) -> str | None:
+        return self.metadata.get("id_token_signed_response_alg")
+
+    @property
+    def minimum_acr(self) -> str | None:
+        return self.metadata.get("minimum_acr")
+
+    def lifetime(self, kind: str, default: int) -> int:
+        return int(self.metadata.get(f"{kind}_lifetime") or default)
+
+    def sector_identifier(self) -> str:
+        """The host pairwise subjects are computed for (OIDC Core 8.1)."""
+        uri = self.metadata.get("sector_identifier_uri") or (self.redirect_uris or [""])[0]
+        return urlsplit(uri).hostname or self.client_id
+
+    # -- authlib's ClientMixin ---------------------------------------------------
+    def get_client_id(self):
+        return self.client_id
+
+    def get_default_redirect_uri(self):
+        # Only an unambiguous single registration may be implied.
+        return self.redirect_uris[0] if len(self.redirect_uris) == 1 else None
+
+    def get_allowed_scope(self, scope):
+        if not scope:
+            return self.metadata.get("scope", "openid")
+        allowed = set(self.metadata.get("scope", " ".join(SCOPES)).split())
+        return " ".join(s for s in scope.split() if s in allowed)
+
+    def check_redirect_uri(self, redirect_uri):
+        return redirect_uri in self.redirect_uris  # exact match, no prefixes
+
+    def check_client_secret(self, client_secret):
+        if not self.secret_hash:
+            return False
+        return hmac.compare_digest(digest(client_secret), self.secret_hash)
+
+    def check_endpoint_auth_method(self, method, endpoint):
+        return method == self.auth_method
+
+    def check_response_type(self, response_type):
+        return response_type in self.metadata.get("response_types", ["code"])
+
+    def check_grant_type(self, grant_type):
+        return grant_type in self.metadata.get("grant_types", ["authorization_code"])
+
+
+def validate_metadata(meta: dict) -> dict:
+    """Normalise and check client metadata; raises ``ClientError``."""
+    meta = {k: v for k, v in meta.items() if v is not None}
+    for key in ("redirect_uris", "post_logout_redirect_uris", "grant_types", "response_types"):
+        value = meta.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ClientError(f"{key} must be a list of strings")
+    grant_types = meta.setdefault("grant_types", ["authorization_code", "refresh_token"])
+    unknown = set(grant_types) - set(GRANT_TYPES)
+    if unknown:
+        raise ClientError(f"unsupported grant_types: {', '.join(sorted(unknown))}")
+    meta.setdefault("response_types", ["code"] if "authorization_code" in grant_types else [])
+    if set(meta["response_types"]) - {"code"}:
+        raise ClientError("only the response type 'code' is supported")
+    for key in ("redirect_uris", "post_logout_redirect_uris"):
+        for uri in meta.get(key, []):
+            _check_uri(uri, key)
+    if "authorization_code" in grant_types and not meta.get("redirect_uris"):
+        raise ClientError("redirect_uris is required for the authorization_code grant", "invalid_redirect_uri")
+    method = meta.setdefault("token_endpoint_auth_method", "client_secret_basic")
+    if method not in AUTH_METHODS:
+        raise ClientError(f"unsupported token_endpoint_auth_method: {method}")
+    if method == "none" and "client_credentials" in grant_types:
+        raise ClientError("a public client cannot use client_credentials")
+    if method == "private_key_jwt" and not (meta.get("jwks") or meta.get("jwks_uri")):
+        raise ClientError("private_key_jwt needs jwks")
+    if meta.get("id_token_signed_response_alg", "ES256") not in ("ES256", "RS256"):
+        raise ClientError("id_token_signed_response_alg must be ES256 or RS256")
+    if meta.get("subject_type", "public") not in ("public", "pairwise"):
+        raise ClientError("subject_type must be public or pairwise")
+    if meta.get("minimum_acr") not in (None, *LADDER):
+        raise ClientError(f"minimum_acr must be one of {' '.join(LADDER)}")
+    scope = meta.get("scope")
+    if scope is not None and (not isinstance(scope, str) or set(scope.split()) - set(SCOPES)):
+        raise ClientError(f"scope may only contain: {' '.join(SCOPES)}")
+    return meta
+
+
+def _check_uri(uri: str, key: str) -> None:
+    parts = urlsplit(uri)
+    local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment:
+        raise ClientError(f"{key}: {uri!r} is not an absolute http(s) URI without fragment", "invalid_redirect_uri")
+    if parts.scheme == "http" and not local:
+        raise ClientError(f"{key}: {uri!r} must use https", "invalid_redirect_uri")
+
+
+def create_client(session, meta: dict, *, first_party: bool = False, with_registration_token: bool = False):
+    """Register a client; returns (row, secret, registration_access_token), secrets shown once."""
+    meta = validate_metadata(meta)
+    secret = None if meta["token_endpoint_auth_method"] in ("none", "private_key_jwt") else new_secret()
+    reg_token = new_secret() if with_registration_token else None
+    row = Client(
+        client_id=secrets.token_urlsafe(16),
+        secret_hash=digest(secret) if secret else None,
+        registration_token_hash=digest(reg_token) if reg_token else None,
+        metadata_=meta,
+        first_party=first_party,
+    )
+    session.add(row)
+    session.flush()
+    return row, secret, reg_token
+
+
+def client_info(row: Client, secret: str | None = None, reg_token: str | None = None, issuer: str = "") -> dict:
+    info = {"client_id": row.client_id, "client_id_issued_at": int(row.created_at.timestamp()), **row.metadata_}
+    info["first_party"] = row.first_party
+    if secret:
+        info["client_secret"] = secret
+        info["client_secret_expires_at"] = 0
+    if reg_token:
+        info["registration_access_token"] = reg_token
+        info["registration_client_uri"] = f"{issuer}/register/{row.client_id}"
+    return info
+
+
+def find(session, client_id: str) -> Client | None:
+    return session.execute(select(Client).where(Client.client_id == client_id)).scalar_one_or_none()
+
+
+def new_initial_access_token(session, lifetime_seconds: int, now: dt.datetime) -> str:
+    """An RFC 7591 initial access token, good for one registration."""
+    token = new_secret()
+    session.add(InitialAccessToken(token_hash=digest(token), expires_at=now + dt.timedelta(seconds=lifetime_seconds)))
+    return token

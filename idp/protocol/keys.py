@@ -1,0 +1,156 @@
+"""Signing keys: generated on first start, rotated without breaking tokens.
+
+Each key is one JSON file in ``keys_dir`` (mode 0600) with a status:
+
+- ``next``: published in the JWKS but not yet signing, so relying parties
+  have it cached before the first token signed with it arrives;
+- ``current``: signs (one per algorithm);
+- ``retired``: still published until ``retire_at``, so tokens it signed
+  still verify, then deleted.
+
+``idp keys rotate`` promotes next to current and current to retired. All
+processes sharing the directory pick the change up within
+``key_refresh_seconds``; keys are parsed once per change, never per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import orjson
+from joserfc.jwk import ECKey, KeySet, RSAKey
+
+ALGORITHMS = ("ES256", "RS256")
+
+
+def _generate(alg: str, status: str) -> dict:
+    kid = f"{alg.lower()}-{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}"
+    params = {"kid": kid, "alg": alg, "use": "sig"}
+    if alg == "ES256":
+        key = ECKey.generate_key("P-256", parameters=params, private=True)
+    else:
+        key = RSAKey.generate_key(2048, parameters=params, private=True)
+    return {"kid": kid, "alg": alg, "status": status, "created_at": int(time.time()), "jwk": key.as_dict(private=True)}
+
+
+def _import(jwk: dict):
+    return ECKey.import_key(jwk) if jwk["kty"] == "EC" else RSAKey.import_key(jwk)
+
+
+class KeyRing:
+    def __init__(self, keys_dir: str, refresh_seconds: int = 30, clock=time.time):
+        self.dir = Path(keys_dir)
+        self._refresh_seconds = refresh_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._checked_at = 0.0
+        self._stamp = None
+        self._signing: dict[str, object] = {}
+        self._verify = KeySet([])
+        self._jwks: dict = {"keys": []}
+
+    # -- files ------------------------------------------------------------
+    def _records(self) -> list[dict]:
+        return [orjson.loads(p.read_bytes()) for p in sorted(self.dir.glob("*.json"))]
+
+    def _write(self, record: dict) -> None:
+        path = self.dir / f"{record['kid']}.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(orjson.dumps(record))
+        os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """One process at a time changes the key files."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        with open(self.dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def ensure(self) -> None:
+        """Create a current and a next key for each algorithm that lacks them."""
+        with self._exclusive():
+            self._ensure()
+
+    def _ensure(self) -> None:
+        records = self._records()
+        for alg in ALGORITHMS:
+            statuses = {r["status"] for r in records if r["alg"] == alg}
+            for status in ("current", "next"):
+                if status not in statuses:
+                    self._write(_generate(alg, status))
+        self._touch()
+
+    def rotate(self, keep_retired_seconds: int) -> list[str]:
+        """Promote next to current, retire current; returns the new current kids."""
+        with self._exclusive():
+            return self._rotate(keep_retired_seconds)
+
+    def _rotate(self, keep_retired_seconds: int) -> list[str]:
+        now = int(self._clock())
+        promoted = []
+        records = self._records()
+        for alg in ALGORITHMS:
+            mine = {r["status"]: r for r in records if r["alg"] == alg and r["status"] != "retired"}
+            if "current" in mine:
+                mine["current"].update(status="retired", retire_at=now + keep_retired_seconds)
+                self._write(mine["current"])
+            nxt = mine.get("next") or _generate(alg, "next")
+            nxt["status"] = "current"
+            self._write(nxt)
+            promoted.append(nxt["kid"])
+            self._write(_generate(alg, "next"))
+        for r in records:
+            if r["status"] == "retired" and r.get("retire_at", 0) <= now:
+                (self.dir / f"{r['kid']}.json").unlink(missing_ok=True)
+        self._touch()
+        return promoted
+
+    def _touch(self) -> None:
+        os.utime(self.dir)
+        self._checked_at = 0.0
+
+    # -- use ----------------------------------------------------------------
+    def _load_if_changed(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self._refresh_seconds and self._stamp is not None:
+            return
+        with self._lock:
+            self._checked_at = now
+            stamp = self.dir.stat().st_mtime_ns
+            if stamp == self._stamp:
+                return
+            wall = self._clock()
+            signing, public = {}, []
+            for r in self._records():
+                if r["status"] == "retired" and r.get("retire_at", 0) <= wall:
+                    continue
+                key = _import(r["jwk"])
+                public.append(key)
+                if r["status"] == "current":
+                    signing[r["alg"]] = key
+            self._signing = signing
+            self._verify = KeySet(public)
+            self._jwks = {"keys": [k.as_dict(private=False) for k in public]}
+            self._stamp = stamp
+
+    def signing_key(self, alg: str):
+        self._load_if_changed()
+        return self._signing[alg]
+
+    def verification_keys(self) -> KeySet:
+        self._load_if_changed()
+        return self._verify
+
+    def jwks(self) -> dict:
+        self._load_if_changed()
+        return self._jwks

@@ -1,0 +1,321 @@
+"""The OAuth 2.0 / OpenID Connect core on authlib's server components.
+
+authlib validates requests and authenticates clients; this module supplies
+storage (``Tokens``, the client table) and the ID token. All methods here are
+synchronous and run in Starlette's thread pool, so the blocking database and
+Redis calls never stall the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import orjson
+from authlib.oauth2 import rfc7009, rfc7523, rfc7662
+from authlib.oauth2.rfc6749 import AuthorizationServer, OAuth2Request, grants
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
+from authlib.oauth2.rfc6749.requests import OAuth2Payload
+from authlib.oauth2.rfc7636 import CodeChallenge
+from joserfc.jwk import KeySet
+from starlette.responses import Response
+
+from idp.protocol import claims
+from idp.protocol.clients import OAuthClient, find
+from idp.storage.models import Account
+
+# TLS is terminated in front of us (or this is a loopback demo); the issuer's
+# scheme decides cookie security. authlib's own http check would only see the
+# internal hop.
+os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
+
+ALL_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+CONFIDENTIAL_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+
+
+class _Payload(OAuth2Payload):
+    def __init__(self, data: dict, datalist: dict):
+        self._data, self._datalist = data, datalist
+
+    @property
+    def data(self):
+        return self._data
+
+    @property
+    def datalist(self):
+        return self._datalist
+
+
+class Request(OAuth2Request):
+    """An authlib request built from an already-read Starlette request."""
+
+    def __init__(self, method: str, uri: str, headers, query: list[tuple[str, str]], form: list[tuple[str, str]]):
+        super().__init__(method, uri, headers=headers)
+        datalist = defaultdict(list)
+        for k, v in [*query, *form]:
+            datalist[k].append(v)
+        self._args = {k: v for k, v in query}
+        self._form = {k: v for k, v in form}
+        self.payload = _Payload({k: v[0] for k, v in datalist.items()}, datalist)
+        self.idp_auth = None  # the login that authorizes this request (set by the web layer)
+
+    @property
+    def args(self):
+        return self._args
+
+    @property
+    def form(self):
+        return self._form
+
+
+class AuthCode:
+    """A claimed authorization code, in the shape authlib's grant expects."""
+
+    def __init__(self, record: dict):
+        self.record = record
+        self.code_challenge = record.get("code_challenge")
+        self.code_challenge_method = record.get("code_challenge_method")
+
+    def get_redirect_uri(self):
+        return self.record["redirect_uri"]
+
+    def get_scope(self):
+        return self.record["scope"]
+
+
+class RefreshRecord:
+    def __init__(self, token: str, record: dict):
+        self.token, self.record = token, record
+
+    def get_scope(self):
+        return self.record["scope"]
+
+    def check_client(self, client):
+        return client.client_id == self.record["client_id"]
+
+
+class S256Only(CodeChallenge):
+    """PKCE with S256 only (``plain`` protects nothing); required for public clients."""
+
+    SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
+    DEFAULT_CODE_CHALLENGE_METHOD = "S256"
+
+    def validate_code_challenge(self, grant, redirect_uri):
+        if grant.request.client.is_public and not grant.request.payload.data.get("code_challenge"):
+            raise InvalidRequestError("PKCE is required: send code_challenge with code_challenge_method=S256")
+        super().validate_code_challenge(grant, redirect_uri)
+
+
+def _issue(grant, *, account: Account | None, scope: str, gid: str, auth: dict | None, nonce=None, refresh=True):
+    """Mint the token response of one grant: access token, refresh token, ID token."""
+    svc, client = grant.server.svc, grant.request.client
+    at_lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
+    record = {"client_id": client.client_id, "account": account.id if account else None, "scope": scope}
+    if auth:
+        record["auth"] = auth
+    token = {"token_type": "Bearer", "expires_in": at_lifetime, "scope": scope}
+    token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime)
+    if refresh and client.check_grant_type("refresh_token"):
+        rt_lifetime = client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
+        token["refresh_token"] = svc.tokens.issue("rt", gid, record, rt_lifetime)
+    if account is not None and "openid" in scope.split():
+        token["id_token"] = claims.id_token(svc, client, account, auth, scope, nonce=nonce, access_token=token["access_token"])
+    return token
+
+
+def _active_account(svc, account_id: str) -> Account:
+    with svc.db.session() as session:
+        account = session.get(Account, account_id)
+        if account is None or account.disabled:
+            raise InvalidGrantError("The account is disabled.")
+        session.expunge(account)
+        return account
+
+
+class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = ALL_AUTH_METHODS
+
+    def create_authorization_response(self, redirect_uri, grant_user):
+        raise NotImplementedError("the web layer issues codes through Provider.issue_code")
+
+    def query_authorization_code(self, code, client):
+        record = self.server.svc.tokens.claim_code(code)
+        if record is None or record["client_id"] != client.client_id:
+            return None
+        return AuthCode(record)
+
+    def delete_authorization_code(self, authorization_code):
+        pass  # claimed (and so deleted) atomically in query_authorization_code
+
+    def create_token_response(self):
+        svc = self.server.svc
+        code = self.request.authorization_code.record
+        account = _active_account(svc, code["account"])
+        lifetime = self.request.client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
+        gid = svc.tokens.open_grant(
+            {"client_id": code["client_id"], "account": code["account"], "sid": code["auth"]["sid"]},
+            lifetime,
+            gid=code["grant"],
+        )
+        svc.sessions.add_grant(code["auth"]["sid"], code["client_id"], gid)
+        token = _issue(self, account=account, scope=code["scope"], gid=gid, auth=code["auth"], nonce=code.get("nonce"))
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+
+class RefreshTokenGrant(grants.RefreshTokenGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = ALL_AUTH_METHODS
+
+    def _validate_request_token(self, client):
+        token = self.request.form.get("refresh_token")
+        if not token:
+            raise InvalidRequestError("Missing 'refresh_token' in request.")
+        tokens = self.server.svc.tokens
+        record = tokens.lookup("rt", token)
+        # Another client's token is refused without burning it for its owner.
+        if record is not None and record["client_id"] != client.client_id:
+            raise InvalidGrantError("The refresh token was issued to another client.")
+        record = tokens.rotate_refresh(token)
+        if record is None:
+            raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
+        return RefreshRecord(token, record)
+
+    def create_token_response(self):
+        svc = self.server.svc
+        record = self.request.refresh_token.record
+        account = _active_account(svc, record["account"])
+        scope = self.request.payload.scope or record["scope"]
+        token = _issue(self, account=account, scope=scope, gid=record["grant"], auth=record.get("auth"))
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+
+class ClientCredentialsGrant(grants.ClientCredentialsGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = CONFIDENTIAL_AUTH_METHODS
+
+    def create_token_response(self):
+        svc, client = self.server.svc, self.request.client
+        scope = client.get_allowed_scope(self.request.payload.scope) or ""
+        scope = " ".join(s for s in scope.split() if s != "openid")
+        lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
+        gid = svc.tokens.open_grant({"client_id": client.client_id}, lifetime)
+        token = _issue(self, account=None, scope=scope, gid=gid, auth=None, refresh=False)
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+
+class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
+    CLIENT_AUTH_METHOD = "private_key_jwt"
+
+    def __init__(self, svc):
+        super().__init__(validate_jti=True)
+        self.svc = svc
+
+    def get_audiences(self):
+        issuer = self.svc.settings.issuer
+        return [issuer, issuer + "/token"]
+
+    def resolve_client_public_key(self, client):
+        return KeySet.import_key_set(client.metadata.get("jwks") or {"keys": []})
+
+    def validate_jti(self, claims, jti):
+        key = f"jti:{claims['iss']}:{jti}"
+        return self.svc.store.set(key, {}, 600, only_new=True)
+
+
+class _TokenLookup:
+    """A token found by revocation or introspection, in authlib's token shape."""
+
+    def __init__(self, kind: str, value: str, record: dict, clock):
+        self.kind, self.value, self.record, self._clock = kind, value, record, clock
+
+    def check_client(self, client):
+        return client.client_id == self.record["client_id"]
+
+    def is_expired(self):
+        return self.record["exp"] < self._clock()
+
+    def is_revoked(self):
+        return False  # revoked tokens are gone from the store
+
+
+def _query(svc, token, hint):
+    order = ["rt", "at"] if hint == "refresh_token" else ["at", "rt"]
+    for kind in order:
+        record = svc.tokens.lookup(kind, token)
+        if record is not None:
+            return _TokenLookup(kind, token, record, svc.clock)
+    return None
+
+
+class RevocationEndpoint(rfc7009.RevocationEndpoint):
+    CLIENT_AUTH_METHODS = ALL_AUTH_METHODS
+
+    def query_token(self, token_string, token_type_hint):
+        return _query(self.server.svc, token_string, token_type_hint)
+
+    def revoke_token(self, token, request):
+        self.server.svc.tokens.revoke(token.kind, token.value)
+
+
+class IntrospectionEndpoint(rfc7662.IntrospectionEndpoint):
+    CLIENT_AUTH_METHODS = CONFIDENTIAL_AUTH_METHODS
+
+    def query_token(self, token_string, token_type_hint):
+        return _query(self.server.svc, token_string, token_type_hint)
+
+    def check_permission(self, token, client, request):
+        return True  # any confidential client may ask; it only learns about its own tokens
+
+    def authenticate_token(self, request, client):
+        self.check_params(request, client)
+        token = self.query_token(request.form["token"], request.form.get("token_type_hint"))
+        # A token of another client is reported inactive, not as an error.
+        return token if token and token.check_client(client) else None
+
+    def introspect_token(self, token):
+        svc, record = self.server.svc, token.record
+        payload = {
+            "active": True,
+            "client_id": record["client_id"],
+            "scope": record["scope"],
+            "token_type": "Bearer" if token.kind == "at" else "refresh_token",
+            "exp": int(record["exp"]),
+            "iss": svc.settings.issuer,
+        }
+        if record.get("account"):
+            client = self.server.query_client(record["client_id"])
+            payload["sub"] = claims.subject(record["account"], client, svc.pairwise_salt)
+            payload["acr"] = record["auth"]["acr"]
+        return payload
+
+
+class Server(AuthorizationServer):
+    def __init__(self, svc):
+        super().__init__(scopes_supported=["openid", "profile", "email", "phone", "offline_access"])
+        self.svc = svc
+        self.register_grant(AuthorizationCodeGrant, [S256Only(required=True)])
+        self.register_grant(RefreshTokenGrant)
+        self.register_grant(ClientCredentialsGrant)
+        self.register_client_auth_method("private_key_jwt", PrivateKeyJWT(svc))
+        self.register_endpoint(RevocationEndpoint)
+        self.register_endpoint(IntrospectionEndpoint)
+
+    def query_client(self, client_id):
+        with self.svc.db.session() as session:
+            row = find(session, client_id)
+            return OAuthClient(row) if row else None
+
+    def create_oauth2_request(self, request):
+        return request  # the web layer builds ``Request`` from the already-read body
+
+    def save_token(self, token, request):
+        pass  # tokens are stored as they are minted (``Tokens.issue``)
+
+    def send_signal(self, name, *args, **kwargs):
+        pass
+
+    def handle_response(self, status, body, headers):
+        if isinstance(body, dict):
+            body = orjson.dumps(body)
+        headers = dict(headers)
+        headers.setdefault("Cache-Control", "no-store")
+        headers.setdefault("Pragma", "no-cache")
+        return Response(body, status_code=status, headers=headers)

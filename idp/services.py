@@ -1,0 +1,61 @@
+"""The provider's parts, built once from the settings and shared by every request."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from idp.accounts import Lockout, Passwords
+from idp.audit import Audit
+from idp.clock import Clock
+from idp.flow import Transactions
+from idp.protocol.keys import KeyRing
+from idp.protocol.server import Server
+from idp.protocol.tokens import Tokens
+from idp.sessions import Sessions
+from idp.settings import Settings
+from idp.storage.db import Database
+from idp.storage.kv import open_store
+
+
+class Services:
+    def __init__(self, settings: Settings, clock: Clock | None = None):
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.db = Database(settings.database_url)
+        self.store = open_store(settings.redis_url)
+        self.keys = KeyRing(settings.keys_dir, settings.key_refresh_seconds, self.clock)
+        self.tokens = Tokens(self.store, self.clock)
+        self.sessions = Sessions(self.store, self.clock, settings.session_seconds)
+        self.transactions = Transactions(self.store, self.clock, settings.login_timeout_seconds)
+        self.passwords = Passwords(settings)
+        self.lockout = Lockout(self.store, self.clock, settings.lockout_threshold, settings.lockout_seconds)
+        self.audit = Audit(self.db, self.clock)
+        self.server = Server(self)
+        self.pairwise_salt = b""
+
+    def start(self) -> None:
+        """Migrate the database and make sure keys and instance secrets exist
+        (idempotent; safe when several processes start at once)."""
+        self.db.migrate()
+        self.keys.ensure()
+        self.pairwise_salt = instance_secret(Path(self.settings.keys_dir) / "pairwise.secret")
+
+
+def instance_secret(path: Path) -> bytes:
+    """A random secret created once and shared by every process reading ``path``."""
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    value = secrets.token_bytes(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value.hex())
+    try:
+        os.link(tmp, path)  # atomic: the first process to start wins
+    except FileExistsError:
+        value = bytes.fromhex(path.read_text().strip())
+    finally:
+        tmp.unlink()
+    return value

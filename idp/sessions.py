@@ -1,0 +1,57 @@
+"""Single sign-on sessions in the short-lived store.
+
+A session is what the ``idp_session`` cookie names: who logged in, when, with
+which factors (``amr``) and at which level (``acr``), and the grants issued to
+each client under it, so that logging out can end them.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+
+class Sessions:
+    def __init__(self, store, clock, lifetime: int):
+        self.store, self.clock, self.lifetime = store, clock, lifetime
+
+    def create(self, account_id: str, amr: list[str], acr: str, auth_time: float) -> dict:
+        now = self.clock()
+        record = {
+            "sid": secrets.token_urlsafe(24),
+            "account": account_id,
+            "amr": amr,
+            "acr": acr,
+            "auth_time": int(auth_time),
+            "exp": now + self.lifetime,
+            "clients": {},
+        }
+        self.store.set("sess:" + record["sid"], record, self.lifetime)
+        return record
+
+    def get(self, sid: str | None) -> dict | None:
+        if not sid:
+            return None
+        record = self.store.get("sess:" + sid)
+        if record is None or record["exp"] < self.clock():
+            return None
+        return record
+
+    def save(self, record: dict) -> None:
+        self.store.set("sess:" + record["sid"], record, max(1, int(record["exp"] - self.clock())))
+
+    def add_grant(self, sid: str, client_id: str, gid: str) -> None:
+        record = self.get(sid)
+        if record is None:
+            return
+        record["clients"].setdefault(client_id, []).append(gid)
+        self.save(record)
+
+    def end(self, sid: str, tokens) -> dict | None:
+        """End a session and revoke every grant issued under it."""
+        record = self.store.take("sess:" + sid) if sid else None
+        if record is None:
+            return None
+        for gids in record["clients"].values():
+            for gid in gids:
+                tokens.revoke_grant(gid)
+        return record

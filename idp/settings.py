@@ -1,0 +1,114 @@
+"""All configuration, in one typed object.
+
+Every setting is read from an ``IDP_<NAME>`` environment variable. The
+table in ``docs/configuration.md`` is generated from this file
+(``idp settings --markdown``), so the documentation cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Literal, get_args, get_type_hints
+
+
+def _doc(text: str, default):
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class Settings:
+    issuer: str = _doc(
+        "Public URL of the provider; every endpoint URL and the `iss` claim derive from it.",
+        "http://localhost:8000",
+    )
+    database_url: str = _doc(
+        "SQLAlchemy URL. SQLite by default; `postgresql+psycopg://user@host/db` for production.",
+        "sqlite:///var/idp.sqlite3",
+    )
+    redis_url: str = _doc(
+        "Redis URL for short-lived state (login transactions, codes, sessions, tokens, counters). "
+        "Empty: an in-process store, for one process only.",
+        "",
+    )
+    keys_dir: str = _doc(
+        "Directory of the signing keys (private, mode 0600) and other generated secrets.",
+        "keys/signing",
+    )
+    captcha: Literal["always", "after-failure", "off"] = _doc(
+        "When the login form shows an image captcha.", "always"
+    )
+    default_locale: Literal["zh-TW", "en"] = _doc("UI language when the browser asks for none.", "zh-TW")
+    lockout_threshold: int = _doc("Wrong passwords (or OTPs) in a row before the account locks.", 3)
+    lockout_seconds: int = _doc("How long a locked account stays locked.", 900)
+    password_max_age_days: int = _doc("A password older than this must be changed at next login (0: never).", 90)
+    password_min_length: int = _doc("Minimum password length of the complexity policy.", 10)
+    argon2_time_cost: int = _doc("Argon2id iterations (OWASP 2024: 2 with 19 MiB).", 2)
+    argon2_memory_kib: int = _doc("Argon2id memory in KiB.", 19456)
+    argon2_parallelism: int = _doc("Argon2id lanes.", 1)
+    login_timeout_seconds: int = _doc("Lifetime of a login transaction (the time to finish the login pages).", 900)
+    session_seconds: int = _doc("Lifetime of the single sign-on session.", 8 * 3600)
+    code_seconds: int = _doc("Lifetime of an authorization code.", 60)
+    access_token_seconds: int = _doc("Default access token lifetime (a client may set its own).", 600)
+    id_token_seconds: int = _doc("ID token lifetime.", 600)
+    refresh_token_seconds: int = _doc("Default refresh token lifetime (a client may set its own).", 30 * 86400)
+    signing_alg: Literal["ES256", "RS256"] = _doc(
+        "Default ID token signing algorithm; a client may ask for the other.", "ES256"
+    )
+    key_refresh_seconds: int = _doc("How often a process looks for rotated keys on disk.", 30)
+    secure_cookies: bool | None = _doc(
+        "Mark cookies Secure. Default: when the issuer is https.", None
+    )
+    max_form_bytes: int = _doc("Largest request body accepted by any form or JSON endpoint.", 64 * 1024)
+
+    @property
+    def cookies_secure(self) -> bool:
+        if self.secure_cookies is None:
+            return self.issuer.startswith("https://")
+        return self.secure_cookies
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get("IDP_" + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, hints[f.name], raw)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        rows = ["| variable | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = "" if f.default in ("", None) else f"`{f.default}`"
+            rows.append(f"| `IDP_{f.name.upper()}` | {default} | {f.metadata['doc']} |")
+        return "\n".join(rows)
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _parse(name: str, hint, raw: str):
+    options = get_args(hint)
+    if hint is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"IDP_{name.upper()} must be a whole number, not {raw!r}") from None
+    if bool in options or hint is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        if raw == "" and type(None) in options:
+            return None
+        raise SettingsError(f"IDP_{name.upper()} must be true or false, not {raw!r}")
+    if options and all(isinstance(o, str) for o in options):
+        if raw not in options:
+            raise SettingsError(f"IDP_{name.upper()} must be one of {', '.join(options)}, not {raw!r}")
+    return raw

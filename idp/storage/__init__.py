@@ -1,0 +1,1 @@
+"""Durable records (SQL, ``db``/``models``) and short-lived state (``kv``)."""

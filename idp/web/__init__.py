@@ -1,0 +1,1 @@
+"""The web layer: routes, pages, translations."""

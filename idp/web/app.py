@@ -1,0 +1,95 @@
+"""The ASGI application: routes, security headers, health and readiness."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from idp.clock import Clock
+from idp.services import Services
+from idp.settings import Settings
+from idp.web import login, oidc
+from idp.web.pages import error_page
+
+log = logging.getLogger("idp")
+
+
+class SecurityHeaders:
+    """Headers every response carries; pages add their own CSP (``pages.render``)."""
+
+    def __init__(self, app, hsts: bool):
+        self.app = app
+        self.headers = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"x-frame-options", b"DENY"),
+        ]
+        if hsts:
+            self.headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + self.headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def healthz(request: Request):
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request):
+    svc = request.app.state.svc
+    checks = {"database": svc.db.ping(), "store": svc.store.ping()}
+    return JSONResponse(checks, status_code=200 if all(checks.values()) else 503)
+
+
+async def not_found(request: Request, exc):
+    return error_page(request, "error.not_found.title", "error.not_found.detail", status=404)
+
+
+async def server_error(request: Request, exc):
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_page(request, "error.server.title", "error.server.detail", status=500)
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None, services: Services | None = None) -> Starlette:
+    svc = services or Services(settings or Settings.from_env(), clock)
+    svc.start()
+    routes = [
+        Route("/.well-known/openid-configuration", oidc.discovery),
+        Route("/jwks", oidc.jwks),
+        Route("/authorize", oidc.authorize, methods=["GET", "POST"]),
+        Route("/token", oidc.token, methods=["POST"]),
+        Route("/userinfo", oidc.userinfo, methods=["GET", "POST"]),
+        Route("/revoke", oidc.revoke, methods=["POST"]),
+        Route("/introspect", oidc.introspect, methods=["POST"]),
+        Route("/logout", oidc.logout, methods=["GET", "POST"]),
+        Route("/register", oidc.register, methods=["POST"]),
+        Route("/register/{client_id}", oidc.manage_client, methods=["GET", "PUT", "DELETE"]),
+        Route("/login", login.login_page),
+        Route("/login/captcha", login.captcha_image),
+        Route("/login/password-change", login.password_change, methods=["POST"]),
+        Route("/login/consent", login.consent, methods=["POST"]),
+        Route("/login/cancel", login.cancel, methods=["POST"]),
+        Route("/login/factor/{factor}", login.factor_submit, methods=["POST"]),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error})
+    app.state.svc = svc
+    app.add_middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))
+    return app

@@ -1,0 +1,276 @@
+"""The login pages: one login transaction, one step at a time (see ``idp.flow``).
+
+Every POST does its one step, saves the transaction and redirects (303) back
+to ``GET /login``, which asks ``next_step`` what comes next. Errors are kept in
+the transaction and shown once, with the user's input kept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+from urllib.parse import urlencode
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from idp import acr, captcha, flow
+from idp.accounts import AccountError, set_password
+from idp.factors import FACTORS
+from idp.protocol.server import Request as OAuthRequest
+from idp.storage.models import Account, Consent
+from idp.web.forms import BadRequest, read_form
+from idp.web.pages import csrf_ok, csrf_token, error_page, render, set_cookie
+
+SESSION_COOKIE = "idp_session"
+
+
+def _tx_url(tx: dict, **extra) -> str:
+    query = "&".join(f"{k}={v}" for k, v in {"tx": tx["id"], **extra}.items())
+    return f"/login?{query}"
+
+
+def _again(tx: dict) -> RedirectResponse:
+    return RedirectResponse(_tx_url(tx), status_code=303)
+
+
+def _load(svc, tx: dict):
+    """The client and the transaction's account (None before the first factor)."""
+    client = svc.server.query_client(tx["client_id"])
+    with svc.db.session() as session:
+        account = session.get(Account, tx["account"]) if tx["account"] else None
+        step = flow.next_step(svc, session, tx, account, client) if client else None
+        if account is not None:
+            session.expunge(account)
+    return client, account, step
+
+
+def _browser_matches(request: Request, tx: dict) -> bool:
+    cookie = request.cookies.get("idp_csrf") or ""
+    return hmac.compare_digest(cookie.encode(), tx["browser"].encode())
+
+
+async def _transaction(request: Request, tx_id: str | None):
+    svc = request.app.state.svc
+    tx = svc.transactions.get(tx_id)
+    if tx is None or not _browser_matches(request, tx):
+        return None
+    return tx
+
+
+def _expired(request: Request):
+    return error_page(request, "error.tx_expired.title", "error.tx_expired.detail")
+
+
+async def login_page(request: Request) -> Response:
+    tx = await _transaction(request, request.query_params.get("tx"))
+    if tx is None:
+        return _expired(request)
+    return await advance(request, tx)
+
+
+async def advance(request: Request, tx: dict, *, interactive: bool = True) -> Response:
+    """Show the page of the next step, or finish the login."""
+    svc = request.app.state.svc
+    client, account, step = await run_in_threadpool(_load, svc, tx)
+    if client is None:
+        return _expired(request)
+    if step.kind == "done":
+        return await finish(request, tx, account, client)
+    if not interactive:
+        error = {"consent": "consent_required", "factor": "login_required" if account is None else "interaction_required"}
+        return await respond_error(request, tx, error.get(step.kind, "interaction_required"))
+    if step.kind == "unmet":
+        return await respond_error(request, tx, "unmet_authentication_requirements",
+                                   "The account has no factor that reaches the required assurance.")
+    if step.kind == "disabled":
+        svc.transactions.drop(tx)
+        return error_page(request, "error.disabled.title", "error.disabled.detail", status=403)
+
+    flash = tx.pop("flash", None) or {}
+    context = {"tx": tx, "client": client, "account": account, "flash": flash, "ui_locales": tx.get("ui_locales")}
+    if step.kind == "factor":
+        wanted = request.query_params.get("factor")
+        factor = next((f for f in step.factors if f.name == wanted), step.factors[0])
+        if captcha.wanted(svc, tx):
+            tx["captcha"] = captcha.new_answer()
+        svc.transactions.save(tx)
+        return render(request, factor.template, factor=factor, factors=step.factors,
+                      **factor.context(svc, tx, account), **{**context, **flash.get("keep", {})})
+    svc.transactions.save(tx)
+    if step.kind == "action":
+        return render(request, f"action_{step.action}.html", **context)
+    return render(request, "consent.html", scopes=sorted(flow.requested_scope(tx)), **context)
+
+
+async def factor_submit(request: Request) -> Response:
+    svc = request.app.state.svc
+    factor = FACTORS.get(request.path_params["factor"])
+    try:
+        form = dict(await read_form(request))
+    except BadRequest as e:
+        return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
+    tx = await _transaction(request, form.get("tx"))
+    if tx is None or factor is None or not csrf_ok(request, form):
+        return _expired(request)
+    outcome = await factor.verify(request, svc, tx, form)
+    if not outcome.ok:
+        tx["failures"] = tx.get("failures", 0) + 1
+        tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}
+        svc.transactions.save(tx)
+        return RedirectResponse(_tx_url(tx, factor=factor.name), status_code=303)
+    account = await run_in_threadpool(_account, svc, outcome.account_id)
+    flow.record_factor(tx, factor, account, svc.clock())
+    svc.transactions.save(tx)
+    return _again(tx)
+
+
+def _account(svc, account_id):
+    with svc.db.session() as session:
+        account = session.get(Account, account_id)
+        session.expunge(account)
+        return account
+
+
+async def password_change(request: Request) -> Response:
+    """The expired-password step: a new password that meets the policy, typed twice."""
+    svc = request.app.state.svc
+    form = dict(await read_form(request))
+    tx = await _transaction(request, form.get("tx"))
+    if tx is None or not tx.get("account") or not csrf_ok(request, form):
+        return _expired(request)
+    new, again = form.get("new_password") or "", form.get("new_password_again") or ""
+    error = None
+    if not hmac.compare_digest(new.encode(), again.encode()):
+        error = {"error": "password.mismatch", "params": {}}
+    else:
+        try:
+            await run_in_threadpool(_change_password, svc, tx["account"], new)
+        except AccountError as e:
+            error = {"error": e.key, "params": {}, "rules": e.params.get("rules", [])}
+    if error:
+        tx["flash"] = error
+        svc.transactions.save(tx)
+        return _again(tx)
+    svc.audit.record("password.changed", account_id=tx["account"], username=tx["username"], client_id=tx["client_id"],
+                     ip=request.client.host if request.client else None, method="expired")
+    return _again(tx)
+
+
+def _change_password(svc, account_id, new):
+    with svc.db.session() as session:
+        account = session.get(Account, account_id)
+        ok, _ = svc.passwords.verify(account.password_hash, new)
+        if ok:
+            raise AccountError("password.same")
+        set_password(account, svc.passwords, new, now=dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc))
+
+
+async def consent(request: Request) -> Response:
+    svc = request.app.state.svc
+    form = dict(await read_form(request))
+    tx = await _transaction(request, form.get("tx"))
+    if tx is None or not tx.get("account") or not csrf_ok(request, form):
+        return _expired(request)
+    if form.get("decision") != "allow":
+        return await respond_error(request, tx, "access_denied", "The user declined.")
+    scope = " ".join(sorted(flow.requested_scope(tx)))
+    await run_in_threadpool(_save_consent, svc, tx["account"], tx["client_id"], scope)
+    tx["consented"] = True
+    svc.transactions.save(tx)
+    return _again(tx)
+
+
+def _save_consent(svc, account_id, client_id, scope):
+    with svc.db.session() as session:
+        row = session.get(Consent, (account_id, client_id))
+        if row is None:
+            session.add(Consent(account_id=account_id, client_id=client_id, scope=scope))
+        else:
+            row.scope = " ".join(sorted(set(row.scope.split()) | set(scope.split())))
+
+
+async def cancel(request: Request) -> Response:
+    form = dict(await read_form(request))
+    tx = await _transaction(request, form.get("tx"))
+    if tx is None or not csrf_ok(request, form):
+        return _expired(request)
+    return await respond_error(request, tx, "access_denied", "The user cancelled the login.")
+
+
+async def captcha_image(request: Request) -> Response:
+    tx = await _transaction(request, request.query_params.get("tx"))
+    if tx is None or not tx.get("captcha"):
+        return Response(status_code=404)
+    return Response(captcha.png(tx["captcha"]), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+# -- ending the login ----------------------------------------------------------------
+def _authorization_request(svc, tx: dict) -> OAuthRequest:
+    return OAuthRequest("GET", svc.settings.issuer + "/authorize", {}, tx["params"], [])
+
+
+async def finish(request: Request, tx: dict, account: Account, client) -> Response:
+    """Set the SSO session and send an authorization code back to the client."""
+    svc = request.app.state.svc
+    session = svc.sessions.get(request.cookies.get(SESSION_COOKIE))
+    if session and session["account"] != account.id:
+        svc.sessions.end(session["sid"], svc.tokens)
+        session = None
+    if session is None:
+        session = svc.sessions.create(account.id, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"])
+    elif tx["done"]:
+        # New proof for the same person (step-up or a forced re-login); a step-up
+        # transaction started from the session's amr, so tx["amr"] is the whole story.
+        session.update(amr=tx["amr"], acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
+        svc.sessions.save(session)
+    auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": session["acr"], "amr": session["amr"]}
+    if tx["done"]:
+        svc.audit.record("login.success", account_id=account.id, username=account.username, client_id=client.client_id,
+                         ip=request.client.host if request.client else None, method="+".join(tx["done"]), acr=auth["acr"])
+    response = await run_in_threadpool(_issue_code, request, svc, tx, account, auth)
+    svc.transactions.drop(tx)
+    set_cookie(request, response, SESSION_COOKIE, session["sid"])
+    return response
+
+
+def _issue_code(request, svc, tx, account, auth):
+    oauth_request = _authorization_request(svc, tx)
+    grant = svc.server.get_consent_grant(oauth_request, account)  # validated again: the client may have changed
+    data = oauth_request.payload.data
+    record = {
+        "client_id": tx["client_id"],
+        "account": account.id,
+        "redirect_uri": data.get("redirect_uri"),
+        "scope": oauth_request.scope,
+        "nonce": data.get("nonce"),
+        "code_challenge": data.get("code_challenge"),
+        "code_challenge_method": data.get("code_challenge_method", "S256") if data.get("code_challenge") else None,
+        "auth": auth,
+    }
+    code = svc.tokens.save_code(record, svc.settings.code_seconds)
+    return to_client(request, grant.redirect_uri, [("code", code)], data)
+
+
+async def respond_error(request: Request, tx: dict, error: str, description: str | None = None) -> Response:
+    svc = request.app.state.svc
+    svc.transactions.drop(tx)
+    oauth_request = _authorization_request(svc, tx)
+    grant = await run_in_threadpool(svc.server.get_consent_grant, oauth_request, None)
+    params = [("error", error)] + ([("error_description", description)] if description else [])
+    return to_client(request, grant.redirect_uri, params, oauth_request.payload.data)
+
+
+def to_client(request: Request, redirect_uri: str, params: list, data) -> Response:
+    """The authorization response (RFC 6749 4.1.2), in the requested response mode,
+    with ``state`` and ``iss`` (RFC 9207) so the client can tell which server answered."""
+    svc = request.app.state.svc
+    params = list(params)
+    if data.get("state"):
+        params.append(("state", data["state"]))
+    params.append(("iss", svc.settings.issuer))
+    if data.get("response_mode") == "form_post":
+        return render(request, "form_post.html", action=redirect_uri, fields=params)
+    sep = "&" if "?" in redirect_uri else "?"
+    return RedirectResponse(redirect_uri + sep + urlencode(params), status_code=302, headers={"Cache-Control": "no-store"})

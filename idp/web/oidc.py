@@ -1,0 +1,370 @@
+"""The protocol endpoints: discovery, JWKS, authorize, token, UserInfo,
+revocation, introspection, RP-initiated logout and client registration."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+from urllib.parse import urlencode
+
+import orjson
+from authlib.oauth2.rfc6749.errors import OAuth2Error
+from joserfc import jwt
+from joserfc.errors import JoseError
+from sqlalchemy import delete
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from idp import acr
+from idp.protocol import claims
+from idp.protocol.clients import ClientError, OAuthClient, client_info, create_client, digest, find, validate_metadata
+from idp.protocol.server import Request as OAuthRequest
+from idp.storage.models import Account, Client, InitialAccessToken
+from idp.web import login
+from idp.web.forms import BadRequest, read_form, read_json, read_query
+from idp.web.pages import csrf_ok, csrf_token, error_page, render
+
+PROMPTS = {"none", "login", "consent", "select_account"}
+
+
+def _json(data, status=200, headers=None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def _oauth_error(error: str, description: str, status: int = 400, headers=None) -> Response:
+    return _json({"error": error, "error_description": description}, status,
+                 {"Cache-Control": "no-store", **(headers or {})})
+
+
+# -- discovery -----------------------------------------------------------------------
+async def discovery(request: Request) -> Response:
+    iss = request.app.state.svc.settings.issuer
+    doc = {
+        "issuer": iss,
+        "authorization_endpoint": f"{iss}/authorize",
+        "token_endpoint": f"{iss}/token",
+        "userinfo_endpoint": f"{iss}/userinfo",
+        "jwks_uri": f"{iss}/jwks",
+        "registration_endpoint": f"{iss}/register",
+        "revocation_endpoint": f"{iss}/revoke",
+        "introspection_endpoint": f"{iss}/introspect",
+        "end_session_endpoint": f"{iss}/logout",
+        "scopes_supported": ["openid", "profile", "email", "phone", "offline_access"],
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query", "form_post"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "subject_types_supported": ["public", "pairwise"],
+        "id_token_signing_alg_values_supported": ["ES256", "RS256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
+        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "RS256"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "code_challenge_methods_supported": ["S256"],
+        "acr_values_supported": list(acr.LADDER),
+        "prompt_values_supported": sorted(PROMPTS),
+        "claims_supported": [
+            "sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "sid", "azp", "at_hash",
+            "name", "preferred_username", "email", "email_verified", "phone_number", "account_kind", "org",
+        ],
+        "claims_parameter_supported": False,
+        "request_parameter_supported": False,
+        "request_uri_parameter_supported": False,
+        "ui_locales_supported": ["zh-TW", "en"],
+        "authorization_response_iss_parameter_supported": True,
+        "frontchannel_logout_supported": False,
+        "backchannel_logout_supported": False,
+    }
+    return _json(doc, headers={"Cache-Control": "public, max-age=300"})
+
+
+async def jwks(request: Request) -> Response:
+    return _json(request.app.state.svc.keys.jwks(), headers={"Cache-Control": "public, max-age=300"})
+
+
+# -- authorization endpoint ------------------------------------------------------------
+def _oauth_request(request: Request, query, form) -> OAuthRequest:
+    svc = request.app.state.svc
+    return OAuthRequest(request.method, svc.settings.issuer + request.url.path, request.headers, query, form)
+
+
+def _bad_authorization_page(request: Request, error: OAuth2Error) -> Response:
+    """Errors we must not send to the redirect URI: unknown client, unregistered URI."""
+    return error_page(request, "error.authorize.title", "error.authorize.detail", status=400,
+                      error=error.error, description=error.description or "")
+
+
+def _check_extras(data: dict) -> tuple[str, str] | None:
+    """Authorization request parameters authlib leaves to us; returns (error, description)."""
+    if data.get("request"):
+        return "request_not_supported", "Request objects are not supported."
+    if data.get("request_uri"):
+        return "request_uri_not_supported", "request_uri is not supported."
+    if data.get("response_mode", "query") not in ("query", "form_post"):
+        return "invalid_request", "response_mode must be query or form_post."
+    prompts = set(data.get("prompt", "").split())
+    if prompts - PROMPTS:
+        return "invalid_request", "Unknown prompt value."
+    if "none" in prompts and len(prompts) > 1:
+        return "invalid_request", "prompt=none cannot be combined with other values."
+    max_age = data.get("max_age")
+    if max_age is not None and not (max_age.isdigit() and len(max_age) < 10):
+        return "invalid_request", "max_age must be a non-negative integer."
+    return None
+
+
+def _hint_subject(svc, hint: str) -> dict | None:
+    """The claims of an ID token we issued (expired is fine), or None if it is not ours."""
+    try:
+        token = jwt.decode(hint, svc.keys.verification_keys(), algorithms=["ES256", "RS256"])
+    except (JoseError, ValueError):
+        return None
+    return token.claims if token.claims.get("iss") == svc.settings.issuer else None
+
+
+async def authorize(request: Request) -> Response:
+    svc = request.app.state.svc
+    try:
+        query = read_query(request)
+        form = await read_form(request)
+    except BadRequest as e:
+        return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
+    oauth_request = _oauth_request(request, query, form)
+    try:
+        grant = await run_in_threadpool(svc.server.get_consent_grant, oauth_request, None)
+    except OAuth2Error as error:
+        if not error.redirect_uri:
+            return _bad_authorization_page(request, error)
+        params = [("error", error.error)] + ([("error_description", error.description)] if error.description else [])
+        return login.to_client(request, error.redirect_uri, params, oauth_request.payload.data)
+    data = oauth_request.payload.data
+    client: OAuthClient = grant.request.client
+    if problem := _check_extras(data):
+        return login.to_client(request, grant.redirect_uri, [("error", problem[0]), ("error_description", problem[1])], data)
+
+    prompts = set(data.get("prompt", "").split())
+    session = svc.sessions.get(request.cookies.get(login.SESSION_COOKIE))
+    if session is not None:
+        account_ok = await run_in_threadpool(_account_active, svc, session["account"])
+        if not account_ok:
+            svc.sessions.end(session["sid"], svc.tokens)
+            session = None
+    fresh = bool(prompts & {"login", "select_account"})
+    if session and data.get("max_age") is not None:
+        max_age = int(data["max_age"])
+        fresh = fresh or max_age == 0 or svc.clock() - session["auth_time"] > max_age
+    if data.get("id_token_hint"):
+        hint = _hint_subject(svc, data["id_token_hint"])
+        if hint is None:
+            return login.to_client(request, grant.redirect_uri, [("error", "invalid_request"), ("error_description", "id_token_hint is not valid.")], data)
+        if session is None or hint["sub"] != claims.subject(session["account"], client, svc.pairwise_salt):
+            fresh = True
+    tx = svc.transactions.create(
+        params=query + form,
+        client_id=client.client_id,
+        browser=csrf_token(request),
+        fresh=fresh,
+        target_acr=acr.required(data.get("acr_values"), client.minimum_acr),
+        session=session,
+        locale_hint=data.get("ui_locales"),
+    )
+    if "none" in prompts and (session is None or fresh):
+        return await login.respond_error(request, tx, "login_required")
+    return await login.advance(request, tx, interactive="none" not in prompts)
+
+
+def _account_active(svc, account_id) -> bool:
+    with svc.db.session() as session:
+        account = session.get(Account, account_id)
+        return account is not None and not account.disabled
+
+
+# -- token, revocation, introspection ------------------------------------------------------
+async def _form_endpoint(request: Request, handler) -> Response:
+    try:
+        form = await read_form(request)
+    except BadRequest as e:
+        return _oauth_error("invalid_request", e.description, e.status)
+    oauth_request = _oauth_request(request, [], form)
+    return await run_in_threadpool(handler, oauth_request)
+
+
+async def token(request: Request) -> Response:
+    return await _form_endpoint(request, request.app.state.svc.server.create_token_response)
+
+
+async def revoke(request: Request) -> Response:
+    server = request.app.state.svc.server
+    return await _form_endpoint(request, lambda r: server.create_endpoint_response("revocation", r))
+
+
+async def introspect(request: Request) -> Response:
+    server = request.app.state.svc.server
+    return await _form_endpoint(request, lambda r: server.create_endpoint_response("introspection", r))
+
+
+# -- UserInfo ----------------------------------------------------------------------------
+def _bearer(request: Request, form) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return dict(form).get("access_token")
+
+
+async def userinfo(request: Request) -> Response:
+    svc = request.app.state.svc
+    try:
+        form = await read_form(request)
+    except BadRequest as e:
+        return _oauth_error("invalid_request", e.description, e.status)
+    token = _bearer(request, form)
+    challenge = 'Bearer error="invalid_token"'
+    record = svc.tokens.lookup("at", token) if token else None
+    if record is None or not record.get("account"):
+        return _oauth_error("invalid_token", "The access token is invalid or expired.", 401, {"WWW-Authenticate": challenge})
+    if "openid" not in record["scope"].split():
+        return _oauth_error("insufficient_scope", "The token lacks the openid scope.", 403,
+                            {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="openid"'})
+    info = await run_in_threadpool(_userinfo, svc, record)
+    if info is None:
+        return _oauth_error("invalid_token", "The account is disabled.", 401, {"WWW-Authenticate": challenge})
+    return _json(info, headers={"Cache-Control": "no-store"})
+
+
+def _userinfo(svc, record):
+    client = svc.server.query_client(record["client_id"])
+    with svc.db.session() as session:
+        account = session.get(Account, record["account"])
+        if account is None or account.disabled or client is None:
+            return None
+        return claims.userinfo(account, record["scope"], claims.subject(account.id, client, svc.pairwise_salt))
+
+
+# -- RP-initiated logout -------------------------------------------------------------------
+async def logout(request: Request) -> Response:
+    """OpenID Connect RP-Initiated Logout 1.0. A valid ``id_token_hint`` for the
+    current session logs out at once; otherwise the user confirms (CSRF-safe).
+    A redirect goes only to a URI registered for the client, never elsewhere."""
+    svc = request.app.state.svc
+    try:
+        data = dict(read_query(request) + await read_form(request))
+    except BadRequest as e:
+        return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
+    hint = None
+    if data.get("id_token_hint"):
+        hint = _hint_subject(svc, data["id_token_hint"])
+        if hint is None:
+            return error_page(request, "error.logout.title", "error.logout.bad_hint")
+    client_id = data.get("client_id") or (hint or {}).get("aud")
+    if hint and data.get("client_id") and data["client_id"] != hint.get("aud"):
+        return error_page(request, "error.logout.title", "error.logout.client_mismatch")
+    client = svc.server.query_client(client_id) if isinstance(client_id, str) else None
+    target = data.get("post_logout_redirect_uri")
+    if target and (client is None or target not in client.post_logout_redirect_uris):
+        return error_page(request, "error.logout.title", "error.logout.bad_redirect")
+    session = svc.sessions.get(request.cookies.get(login.SESSION_COOKIE))
+    confirmed = request.method == "POST" and data.get("confirm") == "yes" and csrf_ok(request, data)
+    hint_matches = bool(hint and session and hint.get("sid") == session["sid"])
+    if session and not (confirmed or hint_matches):
+        return render(request, "logout_confirm.html", client=client, target=target or "", state=data.get("state", ""),
+                      client_id=client.client_id if client else "")
+    if session:
+        svc.sessions.end(session["sid"], svc.tokens)
+        svc.audit.record("logout", account_id=session["account"], client_id=client.client_id if client else None,
+                         ip=request.client.host if request.client else None, method="rp-initiated")
+    if target:
+        params = {"state": data["state"]} if data.get("state") else {}
+        response = RedirectResponse(target + (("&" if "?" in target else "?") + urlencode(params) if params else ""), status_code=303)
+    else:
+        response = render(request, "logged_out.html", client=client)
+    response.delete_cookie(login.SESSION_COOKIE, path="/")
+    return response
+
+
+# -- dynamic client registration (RFC 7591) and management (RFC 7592) ----------------------------
+def _registration_error(e: ClientError) -> Response:
+    return _oauth_error(e.error, e.description)
+
+
+async def register(request: Request) -> Response:
+    svc = request.app.state.svc
+    token = _bearer(request, [])
+    if not token:
+        return _oauth_error("invalid_token", "An initial access token is required.", 401, {"WWW-Authenticate": "Bearer"})
+    try:
+        meta = await read_json(request)
+    except BadRequest as e:
+        return _oauth_error("invalid_client_metadata", e.description, e.status)
+    try:
+        info = await run_in_threadpool(_register, svc, token, meta)
+    except ClientError as e:
+        return _registration_error(e)
+    if info is None:
+        return _oauth_error("invalid_token", "The initial access token is invalid, used or expired.", 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    svc.audit.record("client.registered", client_id=info["client_id"], ip=request.client.host if request.client else None, method="rfc7591")
+    return _json(info, 201, {"Cache-Control": "no-store"})
+
+
+def _register(svc, token, meta):
+    now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
+    meta = validate_metadata({k: v for k, v in meta.items() if k not in ("first_party", "minimum_acr", "allowed_factors")})
+    with svc.db.session() as session:
+        # Deleting the row is the claim: of two concurrent uses, one deletes it.
+        claimed = session.execute(
+            delete(InitialAccessToken).where(InitialAccessToken.token_hash == digest(token)).returning(InitialAccessToken.expires_at)
+        ).scalar_one_or_none()
+        if claimed is None or _aware(claimed) < now:
+            return None
+        row, secret, reg = create_client(session, meta, with_registration_token=True)
+        return client_info(row, secret, reg, svc.settings.issuer)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+async def manage_client(request: Request) -> Response:
+    """RFC 7592: read, replace or delete a registration with its registration access token."""
+    svc = request.app.state.svc
+    token = _bearer(request, [])
+    client_id = request.path_params["client_id"]
+    body = None
+    if request.method == "PUT":
+        try:
+            body = await read_json(request)
+        except BadRequest as e:
+            return _oauth_error("invalid_client_metadata", e.description, e.status)
+    try:
+        status, result = await run_in_threadpool(_manage, svc, request.method, client_id, token, body)
+    except ClientError as e:
+        return _registration_error(e)
+    if status == 401:
+        return _oauth_error("invalid_token", "The registration access token is invalid.", 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    if status == 204:
+        svc.audit.record("client.deleted", client_id=client_id, method="rfc7592")
+        return Response(status_code=204)
+    return _json(result, status, {"Cache-Control": "no-store"})
+
+
+def _manage(svc, method, client_id, token, body):
+    with svc.db.session() as session:
+        row: Client | None = find(session, client_id)
+        if row is None or not token or not row.registration_token_hash or not hmac.compare_digest(digest(token), row.registration_token_hash):
+            return 401, None
+        if method == "DELETE":
+            session.delete(row)
+            return 204, None
+        if method == "PUT":
+            if body.get("client_id") != client_id:
+                raise ClientError("client_id in the body must match", "invalid_request")
+            if "client_secret" in body and (not row.secret_hash or not hmac.compare_digest(digest(str(body["client_secret"])), row.secret_hash)):
+                raise ClientError("client_secret does not match", "invalid_request")
+            meta = {k: v for k, v in body.items() if k not in (
+                "client_id", "client_secret", "registration_access_token", "registration_client_uri",
+                "client_id_issued_at", "client_secret_expires_at", "first_party", "minimum_acr", "allowed_factors")}
+            if meta.get("token_endpoint_auth_method", row.metadata_.get("token_endpoint_auth_method")) != row.metadata_.get("token_endpoint_auth_method"):
+                raise ClientError("token_endpoint_auth_method cannot change")
+            row.metadata_ = {**validate_metadata(meta), **{k: row.metadata_[k] for k in ("minimum_acr", "allowed_factors") if k in row.metadata_}}
+        info = client_info(row, issuer=svc.settings.issuer)
+        info["registration_client_uri"] = f"{svc.settings.issuer}/register/{client_id}"
+        return 200, info

@@ -1,0 +1,83 @@
+"""Rendering HTML pages: language, CSRF token, security headers."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+
+from idp.web.i18n import LOCALES, negotiate, translate
+
+CSRF_COOKIE = "idp_csrf"
+LANG_COOKIE = "idp_lang"
+
+env = Environment(
+    loader=FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=select_autoescape(["html"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def locale_of(request: Request, ui_locales: str | None = None) -> str:
+    svc = request.app.state.svc
+    lang = request.query_params.get("lang")
+    if lang in LOCALES:
+        return lang
+    return negotiate(ui_locales, request.cookies.get(LANG_COOKIE), request.headers.get("accept-language"), svc.settings.default_locale)
+
+
+def csrf_token(request: Request) -> str:
+    """The browser's CSRF token (double-submit: a cookie and the same value in each form)."""
+    token = request.cookies.get(CSRF_COOKIE) or getattr(request.state, "new_csrf", None)
+    if not token:
+        token = request.state.new_csrf = secrets.token_urlsafe(24)
+    return token
+
+
+def csrf_ok(request: Request, form) -> bool:
+    cookie = request.cookies.get(CSRF_COOKIE)
+    sent = form.get("csrf")
+    return bool(cookie and isinstance(sent, str) and hmac.compare_digest(cookie.encode(), sent.encode()))
+
+
+def render(request: Request, template: str, status: int = 200, ui_locales: str | None = None, **context) -> HTMLResponse:
+    svc = request.app.state.svc
+    locale = locale_of(request, ui_locales)
+    nonce = secrets.token_urlsafe(16)
+
+    def _(key, **params):
+        return translate(locale, key, **params)
+
+    html = env.get_template(template).render(
+        _=_, locale=locale, csrf=csrf_token(request), nonce=nonce, request=request,
+        issuer=svc.settings.issuer, min_length=svc.settings.password_min_length, **context,
+    )
+    response = HTMLResponse(html, status_code=status)
+    response.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'nonce-{nonce}'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+    )
+    response.headers["Cache-Control"] = "no-store"
+    new = getattr(request.state, "new_csrf", None)
+    if new:
+        set_cookie(request, response, CSRF_COOKIE, new)
+    if request.query_params.get("lang") in LOCALES:
+        set_cookie(request, response, LANG_COOKIE, request.query_params["lang"], max_age=365 * 86400)
+    return response
+
+
+def set_cookie(request: Request, response, name: str, value: str, max_age: int | None = None) -> None:
+    svc = request.app.state.svc
+    response.set_cookie(
+        name, value, max_age=max_age, httponly=True, samesite="lax",
+        secure=svc.settings.cookies_secure, path="/",
+    )
+
+
+def error_page(request: Request, title_key: str, detail_key: str, status: int = 400, **params):
+    return render(request, "error.html", status=status, title_key=title_key, detail_key=detail_key, params=params)

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian machine for this project.
+#
+#   scripts/bootstrap.sh          what the provider and the demo need
+#   scripts/bootstrap.sh --test   that, plus what the tests need (pytest extras,
+#                                 Node.js and tests/e2e's npm packages)
+#
+# Each step only runs when something is missing or out of date, so running it
+# again is quick. Used by `make run` and `make test`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+with_test=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_test=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "bootstrap.sh: unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+say() { echo "bootstrap: $*"; }
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+  SUDO=(sudo)
+fi
+
+# --- Debian packages -------------------------------------------------------
+pkgs=()
+command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || pkgs+=(postgresql)
+if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  pkgs+=(python3-venv)
+fi
+if [ "$with_test" = 1 ] && ! command -v node >/dev/null 2>&1; then
+  pkgs+=(nodejs npm)
+fi
+
+if [ "${#pkgs[@]}" -gt 0 ]; then
+  say "installing Debian packages: ${pkgs[*]}"
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+
+# --- Python virtualenv -----------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  python3 -m venv .venv
+fi
+
+# Reinstall only when pyproject.toml changed since the last install (the
+# install is editable, so source changes need none).
+if [ "$with_test" = 1 ]; then
+  spec='.[test]'; stamp=.venv/.bootstrap-installed-test
+else
+  spec='.'; stamp=.venv/.bootstrap-installed
+fi
+if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "pip install -e '$spec'"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"
+  touch "$stamp"
+fi
+
+# --- npm packages for the browser/peer tests --------------------------------
+if [ "$with_test" = 1 ] && [ -f tests/e2e/package.json ]; then
+  (
+    cd tests/e2e
+    if [ -f package-lock.json ]; then lock=package-lock.json; else lock=package.json; fi
+    if [ ! -d node_modules ] || [ "$lock" -nt node_modules ]; then
+      if [ -f package-lock.json ]; then
+        say "npm ci in tests/e2e"
+        npm ci --no-audit --no-fund --loglevel=error
+      else
+        say "npm install in tests/e2e"
+        npm install --no-audit --no-fund --loglevel=error
+      fi
+      touch node_modules  # npm install may leave the dir's mtime as it was
+    fi
+  )
+fi
+
+say "ok"

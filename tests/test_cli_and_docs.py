@@ -1,0 +1,59 @@
+"""The admin CLI as an operator uses it, and the docs that must match the code."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from idp.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _idp(tmp_path, *args, stdin=""):
+    env = {**os.environ, "IDP_DATABASE_URL": f"sqlite:///{tmp_path}/cli.sqlite3", "IDP_KEYS_DIR": str(tmp_path / "keys")}
+    return subprocess.run([sys.executable, "-m", "idp.cli", *args], input=stdin, capture_output=True, text=True, env=env, cwd=tmp_path)
+
+
+def test_configuration_reference_matches_settings():
+    assert Settings.markdown_table() in (ROOT / "docs/configuration.md").read_text()
+
+
+def test_clients_add_prints_json_with_secret_once(tmp_path):
+    out = _idp(tmp_path, "clients", "add", "--name", "校務", "--redirect-uri", "https://school.example.tw/cb", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["client_name"] == "校務" and len(info["client_secret"]) >= 43
+    shown = json.loads(_idp(tmp_path, "clients", "show", info["client_id"]).stdout)
+    assert "client_secret" not in shown and shown["redirect_uris"] == ["https://school.example.tw/cb"]
+    assert info["client_id"] in _idp(tmp_path, "clients", "list").stdout
+    assert _idp(tmp_path, "clients", "remove", info["client_id"]).returncode == 0
+    assert info["client_id"] not in _idp(tmp_path, "clients", "list").stdout
+
+
+def test_clients_add_rejects_bad_redirect(tmp_path):
+    out = _idp(tmp_path, "clients", "add", "--name", "x", "--redirect-uri", "http://evil.example.com/cb")
+    assert out.returncode == 2 and "https" in out.stderr
+
+
+def test_users_add_enforces_the_password_policy(tmp_path):
+    weak = _idp(tmp_path, "users", "add", "bob", "--password-stdin", stdin="short\n")
+    assert weak.returncode == 2 and "at least 10 characters" in weak.stderr and "symbol" in weak.stderr
+    ok = _idp(tmp_path, "users", "add", "bob", "--email", "b@example.tw", "--password-stdin", stdin="Correct-Horse-9!\n")
+    assert ok.returncode == 0, ok.stderr
+    assert "bob\tpersonal" in _idp(tmp_path, "users", "list").stdout
+    again = _idp(tmp_path, "users", "add", "bob", "--password-stdin", stdin="Correct-Horse-9!\n")
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_keys_rotate_promotes_the_published_next_key(tmp_path):
+    _idp(tmp_path, "migrate")
+    before = dict(line.split("\t")[::2] for line in _idp(tmp_path, "keys", "list").stdout.splitlines())
+    after_rotate = _idp(tmp_path, "keys", "rotate").stdout
+    after = dict(line.split("\t")[::2] for line in _idp(tmp_path, "keys", "list").stdout.splitlines())
+    for kid, status in before.items():
+        if status == "next":
+            assert kid in after_rotate and after[kid] == "current"
+        if status == "current":
+            assert after[kid] == "retired"

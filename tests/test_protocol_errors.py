@@ -1,0 +1,229 @@
+"""What a relying party sees when something is wrong (SPEC P2, P3, P5, P6, O4):
+each case gets the exact error the specifications name, and never a redirect
+to an address the provider cannot vouch for."""
+
+import threading
+
+from tests.harness import REDIRECT, callback, pkce, redeem
+
+
+def _tokens(provider, client_id, secret, verifier=None, **params):
+    browser = provider.browser()
+    code = browser.login(client_id, **params)["code"]
+    response = redeem(browser.http, client_id, secret, code, verifier)
+    assert response.status_code == 200, response.text
+    return browser, code, response.json()
+
+
+def test_unknown_client_gets_an_error_page_not_a_redirect(provider):
+    response = provider.browser().authorize("no-such-client")
+    assert response.status_code == 400 and "location" not in response.headers
+    assert "invalid_client" in response.text
+
+
+def test_unregistered_redirect_uri_is_never_followed(provider):
+    client_id, _ = provider.client()
+    response = provider.browser().authorize(client_id, "https://evil.example.com/callback")
+    assert response.status_code == 400 and "location" not in response.headers
+    assert "evil.example.com" not in response.headers.get("content-location", "")
+
+
+def test_redirect_uri_must_match_exactly(provider):
+    client_id, _ = provider.client()
+    response = provider.browser().authorize(client_id, REDIRECT + "/extra")
+    assert response.status_code == 400 and "location" not in response.headers
+
+
+def test_public_client_without_pkce_is_refused(provider):
+    client_id, _ = provider.client(token_endpoint_auth_method="none")
+    params = callback(provider.browser().authorize(client_id))
+    assert params["error"] == "invalid_request" and "PKCE" in params["error_description"]
+
+
+def test_plain_pkce_is_refused(provider):
+    client_id, _ = provider.client(token_endpoint_auth_method="none")
+    params = callback(provider.browser().authorize(client_id, code_challenge="x" * 43, code_challenge_method="plain"))
+    assert params["error"] == "invalid_request"
+
+
+def test_public_client_with_pkce_logs_in(provider):
+    provider.account("alice")
+    client_id, _ = provider.client(token_endpoint_auth_method="none")
+    verifier, challenge = pkce()
+    _, _, token = _tokens(provider, client_id, None, verifier, code_challenge=challenge, code_challenge_method="S256")
+    assert token["id_token"]
+
+
+def test_wrong_code_verifier_is_invalid_grant(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    _, challenge = pkce()
+    browser = provider.browser()
+    code = browser.login(client_id, code_challenge=challenge, code_challenge_method="S256")["code"]
+    wrong, _ = pkce()
+    response = redeem(browser.http, client_id, secret, code, wrong)
+    assert response.status_code == 400 and response.json()["error"] == "invalid_grant"
+
+
+def test_replayed_code_is_refused_and_revokes_its_tokens(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    browser, code, token = _tokens(provider, client_id, secret)
+    again = redeem(browser.http, client_id, secret, code)
+    assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+    userinfo = browser.http.get("/userinfo", headers={"Authorization": f"Bearer {token['access_token']}"})
+    assert userinfo.status_code == 401
+    refresh = browser.http.post("/token", data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]}, auth=(client_id, secret))
+    assert refresh.json()["error"] == "invalid_grant"
+
+
+def test_a_code_is_redeemed_once_under_concurrency(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    browser = provider.browser()
+    code = browser.login(client_id)["code"]
+    results = []
+
+    def redeem_once():
+        results.append(redeem(provider.http(), client_id, secret, code).status_code)
+
+    threads = [threading.Thread(target=redeem_once) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200] + [400] * 7
+
+
+def test_expired_code_is_invalid_grant(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    browser = provider.browser()
+    code = browser.login(client_id)["code"]
+    provider.clock.advance(61)
+    response = redeem(browser.http, client_id, secret, code)
+    assert response.json()["error"] == "invalid_grant"
+
+
+def test_code_of_another_client_is_invalid_grant(provider):
+    provider.account("alice")
+    a, _ = provider.client()
+    b, secret_b = provider.client()
+    browser = provider.browser()
+    code = browser.login(a)["code"]
+    assert redeem(browser.http, b, secret_b, code).json()["error"] == "invalid_grant"
+
+
+def test_wrong_client_secret_is_invalid_client(provider):
+    client_id, _ = provider.client()
+    response = provider.http().post("/token", data={"grant_type": "authorization_code", "code": "x"}, auth=(client_id, "wrong"))
+    assert response.status_code == 401 and response.json()["error"] == "invalid_client"
+
+
+def test_refresh_rotates_and_reuse_revokes_the_family(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    browser, _, token = _tokens(provider, client_id, secret)
+    http = browser.http
+
+    def refresh(rt):
+        return http.post("/token", data={"grant_type": "refresh_token", "refresh_token": rt}, auth=(client_id, secret))
+
+    first = refresh(token["refresh_token"])
+    assert first.status_code == 200 and first.json()["refresh_token"] != token["refresh_token"]
+    assert first.json()["id_token"]
+    reuse = refresh(token["refresh_token"])
+    assert reuse.json()["error"] == "invalid_grant"
+    # The reuse looked like theft: the newest refresh token of the family is dead too.
+    assert refresh(first.json()["refresh_token"]).json()["error"] == "invalid_grant"
+
+
+def test_refresh_token_of_another_client_is_refused_and_kept(provider):
+    provider.account("alice")
+    owner, owner_secret = provider.client()
+    thief, thief_secret = provider.client()
+    browser, _, token = _tokens(provider, owner, owner_secret)
+    stolen = browser.http.post("/token", data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]}, auth=(thief, thief_secret))
+    assert stolen.status_code == 400 and stolen.json()["error"] == "invalid_grant"
+    mine = browser.http.post("/token", data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]}, auth=(owner, owner_secret))
+    assert mine.status_code == 200
+
+
+def test_prompt_none_without_session_is_login_required(provider):
+    client_id, _ = provider.client()
+    params = callback(provider.browser().authorize(client_id, prompt="none", state="pn"))
+    assert params["error"] == "login_required" and params["state"] == "pn"
+
+
+def test_prompt_none_with_session_returns_a_code(provider):
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    browser.login(client_id)
+    assert "code" in callback(browser.authorize(client_id, prompt="none"))
+
+
+def test_prompt_login_and_max_age_zero_force_a_new_login(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    browser = provider.browser()
+    first = redeem(browser.http, client_id, secret, browser.login(client_id)["code"]).json()
+    provider.clock.advance(120)
+    for params in ({"max_age": "0"}, {"prompt": "login"}):
+        page = browser.authorize(client_id, **params)
+        assert page.status_code == 200 and "/login/factor/password" in page.text
+    provider.clock.advance(5)
+    second = redeem(browser.http, client_id, secret, browser.login(client_id, max_age="0")["code"]).json()
+    from joserfc import jwt
+    from joserfc.jwk import KeySet
+
+    keys = KeySet.import_key_set(browser.http.get("/jwks").json())
+    before, after = (jwt.decode(t["id_token"], keys).claims["auth_time"] for t in (first, second))
+    assert after - before == 125
+
+
+def test_max_age_within_limit_keeps_the_session(provider):
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    browser.login(client_id)
+    provider.clock.advance(30)
+    assert "code" in callback(browser.authorize(client_id, max_age="300"))
+
+
+def test_unmet_acr_is_reported_to_the_client(provider):
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id, acr_values="urn:idp:loa:3"))
+    assert callback(page)["error"] == "unmet_authentication_requirements"
+
+
+def test_bad_authorization_parameters(provider):
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    assert callback(browser.authorize(client_id, response_type="token"))["error"] == "unsupported_response_type"
+    assert callback(browser.authorize(client_id, prompt="none login"))["error"] == "invalid_request"
+    assert callback(browser.authorize(client_id, max_age="-1"))["error"] == "invalid_request"
+    assert callback(browser.authorize(client_id, scope="openid admin"))["error"] == "invalid_scope"
+    assert callback(browser.authorize(client_id, request="eyJ"))["error"] == "request_not_supported"
+
+
+def test_unknown_grant_type(provider):
+    client_id, secret = provider.client()
+    response = provider.http().post("/token", data={"grant_type": "password", "username": "a"}, auth=(client_id, secret))
+    assert response.status_code == 400 and response.json()["error"] == "unsupported_grant_type"
+
+
+def test_malformed_and_oversized_bodies_get_errors_not_500s(provider):
+    client_id, secret = provider.client()
+    http = provider.http()
+    bad_utf8 = http.post("/token", content=b"grant_type=\xff\xfe", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert bad_utf8.status_code == 400 and bad_utf8.json()["error"] == "invalid_request"
+    json_body = http.post("/token", json={"grant_type": "client_credentials"})
+    assert json_body.status_code == 400 and json_body.json()["error"] == "invalid_request"
+    huge = http.post("/token", data={"grant_type": "client_credentials", "scope": "x" * 100_000}, auth=(client_id, secret))
+    assert huge.status_code == 413 and huge.json()["error"] == "invalid_request"
+    long_param = provider.browser().authorize(client_id, state="s" * 10_000)
+    assert long_param.status_code == 400
+    assert http.get("/login?tx=nope").status_code == 400

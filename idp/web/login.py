@@ -96,8 +96,8 @@ async def advance(request: Request, tx: dict, *, interactive: bool = True) -> Re
         if captcha.wanted(svc, tx):
             tx["captcha"] = captcha.new_answer()
         svc.transactions.save(tx)
-        return render(request, factor.template, factor=factor, factors=step.factors,
-                      **factor.context(svc, tx, account), **{**context, **flash.get("keep", {})})
+        page = {**context, **factor.context(svc, tx, account), **flash.get("keep", {})}
+        return render(request, factor.template, factor=factor, factors=step.factors, **page)
     svc.transactions.save(tx)
     if step.kind == "action":
         return render(request, f"action_{step.action}.html", **context)

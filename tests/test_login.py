@@ -1,0 +1,201 @@
+"""Password login as a user meets it (SPEC A1, O2, O4): captcha, lockout,
+expiry, and messages that say what to do."""
+
+import re
+import threading
+
+from tests.harness import PASSWORD, callback, forms
+
+
+def _tx(page) -> str:
+    return forms(page.text)[0]["fields"]["tx"]
+
+
+def _error(page) -> str:
+    found = re.search(r'<div class="error" role="alert">\s*<p>(.*?)</p>', page.text, re.S)
+    return found.group(1) if found else ""
+
+
+def test_three_wrong_passwords_lock_for_fifteen_minutes(provider):
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    page = browser.password(page, password="wrong-1")
+    assert "再錯 2 次" in _error(page)
+    page = browser.password(page, password="wrong-2")
+    assert "再錯 1 次" in _error(page)
+    page = browser.password(page, password="wrong-3")
+    assert "帳號已暫時停用" in _error(page)
+    page = browser.password(page)  # the right password, but locked
+    assert "帳號已暫時停用" in _error(page) and page.status_code == 200
+    provider.clock.advance(14 * 60)
+    assert "帳號已暫時停用" in _error(browser.password(page))
+    provider.clock.advance(61)
+    # The login page itself has timed out by now; a new login works.
+    assert "code" in callback(browser.password(browser.authorize(client_id)))
+
+
+def test_lockout_does_not_reveal_whether_an_account_exists(provider):
+    provider.account("alice")
+    client_id, _ = provider.client()
+    messages = {}
+    for username in ("alice", "nobody"):
+        browser = provider.browser()
+        page = browser.authorize(client_id)
+        seen = []
+        for _ in range(4):
+            page = browser.password(page, username=username, password="wrong-password")
+            seen.append(_error(page))
+        messages[username] = seen
+    assert messages["alice"] == messages["nobody"]
+
+
+def test_parallel_guesses_cannot_pass_the_counter(provider):
+    provider.account("alice")
+    client_id, _ = provider.client()
+    pages = []
+    for _ in range(8):
+        browser = provider.browser()
+        pages.append((browser, browser.authorize(client_id)))
+    results = []
+
+    def guess(browser, page):
+        results.append(_error(browser.password(page, password="wrong-password")))
+
+    threads = [threading.Thread(target=guess, args=pair) for pair in pages]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum("再錯" in r for r in results) == 2, results
+    assert sum("帳號已暫時停用" in r for r in results) == 6, results
+
+
+def test_every_attempt_is_in_the_audit_log(provider):
+    from sqlalchemy import select
+
+    from idp.storage.models import AuditEvent
+
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    for _ in range(3):
+        page = browser.password(page, password="wrong-password")
+    provider.clock.advance(901)
+    callback(browser.password(browser.authorize(client_id)))
+    with provider.svc.db.session() as session:
+        events = [(e.event, e.username, e.client_id) for e in session.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars()]
+    kinds = [e for e, user, client in events if user == "alice" and client == client_id]
+    assert kinds == ["login.failure", "login.failure", "login.failure", "login.locked", "login.success"]
+
+
+def test_captcha_always(make_provider):
+    provider = make_provider(captcha="always")
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    tx = _tx(page)
+    image = browser.http.get(f"/login/captcha?tx={tx}")
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    page = browser.password(page, captcha="00000")
+    assert "驗證碼錯誤" in _error(page)
+    assert 'value="alice"' in page.text  # what the user typed is kept
+    answer = provider.svc.transactions.get(tx)["captcha"]
+    params = callback(browser.password(page, captcha=answer))
+    assert params["code"]
+
+
+def test_wrong_captcha_does_not_count_towards_lockout(make_provider):
+    provider = make_provider(captcha="always")
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    for _ in range(5):
+        page = browser.password(page, captcha="00000")
+    answer = provider.svc.transactions.get(_tx(page))["captcha"]
+    assert "code" in callback(browser.password(page, captcha=answer))
+
+
+def test_captcha_after_failure(make_provider):
+    provider = make_provider(captcha="after-failure")
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    assert 'name="captcha"' not in page.text
+    page = browser.password(page, password="wrong-password")
+    assert 'name="captcha"' in page.text
+
+
+def test_expired_password_must_be_changed(provider):
+    provider.account("alice")
+    client_id, _ = provider.client()
+    provider.clock.advance(91 * 86400)
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    assert "/login/password-change" in page.text and "90" in page.text
+    change = "/login/password-change"
+    page = browser.submit(page, change, new_password="New-Password-2!", new_password_again="New-Password-3!")
+    assert "不一致" in _error(page)
+    page = browser.submit(page, change, new_password="short", new_password_again="short")
+    assert "不符合規則" in _error(page) and "大寫英文字母" in page.text and "符號" in page.text
+    page = browser.submit(page, change, new_password=PASSWORD, new_password_again=PASSWORD)
+    assert "不可與目前的密碼相同" in _error(page)
+    params = callback(browser.submit(page, change, new_password="New-Password-2!", new_password_again="New-Password-2!"))
+    assert params["code"]
+    fresh = provider.browser()
+    assert "code" in fresh.login(client_id, password="New-Password-2!")
+
+
+def test_disabled_account_cannot_log_in(provider):
+    from idp.storage.models import Account
+
+    account_id = provider.account("alice")
+    with provider.svc.db.session() as session:
+        session.get(Account, account_id).disabled = True
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    assert "停用" in _error(page)
+
+
+def test_cancel_returns_access_denied(provider):
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id, state="c1")
+    params = callback(browser.submit(page, "/login/cancel"))
+    assert params == {"error": "access_denied", "error_description": "The user cancelled the login.", "state": "c1", "iss": provider.issuer}
+
+
+def test_login_form_needs_the_csrf_token_of_this_browser(provider):
+    provider.account("alice")
+    client_id, _ = provider.client()
+    victim = provider.browser()
+    page = victim.authorize(client_id)
+    attacker = provider.browser()
+    stolen = forms(page.text)[0]["fields"]
+    response = attacker.go("/login/factor/password", "POST", {**stolen, "username": "alice", "password": PASSWORD})
+    assert response.status_code == 400 and "location" not in response.headers
+
+
+def test_pages_carry_security_headers(provider):
+    client_id, _ = provider.client()
+    page = provider.browser().authorize(client_id)
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["x-frame-options"] == "DENY"
+    cookie = page.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+
+
+def test_language_switch_is_remembered(provider):
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    english = browser.go(f"/login?tx={_tx(page)}&lang=en")
+    assert "Password" in english.text
+    assert "Password" in browser.go(f"/login?tx={_tx(page)}").text

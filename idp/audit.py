@@ -12,8 +12,8 @@ log = logging.getLogger("idp.audit")
 
 
 class Audit:
-    def __init__(self, db, clock):
-        self.db, self.clock = db, clock
+    def __init__(self, db, clock, metrics):
+        self.db, self.clock, self.metrics = db, clock, metrics
 
     def record(self, event: str, *, account_id=None, username=None, client_id=None, ip=None, method=None, **detail):
         when = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
@@ -24,4 +24,5 @@ class Audit:
                     client_id=client_id, ip=ip, method=method, detail=detail,
                 )
             )
+        self.metrics.events.labels(event).inc()
         log.info("%s account=%s user=%s client=%s ip=%s method=%s %s", event, account_id, username, client_id, ip, method, detail or "")

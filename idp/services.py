@@ -10,6 +10,7 @@ from idp.accounts import Lockout, Passwords
 from idp.audit import Audit
 from idp.clock import Clock
 from idp.flow import Transactions
+from idp.metrics import Metrics
 from idp.protocol.keys import KeyRing
 from idp.protocol.server import Server
 from idp.protocol.tokens import Tokens
@@ -31,7 +32,8 @@ class Services:
         self.transactions = Transactions(self.store, self.clock, settings.login_timeout_seconds)
         self.passwords = Passwords(settings)
         self.lockout = Lockout(self.store, self.clock, settings.lockout_threshold, settings.lockout_seconds)
-        self.audit = Audit(self.db, self.clock)
+        self.metrics = Metrics()
+        self.audit = Audit(self.db, self.clock, self.metrics)
         self.server = Server(self)
         self.pairwise_salt = b""
 

@@ -60,6 +60,7 @@ class Settings:
     secure_cookies: bool | None = _doc(
         "Mark cookies Secure. Default: when the issuer is https.", None
     )
+    metrics_token: str = _doc("Bearer token required by /metrics; empty: open (block it at the proxy).", "")
     max_form_bytes: int = _doc("Largest request body accepted by any form or JSON endpoint.", 64 * 1024)
 
     @property

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from idp.clock import Clock
+from idp.metrics import CONTENT_TYPE, RequestMetrics
 from idp.services import Services
 from idp.settings import Settings
 from idp.web import login, oidc
@@ -56,6 +58,15 @@ async def readyz(request: Request):
     return JSONResponse(checks, status_code=200 if all(checks.values()) else 503)
 
 
+async def metrics(request: Request):
+    svc = request.app.state.svc
+    token = svc.settings.metrics_token
+    sent = request.headers.get("authorization", "")
+    if token and not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        return PlainTextResponse("metrics need the bearer token (IDP_METRICS_TOKEN)", status_code=401)
+    return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
 async def not_found(request: Request, exc):
     return error_page(request, "error.not_found.title", "error.not_found.detail", status=404)
 
@@ -87,9 +98,11 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         Route("/login/factor/{factor}", login.factor_submit, methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics),
         Mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error})
     app.state.svc = svc
+    app.add_middleware(RequestMetrics, metrics=svc.metrics)
     app.add_middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))
     return app

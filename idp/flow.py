@@ -58,11 +58,11 @@ class Transactions:
             "done": [],
             "auth_time": None,
             "failures": 0,
-            "sid": None,
         }
         if session and not fresh:
             # Build on the session: step-up asks only for what is missing.
-            tx.update(account=session["account"], amr=list(session["amr"]), auth_time=session["auth_time"], sid=session["sid"])
+            tx.update(account=session["account"], username=session["username"], amr=list(session["amr"]),
+                      auth_time=session["auth_time"])
         self.save(tx)
         return tx
 
@@ -84,7 +84,7 @@ class Transactions:
 def record_factor(tx: dict, factor, account: Account, now: float) -> None:
     """A factor succeeded: remember who and how, and when (``auth_time``)."""
     if tx["account"] != account.id:
-        tx.update(amr=[], done=[], sid=None)
+        tx.update(amr=[], done=[])
     tx["account"], tx["username"] = account.id, account.username
     tx["amr"] = acr.with_mfa(tx["amr"] + [m for m in factor.amr if m not in tx["amr"]])
     tx["done"].append(factor.name)

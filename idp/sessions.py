@@ -14,11 +14,12 @@ class Sessions:
     def __init__(self, store, clock, lifetime: int):
         self.store, self.clock, self.lifetime = store, clock, lifetime
 
-    def create(self, account_id: str, amr: list[str], acr: str, auth_time: float) -> dict:
+    def create(self, account_id: str, username: str, amr: list[str], acr: str, auth_time: float) -> dict:
         now = self.clock()
         record = {
             "sid": secrets.token_urlsafe(24),
             "account": account_id,
+            "username": username,
             "amr": amr,
             "acr": acr,
             "auth_time": int(auth_time),

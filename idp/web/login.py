@@ -11,6 +11,7 @@ import datetime as dt
 import hmac
 from urllib.parse import urlencode
 
+from authlib.oauth2.rfc6749.errors import OAuth2Error
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -219,7 +220,7 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
         svc.sessions.end(session["sid"], svc.tokens)
         session = None
     if session is None:
-        session = svc.sessions.create(account.id, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"])
+        session = svc.sessions.create(account.id, account.username, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"])
     elif tx["done"]:
         # New proof for the same person (step-up or a forced re-login); a step-up
         # transaction started from the session's amr, so tx["amr"] is the whole story.
@@ -229,7 +230,11 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
     if tx["done"]:
         svc.audit.record("login.success", account_id=account.id, username=account.username, client_id=client.client_id,
                          ip=request.client.host if request.client else None, method="+".join(tx["done"]), acr=auth["acr"])
-    response = await run_in_threadpool(_issue_code, request, svc, tx, account, auth)
+    try:
+        response = await run_in_threadpool(_issue_code, request, svc, tx, account, auth)
+    except OAuth2Error:  # the client or its redirect URI went away meanwhile
+        svc.transactions.drop(tx)
+        return _expired(request)
     svc.transactions.drop(tx)
     set_cookie(request, response, SESSION_COOKIE, session["sid"])
     return response
@@ -257,7 +262,10 @@ async def respond_error(request: Request, tx: dict, error: str, description: str
     svc = request.app.state.svc
     svc.transactions.drop(tx)
     oauth_request = _authorization_request(svc, tx)
-    grant = await run_in_threadpool(svc.server.get_consent_grant, oauth_request, None)
+    try:
+        grant = await run_in_threadpool(svc.server.get_consent_grant, oauth_request, None)
+    except OAuth2Error:  # the client or its redirect URI went away meanwhile
+        return _expired(request)
     params = [("error", error)] + ([("error_description", description)] if description else [])
     return to_client(request, grant.redirect_uri, params, oauth_request.payload.data)
 

@@ -2,8 +2,9 @@
 # Idempotent set-up of a fresh Debian machine for this project.
 #
 #   scripts/bootstrap.sh          what the provider and the demo need
-#   scripts/bootstrap.sh --test   that, plus what the tests need (pytest extras,
-#                                 Node.js and tests/e2e's npm packages)
+#   scripts/bootstrap.sh --test   that, plus what the tests need (pytest extras
+#                                 incl. playwright, Node.js and tests/e2e's npm
+#                                 packages, Debian's Chromium for the browser test)
 #
 # Each step only runs when something is missing or out of date, so running it
 # again is quick. Used by `make run` and `make test`.
@@ -15,7 +16,7 @@ with_test=0
 for arg in "$@"; do
   case "$arg" in
     --test) with_test=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "bootstrap.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -36,6 +37,11 @@ if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' >/dev/null
 fi
 if [ "$with_test" = 1 ] && ! command -v node >/dev/null 2>&1; then
   pkgs+=(nodejs npm)
+fi
+# The browser test drives Debian's Chromium through the playwright package;
+# never `playwright install` (it downloads its own browser).
+if [ "$with_test" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  pkgs+=(chromium)
 fi
 
 if [ "${#pkgs[@]}" -gt 0 ]; then

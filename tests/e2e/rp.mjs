@@ -10,6 +10,8 @@
 //    "token_endpoint_auth_method"? ("client_secret_basic" (default when a
 //    secret is given) | "client_secret_post")}
 // Prints exactly one JSON line on stdout; exit code 0 on success, 1 on error.
+// On success it carries "callback_via": "redirect" | "form_post", how the OP
+// returned the authorization response.
 
 import * as client from 'openid-client';
 
@@ -229,7 +231,8 @@ function makeIsCallback(redirectUri) {
 }
 
 // Follows redirects and submits the OP's forms until the OP sends the browser
-// back to redirect_uri. Returns the callback URL (never fetched).
+// back to redirect_uri. Returns the callback URL (never fetched) and how the OP
+// sent it: "redirect" (a 3xx Location) or "form_post" (an auto-submitting form).
 async function driveLogin(authUrl, cfg) {
   const jar = new CookieJar();
   const isCallback = makeIsCallback(cfg.redirect_uri);
@@ -258,7 +261,7 @@ async function driveLogin(authUrl, cfg) {
       const location = res.headers.get('location');
       if (!location) throw new DriverError('redirect_without_location', `${res.status} from ${url.href} has no Location header`);
       const next = new URL(location, url);
-      if (isCallback(next)) return next;
+      if (isCallback(next)) return { url: next, via: 'redirect' };
       if (res.status !== 307 && res.status !== 308) { method = 'GET'; body = undefined; }
       url = next;
       continue;
@@ -278,7 +281,7 @@ async function driveLogin(authUrl, cfg) {
     if (callbackForm) {
       const params = formData(callbackForm);
       const sep = cfg.redirect_uri.includes('?') ? '&' : '?';
-      return new URL(`${cfg.redirect_uri.split('#')[0]}${sep}${params}`);
+      return { url: new URL(`${cfg.redirect_uri.split('#')[0]}${sep}${params}`), via: 'form_post' };
     }
 
     if (postForms.length === 0) {
@@ -405,7 +408,7 @@ async function main() {
   const authUrl = client.buildAuthorizationUrl(config, params);
 
   step = 'login';
-  const callbackUrl = await driveLogin(authUrl, cfg);
+  const { url: callbackUrl, via: callbackVia } = await driveLogin(authUrl, cfg);
 
   // openid-client validates the authorization response (state, iss, error)
   // and redeems the code in one call; report OP-sent errors as step "callback".
@@ -431,6 +434,7 @@ async function main() {
   step = 'done';
   return {
     ok: true,
+    callback_via: callbackVia,
     claims,
     userinfo,
     token_type: tokens.token_type ?? null,

@@ -17,6 +17,8 @@ import secrets
 from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749 import ClientMixin
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
 from sqlalchemy import select
 
 from idp.acr import LADDER
@@ -148,8 +150,10 @@ def validate_metadata(meta: dict) -> dict:
         raise ClientError(f"unsupported token_endpoint_auth_method: {method}")
     if method == "none" and "client_credentials" in grant_types:
         raise ClientError("a public client cannot use client_credentials")
-    if method == "private_key_jwt" and not (meta.get("jwks") or meta.get("jwks_uri")):
-        raise ClientError("private_key_jwt needs jwks")
+    if method == "private_key_jwt" and not meta.get("jwks"):
+        raise ClientError("private_key_jwt needs jwks")  # jwks_uri is never fetched
+    if "jwks" in meta:
+        _check_jwks(meta["jwks"])
     if meta.get("id_token_signed_response_alg", "ES256") not in ("ES256", "RS256"):
         raise ClientError("id_token_signed_response_alg must be ES256 or RS256")
     if meta.get("subject_type", "public") not in ("public", "pairwise"):
@@ -160,6 +164,19 @@ def validate_metadata(meta: dict) -> dict:
     if scope is not None and (not isinstance(scope, str) or set(scope.split()) - set(SCOPES)):
         raise ClientError(f"scope may only contain: {' '.join(SCOPES)}")
     return meta
+
+
+def _check_jwks(jwks) -> None:
+    """Client assertions are verified with these keys, so they must parse (or
+    /token fails with a 500) and be public EC or RSA keys: a symmetric key here
+    would let a "private_key_jwt" client sign with a secret anyone reading its
+    metadata can see."""
+    try:
+        keys = KeySet.import_key_set(jwks).keys
+    except (JoseError, TypeError, KeyError, ValueError):
+        raise ClientError("jwks is not a valid JWK set") from None
+    if not keys or any(k.key_type not in ("EC", "RSA") or k.is_private for k in keys):
+        raise ClientError("jwks must hold only public EC or RSA keys")
 
 
 def _check_uri(uri: str, key: str) -> None:

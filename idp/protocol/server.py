@@ -9,6 +9,7 @@ Redis calls never stall the event loop.
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 
 import orjson
@@ -216,8 +217,13 @@ class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
         return KeySet.import_key_set(client.metadata.get("jwks") or {"keys": []})
 
     def validate_jti(self, claims, jti):
+        # Remember the jti for as long as authlib would accept the assertion (its
+        # exp, checked on the wall clock, plus leeway): forgotten sooner, it could
+        # be replayed (RFC 7523 3). The cap keeps an absurd exp within what the
+        # store accepts as a TTL.
+        remaining = min(claims["exp"] - time.time(), 366 * 86400)
         key = f"jti:{claims['iss']}:{jti}"
-        return self.svc.store.set(key, {}, 600, only_new=True)
+        return self.svc.store.set(key, {}, max(1, int(remaining)) + self.leeway, only_new=True)
 
 
 class _TokenLookup:

@@ -282,6 +282,18 @@ async def logout(request: Request) -> Response:
 
 
 # -- dynamic client registration (RFC 7591) and management (RFC 7592) ----------------------------
+# Never taken from a client's own request: what the server assigns (RFC 7591
+# 3.2.1), and our policy fields, which are the administrator's to give.
+SERVER_ASSIGNED = ("client_id", "client_secret", "registration_access_token", "registration_client_uri",
+                   "client_id_issued_at", "client_secret_expires_at")
+POLICY = ("first_party", "minimum_acr", "allowed_factors", "access_token_lifetime", "refresh_token_lifetime")
+
+
+def _own_metadata(body: dict) -> dict:
+    """The metadata a client may set about itself."""
+    return {k: v for k, v in body.items() if k not in SERVER_ASSIGNED + POLICY}
+
+
 def _registration_error(e: ClientError) -> Response:
     return _oauth_error(e.error, e.description)
 
@@ -307,7 +319,7 @@ async def register(request: Request) -> Response:
 
 def _register(svc, token, meta):
     now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
-    meta = validate_metadata({k: v for k, v in meta.items() if k not in ("first_party", "minimum_acr", "allowed_factors")})
+    meta = validate_metadata(_own_metadata(meta))
     with svc.db.session() as session:
         # Deleting the row is the claim: of two concurrent uses, one deletes it.
         claimed = session.execute(
@@ -359,12 +371,13 @@ def _manage(svc, method, client_id, token, body):
                 raise ClientError("client_id in the body must match", "invalid_request")
             if "client_secret" in body and (not row.secret_hash or not hmac.compare_digest(digest(str(body["client_secret"])), row.secret_hash)):
                 raise ClientError("client_secret does not match", "invalid_request")
-            meta = {k: v for k, v in body.items() if k not in (
-                "client_id", "client_secret", "registration_access_token", "registration_client_uri",
-                "client_id_issued_at", "client_secret_expires_at", "first_party", "minimum_acr", "allowed_factors")}
-            if meta.get("token_endpoint_auth_method", row.metadata_.get("token_endpoint_auth_method")) != row.metadata_.get("token_endpoint_auth_method"):
+            meta = _own_metadata(body)
+            current = row.metadata_.get("token_endpoint_auth_method")
+            # Omitted means unchanged: validate_metadata would default it to
+            # client_secret_basic, locking a public or private_key_jwt client out.
+            if meta.setdefault("token_endpoint_auth_method", current) != current:
                 raise ClientError("token_endpoint_auth_method cannot change")
-            row.metadata_ = {**validate_metadata(meta), **{k: row.metadata_[k] for k in ("minimum_acr", "allowed_factors") if k in row.metadata_}}
+            row.metadata_ = {**validate_metadata(meta), **{k: row.metadata_[k] for k in POLICY if k in row.metadata_}}
         info = client_info(row, issuer=svc.settings.issuer)
         info["registration_client_uri"] = f"{svc.settings.issuer}/register/{client_id}"
         return 200, info

@@ -1,0 +1,180 @@
+"""RP-initiated logout (SPEC P6, OpenID Connect RP-Initiated Logout 1.0) as a
+relying party and a user see it: a logout the provider can vouch for ends the
+session and every token issued under it; anything it cannot vouch for changes
+nothing and never redirects."""
+
+from tests.harness import REDIRECT, callback, forms, redeem
+
+HOME = "https://portal.example.tw/"
+
+
+def _logged_in(provider, username="alice"):
+    """A browser logged in to a client that registered HOME for after logout."""
+    provider.account(username)
+    client_id, secret = provider.client(post_logout_redirect_uris=[HOME])
+    browser = provider.browser()
+    code = browser.login(client_id, username=username)["code"]
+    token = redeem(browser.http, client_id, secret, code).json()
+    return browser, client_id, secret, token
+
+
+def _logout(browser, **params):
+    return browser.http.get("/logout", params=params, follow_redirects=False)
+
+
+def _has_session(browser, client_id) -> bool:
+    """What a portal learns from prompt=none: a code while the session lives."""
+    params = callback(browser.authorize(client_id, prompt="none"))
+    assert "code" in params or params["error"] == "login_required", params
+    return "code" in params
+
+
+def _tokens_alive(browser, client_id, secret, token) -> tuple[int, str | None]:
+    """(UserInfo status, refresh error) for the tokens issued under the session."""
+    info = browser.http.get("/userinfo", headers={"Authorization": f"Bearer {token['access_token']}"})
+    refresh = browser.http.post("/token", data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]},
+                                auth=(client_id, secret))
+    return info.status_code, refresh.json().get("error")
+
+
+def _tamper(id_token: str) -> str:
+    """Flip one character in the middle of the signature (the last one may only
+    carry padding bits, so changing it could leave the signature intact)."""
+    head, payload, sig = id_token.split(".")
+    i = len(sig) // 2
+    sig = sig[:i] + ("A" if sig[i] != "A" else "B") + sig[i + 1:]
+    return f"{head}.{payload}.{sig}"
+
+
+def _refused(response):
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    assert "location" not in response.headers
+    assert response.headers["content-type"].startswith("text/html")
+
+
+def test_valid_hint_logs_out_at_once_and_returns_with_state(provider):
+    browser, client_id, secret, token = _logged_in(provider)
+    stolen_cookie = browser.http.cookies["idp_session"]
+    response = _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME, state="bye")
+    assert response.status_code == 303
+    assert response.headers["location"] == HOME + "?state=bye"
+    params = callback(browser.authorize(client_id, prompt="none", state="after"))
+    assert params["error"] == "login_required" and params["state"] == "after"
+    assert _tokens_alive(browser, client_id, secret, token) == (401, "invalid_grant")
+    # The session ended at the provider, not only in this browser's cookie jar.
+    replay = provider.browser()
+    replay.http.cookies.set("idp_session", stolen_cookie, domain="idp.test")
+    assert not _has_session(replay, client_id)
+
+
+def test_logout_ends_the_session_for_every_client(provider):
+    browser, client_id, secret, token = _logged_in(provider)
+    other, other_secret = provider.client(redirect_uris=["https://other.example.tw/cb"])
+    code = callback(browser.authorize(other, "https://other.example.tw/cb"), "https://other.example.tw/cb")["code"]
+    other_token = redeem(browser.http, other, other_secret, code, redirect_uri="https://other.example.tw/cb").json()
+    assert _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME).status_code == 303
+    assert _tokens_alive(browser, other, other_secret, other_token) == (401, "invalid_grant")
+
+
+def test_tampered_hint_is_an_error_page_and_changes_nothing(provider):
+    browser, client_id, secret, token = _logged_in(provider)
+    _refused(_logout(browser, id_token_hint=_tamper(token["id_token"]), post_logout_redirect_uri=HOME, state="x"))
+    _refused(_logout(browser, id_token_hint="not-a-jwt", post_logout_redirect_uri=HOME))
+    assert _has_session(browser, client_id)
+    assert _tokens_alive(browser, client_id, secret, token) == (200, None)
+
+
+def test_unregistered_post_logout_redirect_is_never_followed(provider):
+    browser, client_id, secret, token = _logged_in(provider)
+    for target in ("https://evil.example.com/", HOME + "extra", REDIRECT):
+        # REDIRECT is a registered redirect_uri, which is not a logout URI.
+        _refused(_logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=target, state="x"))
+    # Without a hint or client_id nothing says which client's list to check.
+    _refused(_logout(browser, post_logout_redirect_uri=HOME))
+    assert _has_session(browser, client_id)
+
+
+def test_client_id_must_match_the_hint(provider):
+    browser, client_id, secret, token = _logged_in(provider)
+    other, _ = provider.client(post_logout_redirect_uris=[HOME])
+    _refused(_logout(browser, id_token_hint=token["id_token"], client_id=other, post_logout_redirect_uri=HOME))
+    assert _has_session(browser, client_id)
+    response = _logout(browser, id_token_hint=token["id_token"], client_id=client_id, post_logout_redirect_uri=HOME)
+    assert response.status_code == 303 and response.headers["location"] == HOME
+
+
+def test_logout_without_hint_asks_first(provider):
+    browser, client_id, secret, token = _logged_in(provider)
+    page = _logout(browser, client_id=client_id, post_logout_redirect_uri=HOME, state="s1")
+    assert page.status_code == 200 and "location" not in page.headers
+    form = next(f for f in forms(page.text) if f["action"] == "/logout")
+    assert form["method"] == "post" and form["fields"]["csrf"]
+    assert form["fields"]["csrf"] == browser.http.cookies["idp_csrf"]
+    # Only asking logged nobody out.
+    assert _has_session(browser, client_id)
+    done = browser.submit(page, "/logout")
+    assert done.status_code == 303 and done.headers["location"] == HOME + "?state=s1"
+    assert not _has_session(browser, client_id)
+    assert _tokens_alive(browser, client_id, secret, token) == (401, "invalid_grant")
+
+
+def test_logout_without_hint_or_redirect_shows_logged_out_page(provider):
+    browser, client_id, _, _ = _logged_in(provider)
+    page = _logout(browser)
+    assert page.status_code == 200
+    done = browser.submit(page, "/logout")
+    assert done.status_code == 200 and "location" not in done.headers
+    assert 'action="/logout"' not in done.text
+    assert not _has_session(browser, client_id)
+
+
+def test_confirmation_needs_the_csrf_token(provider):
+    browser, client_id, secret, token = _logged_in(provider)
+    page = _logout(browser, client_id=client_id, post_logout_redirect_uri=HOME)
+    fields = next(f for f in forms(page.text) if f["action"] == "/logout")["fields"]
+    forged = {k: v for k, v in fields.items() if k != "csrf"}
+    for data in (forged, {**forged, "csrf": "guess"}):
+        response = browser.http.post("/logout", data=data, follow_redirects=False)
+        # Asked again, not logged out, not redirected.
+        assert response.status_code == 200 and "location" not in response.headers
+    # A confirmation may not arrive by GET either (it would leak the token into logs).
+    response = _logout(browser, **fields)
+    assert response.status_code == 200 and "location" not in response.headers
+    assert _has_session(browser, client_id)
+    assert _tokens_alive(browser, client_id, secret, token)[0] == 200
+
+
+def test_hint_from_another_session_does_not_log_this_one_out(provider):
+    """A logout link carrying someone else's ID token cannot end my session silently."""
+    _, client_id, _, mallory_token = _logged_in(provider, "mallory")
+    provider.account("alice")
+    victim = provider.browser()
+    victim.login(client_id)
+    page = _logout(victim, id_token_hint=mallory_token["id_token"], post_logout_redirect_uri=HOME)
+    assert page.status_code == 200 and "location" not in page.headers
+    assert any(f["action"] == "/logout" for f in forms(page.text))
+    assert _has_session(victim, client_id)
+
+
+def test_logout_without_session_just_redirects(provider):
+    client_id, _ = provider.client(post_logout_redirect_uris=[HOME])
+    response = _logout(provider.browser(), client_id=client_id, post_logout_redirect_uri=HOME, state="s2")
+    assert response.status_code == 303 and response.headers["location"] == HOME + "?state=s2"
+
+
+def test_logout_again_with_the_same_hint_just_redirects(provider):
+    browser, client_id, _, token = _logged_in(provider)
+    assert _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME).status_code == 303
+    # The RP retries (or the user presses back): the hint is still ours, so it is honoured.
+    again = _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME, state="s3")
+    assert again.status_code == 303 and again.headers["location"] == HOME + "?state=s3"
+
+
+def test_expired_hint_is_still_accepted(provider):
+    """RP-Initiated Logout 1.0 section 2: an expired ID token is a valid hint."""
+    browser, client_id, _, token = _logged_in(provider)
+    provider.clock.advance(3600)  # past the ID token's exp, within the session
+    assert _has_session(browser, client_id)
+    response = _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME)
+    assert response.status_code == 303
+    assert not _has_session(browser, client_id)

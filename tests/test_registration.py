@@ -1,0 +1,317 @@
+"""Dynamic client registration (SPEC P7): RFC 7591 behind a one-time initial
+access token, and RFC 7592 management with the registration access token, as
+an integrator's tooling sees it."""
+
+import datetime as dt
+
+from sqlalchemy import func, select
+
+from idp.protocol.clients import create_client, new_initial_access_token
+from idp.storage.models import Client
+from tests.harness import REDIRECT, callback, pkce, redeem
+
+APP = "https://grants.example.tw/callback"
+
+
+def _initial_token(provider, lifetime=3600) -> str:
+    now = dt.datetime.fromtimestamp(provider.clock(), dt.timezone.utc)
+    with provider.svc.db.session() as session:
+        return new_initial_access_token(session, lifetime, now)
+
+
+def _register(http, token, meta=None, **kwargs):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if meta is not None:
+        kwargs["json"] = meta
+    return http.post("/register", headers=headers, **kwargs)
+
+
+def _registered(provider, **meta) -> dict:
+    meta = {"client_name": "研究計畫系統", "redirect_uris": [APP], **meta}
+    response = _register(provider.http(), _initial_token(provider), meta)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _manage(http, info, method="GET", token=None, **kwargs):
+    token = info["registration_access_token"] if token is None else token
+    return http.request(method, info["registration_client_uri"], headers={"Authorization": f"Bearer {token}"}, **kwargs)
+
+
+def _count_clients(provider) -> int:
+    with provider.svc.db.session() as session:
+        return session.execute(select(func.count()).select_from(Client)).scalar_one()
+
+
+def _error(response, status: int, error: str):
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.json()["error"] == error, response.json()
+    assert response.headers["cache-control"] == "no-store"
+
+
+def _login(provider, client_id, secret, redirect_uri=APP) -> dict:
+    """Log in through a third-party client: password, then the consent page."""
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id, redirect_uri))
+    if page.status_code == 200 and "/login/consent" in page.text:
+        page = browser.submit(page, "/login/consent", button=("decision", "allow"))
+    code = callback(page, redirect_uri)["code"]
+    response = redeem(browser.http, client_id, secret, code, redirect_uri=redirect_uri)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# -- RFC 7591 registration ---------------------------------------------------------------
+def test_registration_returns_credentials_and_the_client_can_log_in(provider):
+    provider.account("alice")
+    info = _registered(provider)
+    assert info["client_id"] and info["client_secret"] and info["client_secret_expires_at"] == 0
+    assert info["registration_access_token"]
+    assert info["registration_client_uri"] == f"{provider.issuer}/register/{info['client_id']}"
+    assert info["redirect_uris"] == [APP] and info["client_name"] == "研究計畫系統"
+    assert info["token_endpoint_auth_method"] == "client_secret_basic"
+    assert info["grant_types"] == ["authorization_code", "refresh_token"]
+    token = _login(provider, info["client_id"], info["client_secret"])
+    assert token["id_token"] and token["refresh_token"]
+
+
+def test_registration_response_is_not_cached(provider):
+    response = _register(provider.http(), _initial_token(provider), {"redirect_uris": [APP]})
+    assert response.status_code == 201 and response.headers["cache-control"] == "no-store"
+
+
+def test_initial_access_token_is_good_for_one_registration(provider):
+    token = _initial_token(provider)
+    http = provider.http()
+    assert _register(http, token, {"redirect_uris": [APP]}).status_code == 201
+    again = _register(http, token, {"redirect_uris": [APP]})
+    _error(again, 401, "invalid_token")
+    assert again.headers["www-authenticate"].startswith("Bearer")
+    assert _count_clients(provider) == 1
+
+
+def test_registration_without_a_token_is_401(provider):
+    http = provider.http()
+    _error(_register(http, None, {"redirect_uris": [APP]}), 401, "invalid_token")
+    _error(_register(http, "made-up", {"redirect_uris": [APP]}), 401, "invalid_token")
+    basic = http.post("/register", json={"redirect_uris": [APP]}, auth=("someone", "secret"))
+    _error(basic, 401, "invalid_token")
+    assert _count_clients(provider) == 0
+
+
+def test_expired_initial_access_token_is_401(provider):
+    token = _initial_token(provider, lifetime=3600)
+    provider.clock.advance(3601)
+    _error(_register(provider.http(), token, {"redirect_uris": [APP]}), 401, "invalid_token")
+    assert _count_clients(provider) == 0
+
+
+def test_bad_bodies_are_invalid_client_metadata(provider):
+    token = _initial_token(provider)
+    http = provider.http()
+    headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
+    for body in (b'{"redirect_uris": [', b'[{"redirect_uris": []}]', b'"text"', b"\xff\xfe"):
+        _error(http.post("/register", content=body, headers=headers), 400, "invalid_client_metadata")
+    form = http.post("/register", data={"redirect_uris": APP}, headers={"Authorization": f"Bearer {token}"})
+    _error(form, 400, "invalid_client_metadata")
+    assert _count_clients(provider) == 0
+    # A refused request did not use the token up.
+    assert _register(http, token, {"redirect_uris": [APP]}).status_code == 201
+
+
+def test_bad_redirect_uris_are_refused_and_nothing_is_stored(provider):
+    token = _initial_token(provider)
+    http = provider.http()
+    for uris in (
+        ["http://grants.example.tw/callback"],  # plain http off localhost
+        ["https://grants.example.tw/callback#frag"],
+        ["grants.example.tw/callback"],
+        ["javascript:alert(1)"],
+        [],  # authorization_code needs somewhere to go
+    ):
+        _error(_register(http, token, {"redirect_uris": uris}), 400, "invalid_redirect_uri")
+    _error(_register(http, token, {"redirect_uris": APP}), 400, "invalid_client_metadata")  # not a list
+    _error(_register(http, token, {"redirect_uris": [APP], "post_logout_redirect_uris": ["http://grants.example.tw/"]}),
+           400, "invalid_redirect_uri")
+    assert _count_clients(provider) == 0
+    # Loopback http is fine (native apps, RFC 8252).
+    assert _register(http, token, {"redirect_uris": ["http://127.0.0.1:8080/cb"]}).status_code == 201
+    assert _count_clients(provider) == 1
+
+
+def test_bad_metadata_values_are_invalid_client_metadata(provider):
+    token = _initial_token(provider)
+    http = provider.http()
+    for meta in (
+        {"grant_types": ["authorization_code", "password"]},
+        {"grant_types": ["urn:ietf:params:oauth:grant-type:device_code"]},
+        {"response_types": ["token"]},
+        {"token_endpoint_auth_method": "client_secret_jwt"},
+        {"token_endpoint_auth_method": "none", "grant_types": ["client_credentials"]},
+        {"token_endpoint_auth_method": "private_key_jwt"},  # without jwks
+        {"token_endpoint_auth_method": "private_key_jwt", "jwks": {"keys": [{"kty": "oct", "k": "YS1zZWNyZXQtc2hhcmVkLWJ5LWFsbC1yZWFkZXJz"}]}},
+        {"id_token_signed_response_alg": "none"},
+        {"subject_type": "mine"},
+        {"scope": "openid admin"},
+    ):
+        _error(_register(http, token, {"redirect_uris": [APP], **meta}), 400, "invalid_client_metadata")
+    assert _count_clients(provider) == 0
+
+
+def test_registration_cannot_grant_itself_provider_policy(provider):
+    """first_party (no consent screen) and the like are the provider's to give."""
+    provider.account("alice")
+    info = _registered(provider, first_party=True, minimum_acr="urn:idp:loa:1", allowed_factors=["password"],
+                       access_token_lifetime=10 * 365 * 86400, refresh_token_lifetime=100 * 365 * 86400)
+    assert info["first_party"] is False
+    for policy in ("minimum_acr", "allowed_factors", "access_token_lifetime", "refresh_token_lifetime"):
+        assert policy not in info
+    browser = provider.browser()
+    page = browser.password(browser.authorize(info["client_id"], APP))
+    assert page.status_code == 200 and "/login/consent" in page.text
+    page = browser.submit(page, "/login/consent", button=("decision", "allow"))
+    token = redeem(browser.http, info["client_id"], info["client_secret"], callback(page, APP)["code"], redirect_uri=APP).json()
+    assert token["expires_in"] == 600
+
+
+def test_registration_ignores_server_assigned_fields(provider):
+    info = _registered(provider, client_id="portal", client_secret="chosen-by-me", registration_access_token="mine",
+                       client_id_issued_at=1)
+    assert info["client_id"] != "portal"
+    assert info["client_secret"] != "chosen-by-me" and info["registration_access_token"] != "mine"
+    read = _manage(provider.http(), info).json()
+    assert read["client_id"] == info["client_id"] and read["client_id_issued_at"] != 1
+    assert "client_secret" not in read and read.get("registration_access_token") != "mine"
+
+
+def test_public_client_registers_without_a_secret(provider):
+    info = _registered(provider, token_endpoint_auth_method="none")
+    assert "client_secret" not in info and info["token_endpoint_auth_method"] == "none"
+
+
+# -- RFC 7592 management -----------------------------------------------------------------
+def test_read_returns_the_registration_without_the_secret(provider):
+    info = _registered(provider, post_logout_redirect_uris=["https://grants.example.tw/"])
+    response = _manage(provider.http(), info)
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    read = response.json()
+    assert read["client_id"] == info["client_id"] and read["redirect_uris"] == [APP]
+    assert read["post_logout_redirect_uris"] == ["https://grants.example.tw/"]
+    assert read["registration_client_uri"] == info["registration_client_uri"]
+    assert "client_secret" not in read
+
+
+def test_management_needs_this_clients_registration_token(provider):
+    info = _registered(provider)
+    other = _registered(provider)
+    http = provider.http()
+    _error(_manage(http, info, token="wrong"), 401, "invalid_token")
+    _error(_manage(http, info, token=other["registration_access_token"]), 401, "invalid_token")
+    _error(_manage(http, info, token=info["client_secret"]), 401, "invalid_token")
+    _error(http.get(info["registration_client_uri"]), 401, "invalid_token")
+    _error(_manage(http, info, "DELETE", token="wrong"), 401, "invalid_token")
+    # An unknown client looks the same as a wrong token: nothing to learn.
+    _error(_manage(http, {**info, "registration_client_uri": f"{provider.issuer}/register/nope"}), 401, "invalid_token")
+    # A client registered by an administrator has no registration token at all.
+    admin_client, _ = provider.client()
+    _error(_manage(http, {**info, "registration_client_uri": f"{provider.issuer}/register/{admin_client}"}), 401,
+           "invalid_token")
+    assert _manage(http, info).status_code == 200
+
+
+def test_update_replaces_redirect_uris(provider):
+    provider.account("alice")
+    info = _registered(provider)
+    http = provider.http()
+    new = "https://grants.example.tw/v2/callback"
+    update = {"client_id": info["client_id"], "client_name": "研究計畫系統 v2", "redirect_uris": [new]}
+    response = _manage(http, info, "PUT", json=update)
+    assert response.status_code == 200, response.text
+    assert response.json()["redirect_uris"] == [new] and response.json()["client_name"] == "研究計畫系統 v2"
+    assert _manage(http, info).json()["redirect_uris"] == [new]
+    # The old address is no longer trusted; the new one works, with the old secret.
+    old = provider.browser().authorize(info["client_id"], APP)
+    assert old.status_code == 400 and "location" not in old.headers
+    assert _login(provider, info["client_id"], info["client_secret"], new)["id_token"]
+
+
+def test_update_needs_the_client_id_and_valid_metadata(provider):
+    info = _registered(provider)
+    http = provider.http()
+    _error(_manage(http, info, "PUT", json={"redirect_uris": ["https://grants.example.tw/x"]}), 400, "invalid_request")
+    _error(_manage(http, info, "PUT", json={"client_id": "another", "redirect_uris": [APP]}), 400, "invalid_request")
+    _error(_manage(http, info, "PUT", json={"client_id": info["client_id"], "redirect_uris": ["http://evil.example.com/"]}),
+           400, "invalid_redirect_uri")
+    _error(_manage(http, info, "PUT", json={"client_id": info["client_id"], "redirect_uris": [APP], "client_secret": "guess"}),
+           400, "invalid_request")
+    _error(_manage(http, info, "PUT", json={"client_id": info["client_id"], "redirect_uris": [APP],
+                                            "token_endpoint_auth_method": "none"}), 400, "invalid_client_metadata")
+    broken = http.put(info["registration_client_uri"], content=b"{", headers={
+        "Authorization": f"Bearer {info['registration_access_token']}", "content-type": "application/json"})
+    _error(broken, 400, "invalid_client_metadata")
+    assert _manage(http, info).json()["redirect_uris"] == [APP]
+
+
+def test_update_keeps_the_authentication_method_when_omitted(provider):
+    """A public client that leaves token_endpoint_auth_method out of its PUT must
+    not silently become a confidential client without a secret."""
+    provider.account("alice")
+    info = _registered(provider, token_endpoint_auth_method="none")
+    http = provider.http()
+    response = _manage(http, info, "PUT", json={"client_id": info["client_id"], "redirect_uris": [APP]})
+    assert response.status_code == 200 and response.json()["token_endpoint_auth_method"] == "none"
+    # And it still logs users in, as the public client it is.
+    verifier, challenge = pkce()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(info["client_id"], APP, code_challenge=challenge, code_challenge_method="S256"))
+    page = browser.submit(page, "/login/consent", button=("decision", "allow"))
+    token = redeem(browser.http, info["client_id"], None, callback(page, APP)["code"], verifier, redirect_uri=APP)
+    assert token.status_code == 200, token.text
+
+
+def test_update_cannot_grant_provider_policy(provider):
+    info = _registered(provider)
+    http = provider.http()
+    response = _manage(http, info, "PUT", json={"client_id": info["client_id"], "redirect_uris": [APP], "first_party": True,
+                                                "access_token_lifetime": 10 * 365 * 86400})
+    assert response.status_code == 200
+    assert response.json()["first_party"] is False and "access_token_lifetime" not in response.json()
+
+
+def test_update_keeps_the_administrators_policy(provider):
+    with provider.svc.db.session() as session:
+        row, _, reg = create_client(session, {"redirect_uris": [APP], "minimum_acr": "urn:idp:loa:2", "access_token_lifetime": 300},
+                                    with_registration_token=True)
+        client_id = row.client_id
+    info = {"registration_access_token": reg, "registration_client_uri": f"{provider.issuer}/register/{client_id}"}
+    response = _manage(provider.http(), info, "PUT", json={"client_id": client_id, "redirect_uris": [APP], "access_token_lifetime": 86400})
+    assert response.status_code == 200, response.text
+    assert response.json()["minimum_acr"] == "urn:idp:loa:2" and response.json()["access_token_lifetime"] == 300
+
+
+def test_delete_ends_the_client(provider):
+    provider.account("alice")
+    info = _registered(provider)
+    token = _login(provider, info["client_id"], info["client_secret"])
+    http = provider.http()
+    response = _manage(http, info, "DELETE")
+    assert response.status_code == 204 and response.content == b""
+    # The portal can no longer send users to log in: an error page, never a redirect.
+    page = provider.browser().authorize(info["client_id"], APP)
+    assert page.status_code == 400 and "location" not in page.headers and "invalid_client" in page.text
+    _error(_manage(http, info), 401, "invalid_token")
+    _error(_manage(http, info, "DELETE"), 401, "invalid_token")
+    # What it was issued is worthless now.
+    assert http.get("/userinfo", headers={"Authorization": f"Bearer {token['access_token']}"}).status_code == 401
+    refresh = http.post("/token", data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]},
+                        auth=(info["client_id"], info["client_secret"]))
+    _error(refresh, 401, "invalid_client")
+    assert _count_clients(provider) == 0
+
+
+def test_admin_clients_are_unaffected_by_registration(provider):
+    provider.account("alice")
+    client_id, _ = provider.client()
+    _registered(provider)
+    assert _count_clients(provider) == 2
+    assert "code" in provider.browser().login(client_id, REDIRECT)

@@ -1,0 +1,355 @@
+"""The token endpoint beyond the code flow, and the endpoints a client's back end
+calls (SPEC P3, P8): client_credentials, private_key_jwt, revocation (RFC 7009)
+and introspection (RFC 7662), each with the exact error a client gets."""
+
+import secrets
+import time
+from types import SimpleNamespace
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey, KeySet, OctKey
+
+from idp.protocol.clients import ClientError
+from idp.storage import kv
+from tests.harness import pkce, redeem
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+def _service(provider, **meta):
+    """A confidential back-end client that only uses client_credentials."""
+    meta = {"grant_types": ["client_credentials"], "redirect_uris": [], **meta}
+    return provider.client(**meta)
+
+
+def _client_credentials(http, client_id, secret, **extra):
+    return http.post("/token", data={"grant_type": "client_credentials", **extra}, auth=(client_id, secret))
+
+
+def _user_tokens(provider, client_id, secret, browser=None):
+    browser = browser or provider.browser()
+    code = browser.login(client_id)["code"]
+    response = redeem(browser.http, client_id, secret, code)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _userinfo(http, access_token) -> int:
+    return http.get("/userinfo", headers={"Authorization": f"Bearer {access_token}"}).status_code
+
+
+def _refresh(http, client_id, secret, refresh_token):
+    return http.post("/token", data={"grant_type": "refresh_token", "refresh_token": refresh_token}, auth=(client_id, secret))
+
+
+def _introspect(http, client_id, secret, token, **extra):
+    return http.post("/introspect", data={"token": token, **extra}, auth=(client_id, secret))
+
+
+def _revoke(http, client_id, secret, token, **extra):
+    return http.post("/revoke", data={"token": token, **extra}, auth=(client_id, secret))
+
+
+def _error(response, status: int, error: str):
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.json()["error"] == error, response.json()
+
+
+# -- client_credentials ------------------------------------------------------------------
+def test_client_credentials_gives_an_access_token_only(provider):
+    client_id, secret = _service(provider)
+    http = provider.http()
+    response = _client_credentials(http, client_id, secret)
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    token = response.json()
+    assert token["token_type"] == "Bearer" and token["expires_in"] == 600 and token["access_token"]
+    assert "refresh_token" not in token and "id_token" not in token
+    # A machine's token names no user: it is live, but there is no UserInfo for it.
+    info = _introspect(http, client_id, secret, token["access_token"]).json()
+    assert info["active"] is True and info["client_id"] == client_id and "sub" not in info
+    assert _userinfo(http, token["access_token"]) == 401
+
+
+def test_client_credentials_never_gets_a_refresh_token_or_openid(provider):
+    client_id, secret = _service(provider, grant_types=["client_credentials", "refresh_token"])
+    token = _client_credentials(provider.http(), client_id, secret, scope="openid profile").json()
+    assert "refresh_token" not in token and "id_token" not in token
+    assert "openid" not in token["scope"].split()
+
+
+def test_public_client_cannot_register_for_client_credentials(provider):
+    with pytest.raises(ClientError) as raised:
+        _service(provider, token_endpoint_auth_method="none")
+    assert raised.value.error == "invalid_client_metadata"
+
+
+def test_client_without_the_grant_type_is_unauthorized_client(provider):
+    client_id, secret = provider.client()  # authorization_code and refresh_token only
+    _error(_client_credentials(provider.http(), client_id, secret), 400, "unauthorized_client")
+
+
+def test_public_client_cannot_use_client_credentials(provider):
+    client_id, _ = provider.client(token_endpoint_auth_method="none")
+    response = provider.http().post("/token", data={"grant_type": "client_credentials", "client_id": client_id})
+    _error(response, 401, "invalid_client")
+
+
+def test_client_credentials_with_wrong_secret_is_invalid_client(provider):
+    client_id, _ = _service(provider)
+    _error(_client_credentials(provider.http(), client_id, "wrong"), 401, "invalid_client")
+
+
+# -- private_key_jwt (RFC 7523 client authentication) ------------------------------------
+def _key(kid="k1"):
+    return ECKey.generate_key("P-256", parameters={"kid": kid}, private=True)
+
+
+def _key_client(provider, key):
+    client_id, secret = _service(provider, token_endpoint_auth_method="private_key_jwt",
+                                 jwks={"keys": [key.as_dict(private=False)]})
+    assert secret is None  # nothing shared: the client proves itself with its key
+    return client_id
+
+
+def _assertion(provider, key, client_id, **claims):
+    # authlib checks the assertion's exp against the wall clock, not the provider's.
+    now = int(time.time())
+    body = {"iss": client_id, "sub": client_id, "aud": provider.issuer + "/token", "iat": now, "exp": now + 120,
+            "jti": secrets.token_urlsafe(16), **claims}
+    return jwt.encode({"alg": "ES256", "kid": key.kid}, body, key)
+
+
+def _with_assertion(http, assertion, **data):
+    """A token request authenticated by the assertion alone. A refused assertion
+    is 400 invalid_client: RFC 6749 5.2 demands 401 only when the client used
+    the Authorization header."""
+    return http.post("/token", data={"grant_type": "client_credentials", "client_assertion_type": ASSERTION_TYPE,
+                                     "client_assertion": assertion, **data})
+
+
+def test_private_key_jwt_client_gets_a_token(provider):
+    key = _key()
+    client_id = _key_client(provider, key)
+    response = _with_assertion(provider.http(), _assertion(provider, key, client_id))
+    assert response.status_code == 200, response.text
+    assert response.json()["access_token"] and "refresh_token" not in response.json()
+    # The issuer itself is an audience RFC 7523 allows too.
+    response = _with_assertion(provider.http(), _assertion(provider, key, client_id, aud=provider.issuer))
+    assert response.status_code == 200, response.text
+
+
+def test_replayed_client_assertion_is_invalid_client(provider):
+    key = _key()
+    client_id = _key_client(provider, key)
+    assertion = _assertion(provider, key, client_id)
+    http = provider.http()
+    assert _with_assertion(http, assertion).status_code == 200
+    _error(_with_assertion(http, assertion), 400, "invalid_client")
+
+
+def test_client_assertion_signed_with_another_key_is_invalid_client(provider):
+    key = _key()
+    client_id = _key_client(provider, key)
+    http = provider.http()
+    _error(_with_assertion(http, _assertion(provider, _key("k1"), client_id)), 400, "invalid_client")
+    _error(_with_assertion(http, _assertion(provider, _key("other"), client_id)), 400, "invalid_client")
+    # A rejected forgery did not burn the jti for the real client.
+    jti = secrets.token_urlsafe(16)
+    _error(_with_assertion(http, _assertion(provider, _key("k1"), client_id, jti=jti)), 400, "invalid_client")
+    assert _with_assertion(http, _assertion(provider, key, client_id, jti=jti)).status_code == 200
+
+
+def test_bad_client_assertions_are_invalid_client(provider):
+    key = _key()
+    client_id = _key_client(provider, key)
+    other_id = _key_client(provider, _key())
+    http = provider.http()
+    now = int(time.time())
+    for claims in (
+        {"aud": "https://elsewhere.example.com/token"},
+        {"exp": now - 3600},
+        {"sub": other_id},  # iss and sub must both be the client
+        {"iss": other_id, "sub": other_id},  # another client's id, signed with my key
+    ):
+        _error(_with_assertion(http, _assertion(provider, key, client_id, **claims)), 400, "invalid_client")
+    _error(_with_assertion(http, "not.a.jwt"), 400, "invalid_client")
+
+
+def test_private_key_jwt_needs_a_public_asymmetric_jwks(provider):
+    """A symmetric or private key in the metadata would be a secret anyone reading
+    the registration can see; a malformed one would break /token."""
+    shared = OctKey.generate_key(256, parameters={"kid": "s"})
+    for bad in (
+        {"jwks": {"keys": [shared.as_dict(private=True)]}},
+        {"jwks": {"keys": [_key().as_dict(private=True)]}},
+        {"jwks": {"keys": [{"kty": "EC"}]}},
+        {"jwks": "not-a-jwks"},
+        {"jwks_uri": "https://service.example.tw/jwks"},  # never fetched, so it could never log in
+    ):
+        with pytest.raises(ClientError) as raised:
+            _service(provider, token_endpoint_auth_method="private_key_jwt", **bad)
+        assert raised.value.error == "invalid_client_metadata"
+
+
+def test_private_key_jwt_client_cannot_fall_back_to_a_secret(provider):
+    client_id = _key_client(provider, _key())
+    _error(_client_credentials(provider.http(), client_id, ""), 401, "invalid_client")
+
+
+# -- revocation (RFC 7009) ---------------------------------------------------------------
+def test_revoking_an_access_token_kills_it(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    token = _user_tokens(provider, client_id, secret)
+    http = provider.http()
+    assert _userinfo(http, token["access_token"]) == 200
+    response = _revoke(http, client_id, secret, token["access_token"], token_type_hint="access_token")
+    assert response.status_code == 200 and response.json() == {}
+    assert _userinfo(http, token["access_token"]) == 401
+    assert _introspect(http, client_id, secret, token["access_token"]).json() == {"active": False}
+
+
+def test_revoking_a_refresh_token_kills_its_access_tokens(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    token = _user_tokens(provider, client_id, secret)
+    http = provider.http()
+    assert _revoke(http, client_id, secret, token["refresh_token"], token_type_hint="refresh_token").status_code == 200
+    _error(_refresh(http, client_id, secret, token["refresh_token"]), 400, "invalid_grant")
+    assert _userinfo(http, token["access_token"]) == 401
+    assert _introspect(http, client_id, secret, token["refresh_token"]).json() == {"active": False}
+
+
+def test_a_wrong_type_hint_does_not_stop_revocation(provider):
+    """RFC 7009 2.1: a server that cannot find the token by its hint searches further."""
+    provider.account("alice")
+    client_id, secret = provider.client()
+    token = _user_tokens(provider, client_id, secret)
+    http = provider.http()
+    assert _revoke(http, client_id, secret, token["access_token"], token_type_hint="refresh_token").status_code == 200
+    assert _userinfo(http, token["access_token"]) == 401
+
+
+def test_revoking_an_unknown_token_is_200(provider):
+    client_id, secret = provider.client()
+    http = provider.http()
+    for unknown in ("nothing-like-a-token", "abc.def"):
+        response = _revoke(http, client_id, secret, unknown)
+        assert response.status_code == 200 and response.json() == {}
+
+
+def test_revocation_needs_client_authentication(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    token = _user_tokens(provider, client_id, secret)
+    http = provider.http()
+    _error(_revoke(http, client_id, "wrong", token["access_token"]), 401, "invalid_client")
+    _error(http.post("/revoke", data={"token": token["access_token"]}), 401, "invalid_client")
+    assert _userinfo(http, token["access_token"]) == 200
+
+
+def test_revoking_another_clients_token_is_refused_and_it_stays_valid(provider):
+    provider.account("alice")
+    owner, owner_secret = provider.client()
+    other, other_secret = provider.client()
+    token = _user_tokens(provider, owner, owner_secret)
+    http = provider.http()
+    # authlib refuses with invalid_grant ("issued to another client", RFC 6749 5.2).
+    _error(_revoke(http, other, other_secret, token["access_token"]), 400, "invalid_grant")
+    _error(_revoke(http, other, other_secret, token["refresh_token"]), 400, "invalid_grant")
+    assert _userinfo(http, token["access_token"]) == 200
+    assert _refresh(http, owner, owner_secret, token["refresh_token"]).status_code == 200
+
+
+def test_public_client_revokes_its_own_refresh_token(provider):
+    """Public clients (apps) must be able to log out their tokens too (RFC 7009 2.1)."""
+    provider.account("alice")
+    client_id, _ = provider.client(token_endpoint_auth_method="none")
+    verifier, challenge = pkce()
+    browser = provider.browser()
+    code = browser.login(client_id, code_challenge=challenge, code_challenge_method="S256")["code"]
+    token = redeem(browser.http, client_id, None, code, verifier).json()
+    response = browser.http.post("/revoke", data={"token": token["refresh_token"], "client_id": client_id})
+    assert response.status_code == 200
+    assert _userinfo(browser.http, token["access_token"]) == 401
+
+
+# -- introspection (RFC 7662) ------------------------------------------------------------
+def test_introspection_describes_an_active_token(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    token = _user_tokens(provider, client_id, secret)
+    http = provider.http()
+    response = _introspect(http, client_id, secret, token["access_token"])
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    info = response.json()
+    sub = jwt.decode(token["id_token"], KeySet.import_key_set(http.get("/jwks").json())).claims["sub"]
+    assert info["active"] is True
+    assert info["client_id"] == client_id and info["sub"] == sub
+    assert info["scope"] == "openid profile email"
+    assert info["exp"] == int(provider.clock()) + 600
+    assert info["token_type"] == "Bearer" and info["iss"] == provider.issuer
+    refresh = _introspect(http, client_id, secret, token["refresh_token"], token_type_hint="refresh_token").json()
+    assert refresh["active"] is True and refresh["sub"] == sub
+
+
+def test_another_client_learns_nothing_about_a_token(provider):
+    provider.account("alice")
+    owner, owner_secret = provider.client()
+    other, other_secret = provider.client()
+    token = _user_tokens(provider, owner, owner_secret)
+    http = provider.http()
+    for value in (token["access_token"], token["refresh_token"]):
+        response = _introspect(http, other, other_secret, value)
+        assert response.status_code == 200 and response.json() == {"active": False}
+
+
+def test_expired_access_token_is_inactive(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    token = _user_tokens(provider, client_id, secret)
+    http = provider.http()
+    provider.clock.advance(599)
+    assert _introspect(http, client_id, secret, token["access_token"]).json()["active"] is True
+    provider.clock.advance(2)  # beyond access_token_seconds = 600
+    assert _introspect(http, client_id, secret, token["access_token"]).json() == {"active": False}
+    assert _userinfo(http, token["access_token"]) == 401
+
+
+def test_unknown_token_is_inactive(provider):
+    client_id, secret = provider.client()
+    response = _introspect(provider.http(), client_id, secret, "no-such-token")
+    assert response.status_code == 200 and response.json() == {"active": False}
+
+
+def test_public_client_cannot_introspect(provider):
+    provider.account("alice")
+    owner, owner_secret = provider.client()
+    token = _user_tokens(provider, owner, owner_secret)
+    public, _ = provider.client(token_endpoint_auth_method="none")
+    http = provider.http()
+    response = http.post("/introspect", data={"token": token["access_token"], "client_id": public})
+    _error(response, 401, "invalid_client")
+    _error(http.post("/introspect", data={"token": token["access_token"]}), 401, "invalid_client")
+
+
+def test_introspection_request_without_token_is_invalid_request(provider):
+    client_id, secret = provider.client()
+    _error(provider.http().post("/introspect", data={}, auth=(client_id, secret)), 400, "invalid_request")
+    _error(provider.http().post("/revoke", data={}, auth=(client_id, secret)), 400, "invalid_request")
+
+
+def test_a_long_lived_assertion_cannot_be_replayed_later(provider, monkeypatch):
+    """RFC 7523 3 (7): a used jti is remembered for as long as its assertion is valid."""
+    if provider.svc.settings.redis_url:
+        pytest.skip("moves the in-process store's time; Redis keeps its own (the TTL logic is the same)")
+    key = _key()
+    client_id = _key_client(provider, key)
+    assertion = _assertion(provider, key, client_id, exp=int(time.time()) + 3600)
+    http = provider.http()
+    assert _with_assertion(http, assertion).status_code == 200
+    real = time.monotonic
+    monkeypatch.setattr(kv, "time", SimpleNamespace(monotonic=lambda: real() + 20 * 60))  # the store's TTLs run out
+    _error(_with_assertion(http, assertion), 400, "invalid_client")

@@ -99,6 +99,10 @@ class Lockout:
             self.lock(username)
         return count
 
+    def release(self, username: str) -> None:
+        """Give back a reserved attempt that turned out not to be a guess."""
+        self.store.incr("fail:" + self._key(username), self.seconds, by=-1)
+
     def lock(self, username: str) -> float:
         until = self.clock() + self.seconds
         self.store.set("lock:" + self._key(username), {"until": until}, self.seconds + 60, only_new=True)

@@ -15,13 +15,15 @@ class Audit:
     def __init__(self, db, clock, metrics):
         self.db, self.clock, self.metrics = db, clock, metrics
 
-    def record(self, event: str, *, account_id=None, username=None, client_id=None, ip=None, method=None, **detail):
+    def record(self, event: str, *, account_id=None, username=None, client_id=None, ip=None, method=None,
+               user_agent=None, **detail):
         when = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
         with self.db.session() as session:
             session.add(
                 AuditEvent(
                     time=when, event=event, account_id=account_id, username=username,
-                    client_id=client_id, ip=ip, method=method, detail=detail,
+                    client_id=client_id, ip=ip, method=method,
+                    user_agent=(user_agent or None) and user_agent[:300], detail=detail,
                 )
             )
         self.metrics.events.labels(event).inc()

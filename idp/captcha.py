@@ -1,7 +1,8 @@
-"""The image captcha of the login form (``IDP_CAPTCHA``: always, after-failure, off).
+"""The image captcha (``IDP_CAPTCHA``: always, after-failure, off, for the login form).
 
-The answer lives in the login transaction, is replaced every time the form is
-shown, and is compared in constant time."""
+On the login form the answer lives in the login transaction and is replaced
+every time the form is shown; other forms get a captcha record of their own
+(``new_form``), good for one answer. Answers are compared in constant time."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import secrets
 from captcha.image import ImageCaptcha
 
 _image = ImageCaptcha(width=160, height=60)
+FORM_SECONDS = 900
 DIGITS = "23456789"  # no 0/1: too easily read as O/l
 
 
@@ -30,3 +32,21 @@ def check(tx, answer) -> bool:
 
 def png(answer: str) -> bytes:
     return _image.generate(answer).getvalue()
+
+
+def new_form(svc) -> str:
+    """A captcha for a form outside the login: returns the id its page carries."""
+    form_id = secrets.token_urlsafe(24)
+    svc.store.set("captcha:" + form_id, {"captcha": new_answer(), "exp": svc.clock() + FORM_SECONDS}, FORM_SECONDS + 60)
+    return form_id
+
+
+def form_answer(svc, form_id: str | None) -> str | None:
+    record = svc.store.get("captcha:" + form_id) if form_id and len(form_id) < 64 else None
+    return record["captcha"] if record and record["exp"] >= svc.clock() else None
+
+
+def check_form(svc, form_id: str | None, answer) -> bool:
+    """One answer per image: the record is taken whether the answer is right or not."""
+    record = svc.store.take("captcha:" + form_id) if form_id and len(form_id) < 64 else None
+    return bool(record and record["exp"] >= svc.clock() and check(record, answer))

@@ -41,7 +41,11 @@ class Transactions:
     def __init__(self, store, clock, lifetime: int):
         self.store, self.clock, self.lifetime = store, clock, lifetime
 
-    def create(self, *, params, client_id, browser, fresh, target_acr, session, locale_hint=None) -> dict:
+    def create(self, *, params, client_id, browser, fresh, target_acr, session, locale_hint=None,
+               return_to: str | None = None, reverify: bool = False) -> dict:
+        """A login for a client's authorization request, or (``client_id`` None) for the
+        provider's own pages, which then ``return_to`` a local path. ``reverify`` asks
+        for a bound second factor again even within a session (SPEC M2)."""
         now = self.clock()
         tx = {
             "id": secrets.token_urlsafe(24),
@@ -58,6 +62,8 @@ class Transactions:
             "done": [],
             "auth_time": None,
             "failures": 0,
+            "return_to": return_to,
+            "reverify": reverify,
         }
         if session and not fresh:
             # Build on the session: step-up asks only for what is missing.
@@ -103,6 +109,20 @@ def next_step(svc, session, tx: dict, account: Account | None, client) -> Step:
     if acr.rank(acr.earned(tx["amr"])) < acr.rank(tx["target_acr"]):
         options = tuple(f for f in FACTORS.values() if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
         return Step("factor", factors=options) if options else Step("unmet")
+    if svc.settings.mfa and "mfa" not in tx["amr"]:
+        # Two factors for everyone (seed 001): a second one if bound, else bind one first (M1).
+        bound = tuple(f for f in FACTORS.values() if f.possession and f.bound(account))
+        if not bound:
+            return Step("action", action="bind")
+        options = tuple(f for f in bound if f.name not in tx["done"])
+        return Step("factor", factors=options) if options else Step("unmet")
+    if tx["reverify"] and not any(FACTORS[name].possession for name in tx["done"]):
+        # M2: prove a bound second factor again; an account without one re-enters its password.
+        again = tuple(f for f in FACTORS.values() if f.possession and f.bound(account))
+        if not again and "password" not in tx["done"]:
+            again = (FACTORS["password"],)
+        if again:
+            return Step("factor", factors=again)
     now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
     if "password" in tx["done"] and password_expired(account, svc.settings.password_max_age_days, now):
         return Step("action", action="password_change")
@@ -116,7 +136,7 @@ def requested_scope(tx: dict) -> set[str]:
 
 
 def needs_consent(session, tx: dict, account: Account, client) -> bool:
-    if client.first_party:
+    if client.first_party:  # also the provider's own pages
         return False
     if "consent" in dict(tx["params"]).get("prompt", "").split():
         return not tx.get("consented")

@@ -10,8 +10,10 @@ from idp.accounts import Lockout, Passwords
 from idp.audit import Audit
 from idp.clock import Clock
 from idp.flow import Transactions
+from idp.mail import Mailer
 from idp.metrics import Metrics
 from idp.protocol.keys import KeyRing
+from idp.secretbox import SecretBox
 from idp.protocol.server import Server
 from idp.protocol.tokens import Tokens
 from idp.sessions import Sessions
@@ -34,8 +36,10 @@ class Services:
         self.lockout = Lockout(self.store, self.clock, settings.lockout_threshold, settings.lockout_seconds)
         self.metrics = Metrics()
         self.audit = Audit(self.db, self.clock, self.metrics)
+        self.mailer = Mailer(settings, self.clock)
         self.server = Server(self)
         self.pairwise_salt = b""
+        self.box: SecretBox | None = None
 
     def start(self) -> None:
         """Migrate the database and make sure keys and instance secrets exist
@@ -43,6 +47,7 @@ class Services:
         self.db.migrate()
         self.keys.ensure()
         self.pairwise_salt = instance_secret(Path(self.settings.keys_dir) / "pairwise.secret")
+        self.box = SecretBox(instance_secret(Path(self.settings.keys_dir) / "data.secret"))
 
 
 def instance_secret(path: Path) -> bytes:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args, get_type_hints
 
 
-def _doc(text: str, default):
-    return field(default=default, metadata={"doc": text})
+def _doc(text: str, default, *, secret: bool = False):
+    # A secret stays out of repr(settings), so a logged settings object shows no password.
+    return field(default=default, metadata={"doc": text}, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,16 @@ class Settings:
     default_locale: Literal["zh-TW", "en"] = _doc("UI language when the browser asks for none.", "zh-TW")
     lockout_threshold: int = _doc("Wrong passwords (or OTPs) in a row before the account locks.", 3)
     lockout_seconds: int = _doc("How long a locked account stays locked.", 900)
+    mfa: bool = _doc(
+        "Every login needs a second factor; an account without one must bind one first (SPEC M1).", True
+    )
+    otp_issuer: str = _doc("The name authenticator apps show beside the account.", "單一登入服務")
+    otp_drift_minutes: int = _doc(
+        "A code right this far from now is refused with the fix-your-phone's-clock message.", 10
+    )
+    reverify_seconds: int = _doc(
+        "The login-settings pages ask for a bound second factor again when the last one is older (SPEC M2).", 600
+    )
     password_max_age_days: int = _doc("A password older than this must be changed at next login (0: never).", 90)
     password_min_length: int = _doc("Minimum password length of the complexity policy.", 10)
     argon2_time_cost: int = _doc("Argon2id iterations (OWASP 2024: 2 with 19 MiB).", 2)
@@ -62,6 +73,24 @@ class Settings:
     )
     metrics_token: str = _doc("Bearer token required by /metrics; empty: open (block it at the proxy).", "")
     max_form_bytes: int = _doc("Largest request body accepted by any form or JSON endpoint.", 64 * 1024)
+    smtp_host: str = _doc(
+        "SMTP server for outgoing mail (password reset, email confirmation, codes). "
+        "Empty: mails are written as .eml files to `IDP_OUTBOX_DIR` instead.",
+        "",
+    )
+    smtp_port: int = _doc("SMTP port: 587 for submission with STARTTLS; 465 for TLS from the first byte.", 587)
+    smtp_username: str = _doc("SMTP login name; empty: no SMTP authentication.", "")
+    smtp_password: str = _doc("SMTP password (used only with `IDP_SMTP_USERNAME`).", "", secret=True)
+    smtp_starttls: bool = _doc(
+        "Upgrade the SMTP connection with STARTTLS (certificate verified) before sending; "
+        "a server that cannot is not used.",
+        True,
+    )
+    smtp_timeout_seconds: int = _doc("How long to wait for the SMTP server before giving up on a mail.", 20)
+    mail_from: str = _doc("Sender address of the provider's mails.", "no-reply@localhost")
+    outbox_dir: str = _doc(
+        "Where mails go as .eml files when no SMTP host is set (the single-machine default).", "var/outbox"
+    )
 
     @property
     def cookies_secure(self) -> bool:
@@ -101,7 +130,7 @@ def _parse(name: str, hint, raw: str):
             return int(raw)
         except ValueError:
             raise SettingsError(f"IDP_{name.upper()} must be a whole number, not {raw!r}") from None
-    if bool in options or hint is bool:
+    if hint is bool or bool in options:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):

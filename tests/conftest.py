@@ -62,8 +62,10 @@ def settings_for(backend, request, tmp_path):
             rd = request.getfixturevalue("redis_server")
             rd.flush()
             db, kv = pg.fresh_database(), rd.url
+        # Protocol tests log in with the password alone; the two-factor policy
+        # (mfa, SPEC M1) is switched on by the tests of that policy.
         values = dict(database_url=db, redis_url=kv, keys_dir=str(tmp_path / "keys"), captcha="off",
-                      issuer="http://idp.test")
+                      issuer="http://idp.test", mfa=False)
         values.update(overrides)
         return Settings.from_env({}, **values)
 
@@ -87,3 +89,15 @@ def make_provider(settings_for):
 @pytest.fixture
 def provider(make_provider):
     return make_provider()
+
+
+@pytest.fixture
+def smtp_server():
+    """A real SMTP server (aiosmtpd) on a free loopback port; ``.settings()`` points a provider at it."""
+    from tests.mailserver import MailServer
+
+    server = MailServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

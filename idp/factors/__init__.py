@@ -3,6 +3,8 @@
 - ``name``: its URL segment and binding name;
 - ``amr``: the RFC 8176 method values a success adds;
 - ``first``: whether it can start a login (it finds the account itself);
+- ``possession``: whether it proves something the user has (a second factor,
+  what forced binding, SPEC M1, asks for);
 - ``template``: the page that asks for it;
 - ``bound(account)``: whether this account can use it;
 - ``context(svc, tx, account)``: what its page shows;
@@ -29,6 +31,21 @@ class Outcome:
         return self.error is None and self.account_id is not None
 
 
-from idp.factors.password import PASSWORD  # noqa: E402
+def methods(account) -> list[dict]:
+    """The binding table of the seeds (method, bound ✓/✗, since when)."""
+    bound = {b.factor: b for b in account.bindings}
+    rows = []
+    for key, factor, offered in (("method.otp", "otp", True), ("method.certificate", "certificate", False),
+                                 ("method.google", "google", False)):
+        binding = bound.get(factor)
+        rows.append({"key": key, "factor": factor, "bound": binding is not None, "offered": offered,
+                     "since": binding.created_at if binding else None})
+    rows.append({"key": "method.password_login_disabled", "factor": "password_login_disabled",
+                 "bound": account.password_login_disabled, "offered": False, "since": None})
+    return rows
 
-FACTORS = {f.name: f for f in (PASSWORD,)}
+
+from idp.factors.password import PASSWORD  # noqa: E402
+from idp.factors.totp import TOTP  # noqa: E402
+
+FACTORS = {f.name: f for f in (PASSWORD, TOTP)}

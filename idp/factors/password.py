@@ -10,12 +10,14 @@ from starlette.concurrency import run_in_threadpool
 from idp import captcha
 from idp.accounts import by_username
 from idp.factors import Outcome
+from idp.web.pages import who
 
 
 class PasswordFactor:
     name = "password"
     amr = ["pwd"]
     first = True
+    possession = False
     template = "factor_password.html"
 
     def bound(self, account) -> bool:
@@ -34,11 +36,11 @@ class PasswordFactor:
             return Outcome(error="login.missing", keep=keep)
         if captcha.wanted(svc, tx) and not captcha.check(tx, form.get("captcha")):
             return Outcome(error="captcha.wrong", keep=keep)
-        ip, client_id = request.client.host if request.client else None, tx["client_id"]
+        seen, client_id = who(request), tx["client_id"]
         lockout = svc.lockout
 
-        def locked(until):
-            svc.audit.record("login.locked", username=username, client_id=client_id, ip=ip, method=self.name)
+        def locked(until, account_id=None):
+            svc.audit.record("login.locked", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
             local = dt.datetime.fromtimestamp(until, dt.timezone(dt.timedelta(hours=8)))
             return Outcome(error="login.locked", params={"until": local.strftime("%H:%M")}, keep=keep)
 
@@ -48,17 +50,18 @@ class PasswordFactor:
         if attempt > lockout.threshold:
             return locked(lockout.locked_until(username) or lockout.lock(username))
 
-        account = await run_in_threadpool(self._verify, svc, username, password)
-        if account is None:
-            svc.audit.record("login.failure", username=username, client_id=client_id, ip=ip, method=self.name)
+        account, correct = await run_in_threadpool(self._verify, svc, username, password)
+        if not correct:
+            account_id = account.id if account else None  # so the owner sees it in their activity log
+            svc.audit.record("login.failure", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
             if attempt >= lockout.threshold:
-                return locked(lockout.lock(username))
+                return locked(lockout.lock(username), account_id)
             return Outcome(error="login.failed", params={"left": lockout.threshold - attempt}, keep=keep)
         lockout.clear(username)
         if tx.get("account") and not hmac.compare_digest(tx["account"], account.id):
             return Outcome(error="login.failed", params={"left": lockout.threshold}, keep=keep)
         if account.disabled:
-            svc.audit.record("login.disabled", account_id=account.id, username=username, client_id=client_id, ip=ip, method=self.name)
+            svc.audit.record("login.disabled", account_id=account.id, username=username, client_id=client_id, **seen, method=self.name)
             return Outcome(error="login.disabled", keep=keep)
         if account.password_login_disabled:
             return Outcome(error="login.password_disabled", keep=keep)
@@ -66,16 +69,15 @@ class PasswordFactor:
 
     @staticmethod
     def _verify(svc, username, password):
-        """Check the password (argon2, off the event loop); upgrade an old hash."""
+        """(account or None, password correct): argon2, off the event loop; an old hash is upgraded."""
         with svc.db.session() as session:
             account = by_username(session, username)
             ok, rehash = svc.passwords.verify(account.password_hash if account else None, password)
-            if not ok:
-                return None
-            if rehash:
+            if ok and rehash:
                 account.password_hash = svc.passwords.hash(password)
-            session.expunge(account)
-            return account
+            if account is not None:
+                session.expunge(account)
+            return account, ok
 
 
 PASSWORD = PasswordFactor()

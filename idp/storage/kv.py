@@ -25,8 +25,8 @@ class Store(Protocol):
     def take(self, key: str) -> dict | None:
         """Get and delete in one atomic step: whoever takes a key gets it alone."""
     def delete(self, *keys: str) -> None: ...
-    def incr(self, key: str, ttl: int) -> int:
-        """Atomically add one; the first increment starts the TTL."""
+    def incr(self, key: str, ttl: int, by: int = 1) -> int:
+        """Atomically add ``by``; the first increment starts the TTL."""
     def ping(self) -> bool: ...
 
 
@@ -72,10 +72,10 @@ class MemoryStore:
             for key in keys:
                 self._data.pop(key, None)
 
-    def incr(self, key, ttl):
+    def incr(self, key, ttl, by=1):
         with self._lock:
             item = self._live(key)
-            count = 1 if item is None else orjson.loads(item[1]) + 1
+            count = by if item is None else orjson.loads(item[1]) + by
             expires = time.monotonic() + ttl if item is None else item[0]
             self._data[key] = (expires, orjson.dumps(count))
             return count
@@ -116,9 +116,9 @@ class RedisStore:
         if keys:
             self._redis.delete(*[self._k(k) for k in keys])
 
-    def incr(self, key, ttl):
+    def incr(self, key, ttl, by=1):
         pipe = self._redis.pipeline()
-        pipe.incr(self._k(key))
+        pipe.incr(self._k(key), by)
         pipe.expire(self._k(key), ttl, nx=True)
         count, _ = pipe.execute()
         return count

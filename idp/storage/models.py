@@ -6,7 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Date, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -39,6 +40,12 @@ class Account(Base):
     password_changed_at: Mapped[dt.datetime | None] = mapped_column()
     password_login_disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The provider's own administrators (the admin area); AA accounts administer
+    # their organisation's personal accounts by their kind, not by this flag.
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # One-day password (SPEC A7): SHA-256 of the emailed check code, and the day it is good for.
+    one_day_code_hash: Mapped[str | None] = mapped_column(String(64))
+    one_day_valid_on: Mapped[dt.date | None] = mapped_column(Date)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     bindings: Mapped[list["Binding"]] = relationship(back_populates="account", cascade="all, delete-orphan")
@@ -98,6 +105,7 @@ class AuditEvent(Base):
     client_id: Mapped[str | None] = mapped_column(String(64))
     ip: Mapped[str | None] = mapped_column(String(64))
     method: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(300))
     detail: Mapped[dict] = mapped_column(default=dict)
 
 

@@ -1,4 +1,5 @@
-"""Translations: one JSON catalog per language in ``i18n/``, keyed by message id.
+"""Translations: JSON catalogs in ``i18n/<locale>/<area>.json``, keyed by message
+id; each area of the provider keeps its own file, merged at start.
 
 Language choice, first match wins: the login's ``ui_locales``, the ``lang``
 switch (remembered in a cookie), the browser's Accept-Language, the default
@@ -12,7 +13,16 @@ from pathlib import Path
 
 LOCALES = ("zh-TW", "en")
 _DIR = Path(__file__).parent / "i18n"
-CATALOGS = {loc: json.loads((_DIR / f"{loc}.json").read_text(encoding="utf-8")) for loc in LOCALES}
+
+
+def _catalog(locale: str) -> dict:
+    merged = {}
+    for path in sorted((_DIR / locale).glob("*.json")):
+        merged.update(json.loads(path.read_text(encoding="utf-8")))
+    return merged
+
+
+CATALOGS = {loc: _catalog(loc) for loc in LOCALES}
 
 
 def _match(tag: str) -> str | None:

@@ -12,17 +12,19 @@ import hmac
 from urllib.parse import urlencode
 
 from authlib.oauth2.rfc6749.errors import OAuth2Error
+from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from idp import acr, captcha, flow
 from idp.accounts import AccountError, set_password
-from idp.factors import FACTORS
+from idp.factors import FACTORS, methods
+from idp.factors.totp import Enrolment
 from idp.protocol.server import Request as OAuthRequest
 from idp.storage.models import Account, Consent
 from idp.web.forms import BadRequest, read_form
-from idp.web.pages import csrf_ok, csrf_token, error_page, render, set_cookie
+from idp.web.pages import csrf_ok, csrf_token, error_page, render, who, set_cookie
 
 SESSION_COOKIE = "idp_session"
 
@@ -36,11 +38,20 @@ def _again(tx: dict) -> RedirectResponse:
     return RedirectResponse(_tx_url(tx), status_code=303)
 
 
+class Console:
+    """The "client" of a login for the provider's own pages (the account area)."""
+
+    client_id = None
+    name = "account.console"
+    first_party = True
+    minimum_acr = None
+
+
 def _load(svc, tx: dict):
     """The client and the transaction's account (None before the first factor)."""
-    client = svc.server.query_client(tx["client_id"])
+    client = svc.server.query_client(tx["client_id"]) if tx["client_id"] else Console()
     with svc.db.session() as session:
-        account = session.get(Account, tx["account"]) if tx["account"] else None
+        account = session.get(Account, tx["account"], options=[selectinload(Account.bindings)]) if tx["account"] else None
         step = flow.next_step(svc, session, tx, account, client) if client else None
         if account is not None:
             session.expunge(account)
@@ -101,7 +112,8 @@ async def advance(request: Request, tx: dict, *, interactive: bool = True) -> Re
         return render(request, factor.template, factor=factor, factors=step.factors, **page)
     svc.transactions.save(tx)
     if step.kind == "action":
-        return render(request, f"action_{step.action}.html", **context)
+        extra = await run_in_threadpool(_bind_page, svc, account) if step.action == "bind" else {}
+        return render(request, f"action_{step.action}.html", **context, **extra)
     return render(request, "consent.html", scopes=sorted(flow.requested_scope(tx)), **context)
 
 
@@ -127,9 +139,46 @@ async def factor_submit(request: Request) -> Response:
     return _again(tx)
 
 
+# -- forced binding (SPEC M1) -------------------------------------------------------------
+def _bind_page(svc, account) -> dict:
+    enrolment = Enrolment(svc)
+    return {"methods": methods(account), "otp": enrolment.page(account, enrolment.start(account))}
+
+
+async def bind_otp(request: Request) -> Response:
+    """Confirm the QR's secret with one code; then, as the seeds show, log in again with it."""
+    svc = request.app.state.svc
+    form = dict(await read_form(request))
+    tx = await _transaction(request, form.get("tx"))
+    if tx is None or not tx.get("account") or not csrf_ok(request, form):
+        return _expired(request)
+    error = await run_in_threadpool(Enrolment(svc).confirm, tx["account"], form.get("otp"))
+    if error:
+        tx["flash"] = {"error": error, "params": {}}
+        svc.transactions.save(tx)
+        return _again(tx)
+    svc.audit.record("binding.created", account_id=tx["account"], username=tx["username"], client_id=tx["client_id"],
+                     method="otp", **who(request))
+    tx.update(account=None, amr=[], done=[], auth_time=None, flash={"notice": "otp.bound_relogin", "params": {}})
+    svc.transactions.save(tx)
+    return _again(tx)
+
+
+async def rebuild_otp(request: Request) -> Response:
+    """A new QR code: a new version; the previous pending secret stops working."""
+    svc = request.app.state.svc
+    form = dict(await read_form(request))
+    tx = await _transaction(request, form.get("tx"))
+    if tx is None or not tx.get("account") or not csrf_ok(request, form):
+        return _expired(request)
+    account = await run_in_threadpool(_account, svc, tx["account"])
+    Enrolment(svc).start(account, rebuild=True)
+    return _again(tx)
+
+
 def _account(svc, account_id):
     with svc.db.session() as session:
-        account = session.get(Account, account_id)
+        account = session.get(Account, account_id, options=[selectinload(Account.bindings)])
         session.expunge(account)
         return account
 
@@ -155,7 +204,7 @@ async def password_change(request: Request) -> Response:
         svc.transactions.save(tx)
         return _again(tx)
     svc.audit.record("password.changed", account_id=tx["account"], username=tx["username"], client_id=tx["client_id"],
-                     ip=request.client.host if request.client else None, method="expired")
+                     **who(request), method="expired")
     return _again(tx)
 
 
@@ -201,10 +250,16 @@ async def cancel(request: Request) -> Response:
 
 
 async def captcha_image(request: Request) -> Response:
-    tx = await _transaction(request, request.query_params.get("tx"))
-    if tx is None or not tx.get("captcha"):
+    """The image of a login transaction's captcha (``tx``) or of a form's (``form``)."""
+    svc = request.app.state.svc
+    if "form" in request.query_params:
+        answer = captcha.form_answer(svc, request.query_params["form"])
+    else:
+        tx = await _transaction(request, request.query_params.get("tx"))
+        answer = tx.get("captcha") if tx else None
+    if not answer:
         return Response(status_code=404)
-    return Response(captcha.png(tx["captcha"]), media_type="image/png", headers={"Cache-Control": "no-store"})
+    return Response(captcha.png(answer), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 # -- ending the login ----------------------------------------------------------------
@@ -226,10 +281,18 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
         # transaction started from the session's amr, so tx["amr"] is the whole story.
         session.update(amr=tx["amr"], acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
         svc.sessions.save(session)
+    if any(FACTORS[name].possession for name in tx["done"]):
+        session["verified_at"] = svc.clock()  # what the account area asks to be recent (M2)
+        svc.sessions.save(session)
     auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": session["acr"], "amr": session["amr"]}
     if tx["done"]:
         svc.audit.record("login.success", account_id=account.id, username=account.username, client_id=client.client_id,
-                         ip=request.client.host if request.client else None, method="+".join(tx["done"]), acr=auth["acr"])
+                         **who(request), method="+".join(tx["done"]), acr=auth["acr"])
+    if tx["client_id"] is None:
+        svc.transactions.drop(tx)
+        response = RedirectResponse(tx["return_to"], status_code=303)
+        set_cookie(request, response, SESSION_COOKIE, session["sid"])
+        return response
     try:
         response = await run_in_threadpool(_issue_code, request, svc, tx, account, auth)
     except OAuth2Error:  # the client or its redirect URI went away meanwhile
@@ -261,6 +324,8 @@ def _issue_code(request, svc, tx, account, auth):
 async def respond_error(request: Request, tx: dict, error: str, description: str | None = None) -> Response:
     svc = request.app.state.svc
     svc.transactions.drop(tx)
+    if tx["client_id"] is None:
+        return error_page(request, "error.cancelled.title", "error.cancelled.detail")
     oauth_request = _authorization_request(svc, tx)
     try:
         grant = await run_in_threadpool(svc.server.get_consent_grant, oauth_request, None)

@@ -23,7 +23,7 @@ from idp.protocol.server import Request as OAuthRequest
 from idp.storage.models import Account, Client, InitialAccessToken
 from idp.web import login
 from idp.web.forms import BadRequest, read_form, read_json, read_query
-from idp.web.pages import csrf_ok, csrf_token, error_page, render
+from idp.web.pages import csrf_ok, csrf_token, error_page, render, who
 
 PROMPTS = {"none", "login", "consent", "select_account"}
 
@@ -271,7 +271,7 @@ async def logout(request: Request) -> Response:
     if session:
         svc.sessions.end(session["sid"], svc.tokens)
         svc.audit.record("logout", account_id=session["account"], client_id=client.client_id if client else None,
-                         ip=request.client.host if request.client else None, method="rp-initiated")
+                         **who(request), method="rp-initiated")
     if target:
         params = {"state": data["state"]} if data.get("state") else {}
         response = RedirectResponse(target + (("&" if "?" in target else "?") + urlencode(params) if params else ""), status_code=303)
@@ -313,7 +313,7 @@ async def register(request: Request) -> Response:
         return _registration_error(e)
     if info is None:
         return _oauth_error("invalid_token", "The initial access token is invalid, used or expired.", 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
-    svc.audit.record("client.registered", client_id=info["client_id"], ip=request.client.host if request.client else None, method="rfc7591")
+    svc.audit.record("client.registered", client_id=info["client_id"], **who(request), method="rfc7591")
     return _json(info, 201, {"Cache-Control": "no-store"})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import secrets
 from pathlib import Path
@@ -21,6 +22,19 @@ env = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def _taipei(value) -> str:
+    """Times are stored in UTC and shown in Taiwan time."""
+    if value is None:
+        return ""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(TAIPEI).strftime("%Y-%m-%d %H:%M:%S")
+
+
+env.filters["taipei"] = _taipei
+TAIPEI = dt.timezone(dt.timedelta(hours=8))
 
 
 def locale_of(request: Request, ui_locales: str | None = None) -> str:
@@ -81,3 +95,8 @@ def set_cookie(request: Request, response, name: str, value: str, max_age: int |
 
 def error_page(request: Request, title_key: str, detail_key: str, status: int = 400, **params):
     return render(request, "error.html", status=status, title_key=title_key, detail_key=detail_key, params=params)
+
+
+def who(request: Request) -> dict:
+    """Where a request came from, for the audit log."""
+    return {"ip": request.client.host if request.client else None, "user_agent": request.headers.get("user-agent")}

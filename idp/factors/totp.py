@@ -1,0 +1,189 @@
+"""TOTP (SPEC A2): RFC 6238, SHA-1, 6 digits, 30 s, as Google and Microsoft
+Authenticator generate them.
+
+- A code is good one step either side of now (clock drift) and never twice:
+  each used step is claimed atomically in the store, and a binding remembers
+  its last step so older codes stay refused.
+- A code that is right for a step further off (within ``otp_drift_minutes``)
+  is still refused, but the user is told their phone's clock is off and how
+  to correct it, instead of a bare "failed".
+- Wrong codes count towards the same lockout as wrong passwords (seed 001).
+- Binding shows a QR code that is good for that page only (a pending secret
+  with an expiry); rebuilding it makes a new version and the old pending
+  secret stops working; the binding counts only once the user proves a code.
+  The secret is stored encrypted (``SecretBox``), bound to the account id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import re
+
+import pyotp
+import segno
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from idp.factors import Outcome
+from idp.storage.models import Binding
+from idp.web.pages import who
+
+STEP = 30
+WINDOW = 1  # steps either side accepted
+PENDING_SECONDS = 600
+CODE = re.compile(r"^\d{6}$")
+
+
+def _at(secret: str, step: int) -> str:
+    return pyotp.TOTP(secret).at(step * STEP)
+
+
+def match(secret: str, code: str, now: float, drift_minutes: int) -> int | None:
+    """The offset in steps at which ``code`` is right, searching outwards from now."""
+    here = int(now // STEP)
+    for distance in range(0, drift_minutes * 60 // STEP + 1):
+        for offset in {distance, -distance}:
+            if hmac.compare_digest(_at(secret, here + offset), code):
+                return offset
+    return None
+
+
+def uri(secret: str, username: str, issuer: str, version: int) -> str:
+    """The otpauth:// URI; the label carries the version, so the app shows which QR it holds."""
+    return pyotp.TOTP(secret).provisioning_uri(name=f"{username} (v{version})", issuer_name=issuer)
+
+
+def qr_svg(text: str) -> str:
+    return segno.make(text, error="m").svg_inline(scale=5, title="QR code")
+
+
+class TotpFactor:
+    name = "otp"
+    amr = ["otp"]
+    first = False
+    possession = True
+    template = "factor_otp.html"
+
+    def bound(self, account) -> bool:
+        return any(b.factor == self.name for b in account.bindings)
+
+    def context(self, svc, tx, account) -> dict:
+        binding = next((b for b in account.bindings if b.factor == self.name), None)
+        return {"version": binding.data.get("version", 1) if binding else None}
+
+    async def verify(self, request, svc, tx, form) -> Outcome:
+        code = (form.get("otp") or "").strip().replace(" ", "")
+        if not CODE.match(code):
+            return Outcome(error="otp.malformed")
+        seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
+        return await run_in_threadpool(self._verify, svc, tx, code, seen)
+
+    def _verify(self, svc, tx, code, seen) -> Outcome:
+        username, lockout = tx["username"], svc.lockout
+        if until := lockout.locked_until(username):
+            return _locked(svc, tx, until, seen)
+        attempt = lockout.reserve(username)
+        if attempt > lockout.threshold:
+            return _locked(svc, tx, lockout.locked_until(username) or lockout.lock(username), seen)
+
+        now = svc.clock()
+        with svc.db.session() as session:
+            binding = session.execute(
+                select(Binding).where(Binding.account_id == tx["account"], Binding.factor == self.name)
+            ).scalar_one_or_none()
+            if binding is None:
+                return Outcome(error="otp.not_bound")
+            secret = svc.box.open(binding.data["secret"], tx["account"])
+            offset = match(secret, code, now, svc.settings.otp_drift_minutes)
+            step = int(now // STEP) + (offset or 0)
+            fresh = offset is not None and abs(offset) <= WINDOW and step > binding.data.get("last_step", -1)
+            # The atomic claim: of two requests with the same code, one wins.
+            if fresh and svc.store.set(f"otp-used:{tx['account']}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
+                binding.data = {**binding.data, "last_step": step}
+                lockout.clear(username)
+                return Outcome(account_id=tx["account"])
+
+        if offset is not None and abs(offset) > WINDOW:
+            lockout.release(username)  # a right code from a drifted clock is not a guess
+            minutes = round(offset * STEP / 60)
+            svc.audit.record("login.otp_drift", account_id=tx["account"], username=username, drift_minutes=minutes, **seen)
+            return Outcome(error="otp.drift_ahead" if minutes > 0 else "otp.drift_behind", params={"minutes": abs(minutes)})
+        svc.audit.record("login.failure", account_id=tx["account"], username=username, **seen)
+        if attempt >= lockout.threshold:
+            return _locked(svc, tx, lockout.lock(username), seen)
+        error = "otp.reused" if offset is not None else "otp.wrong"
+        return Outcome(error=error, params={"left": lockout.threshold - attempt})
+
+
+def _locked(svc, tx, until, seen) -> Outcome:
+    svc.audit.record("login.locked", account_id=tx["account"], username=tx["username"], **seen)
+    local = dt.datetime.fromtimestamp(until, dt.timezone(dt.timedelta(hours=8)))
+    return Outcome(error="login.locked", params={"until": local.strftime("%H:%M")})
+
+
+# -- binding -------------------------------------------------------------------------
+class Enrolment:
+    """A pending OTP secret, shown as a QR code on one page, versioned."""
+
+    def __init__(self, svc):
+        self.svc = svc
+
+    def _key(self, account_id: str) -> str:
+        return "otp-pending:" + account_id
+
+    def current(self, account_id: str) -> dict | None:
+        pending = self.svc.store.get(self._key(account_id))
+        if pending is None or pending["exp"] < self.svc.clock():
+            return None
+        return pending
+
+    def start(self, account, *, rebuild: bool = False) -> dict:
+        """The pending secret for this page; ``rebuild`` replaces it with a new version."""
+        pending = None if rebuild else self.current(account.id)
+        if pending is None:
+            bound = next((b for b in account.bindings if b.factor == TOTP.name), None)
+            last = self.svc.store.get(self._key(account.id)) or {}
+            version = max(last.get("version", 0), bound.data.get("version", 0) if bound else 0) + 1
+            pending = {
+                "secret": self.svc.box.seal(pyotp.random_base32(), account.id),
+                "version": version,
+                "exp": self.svc.clock() + PENDING_SECONDS,
+            }
+            self.svc.store.set(self._key(account.id), pending, PENDING_SECONDS + 60)
+        return pending
+
+    def page(self, account, pending: dict) -> dict:
+        secret = self.svc.box.open(pending["secret"], account.id)
+        link = uri(secret, account.username, self.svc.settings.otp_issuer, pending["version"])
+        grouped = " ".join(secret[i:i + 4] for i in range(0, len(secret), 4))
+        return {"qr": qr_svg(link), "secret": grouped, "version": pending["version"]}
+
+    def confirm(self, account_id: str, code: str) -> str | None:
+        """Bind the pending secret if ``code`` is right now; returns an error key or None."""
+        code = (code or "").strip().replace(" ", "")
+        if not CODE.match(code):
+            return "otp.malformed"
+        pending = self.current(account_id)
+        if pending is None:
+            return "otp.qr_expired"
+        secret = self.svc.box.open(pending["secret"], account_id)
+        offset = match(secret, code, self.svc.clock(), self.svc.settings.otp_drift_minutes)
+        if offset is None:
+            return "otp.wrong_binding"
+        if abs(offset) > WINDOW:
+            return "otp.drift_binding"
+        if self.svc.store.take(self._key(account_id)) is None:
+            return "otp.qr_expired"  # confirmed meanwhile by another request
+        step = int(self.svc.clock() // STEP) + offset
+        with self.svc.db.session() as session:
+            for old in session.execute(select(Binding).where(Binding.account_id == account_id, Binding.factor == TOTP.name)).scalars():
+                session.delete(old)  # the old secret stops working
+            session.flush()
+            session.add(Binding(account_id=account_id, factor=TOTP.name, label=f"v{pending['version']}",
+                                data={"secret": pending["secret"], "version": pending["version"], "last_step": step}))
+        self.svc.store.set(f"otp-used:{account_id}:{step}", {}, STEP * (2 * WINDOW + 2))
+        return None
+
+
+TOTP = TotpFactor()

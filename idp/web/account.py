@@ -1,0 +1,259 @@
+"""The account area ("login settings", SPEC M2-M6): the user's own bindings,
+password login, and activity log.
+
+Every page needs the SSO session and a second factor proven within
+``reverify_seconds`` (M2): otherwise the user is sent through a login that
+asks for a bound factor again, and comes back here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from idp import captcha
+from idp.accounts import AccountError, set_password
+from idp.factors import methods
+from idp.factors.totp import Enrolment
+from idp.storage.models import Account, AuditEvent
+from idp.web import recovery
+from idp.web.forms import BadRequest, read_form
+from idp.web.login import SESSION_COOKIE
+from idp.web.pages import CSRF_COOKIE, csrf_ok, csrf_token, error_page, locale_of, render, set_cookie, who
+
+PAGE_SIZE = 20
+# Bindings that let an account log in without its password (M4's precondition).
+PASSWORDLESS = ("certificate", "google")
+
+
+def _load_account(svc, account_id: str) -> Account | None:
+    with svc.db.session() as session:
+        account = session.get(Account, account_id, options=[selectinload(Account.bindings)])
+        if account is not None:
+            session.expunge(account)
+        return account
+
+
+async def require_account(request: Request, *, verified: bool = True):
+    """(session, account) of the signed-in user, or the response that signs them in.
+
+    With ``verified``, a bound second factor must have been proven within
+    ``reverify_seconds``; otherwise the login asks for it again (M2)."""
+    svc = request.app.state.svc
+    session = svc.sessions.get(request.cookies.get(SESSION_COOKIE))
+    account = await run_in_threadpool(_load_account, svc, session["account"]) if session else None
+    if account is not None and account.disabled:
+        return error_page(request, "error.disabled.title", "error.disabled.detail", status=403)
+    fresh = session is not None and svc.clock() - session.get("verified_at", 0) <= svc.settings.reverify_seconds
+    if account is not None and (fresh or not verified):
+        return session, account
+    if request.method != "GET":
+        return error_page(request, "error.tx_expired.title", "error.tx_expired.detail")
+    tx = svc.transactions.create(
+        params=[], client_id=None, browser=csrf_token(request), fresh=account is None, target_acr=None,
+        session=session if account else None, return_to=request.url.path, reverify=account is not None,
+    )
+    response = RedirectResponse(f"/login?tx={tx['id']}", status_code=303)
+    if getattr(request.state, "new_csrf", None):  # a browser new to us: the login is bound to this cookie
+        set_cookie(request, response, CSRF_COOKIE, request.state.new_csrf)
+    return response
+
+
+async def _form(request: Request):
+    """The posted form, after the CSRF check; None when it fails."""
+    try:
+        form = dict(await read_form(request))
+    except BadRequest:
+        return None
+    return form if csrf_ok(request, form) else None
+
+
+def _back(notice: str | None = None, error: str | None = None) -> RedirectResponse:
+    query = f"?notice={notice}" if notice else f"?error={error}" if error else ""
+    return RedirectResponse("/account" + query, status_code=303)
+
+
+# -- the settings page -------------------------------------------------------------------
+NOTICES = {"otp_rebound", "password_login_disabled", "password_login_enabled", "verification_sent"}
+ERRORS = {"needs_passwordless", "email_missing"}
+
+
+async def settings_page(request: Request) -> Response:
+    found = await require_account(request)
+    if isinstance(found, Response):
+        return found
+    _, account = found
+    notice = request.query_params.get("notice")
+    error = request.query_params.get("error")
+    flash = {"params": {}}
+    if notice in NOTICES:
+        flash["notice"] = f"account.notice.{notice}"
+    if error in ERRORS:
+        flash["error"] = f"account.error.{error}"
+    can_disable = any(b.factor in PASSWORDLESS for b in account.bindings)
+    return render(request, "account.html", account=account, methods=methods(account), flash=flash,
+                  can_disable=can_disable, tab="settings")
+
+
+# -- rebinding OTP (M3) -----------------------------------------------------------------------
+async def otp_page(request: Request) -> Response:
+    found = await require_account(request)
+    if isinstance(found, Response):
+        return found
+    svc, (_, account) = request.app.state.svc, found
+    flash = {"params": {}}
+    if request.query_params.get("error", "").startswith("otp."):
+        flash["error"] = request.query_params["error"]
+    enrolment = Enrolment(svc)
+    otp = await run_in_threadpool(lambda: enrolment.page(account, enrolment.start(account)))
+    return render(request, "account_otp.html", account=account, otp=otp, flash=flash, tab="settings",
+                  enrol_action="/account/otp", rebuild_action="/account/otp/rebuild")
+
+
+async def otp_confirm(request: Request) -> Response:
+    found = await require_account(request)
+    form = await _form(request)
+    if isinstance(found, Response) or form is None:
+        return found if isinstance(found, Response) else _expired(request)
+    svc, (_, account) = request.app.state.svc, found
+    error = await run_in_threadpool(Enrolment(svc).confirm, account.id, form.get("otp"))
+    if error:
+        return RedirectResponse(f"/account/otp?error={error}", status_code=303)
+    svc.audit.record("binding.replaced" if any(b.factor == "otp" for b in account.bindings) else "binding.created",
+                     account_id=account.id, username=account.username, method="otp", **who(request))
+    return _back(notice="otp_rebound")
+
+
+async def otp_rebuild(request: Request) -> Response:
+    found = await require_account(request)
+    form = await _form(request)
+    if isinstance(found, Response) or form is None:
+        return found if isinstance(found, Response) else _expired(request)
+    Enrolment(request.app.state.svc).start(found[1], rebuild=True)
+    return RedirectResponse("/account/otp", status_code=303)
+
+
+def _expired(request: Request) -> Response:
+    return error_page(request, "error.tx_expired.title", "error.tx_expired.detail")
+
+
+# -- disabling password login (M4) --------------------------------------------------------------
+async def password_login_page(request: Request) -> Response:
+    """The confirmation: what turning password login off means, and what remains."""
+    found = await require_account(request)
+    if isinstance(found, Response):
+        return found
+    _, account = found
+    if account.password_login_disabled:
+        return await _enable_page(request, account)
+    if not any(b.factor in PASSWORDLESS for b in account.bindings):
+        return _back(error="needs_passwordless")
+    remaining = [row for row in methods(account) if row["bound"] and row["factor"] in PASSWORDLESS]
+    return render(request, "account_password_login.html", account=account, remaining=remaining, tab="settings",
+                  flash={"params": {}})
+
+
+async def password_login_disable(request: Request) -> Response:
+    found = await require_account(request)
+    form = await _form(request)
+    if isinstance(found, Response) or form is None:
+        return found if isinstance(found, Response) else _expired(request)
+    svc, (_, account) = request.app.state.svc, found
+    if not any(b.factor in PASSWORDLESS for b in account.bindings):
+        return _back(error="needs_passwordless")
+    await run_in_threadpool(_set_flag, svc, account.id, True)
+    svc.audit.record("password_login.disabled", account_id=account.id, username=account.username, **who(request))
+    return _back(notice="password_login_disabled")
+
+
+def _set_flag(svc, account_id, value: bool, new_password: str | None = None):
+    with svc.db.session() as session:
+        account = session.get(Account, account_id)
+        if new_password is not None:
+            set_password(account, svc.passwords, new_password, now=dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc))
+        account.password_login_disabled = value
+
+
+async def _enable_page(request: Request, account, flash=None, status: int = 200) -> Response:
+    """Turning password login back on needs a new password, typed twice, and the captcha."""
+    svc = request.app.state.svc
+    form_id = captcha.new_form(svc)
+    return render(request, "account_password_enable.html", account=account, form_id=form_id, tab="settings",
+                  flash=flash or {"params": {}}, status=status)
+
+
+async def password_login_enable(request: Request) -> Response:
+    found = await require_account(request)
+    form = await _form(request)
+    if isinstance(found, Response) or form is None:
+        return found if isinstance(found, Response) else _expired(request)
+    svc, (_, account) = request.app.state.svc, found
+    if not captcha.check_form(svc, form.get("form"), form.get("captcha")):
+        return await _enable_page(request, account, {"error": "captcha.wrong", "params": {}}, 400)
+    new, again = form.get("new_password") or "", form.get("new_password_again") or ""
+    if new != again:
+        return await _enable_page(request, account, {"error": "password.mismatch", "params": {}}, 400)
+    try:
+        await run_in_threadpool(_set_flag, svc, account.id, False, new)
+    except AccountError as e:
+        return await _enable_page(request, account, {"error": e.key, "params": {}, "rules": e.params.get("rules", [])}, 400)
+    svc.lockout.clear(account.username)
+    svc.audit.record("password_login.enabled", account_id=account.id, username=account.username, **who(request))
+    return _back(notice="password_login_enabled")
+
+
+# -- email confirmation ----------------------------------------------------------------------------
+async def email_verify(request: Request) -> Response:
+    found = await require_account(request)
+    form = await _form(request)
+    if isinstance(found, Response) or form is None:
+        return found if isinstance(found, Response) else _expired(request)
+    svc, (_, account) = request.app.state.svc, found
+    if not account.email:
+        return _back(error="email_missing")
+    await recovery.send_verification_async(svc, account, locale_of(request))
+    return _back(notice="verification_sent")
+
+
+# -- activity log (M6) -------------------------------------------------------------------------------
+def activity(svc, account_id: str, page: int) -> tuple[list[AuditEvent], int]:
+    """One page of an account's audit events, newest first, and the page count."""
+    with svc.db.session() as session:
+        total = session.execute(select(func.count()).select_from(AuditEvent).where(AuditEvent.account_id == account_id)).scalar_one()
+        rows = session.execute(
+            select(AuditEvent).where(AuditEvent.account_id == account_id)
+            .order_by(AuditEvent.time.desc(), AuditEvent.id.desc()).offset((page - 1) * PAGE_SIZE).limit(PAGE_SIZE)
+        ).scalars().all()
+        session.expunge_all()
+    return rows, max(1, -(-total // PAGE_SIZE))
+
+
+async def activity_page(request: Request) -> Response:
+    found = await require_account(request)
+    if isinstance(found, Response):
+        return found
+    svc, (_, account) = request.app.state.svc, found
+    page = request.query_params.get("page", "1")
+    page = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
+    rows, pages = await run_in_threadpool(activity, svc, account.id, page)
+    return render(request, "account_activity.html", account=account, rows=rows, page=page, pages=pages, tab="activity",
+                  flash={"params": {}})
+
+
+routes = [
+    Route("/account", settings_page),
+    Route("/account/otp", otp_page),
+    Route("/account/otp", otp_confirm, methods=["POST"]),
+    Route("/account/otp/rebuild", otp_rebuild, methods=["POST"]),
+    Route("/account/password-login", password_login_page),
+    Route("/account/password-login/disable", password_login_disable, methods=["POST"]),
+    Route("/account/password-login/enable", password_login_enable, methods=["POST"]),
+    Route("/account/email/verify", email_verify, methods=["POST"]),
+    Route("/account/activity", activity_page),
+]

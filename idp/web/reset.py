@@ -1,0 +1,166 @@
+"""Resetting the bindings when the phone is lost (SPEC M5, seed 001 section 8).
+
+From the OTP page of a login (the password is already proven), the user asks
+for an emergency code at their verified email. The page and the mail show the
+same two-letter prefix (``KX-125770``) so the user can tell which mail is the
+current one; the code lives 5 minutes, only the newest works, a resend waits
+a minute, and five wrong tries burn it. The right code deletes every binding
+and the login goes on to forced binding (M1).
+
+Offered only to a login that proved the password: where the account cannot
+log in with it, the OTP page tells the user to contact the helpdesk instead,
+as the seed says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+
+from sqlalchemy import delete
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from idp import captcha
+from idp.mail import MailError, masked
+from idp.storage.models import Binding
+from idp.web.forms import BadRequest, read_form
+from idp.web.login import _account, _expired, _transaction
+from idp.web.pages import csrf_ok, locale_of, render, who
+
+CODE_SECONDS = 300
+RESEND_SECONDS = 60
+MAX_TRIES = 5
+PREFIX_LETTERS = "".join(c for c in string.ascii_uppercase if c not in "IO")  # no 1/I, 0/O confusion
+
+
+def _key(account_id: str) -> str:
+    return "emergency:" + account_id
+
+
+def _tries(account_id: str) -> str:
+    return "emergency-tries:" + account_id
+
+
+def _digest(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+async def _context(request: Request):
+    """(svc, tx, account) for a login whose password is proven, or None."""
+    svc = request.app.state.svc
+    if request.method == "POST":
+        try:
+            form = dict(await read_form(request))
+        except BadRequest:
+            return None, {}
+        if not csrf_ok(request, form):
+            return None, form
+        tx_id = form.get("tx")
+    else:
+        form, tx_id = {}, request.query_params.get("tx")
+    tx = await _transaction(request, tx_id)
+    if tx is None or "password" not in tx["done"]:
+        return None, form
+    account = await run_in_threadpool(_account, svc, tx["account"])
+    return (svc, tx, account), form
+
+
+async def page(request: Request) -> Response:
+    found, _ = await _context(request)
+    if found is None:
+        return _expired(request)
+    return _render(request, *found)
+
+
+def _render(request, svc, tx, account, flash=None, email="", status=200) -> Response:
+    record = svc.store.get(_key(account.id))
+    now = svc.clock()
+    if record and record["exp"] < now:
+        record = None
+    context = {"tx": tx, "flash": flash or {"params": {}}, "email": email, "form_id": captcha.new_form(svc)}
+    if record:
+        context.update(prefix=record["prefix"], sent_to=masked(record["email"]),
+                       expires_in=int(record["exp"] - now), resend_in=max(0, int(record["next"] - now)))
+    return render(request, "reset.html", **context, status=status)
+
+
+async def send(request: Request) -> Response:
+    found, form = await _context(request)
+    if found is None:
+        return _expired(request)
+    svc, tx, account = found
+    email = (form.get("email") or "").strip()[:320]
+
+    def again(error, **params):
+        return _render(request, svc, tx, account, {"error": error, "params": params}, email=email, status=400)
+
+    if not captcha.check_form(svc, form.get("form"), form.get("captcha")):
+        return again("captcha.wrong")
+    if not (account.email and account.email_verified and hmac.compare_digest(account.email.lower().encode(), email.lower().encode())):
+        return again("reset.email_mismatch")
+    now = svc.clock()
+    previous = svc.store.get(_key(account.id))
+    if previous and previous["next"] > now:
+        return again("reset.wait", seconds=int(previous["next"] - now))
+    prefix = "".join(secrets.choice(PREFIX_LETTERS) for _ in range(2))
+    code = f"{secrets.randbelow(10**6):06d}"
+    record = {"prefix": prefix, "digest": _digest(code), "exp": now + CODE_SECONDS, "next": now + RESEND_SECONDS,
+              "email": account.email}
+    # Replacing the record is what makes only the newest code work.
+    svc.store.set(_key(account.id), record, CODE_SECONDS + 60)
+    svc.store.delete(_tries(account.id))
+    try:
+        await svc.mailer.send_async(account.email, "emergency_code", locale_of(request, tx.get("ui_locales")),
+                                    name=account.name or account.username, username=account.username,
+                                    code=f"{prefix}-{code}", prefix=prefix, minutes=CODE_SECONDS // 60)
+    except MailError:
+        svc.store.delete(_key(account.id))
+        return again("reset.mail_failed")
+    svc.audit.record("bindings.reset_requested", account_id=account.id, username=account.username,
+                     client_id=tx["client_id"], method="email", **who(request))
+    return RedirectResponse(f"/login/reset?tx={tx['id']}", status_code=303)
+
+
+async def verify(request: Request) -> Response:
+    found, form = await _context(request)
+    if found is None:
+        return _expired(request)
+    svc, tx, account = found
+    record = svc.store.get(_key(account.id))
+    if record is None or record["exp"] < svc.clock():
+        return _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
+    typed = (form.get("code") or "").strip().upper().removeprefix(record["prefix"] + "-").replace(" ", "")
+    # A try is counted before the code is compared, so parallel guesses cannot exceed MAX_TRIES.
+    tries = svc.store.incr(_tries(account.id), CODE_SECONDS + 60)
+    right = typed.isdigit() and len(typed) == 6 and hmac.compare_digest(_digest(typed), record["digest"])
+    if tries > MAX_TRIES or not right:
+        if tries >= MAX_TRIES:
+            svc.store.delete(_key(account.id), _tries(account.id))
+            return _render(request, svc, tx, account, {"error": "reset.code_burnt", "params": {}}, status=400)
+        return _render(request, svc, tx, account, {"error": "reset.code_wrong", "params": {"left": MAX_TRIES - tries}}, status=400)
+    svc.store.delete(_tries(account.id))
+    if svc.store.take(_key(account.id)) is None:  # used meanwhile
+        return _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
+    await run_in_threadpool(_delete_bindings, svc, account.id)
+    svc.audit.record("bindings.reset", account_id=account.id, username=account.username, client_id=tx["client_id"],
+                     method="emergency_code", **who(request))
+    tx["flash"] = {"notice": "reset.done", "params": {}}
+    svc.transactions.save(tx)
+    return RedirectResponse(f"/login?tx={tx['id']}", status_code=303)
+
+
+def _delete_bindings(svc, account_id: str) -> None:
+    with svc.db.session() as session:
+        session.execute(delete(Binding).where(Binding.account_id == account_id))
+
+
+routes = [
+    Route("/login/reset", page),
+    Route("/login/reset/send", send, methods=["POST"]),
+    Route("/login/reset/verify", verify, methods=["POST"]),
+]

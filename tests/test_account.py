@@ -1,0 +1,221 @@
+"""The login-settings pages and the lost-phone reset (SPEC M2-M6) as a user meets them."""
+
+import re
+
+import pyotp
+import pytest
+
+from idp.storage.models import Account, Binding
+from tests.harness import callback, forms
+from tests.test_totp import _bind, _code, _error, _secret
+
+
+@pytest.fixture
+def user(make_provider, smtp_server):
+    """A provider mailing through a real SMTP server, and alice with OTP bound;
+    returns (provider, client_id, secret)."""
+    provider = make_provider(mfa=True, **smtp_server.settings())
+    account_id = provider.account("alice")
+    with provider.svc.db.session() as session:
+        session.get(Account, account_id).email_verified = True
+    client_id, _ = provider.client()
+    _, secret = _bind(provider, provider.browser(), client_id)
+    provider.clock.advance(30)
+    return provider, client_id, secret
+
+
+def _signed_in(provider, client_id, secret):
+    """A browser with an SSO session from password + OTP."""
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+    provider.clock.advance(30)
+    return browser
+
+
+def _notice(page) -> str:
+    found = re.search(r'<div class="notice" role="status">\s*<p>(.*?)</p>', page.text, re.S)
+    return found.group(1) if found else ""
+
+
+def test_entering_settings_asks_for_the_bound_factor_again(user):
+    provider, client_id, secret = user
+    browser = _signed_in(provider, client_id, secret)
+    provider.clock.advance(600)  # the OTP of the login is now too old for the settings (M2)
+    page = browser.go("/account")
+    assert 'name="otp"' in page.text and 'name="password"' not in page.text
+    page = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret))
+    assert page.status_code == 200 and "登入設定" in page.text
+    row = re.search(r'<tr data-method="otp">(.*?)</tr>', page.text, re.S).group(1)
+    assert "✓" in row and "重新綁定" in row
+
+
+def test_settings_without_a_session_starts_a_login(user):
+    provider, _, secret = user
+    browser = provider.browser()
+    page = browser.password(browser.go("/account"))
+    page = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret))
+    assert "帳號活動紀錄" in page.text
+
+
+def test_rebinding_otp_makes_the_old_phone_useless(user):
+    provider, client_id, old = user
+    browser = _signed_in(provider, client_id, old)
+    page = browser.go("/account/otp")
+    assert "v2" in page.text
+    new = _secret(page)
+    page = browser.submit(page, "/account/otp", otp=_code(provider, new))
+    assert "舊的 OTP 已失效" in _notice(page)
+    provider.clock.advance(30)
+    other = provider.browser()
+    page = other.password(other.authorize(client_id))
+    assert "v2" in page.text
+    assert "不正確" in _error(other.submit(page, "/login/factor/otp", otp=_code(provider, old)))
+    assert "code" in callback(other.submit(page, "/login/factor/otp", otp=_code(provider, new)))
+
+
+def test_a_stale_qr_version_is_refused(user):
+    provider, client_id, secret = user
+    browser = _signed_in(provider, client_id, secret)
+    page = browser.go("/account/otp")
+    stale = _secret(page)
+    page = browser.submit(page, "/account/otp/rebuild")
+    assert "v3" in page.text
+    page = browser.submit(page, "/account/otp", otp=_code(provider, stale))
+    assert "密碼不正確" in _error(page)
+
+
+def test_disabling_password_login_needs_a_passwordless_binding(user):
+    provider, client_id, secret = user
+    browser = _signed_in(provider, client_id, secret)
+    page = browser.go("/account/password-login")
+    assert "須先綁定自然人憑證或 Google 帳號" in _error(page)
+
+
+def test_disable_and_re_enable_password_login(user):
+    provider, client_id, secret = user
+    with provider.svc.db.session() as session:
+        account = session.query(Account).one()
+        session.add(Binding(account_id=account.id, factor="certificate", external_id="MOICA|TEST0001", data={}))
+    browser = _signed_in(provider, client_id, secret)
+    page = browser.go("/account/password-login")
+    assert "自然人憑證" in page.text and "90 天" in page.text
+    page = browser.submit(page, "/account/password-login/disable")
+    assert "已停用帳號密碼登入" in _notice(page)
+    other = provider.browser()
+    assert "已停用帳號密碼登入" in _error(other.password(other.authorize(client_id)))
+
+    page = browser.go("/account/password-login")
+    form = forms(page.text)[0]["fields"]
+    answer = provider.svc.store.get("captcha:" + form["form"])["captcha"]
+    weak = browser.submit(page, "/password-login/enable", new_password="short", new_password_again="short", captcha=answer)
+    assert "不符合規則" in _error(weak) and "大寫英文字母" in weak.text
+    form = forms(weak.text)[0]["fields"]
+    wrong = browser.submit(weak, "/password-login/enable", new_password="Fresh-Start-55!", new_password_again="Fresh-Start-55!",
+                           captcha="00000")
+    assert "驗證碼錯誤" in _error(wrong)
+    answer = provider.svc.store.get("captcha:" + forms(wrong.text)[0]["fields"]["form"])["captcha"]
+    page = browser.submit(wrong, "/password-login/enable", new_password="Fresh-Start-55!", new_password_again="Fresh-Start-55!",
+                          captcha=answer)
+    assert "已恢復帳號密碼登入" in _notice(page)
+    provider.clock.advance(30)
+    again = provider.browser()
+    page = again.password(again.authorize(client_id), password="Fresh-Start-55!")
+    assert "code" in callback(again.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+
+
+def _reset_page(provider, client_id):
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    assert "遺失或已更換手機" in page.text
+    return browser, browser.go(f"/login/reset?tx={forms(page.text)[0]['fields']['tx']}")
+
+
+def _send(provider, browser, page, email="alice@example.tw", captcha=None):
+    form = next(f for f in forms(page.text) if f["action"] == "/login/reset/send")["fields"]
+    answer = captcha or provider.svc.store.get("captcha:" + form["form"])["captcha"]
+    return browser.submit(page, "/login/reset/send", email=email, captcha=answer)
+
+
+def test_lost_phone_reset_with_the_emergency_code(user, smtp_server):
+    provider, client_id, _ = user
+    browser, page = _reset_page(provider, client_id)
+    assert "所有的綁定刪除" in page.text
+    page = _send(provider, browser, page, email="someone@else.tw")
+    assert "不符" in _error(page) and smtp_server.unread() == 0
+    page = _send(provider, browser, page, captcha="00000")
+    assert "驗證碼錯誤" in _error(page) and 'value="alice@example.tw"' in page.text
+    page = _send(provider, browser, page)
+    mail = smtp_server.next_message()
+    code = re.search(r"\b([A-Z]{2})-(\d{6})\b", mail.get_content())
+    prefix = re.search(r"data-prefix>([A-Z]{2})-<", page.text).group(1)
+    assert code.group(1) == prefix and "緊急驗證" in mail["subject"]
+    wrong = browser.submit(page, "/login/reset/verify", code="000000")
+    assert "還可再試 4 次" in _error(wrong)
+    again = _send(provider, browser, wrong)
+    assert "秒後再重新發送" in _error(again) and smtp_server.unread() == 0
+    page = browser.submit(wrong, "/login/reset/verify", code=f"{code.group(1)}-{code.group(2)}")
+    # Every binding is gone: the user is at forced binding (M1).
+    assert "已刪除所有登入綁定" in _notice(page) and "/login/bind/otp" in page.text
+    with provider.svc.db.session() as session:
+        assert session.query(Binding).count() == 0
+
+
+def test_only_the_newest_emergency_code_works_and_it_expires(user, smtp_server):
+    provider, client_id, _ = user
+    browser, page = _reset_page(provider, client_id)
+    page = _send(provider, browser, page)
+    first = re.search(r"\b[A-Z]{2}-(\d{6})\b", smtp_server.next_message().get_content()).group(1)
+    provider.clock.advance(61)
+    page = _send(provider, browser, page)
+    second = re.search(r"\b[A-Z]{2}-(\d{6})\b", smtp_server.next_message().get_content()).group(1)
+    if first != second:
+        assert "錯誤" in _error(browser.submit(page, "/login/reset/verify", code=first))
+    provider.clock.advance(301)
+    assert "已失效" in _error(browser.submit(page, "/login/reset/verify", code=second))
+
+
+def test_five_wrong_emergency_codes_burn_it(user, smtp_server):
+    provider, client_id, _ = user
+    browser, page = _reset_page(provider, client_id)
+    page = _send(provider, browser, page)
+    code = re.search(r"\b[A-Z]{2}-(\d{6})\b", smtp_server.next_message().get_content()).group(1)
+    wrong = "111111" if code != "111111" else "222222"
+    for _ in range(5):
+        page = browser.submit(page, "/login/reset/verify", code=wrong)
+    assert "次數過多" in _error(page) and "/login/reset/verify" not in page.text
+    fields = forms(page.text)[0]["fields"]
+    late = browser.go("/login/reset/verify", "POST", {"tx": fields["tx"], "csrf": fields["csrf"], "code": code})
+    assert "已失效" in _error(late)
+
+
+def test_activity_log_shows_logins_with_address_and_browser(user):
+    provider, client_id, secret = user
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id), password="wrong-password")
+    page = browser.password(page)
+    callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+    page = browser.go("/account/activity")
+    assert "登入成功" in page.text and "登入失敗" in page.text and "綁定" in page.text
+    assert "testclient" in page.text  # the user agent
+    account_id = _account_id(provider)
+    for _ in range(25):
+        provider.svc.audit.record("login.failure", account_id=account_id, username="alice")
+    assert "第 1 頁，共 2 頁" in browser.go("/account/activity").text
+    assert "第 2 頁，共 2 頁" in browser.go("/account/activity?page=2").text
+
+
+def _account_id(provider) -> str:
+    with provider.svc.db.session() as session:
+        return session.query(Account).one().id
+
+
+def test_settings_forms_need_csrf(user):
+    provider, client_id, secret = user
+    browser = _signed_in(provider, client_id, secret)
+    page = browser.go("/account/otp")
+    new = _secret(page)
+    response = browser.go("/account/otp", "POST", {"otp": pyotp.TOTP(new).at(provider.clock())})
+    assert response.status_code == 400
+    with provider.svc.db.session() as session:
+        assert session.query(Binding).one().data["version"] == 1

@@ -1,0 +1,189 @@
+"""Password + OTP and forced binding (SPEC A2, M1) as the user meets them."""
+
+import re
+
+import pyotp
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from idp.factors.totp import match
+from tests.harness import callback, forms, redeem
+
+
+@pytest.fixture
+def mfa_provider(make_provider):
+    provider = make_provider(mfa=True)
+    provider.account("alice")
+    return provider
+
+
+def _error(page) -> str:
+    found = re.search(r'<div class="error" role="alert">\s*<p>(.*?)</p>', page.text, re.S)
+    return found.group(1) if found else ""
+
+
+def _secret(page) -> str:
+    return re.search(r"<code class=\"secret\" data-secret>([A-Z2-7 ]+)</code>", page.text).group(1).replace(" ", "")
+
+
+def _code(provider, secret, steps=0) -> str:
+    return pyotp.TOTP(secret).at(provider.clock() + 30 * steps)
+
+
+def _bind(provider, browser, client_id):
+    """First login: password, then the binding page; returns (page after binding, secret)."""
+    page = browser.password(browser.authorize(client_id))
+    assert "<svg" in page.text and "/login/bind/otp" in page.text
+    secret = _secret(page)
+    page = browser.submit(page, "/login/bind/otp", otp=_code(provider, secret))
+    return page, secret
+
+
+def test_first_login_binds_otp_then_logs_in_with_it(mfa_provider):
+    provider = mfa_provider
+    client_id, client_secret = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    # The seed's table: which methods exist, none bound yet; nowhere else to go.
+    assert "授權狀態" in page.text and page.text.count("✗") == 4
+    assert "code=" not in page.headers.get("location", "")
+    wrong = browser.submit(page, "/login/bind/otp", otp="000000")
+    assert "密碼不正確" in _error(wrong)
+    secret = _secret(wrong)
+    page = browser.submit(wrong, "/login/bind/otp", otp=_code(provider, secret))
+    assert "重新登入" in page.text and "/login/factor/password" in page.text
+    provider.clock.advance(30)
+    page = browser.password(page)
+    assert "/login/factor/otp" in page.text and 'name="otp"' in page.text and "v1" in page.text
+    params = callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+    token = redeem(browser.http, client_id, client_secret, params["code"]).json()
+    claims = jwt.decode(token["id_token"], KeySet.import_key_set(browser.http.get("/jwks").json())).claims
+    assert claims["amr"] == ["pwd", "otp", "mfa"] and claims["acr"] == "urn:idp:loa:2"
+
+
+def _otp_page(provider, client_id):
+    browser = provider.browser()
+    _, secret = _bind(provider, browser, client_id)
+    provider.clock.advance(30)
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    assert 'name="otp"' in page.text
+    return browser, page, secret
+
+
+def test_a_code_is_accepted_once(mfa_provider):
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    code = _code(provider, secret)
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=code))
+    other = provider.browser()
+    page = other.password(other.authorize(client_id, prompt="login"))
+    assert "已使用過" in _error(other.submit(page, "/login/factor/otp", otp=code))
+
+
+def test_one_step_of_drift_either_side_is_fine(mfa_provider):
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret, steps=1)))
+    provider.clock.advance(90)
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret, steps=-1)))
+
+
+def test_a_drifted_phone_is_told_how_to_fix_its_clock(mfa_provider):
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    page = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret, steps=10))  # 5 minutes fast
+    assert "快了約 5 分鐘" in _error(page) and "自動設定" in page.text and "驗證碼時間修正" in page.text
+    page = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret, steps=-6))
+    assert "慢了約 3 分鐘" in _error(page)
+    # Neither counted as a guess: three more chances remain.
+    page = browser.submit(page, "/login/factor/otp", otp="000000")
+    assert "再錯 2 次" in _error(page)
+    far = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret, steps=40))  # 20 minutes: just wrong
+    assert "不正確" in _error(far)
+
+
+def test_three_wrong_codes_lock_the_account(mfa_provider):
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    for left in (2, 1):
+        page = browser.submit(page, "/login/factor/otp", otp="000000")
+        assert f"再錯 {left} 次" in _error(page)
+    page = browser.submit(page, "/login/factor/otp", otp="000000")
+    assert "帳號已暫時停用" in _error(page)
+    page = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret))
+    assert "帳號已暫時停用" in _error(page)
+    # The password is refused too: one lockout for both, as the seeds say.
+    other = provider.browser()
+    assert "帳號已暫時停用" in _error(other.password(other.authorize(client_id)))
+
+
+def test_malformed_code_is_explained_and_not_counted(mfa_provider):
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    for bad in ("12ab56", "12345", "1234567", ""):
+        page = browser.submit(page, "/login/factor/otp", otp=bad)
+        assert "6 位數字" in _error(page)
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+
+
+def test_rebuilt_qr_is_a_new_version_and_the_old_one_stops_working(mfa_provider):
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    old = _secret(page)
+    assert "QR Code 版本 v1" in page.text
+    page = browser.submit(page, "/login/bind/otp/rebuild")
+    assert "QR Code 版本 v2" in page.text and _secret(page) != old
+    page = browser.submit(page, "/login/bind/otp", otp=_code(provider, old))
+    assert "密碼不正確" in _error(page)
+    page = browser.submit(page, "/login/bind/otp", otp=_code(provider, _secret(page)))
+    assert "重新登入" in page.text
+
+
+def test_binding_qr_expires_with_its_page(mfa_provider):
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    secret = _secret(page)
+    provider.clock.advance(601)  # the QR lived 10 minutes; the login 15
+    page = browser.submit(page, "/login/bind/otp", otp=_code(provider, secret))
+    assert "已失效" in _error(page) and _secret(page) != secret
+
+
+def test_aa_accounts_are_told_they_must_bind_otp(make_provider):
+    provider = make_provider(mfa=True)
+    provider.account("school-aa", kind="aa", org="臺北市立示範國中")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id), username="school-aa")
+    assert "AA 帳號僅能綁定 OTP" in page.text
+
+
+def test_the_otp_secret_is_not_stored_in_clear(mfa_provider):
+    from idp.storage.models import Binding
+
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    _, secret = _bind(provider, provider.browser(), client_id)
+    with provider.svc.db.session() as session:
+        stored = session.query(Binding).one().data["secret"]
+    assert secret not in stored
+
+
+@pytest.mark.parametrize("offset,found", [(0, 0), (1, 1), (-1, -1), (4, 4), (-20, -20), (21, None)])
+def test_match_finds_the_offset(offset, found):
+    secret = pyotp.random_base32()
+    now = 1_800_000_000
+    code = pyotp.TOTP(secret).at(now + 30 * offset)
+    assert match(secret, code, now, drift_minutes=10) == found

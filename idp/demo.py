@@ -8,18 +8,24 @@ Creates (once) a demo account and the portal's client registration under
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import json
 import os
 import secrets
 from pathlib import Path
 
 import uvicorn
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from clients.school_portal import create_app as create_portal
 from idp.accounts import by_username, create_account
 from idp.protocol.clients import create_client, find
 from idp.settings import Settings
 from idp.web.app import create_app
+from idp.web.pages import render
 
 PROVIDER, PORTAL = "http://localhost:8000", "http://localhost:8001"
 DEMO_USER, DEMO_PASSWORD = "demo", "Taipei-101-School!"
@@ -49,6 +55,17 @@ def _prepare(app) -> dict:
     return portal
 
 
+async def outbox(request: Request) -> Response:
+    """The demo's mailbox: what the provider would have sent, newest first."""
+    folder = Path(request.app.state.svc.settings.outbox_dir)
+    mails = []
+    for path in sorted(folder.glob("*.eml"), key=lambda p: p.stat().st_mtime, reverse=True)[:20]:
+        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        mails.append({"subject": message["subject"], "to": message["to"], "date": message["date"],
+                      "body": message.get_content()})
+    return render(request, "demo_outbox.html", mails=mails)
+
+
 async def _serve(*servers: uvicorn.Server) -> None:
     await asyncio.gather(*(s.serve() for s in servers))
 
@@ -59,11 +76,14 @@ def main() -> None:
     os.environ.setdefault("IDP_DATABASE_URL", f"sqlite:///{VAR}/idp.sqlite3")
     os.environ.setdefault("IDP_KEYS_DIR", str(VAR / "keys"))
     app = create_app(Settings.from_env())
+    if not app.state.svc.settings.smtp_host:
+        app.router.routes.insert(0, Route("/demo/outbox", outbox))
     portal = _prepare(app)
     portal_app = create_portal(PROVIDER, portal["client_id"], portal["client_secret"], PORTAL, secrets.token_urlsafe(32))
     print(f"""
   Provider:  {PROVIDER}   (discovery: {PROVIDER}/.well-known/openid-configuration)
   Portal:    {PORTAL}     ← open this and press 登入
+  Mails:     {PROVIDER}/demo/outbox   (no SMTP server configured: mails stay here)
   Account:   {DEMO_USER}
   Password:  {DEMO_PASSWORD}
   Stop with Ctrl-C.

@@ -97,7 +97,9 @@ def provider_error(request, exc):
 
 async def home(request):
     user = request.session.get("user")
-    return render(request, "home.html", user=user, csrf=request.session.get("csrf"))
+    # Login settings live at the provider: the portal never handles a factor.
+    return render(request, "home.html", user=user, csrf=request.session.get("csrf"),
+                  settings_url=request.app.state.issuer + "/account")
 
 
 async def login(request):
@@ -186,4 +188,5 @@ def create_app(issuer: str, client_id: str, client_secret: str,
     app.state.oauth = oauth
     app.state.client_id = client_id
     app.state.portal_url = portal_url
+    app.state.issuer = issuer
     return app

@@ -16,7 +16,10 @@ adding a module here and listing it in ``FACTORS``.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
+
+TAIPEI = dt.timezone(dt.timedelta(hours=8))
 
 
 @dataclass
@@ -29,6 +32,12 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.error is None and self.account_id is not None
+
+    @classmethod
+    def locked(cls, until: float, **keep) -> "Outcome":
+        """The lockout message, with the time it ends in Taiwan time."""
+        local = dt.datetime.fromtimestamp(until, TAIPEI)
+        return cls(error="login.locked", params={"until": local.strftime("%H:%M")}, keep=keep)
 
 
 def methods(account) -> list[dict]:

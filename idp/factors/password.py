@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 
 from starlette.concurrency import run_in_threadpool
@@ -41,8 +40,7 @@ class PasswordFactor:
 
         def locked(until, account_id=None):
             svc.audit.record("login.locked", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
-            local = dt.datetime.fromtimestamp(until, dt.timezone(dt.timedelta(hours=8)))
-            return Outcome(error="login.locked", params={"until": local.strftime("%H:%M")}, keep=keep)
+            return Outcome.locked(until, **keep)
 
         if until := lockout.locked_until(username):
             return locked(until)

@@ -16,7 +16,6 @@ Authenticator generate them.
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 import re
 
@@ -118,8 +117,7 @@ class TotpFactor:
 
 def _locked(svc, tx, until, seen) -> Outcome:
     svc.audit.record("login.locked", account_id=tx["account"], username=tx["username"], **seen)
-    local = dt.datetime.fromtimestamp(until, dt.timezone(dt.timedelta(hours=8)))
-    return Outcome(error="login.locked", params={"until": local.strftime("%H:%M")})
+    return Outcome.locked(until)
 
 
 # -- binding -------------------------------------------------------------------------

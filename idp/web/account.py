@@ -41,7 +41,7 @@ def _load_account(svc, account_id: str) -> Account | None:
 
 
 async def require_account(request: Request, *, verified: bool = True):
-    """(session, account) of the signed-in user, or the response that signs them in.
+    """The signed-in user's account, or the response that signs them in.
 
     With ``verified``, a bound second factor must have been proven within
     ``reverify_seconds``; otherwise the login asks for it again (M2)."""
@@ -52,7 +52,7 @@ async def require_account(request: Request, *, verified: bool = True):
         return error_page(request, "error.disabled.title", "error.disabled.detail", status=403)
     fresh = session is not None and svc.clock() - session.get("verified_at", 0) <= svc.settings.reverify_seconds
     if account is not None and (fresh or not verified):
-        return session, account
+        return account
     if request.method != "GET":
         return error_page(request, "error.tx_expired.title", "error.tx_expired.detail")
     tx = svc.transactions.create(
@@ -65,13 +65,17 @@ async def require_account(request: Request, *, verified: bool = True):
     return response
 
 
-async def _form(request: Request):
-    """The posted form, after the CSRF check; None when it fails."""
+async def _post(request: Request):
+    """(account, form) of a POST in the account area, or the Response to send instead
+    (sign in again; or the expired page for a malformed body or a wrong CSRF token)."""
+    account = await require_account(request)
+    if isinstance(account, Response):
+        return account
     try:
         form = dict(await read_form(request))
     except BadRequest:
-        return None
-    return form if csrf_ok(request, form) else None
+        return _expired(request)
+    return (account, form) if csrf_ok(request, form) else _expired(request)
 
 
 def _back(notice: str | None = None, error: str | None = None) -> RedirectResponse:
@@ -85,10 +89,9 @@ ERRORS = {"needs_passwordless", "email_missing"}
 
 
 async def settings_page(request: Request) -> Response:
-    found = await require_account(request)
-    if isinstance(found, Response):
-        return found
-    _, account = found
+    account = await require_account(request)
+    if isinstance(account, Response):
+        return account
     notice = request.query_params.get("notice")
     error = request.query_params.get("error")
     flash = {"params": {}}
@@ -103,10 +106,10 @@ async def settings_page(request: Request) -> Response:
 
 # -- rebinding OTP (M3) -----------------------------------------------------------------------
 async def otp_page(request: Request) -> Response:
-    found = await require_account(request)
-    if isinstance(found, Response):
-        return found
-    svc, (_, account) = request.app.state.svc, found
+    account = await require_account(request)
+    if isinstance(account, Response):
+        return account
+    svc = request.app.state.svc
     flash = {"params": {}}
     if request.query_params.get("error", "").startswith("otp."):
         flash["error"] = request.query_params["error"]
@@ -117,11 +120,11 @@ async def otp_page(request: Request) -> Response:
 
 
 async def otp_confirm(request: Request) -> Response:
-    found = await require_account(request)
-    form = await _form(request)
-    if isinstance(found, Response) or form is None:
-        return found if isinstance(found, Response) else _expired(request)
-    svc, (_, account) = request.app.state.svc, found
+    posted = await _post(request)
+    if isinstance(posted, Response):
+        return posted
+    account, form = posted
+    svc = request.app.state.svc
     error = await run_in_threadpool(Enrolment(svc).confirm, account.id, form.get("otp"))
     if error:
         return RedirectResponse(f"/account/otp?error={error}", status_code=303)
@@ -131,11 +134,11 @@ async def otp_confirm(request: Request) -> Response:
 
 
 async def otp_rebuild(request: Request) -> Response:
-    found = await require_account(request)
-    form = await _form(request)
-    if isinstance(found, Response) or form is None:
-        return found if isinstance(found, Response) else _expired(request)
-    Enrolment(request.app.state.svc).start(found[1], rebuild=True)
+    posted = await _post(request)
+    if isinstance(posted, Response):
+        return posted
+    account, form = posted
+    Enrolment(request.app.state.svc).start(account, rebuild=True)
     return RedirectResponse("/account/otp", status_code=303)
 
 
@@ -146,10 +149,9 @@ def _expired(request: Request) -> Response:
 # -- disabling password login (M4) --------------------------------------------------------------
 async def password_login_page(request: Request) -> Response:
     """The confirmation: what turning password login off means, and what remains."""
-    found = await require_account(request)
-    if isinstance(found, Response):
-        return found
-    _, account = found
+    account = await require_account(request)
+    if isinstance(account, Response):
+        return account
     if account.password_login_disabled:
         return await _enable_page(request, account)
     if not any(b.factor in PASSWORDLESS for b in account.bindings):
@@ -160,11 +162,11 @@ async def password_login_page(request: Request) -> Response:
 
 
 async def password_login_disable(request: Request) -> Response:
-    found = await require_account(request)
-    form = await _form(request)
-    if isinstance(found, Response) or form is None:
-        return found if isinstance(found, Response) else _expired(request)
-    svc, (_, account) = request.app.state.svc, found
+    posted = await _post(request)
+    if isinstance(posted, Response):
+        return posted
+    account, form = posted
+    svc = request.app.state.svc
     if not any(b.factor in PASSWORDLESS for b in account.bindings):
         return _back(error="needs_passwordless")
     await run_in_threadpool(_set_flag, svc, account.id, True)
@@ -189,11 +191,11 @@ async def _enable_page(request: Request, account, flash=None, status: int = 200)
 
 
 async def password_login_enable(request: Request) -> Response:
-    found = await require_account(request)
-    form = await _form(request)
-    if isinstance(found, Response) or form is None:
-        return found if isinstance(found, Response) else _expired(request)
-    svc, (_, account) = request.app.state.svc, found
+    posted = await _post(request)
+    if isinstance(posted, Response):
+        return posted
+    account, form = posted
+    svc = request.app.state.svc
     if not captcha.check_form(svc, form.get("form"), form.get("captcha")):
         return await _enable_page(request, account, {"error": "captcha.wrong", "params": {}}, 400)
     new, again = form.get("new_password") or "", form.get("new_password_again") or ""
@@ -210,11 +212,11 @@ async def password_login_enable(request: Request) -> Response:
 
 # -- email confirmation ----------------------------------------------------------------------------
 async def email_verify(request: Request) -> Response:
-    found = await require_account(request)
-    form = await _form(request)
-    if isinstance(found, Response) or form is None:
-        return found if isinstance(found, Response) else _expired(request)
-    svc, (_, account) = request.app.state.svc, found
+    posted = await _post(request)
+    if isinstance(posted, Response):
+        return posted
+    account, form = posted
+    svc = request.app.state.svc
     if not account.email:
         return _back(error="email_missing")
     await recovery.send_verification_async(svc, account, locale_of(request))
@@ -235,10 +237,10 @@ def activity(svc, account_id: str, page: int) -> tuple[list[AuditEvent], int]:
 
 
 async def activity_page(request: Request) -> Response:
-    found = await require_account(request)
-    if isinstance(found, Response):
-        return found
-    svc, (_, account) = request.app.state.svc, found
+    account = await require_account(request)
+    if isinstance(account, Response):
+        return account
+    svc = request.app.state.svc
     page = request.query_params.get("page", "1")
     page = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
     rows, pages = await run_in_threadpool(activity, svc, account.id, page)

@@ -71,6 +71,19 @@ async def _transaction(request: Request, tx_id: str | None):
     return tx
 
 
+async def _posted(request: Request, *, need_account: bool = True):
+    """(form, tx) of a POST to a login page; (None, None) when the body is malformed,
+    the CSRF token wrong, or the transaction gone or another browser's."""
+    try:
+        form = dict(await read_form(request))
+    except BadRequest:
+        return None, None
+    tx = await _transaction(request, form.get("tx"))
+    if tx is None or (need_account and not tx.get("account")) or not csrf_ok(request, form):
+        return None, None
+    return form, tx
+
+
 def _expired(request: Request):
     return error_page(request, "error.tx_expired.title", "error.tx_expired.detail")
 
@@ -120,12 +133,8 @@ async def advance(request: Request, tx: dict, *, interactive: bool = True) -> Re
 async def factor_submit(request: Request) -> Response:
     svc = request.app.state.svc
     factor = FACTORS.get(request.path_params["factor"])
-    try:
-        form = dict(await read_form(request))
-    except BadRequest as e:
-        return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
-    tx = await _transaction(request, form.get("tx"))
-    if tx is None or factor is None or not csrf_ok(request, form):
+    form, tx = await _posted(request, need_account=False)
+    if tx is None or factor is None:
         return _expired(request)
     outcome = await factor.verify(request, svc, tx, form)
     if not outcome.ok:
@@ -148,9 +157,8 @@ def _bind_page(svc, account) -> dict:
 async def bind_otp(request: Request) -> Response:
     """Confirm the QR's secret with one code; then, as the seeds show, log in again with it."""
     svc = request.app.state.svc
-    form = dict(await read_form(request))
-    tx = await _transaction(request, form.get("tx"))
-    if tx is None or not tx.get("account") or not csrf_ok(request, form):
+    form, tx = await _posted(request)
+    if tx is None:
         return _expired(request)
     error = await run_in_threadpool(Enrolment(svc).confirm, tx["account"], form.get("otp"))
     if error:
@@ -167,9 +175,8 @@ async def bind_otp(request: Request) -> Response:
 async def rebuild_otp(request: Request) -> Response:
     """A new QR code: a new version; the previous pending secret stops working."""
     svc = request.app.state.svc
-    form = dict(await read_form(request))
-    tx = await _transaction(request, form.get("tx"))
-    if tx is None or not tx.get("account") or not csrf_ok(request, form):
+    form, tx = await _posted(request)
+    if tx is None:
         return _expired(request)
     account = await run_in_threadpool(_account, svc, tx["account"])
     Enrolment(svc).start(account, rebuild=True)
@@ -186,9 +193,8 @@ def _account(svc, account_id):
 async def password_change(request: Request) -> Response:
     """The expired-password step: a new password that meets the policy, typed twice."""
     svc = request.app.state.svc
-    form = dict(await read_form(request))
-    tx = await _transaction(request, form.get("tx"))
-    if tx is None or not tx.get("account") or not csrf_ok(request, form):
+    form, tx = await _posted(request)
+    if tx is None:
         return _expired(request)
     new, again = form.get("new_password") or "", form.get("new_password_again") or ""
     error = None
@@ -219,9 +225,8 @@ def _change_password(svc, account_id, new):
 
 async def consent(request: Request) -> Response:
     svc = request.app.state.svc
-    form = dict(await read_form(request))
-    tx = await _transaction(request, form.get("tx"))
-    if tx is None or not tx.get("account") or not csrf_ok(request, form):
+    form, tx = await _posted(request)
+    if tx is None:
         return _expired(request)
     if form.get("decision") != "allow":
         return await respond_error(request, tx, "access_denied", "The user declined.")
@@ -242,9 +247,8 @@ def _save_consent(svc, account_id, client_id, scope):
 
 
 async def cancel(request: Request) -> Response:
-    form = dict(await read_form(request))
-    tx = await _transaction(request, form.get("tx"))
-    if tx is None or not csrf_ok(request, form):
+    form, tx = await _posted(request, need_account=False)
+    if tx is None:
         return _expired(request)
     return await respond_error(request, tx, "access_denied", "The user cancelled the login.")
 

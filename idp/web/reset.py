@@ -28,9 +28,8 @@ from starlette.routing import Route
 from idp import captcha
 from idp.mail import MailError, masked
 from idp.storage.models import Binding
-from idp.web.forms import BadRequest, read_form
-from idp.web.login import _account, _expired, _transaction
-from idp.web.pages import csrf_ok, locale_of, render, who
+from idp.web.login import _account, _expired, _posted, _transaction
+from idp.web.pages import locale_of, render, who
 
 CODE_SECONDS = 300
 RESEND_SECONDS = 60
@@ -51,21 +50,14 @@ def _digest(code: str) -> str:
 
 
 async def _context(request: Request):
-    """(svc, tx, account) for a login whose password is proven, or None."""
+    """((svc, tx, account), form) for a login whose password is proven, or (None, form)."""
     svc = request.app.state.svc
     if request.method == "POST":
-        try:
-            form = dict(await read_form(request))
-        except BadRequest:
-            return None, {}
-        if not csrf_ok(request, form):
-            return None, form
-        tx_id = form.get("tx")
+        form, tx = await _posted(request)
     else:
-        form, tx_id = {}, request.query_params.get("tx")
-    tx = await _transaction(request, tx_id)
+        form, tx = {}, await _transaction(request, request.query_params.get("tx"))
     if tx is None or "password" not in tx["done"]:
-        return None, form
+        return None, form or {}
     account = await run_in_threadpool(_account, svc, tx["account"])
     return (svc, tx, account), form
 

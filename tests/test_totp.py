@@ -187,3 +187,19 @@ def test_match_finds_the_offset(offset, found):
     now = 1_800_000_000
     code = pyotp.TOTP(secret).at(now + 30 * offset)
     assert match(secret, code, now, drift_minutes=10) == found
+
+
+def test_a_tampered_binding_form_changes_nothing(mfa_provider):
+    from idp.storage.models import Binding
+
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    fields = next(f for f in forms(page.text) if f["action"] == "/login/bind/otp")["fields"]
+    code = _code(provider, _secret(page))
+    for tampered in ({**fields, "tx": "forged"}, {**fields, "csrf": "forged"}, {"otp": code}):
+        response = browser.go("/login/bind/otp", "POST", {**tampered, "otp": code})
+        assert response.status_code == 400 and "location" not in response.headers
+    with provider.svc.db.session() as session:
+        assert session.query(Binding).count() == 0

@@ -82,7 +82,7 @@ def test_a_stale_qr_version_is_refused(user):
     page = browser.submit(page, "/account/otp/rebuild")
     assert "v3" in page.text
     page = browser.submit(page, "/account/otp", otp=_code(provider, stale))
-    assert "密碼不正確" in _error(page)
+    assert "驗證碼不正確" in _error(page)
 
 
 def test_disabling_password_login_needs_a_passwordless_binding(user):
@@ -157,6 +157,7 @@ def test_lost_phone_reset_with_the_emergency_code(user, smtp_server):
     page = browser.submit(wrong, "/login/reset/verify", code=f"{code.group(1)}-{code.group(2)}")
     # Every binding is gone: the user is at forced binding (M1).
     assert "已刪除所有登入綁定" in _notice(page) and "/login/bind/otp" in page.text
+    assert "QR Code 版本 v2" in page.text  # never v1 again: the app would hold two "v1" entries
     with provider.svc.db.session() as session:
         assert session.query(Binding).count() == 0
 

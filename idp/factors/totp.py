@@ -25,7 +25,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from idp.factors import Outcome
-from idp.storage.models import Binding
+from idp.storage.models import Account, Binding
 from idp.web.pages import who
 
 STEP = 30
@@ -140,16 +140,19 @@ class Enrolment:
         """The pending secret for this page; ``rebuild`` replaces it with a new version."""
         pending = None if rebuild else self.current(account.id)
         if pending is None:
-            bound = next((b for b in account.bindings if b.factor == TOTP.name), None)
-            last = self.svc.store.get(self._key(account.id)) or {}
-            version = max(last.get("version", 0), bound.data.get("version", 0) if bound else 0) + 1
             pending = {
                 "secret": self.svc.box.seal(pyotp.random_base32(), account.id),
-                "version": version,
+                "version": self._next_version(account.id),
                 "exp": self.svc.clock() + PENDING_SECONDS,
             }
             self.svc.store.set(self._key(account.id), pending, PENDING_SECONDS + 60)
         return pending
+
+    def _next_version(self, account_id: str) -> int:
+        with self.svc.db.session() as session:
+            account = session.get(Account, account_id, with_for_update=True)
+            account.otp_version += 1
+            return account.otp_version
 
     def page(self, account, pending: dict) -> dict:
         secret = self.svc.box.open(pending["secret"], account.id)

@@ -46,6 +46,9 @@ class Account(Base):
     # One-day password (SPEC A7): SHA-256 of the emailed check code, and the day it is good for.
     one_day_code_hash: Mapped[str | None] = mapped_column(String(64))
     one_day_valid_on: Mapped[dt.date | None] = mapped_column(Date)
+    # The last OTP QR version shown to this account; survives a reset of its bindings,
+    # so a new QR never repeats an old version's label in the user's app.
+    otp_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     bindings: Mapped[list["Binding"]] = relationship(back_populates="account", cascade="all, delete-orphan")

@@ -74,6 +74,8 @@ def _render(request, svc, tx, account, flash=None, email="", status=200) -> Resp
     now = svc.clock()
     if record and record["exp"] < now:
         record = None
+    # Resending needs the address again; the user has proven the password, so it may be shown.
+    email = email or (record["email"] if record else "")
     context = {"tx": tx, "flash": flash or {"params": {}}, "email": email, "form_id": captcha.new_form(svc)}
     if record:
         context.update(prefix=record["prefix"], sent_to=masked(record["email"]),

@@ -148,6 +148,7 @@ def cmd_clients_add(args) -> int:
         "token_endpoint_auth_method": "none" if args.public else args.auth_method,
         "subject_type": args.subject_type,
         "minimum_acr": args.minimum_acr,
+        "allowed_factors": args.allowed_factor,
         "id_token_signed_response_alg": args.alg,
     }
     if args.jwks:
@@ -258,7 +259,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--jwks", help="file with the client's public JWKS (private_key_jwt)")
     c.add_argument("--first-party", action="store_true", help="a portal of ours: no consent screen")
     c.add_argument("--subject-type", choices=["public", "pairwise"], default="public")
-    c.add_argument("--minimum-acr", help="the lowest acr this client accepts (urn:idp:loa:1..3)")
+    c.add_argument("--minimum-acr", help="the lowest acr this client accepts (urn:idp:loa:1..3; loa:2 = MFA required)")
+    c.add_argument("--allowed-factor", action="append", help="a factor this client accepts (repeat; default: all)")
     c.add_argument("--alg", choices=["ES256", "RS256"], help="ID token signing algorithm")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_clients_add)

@@ -102,16 +102,23 @@ def _raises(factor, amr: list[str]) -> bool:
 
 
 def next_step(svc, session, tx: dict, account: Account | None, client) -> Step:
+    # The client's policy may narrow the factors (``allowed_factors`` in its registration).
+    factors = tuple(f for f in FACTORS.values() if client.allows(f.name))
     if account is None:
-        return Step("factor", factors=tuple(f for f in FACTORS.values() if f.first))
+        first = tuple(f for f in factors if f.first)
+        return Step("factor", factors=first) if first else Step("unmet")
     if account.disabled:
         return Step("disabled")
     if acr.rank(acr.earned(tx["amr"])) < acr.rank(tx["target_acr"]):
-        options = tuple(f for f in FACTORS.values() if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
-        return Step("factor", factors=options) if options else Step("unmet")
+        options = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
+        if options:
+            return Step("factor", factors=options)
+        # Two factors asked for and none bound: binding OTP (M1) is the way there.
+        can_bind = acr.rank(tx["target_acr"]) <= acr.rank(acr.LOA2) and not any(f.possession and f.bound(account) for f in factors)
+        return Step("action", action="bind") if can_bind and client.allows("otp") else Step("unmet")
     if svc.settings.mfa and "mfa" not in tx["amr"]:
         # Two factors for everyone (seed 001): a second one if bound, else bind one first (M1).
-        bound = tuple(f for f in FACTORS.values() if f.possession and f.bound(account))
+        bound = tuple(f for f in factors if f.possession and f.bound(account))
         if not bound:
             return Step("action", action="bind")
         options = tuple(f for f in bound if f.name not in tx["done"])

@@ -204,3 +204,27 @@ def test_a_tampered_binding_form_changes_nothing(mfa_provider):
         assert response.status_code == 400 and "location" not in response.headers
     with provider.svc.db.session() as session:
         assert session.query(Binding).count() == 0
+
+
+def test_client_policy_minimum_acr_and_allowed_factors(mfa_provider):
+    provider = mfa_provider
+    strict, strict_secret = provider.client(minimum_acr="urn:idp:loa:2")
+    browser = provider.browser()
+    _, secret = _bind(provider, browser, strict)
+    provider.clock.advance(30)
+    page = browser.password(browser.authorize(strict))
+    params = callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+    token = redeem(browser.http, strict, strict_secret, params["code"]).json()
+    claims = jwt.decode(token["id_token"], KeySet.import_key_set(browser.http.get("/jwks").json())).claims
+    assert claims["acr"] == "urn:idp:loa:2"
+    # A client that only accepts OTP after a password it does not list: nothing can start the login.
+    otp_only, _ = provider.client(allowed_factors=["otp"])
+    page = provider.browser().authorize(otp_only)
+    assert callback(page)["error"] == "unmet_authentication_requirements"
+
+
+def test_allowed_factors_are_validated(mfa_provider):
+    from idp.protocol.clients import ClientError
+
+    with pytest.raises(ClientError):
+        mfa_provider.client(allowed_factors=["carrier-pigeon"])

@@ -86,6 +86,11 @@ class OAuthClient(ClientMixin):
     def minimum_acr(self) -> str | None:
         return self.metadata.get("minimum_acr")
 
+    def allows(self, factor: str) -> bool:
+        """Whether this client accepts logins with ``factor`` (all, unless it lists some)."""
+        allowed = self.metadata.get("allowed_factors")
+        return allowed is None or factor in allowed
+
     def lifetime(self, kind: str, default: int) -> int:
         return int(self.metadata.get(f"{kind}_lifetime") or default)
 
@@ -158,6 +163,12 @@ def validate_metadata(meta: dict) -> dict:
         raise ClientError("id_token_signed_response_alg must be ES256 or RS256")
     if meta.get("subject_type", "public") not in ("public", "pairwise"):
         raise ClientError("subject_type must be public or pairwise")
+    allowed = meta.get("allowed_factors")
+    if allowed is not None:
+        from idp.factors import FACTORS  # the factors are the login's business; imported late
+
+        if not isinstance(allowed, list) or not allowed or set(allowed) - set(FACTORS):
+            raise ClientError(f"allowed_factors must be a non-empty list of: {', '.join(FACTORS)}")
     if meta.get("minimum_acr") not in (None, *LADDER):
         raise ClientError(f"minimum_acr must be one of {' '.join(LADDER)}")
     scope = meta.get("scope")

@@ -46,6 +46,9 @@ class Console:
     first_party = True
     minimum_acr = None
 
+    def allows(self, factor: str) -> bool:
+        return True
+
 
 def _load(svc, tx: dict):
     """The client and the transaction's account (None before the first factor)."""

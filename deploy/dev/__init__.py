@@ -1,1 +1,1 @@
-"""Development helpers: a test PKI with the MOICA/XCA profile and its local CRL/OCSP responders."""
+"""Stand-ins for outside services, for tests and the demo: a test PKI with the MOICA/XCA profile and its CRL/OCSP responders, and the mobile-ID service simulator."""

@@ -1,0 +1,127 @@
+"""Trust anchor sets: which CAs may issue login certificates, for which accounts.
+
+A directory (``keys/trust/`` by default) holds PEM certificates and an
+``anchors.toml`` that groups them::
+
+    [[anchor_set]]
+    name = "moica"                      # reported back as CertificateIdentity.anchor_set
+    kinds = ["personal"]                # account kinds this set may log in
+    roots = ["GRCA-G3.pem", "GRCA-G2.pem"]        # self-signed trust anchors
+    issuers = ["MOICA-G3.pem", "MOICA-G2.pem"]    # CAs allowed to issue the leaf
+    # org_id_oid = "2.16.886.1.100.2.102"  # where the organisation id sits (XCA/GCA)
+
+Why two lists: GRCA is the root of MOICA (citizens) and of GCA/XCA
+(organisations) alike, so trusting GRCA alone would let an organisation
+certificate log in a personal account. A set therefore pins the *issuing* CA
+as well, and a path only counts for the set whose issuer signed the leaf.
+No certificate is ever fetched from the network (no AIA chasing): the path
+is built only from these files.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from asn1crypto import pem, x509
+
+KINDS = frozenset({"personal", "aa"})
+
+
+@dataclass(frozen=True)
+class AnchorSet:
+    name: str
+    kinds: frozenset[str]
+    roots: tuple[x509.Certificate, ...]
+    issuers: tuple[x509.Certificate, ...]
+    org_id_oid: str | None = None
+
+    def issuer_of(self, leaf: x509.Certificate) -> x509.Certificate | None:
+        """The pinned CA whose name and key identifier match the leaf's issuer.
+
+        MOICA G2 and G3 share one DN: the key identifier tells them apart."""
+        aki = leaf.authority_key_identifier
+        for ca in self.issuers:
+            if ca.subject != leaf.issuer:
+                continue
+            if aki is None or ca.key_identifier is None or ca.key_identifier == aki:
+                return ca
+        return None
+
+
+@dataclass(frozen=True)
+class TrustStore:
+    sets: tuple[AnchorSet, ...]
+    directory: Path | None = None
+
+    def candidates(self, leaf: x509.Certificate, kind: str | None = None) -> list[tuple[AnchorSet, x509.Certificate]]:
+        """Anchor sets (serving ``kind``, if given) that pin the leaf's issuer."""
+        out = []
+        for s in self.sets:
+            if kind is not None and kind not in s.kinds:
+                continue
+            ca = s.issuer_of(leaf)
+            if ca is not None:
+                out.append((s, ca))
+        return out
+
+    def get(self, name: str) -> AnchorSet:
+        for s in self.sets:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def read_certificates(path: Path) -> list[x509.Certificate]:
+    """Every certificate in a PEM (possibly several) or DER file."""
+    data = path.read_bytes()
+    if not pem.detect(data):
+        return [x509.Certificate.load(data)]
+    return [x509.Certificate.load(der) for kind, _, der in pem.unarmor(data, multiple=True) if kind == "CERTIFICATE"]
+
+
+def load_trust(directory: str | Path) -> TrustStore:
+    """Read ``anchors.toml`` and the PEMs it names; refuse anything inconsistent."""
+    directory = Path(directory)
+    config = tomllib.loads((directory / "anchors.toml").read_text("utf-8"))
+    sets = []
+    for entry in config.get("anchor_set", []):
+        name = entry["name"]
+        kinds = frozenset(entry.get("kinds", []))
+        if not kinds or not kinds <= KINDS:
+            raise ValueError(f"anchor set {name}: kinds must be a non-empty subset of {sorted(KINDS)}")
+        roots = tuple(c for f in entry["roots"] for c in read_certificates(directory / f))
+        issuers = tuple(c for f in entry["issuers"] for c in read_certificates(directory / f))
+        for c in roots:
+            if c.self_signed == "no":
+                raise ValueError(f"anchor set {name}: root {c.subject.human_friendly} is not self-signed")
+        for c in issuers:
+            if not c.ca:
+                raise ValueError(f"anchor set {name}: issuer {c.subject.human_friendly} is not a CA")
+        sets.append(AnchorSet(name, kinds, roots, issuers, entry.get("org_id_oid")))
+    if len({s.name for s in sets}) != len(sets):
+        raise ValueError("anchor set names must be unique")
+    return TrustStore(tuple(sets), directory)
+
+
+async def check_issuers(trust: TrustStore, now: datetime) -> dict[str, list[str]]:
+    """Validate every pinned issuing CA up to its set's roots at ``now``.
+
+    The ``openssl verify -CAfile ROOT CA.pem`` of the whole configuration: run
+    it at start-up or in a health check so a wrong file fails loudly, not at
+    the first card login. Returns {set name: [problems]} (empty lists: all good)."""
+    from pyhanko_certvalidator import CertificateValidator, ValidationContext
+
+    report: dict[str, list[str]] = {}
+    for s in trust.sets:
+        problems = []
+        for ca in s.issuers:
+            ctx = ValidationContext(trust_roots=list(s.roots), moment=now, allow_fetching=False)
+            try:
+                await CertificateValidator(ca, validation_context=ctx).async_validate_usage({"key_cert_sign"})
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                problems.append(f"{ca.subject.human_friendly}: {exc}")
+        report[s.name] = problems
+    return report

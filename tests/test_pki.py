@@ -1,0 +1,309 @@
+"""Certificate-login verification (idp.pki) against a generated test PKI with live CRL/OCSP responders.
+
+The PKI has the MOICA/XCA profile (deploy/dev/testpki.py); the responders
+sign CRLs and OCSP answers per request on loopback, so revocation runs the
+real network path. The real GRCA/MOICA certificates in keys/trust are used
+only for loading and chain building.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from asn1crypto import x509 as ax509
+from cryptography.hazmat.primitives import serialization
+
+from deploy.dev import testpki
+from idp import pki
+from idp.pki import revocation as rev
+from tests.pki_fixtures import start_test_pki
+
+CHALLENGE = b"idp-login:3f6c1d0e9a7b4e21"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tpki(tmp_path_factory):
+    p = start_test_pki(tmp_path_factory.mktemp("pki"))
+    try:
+        yield p
+    finally:
+        p.server.stop()
+
+
+@pytest.fixture(scope="session")
+def trust(tpki):
+    return pki.load_trust(tpki.dir / "trust")
+
+
+@pytest.fixture(autouse=True)
+def _reset(tpki):
+    tpki.server.hits.clear()
+    tpki.server.down = False
+
+
+def now():
+    return datetime.now(timezone.utc)
+
+
+def verify(signed, challenge=CHALLENGE, *, trust, mode="hard-fail", at=None, **kw):
+    async def run():
+        checker = pki.RevocationChecker(pki.RevocationPolicy(mode=mode, timeout=2.0))
+        try:
+            return await pki.verify_signature(signed, challenge, trust=trust, revocation=checker, now=at or now(), **kw)
+        finally:
+            await checker.aclose()
+
+    return asyncio.run(run())
+
+
+# -- good signatures -----------------------------------------------------------
+
+def test_citizen_cms_signature_verifies_and_names_the_card(tpki, trust):
+    who = verify(tpki.make_signature("citizen", CHALLENGE), trust=trust, kind="personal")
+    leaf = tpki.manifest["leaves"]["citizen"]
+    assert who.form == "cms"
+    assert who.anchor_set == "moica" and who.kinds == {"personal"}
+    assert who.subject_serial_number == leaf["card_serial"] and len(who.subject_serial_number) == 16
+    assert who.id_last4 == "6789"
+    assert who.subject_cn == "王小明"
+    assert who.issuer_dn == "OU=內政部憑證管理中心 測試,O=行政院,C=TW"
+    assert who.binding_key == (who.issuer_dn, leaf["card_serial"])
+    assert who.cert_serial == leaf["serial"]
+    assert who.signing_time is not None
+    assert who.revocation.status == "good" and who.revocation.source == "ocsp"
+    assert tpki.server.hits["/ocsp/moica"] == 1 and tpki.server.hits["/crl/moica.crl"] == 0
+
+
+def test_pkcs1_form_with_the_certificate_alongside(tpki, trust):
+    who = verify(tpki.make_pkcs1("citizen", CHALLENGE), trust=trust, certificate=tpki.certb64("citizen"))
+    assert who.form == "pkcs1" and who.id_last4 == "6789"
+
+
+def test_detached_cms_ecdsa_and_rsa_pss(tpki, trust):
+    assert verify(tpki.make_signature("citizen", CHALLENGE, detached=True), trust=trust).form == "cms"
+    assert verify(tpki.make_signature("citizen", CHALLENGE, pss=True), trust=trust).id_last4 == "6789"
+    who = verify(tpki.make_signature("citizen_ec", CHALLENGE), trust=trust)
+    assert who.id_last4 == "6780" and who.subject_cn == "陳小華"
+    assert verify(tpki.make_pkcs1("citizen_ec", CHALLENGE), trust=trust, certificate=tpki.certb64("citizen_ec")).form == "pkcs1"
+
+
+def test_organisation_certificate_maps_to_the_aa_anchor_set(tpki, trust):
+    who = verify(tpki.make_signature("org", CHALLENGE), trust=trust, kind="aa")
+    assert who.anchor_set == "organisation" and who.kinds == {"aa"}
+    assert who.org_id == "379123456" and who.id_last4 is None
+    assert who.subject_dn.startswith("O=臺北市立測試國民小學")
+    with pytest.raises(pki.Untrusted):  # an organisation certificate cannot log in a personal account
+        verify(tpki.make_signature("org", CHALLENGE), trust=trust, kind="personal")
+    with pytest.raises(pki.Untrusted):  # nor a citizen an AA account
+        verify(tpki.make_signature("citizen", CHALLENGE), trust=trust, kind="aa")
+
+
+# -- refused signatures ----------------------------------------------------------
+
+def test_signature_over_another_challenge_is_refused(tpki, trust):
+    with pytest.raises(pki.ChallengeMismatch) as e:
+        verify(tpki.make_signature("citizen", b"idp-login:an-older-challenge"), trust=trust)
+    assert e.value.code == "challenge_mismatch"
+    with pytest.raises(pki.ChallengeMismatch):
+        verify(tpki.make_signature("citizen", b"idp-login:an-older-challenge", detached=True), trust=trust)
+    with pytest.raises(pki.SignatureInvalid):  # a bare signature can't tell replay from tampering
+        verify(tpki.make_pkcs1("citizen", b"other"), trust=trust, certificate=tpki.certb64("citizen"))
+    assert sum(tpki.server.hits.values()) == 0  # no network for a refused signature
+
+
+def _flip_signing_time(der: bytes) -> bytes:
+    oid = bytes.fromhex("06092a864886f70d010905")  # signingTime
+    i = der.index(oid) + len(oid)
+    j = der.index(b"\x17\x0d", i) + 2  # its UTCTime value
+    digit = der[j + 1:j + 2]
+    return der[:j + 1] + (b"0" if digit != b"0" else b"1") + der[j + 2:]
+
+
+def test_tampered_signed_attributes_or_content_are_refused(tpki, trust):
+    der = base64.b64decode(tpki.make_signature("citizen", CHALLENGE))
+    with pytest.raises(pki.SignatureInvalid) as e:
+        verify(_flip_signing_time(der), trust=trust)
+    assert e.value.code == "signature_invalid"
+    with pytest.raises(pki.SignatureInvalid):  # eContent changed, messageDigest no longer matches
+        verify(der.replace(CHALLENGE, CHALLENGE[:-1] + b"X"), CHALLENGE[:-1] + b"X", trust=trust)
+
+
+def test_garbage_is_bad_format(tpki, trust):
+    for blob in ("not base64!", base64.b64encode(b"\x30\x03\x02\x01\x00").decode(), b""):
+        with pytest.raises(pki.BadFormat) as e:
+            verify(blob, trust=trust)
+        assert e.value.code == "bad_format"
+
+
+def test_certificate_from_an_untrusted_ca_with_the_same_dn(tpki, trust):
+    forged = tpki.cert("forged")
+    assert forged.issuer == tpki.cert("citizen").issuer  # same DN as the trusted test MOICA
+    with pytest.raises(pki.Untrusted) as e:
+        verify(tpki.make_signature("forged", CHALLENGE), trust=trust)
+    assert e.value.code == "untrusted"
+
+
+def test_expired_and_not_yet_valid(tpki, trust):
+    cert = tpki.cert("citizen")
+    blob = tpki.make_signature("citizen", CHALLENGE)
+    with pytest.raises(pki.Expired) as e:
+        verify(blob, trust=trust, at=cert.not_valid_after_utc + timedelta(days=1))
+    assert e.value.code == "expired"
+    with pytest.raises(pki.NotYetValid):
+        verify(blob, trust=trust, at=cert.not_valid_before_utc - timedelta(days=1))
+
+
+def test_encryption_certificate_is_not_for_login(tpki, trust):
+    with pytest.raises(pki.KeyUsage) as e:
+        verify(tpki.make_signature("citizen_enc", CHALLENGE), trust=trust)
+    assert e.value.code == "key_usage"
+
+
+# -- revocation ----------------------------------------------------------------
+
+def test_revoked_via_ocsp(tpki, trust):
+    with pytest.raises(pki.Revoked) as e:
+        verify(tpki.make_signature("revoked_ocsp", CHALLENGE), trust=trust, mode="soft-fail")
+    assert e.value.code == "revoked" and "OCSP" in str(e.value)
+    assert tpki.server.hits["/ocsp/moica"] == 1 and tpki.server.hits["/crl/moica.crl"] == 0
+
+
+def test_revoked_via_crl(tpki, trust):
+    with pytest.raises(pki.Revoked) as e:
+        verify(tpki.make_signature("revoked_crl", CHALLENGE), trust=trust, mode="soft-fail")
+    assert "CRL" in str(e.value)
+    assert tpki.server.hits["/crl/moica.crl"] == 1 and tpki.server.hits["/ocsp/moica"] == 0
+
+
+def test_crl_when_policy_prefers_it_and_the_cache_honours_next_update(tpki, trust):
+    blob = tpki.make_signature("citizen", CHALLENGE)
+
+    async def run():
+        checker = pki.RevocationChecker(pki.RevocationPolicy(prefer_ocsp=False))
+        try:
+            t = now()
+            for _ in range(3):
+                who = await pki.verify_signature(blob, CHALLENGE, trust=trust, revocation=checker, now=t)
+                assert who.revocation.source == "crl"
+            assert tpki.server.hits["/crl/moica.crl"] == 1  # downloaded once
+            later = t + timedelta(days=2)
+            tpki.server.state.clock = lambda: later  # the CA signs a new CRL at that time
+            await pki.verify_signature(blob, CHALLENGE, trust=trust, revocation=checker, now=later)
+            assert tpki.server.hits["/crl/moica.crl"] == 2  # past nextUpdate: fetched again
+        finally:
+            tpki.server.state.clock = now
+            await checker.aclose()
+
+    asyncio.run(run())
+
+
+def test_responder_unreachable_soft_fail_accepts_and_logs(tpki, trust, caplog):
+    caplog.set_level(logging.WARNING, logger="idp.pki")
+    who = verify(tpki.make_signature("offline", CHALLENGE), trust=trust, mode="soft-fail")
+    assert who.revocation.status == "unavailable"
+    assert any("ACCEPTED under soft-fail" in r.getMessage() for r in caplog.records)
+
+
+def test_responder_unreachable_hard_fail_refuses(tpki, trust):
+    with pytest.raises(pki.RevocationUnavailable) as e:
+        verify(tpki.make_signature("offline", CHALLENGE), trust=trust, mode="hard-fail")
+    assert e.value.code == "revocation_unavailable"
+    tpki.server.down = True  # our responder answers 503 to OCSP and CRL alike
+    with pytest.raises(pki.RevocationUnavailable):
+        verify(tpki.make_signature("citizen", CHALLENGE), trust=trust, mode="hard-fail")
+    assert tpki.server.hits["/ocsp/moica"] == 1 and tpki.server.hits["/crl/moica.crl"] == 1
+
+
+def test_ocsp_answer_from_an_undelegated_signer_is_not_believed(tpki):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509 import ocsp
+
+    leaf, (moica, _), (xca, xca_key) = tpki.cert("revoked_ocsp"), tpki.ca("moica"), tpki.ca("xca")
+    t = now()
+    forged = (ocsp.OCSPResponseBuilder()
+              .add_response(leaf, moica, hashes.SHA1(), ocsp.OCSPCertStatus.GOOD, t, t + timedelta(hours=1), None, None)
+              .responder_id(ocsp.OCSPResponderEncoding.HASH, xca).certificates([xca])
+              .sign(xca_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    a = lambda c: ax509.Certificate.load(c.public_bytes(serialization.Encoding.DER))  # noqa: E731
+    with pytest.raises(ValueError, match="responder"):
+        rev.check_ocsp_response(forged, a(leaf), a(moica), t, pki.RevocationPolicy(), None)
+
+
+def test_crl_of_100k_entries_parses_fast_and_looks_up_by_serial(tpki):
+    moica, key = tpki.ca("moica")
+    t = now()
+    der = testpki.big_crl(moica, key, 100_000, now=t, include=[0xABCDEF])
+    issuer = ax509.Certificate.load(moica.public_bytes(serialization.Encoding.DER))
+    start = time.perf_counter()
+    crl = rev.parse_crl(der, issuer)
+    elapsed = time.perf_counter() - start
+    print(f"\n100k-entry CRL ({len(der) // 1024} KiB): verified and indexed in {elapsed * 1000:.0f} ms")
+    assert len(crl) == 100_001
+    assert elapsed < 2.0
+    start = time.perf_counter()
+    for _ in range(10_000):
+        crl.lookup(0x1234)
+    assert (time.perf_counter() - start) / 10_000 < 20e-6  # a dict lookup, not a scan
+    assert crl.lookup(0xABCDEF)["revocation_date"].native < t
+    assert crl.lookup(0x10_0000_0000 + 3 * 7919)["crl_entry_extensions"][0]["extn_value"].native == "key_compromise"
+    xca = ax509.Certificate.load(tpki.ca("xca")[0].public_bytes(serialization.Encoding.DER))
+    with pytest.raises(ValueError):  # another CA's CRL
+        rev.parse_crl(der, xca)
+    with pytest.raises(ValueError, match="signature"):
+        rev.parse_crl(der[:-5] + bytes(5), issuer)
+
+
+def test_verification_cost_without_network(tpki, trust):
+    blob = tpki.make_signature("citizen", CHALLENGE)
+
+    async def run():
+        checker = pki.RevocationChecker(pki.RevocationPolicy(mode="off"))
+        t = now()
+        await pki.verify_signature(blob, CHALLENGE, trust=trust, revocation=checker, now=t)
+        n, start = 50, time.perf_counter()
+        for _ in range(n):
+            await pki.verify_signature(blob, CHALLENGE, trust=trust, revocation=checker, now=t)
+        await checker.aclose()
+        return (time.perf_counter() - start) / n
+
+    per = asyncio.run(run())
+    print(f"\nverify_signature without revocation: {per * 1000:.2f} ms")
+    assert per < 0.05  # target 5 ms; loose bound for a loaded CI machine
+
+
+# -- the real anchors ------------------------------------------------------------
+
+def test_real_grca_moica_anchors_load_and_chain():
+    trust = pki.load_trust(REPO / "keys" / "trust")
+    moica = trust.get("moica")
+    assert moica.kinds == {"personal"}
+    assert [c.subject.native.get("common_name") or c.subject.native["organization_name"] for c in moica.roots] == [
+        "Government Root Certification Authority - G3", "Government Root Certification Authority"]
+    assert len(moica.roots) == 2 and all(c.self_signed == "maybe" for c in moica.roots)
+    assert len(moica.issuers) == 2 and moica.issuers[0].subject == moica.issuers[1].subject  # same DN, G2 and G3
+    assert moica.issuers[0].key_identifier != moica.issuers[1].key_identifier
+    # openssl verify -CAfile GRCA-G3.pem MOICA-G3.pem, likewise G2, as of today
+    report = asyncio.run(pki.check_issuers(trust, now()))
+    assert report == {"moica": []}
+    g3 = next(c for c in moica.issuers if "ocsp.grca.nat.gov.tw" in "".join(c.ocsp_urls))
+    assert g3.public_key.bit_size == 4096
+    # MOICA G2 has expired by 2034-02: the check notices
+    later = asyncio.run(pki.check_issuers(trust, datetime(2035, 1, 1, tzinfo=timezone.utc)))
+    assert len(later["moica"]) == 1 and "expired" in later["moica"][0]
+
+
+def test_real_anchors_pin_the_issuer_by_key_identifier(tpki):
+    """A test citizen certificate whose issuer DN differs is no candidate for the real set;
+    one claiming the real MOICA DN with another key is no candidate either."""
+    trust = pki.load_trust(REPO / "keys" / "trust")
+    leaf = ax509.Certificate.load(tpki.cert("citizen").public_bytes(serialization.Encoding.DER))
+    assert trust.candidates(leaf) == []
+    with pytest.raises(pki.Untrusted):
+        verify(tpki.make_signature("citizen", CHALLENGE), trust=trust)

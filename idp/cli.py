@@ -135,6 +135,64 @@ def cmd_users_unlock(args) -> int:
     return 0
 
 
+def _account_id(svc, username):
+    from idp.accounts import by_username
+
+    with svc.db.session() as session:
+        account = by_username(session, username)
+        return (account.id, account.username) if account else (None, username)
+
+
+def cmd_users_one_day_password(args) -> int:
+    """SPEC A7: mail the account a check code for today. The code goes only by mail."""
+    from idp.factors import one_day
+    from idp.mail import MailError, masked
+    from idp.web.i18n import translate
+
+    svc = _services()
+    account_id, username = _account_id(svc, args.username)
+    if account_id is None:
+        return _fail(f"no account {args.username}")
+    try:
+        info = one_day.enable(svc, account_id)
+    except one_day.OneDayError as e:
+        return _fail(translate("en", f"admin.error.{e.reason}"))
+    except MailError as e:
+        return _fail(f"{e}; the one-day password is not enabled")
+    svc.audit.record("one_day.enabled", account_id=account_id, username=username, method="cli", day=info["day"].isoformat())
+    print(f"one-day password of {username}: check code mailed to {masked(info['email'])}, "
+          f"good on {info['day'].isoformat()} until midnight Taiwan time")
+    return 0
+
+
+def cmd_users_reset_bindings(args) -> int:
+    """Delete every binding (OTP, certificate, Google): the next login goes through forced binding (M1)."""
+    from sqlalchemy import delete
+
+    from idp.storage.models import Binding
+
+    svc = _services()
+    account_id, username = _account_id(svc, args.username)
+    if account_id is None:
+        return _fail(f"no account {args.username}")
+    with svc.db.session() as session:
+        count = session.execute(delete(Binding).where(Binding.account_id == account_id)).rowcount
+    svc.audit.record("bindings.reset", account_id=account_id, username=username, method="cli", deleted=count)
+    print(f"deleted {count} binding(s) of {username}; the next login asks to bind again")
+    return 0
+
+
+def cmd_users_admin(args) -> int:
+    """Grant (or ``--revoke``) the administrator role: the admin area at /admin, every account."""
+    grant = not args.revoke
+    svc, account_id = _with_account(args.username, lambda a: setattr(a, "admin", grant))
+    if account_id is None:
+        return _fail(f"no account {args.username}")
+    svc.audit.record("admin.granted" if grant else "admin.revoked", account_id=account_id, username=args.username, method="cli")
+    print(f"{args.username} {'is now an administrator' if grant else 'is no longer an administrator'}")
+    return 0
+
+
 # -- clients -------------------------------------------------------------------------
 def cmd_clients_add(args) -> int:
     from idp.protocol.clients import ClientError, client_info, create_client
@@ -151,6 +209,11 @@ def cmd_clients_add(args) -> int:
         "allowed_factors": args.allowed_factor,
         "id_token_signed_response_alg": args.alg,
     }
+    # Back-Channel / Front-Channel Logout 1.0 (SPEC P6); this provider always sends iss and sid.
+    if args.backchannel_logout_uri:
+        meta.update(backchannel_logout_uri=args.backchannel_logout_uri, backchannel_logout_session_required=True)
+    if args.frontchannel_logout_uri:
+        meta.update(frontchannel_logout_uri=args.frontchannel_logout_uri, frontchannel_logout_session_required=True)
     if args.jwks:
         with open(args.jwks) as f:
             meta["jwks"] = json.load(f)
@@ -246,12 +309,24 @@ def parser() -> argparse.ArgumentParser:
         c = users.add_parser(name)
         c.add_argument("username")
         c.set_defaults(func=func)
+    c = users.add_parser("one-day-password", help="mail the account a one-day password check code for today (SPEC A7)")
+    c.add_argument("username")
+    c.set_defaults(func=cmd_users_one_day_password)
+    c = users.add_parser("reset-bindings", help="delete every binding: the next login binds again (SPEC M1)")
+    c.add_argument("username")
+    c.set_defaults(func=cmd_users_reset_bindings)
+    c = users.add_parser("admin", help="grant the administrator role (the admin area, every account)")
+    c.add_argument("username")
+    c.add_argument("--revoke", action="store_true", help="take the role away instead")
+    c.set_defaults(func=cmd_users_admin)
 
     clients = sub.add_parser("clients", help="relying parties").add_subparsers(dest="clients_command", required=True)
     c = clients.add_parser("add", help="register a client")
     c.add_argument("--name", required=True)
     c.add_argument("--redirect-uri", action="append")
     c.add_argument("--post-logout-redirect-uri", action="append")
+    c.add_argument("--backchannel-logout-uri", help="where logout tokens are POSTed when a session ends")
+    c.add_argument("--frontchannel-logout-uri", help="loaded in an iframe on the logged-out page")
     c.add_argument("--grant-type", action="append", choices=["authorization_code", "refresh_token", "client_credentials"])
     c.add_argument("--public", action="store_true", help="a public client (no secret; PKCE required)")
     c.add_argument("--auth-method", default="client_secret_basic",

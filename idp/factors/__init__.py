@@ -56,5 +56,6 @@ def methods(account) -> list[dict]:
 
 from idp.factors.password import PASSWORD  # noqa: E402
 from idp.factors.totp import TOTP  # noqa: E402
+from idp.factors.one_day import ONE_DAY  # noqa: E402
 
-FACTORS = {f.name: f for f in (PASSWORD, TOTP)}
+FACTORS = {f.name: f for f in (PASSWORD, TOTP, ONE_DAY)}

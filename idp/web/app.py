@@ -16,7 +16,7 @@ from idp.clock import Clock
 from idp.metrics import CONTENT_TYPE, RequestMetrics
 from idp.services import Services
 from idp.settings import Settings
-from idp.web import account, login, oidc, recovery, reset
+from idp.web import account, admin, login, oidc, recovery, reset
 from idp.web.pages import error_page
 
 log = logging.getLogger("idp")
@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         Route("/login/bind/otp", login.bind_otp, methods=["POST"]),
         Route("/login/bind/otp/rebuild", login.rebuild_otp, methods=["POST"]),
         *account.routes,
+        *admin.routes,
         *reset.routes,
         Route("/healthz", healthz),
         Route("/readyz", readyz),

@@ -139,6 +139,9 @@ async def factor_submit(request: Request) -> Response:
     form, tx = await _posted(request, need_account=False)
     if tx is None or factor is None:
         return _expired(request)
+    _, _, step = await run_in_threadpool(_load, svc, tx)
+    if step is None or step.kind != "factor" or factor not in step.factors:
+        return _expired(request)  # only a factor this step offers: the client's policy holds
     outcome = await factor.verify(request, svc, tx, form)
     if not outcome.ok:
         tx["failures"] = tx.get("failures", 0) + 1
@@ -288,8 +291,11 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
         # transaction started from the session's amr, so tx["amr"] is the whole story.
         session.update(amr=tx["amr"], acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
         svc.sessions.save(session)
-    if any(FACTORS[name].possession for name in tx["done"]):
-        session["verified_at"] = svc.clock()  # what the account area asks to be recent (M2)
+    # What the account area asks to be recent (M2): a bound second factor, or any factor
+    # from an account that has none to offer (else it could never get in).
+    has_possession = any(f.possession and f.bound(account) for f in FACTORS.values())
+    if tx["done"] and (any(FACTORS[name].possession for name in tx["done"]) or not has_possession):
+        session["verified_at"] = svc.clock()
         svc.sessions.save(session)
     auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": session["acr"], "amr": session["amr"]}
     if tx["done"]:

@@ -30,6 +30,7 @@ from idp.web.pages import render
 PROVIDER, PORTAL = "http://localhost:8000", "http://localhost:8001"
 DEMO_USER, DEMO_PASSWORD = "demo", "Taipei-101-School!"
 VAR = Path("var")
+PORTAL_LOGOUT = {"backchannel_logout_uri": f"{PORTAL}/backchannel-logout", "backchannel_logout_session_required": True}
 
 
 def _prepare(app) -> dict:
@@ -42,11 +43,16 @@ def _prepare(app) -> dict:
             create_account(session, svc.passwords, DEMO_USER, DEMO_PASSWORD, now=dt.datetime.now(dt.timezone.utc),
                            name="王小明", email="demo@example.tw", email_verified=True, org="臺北市立示範國民中學")
         portal = json.loads(saved.read_text()) if saved.exists() else None
-        if portal is None or find(session, portal["client_id"]) is None:
+        row = find(session, portal["client_id"]) if portal else None
+        if row is not None and "backchannel_logout_uri" not in row.metadata_:
+            # A registration from before back-channel logout (SPEC P6): add the portal's URI.
+            row.metadata_ = {**row.metadata_, **PORTAL_LOGOUT}
+        if row is None:
             row, secret, _ = create_client(session, {
                 "client_name": "校務行政系統 2.0",
                 "redirect_uris": [f"{PORTAL}/callback"],
                 "post_logout_redirect_uris": [f"{PORTAL}/"],
+                **PORTAL_LOGOUT,
             }, first_party=True)
             portal = {"client_id": row.client_id, "client_secret": secret}
             fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -13,6 +13,7 @@ from idp.flow import Transactions
 from idp.mail import Mailer
 from idp.metrics import Metrics
 from idp.protocol.keys import KeyRing
+from idp.protocol.logout import BackChannel
 from idp.secretbox import SecretBox
 from idp.protocol.server import Server
 from idp.protocol.tokens import Tokens
@@ -38,6 +39,8 @@ class Services:
         self.audit = Audit(self.db, self.clock, self.metrics)
         self.mailer = Mailer(settings, self.clock)
         self.server = Server(self)
+        self.backchannel = BackChannel(self)
+        self.sessions.listeners.append(self.backchannel.session_ended)
         self.pairwise_salt = b""
         self.box: SecretBox | None = None
 

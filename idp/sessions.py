@@ -7,12 +7,17 @@ each client under it, so that logging out can end them.
 
 from __future__ import annotations
 
+import logging
 import secrets
+
+log = logging.getLogger("idp.sessions")
 
 
 class Sessions:
     def __init__(self, store, clock, lifetime: int):
         self.store, self.clock, self.lifetime = store, clock, lifetime
+        # Called with the ended record after ``end`` (back-channel logout, SPEC P6).
+        self.listeners: list = []
 
     def create(self, account_id: str, username: str, amr: list[str], acr: str, auth_time: float) -> dict:
         now = self.clock()
@@ -48,11 +53,18 @@ class Sessions:
         self.save(record)
 
     def end(self, sid: str, tokens) -> dict | None:
-        """End a session and revoke every grant issued under it."""
+        """End a session, revoke every grant issued under it and tell the
+        listeners (which notify the session's clients). Taking the record is
+        atomic, so of two concurrent ends only one notifies."""
         record = self.store.take("sess:" + sid) if sid else None
         if record is None:
             return None
         for gids in record["clients"].values():
             for gid in gids:
                 tokens.revoke_grant(gid)
+        for listener in self.listeners:
+            try:
+                listener(record)
+            except Exception:  # noqa: BLE001 - the session has ended whatever a listener does
+                log.exception("session end listener %r failed", listener)
         return record

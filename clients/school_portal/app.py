@@ -20,6 +20,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from .backchannel import Ended, EndedSessions, backchannel_logout
+
 try:  # authlib uses httpx2 when installed, else httpx; catch whichever it raises
     import httpx2 as httpx
 except ImportError:
@@ -120,9 +122,10 @@ async def callback(request):
         return error_page(request, 400, "missing_id_token", "身分認證服務未回傳 ID token。")
     request.session.clear()  # a fresh session for the new login
     request.session.update(
-        user=dict(token["userinfo"]),
+        user=dict(token["userinfo"]),  # its sid is what a back-channel logout names
         id_token=token["id_token"],
         csrf=secrets.token_urlsafe(32),
+        logged_in_at=request.app.state.ended.clock(),
     )
     return RedirectResponse("/", status_code=303)
 
@@ -154,6 +157,7 @@ async def logout(request):
 def create_app(issuer: str, client_id: str, client_secret: str,
                portal_url: str, session_secret: str) -> Starlette:
     issuer, portal_url = issuer.rstrip("/"), portal_url.rstrip("/")
+    ended = Ended()  # provider sessions ended by back-channel logout
     oauth = OAuth()
     oauth.register(
         "idp",
@@ -172,6 +176,7 @@ def create_app(issuer: str, client_id: str, client_secret: str,
             Route("/login", login),
             Route("/callback", callback),
             Route("/logout", logout, methods=["POST"]),
+            Route("/backchannel-logout", backchannel_logout, methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
         middleware=[
@@ -183,10 +188,12 @@ def create_app(issuer: str, client_id: str, client_secret: str,
                 https_only=portal_url.startswith("https://"),
                 max_age=8 * 3600,
             ),
+            Middleware(EndedSessions, ended=ended),
         ],
     )
     app.state.oauth = oauth
     app.state.client_id = client_id
     app.state.portal_url = portal_url
     app.state.issuer = issuer
+    app.state.ended = ended
     return app

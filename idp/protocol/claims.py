@@ -25,6 +25,15 @@ def subject(account_id: str, client: OAuthClient, pairwise_salt: bytes) -> str:
     return _b64(mac.digest())
 
 
+def public_sid(svc, sid: str) -> str:
+    """The ``sid`` relying parties see (ID tokens, logout tokens, front-channel
+    URLs): stable per session but an HMAC of the session cookie's value, never
+    the value itself, which would let anyone holding an ID token take over the
+    single sign-on session."""
+    mac = hmac.new(svc.pairwise_salt, b"session-id\x00" + sid.encode(), hashlib.sha256)
+    return _b64(mac.digest()[:18])
+
+
 def userinfo(account: Account, scope: str, sub: str) -> dict:
     scopes = set(scope.split())
     claims = {"sub": sub}
@@ -67,7 +76,7 @@ def id_token(svc, client: OAuthClient, account: Account, auth: dict, scope: str,
         "auth_time": int(auth["auth_time"]),
         "acr": auth["acr"],
         "amr": auth["amr"],
-        "sid": auth["sid"],
+        "sid": public_sid(svc, auth["sid"]),
         "jti": secrets.token_urlsafe(12),
     }
     if nonce:

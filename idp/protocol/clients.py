@@ -3,7 +3,10 @@
 A client's metadata follows RFC 7591 / OpenID Connect Dynamic Registration
 names (``redirect_uris``, ``grant_types``, ``token_endpoint_auth_method``,
 ``post_logout_redirect_uris``, ``subject_type``,
-``id_token_signed_response_alg``, ``jwks``) plus our own policy fields
+``id_token_signed_response_alg``, ``jwks``, and the logout URIs of
+Back-Channel and Front-Channel Logout 1.0: ``backchannel_logout_uri``,
+``backchannel_logout_session_required``, ``frontchannel_logout_uri``,
+``frontchannel_logout_session_required``) plus our own policy fields
 (``first_party``, ``minimum_acr``, ``allowed_factors``,
 ``access_token_lifetime``, ``refresh_token_lifetime``).
 """
@@ -171,6 +174,14 @@ def validate_metadata(meta: dict) -> dict:
             raise ClientError(f"allowed_factors must be a non-empty list of: {', '.join(FACTORS)}")
     if meta.get("minimum_acr") not in (None, *LADDER):
         raise ClientError(f"minimum_acr must be one of {' '.join(LADDER)}")
+    for key in ("backchannel_logout_uri", "frontchannel_logout_uri"):
+        if key in meta:
+            if not isinstance(meta[key], str):
+                raise ClientError(f"{key} must be a string")
+            _check_uri(meta[key], key, "invalid_client_metadata")
+    for key in ("backchannel_logout_session_required", "frontchannel_logout_session_required"):
+        if key in meta and not isinstance(meta[key], bool):
+            raise ClientError(f"{key} must be true or false")
     scope = meta.get("scope")
     if scope is not None and (not isinstance(scope, str) or set(scope.split()) - set(SCOPES)):
         raise ClientError(f"scope may only contain: {' '.join(SCOPES)}")
@@ -190,13 +201,13 @@ def _check_jwks(jwks) -> None:
         raise ClientError("jwks must hold only public EC or RSA keys")
 
 
-def _check_uri(uri: str, key: str) -> None:
+def _check_uri(uri: str, key: str, error: str = "invalid_redirect_uri") -> None:
     parts = urlsplit(uri)
     local = parts.hostname in ("localhost", "127.0.0.1", "::1")
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment:
-        raise ClientError(f"{key}: {uri!r} is not an absolute http(s) URI without fragment", "invalid_redirect_uri")
+        raise ClientError(f"{key}: {uri!r} is not an absolute http(s) URI without fragment", error)
     if parts.scheme == "http" and not local:
-        raise ClientError(f"{key}: {uri!r} must use https", "invalid_redirect_uri")
+        raise ClientError(f"{key}: {uri!r} must use https", error)
 
 
 def create_client(session, meta: dict, *, first_party: bool = False, with_registration_token: bool = False):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import orjson
 from authlib.oauth2.rfc6749.errors import OAuth2Error
@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from idp import acr
-from idp.protocol import claims
+from idp.protocol import claims, logout as logout_
 from idp.protocol.clients import ClientError, OAuthClient, client_info, create_client, digest, find, validate_metadata
 from idp.protocol.server import Request as OAuthRequest
 from idp.storage.models import Account, Client, InitialAccessToken
@@ -72,8 +72,10 @@ async def discovery(request: Request) -> Response:
         "request_uri_parameter_supported": False,
         "ui_locales_supported": ["zh-TW", "en"],
         "authorization_response_iss_parameter_supported": True,
-        "frontchannel_logout_supported": False,
-        "backchannel_logout_supported": False,
+        "frontchannel_logout_supported": True,
+        "frontchannel_logout_session_supported": True,
+        "backchannel_logout_supported": True,
+        "backchannel_logout_session_supported": True,
     }
     return _json(doc, headers={"Cache-Control": "public, max-age=300"})
 
@@ -264,20 +266,39 @@ async def logout(request: Request) -> Response:
         return error_page(request, "error.logout.title", "error.logout.bad_redirect")
     session = svc.sessions.get(request.cookies.get(login.SESSION_COOKIE))
     confirmed = request.method == "POST" and data.get("confirm") == "yes" and csrf_ok(request, data)
-    hint_matches = bool(hint and session and hint.get("sid") == session["sid"])
+    hint_matches = bool(hint and session and hint.get("sid") == claims.public_sid(svc, session["sid"]))
     if session and not (confirmed or hint_matches):
         return render(request, "logout_confirm.html", client=client, target=target or "", state=data.get("state", ""),
                       client_id=client.client_id if client else "")
+    frames = []
     if session:
-        svc.sessions.end(session["sid"], svc.tokens)
+        # Ending the session also sends the back-channel logout tokens, in the background.
+        ended = svc.sessions.end(session["sid"], svc.tokens)
         svc.audit.record("logout", account_id=session["account"], client_id=client.client_id if client else None,
                          **who(request), method="rp-initiated")
+        if ended:
+            frames = await run_in_threadpool(logout_.frontchannel_urls, svc, ended)
     if target:
         params = {"state": data["state"]} if data.get("state") else {}
-        response = RedirectResponse(target + (("&" if "?" in target else "?") + urlencode(params) if params else ""), status_code=303)
+        target = target + (("&" if "?" in target else "?") + urlencode(params) if params else "")
+    if frames:
+        response = _frontchannel_page(request, frames, target, client)
+    elif target:
+        response = RedirectResponse(target, status_code=303)
     else:
         response = render(request, "logged_out.html", client=client)
     response.delete_cookie(login.SESSION_COOKIE, path="/")
+    return response
+
+
+def _frontchannel_page(request: Request, frames: list[str], target: str | None, client) -> Response:
+    """Front-Channel Logout 1.0: the logged-out page loads each client's logout
+    URI in an invisible iframe, then (with a post-logout target) moves on once
+    they have loaded, or after a few seconds, or when the user follows the link.
+    Only this page may frame those origins."""
+    response = render(request, "logged_out.html", client=client, frames=frames, target=target or "")
+    origins = sorted({"{0.scheme}://{0.netloc}".format(urlsplit(uri)) for uri in frames})
+    response.headers["Content-Security-Policy"] += "; frame-src " + " ".join(origins)
     return response
 
 

@@ -1,0 +1,161 @@
+"""The receiving end of OpenID Connect Back-Channel Logout 1.0.
+
+The provider POSTs a signed logout token when the user's single sign-on
+session ends (logged out at another portal, at the provider, or by an
+administrator). The portal keeps its sessions in a signed cookie it cannot
+reach from here, so it remembers which provider sessions (``sid``) ended, and
+``EndedSessions`` clears a portal session belonging to one on its next request.
+In memory: right for this one-process demo; a portal with several processes
+would keep these records in a shared store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger(__name__)
+
+EVENT = "http://schemas.openid.net/event/backchannel-logout"
+ALGORITHMS = ["ES256", "RS256"]
+MAX_AGE = 300  # a logout token older than this (by iat) is refused
+LEEWAY = 60  # clock skew allowed between provider and portal
+REMEMBER = 8 * 3600  # as long as a portal session (its cookie's max_age)
+
+
+class LogoutTokenError(ValueError):
+    pass
+
+
+class Ended:
+    """Ended provider sessions (by sid), subjects logged out everywhere (by sub,
+    with the time), and the logout tokens already used (by jti)."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self._sids: dict[str, float] = {}
+        self._subs: dict[str, float] = {}
+        self._jtis: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _gc(self, now):
+        for table in (self._sids, self._subs, self._jtis):
+            for key in [k for k, until in table.items() if until < now]:
+                del table[key]
+
+    def use_jti(self, jti: str) -> bool:
+        """True the first time a jti is seen."""
+        with self._lock:
+            now = self.clock()
+            self._gc(now)
+            if jti in self._jtis:
+                return False
+            self._jtis[jti] = now + MAX_AGE + LEEWAY
+            return True
+
+    def end(self, sid: str | None, sub: str | None, iat: float) -> None:
+        with self._lock:
+            until = self.clock() + REMEMBER
+            if sid:
+                self._sids[sid] = until
+            elif sub:  # no sid: every session of sub that began before the token
+                self._subs[sub] = max(iat, self._subs.get(sub, 0))
+
+    def has_ended(self, session: dict) -> bool:
+        user = session.get("user") or {}
+        with self._lock:
+            if user.get("sid") and user["sid"] in self._sids:
+                return True
+            since = self._subs.get(user.get("sub"))
+            return since is not None and session.get("logged_in_at", 0) <= since
+
+
+def validate(token: str, keys: KeySet, issuer: str, client_id: str, now: float) -> dict:
+    """Back-Channel Logout 1.0 section 2.6, in its order; returns the claims."""
+    try:
+        decoded = jwt.decode(token, keys, algorithms=ALGORITHMS)
+    except (JoseError, ValueError) as exc:
+        raise LogoutTokenError(f"signature: {type(exc).__name__}") from None
+    if decoded.header.get("typ") != "logout+jwt":
+        raise LogoutTokenError("typ is not logout+jwt")
+    c = decoded.claims
+    aud = c.get("aud")
+    if c.get("iss") != issuer:
+        raise LogoutTokenError("wrong iss")
+    if not (aud == client_id or (isinstance(aud, list) and client_id in aud)):
+        raise LogoutTokenError("wrong aud")
+    iat = c.get("iat")
+    if not isinstance(iat, (int, float)) or iat > now + LEEWAY or iat < now - MAX_AGE:
+        raise LogoutTokenError("iat missing or out of range")
+    exp = c.get("exp")
+    if exp is not None and (not isinstance(exp, (int, float)) or exp < now - LEEWAY):
+        raise LogoutTokenError("expired")
+    events = c.get("events")
+    if not isinstance(events, dict) or not isinstance(events.get(EVENT), dict):
+        raise LogoutTokenError("no back-channel logout event")
+    if "nonce" in c:
+        raise LogoutTokenError("a logout token has no nonce")
+    if not (isinstance(c.get("sid"), str) or isinstance(c.get("sub"), str)):
+        raise LogoutTokenError("neither sid nor sub")
+    if not isinstance(c.get("jti"), str):
+        raise LogoutTokenError("no jti")
+    return c
+
+
+async def _keys(app, force=False) -> KeySet:
+    return KeySet.import_key_set(await app.state.oauth.idp.fetch_jwk_set(force=force))
+
+
+def _error(description: str, status=400) -> Response:
+    return JSONResponse({"error": "invalid_request", "error_description": description}, status,
+                        headers={"Cache-Control": "no-store"})
+
+
+async def backchannel_logout(request):
+    """POST /backchannel-logout: validate the logout token, end the sessions it names."""
+    state = request.app.state
+    async with request.form() as form:
+        token = form.get("logout_token")
+    if not isinstance(token, str) or not token:
+        return _error("logout_token is missing")
+    now = state.ended.clock()
+    try:
+        try:
+            claims = validate(token, await _keys(request.app), state.issuer, state.client_id, now)
+        except LogoutTokenError as exc:
+            if not str(exc).startswith("signature"):
+                raise
+            # Perhaps a rotated key: fetch the provider's JWKS once more.
+            claims = validate(token, await _keys(request.app, force=True), state.issuer, state.client_id, now)
+    except LogoutTokenError as exc:
+        log.warning("back-channel logout refused: %s", exc)
+        return _error(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the provider's JWKS unreachable: let it retry
+        log.warning("back-channel logout: cannot check the token: %r", exc)
+        return _error("cannot check the token now", 503)
+    if not state.ended.use_jti(claims["jti"]):
+        return _error("logout token replayed")
+    state.ended.end(claims.get("sid"), claims.get("sub"), claims["iat"])
+    log.info("back-channel logout for sid=%s", claims.get("sid"))
+    return Response(status_code=200, headers={"Cache-Control": "no-store"})
+
+
+class EndedSessions:
+    """ASGI middleware (inside ``SessionMiddleware``): a portal session whose
+    provider session has ended is cleared before any route sees it."""
+
+    def __init__(self, app, ended: Ended):
+        self.app, self.ended = app, ended
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            session = scope.get("session")
+            if session and self.ended.has_ended(session):
+                session.clear()
+        await self.app(scope, receive, send)

@@ -1,0 +1,790 @@
+"""Benchmark the provider against panva's oidc-provider and Keycloak's sizing figures.
+
+    .venv/bin/python bench/run.py [--quick] [--no-profile] [--no-theirs]
+
+What it does, in one run (see bench/README.md):
+
+1. Starts a throwaway PostgreSQL and Redis on free loopback ports (tests/servers.py).
+2. Migrates and seeds the provider through its own code (``idp.services.Services``):
+   a first-party confidential client (client_secret_basic; client_credentials,
+   authorization_code, refresh_token) and ``--accounts`` accounts with one password
+   and each its own bound TOTP secret (Enrolment.start/confirm, pyotp computing the code).
+3. For N = 1 and 2 worker processes runs ``idp serve --workers N`` with production
+   settings (PostgreSQL, Redis, IDP_MFA=true, IDP_CAPTCHA=off) and measures with wrk
+   (Lua script bench/wrk/bench.lua): discovery, JWKS, client_credentials grants,
+   authorization-code exchanges (codes minted ahead with ``svc.tokens.save_code`` into the
+   same Redis, with a PKCE challenge, each a real SSO session), refresh grants (refresh
+   tokens minted ahead with ``svc.tokens.open_grant``/``issue``: single use, rotated), and
+   full password+TOTP logins with an async httpx driver (authorize, login form, password,
+   OTP, code, token). Logins are measured again at Keycloak's argon2 parameters.
+4. Starts oidc-provider (tests/e2e/node_modules, bench/oidc_provider.mjs) with the
+   equivalent configuration and measures discovery, JWKS, client_credentials, code
+   exchange and refresh the same way; prints our/theirs ratios.
+5. Prints a table and writes it to bench/results/<date>-<cores>cores.{md,json}.
+
+The load generator runs on the same cores as the servers: compare the ratios of one run,
+not absolute numbers across machines or runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import free_port, start_postgres, start_redis  # noqa: E402
+
+BENCH = ROOT / "bench"
+LUA = BENCH / "wrk" / "bench.lua"
+VENV_BIN = Path(sys.executable).parent
+PASSWORD = "Bench-Passw0rd!"
+REDIRECT = "http://127.0.0.1:9/callback"  # never contacted: the driver reads the code off the Location
+VERIFIER = "bench-verifier-" + "x" * 40  # one PKCE pair for every pre-minted code
+CHALLENGE = base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest()).rstrip(b"=").decode()
+OWASP = {"time_cost": 2, "memory_kib": 19456}
+KEYCLOAK_ARGON2 = {"time_cost": 5, "memory_kib": 7168}
+# Keycloak 26 "Concepts for sizing CPU and memory resources" (per vCPU, argon2 t=5 m=7 MiB).
+KEYCLOAK = {"login": 15, "client_credentials": 120, "refresh": 120}
+WRK_THREADS = 2
+WRK_CONNECTIONS = 32
+OTP_STEP = 30
+
+CORES = os.cpu_count() or 1
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+class PipelineStore:
+    """The provider's RedisStore ``set`` semantics, queued on a Redis pipeline, so that
+    tens of thousands of codes and tokens can be minted through ``idp.protocol.tokens.Tokens``
+    (the provider's own key and record format) without one round trip each."""
+
+    def __init__(self, redis_client, prefix: str = "idp:"):
+        import orjson
+
+        self._dumps = orjson.dumps
+        self.pipe = redis_client.pipeline(transaction=False)
+        self.prefix = prefix
+
+    def set(self, key, value, ttl, *, only_new=False):
+        self.pipe.set(self.prefix + key, self._dumps(value), ex=ttl, nx=only_new)
+        return True
+
+    def flush(self):
+        self.pipe.execute()
+
+
+class Seed:
+    """Seeds and mints through the provider's own code, in this process."""
+
+    def __init__(self, env: dict, accounts: int):
+        os.environ.update(env)
+        from idp.services import Services
+        from idp.settings import Settings
+
+        self.svc = Services(Settings.from_env())
+        self.svc.start()  # migrates
+        self.n_accounts = accounts
+        self.account_ids: list[str] = []
+        self.usernames: list[str] = []
+        self.secrets: dict[str, str] = {}
+
+    def now(self):
+        return dt.datetime.fromtimestamp(self.svc.clock(), dt.timezone.utc)
+
+    def client(self) -> tuple[str, str]:
+        from idp.protocol.clients import client_info, create_client
+
+        meta = {
+            "client_name": "bench",
+            "redirect_uris": [REDIRECT],
+            "grant_types": ["authorization_code", "refresh_token", "client_credentials"],
+            "token_endpoint_auth_method": "client_secret_basic",
+        }
+        with self.svc.db.session() as session:
+            row, secret, _ = create_client(session, meta, first_party=True)
+            info = client_info(row, secret)
+        return info["client_id"], info["client_secret"]
+
+    def accounts(self) -> None:
+        """Accounts bench0000.. with one password (hashed once: the same argon2 string for
+        all, at the server's parameters) and each its own TOTP secret, bound the way a user
+        binds it: Enrolment.start, then confirm with the code of the previous step (so the
+        current and the next step are left for logins)."""
+        import pyotp
+        from idp.accounts import create_account
+        from idp.factors.totp import Enrolment
+        from idp.storage.models import Account
+
+        hashed = self.svc.passwords.hash(PASSWORD)
+
+        class OneHash:  # create_account's policy check, with the hash computed once
+            def problems(_, password, username=""):
+                return self.svc.passwords.problems(password, username)
+
+            def hash(_, password):
+                return hashed
+
+        enrol = Enrolment(self.svc)
+        for i in range(self.n_accounts):
+            username = f"bench{i:04d}"
+            with self.svc.db.session() as session:
+                account = create_account(session, OneHash(), username, PASSWORD, now=self.now(), name=username,
+                                         email=f"{username}@bench.example", email_verified=True)
+                account_id = account.id
+            with self.svc.db.session() as session:
+                account = session.get(Account, account_id)
+                pending = enrol.start(account)
+            secret = self.svc.box.open(pending["secret"], account_id)
+            step = int(self.svc.clock() // OTP_STEP) - 1
+            error = enrol.confirm(account_id, pyotp.TOTP(secret).at(step * OTP_STEP))
+            if error:  # the previous step's code equals the current one's: bind with today's
+                error = enrol.confirm(account_id, pyotp.TOTP(secret).now())
+            if error:
+                raise RuntimeError(f"binding OTP for {username} failed: {error}")
+            self.account_ids.append(account_id)
+            self.usernames.append(username)
+            self.secrets[username] = secret
+
+    def set_password_params(self, time_cost: int, memory_kib: int) -> None:
+        """Re-hash every bench account's password at other argon2 parameters (one hash,
+        shared), so the server started with the same parameters does no upgrade re-hash."""
+        from argon2 import PasswordHasher
+        from sqlalchemy import update
+        from idp.storage.models import Account
+
+        hashed = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=1).hash(PASSWORD)
+        with self.svc.db.session() as session:
+            session.execute(update(Account).where(Account.username.like("bench%")).values(password_hash=hashed))
+
+    def reset_otp(self) -> None:
+        """Forget which TOTP steps were used (bindings' last_step, the used-step markers), so
+        every account can log in again; done between login measurements only."""
+        from sqlalchemy import select
+        from idp.storage.models import Binding
+
+        with self.svc.db.session() as session:
+            for b in session.execute(select(Binding).where(Binding.factor == "otp")).scalars():
+                b.data = {**b.data, "last_step": -1}
+        r = self.svc.store._redis
+        keys = list(r.scan_iter("idp:otp-used:*", count=1000)) + list(r.scan_iter("idp:fail:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            r.delete(*keys[i:i + 1000])
+
+    def _auth(self, i: int) -> tuple[str, dict]:
+        """An SSO session like a login's, for the i-th pre-minted code or token."""
+        account_id = self.account_ids[i % len(self.account_ids)]
+        return account_id, {"acr": "urn:idp:loa:2", "amr": ["pwd", "otp", "mfa"]}
+
+    def mint_codes(self, client_id: str, n: int) -> list[str]:
+        """Authorization codes written with ``svc.tokens.save_code`` (the record
+        ``idp.web.login._issue_code`` writes), each under its own session
+        (``svc.sessions.create``), with the bench PKCE challenge."""
+        from idp.protocol.tokens import Tokens
+        from idp.sessions import Sessions
+
+        store = PipelineStore(self.svc.store._redis)
+        tokens, sessions = Tokens(store, self.svc.clock), Sessions(store, self.svc.clock, self.svc.settings.session_seconds)
+        codes = []
+        for i in range(n):
+            account_id, a = self._auth(i)
+            sess = sessions.create(account_id, self.usernames[i % len(self.usernames)], a["amr"], a["acr"], self.svc.clock())
+            auth = {"sid": sess["sid"], "auth_time": sess["auth_time"], "acr": a["acr"], "amr": a["amr"]}
+            record = {"client_id": client_id, "account": account_id, "redirect_uri": REDIRECT, "scope": "openid",
+                      "nonce": secrets.token_urlsafe(8), "code_challenge": CHALLENGE, "code_challenge_method": "S256",
+                      "auth": auth}
+            codes.append(tokens.save_code(record, 600))  # lifetime 600 s here: minted before the run starts
+            if i % 2000 == 1999:
+                store.flush()
+        store.flush()
+        return codes
+
+    def mint_refresh(self, client_id: str, n: int) -> list[str]:
+        """Refresh tokens as a code exchange leaves them (``Tokens.open_grant`` + ``issue``,
+        the record ``idp.protocol.server._issue`` writes), one grant each, scope openid."""
+        from idp.protocol.tokens import Tokens
+        from idp.sessions import Sessions
+
+        store = PipelineStore(self.svc.store._redis)
+        tokens, sessions = Tokens(store, self.svc.clock), Sessions(store, self.svc.clock, self.svc.settings.session_seconds)
+        lifetime = self.svc.settings.refresh_token_seconds
+        out = []
+        for i in range(n):
+            account_id, a = self._auth(i)
+            sess = sessions.create(account_id, self.usernames[i % len(self.usernames)], a["amr"], a["acr"], self.svc.clock())
+            auth = {"sid": sess["sid"], "auth_time": sess["auth_time"], "acr": a["acr"], "amr": a["amr"]}
+            gid = tokens.open_grant({"client_id": client_id, "account": account_id, "sid": sess["sid"]}, lifetime)
+            out.append(tokens.issue("rt", gid, {"client_id": client_id, "account": account_id, "scope": "openid", "auth": auth}, lifetime))
+            if i % 2000 == 1999:
+                store.flush()
+        store.flush()
+        return out
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            r = httpx.get(url, timeout=2)
+            if r.status_code == 200:
+                return
+            last = r.status_code
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s ({last})")
+
+
+class Proc:
+    def __init__(self, argv, env, url, health, logfile: Path):
+        self.logfile = logfile
+        self.fh = open(logfile, "wb")
+        self.p = subprocess.Popen(argv, env=env, stdout=self.fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                  start_new_session=True)
+        self.url = url
+        try:
+            wait_http(url + health, self.p)
+        except BaseException:
+            self.stop()
+            print(logfile.read_text()[-3000:], file=sys.stderr)
+            raise
+
+    def pids(self) -> list[int]:
+        """The server process and its worker children."""
+        out = subprocess.run(["pgrep", "-P", str(self.p.pid)], capture_output=True, text=True).stdout.split()
+        return [self.p.pid] + [int(x) for x in out]
+
+    def stop(self):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)  # the group is ours alone (start_new_session)
+                self.p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+            except ProcessLookupError:
+                pass
+        self.fh.close()
+
+
+# --------------------------------------------------------------------------- load: wrk
+
+
+def wrk(url: str, seconds: float, *, method="GET", body="", auth="", items: list[str] | None = None,
+        tmp: Path) -> dict:
+    env = {**os.environ, "BENCH_METHOD": method, "BENCH_BODY": body, "BENCH_AUTH": auth,
+           "BENCH_THREADS": str(WRK_THREADS), "BENCH_ITEMS": ""}
+    if items is not None:
+        f = tmp / f"items-{secrets.token_hex(4)}.txt"
+        f.write_text("\n".join(items) + "\n")
+        env["BENCH_ITEMS"] = str(f)
+    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+            "-s", str(LUA), url]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    m = re.search(r"^BENCHJSON (.*)$", out.stdout, re.M)
+    if not m:
+        raise RuntimeError(f"wrk gave no result: {out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    ok = r["requests"] - r["status_errors"]
+    secs = r["duration_us"] / 1e6
+    return {"rate": ok / secs, "ok": ok, "errors": r["status_errors"] + r["socket_errors"], "exhausted": r["exhausted"],
+            "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "seconds": secs, "tool": "wrk"}
+
+
+def warm_up(base: str, auth: str, tmp: Path) -> None:
+    """One untimed second each of discovery and client_credentials: connection pools
+    filled, caches and (for node) the JIT warm before anything is measured."""
+    wrk(base + "/.well-known/openid-configuration", 1, tmp=tmp)
+    wrk(base + "/token", 1, method="POST", auth=auth, body="grant_type=client_credentials", tmp=tmp)
+
+
+def basic(client_id: str, secret: str) -> str:
+    from urllib.parse import quote
+
+    raw = f"{quote(client_id, safe='')}:{quote(secret, safe='')}".encode()
+    return "Basic " + base64.b64encode(raw).decode()
+
+
+# --------------------------------------------------------------------------- load: logins
+
+
+class OtpSlots:
+    """Which TOTP step each account may use next. The provider takes a code one step
+    either side of now, never a step twice or older than the last used one; we use the
+    current or the next step, so an account logs in at most twice per 30 s window."""
+
+    def __init__(self, usernames: list[str]):
+        self.last = {u: -1 for u in usernames}
+        self.order = list(usernames)
+        self.i = 0
+        self.waits = 0
+
+    async def take(self) -> tuple[str, int]:
+        while True:
+            cur = int(time.time() // OTP_STEP)
+            for _ in range(len(self.order)):
+                u = self.order[self.i]
+                self.i = (self.i + 1) % len(self.order)
+                step = max(self.last[u] + 1, cur)
+                if step <= cur + 1:
+                    self.last[u] = step
+                    return u, step
+            self.waits += 1
+            await asyncio.sleep(0.1)
+
+
+FIELD = re.compile(r'name="(tx|csrf)" value="([^"]*)"')
+
+
+async def one_login(http, base: str, client_id: str, auth: str, username: str, secret: str, step: int) -> None:
+    import pyotp
+
+    http.cookies.clear()
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    state = secrets.token_urlsafe(8)
+    params = {"response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT, "scope": "openid",
+              "state": state, "nonce": secrets.token_urlsafe(8), "code_challenge": challenge,
+              "code_challenge_method": "S256"}
+
+    async def follow(r):
+        while r.status_code in (302, 303) and r.headers["location"].startswith(("/", base)):
+            loc = r.headers["location"]
+            r = await http.get(loc if loc.startswith("http") else base + loc)
+        return r
+
+    def form(r):
+        fields = dict(FIELD.findall(r.text))
+        if "tx" not in fields:
+            raise RuntimeError(f"no login form at {r.url} ({r.status_code}): {r.text[:300]}")
+        return fields
+
+    r = await follow(await http.get(base + "/authorize", params=params))
+    f = form(r)
+    r = await follow(await http.post(base + "/login/factor/password",
+                                     data={**f, "username": username, "password": PASSWORD}))
+    f = form(r)
+    code_now = pyotp.TOTP(secret).at(step * OTP_STEP)
+    r = await follow(await http.post(base + "/login/factor/otp", data={**f, "otp": code_now}))
+    loc = r.headers.get("location", "")
+    if r.status_code != 302 or not loc.startswith(REDIRECT):
+        raise RuntimeError(f"login of {username} did not end at the client ({r.status_code}): {r.text[:300]}")
+    from urllib.parse import parse_qs, urlsplit
+
+    q = parse_qs(urlsplit(loc).query)
+    r = await http.post(base + "/token", headers={"Authorization": auth},
+                        data={"grant_type": "authorization_code", "code": q["code"][0], "redirect_uri": REDIRECT,
+                              "code_verifier": verifier})
+    if r.status_code != 200 or "id_token" not in r.json():
+        raise RuntimeError(f"token after login failed ({r.status_code}): {r.text[:300]}")
+
+
+async def logins(base: str, seconds: float, client_id: str, secret: str, seed: Seed, concurrency: int) -> dict:
+    import httpx
+
+    auth = basic(client_id, secret)
+    slots = OtpSlots(seed.usernames)
+    latencies: list[float] = []
+    errors: list[str] = []
+    # A login takes long under load (seconds at high concurrency): let the pipeline fill
+    # first, then count the logins that end inside the measured window.
+    warm = 2.0
+    t_start = time.monotonic()
+    count_from, stop_at = t_start + warm, t_start + warm + seconds
+
+    async def user():
+        async with httpx.AsyncClient(timeout=30) as http:
+            while time.monotonic() < stop_at:
+                username, step = await slots.take()
+                t0 = time.perf_counter()
+                try:
+                    await one_login(http, base, client_id, auth, username, seed.secrets[username], step)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    errors.append(repr(exc)[:300])
+                    continue
+                if count_from <= time.monotonic() <= stop_at:
+                    latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    elapsed = seconds
+    latencies.sort()
+
+    def pct(p):
+        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000 if latencies else float("nan")
+
+    if errors:
+        log(f"  {len(errors)} failed logins, first: {errors[0]}")
+    return {"rate": len(latencies) / seconds, "ok": len(latencies), "errors": len(errors), "exhausted": 0,
+            "p50_ms": pct(50), "p99_ms": pct(99), "seconds": elapsed, "tool": f"httpx async x{concurrency}",
+            "otp_waits": slots.waits}
+
+
+# --------------------------------------------------------------------------- argon2
+
+
+def argon2_verify_ms(time_cost: int, memory_kib: int, rounds: int = 20) -> float:
+    from argon2 import PasswordHasher
+
+    ph = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=1)
+    h = ph.hash(PASSWORD)
+    ph.verify(h, PASSWORD)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        ph.verify(h, PASSWORD)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile(pid: int, seconds: float, out: Path) -> list[str]:
+    """py-spy record (raw collapsed stacks) of one worker; returns a short summary:
+    the top functions by own samples and the top frames by inclusive samples."""
+    spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
+    if not os.access(spy, os.X_OK):
+        return ["(py-spy not installed: .venv/bin/pip install py-spy)"]
+    # --gil: only the thread holding the GIL is sampled, i.e. where the Python CPU time goes
+    res = subprocess.run([spy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "200", "--gil",
+                          "-f", "raw", "-o", str(out), "--nonblocking"], capture_output=True, text=True)
+    if not out.exists():
+        return [f"(py-spy failed: {res.stderr.strip()[-300:]})"]
+    return summarize(out, pid, gil=True)
+
+
+def summarize(out: Path, pid: int, gil: bool = False) -> list[str]:
+    if not out.exists():
+        return ["(no py-spy output)"]
+    own, incl, total = {}, {}, 0
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = stack.split(";")
+        leaf = frames[-1]
+        own[leaf] = own.get(leaf, 0) + n
+        seen = set()
+        for fr in frames:
+            key = re.sub(r":\d+\)$", ")", fr)  # inclusive: by function, not line
+            if key not in seen:
+                seen.add(key)
+                incl[key] = incl.get(key, 0) + n
+    if not total:
+        return ["(no samples)"]
+    lines = [f"{total} samples of one worker (pid {pid}) at 200 Hz, all its threads"
+             + (" holding the GIL (Python CPU time; argon2 releases the GIL)" if gil else
+                " (includes threads waiting on PostgreSQL/Redis sockets and the pool)")]
+    lines.append("own time (leaf frames):")
+    for fr, n in sorted(own.items(), key=lambda kv: -kv[1])[:15]:
+        lines.append(f"  {100 * n / total:5.1f}%  {fr}")
+    lines.append("inclusive time (idp/authlib/starlette/redis/sqlalchemy/joserfc functions):")
+    interesting = [(fr, n) for fr, n in incl.items()
+                   if re.search(r"(idp/|authlib|starlette|redis|sqlalchemy|joserfc|psycopg|orjson|cryptography|uvicorn)", fr)]
+    for fr, n in sorted(interesting, key=lambda kv: -kv[1])[:30]:
+        lines.append(f"  {100 * n / total:5.1f}%  {fr}")
+    return lines
+
+
+# --------------------------------------------------------------------------- run
+
+
+def fmt_rate(r):
+    if not r:
+        return "—"
+    s = f"{r['rate']:,.0f}/s"
+    if r["rate"] < 100:
+        s = f"{r['rate']:,.1f}/s"
+    s += f" ({r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms)"
+    if r.get("errors"):
+        s += f" [{r['errors']} errors]"
+    if r.get("exhausted"):
+        s += " [ran out of pre-minted values]"
+    return s
+
+
+def ratio(a, b):
+    if not a or not b or not b["rate"]:
+        return "—"
+    return f"{a['rate'] / b['rate']:.2f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="~3 s per measurement instead of ~10 s")
+    ap.add_argument("--seconds", type=float, help="seconds per measurement (overrides --quick)")
+    ap.add_argument("--workers", default="1,2", help="worker counts to measure (default 1,2)")
+    ap.add_argument("--accounts", type=int, default=400, help="seeded accounts, each with its own TOTP secret")
+    ap.add_argument("--login-concurrency", type=int, default=4, help="concurrent login clients per worker")
+    ap.add_argument("--no-theirs", action="store_true", help="skip oidc-provider")
+    ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of client_credentials")
+    ap.add_argument("--out", default=str(BENCH / "results"))
+    args = ap.parse_args()
+    seconds = args.seconds or (3.0 if args.quick else 10.0)
+    workers = [int(x) for x in args.workers.split(",")]
+    login_seconds = max(seconds, 6.0)  # logins are few per second: a longer window (after 2 s of warm-up)
+    if not shutil.which("wrk"):
+        print("bench: wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="idp-bench-"))
+    procs: list[Proc] = []
+    results: dict = {"ours": {}, "theirs": {}, "logins_keycloak_argon2": {}}
+    notes: list[str] = []
+    profile_lines: list[str] = []
+    login_profile_lines: list[str] = []
+    try:
+        log("starting PostgreSQL and Redis")
+        pg = start_postgres(tmp)
+        rd = start_redis(tmp)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = {
+            "IDP_ISSUER": base,
+            "IDP_DATABASE_URL": pg.url,
+            "IDP_REDIS_URL": rd.url,
+            "IDP_KEYS_DIR": str(tmp / "keys"),
+            "IDP_OUTBOX_DIR": str(tmp / "outbox"),
+            "IDP_CAPTCHA": "off",
+            "IDP_MFA": "true",
+            "IDP_ARGON2_TIME_COST": str(OWASP["time_cost"]),
+            "IDP_ARGON2_MEMORY_KIB": str(OWASP["memory_kib"]),
+        }
+        (tmp / "keys").mkdir()
+        log(f"seeding: 1 client, {args.accounts} accounts with password + own TOTP secret")
+        t0 = time.monotonic()
+        seed = Seed(env, args.accounts)
+        client_id, client_secret = seed.client()
+        seed.accounts()
+        log(f"  seeded in {time.monotonic() - t0:.1f} s")
+        auth = basic(client_id, client_secret)
+        argon = {"owasp_ms": argon2_verify_ms(**OWASP), "keycloak_ms": argon2_verify_ms(**KEYCLOAK_ARGON2)}
+        log(f"argon2id verify on one core: {argon['owasp_ms']:.1f} ms at t=2/19 MiB, {argon['keycloak_ms']:.1f} ms at t=5/7 MiB")
+        # Generous pre-mint: a rate no run here reaches (measured rates stay far below), per second.
+        mint_rate = 2500
+
+        def serve(n: int, extra: dict | None = None) -> Proc:
+            e = {**os.environ, **env, **(extra or {})}
+            p = Proc([str(VENV_BIN / "idp"), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(n)],
+                     e, base, "/readyz", tmp / f"idp-{n}.log")
+            procs.append(p)
+            # /readyz answered by one worker; give the others a moment to finish starting
+            time.sleep(1.0 if n > 1 else 0.2)
+            warm_up(base, auth, tmp)
+            return p
+
+        for n in workers:
+            log(f"our provider, {n} worker(s)")
+            seed.set_password_params(**OWASP)
+            seed.reset_otp()
+            p = serve(n)
+            res = {}
+            res["discovery"] = wrk(base + "/.well-known/openid-configuration", seconds, tmp=tmp)
+            res["jwks"] = wrk(base + "/jwks", seconds, tmp=tmp)
+            res["client_credentials"] = wrk(base + "/token", seconds, method="POST", auth=auth,
+                                            body="grant_type=client_credentials", tmp=tmp)
+            codes = seed.mint_codes(client_id, int(mint_rate * seconds * n))
+            res["code_exchange"] = wrk(base + "/token", seconds, method="POST", auth=auth, items=codes, tmp=tmp,
+                                       body=f"grant_type=authorization_code&redirect_uri={REDIRECT}&code_verifier={VERIFIER}&code=")
+            rts = seed.mint_refresh(client_id, int(mint_rate * seconds * n))
+            res["refresh"] = wrk(base + "/token", seconds, method="POST", auth=auth, items=rts, tmp=tmp,
+                                 body="grant_type=refresh_token&refresh_token=")
+            res["login"] = asyncio.run(logins(base, login_seconds, client_id, client_secret, seed, args.login_concurrency * n))
+            for k, v in res.items():
+                log(f"  {k:20s} {fmt_rate(v)}")
+            if n == 1 and not args.no_profile:
+                log("  profiling one worker under client_credentials load (py-spy, not part of the numbers)")
+                job = subprocess.Popen(["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{round(seconds) + 2}s",
+                                        "-s", str(LUA), base + "/token"],
+                                       env={**os.environ, "BENCH_METHOD": "POST", "BENCH_AUTH": auth,
+                                            "BENCH_BODY": "grant_type=client_credentials", "BENCH_THREADS": str(WRK_THREADS)},
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
+                profile_lines = profile(p.pids()[-1], seconds, tmp / "profile.txt")
+                job.wait()
+                log("  profiling one worker under login load (py-spy, not part of the numbers)")
+                seed.reset_otp()
+                spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
+                if os.access(spy, os.X_OK):
+                    job = subprocess.Popen([spy, "record", "-p", str(p.pids()[-1]), "-d", str(round(seconds) + 2), "-r", "200",
+                                            "-f", "raw", "-o", str(tmp / "profile-login.txt"), "--nonblocking"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    asyncio.run(logins(base, seconds, client_id, client_secret, seed, args.login_concurrency))
+                    job.wait()
+                    login_profile_lines = summarize(tmp / "profile-login.txt", p.pids()[-1])
+            p.stop()
+            procs.remove(p)
+            results["ours"][n] = res
+
+            log(f"  logins at Keycloak's argon2 (t=5, 7 MiB), {n} worker(s)")
+            seed.set_password_params(**KEYCLOAK_ARGON2)
+            seed.reset_otp()
+            p = serve(n, {"IDP_ARGON2_TIME_COST": "5", "IDP_ARGON2_MEMORY_KIB": "7168"})
+            r = asyncio.run(logins(base, login_seconds, client_id, client_secret, seed, args.login_concurrency * n))
+            log(f"  {'login (t=5, 7 MiB)':20s} {fmt_rate(r)}")
+            results["logins_keycloak_argon2"][n] = r
+            p.stop()
+            procs.remove(p)
+
+        if not args.no_theirs:
+            node = shutil.which("node")
+            if not node or not (ROOT / "tests/e2e/node_modules/oidc-provider").exists():
+                notes.append("oidc-provider not measured: node or tests/e2e/node_modules missing (make test installs them)")
+            else:
+                log("panva's oidc-provider (1 node process)")
+                tport = free_port()
+                tbase = f"http://127.0.0.1:{tport}"
+                tid, tsecret = "bench-client", secrets.token_urlsafe(32)
+                p = Proc([node, str(BENCH / "oidc_provider.mjs"), str(tport), tid, tsecret, REDIRECT], os.environ.copy(),
+                         tbase, "/.well-known/openid-configuration", tmp / "oidc-provider.log")
+                procs.append(p)
+                tauth = basic(tid, tsecret)
+                warm_up(tbase, tauth, tmp)
+                import httpx
+
+                def tmint(kind, n):
+                    r = httpx.post(f"{tbase}/__bench/mint", params={"kind": kind, "n": n, "challenge": CHALLENGE}, timeout=300)
+                    r.raise_for_status()
+                    return r.text.split()
+
+                res = {}
+                res["discovery"] = wrk(tbase + "/.well-known/openid-configuration", seconds, tmp=tmp)
+                res["jwks"] = wrk(tbase + "/jwks", seconds, tmp=tmp)
+                res["client_credentials"] = wrk(tbase + "/token", seconds, method="POST", auth=tauth,
+                                                body="grant_type=client_credentials", tmp=tmp)
+                try:
+                    res["code_exchange"] = wrk(tbase + "/token", seconds, method="POST", auth=tauth,
+                                               items=tmint("code", int(mint_rate * seconds)), tmp=tmp,
+                                               body=f"grant_type=authorization_code&redirect_uri={REDIRECT}&code_verifier={VERIFIER}&code=")
+                    res["refresh"] = wrk(tbase + "/token", seconds, method="POST", auth=tauth,
+                                         items=tmint("refresh", int(mint_rate * seconds)), tmp=tmp,
+                                         body="grant_type=refresh_token&refresh_token=")
+                except Exception as exc:  # noqa: BLE001
+                    notes.append(f"oidc-provider code/refresh not measured: {exc!r}"[:300])
+                for k, v in res.items():
+                    log(f"  {k:20s} {fmt_rate(v)}")
+                results["theirs"] = res
+                p.stop()
+                procs.remove(p)
+    finally:
+        for p in procs:
+            p.stop()
+
+    # ------------------------------------------------------------------ the table
+    ours, theirs, kc_login = results["ours"], results["theirs"], results["logins_keycloak_argon2"]
+    ns = sorted(ours)
+    metrics = [("discovery", "discovery (GET)"), ("jwks", "JWKS (GET)"), ("client_credentials", "client_credentials grant"),
+               ("code_exchange", "authorization-code exchange"), ("refresh", "refresh grant (rotating)"),
+               ("login", "password+TOTP login, argon2 t=2 19 MiB (full flow + code exchange)")]
+    head = ["measurement"] + [f"ours, {n} worker{'s' if n > 1 else ''}" for n in ns] + ["oidc-provider 9.13 (1 process)"]
+    head += [f"ours {n}w / theirs" for n in ns] + ["Keycloak 26 per vCPU (published)"]
+    rows = []
+    for key, label in metrics:
+        row = [label] + [fmt_rate(ours[n].get(key)) for n in ns] + [fmt_rate(theirs.get(key))]
+        row += [ratio(ours[n].get(key), theirs.get(key)) for n in ns]
+        row += [f"{KEYCLOAK[key]}/s" if key in KEYCLOAK and key != "login" else ("—" if key != "login" else "15/s (t=5, 7 MiB)")]
+        rows.append(row)
+    rows.append(["password+TOTP login, argon2 t=5 7 MiB (Keycloak's)"] + [fmt_rate(kc_login.get(n)) for n in ns]
+                + ["—"] + ["—" for _ in ns] + ["15/s"])
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    ceiling = {"owasp": 1000 / argon["owasp_ms"], "keycloak": 1000 / argon["keycloak_ms"]}
+    cpu = ""
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    except Exception:  # noqa: BLE001
+        pass
+    date = dt.date.today().isoformat()
+    text = [
+        f"# Benchmark {date}, {CORES} cores",
+        "",
+        f"Machine: {CORES} cores ({cpu}), {platform.platform()}, Python {platform.python_version()}.",
+        f"Mode: {'quick' if seconds < 10 else 'full'}, {seconds:.0f} s per measurement; run took {time.monotonic() - started:.0f} s.",
+        "",
+        "Each cell: successful requests (or logins) per second (p50 / p99 latency).",
+        "",
+        *md,
+        "",
+        "- **Shared cores.** The load generator (wrk, 2 threads, 32 connections; the Python login driver) runs on "
+        f"the same {CORES} cores as the servers, PostgreSQL and Redis: compare ratios within one run, not absolute numbers across runs.",
+        "- **Ours:** `idp serve --workers N` (uvicorn), PostgreSQL 15 + Redis 7 on loopback, IDP_MFA=true, IDP_CAPTCHA=off, "
+        "ES256 ID tokens, opaque access/refresh tokens. Theirs: oidc-provider with an in-memory adapter (a plain Map: its default LRU of 1,000 would evict pre-minted codes) "
+        "(no network store), one node process, rotateRefreshToken=true, ES256, PKCE required; compare with our 1-worker column.",
+        "- **Codes and refresh tokens are minted ahead**, through the provider's own code (`svc.tokens.save_code`, "
+        "`open_grant`/`issue`, each under its own SSO session from `svc.sessions.create`) into the Redis the server uses "
+        f"(pipelined); {mint_rate}/s × seconds × workers of them, so a run does not run out (a cell says so if it did). "
+        "oidc-provider's are minted through its models (`AuthorizationCode`, `RefreshToken`, `Grant`). "
+        "Code exchange and refresh issue an ID token (scope openid).",
+        f"- **Logins:** {args.accounts} accounts, each its own TOTP secret bound via `Enrolment.start/confirm`; "
+        f"{args.login_concurrency} concurrent httpx clients per worker, each doing authorize → password → OTP → code → token with a "
+        f"fresh cookie jar and PKCE, measured over {login_seconds:.0f} s after 2 s of warm-up. A TOTP step is usable once per account, so the driver hands out (account, step) "
+        "slots; the used-step markers are reset between login measurements.",
+        f"- **argon2id** (argon2-cffi, p=1): default t=2, 19 MiB: {argon['owasp_ms']:.1f} ms per verify on one core "
+        f"(ceiling {ceiling['owasp']:.0f} logins/s per core); Keycloak's t=5, 7 MiB: {argon['keycloak_ms']:.1f} ms "
+        f"(ceiling {ceiling['keycloak']:.0f}/s per core). Target: logins ≥ 80 % of the ceiling per worker.",
+        "- **Keycloak 26** figures are its published sizing guide (per vCPU: 15 password logins/s, 120 "
+        "client-credentials grants/s, 120 refresh grants/s; argon2 t=5, 7 MiB), not measured here.",
+        *[f"- {n}" for n in notes],
+    ]
+    if profile_lines:
+        text += ["", "## Where the time goes: client_credentials, 1 worker (py-spy)", "", "```", *profile_lines, "```"]
+    if login_profile_lines:
+        text += ["", "## Where the time goes: password+TOTP logins, 1 worker (py-spy)", "", "```", *login_profile_lines, "```"]
+    report = "\n".join(text) + "\n"
+    print()
+    print(report)
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    stem = outdir / f"{date}-{CORES}cores"
+    stem.with_suffix(".md").write_text(report)
+    stem.with_suffix(".json").write_text(json.dumps({
+        "date": date, "cores": CORES, "cpu": cpu, "seconds_per_measurement": seconds,
+        "argon2": {"default": {**OWASP, "parallelism": 1, "verify_ms": argon["owasp_ms"]},
+                   "keycloak": {**KEYCLOAK_ARGON2, "parallelism": 1, "verify_ms": argon["keycloak_ms"]}},
+        "keycloak_published_per_vcpu": KEYCLOAK,
+        "ours": {str(k): v for k, v in ours.items()}, "theirs": theirs,
+        "logins_keycloak_argon2": {str(k): v for k, v in kc_login.items()},
+        "load": {"wrk_threads": WRK_THREADS, "wrk_connections": WRK_CONNECTIONS,
+                 "login_concurrency": args.login_concurrency, "accounts": args.accounts},
+        "notes": notes, "profile_client_credentials": profile_lines, "profile_login": login_profile_lines,
+    }, indent=2, default=str) + "\n")
+    log(f"wrote {stem}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -68,6 +68,10 @@ class Settings:
         "Default ID token signing algorithm; a client may ask for the other.", "ES256"
     )
     key_refresh_seconds: int = _doc("How often a process looks for rotated keys on disk.", 30)
+    client_cache_seconds: int = _doc(
+        "How long a process keeps a client registration in memory; changes made by other processes "
+        "(the CLI, other workers) take effect within this time.", 5
+    )
     secure_cookies: bool | None = _doc(
         "Mark cookies Secure. Default: when the issuer is https.", None
     )
@@ -90,6 +94,16 @@ class Settings:
     mail_from: str = _doc("Sender address of the provider's mails.", "no-reply@localhost")
     outbox_dir: str = _doc(
         "Where mails go as .eml files when no SMTP host is set (the single-machine default).", "var/outbox"
+    )
+    trust_dir: str = _doc(
+        "Directory of the certificate-login trust anchors (`anchors.toml` and its PEMs; SPEC A3). "
+        "The default holds the real GRCA/MOICA G2 and G3 certificates.",
+        "keys/trust",
+    )
+    revocation: Literal["hard-fail", "soft-fail"] = _doc(
+        "Certificate login when no trustworthy OCSP/CRL answer can be had: refuse it (`hard-fail`) or "
+        "let it through with a warning in the log (`soft-fail`). A revoked certificate is always refused.",
+        "hard-fail",
     )
 
     @property

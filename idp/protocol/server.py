@@ -30,6 +30,7 @@ from idp.storage.models import Account
 # internal hop.
 os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
 
+CLIENT_CACHE_SIZE = 10_000
 ALL_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 CONFIDENTIAL_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
 
@@ -297,6 +298,7 @@ class Server(AuthorizationServer):
     def __init__(self, svc):
         super().__init__(scopes_supported=["openid", "profile", "email", "phone", "offline_access"])
         self.svc = svc
+        self._clients: dict[str, tuple[float, OAuthClient]] = {}
         self.register_grant(AuthorizationCodeGrant, [S256Only(required=True)])
         self.register_grant(RefreshTokenGrant)
         self.register_grant(ClientCredentialsGrant)
@@ -305,9 +307,25 @@ class Server(AuthorizationServer):
         self.register_endpoint(IntrospectionEndpoint)
 
     def query_client(self, client_id):
+        """The client, from a short in-process cache: every token request needs it, and a
+        database round trip per request was most of the token endpoint's time. Changes
+        made through this process are seen at once (``forget_client``); changes made
+        elsewhere (the CLI, other processes) within ``client_cache_seconds``."""
+        now = time.monotonic()
+        cached = self._clients.get(client_id)
+        if cached and cached[0] > now:
+            return cached[1]
         with self.svc.db.session() as session:
             row = find(session, client_id)
-            return OAuthClient(row) if row else None
+            client = OAuthClient(row) if row else None
+        if client is not None:  # unknown ids are not cached: no filling the cache from outside
+            if len(self._clients) >= CLIENT_CACHE_SIZE:
+                self._clients.clear()
+            self._clients[client_id] = (now + self.svc.settings.client_cache_seconds, client)
+        return client
+
+    def forget_client(self, client_id: str) -> None:
+        self._clients.pop(client_id, None)
 
     def create_oauth2_request(self, request):
         return request  # the web layer builds ``Request`` from the already-read body

@@ -28,7 +28,10 @@ class Database:
             self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            # Sized for Starlette's thread pool (40 threads), so connections are reused rather
+            # than opened per request; no pre-ping round trip per checkout (a dead connection
+            # fails one request and is replaced; pool_recycle retires idle ones first).
+            self.engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=300)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextlib.contextmanager

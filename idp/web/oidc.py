@@ -369,6 +369,7 @@ async def manage_client(request: Request) -> Response:
             return _oauth_error("invalid_client_metadata", e.description, e.status)
     try:
         status, result = await run_in_threadpool(_manage, svc, request.method, client_id, token, body)
+        svc.server.forget_client(client_id)
     except ClientError as e:
         return _registration_error(e)
     if status == 401:

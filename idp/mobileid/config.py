@@ -9,7 +9,7 @@ Not yet in ``idp/settings.py``; these are the names to add there::
     IDP_MOBILEID_TIME_LIMIT     seconds a request lives, 30..600 (default 180: the
                                 seed's 3-minute countdown)
     IDP_MOBILEID_TRUST          PEM files or directories of trusted CAs, separated
-                                by os.pathsep (default ../shared/trust: MOICA G2/G3)
+                                by os.pathsep (default keys/trust: MOICA G2/G3)
     IDP_MOBILEID_HINT           text the app shows with the request
     IDP_MOBILEID_POLL_INTERVAL  seconds between result polls, never below 4
 """
@@ -52,7 +52,7 @@ class MobileIdConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "MobileIdConfig":
         env = os.environ if env is None else env
-        trust = env.get("IDP_MOBILEID_TRUST", "../shared/trust")
+        trust = env.get("IDP_MOBILEID_TRUST", "keys/trust")
         return cls(
             service_url=env["IDP_MOBILEID_URL"],
             sp_service_id=env["IDP_MOBILEID_SP_SERVICE_ID"],

@@ -46,11 +46,9 @@ class Sessions:
         self.store.set("sess:" + record["sid"], record, max(1, int(record["exp"] - self.clock())))
 
     def add_grant(self, sid: str, client_id: str, gid: str) -> None:
-        record = self.get(sid)
-        if record is None:
-            return
-        record["clients"].setdefault(client_id, []).append(gid)
-        self.save(record)
+        """Remember a grant issued under the session: one atomic set addition, no
+        read-modify-write of the session (two clients redeeming at once lose nothing)."""
+        self.store.add("sess-grants:" + sid, f"{client_id} {gid}", self.lifetime)
 
     def end(self, sid: str, tokens) -> dict | None:
         """End a session, revoke every grant issued under it and tell the
@@ -59,9 +57,11 @@ class Sessions:
         record = self.store.take("sess:" + sid) if sid else None
         if record is None:
             return None
-        for gids in record["clients"].values():
-            for gid in gids:
-                tokens.revoke_grant(gid)
+        for member in self.store.members("sess-grants:" + sid):
+            client_id, gid = member.split(" ", 1)
+            record["clients"].setdefault(client_id, []).append(gid)
+            tokens.revoke_grant(gid)
+        self.store.delete("sess-grants:" + sid)
         for listener in self.listeners:
             try:
                 listener(record)

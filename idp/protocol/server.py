@@ -108,18 +108,22 @@ class S256Only(CodeChallenge):
         super().validate_code_challenge(grant, redirect_uri)
 
 
-def _issue(grant, *, account: Account | None, scope: str, gid: str, auth: dict | None, nonce=None, refresh=True):
-    """Mint the token response of one grant: access token, refresh token, ID token."""
+def _issue(grant, *, account: Account | None, scope: str, gid: str, auth: dict | None, nonce=None, refresh=True,
+           writes: list | None = None):
+    """Mint the token response of one grant: access token, refresh token, ID token;
+    the store writes (with any the caller queued in ``writes``) go in one round trip."""
+    writes = [] if writes is None else writes
     svc, client = grant.server.svc, grant.request.client
     at_lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
     record = {"client_id": client.client_id, "account": account.id if account else None, "scope": scope}
     if auth:
         record["auth"] = auth
     token = {"token_type": "Bearer", "expires_in": at_lifetime, "scope": scope}
-    token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime)
+    token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime, writes)
     if refresh and client.check_grant_type("refresh_token"):
         rt_lifetime = client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
-        token["refresh_token"] = svc.tokens.issue("rt", gid, record, rt_lifetime)
+        token["refresh_token"] = svc.tokens.issue("rt", gid, record, rt_lifetime, writes)
+    svc.store.set_many(writes)
     if account is not None and "openid" in scope.split():
         token["id_token"] = claims.id_token(svc, client, account, auth, scope, nonce=nonce, access_token=token["access_token"])
     return token
@@ -154,13 +158,16 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         code = self.request.authorization_code.record
         account = _active_account(svc, code["account"])
         lifetime = self.request.client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
+        writes = []
         gid = svc.tokens.open_grant(
             {"client_id": code["client_id"], "account": code["account"], "sid": code["auth"]["sid"]},
             lifetime,
             gid=code["grant"],
+            writes=writes,
         )
         svc.sessions.add_grant(code["auth"]["sid"], code["client_id"], gid)
-        token = _issue(self, account=account, scope=code["scope"], gid=gid, auth=code["auth"], nonce=code.get("nonce"))
+        token = _issue(self, account=account, scope=code["scope"], gid=gid, auth=code["auth"], nonce=code.get("nonce"),
+                       writes=writes)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
@@ -176,10 +183,10 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         # Another client's token is refused without burning it for its owner.
         if record is not None and record["client_id"] != client.client_id:
             raise InvalidGrantError("The refresh token was issued to another client.")
-        record = tokens.rotate_refresh(token)
-        if record is None:
+        claimed = tokens.rotate_refresh(token)  # also what detects reuse of a rotated token
+        if record is None or claimed is None:
             raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
-        return RefreshRecord(token, record)
+        return RefreshRecord(token, claimed)
 
     def create_token_response(self):
         svc = self.server.svc
@@ -198,8 +205,9 @@ class ClientCredentialsGrant(grants.ClientCredentialsGrant):
         scope = client.get_allowed_scope(self.request.payload.scope) or ""
         scope = " ".join(s for s in scope.split() if s != "openid")
         lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
-        gid = svc.tokens.open_grant({"client_id": client.client_id}, lifetime)
-        token = _issue(self, account=None, scope=scope, gid=gid, auth=None, refresh=False)
+        writes = []
+        gid = svc.tokens.open_grant({"client_id": client.client_id}, lifetime, writes=writes)
+        token = _issue(self, account=None, scope=scope, gid=gid, auth=None, refresh=False, writes=writes)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 

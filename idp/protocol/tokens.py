@@ -56,19 +56,26 @@ class Tokens:
         return record
 
     # -- grants ------------------------------------------------------------
-    def open_grant(self, record: dict, lifetime: int, gid: str | None = None) -> str:
+    def open_grant(self, record: dict, lifetime: int, gid: str | None = None, writes: list | None = None) -> str:
         gid = gid or secrets.token_urlsafe(12)
-        self.store.set("grant:" + gid, record, lifetime)
+        self._write(writes, "grant:" + gid, record, lifetime)
         return gid
 
     def revoke_grant(self, gid: str) -> None:
         self.store.delete("grant:" + gid)
 
     # -- access and refresh tokens ---------------------------------------------
-    def issue(self, kind: str, gid: str, record: dict, lifetime: int) -> str:
+    def issue(self, kind: str, gid: str, record: dict, lifetime: int, writes: list | None = None) -> str:
         token = f"{gid}.{secrets.token_urlsafe(32)}"
-        self.store.set(f"{kind}:{_h(token)}", {**record, "grant": gid, "exp": self.clock() + lifetime}, lifetime)
+        self._write(writes, f"{kind}:{_h(token)}", {**record, "grant": gid, "exp": self.clock() + lifetime}, lifetime)
         return token
+
+    def _write(self, writes: list | None, key: str, value: dict, ttl: int) -> None:
+        """Write now, or add to ``writes`` for one pipelined ``set_many`` by the caller."""
+        if writes is None:
+            self.store.set(key, value, ttl)
+        else:
+            writes.append((key, value, ttl))
 
     def lookup(self, kind: str, token: str) -> dict | None:
         """The live record of an access (``at``) or refresh (``rt``) token, or None."""
@@ -90,9 +97,9 @@ class Tokens:
                 self.revoke_grant(used["grant"])
             return None
         self.store.set("rt-used:" + key, {"grant": record["grant"]}, max(1, int(record["exp"] - self.clock())) + 60)
-        if record["exp"] < self.clock() or self.store.get("grant:" + record["grant"]) is None:
-            return None
-        return record
+        # The grant was found alive by ``lookup`` just before; a revocation in between
+        # is caught when the new tokens are next looked up (they share the grant).
+        return None if record["exp"] < self.clock() else record
 
     def revoke(self, kind: str, token: str) -> bool:
         """RFC 7009: revoking a refresh token ends its family; an access token, itself."""

@@ -24,15 +24,21 @@ class Store(Protocol):
         """Store ``value``; with ``only_new`` only when the key is absent (and say so)."""
     def take(self, key: str) -> dict | None:
         """Get and delete in one atomic step: whoever takes a key gets it alone."""
+    def set_many(self, items: list[tuple[str, dict, int]]) -> None:
+        """Store several (key, value, ttl) in one round trip."""
     def delete(self, *keys: str) -> None: ...
     def incr(self, key: str, ttl: int, by: int = 1) -> int:
         """Atomically add ``by``; the first increment starts the TTL."""
+    def add(self, key: str, member: str, ttl: int) -> None:
+        """Add ``member`` to the set at ``key`` (atomic; no read-modify-write)."""
+    def members(self, key: str) -> set[str]: ...
     def ping(self) -> bool: ...
 
 
 class MemoryStore:
     def __init__(self):
         self._data: dict[str, tuple[float, bytes]] = {}
+        self._sets: dict[str, tuple[float, set[str]]] = {}
         self._lock = threading.Lock()
 
     def _live(self, key):
@@ -67,10 +73,28 @@ class MemoryStore:
             del self._data[key]
         return orjson.loads(item[1])
 
+    def set_many(self, items):
+        for key, value, ttl in items:
+            self.set(key, value, ttl)
+
     def delete(self, *keys):
         with self._lock:
             for key in keys:
                 self._data.pop(key, None)
+                self._sets.pop(key, None)
+
+    def add(self, key, member, ttl):
+        with self._lock:
+            expires, members = self._sets.get(key, (0, set()))
+            if expires <= time.monotonic():
+                members = set()
+            members.add(member)
+            self._sets[key] = (time.monotonic() + ttl, members)
+
+    def members(self, key):
+        with self._lock:
+            expires, members = self._sets.get(key, (0, set()))
+            return set(members) if expires > time.monotonic() else set()
 
     def incr(self, key, ttl, by=1):
         with self._lock:
@@ -112,9 +136,24 @@ class RedisStore:
     def take(self, key):
         return self._load(self._redis.getdel(self._k(key)))
 
+    def set_many(self, items):
+        pipe = self._redis.pipeline(transaction=False)
+        for key, value, ttl in items:
+            pipe.set(self._k(key), orjson.dumps(value), ex=ttl)
+        pipe.execute()
+
     def delete(self, *keys):
         if keys:
             self._redis.delete(*[self._k(k) for k in keys])
+
+    def add(self, key, member, ttl):
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(self._k(key), member)
+        pipe.expire(self._k(key), ttl)
+        pipe.execute()
+
+    def members(self, key):
+        return {m.decode() for m in self._redis.smembers(self._k(key))}
 
     def incr(self, key, ttl, by=1):
         pipe = self._redis.pipeline()

@@ -1,4 +1,6 @@
-"""``make run``: the provider on :8000 and the school-records portal on :8001.
+"""``make run``: the provider on :8000, the school-records portal on :8001 and the
+mobile-ID service simulator on :8010 (``deploy/dev/mobileid_sim.py``; not started
+when ``IDP_MOBILEID_URL`` is set, even to nothing).
 
 Creates (once) a demo account and the portal's client registration under
 ``var/``, then serves both from one process. Settings still come from
@@ -30,6 +32,7 @@ from idp.web.pages import render
 PROVIDER, PORTAL = "http://localhost:8000", "http://localhost:8001"
 DEMO_USER, DEMO_PASSWORD = "demo", "Taipei-101-School!"
 VAR = Path("var")
+MOBILEID_SIM, DEMO_NATIONAL_ID = "http://localhost:8010", "A123456789"
 PORTAL_LOGOUT = {"backchannel_logout_uri": f"{PORTAL}/backchannel-logout", "backchannel_logout_session_required": True}
 
 
@@ -42,6 +45,15 @@ def _prepare(app) -> dict:
 
             create_account(session, svc.passwords, DEMO_USER, DEMO_PASSWORD, now=dt.datetime.now(dt.timezone.utc),
                            name="王小明", email="demo@example.tw", email_verified=True, org="臺北市立示範國民中學")
+        if svc.settings.mobileid_url:  # the demo account logs in with the mobile certificate too (SPEC A4)
+            from sqlalchemy import select
+
+            from idp.storage.models import Account
+
+            demo = by_username(session, DEMO_USER)
+            taken = session.execute(select(Account).where(Account.national_id == DEMO_NATIONAL_ID)).first()
+            if demo.national_id is None and taken is None:
+                demo.national_id = DEMO_NATIONAL_ID
         portal = json.loads(saved.read_text()) if saved.exists() else None
         row = find(session, portal["client_id"]) if portal else None
         if row is not None and "backchannel_logout_uri" not in row.metadata_:
@@ -72,6 +84,21 @@ async def outbox(request: Request) -> Response:
     return render(request, "demo_outbox.html", mails=mails)
 
 
+def _mobileid_simulator():
+    """The mobile-ID service simulator on :8010 (SPEC A4), unless ``IDP_MOBILEID_URL`` names a service."""
+    if os.environ.get("IDP_MOBILEID_URL") is not None:
+        return None
+    from deploy.dev.mobileid_sim import DEV_KEY, DEV_SP_SERVICE_ID, MobileIdSimulator, Pki
+    from idp.mobileid import checksum
+
+    state = VAR / "mobileid-sim"  # its CA and citizens survive restarts
+    sim = MobileIdSimulator({DEV_SP_SERVICE_ID: checksum.parse_key(DEV_KEY)},
+                            pki=Pki(state, names={DEMO_NATIONAL_ID: "王小明"}))
+    os.environ.update(IDP_MOBILEID_URL=f"{MOBILEID_SIM}/moise/sp/", IDP_MOBILEID_SP_SERVICE_ID=DEV_SP_SERVICE_ID,
+                      IDP_MOBILEID_KEY=DEV_KEY, IDP_MOBILEID_TRUST=str(state / "ca.pem"))
+    return sim
+
+
 async def _serve(*servers: uvicorn.Server) -> None:
     await asyncio.gather(*(s.serve() for s in servers))
 
@@ -81,6 +108,7 @@ def main() -> None:
     os.environ.setdefault("IDP_ISSUER", PROVIDER)
     os.environ.setdefault("IDP_DATABASE_URL", f"sqlite:///{VAR}/idp.sqlite3")
     os.environ.setdefault("IDP_KEYS_DIR", str(VAR / "keys"))
+    sim = _mobileid_simulator()
     app = create_app(Settings.from_env())
     if not app.state.svc.settings.smtp_host:
         app.router.routes.insert(0, Route("/demo/outbox", outbox))
@@ -94,10 +122,16 @@ def main() -> None:
   Password:  {DEMO_PASSWORD}
   Stop with Ctrl-C.
 """, flush=True)
-    asyncio.run(_serve(
+    if sim is not None:
+        print(f"  Mobile ID: national ID {DEMO_NATIONAL_ID}; approve on the simulated phone at {MOBILEID_SIM}/sim/\n",
+              flush=True)
+    servers = [
         uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8000, log_level="warning")),
         uvicorn.Server(uvicorn.Config(portal_app, host="127.0.0.1", port=8001, log_level="warning")),
-    ))
+    ]
+    if sim is not None:
+        servers.append(uvicorn.Server(uvicorn.Config(sim.app(), host="127.0.0.1", port=8010, log_level="warning")))
+    asyncio.run(_serve(*servers))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def _raises(factor, amr: list[str]) -> bool:
 
 def next_step(svc, session, tx: dict, account: Account | None, client) -> Step:
     # The client's policy may narrow the factors (``allowed_factors`` in its registration).
-    factors = tuple(f for f in FACTORS.values() if client.allows(f.name))
+    factors = tuple(f for f in FACTORS.values() if client.allows(f.name) and f.enabled(svc))
     if account is None:
         first = tuple(f for f in factors if f.first)
         return Step("factor", factors=first) if first else Step("unmet")
@@ -125,7 +125,7 @@ def next_step(svc, session, tx: dict, account: Account | None, client) -> Step:
         return Step("factor", factors=options) if options else Step("unmet")
     if tx["reverify"] and not any(FACTORS[name].possession for name in tx["done"]):
         # M2: prove a bound second factor again; an account without one re-enters its password.
-        again = tuple(f for f in FACTORS.values() if f.possession and f.bound(account))
+        again = tuple(f for f in FACTORS.values() if f.possession and f.bound(account) and f.enabled(svc))
         if not again and "password" not in tx["done"]:
             again = (FACTORS["password"],)
         if again:

@@ -43,6 +43,38 @@ class Services:
         self.sessions.listeners.append(self.backchannel.session_ended)
         self.pairwise_salt = b""
         self.box: SecretBox | None = None
+        self._pki_trust = None
+        self._revocation = None
+
+    @property
+    def pki_trust(self):
+        """The certificate-login trust anchors (``IDP_TRUST_DIR``), read at first use."""
+        if self._pki_trust is None:
+            from idp.pki import load_trust
+
+            self._pki_trust = load_trust(self.settings.trust_dir)
+        return self._pki_trust
+
+    @property
+    def revocation(self):
+        """One revocation checker per process: it holds the CRL cache (``IDP_REVOCATION``)."""
+        if self._revocation is None:
+            from idp.pki import RevocationChecker, RevocationPolicy
+            from idp.pki.revocation import httpx
+
+            # No kept-alive connections: a pooled connection belongs to one event loop.
+            http = httpx.AsyncClient(follow_redirects=False, limits=httpx.Limits(max_keepalive_connections=0))
+            self._revocation = RevocationChecker(RevocationPolicy(mode=self.settings.revocation), http)
+        return self._revocation
+
+    @property
+    def mobileid(self):
+        """The mobile-ID connector (SPEC A4), built at first use; None when ``IDP_MOBILEID_URL`` is empty."""
+        if "_mobileid" not in self.__dict__:
+            from idp.factors.mobileid import build_connector
+
+            self._mobileid = build_connector(self.settings, self.clock)
+        return self._mobileid
 
     def start(self) -> None:
         """Migrate the database and make sure keys and instance secrets exist

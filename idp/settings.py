@@ -106,6 +106,24 @@ class Settings:
         "hard-fail",
     )
 
+    mobileid_url: str = _doc(
+        "Base URL of the mobile natural-person certificate service (行動自然人憑證, SPEC A4), path prefix "
+        "included, e.g. `https://fidoapi-test.moi.gov.tw/moise/sp/`. Empty: that login is switched off.",
+        "",
+    )
+    mobileid_sp_service_id: str = _doc("This provider's `sp_service_id` at the mobile-ID service.", "")
+    mobileid_key: str = _doc(
+        "This provider's AES-256 key at the mobile-ID service (64 hex digits or base64).", "", secret=True
+    )
+    mobileid_time_limit: int = _doc(
+        "Seconds a mobile-ID request lives, 30 to 600 (the login page's countdown).", 180
+    )
+    mobileid_trust: str = _doc(
+        "PEM files or directories of the CAs a mobile-ID certificate must chain to, separated by `:` "
+        "(MOICA G2/G3 in production; the simulator's `ca.pem` in the demo).",
+        "../shared/trust",
+    )
+
     @property
     def cookies_secure(self) -> bool:
         if self.secure_cookies is None:

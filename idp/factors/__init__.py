@@ -6,6 +6,7 @@
 - ``possession``: whether it proves something the user has (a second factor,
   what forced binding, SPEC M1, asks for);
 - ``template``: the page that asks for it;
+- ``enabled(svc)``: whether the settings switch it on (mobile ID needs a service);
 - ``bound(account)``: whether this account can use it;
 - ``context(svc, tx, account)``: what its page shows;
 - ``verify(request, svc, tx, form) -> Outcome`` (async): check the answer.
@@ -44,7 +45,7 @@ def methods(account) -> list[dict]:
     """The binding table of the seeds (method, bound ✓/✗, since when)."""
     bound = {b.factor: b for b in account.bindings}
     rows = []
-    for key, factor, offered in (("method.otp", "otp", True), ("method.certificate", "certificate", False),
+    for key, factor, offered in (("method.otp", "otp", True), ("method.certificate", "certificate", True),
                                  ("method.google", "google", False)):
         binding = bound.get(factor)
         rows.append({"key": key, "factor": factor, "bound": binding is not None, "offered": offered,
@@ -57,5 +58,7 @@ def methods(account) -> list[dict]:
 from idp.factors.password import PASSWORD  # noqa: E402
 from idp.factors.totp import TOTP  # noqa: E402
 from idp.factors.one_day import ONE_DAY  # noqa: E402
+from idp.factors.mobileid import MOBILEID  # noqa: E402
+from idp.factors.certificate import CERTIFICATE  # noqa: E402
 
-FACTORS = {f.name: f for f in (PASSWORD, TOTP, ONE_DAY)}
+FACTORS = {f.name: f for f in (PASSWORD, TOTP, ONE_DAY, CERTIFICATE, MOBILEID)}

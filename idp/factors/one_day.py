@@ -129,6 +129,9 @@ class OneDayFactor:
     possession = False
     template = "factor_one_day.html"
 
+    def enabled(self, svc) -> bool:
+        return True
+
     def bound(self, account) -> bool:
         """Never: it is a login of its own that starts a login (``first``) and proves the
         password too, not a binding a later step asks for. So step-up and re-verification

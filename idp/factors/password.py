@@ -19,6 +19,9 @@ class PasswordFactor:
     possession = False
     template = "factor_password.html"
 
+    def enabled(self, svc) -> bool:
+        return True
+
     def bound(self, account) -> bool:
         return bool(account.password_hash) and not account.password_login_disabled
 

@@ -64,6 +64,9 @@ class TotpFactor:
     possession = True
     template = "factor_otp.html"
 
+    def enabled(self, svc) -> bool:
+        return True
+
     def bound(self, account) -> bool:
         return any(b.factor == self.name for b in account.bindings)
 

@@ -84,7 +84,7 @@ def _back(notice: str | None = None, error: str | None = None) -> RedirectRespon
 
 
 # -- the settings page -------------------------------------------------------------------
-NOTICES = {"otp_rebound", "password_login_disabled", "password_login_enabled", "verification_sent"}
+NOTICES = {"otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent"}
 ERRORS = {"needs_passwordless", "email_missing"}
 
 
@@ -144,6 +144,83 @@ async def otp_rebuild(request: Request) -> Response:
 
 def _expired(request: Request) -> Response:
     return error_page(request, "error.tx_expired.title", "error.tx_expired.detail")
+
+
+# -- binding a certificate (SPEC A3) ------------------------------------------------------------
+async def certificate_page(request: Request) -> Response:
+    """The component checks and a challenge to sign with the card to bind."""
+    account = await require_account(request)
+    if isinstance(account, Response):
+        return account
+    from idp.factors import certificate as cert
+
+    svc = request.app.state.svc
+    flash = {"params": {}}
+    if request.query_params.get("error", "").startswith("certificate."):
+        flash["error"] = request.query_params["error"]
+    current = next((b for b in account.bindings if b.factor == cert.CERTIFICATE.name), None)
+    return render(request, "account_certificate.html", account=account, flash=flash, tab="settings", current=current,
+                  challenge=cert.issue_challenge(svc, "account:" + account.id), component=cert.COMPONENT,
+                  connect_src=cert.COMPONENT_ORIGINS)
+
+
+async def certificate_bind(request: Request) -> Response:
+    posted = await _post(request)
+    if isinstance(posted, Response):
+        return posted
+    account, form = posted
+    from idp.factors import certificate as cert
+
+    svc = request.app.state.svc
+    identity, error = await cert.check_signature(svc, form, "account:" + account.id, None)
+    if error is None and cert.account_kind(account) not in identity.kinds:
+        error = ("wrong_kind", "certificate.error.wrong_kind")
+    if error is None:
+        error, replaced = await run_in_threadpool(_bind_certificate, svc, account.id, identity)
+    seen = {**who(request), "method": cert.CERTIFICATE.name}
+    if error is not None:
+        code, key = error
+        svc.audit.record("binding.refused", account_id=account.id, username=account.username, **seen, reason=code)
+        return RedirectResponse(f"/account/certificate?error={key}", status_code=303)
+    svc.audit.record("binding.replaced" if replaced else "binding.created", account_id=account.id,
+                     username=account.username, **seen, certificate=cert.binding_id(identity),
+                     fingerprint=identity.fingerprint_sha256)
+    return _back(notice="certificate_bound")
+
+
+def _bind_certificate(svc, account_id: str, identity):
+    """(error or None, whether an older certificate was replaced)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from idp.factors import certificate as cert
+    from idp.storage.models import Binding
+
+    external_id = cert.binding_id(identity)
+    elsewhere = ("bound_elsewhere", "certificate.bind.elsewhere")
+    try:
+        with svc.db.session() as session:
+            account = session.get(Account, account_id)
+            owner = session.execute(select(Binding.account_id).where(
+                Binding.factor == cert.CERTIFICATE.name, Binding.external_id == external_id)).scalar_one_or_none()
+            if owner is not None and owner != account_id:
+                return elsewhere, False
+            if account.national_id and identity.id_last4 and account.national_id[-4:] != identity.id_last4:
+                return ("id_mismatch", "certificate.bind.id_mismatch"), False
+            old = session.execute(select(Binding).where(
+                Binding.account_id == account_id, Binding.factor == cert.CERTIFICATE.name)).scalars().all()
+            for binding in old:
+                session.delete(binding)  # the old card stops working (rebind after a card is replaced)
+            session.flush()
+            session.add(Binding(
+                account_id=account_id, factor=cert.CERTIFICATE.name, external_id=external_id,
+                label=f"{identity.subject_cn or ''} {identity.subject_serial_number}".strip(),
+                data={"issuer": identity.issuer_dn, "serial_number": identity.subject_serial_number,
+                      "cert_serial": str(identity.cert_serial), "fingerprint": identity.fingerprint_sha256,
+                      "not_after": identity.not_after.isoformat(), "anchor_set": identity.anchor_set},
+            ))
+            return None, bool(old)
+    except IntegrityError:  # bound elsewhere meanwhile (uq_binding_external)
+        return elsewhere, False
 
 
 # -- disabling password login (M4) --------------------------------------------------------------
@@ -253,6 +330,8 @@ routes = [
     Route("/account/otp", otp_page),
     Route("/account/otp", otp_confirm, methods=["POST"]),
     Route("/account/otp/rebuild", otp_rebuild, methods=["POST"]),
+    Route("/account/certificate", certificate_page),
+    Route("/account/certificate", certificate_bind, methods=["POST"]),
     Route("/account/password-login", password_login_page),
     Route("/account/password-login/disable", password_login_disable, methods=["POST"]),
     Route("/account/password-login/enable", password_login_enable, methods=["POST"]),

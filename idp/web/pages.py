@@ -59,7 +59,10 @@ def csrf_ok(request: Request, form) -> bool:
     return bool(cookie and isinstance(sent, str) and hmac.compare_digest(cookie.encode(), sent.encode()))
 
 
-def render(request: Request, template: str, status: int = 200, ui_locales: str | None = None, **context) -> HTMLResponse:
+def render(request: Request, template: str, status: int = 200, ui_locales: str | None = None, connect_src: str = "",
+           **context) -> HTMLResponse:
+    """``connect_src``: origins this page's scripts may call besides our own (the
+    certificate page's local HiPKI component)."""
     svc = request.app.state.svc
     locale = locale_of(request, ui_locales)
     nonce = secrets.token_urlsafe(16)
@@ -74,7 +77,7 @@ def render(request: Request, template: str, status: int = 200, ui_locales: str |
     response = HTMLResponse(html, status_code=status)
     response.headers["Content-Security-Policy"] = (
         f"default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'nonce-{nonce}'; "
-        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+        f"connect-src 'self'{' ' + connect_src if connect_src else ''}; frame-ancestors 'none'; base-uri 'none'"
     )
     response.headers["Cache-Control"] = "no-store"
     new = getattr(request.state, "new_csrf", None)

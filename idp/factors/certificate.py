@@ -1,0 +1,200 @@
+"""Certificate login (SPEC A3): the MOICA citizen card, or an organisation card
+(XCA/GCA) for AA accounts, signing through the HiPKI local component.
+
+- The page gets a fresh challenge (``context``), single-use and bound to this
+  login transaction, kept in the store with an expiry. The browser asks the
+  component to sign it (``MakeSignature``, PKCS7, SHA256) with the card and
+  its PIN, and posts the result here.
+- ``verify`` takes the challenge atomically (a replayed signature finds it
+  gone), verifies the signature, chain, validity, key usage and revocation
+  (``idp.pki``), and finds the account bound to the certificate
+  (issuer DN | subject serialNumber). A certificate is the first factor (it
+  finds the account) or a further one (the account is already known).
+- The amr is ``sc`` + ``pin``: two factors, so the flow adds ``mfa``; ``sc``
+  earns the certificate level (``idp.acr``).
+- A failure counts towards the account's lockout only when the account is
+  known (the transaction has one, or the certificate is bound to one).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import logging
+import secrets
+
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from idp.factors import Outcome
+from idp.pki import PKIError, verify_signature
+from idp.storage.models import Account, Binding
+from idp.web.pages import who
+
+log = logging.getLogger("idp.pki")
+
+CHALLENGE_SECONDS = 300
+CHALLENGE_PREFIX = "idp-login:"
+# The HiPKI component on the user's PC (PROTOCOLS 1); both spellings, as pages use either.
+COMPONENT = "http://127.0.0.1:61161"
+COMPONENT_ORIGINS = "http://127.0.0.1:61161 http://localhost:61161"
+MAX_SIGNATURE_CHARS = 32 * 1024
+
+# PKIError.code -> message key (certificate.json).
+ERRORS = {
+    "bad_format": "certificate.error.bad_format",
+    "challenge_mismatch": "certificate.error.challenge",
+    "signature_invalid": "certificate.error.signature",
+    "untrusted": "certificate.error.untrusted",
+    "expired": "certificate.error.invalid",
+    "not_yet_valid": "certificate.error.invalid",
+    "revoked": "certificate.error.invalid",
+    "key_usage": "certificate.error.key_usage",
+    "revocation_unavailable": "certificate.error.revocation_unavailable",
+}
+# Not the user's doing: does not count towards the lockout.
+NOT_COUNTED = {"revocation_unavailable", "challenge_expired"}
+
+
+def binding_id(identity) -> str:
+    """What a certificate binding stores in ``external_id``: issuer DN | subject serialNumber
+    (the MOICA card's). An organisation certificate without one binds by its organisation
+    id (the anchor set's ``org_id_oid``), else by the certificate's serial number."""
+    issuer, serial = identity.binding_key
+    if serial:
+        return f"{issuer}|{serial}"
+    if identity.org_id:
+        return f"{issuer}|org:{identity.org_id}"
+    return f"{issuer}|cert:{identity.cert_serial:x}"
+
+
+def account_kind(account) -> str:
+    return "aa" if account.kind == "aa" else "personal"
+
+
+# -- challenges ------------------------------------------------------------------------
+def issue_challenge(svc, owner: str) -> str:
+    """A fresh challenge for one page (``owner``: the login transaction or an account-area binding)."""
+    challenge = CHALLENGE_PREFIX + secrets.token_urlsafe(24)
+    svc.store.set("cert-challenge:" + challenge, {"owner": owner, "exp": svc.clock() + CHALLENGE_SECONDS},
+                  CHALLENGE_SECONDS + 60)
+    return challenge
+
+
+def take_challenge(svc, challenge: str, owner: str) -> bool:
+    """Use a challenge up: true once, for its owner, before it expires."""
+    if not challenge.startswith(CHALLENGE_PREFIX) or len(challenge) > 100:
+        return False
+    record = svc.store.take("cert-challenge:" + challenge)
+    return (record is not None and record["exp"] >= svc.clock()
+            and hmac.compare_digest(record["owner"].encode(), owner.encode()))
+
+
+def now_of(svc) -> dt.datetime:
+    return dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
+
+
+async def check_signature(svc, form, owner: str, kind: str | None):
+    """(identity, None) or (None, (error code, message key)) for a posted MakeSignature result."""
+    signature = (form.get("signature") or "").strip()
+    challenge = form.get("challenge") or ""
+    certb64 = (form.get("certb64") or "").strip() or None
+    if not signature or len(signature) > MAX_SIGNATURE_CHARS or (certb64 and len(certb64) > MAX_SIGNATURE_CHARS):
+        return None, ("bad_format", "certificate.error.missing")
+    if not take_challenge(svc, challenge, owner):
+        return None, ("challenge_expired", "certificate.error.challenge")
+    try:
+        identity = await verify_signature(signature, challenge.encode(), certificate=certb64, trust=svc.pki_trust,
+                                          revocation=svc.revocation, now=now_of(svc), kind=kind)
+    except PKIError as exc:
+        log.info("certificate refused (%s): %s", exc.code, exc)
+        return None, (exc.code, ERRORS.get(exc.code, "certificate.error.signature"))
+    return identity, None
+
+
+class CertificateFactor:
+    name = "certificate"
+    amr = ["sc", "pin"]
+    first = True
+    possession = True
+    template = "factor_certificate.html"
+
+    def enabled(self, svc) -> bool:
+        return True
+
+    def bound(self, account) -> bool:
+        return any(b.factor == self.name for b in account.bindings)
+
+    def context(self, svc, tx, account) -> dict:
+        return {"challenge": issue_challenge(svc, "tx:" + tx["id"]), "component": COMPONENT,
+                "connect_src": COMPONENT_ORIGINS}
+
+    async def verify(self, request, svc, tx, form) -> Outcome:
+        seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
+        known = tx.get("account")
+        lockout = svc.lockout
+        if known:
+            if until := lockout.locked_until(tx["username"]):
+                svc.audit.record("login.locked", account_id=known, username=tx["username"], **seen)
+                return Outcome.locked(until)
+            kind = await run_in_threadpool(_kind_of, svc, known)
+        else:
+            kind = None
+        identity, error = await check_signature(svc, form, "tx:" + tx["id"], kind)
+        if error is not None:
+            return await run_in_threadpool(self._failed, svc, known, tx.get("username"), error, seen)
+        account = await run_in_threadpool(_bound_account, svc, binding_id(identity))
+        if account is None:
+            svc.audit.record("login.failure", account_id=known, username=tx.get("username") or None, **seen,
+                             reason="unbound", certificate=binding_id(identity))
+            return Outcome(error="certificate.error.unbound")
+        if known and not hmac.compare_digest(known, account.id):
+            return await run_in_threadpool(self._failed, svc, known, tx["username"],
+                                           ("other_account", "certificate.error.other_account"), seen)
+        if until := lockout.locked_until(account.username):
+            svc.audit.record("login.locked", account_id=account.id, username=account.username, **seen)
+            return Outcome.locked(until)
+        if account_kind(account) not in identity.kinds:
+            return await run_in_threadpool(self._failed, svc, account.id, account.username,
+                                           ("wrong_kind", "certificate.error.wrong_kind"), seen)
+        if account.disabled:
+            svc.audit.record("login.disabled", account_id=account.id, username=account.username, **seen)
+            return Outcome(error="login.disabled")
+        lockout.clear(account.username)
+        return Outcome(account_id=account.id)
+
+    @staticmethod
+    def _failed(svc, account_id, username, error, seen) -> Outcome:
+        code, key = error
+        svc.audit.record("login.failure", account_id=account_id, username=username or None, **seen,
+                         reason=code)
+        if not account_id or code in NOT_COUNTED:
+            return Outcome(error=key)
+        lockout = svc.lockout
+        attempt = lockout.reserve(username)
+        if attempt >= lockout.threshold:
+            until = lockout.locked_until(username) or lockout.lock(username)
+            svc.audit.record("login.locked", account_id=account_id, username=username, **seen)
+            return Outcome.locked(until)
+        return Outcome(error=key)
+
+
+def _kind_of(svc, account_id) -> str | None:
+    with svc.db.session() as session:
+        account = session.get(Account, account_id)
+        return account_kind(account) if account else None
+
+
+def _bound_account(svc, external_id: str) -> Account | None:
+    with svc.db.session() as session:
+        binding = session.execute(
+            select(Binding).where(Binding.factor == CertificateFactor.name, Binding.external_id == external_id)
+        ).scalar_one_or_none()
+        if binding is None:
+            return None
+        account = session.get(Account, binding.account_id)
+        session.expunge(account)
+        return account
+
+
+CERTIFICATE = CertificateFactor()

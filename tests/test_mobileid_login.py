@@ -1,0 +1,304 @@
+"""Mobile natural-person certificate login (SPEC A4) as the user meets it, against the
+simulator over real HTTP. The simulator reads the provider's FrozenClock, so expiry
+and the 4-second polling rule are tested without sleeping."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from deploy.dev.mobileid_sim import MobileIdSimulator
+from idp.clock import FrozenClock
+from idp.factors.totp import qr_svg
+from idp.mobileid import national_id
+from tests import live
+from tests.harness import callback, forms, redeem
+from tests.test_e2e import make_live_provider, make_portal  # noqa: F401 (fixtures)
+
+try:
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+SP_ID = "idp-login-test"
+KEY = os.urandom(32)
+CITIZEN = "A123456789"
+STRANGER = national_id.with_check_digit("B12345678")  # valid, bound to no account
+
+
+class SharedClock:
+    """The simulator's clock: whichever provider the current test made."""
+
+    def __init__(self):
+        self.target = FrozenClock()
+
+    def __call__(self) -> float:
+        return self.target()
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    simulator = MobileIdSimulator({SP_ID: KEY}, clock=SharedClock(), names={CITIZEN: "王小明"})
+    ca_file = tmp_path_factory.mktemp("mobileid-login") / "ca.pem"
+    ca_file.write_bytes(simulator.pki.ca_pem())
+    simulator.ca_file = str(ca_file)
+    with live.reserve() as (sock, url):
+        with live.serve(simulator.app(), sock, url, health="/sim/ca.pem") as server:
+            simulator.url = server.url
+            yield simulator
+
+
+@pytest.fixture
+def provider(make_provider, sim):
+    provider = make_provider(mfa=True, mobileid_url=sim.url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
+                             mobileid_key=KEY.hex(), mobileid_trust=sim.ca_file)
+    sim.clock.target = provider.clock
+    provider.account("alice", national_id=CITIZEN)
+    return provider
+
+
+def _error(page) -> str:
+    found = re.search(r'<div class="error" role="alert">\s*<p>(.*?)</p>', page.text, re.S)
+    return found.group(1) if found else ""
+
+
+def _tx(page) -> str:
+    return next(f["fields"]["tx"] for f in forms(page.text) if "tx" in f["fields"])
+
+
+def _calls(sim, name="getAthOrSignResult") -> int:
+    return sum(1 for called, _ in sim.calls if called == name)
+
+
+def start(provider, browser, client_id, nid=CITIZEN, captcha=None):
+    """From the password page to the mobile ID form, then submit it: the waiting page."""
+    page = browser.authorize(client_id)
+    assert "factor=mobileid" in page.text  # the "行動自然人憑證" link on the login page
+    tx = _tx(page)
+    page = browser.go(f"/login?tx={tx}&factor=mobileid")
+    assert 'name="national_id"' in page.text and 'name="captcha"' in page.text  # captcha even with IDP_CAPTCHA=off
+    answer = provider.svc.transactions.get(tx)["captcha"] if captcha is None else captcha
+    return browser.submit(page, "/login/mobileid/start", national_id=nid, captcha=answer), tx
+
+
+def tickets(provider, tx) -> dict:
+    attempt = provider.svc.transactions.get(tx)["mobileid"]["attempt"]
+    return provider.svc.store.get("mobileid:" + attempt)["tickets"]
+
+
+def phone(sim, decision, **which) -> httpx.Response:
+    return httpx.post(sim.url + "/sim/answer", json={**which, "decision": decision})
+
+
+def status(browser, tx) -> dict:
+    response = browser.http.get(f"/login/mobileid/status?tx={tx}")
+    assert response.headers["cache-control"] == "no-store"
+    return response.json()
+
+
+def claims(browser, client_id, client_secret, page) -> dict:
+    params = callback(page)
+    token = redeem(browser.http, client_id, client_secret, params["code"]).json()
+    return jwt.decode(token["id_token"], KeySet.import_key_set(browser.http.get("/jwks").json())).claims
+
+
+def test_push_approved_logs_in_at_loa3(provider, sim):
+    client_id, client_secret = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id, nid=" a123456789 ")
+    assert 'id="mobileid-countdown"' in page.text and "3:00" in page.text and "A12****789" in page.text
+    assert "/login/mobileid/status?tx=" in page.text and '<script nonce="' in page.text
+    assert "script-src 'nonce-" in page.headers["content-security-policy"]
+    push = tickets(provider, tx)["push"]
+    assert status(browser, tx)["state"] == "pending"
+    assert phone(sim, "approve", sp_ticket_id=push["sp_ticket_id"]).status_code == 200
+    provider.clock.advance(4)
+    answer = status(browser, tx)
+    assert answer["state"] == "done" and answer["remaining"] == 176
+    page = browser.submit(browser.go(f"/login?tx={tx}&factor=mobileid"), "/login/factor/mobileid")
+    token = claims(browser, client_id, client_secret, page)
+    assert token["acr"] == "urn:idp:loa:3" and token["amr"] == ["hwk", "user", "mfa"]
+
+
+def test_qr_scan_logs_in(provider, sim):
+    client_id, client_secret = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id)
+    qr = tickets(provider, tx)["qr"]
+    assert qr_svg(qr["sp_ticket"]) in page.text  # the "no push? scan instead" QR is this ticket
+    assert phone(sim, "approve", sp_ticket=qr["sp_ticket"]).status_code == 200  # scanned and confirmed
+    assert status(browser, tx)["state"] == "done"
+    token = claims(browser, client_id, client_secret, browser.submit(page, "/login/factor/mobileid"))
+    assert token["acr"] == "urn:idp:loa:3"
+
+
+def test_denied_on_the_phone_says_so_and_offers_a_retry(provider, sim):
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id)
+    phone(sim, "deny", sp_ticket_id=tickets(provider, tx)["push"]["sp_ticket_id"])
+    answer = status(browser, tx)
+    assert answer["state"] == "failed" and answer["error"] == "mobileid.denied" and "拒絕" in answer["message"]
+    page = browser.go(answer["next"])
+    assert "拒絕" in _error(page) and 'value="A123456789"' in page.text  # the number kept for the retry
+    page = browser.submit(page, "/login/mobileid/start", captcha=provider.svc.transactions.get(tx)["captcha"])
+    assert 'id="mobileid-countdown"' in page.text  # a new request went out
+
+
+def test_expired_request_is_refused_even_if_approved_later(provider, sim):
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id)
+    push = tickets(provider, tx)["push"]
+    provider.clock.advance(181)
+    assert phone(sim, "approve", sp_ticket_id=push["sp_ticket_id"]).status_code == 409
+    answer = status(browser, tx)
+    assert answer["state"] == "failed" and answer["error"] == "mobileid.expired"
+    assert "有效時間已過" in _error(browser.go(answer["next"]))
+    page = browser.submit(page, "/login/factor/mobileid")  # the "continue" button, too late: nothing pending
+    assert page.status_code == 200 and "尚未發出" in _error(page) and 'name="national_id"' in page.text
+
+
+def test_an_answer_polled_after_expiry_is_refused(provider, sim):
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id)
+    phone(sim, "approve", sp_ticket_id=tickets(provider, tx)["push"]["sp_ticket_id"])  # in time
+    provider.clock.advance(181)  # but nobody asked until now
+    before = _calls(sim)
+    page = browser.submit(page, "/login/factor/mobileid")
+    assert "有效時間已過" in _error(page) and _calls(sim) == before
+    assert 'name="national_id"' in page.text
+
+
+def test_push_and_qr_both_approved_log_in_once_and_no_later_logout(provider, sim):
+    client_id, client_secret = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id)
+    both = tickets(provider, tx)
+    phone(sim, "approve", sp_ticket_id=both["push"]["sp_ticket_id"])
+    phone(sim, "approve", sp_ticket=both["qr"]["sp_ticket"])
+    assert status(browser, tx)["state"] == "done"
+    polled = [b["sp_ticket_id"] for name, b in sim.calls if name == "getAthOrSignResult"]
+    assert both["push"]["sp_ticket_id"] in polled and both["qr"]["sp_ticket_id"] not in polled  # dropped
+    assert status(browser, tx)["state"] == "done"
+    token = claims(browser, client_id, client_secret, browser.submit(page, "/login/factor/mobileid"))
+    assert token["amr"] == ["hwk", "user", "mfa"]
+    again = browser.submit(page, "/login/factor/mobileid")  # the continue form posted twice
+    assert again.status_code == 400 and "code=" not in again.headers.get("location", "")
+    with provider.svc.db.session() as session:
+        from idp.storage.models import AuditEvent
+        assert session.query(AuditEvent).filter_by(event="login.success").count() == 1
+    # The seed's bug: logged out when the other request's time ran out. Not here.
+    provider.clock.advance(200)
+    assert [n for n, b in sim.calls if b.get("sp_ticket_id") == both["qr"]["sp_ticket_id"]] == []
+    assert "code" in callback(browser.authorize(client_id, prompt="none"))
+
+
+def test_unbound_id_is_told_clearly_and_sends_nothing(provider, sim):
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    calls = len(sim.calls)
+    page, _ = start(provider, browser, client_id, nid=STRANGER)
+    assert "尚未綁定" in _error(page) and 'name="national_id"' in page.text
+    assert len(sim.calls) == calls
+
+
+@pytest.mark.parametrize("raw, said", [("A123456788", "檢查碼不符"), ("A12345", "10 碼"), ("A323456789", "第 2 碼"),
+                                       ("1123456789", "英文字母")])
+def test_malformed_id_says_why(provider, sim, raw, said):
+    client_id, _ = provider.client()
+    calls = len(sim.calls)
+    page, _ = start(provider, provider.browser(), client_id, nid=raw)
+    assert said in _error(page) and len(sim.calls) == calls
+
+
+def test_wrong_captcha_sends_nothing(provider, sim):
+    client_id, _ = provider.client()
+    calls = len(sim.calls)
+    page, _ = start(provider, provider.browser(), client_id, captcha="00000")
+    assert "驗證碼錯誤" in _error(page) and len(sim.calls) == calls
+
+
+def test_polling_too_fast_is_throttled(provider, sim):
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    _, tx = start(provider, browser, client_id)
+    status(browser, tx)
+    asked = _calls(sim)
+    for _ in range(3):
+        assert status(browser, tx)["state"] == "pending"
+    provider.clock.advance(3.9)
+    assert status(browser, tx)["retry_after"] >= 4
+    assert _calls(sim) == asked  # the service was not asked again
+    provider.clock.advance(0.1)
+    status(browser, tx)
+    assert _calls(sim) == asked + 2  # push and QR, once each
+
+
+def test_another_browser_cannot_poll_or_continue(provider, sim):
+    client_id, _ = provider.client()
+    page, tx = start(provider, provider.browser(), client_id)
+    other = provider.browser()
+    assert other.http.get(f"/login/mobileid/status?tx={tx}").status_code == 404
+
+
+def test_switched_off_without_a_service_url(make_provider):
+    provider = make_provider(mfa=True)
+    provider.account("alice", national_id=CITIZEN)
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    assert "factor=mobileid" not in page.text
+    tx = _tx(page)
+    assert "/login/factor/password" in browser.go(f"/login?tx={tx}&factor=mobileid").text
+    fields = next(f for f in forms(page.text) if f["action"] == "/login/factor/password")["fields"]
+    assert browser.go("/login/mobileid/start", "POST", {**fields, "national_id": CITIZEN}).status_code == 400
+    # A bound national ID does not make it a second factor either: the password leads to OTP binding.
+    assert "/login/bind/otp" in browser.password(page).text
+
+
+# -- in Chromium: the page's own script polls, counts down and continues ----------------------------
+@pytest.mark.parametrize("backend", ["sqlite+memory"])
+def test_push_login_in_chromium(backend, sim, make_live_provider, make_portal):
+    from tests.test_e2e import CHROMIUM, CHROMIUM_ARGS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing. Run `make test`.", pytrace=False)
+    from playwright.sync_api import expect, sync_playwright
+
+    provider = make_live_provider(host="localhost", mfa=True, mobileid_url=sim.url + "/moise/sp/",
+                                  mobileid_sp_service_id=SP_ID, mobileid_key=KEY.hex(), mobileid_trust=sim.ca_file)
+    sim.clock.target = provider.clock  # the real clock, as the demo
+    provider.account("alice", name="王小明", national_id=CITIZEN)
+    portal = make_portal(provider, host="localhost")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(locale="zh-TW")
+            page.set_default_timeout(15_000)
+            errors = []
+            page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
+                    and errors.append(m.text))
+            page.on("response", lambda r: r.status >= 400 and not r.url.endswith("/favicon.ico")
+                    and errors.append(f"{r.status} {r.url}"))
+            page.goto(portal + "/")
+            page.get_by_role("link", name="登入", exact=True).click()
+            page.wait_for_url(provider.issuer + "/**")
+            page.get_by_role("link", name="行動自然人憑證").click()
+            tx = page.url.split("tx=")[1].split("&")[0]
+            page.locator("#national_id").fill(CITIZEN)
+            page.locator("#captcha").fill(provider.svc.transactions.get(tx)["captcha"])
+            page.locator("form[data-step=mobileid] button[type=submit]").click()
+            expect(page.locator("#mobileid-countdown")).to_have_text(re.compile(r"^2:5\d$"), timeout=5_000)
+            push = tickets(provider, tx)["push"]
+            phone(sim, "approve", sp_ticket_id=push["sp_ticket_id"])
+            page.wait_for_url(portal + "/")  # polled, done, continued by the page itself
+            expect(page.locator("main")).to_contain_text("urn:idp:loa:3")
+            assert errors == []  # no CSP violation, no script error, no failed request
+        finally:
+            browser.close()

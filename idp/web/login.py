@@ -293,7 +293,7 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
         svc.sessions.save(session)
     # What the account area asks to be recent (M2): a bound second factor, or any factor
     # from an account that has none to offer (else it could never get in).
-    has_possession = any(f.possession and f.bound(account) for f in FACTORS.values())
+    has_possession = any(f.possession and f.enabled(svc) and f.bound(account) for f in FACTORS.values())
     if tx["done"] and (any(FACTORS[name].possession for name in tx["done"]) or not has_possession):
         session["verified_at"] = svc.clock()
         svc.sessions.save(session)

@@ -19,7 +19,9 @@ class Sessions:
         # Called with the ended record after ``end`` (back-channel logout, SPEC P6).
         self.listeners: list = []
 
-    def create(self, account_id: str, username: str, amr: list[str], acr: str, auth_time: float) -> dict:
+    def create(self, account_id: str, username: str, amr: list[str], acr: str, auth_time: float,
+               seen: dict | None = None) -> dict:
+        """A new session; ``seen`` (address, user agent) lets its owner recognise it in their list."""
         now = self.clock()
         record = {
             "sid": secrets.token_urlsafe(24),
@@ -29,10 +31,20 @@ class Sessions:
             "acr": acr,
             "auth_time": int(auth_time),
             "exp": now + self.lifetime,
+            "created": now,
             "clients": {},
+            **(seen or {}),
         }
         self.store.set("sess:" + record["sid"], record, self.lifetime)
+        self.store.add("acct-sess:" + account_id, record["sid"], self.lifetime)
         return record
+
+    def of_account(self, account_id: str) -> list[dict]:
+        """The account's live sessions, newest first (the "log out other sessions" list)."""
+        sids = sorted(self.store.members("acct-sess:" + account_id))
+        records = self.store.get_many(["sess:" + sid for sid in sids])
+        live = [r for r in records if r is not None and r["exp"] >= self.clock()]
+        return sorted(live, key=lambda r: r.get("created", 0), reverse=True)
 
     def get(self, sid: str | None) -> dict | None:
         if not sid:

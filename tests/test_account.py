@@ -220,3 +220,18 @@ def test_settings_forms_need_csrf(user):
     assert response.status_code == 400
     with provider.svc.db.session() as session:
         assert session.query(Binding).one().data["version"] == 1
+
+
+def test_log_out_other_sessions(user):
+    provider, client_id, secret = user
+    laptop = _signed_in(provider, client_id, secret)
+    phone = _signed_in(provider, client_id, secret)
+    provider.clock.advance(30)
+    page = phone.go("/account")
+    assert "登入中的裝置" in page.text and page.text.count("pwd + otp + mfa") == 2
+    assert laptop.http.cookies["idp_session"] not in page.text  # never another browser's session id
+    page = phone.submit(page, "/account/sessions/end-others")
+    assert "已登出其他所有裝置" in _notice(page) and page.text.count("pwd + otp + mfa") == 1
+    # The laptop's session is gone: a silent login there needs a new login.
+    assert callback(laptop.authorize(client_id, prompt="none"))["error"] == "login_required"
+    assert "code" in callback(phone.authorize(client_id, prompt="none"))

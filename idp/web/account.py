@@ -84,7 +84,7 @@ def _back(notice: str | None = None, error: str | None = None) -> RedirectRespon
 
 
 # -- the settings page -------------------------------------------------------------------
-NOTICES = {"otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent"}
+NOTICES = {"others_ended", "otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent"}
 ERRORS = {"needs_passwordless", "email_missing"}
 
 
@@ -100,8 +100,27 @@ async def settings_page(request: Request) -> Response:
     if error in ERRORS:
         flash["error"] = f"account.error.{error}"
     can_disable = any(b.factor in PASSWORDLESS for b in account.bindings)
+    svc = request.app.state.svc
+    sessions = svc.sessions.of_account(account.id)
+    current = request.cookies.get(SESSION_COOKIE)
     return render(request, "account.html", account=account, methods=methods(account), flash=flash,
-                  can_disable=can_disable, tab="settings")
+                  can_disable=can_disable, tab="settings", sessions=sessions, current_sid=current)
+
+
+async def end_other_sessions(request: Request) -> Response:
+    """Log out every other browser of this account (its clients are told, back-channel)."""
+    posted = await _post(request)
+    if isinstance(posted, Response):
+        return posted
+    account, _ = posted
+    svc = request.app.state.svc
+    current = request.cookies.get(SESSION_COOKIE)
+    ended = 0
+    for record in svc.sessions.of_account(account.id):
+        if record["sid"] != current and svc.sessions.end(record["sid"], svc.tokens):
+            ended += 1
+    svc.audit.record("sessions.ended_others", account_id=account.id, username=account.username, count=ended, **who(request))
+    return _back(notice="others_ended")
 
 
 # -- rebinding OTP (M3) -----------------------------------------------------------------------
@@ -337,4 +356,5 @@ routes = [
     Route("/account/password-login/enable", password_login_enable, methods=["POST"]),
     Route("/account/email/verify", email_verify, methods=["POST"]),
     Route("/account/activity", activity_page),
+    Route("/account/sessions/end-others", end_other_sessions, methods=["POST"]),
 ]

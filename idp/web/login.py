@@ -285,7 +285,8 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
         svc.sessions.end(session["sid"], svc.tokens)
         session = None
     if session is None:
-        session = svc.sessions.create(account.id, account.username, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"])
+        session = svc.sessions.create(account.id, account.username, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"],
+                                      seen=who(request))
     elif tx["done"]:
         # New proof for the same person (step-up or a forced re-login); a step-up
         # transaction started from the session's amr, so tx["amr"] is the whole story.

@@ -34,6 +34,7 @@ def _taipei(value) -> str:
 
 
 env.filters["taipei"] = _taipei
+env.filters["taipei_epoch"] = lambda seconds: _taipei(dt.datetime.fromtimestamp(seconds, dt.timezone.utc)) if seconds else ""
 TAIPEI = dt.timezone(dt.timedelta(hours=8))
 
 

@@ -295,6 +295,17 @@ def test_introspection_describes_an_active_token(provider):
     assert refresh["active"] is True and refresh["sub"] == sub
 
 
+def test_a_disabled_accounts_tokens_introspect_inactive(provider):
+    from idp.storage.models import Account
+
+    account_id = provider.account("alice")
+    client_id, secret = provider.client()
+    token = _user_tokens(provider, client_id, secret)
+    with provider.svc.db.session() as session:
+        session.get(Account, account_id).disabled = True
+    assert _introspect(provider.http(), client_id, secret, token["access_token"]).json() == {"active": False}
+
+
 def test_another_client_learns_nothing_about_a_token(provider):
     provider.account("alice")
     owner, owner_secret = provider.client()

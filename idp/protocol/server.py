@@ -129,6 +129,12 @@ def _issue(grant, *, account: Account | None, scope: str, gid: str, auth: dict |
     return token
 
 
+def _account_active(svc, account_id: str) -> bool:
+    with svc.db.session() as session:
+        account = session.get(Account, account_id)
+        return account is not None and not account.disabled
+
+
 def _active_account(svc, account_id: str) -> Account:
     with svc.db.session() as session:
         account = session.get(Account, account_id)
@@ -287,6 +293,8 @@ class IntrospectionEndpoint(rfc7662.IntrospectionEndpoint):
 
     def introspect_token(self, token):
         svc, record = self.server.svc, token.record
+        if record.get("account") and not _account_active(svc, record["account"]):
+            return {"active": False}  # a disabled account's tokens are dead, as at UserInfo and refresh
         payload = {
             "active": True,
             "client_id": record["client_id"],

@@ -83,6 +83,7 @@ class Services:
         self.keys.ensure()
         self.pairwise_salt = instance_secret(Path(self.settings.keys_dir) / "pairwise.secret")
         self.box = SecretBox(instance_secret(Path(self.settings.keys_dir) / "data.secret"))
+        self.code_key = instance_secret(Path(self.settings.keys_dir) / "codes.secret")
 
 
 def instance_secret(path: Path) -> bytes:

@@ -65,8 +65,10 @@ def today(now: float) -> dt.date:
     return dt.datetime.fromtimestamp(now, TAIPEI).date()
 
 
-def digest(code: str) -> str:
-    return hashlib.sha256(code.encode()).hexdigest()
+def digest(svc, account_id: str, code: str) -> str:
+    """Keyed with an instance secret and the account: an 8-digit code's plain hash could be
+    brute-forced from a database dump alone."""
+    return hmac.new(svc.code_key, f"{account_id}:{code}".encode(), hashlib.sha256).hexdigest()
 
 
 def normalise(code: str | None) -> str:
@@ -108,7 +110,7 @@ def enable(svc, account_id: str, locale: str | None = None) -> dict:
         if not account.password_hash or account.password_login_disabled:
             raise OneDayError("no_password")
         previous = (account.one_day_code_hash, account.one_day_valid_on)
-        account.one_day_code_hash, account.one_day_valid_on = digest(code), day
+        account.one_day_code_hash, account.one_day_valid_on = digest(svc, account_id, code), day
         info = {"username": account.username, "email": account.email, "name": account.name or account.username, "day": day}
     try:
         svc.mailer.send(info["email"], "one_day_code", locale or svc.settings.default_locale, name=info["name"],
@@ -116,7 +118,7 @@ def enable(svc, account_id: str, locale: str | None = None) -> dict:
     except MailError:
         with svc.db.session() as session:
             account = session.get(Account, account_id)
-            if account is not None and account.one_day_code_hash == digest(code):  # not replaced meanwhile
+            if account is not None and account.one_day_code_hash == digest(svc, account_id, code):  # not replaced meanwhile
                 account.one_day_code_hash, account.one_day_valid_on = previous
         raise
     return info
@@ -177,7 +179,8 @@ class OneDayFactor:
 
         account, correct = PASSWORD._verify(svc, username, password)
         now = svc.clock()
-        same = hmac.compare_digest(digest(code), (account.one_day_code_hash if account else None) or _NO_CODE)
+        expected = (account.one_day_code_hash if account else None) or _NO_CODE
+        same = hmac.compare_digest(digest(svc, account.id if account else "", code), expected)
         if not correct:
             problem = "password"
         elif not account.one_day_code_hash:

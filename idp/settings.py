@@ -124,6 +124,16 @@ class Settings:
         "../shared/trust",
     )
 
+    upstream_issuer: str = _doc(
+        "Issuer URL of the upstream OpenID provider of the federated login (SPEC A6), e.g. "
+        "`https://accounts.google.com`. Empty: that login is switched off.",
+        "",
+    )
+    upstream_client_id: str = _doc("This provider's client id at the upstream OpenID provider.", "")
+    upstream_client_secret: str = _doc("This provider's client secret at the upstream OpenID provider.", "", secret=True)
+    upstream_scopes: str = _doc("Scopes asked of the upstream OpenID provider.", "openid email profile")
+    upstream_label: str = _doc("The label of the upstream login button and binding row.", "Google 帳號")
+
     @property
     def cookies_secure(self) -> bool:
         if self.secure_cookies is None:

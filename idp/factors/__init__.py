@@ -46,7 +46,7 @@ def methods(account) -> list[dict]:
     bound = {b.factor: b for b in account.bindings}
     rows = []
     for key, factor, offered in (("method.otp", "otp", True), ("method.certificate", "certificate", True),
-                                 ("method.google", "google", False)):
+                                 ("method.google", "google", True)):
         binding = bound.get(factor)
         rows.append({"key": key, "factor": factor, "bound": binding is not None, "offered": offered,
                      "since": binding.created_at if binding else None})
@@ -60,5 +60,6 @@ from idp.factors.totp import TOTP  # noqa: E402
 from idp.factors.one_day import ONE_DAY  # noqa: E402
 from idp.factors.mobileid import MOBILEID  # noqa: E402
 from idp.factors.certificate import CERTIFICATE  # noqa: E402
+from idp.factors.federation import GOOGLE  # noqa: E402
 
-FACTORS = {f.name: f for f in (PASSWORD, TOTP, ONE_DAY, CERTIFICATE, MOBILEID)}
+FACTORS = {f.name: f for f in (PASSWORD, TOTP, ONE_DAY, CERTIFICATE, MOBILEID, GOOGLE)}

@@ -84,8 +84,10 @@ def _back(notice: str | None = None, error: str | None = None) -> RedirectRespon
 
 
 # -- the settings page -------------------------------------------------------------------
-NOTICES = {"others_ended", "otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent"}
-ERRORS = {"needs_passwordless", "email_missing"}
+NOTICES = {"others_ended", "otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent",
+           "google_bound"}
+ERRORS = {"needs_passwordless", "email_missing", "google_needs_otp", "google_elsewhere", "google_expired",
+          "google_denied", "google_error", "google_invalid", "google_unavailable"}
 
 
 async def settings_page(request: Request) -> Response:
@@ -103,8 +105,10 @@ async def settings_page(request: Request) -> Response:
     svc = request.app.state.svc
     sessions = svc.sessions.of_account(account.id)
     current = request.cookies.get(SESSION_COOKIE)
+    from idp.factors.federation import GOOGLE
+
     return render(request, "account.html", account=account, methods=methods(account), flash=flash,
-                  can_disable=can_disable, tab="settings", sessions=sessions, current_sid=current)
+                  google_enabled=GOOGLE.enabled(svc), can_disable=can_disable, tab="settings", sessions=sessions, current_sid=current)
 
 
 async def end_other_sessions(request: Request) -> Response:

@@ -110,7 +110,10 @@ def next_step(svc, session, tx: dict, account: Account | None, client) -> Step:
     if account.disabled:
         return Step("disabled")
     if acr.rank(acr.earned(tx["amr"])) < acr.rank(tx["target_acr"]):
-        options = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
+        # After a federated login the second factor must be one the user holds (seed: Google is
+        # always followed by OTP), never the password.
+        options = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"])
+                        and (f.possession or "fed" not in tx["amr"]))
         if options:
             return Step("factor", factors=options)
         # Two factors asked for and none bound: binding OTP (M1) is the way there.

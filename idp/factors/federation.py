@@ -40,11 +40,12 @@ from idp.factors import Outcome
 
 log = logging.getLogger("idp.federation")
 
-try:  # authlib's client is built on plain httpx
-    from authlib.integrations.httpx_client import AsyncOAuth2Client
-    import httpx
+from authlib.integrations.httpx_client import AsyncOAuth2Client
+
+try:  # authlib's client is built on httpx2 when it is installed (our dependency), else on httpx
+    import httpx2 as httpx
 except ImportError:  # pragma: no cover
-    AsyncOAuth2Client = None
+    import httpx
 
 STATE = "upstream:"  # one redirect to the upstream, by its state
 STATE_SECONDS = 600
@@ -185,7 +186,7 @@ class FederationFactor:
         self._config = None
 
     def enabled(self, svc) -> bool:
-        return bool(svc.settings.upstream_issuer) and AsyncOAuth2Client is not None
+        return bool(svc.settings.upstream_issuer)
 
     def bound(self, account) -> bool:
         return False  # a way in only (see the module's note)

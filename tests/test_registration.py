@@ -34,8 +34,12 @@ def _registered(provider, **meta) -> dict:
 
 
 def _manage(http, info, method="GET", token=None, **kwargs):
-    token = info["registration_access_token"] if token is None else token
-    return http.request(method, info["registration_client_uri"], headers={"Authorization": f"Bearer {token}"}, **kwargs)
+    """As a client that follows RFC 7592 does: keep the token each response hands back."""
+    sent = info["registration_access_token"] if token is None else token
+    response = http.request(method, info["registration_client_uri"], headers={"Authorization": f"Bearer {sent}"}, **kwargs)
+    if token is None and response.status_code == 200:
+        info["registration_access_token"] = response.json()["registration_access_token"]
+    return response
 
 
 def _count_clients(provider) -> int:
@@ -199,6 +203,22 @@ def test_read_returns_the_registration_without_the_secret(provider):
     assert read["post_logout_redirect_uris"] == ["https://grants.example.tw/"]
     assert read["registration_client_uri"] == info["registration_client_uri"]
     assert "client_secret" not in read
+
+
+def test_each_response_hands_out_a_new_registration_token(provider):
+    """RFC 7592 3: the response carries registration_access_token; only its hash
+    is kept, so each read or update issues a new one and the old one stops working."""
+    info = _registered(provider)
+    http = provider.http()
+    first = info["registration_access_token"]
+    read = _manage(http, info).json()
+    assert read["registration_access_token"] not in ("", first)
+    _error(_manage(http, info, token=first), 401, "invalid_token")
+    second = info["registration_access_token"]
+    update = _manage(http, info, "PUT", json={"client_id": info["client_id"], "redirect_uris": [APP]})
+    assert update.status_code == 200 and update.json()["registration_access_token"] != second
+    _error(_manage(http, info, token=second), 401, "invalid_token")
+    assert _manage(http, info).status_code == 200
 
 
 def test_management_needs_this_clients_registration_token(provider):

@@ -18,7 +18,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from idp import acr
 from idp.protocol import claims, logout as logout_
-from idp.protocol.clients import ClientError, OAuthClient, client_info, create_client, digest, find, validate_metadata
+from idp.protocol.clients import (ClientError, OAuthClient, client_info, create_client, digest, find, new_secret,
+                                  validate_metadata)
 from idp.protocol.server import Request as OAuthRequest
 from idp.storage.models import Account, Client, InitialAccessToken
 from idp.web import login
@@ -400,6 +401,9 @@ def _manage(svc, method, client_id, token, body):
             if meta.setdefault("token_endpoint_auth_method", current) != current:
                 raise ClientError("token_endpoint_auth_method cannot change")
             row.metadata_ = {**validate_metadata(meta), **{k: row.metadata_[k] for k in POLICY if k in row.metadata_}}
-        info = client_info(row, issuer=svc.settings.issuer)
-        info["registration_client_uri"] = f"{svc.settings.issuer}/register/{client_id}"
-        return 200, info
+        # RFC 7592 3 requires the token in every response, and only its hash is
+        # kept: each read or update hands out a new one (3: the client MUST then
+        # discard the old one).
+        reg_token = new_secret()
+        row.registration_token_hash = digest(reg_token)
+        return 200, client_info(row, reg_token=reg_token, issuer=svc.settings.issuer)

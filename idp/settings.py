@@ -61,6 +61,11 @@ class Settings:
     login_timeout_seconds: int = _doc("Lifetime of a login transaction (the time to finish the login pages).", 900)
     session_seconds: int = _doc("Lifetime of the single sign-on session.", 8 * 3600)
     code_seconds: int = _doc("Lifetime of an authorization code.", 60)
+    par_seconds: int = _doc("Lifetime of a pushed authorization request's `request_uri` (RFC 9126).", 60)
+    par_required: bool = _doc(
+        "Every authorization request must be pushed to `/par` first (RFC 9126 section 6); a client can also "
+        "ask for this alone with `require_pushed_authorization_requests` in its registration.", False
+    )
     access_token_seconds: int = _doc("Default access token lifetime (a client may set its own).", 600)
     id_token_seconds: int = _doc("ID token lifetime.", 600)
     refresh_token_seconds: int = _doc("Default refresh token lifetime (a client may set its own).", 30 * 86400)

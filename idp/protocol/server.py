@@ -226,7 +226,7 @@ class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
 
     def get_audiences(self):
         issuer = self.svc.settings.issuer
-        return [issuer, issuer + "/token"]
+        return [issuer, issuer + "/token", issuer + "/par"]  # RFC 9126 2: any of these at /par
 
     def resolve_client_public_key(self, client):
         return KeySet.import_key_set(client.metadata.get("jwks") or {"keys": []})

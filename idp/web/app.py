@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         Route("/jwks", oidc.jwks),
         Route("/authorize", oidc.authorize, methods=["GET", "POST"]),
         Route("/token", oidc.token, methods=["POST"]),
+        Route("/par", oidc.pushed_authorization, methods=["POST"]),
         Route("/userinfo", oidc.userinfo, methods=["GET", "POST"]),
         Route("/revoke", oidc.revoke, methods=["POST"]),
         Route("/introspect", oidc.introspect, methods=["POST"]),

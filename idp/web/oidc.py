@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from idp import acr
-from idp.protocol import claims, logout as logout_
+from idp.protocol import claims, logout as logout_, par
 from idp.protocol.clients import (ClientError, OAuthClient, client_info, create_client, digest, find, new_secret,
                                   validate_metadata)
-from idp.protocol.server import Request as OAuthRequest
+from idp.protocol.server import ALL_AUTH_METHODS, Request as OAuthRequest
 from idp.storage.models import Account, Client, InitialAccessToken
 from idp.web import login
 from idp.web.forms import BadRequest, read_form, read_json, read_query
@@ -40,7 +40,8 @@ def _oauth_error(error: str, description: str, status: int = 400, headers=None) 
 
 # -- discovery -----------------------------------------------------------------------
 async def discovery(request: Request) -> Response:
-    iss = request.app.state.svc.settings.issuer
+    svc = request.app.state.svc
+    iss = svc.settings.issuer
     doc = {
         "issuer": iss,
         "authorization_endpoint": f"{iss}/authorize",
@@ -51,6 +52,8 @@ async def discovery(request: Request) -> Response:
         "revocation_endpoint": f"{iss}/revoke",
         "introspection_endpoint": f"{iss}/introspect",
         "end_session_endpoint": f"{iss}/logout",
+        "pushed_authorization_request_endpoint": f"{iss}/par",
+        "require_pushed_authorization_requests": svc.settings.par_required,
         "scopes_supported": ["openid", "profile", "email", "phone", "offline_access"],
         "response_types_supported": ["code"],
         "response_modes_supported": ["query", "form_post"],
@@ -132,6 +135,13 @@ async def authorize(request: Request) -> Response:
         form = await read_form(request)
     except BadRequest as e:
         return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
+    pushed = any(key == "request_uri" for key, _ in query + form)
+    if pushed:
+        sent = dict(query + form)
+        query, form = par.pull(svc, sent.get("client_id"), sent.get("request_uri")) or [], []
+        if not query:
+            return _bad_authorization_page(request, OAuth2Error(
+                "The request_uri is unknown, expired, already used or another client's.", error="invalid_request_uri"))
     oauth_request = _oauth_request(request, query, form)
     try:
         grant = await run_in_threadpool(svc.server.get_consent_grant, oauth_request, None)
@@ -142,7 +152,10 @@ async def authorize(request: Request) -> Response:
         return login.to_client(request, error.redirect_uri, params, oauth_request.payload.data)
     data = oauth_request.payload.data
     client: OAuthClient = grant.request.client
-    if problem := _check_extras(data):
+    problem = _check_extras(data)
+    if problem is None and not pushed and par.required(svc, client):
+        problem = "invalid_request", "This client must push its authorization requests to the PAR endpoint first."
+    if problem:
         return login.to_client(request, grant.redirect_uri, [("error", problem[0]), ("error_description", problem[1])], data)
 
     prompts = set(data.get("prompt", "").split())
@@ -174,6 +187,36 @@ async def authorize(request: Request) -> Response:
     if "none" in prompts and (session is None or fresh):
         return await login.respond_error(request, tx, "login_required")
     return await login.advance(request, tx, interactive="none" not in prompts)
+
+
+# -- pushed authorization requests (RFC 9126) ---------------------------------------------
+async def pushed_authorization(request: Request) -> Response:
+    """Authenticate the client, validate its request as /authorize would, keep it."""
+    svc = request.app.state.svc
+    try:
+        form = await read_form(request)
+    except BadRequest as e:
+        return _oauth_error("invalid_request", e.description, e.status)
+    try:
+        client = await run_in_threadpool(svc.server.authenticate_client, _oauth_request(request, [], form),
+                                         ALL_AUTH_METHODS, "par")
+    except OAuth2Error as error:
+        return _oauth_error(error.error, error.description or "Client authentication failed.", 401)
+    params = [(k, v) for k, v in form if k not in par.CLIENT_AUTH_PARAMS]
+    if any(k == "request_uri" for k, _ in params):
+        return _oauth_error("invalid_request", "request_uri cannot be pushed.")
+    if dict(params).setdefault("client_id", client.client_id) != client.client_id:
+        return _oauth_error("invalid_request", "client_id does not match the authenticated client.")
+    params = [(k, v) for k, v in params if k != "client_id"] + [("client_id", client.client_id)]
+    check = OAuthRequest("GET", svc.settings.issuer + "/authorize", request.headers, params, [])
+    try:
+        await run_in_threadpool(svc.server.get_consent_grant, check, None)
+    except OAuth2Error as error:
+        return _oauth_error(error.error, error.description or "The authorization request is invalid.")
+    if problem := _check_extras(check.payload.data):
+        return _oauth_error(*problem)
+    request_uri, expires_in = par.push(svc, client.client_id, params)
+    return _json({"request_uri": request_uri, "expires_in": expires_in}, 201, {"Cache-Control": "no-store"})
 
 
 def _account_active(svc, account_id) -> bool:

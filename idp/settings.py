@@ -105,6 +105,11 @@ class Settings:
         "The default holds the real GRCA/MOICA G2 and G3 certificates.",
         "keys/trust",
     )
+    hipki_url: str = _doc(
+        "Where the certificate pages find the HiPKI local signing component on the user's PC (MOICA's "
+        "cross-platform web component, or `clients/hipki_signer`): its origin, no path.",
+        "http://localhost:61161",
+    )
     revocation: Literal["hard-fail", "soft-fail"] = _doc(
         "Certificate login when no trustworthy OCSP/CRL answer can be had: refuse it (`hard-fail`) or "
         "let it through with a warning in the log (`soft-fail`). A revoked certificate is always refused.",

@@ -43,6 +43,11 @@ fi
 if [ "$with_test" = 1 ] && [ ! -x /usr/bin/chromium ]; then
   pkgs+=(chromium)
 fi
+# The certificate journeys sign with a SoftHSM2 token through the local signer
+# (clients/hipki_signer); opensc brings pkcs11-tool for looking at tokens by hand.
+if [ "$with_test" = 1 ] && ! command -v softhsm2-util >/dev/null 2>&1; then
+  pkgs+=(softhsm2 opensc)
+fi
 
 if [ "${#pkgs[@]}" -gt 0 ]; then
   say "installing Debian packages: ${pkgs[*]}"

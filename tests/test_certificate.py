@@ -86,11 +86,12 @@ def test_login_with_a_bound_certificate_reaches_the_certificate_level(make, tpki
     client_id, client_secret = provider.client()
     browser = provider.browser()
     page = cert_page(browser, browser.authorize(client_id))
-    # The page talks to the local component: on this page only, the CSP lets it.
+    # The page reads the local component's p11Image.bmp: on this page only, the CSP lets it.
     csp = page.headers["content-security-policy"]
-    assert "connect-src 'self' http://127.0.0.1:61161 http://localhost:61161" in csp
+    assert "img-src 'self' data: http://localhost:61161 http://127.0.0.1:61161;" in csp
+    assert "connect-src 'self';" in csp  # signing goes through the component's popup, not fetch
     nonce = re.search(r"'nonce-([^']+)'", csp).group(1)
-    assert f'<script nonce="{nonce}">' in page.text and "/pkcs11info" in page.text and "MakeSignature" in page.text
+    assert f'<script nonce="{nonce}">' in page.text and "/p11Image.bmp" in page.text and "MakeSignature" in page.text
     assert 'name="pin"' not in page.text  # the PIN goes to the component only
     claims = id_token(browser, client_id, client_secret, sign(tpki, browser, page))  # mfa on: no OTP asked
     assert claims["amr"] == ["sc", "pin", "mfa"] and claims["acr"] == LOA3
@@ -256,7 +257,7 @@ def user(make):
 def bind_page(browser):
     page = browser.go("/account/certificate")
     assert page.status_code == 200 and 'action="/account/certificate"' in page.text
-    assert "http://127.0.0.1:61161" in page.headers["content-security-policy"]
+    assert "http://localhost:61161" in page.headers["content-security-policy"]
     return page
 
 

@@ -35,9 +35,6 @@ log = logging.getLogger("idp.pki")
 
 CHALLENGE_SECONDS = 300
 CHALLENGE_PREFIX = "idp-login:"
-# The HiPKI component on the user's PC (PROTOCOLS 1); both spellings, as pages use either.
-COMPONENT = "http://127.0.0.1:61161"
-COMPONENT_ORIGINS = "http://127.0.0.1:61161 http://localhost:61161"
 MAX_SIGNATURE_CHARS = 32 * 1024
 
 # PKIError.code -> message key (certificate.json).
@@ -66,6 +63,18 @@ def binding_id(identity) -> str:
     if identity.org_id:
         return f"{issuer}|org:{identity.org_id}"
     return f"{issuer}|cert:{identity.cert_serial:x}"
+
+
+def component(svc) -> dict:
+    """What the page needs to reach the HiPKI component on the user's PC (``IDP_HIPKI_URL``):
+    its URL, the origins its popup may answer from (a loopback component is reached as
+    ``localhost`` or ``127.0.0.1``), and those origins for the page's ``img-src``."""
+    url = svc.settings.hipki_url.rstrip("/")
+    origins = [url]
+    for a, b in (("//localhost:", "//127.0.0.1:"), ("//127.0.0.1:", "//localhost:")):
+        if a in url:
+            origins.append(url.replace(a, b))
+    return {"component": url, "component_origins": origins, "img_src": " ".join(origins)}
 
 
 def account_kind(account) -> str:
@@ -126,8 +135,7 @@ class CertificateFactor:
         return any(b.factor == self.name for b in account.bindings)
 
     def context(self, svc, tx, account) -> dict:
-        return {"challenge": issue_challenge(svc, "tx:" + tx["id"]), "component": COMPONENT,
-                "connect_src": COMPONENT_ORIGINS}
+        return {"challenge": issue_challenge(svc, "tx:" + tx["id"]), **component(svc)}
 
     async def verify(self, request, svc, tx, form) -> Outcome:
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}

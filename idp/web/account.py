@@ -183,8 +183,7 @@ async def certificate_page(request: Request) -> Response:
         flash["error"] = request.query_params["error"]
     current = next((b for b in account.bindings if b.factor == cert.CERTIFICATE.name), None)
     return render(request, "account_certificate.html", account=account, flash=flash, tab="settings", current=current,
-                  challenge=cert.issue_challenge(svc, "account:" + account.id), component=cert.COMPONENT,
-                  connect_src=cert.COMPONENT_ORIGINS)
+                  challenge=cert.issue_challenge(svc, "account:" + account.id), **cert.component(svc))
 
 
 async def certificate_bind(request: Request) -> Response:

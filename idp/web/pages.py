@@ -61,9 +61,10 @@ def csrf_ok(request: Request, form) -> bool:
 
 
 def render(request: Request, template: str, status: int = 200, ui_locales: str | None = None, connect_src: str = "",
-           **context) -> HTMLResponse:
-    """``connect_src``: origins this page's scripts may call besides our own (the
-    certificate page's local HiPKI component)."""
+           img_src: str = "", **context) -> HTMLResponse:
+    """``connect_src``: origins this page's scripts may call besides our own; ``img_src``:
+    origins of images it may load (the certificate page reads the local HiPKI
+    component's ``p11Image.bmp``)."""
     svc = request.app.state.svc
     locale = locale_of(request, ui_locales)
     nonce = secrets.token_urlsafe(16)
@@ -77,7 +78,7 @@ def render(request: Request, template: str, status: int = 200, ui_locales: str |
     )
     response = HTMLResponse(html, status_code=status)
     response.headers["Content-Security-Policy"] = (
-        f"default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'nonce-{nonce}'; "
+        f"default-src 'none'; style-src 'self'; img-src 'self' data:{' ' + img_src if img_src else ''}; script-src 'nonce-{nonce}'; "
         f"connect-src 'self'{' ' + connect_src if connect_src else ''}; frame-ancestors 'none'; base-uri 'none'"
     )
     response.headers["Cache-Control"] = "no-store"

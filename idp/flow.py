@@ -87,12 +87,12 @@ class Transactions:
         self.store.delete("tx:" + tx["id"])
 
 
-def record_factor(tx: dict, factor, account: Account, now: float) -> None:
-    """A factor succeeded: remember who and how, and when (``auth_time``)."""
+def record_factor(tx: dict, factor, account: Account, now: float, amr: list | None = None) -> None:
+    """A factor succeeded: remember who and how (``amr``: when not the factor's own), and when."""
     if tx["account"] != account.id:
         tx.update(amr=[], done=[])
     tx["account"], tx["username"] = account.id, account.username
-    tx["amr"] = acr.with_mfa(tx["amr"] + [m for m in factor.amr if m not in tx["amr"]])
+    tx["amr"] = acr.with_mfa(tx["amr"] + [m for m in amr or factor.amr if m not in tx["amr"]])
     tx["done"].append(factor.name)
     tx["auth_time"] = now
 

@@ -134,6 +134,15 @@ class Settings:
         "../shared/trust",
     )
 
+    push_registration_seconds: int = _doc(
+        "How long the push app's registration QR code (a one-time URL) can be scanned (SPEC A5).", 300
+    )
+    push_request_seconds: int = _doc("How long a push login request waits for the app's answer.", 120)
+    push_max_unanswered: int = _doc(
+        "Push requests in a row an account may leave unanswered; then pushes to it pause for "
+        "`IDP_LOCKOUT_SECONDS` (push fatigue; the app's OTP still works).", 3
+    )
+
     upstream_issuer: str = _doc(
         "Issuer URL of the upstream OpenID provider of the federated login (SPEC A6), e.g. "
         "`https://accounts.google.com`. Empty: that login is switched off.",

@@ -29,6 +29,7 @@ class Outcome:
     error: str | None = None  # message key shown to the user
     params: dict = field(default_factory=dict)
     keep: dict = field(default_factory=dict)  # form values to show again
+    amr: list | None = None  # when this success proves other methods than the factor's ``amr``
 
     @property
     def ok(self) -> bool:
@@ -45,7 +46,8 @@ def methods(account) -> list[dict]:
     """The binding table of the seeds (method, bound ✓/✗, since when)."""
     bound = {b.factor: b for b in account.bindings}
     rows = []
-    for key, factor, offered in (("method.otp", "otp", True), ("method.certificate", "certificate", True),
+    for key, factor, offered in (("method.otp", "otp", True), ("method.push", "push", True),
+                                 ("method.certificate", "certificate", True),
                                  ("method.google", "google", True)):
         binding = bound.get(factor)
         rows.append({"key": key, "factor": factor, "bound": binding is not None, "offered": offered,
@@ -61,5 +63,6 @@ from idp.factors.one_day import ONE_DAY  # noqa: E402
 from idp.factors.mobileid import MOBILEID  # noqa: E402
 from idp.factors.certificate import CERTIFICATE  # noqa: E402
 from idp.factors.federation import GOOGLE  # noqa: E402
+from idp.factors.push import PUSH  # noqa: E402
 
-FACTORS = {f.name: f for f in (PASSWORD, TOTP, ONE_DAY, CERTIFICATE, MOBILEID, GOOGLE)}
+FACTORS = {f.name: f for f in (PASSWORD, TOTP, PUSH, ONE_DAY, CERTIFICATE, MOBILEID, GOOGLE)}

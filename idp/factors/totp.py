@@ -79,43 +79,45 @@ class TotpFactor:
         if not CODE.match(code):
             return Outcome(error="otp.malformed")
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
-        return await run_in_threadpool(self._verify, svc, tx, code, seen)
+        mine = (Binding.account_id == tx["account"], Binding.factor == self.name)
+        return await run_in_threadpool(check_code, svc, tx, code, seen, mine, tx["account"])
 
-    def _verify(self, svc, tx, code, seen) -> Outcome:
-        username, lockout = tx["username"], svc.lockout
-        if until := lockout.locked_until(username):
-            return _locked(svc, tx, until, seen)
-        attempt = lockout.reserve(username)
-        if attempt > lockout.threshold:
-            return _locked(svc, tx, lockout.locked_until(username) or lockout.lock(username), seen)
 
-        now = svc.clock()
-        with svc.db.session() as session:
-            binding = session.execute(
-                select(Binding).where(Binding.account_id == tx["account"], Binding.factor == self.name)
-            ).scalar_one_or_none()
-            if binding is None:
-                return Outcome(error="otp.not_bound")
-            secret = svc.box.open(binding.data["secret"], tx["account"])
-            offset = match(secret, code, now, svc.settings.otp_drift_minutes)
-            step = int(now // STEP) + (offset or 0)
-            fresh = offset is not None and abs(offset) <= WINDOW and step > binding.data.get("last_step", -1)
-            # The atomic claim: of two requests with the same code, one wins.
-            if fresh and svc.store.set(f"otp-used:{tx['account']}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
-                binding.data = {**binding.data, "last_step": step}
-                lockout.clear(username)
-                return Outcome(account_id=tx["account"])
+def check_code(svc, tx, code, seen, where, claim: str) -> Outcome:
+    """Check ``code`` against the one binding ``where`` finds (the OTP app's, or one push
+    app's: SPEC A5); a used step is claimed under ``claim``."""
+    username, lockout = tx["username"], svc.lockout
+    if until := lockout.locked_until(username):
+        return _locked(svc, tx, until, seen)
+    attempt = lockout.reserve(username)
+    if attempt > lockout.threshold:
+        return _locked(svc, tx, lockout.locked_until(username) or lockout.lock(username), seen)
 
-        if offset is not None and abs(offset) > WINDOW:
-            lockout.release(username)  # a right code from a drifted clock is not a guess
-            minutes = round(offset * STEP / 60)
-            svc.audit.record("login.otp_drift", account_id=tx["account"], username=username, drift_minutes=minutes, **seen)
-            return Outcome(error="otp.drift_ahead" if minutes > 0 else "otp.drift_behind", params={"minutes": abs(minutes)})
-        svc.audit.record("login.failure", account_id=tx["account"], username=username, **seen)
-        if attempt >= lockout.threshold:
-            return _locked(svc, tx, lockout.lock(username), seen)
-        error = "otp.reused" if offset is not None else "otp.wrong"
-        return Outcome(error=error, params={"left": lockout.threshold - attempt})
+    now = svc.clock()
+    with svc.db.session() as session:
+        binding = session.execute(select(Binding).where(*where)).scalar_one_or_none()
+        if binding is None:
+            return Outcome(error="otp.not_bound")
+        secret = svc.box.open(binding.data["secret"], tx["account"])
+        offset = match(secret, code, now, svc.settings.otp_drift_minutes)
+        step = int(now // STEP) + (offset or 0)
+        fresh = offset is not None and abs(offset) <= WINDOW and step > binding.data.get("last_step", -1)
+        # The atomic claim: of two requests with the same code, one wins.
+        if fresh and svc.store.set(f"otp-used:{claim}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
+            binding.data = {**binding.data, "last_step": step}
+            lockout.clear(username)
+            return Outcome(account_id=tx["account"])
+
+    if offset is not None and abs(offset) > WINDOW:
+        lockout.release(username)  # a right code from a drifted clock is not a guess
+        minutes = round(offset * STEP / 60)
+        svc.audit.record("login.otp_drift", account_id=tx["account"], username=username, drift_minutes=minutes, **seen)
+        return Outcome(error="otp.drift_ahead" if minutes > 0 else "otp.drift_behind", params={"minutes": abs(minutes)})
+    svc.audit.record("login.failure", account_id=tx["account"], username=username, **seen)
+    if attempt >= lockout.threshold:
+        return _locked(svc, tx, lockout.lock(username), seen)
+    error = "otp.reused" if offset is not None else "otp.wrong"
+    return Outcome(error=error, params={"left": lockout.threshold - attempt})
 
 
 def _locked(svc, tx, until, seen) -> Outcome:

@@ -19,6 +19,7 @@ from idp.settings import Settings
 from idp.web import account, admin, login, oidc, recovery, reset
 from idp.web import federation as federation_pages
 from idp.web import mobileid as mobileid_pages
+from idp.web import push as push_pages
 from idp.web.pages import error_page
 
 log = logging.getLogger("idp")
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         Route("/login/factor/{factor}", login.factor_submit, methods=["POST"]),
         *mobileid_pages.routes,
         *federation_pages.routes,
+        *push_pages.routes,
         *recovery.routes,
         Route("/login/bind/otp", login.bind_otp, methods=["POST"]),
         Route("/login/bind/otp/rebuild", login.rebuild_otp, methods=["POST"]),

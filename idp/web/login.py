@@ -149,7 +149,7 @@ async def factor_submit(request: Request) -> Response:
         svc.transactions.save(tx)
         return RedirectResponse(_tx_url(tx, factor=factor.name), status_code=303)
     account = await run_in_threadpool(_account, svc, outcome.account_id)
-    flow.record_factor(tx, factor, account, svc.clock())
+    flow.record_factor(tx, factor, account, svc.clock(), outcome.amr)
     svc.transactions.save(tx)
     return _again(tx)
 

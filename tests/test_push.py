@@ -1,0 +1,230 @@
+"""The push-approval app (SPEC A5) over HTTP, on both back ends: registration by the
+QR code's one-time URL, login by the app's OTP and by push with number matching,
+and what the device API refuses. The phone is the reference app
+(``clients/authenticator``) talking to the provider in-process, on its clock.
+The same journeys run in Chromium in ``tests/test_push_journeys.py``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from clients.authenticator import AppError, Authenticator
+from idp.factors import push
+from idp.storage.models import Binding
+from tests.harness import callback, forms, redeem
+
+LOA2 = "urn:idp:loa:2"
+
+
+@pytest.fixture
+def provider(make_provider):
+    provider = make_provider()  # mfa off: the account area lets a password-only account in
+    provider.account("alice")
+    return provider
+
+
+def _error(page) -> str:
+    found = re.search(r'<div class="error" role="alert">\s*<p>(.*?)</p>', page.text, re.S)
+    return found.group(1) if found else ""
+
+
+def phone(provider) -> Authenticator:
+    return Authenticator(http=provider.http(), clock=provider.clock)
+
+
+def register(provider, browser, name="我的手機", number="0912345678") -> Authenticator:
+    """Settings -> 增加 -> scan the QR code with a new phone -> name and number -> 儲存."""
+    page = browser.go("/account/push")
+    if "/login/factor/password" in page.text:
+        page = browser.password(page)
+    page = browser.submit(page, "/account/push/add")
+    url = re.search(r"<code class=\"secret\" data-registration-url>(.*?)</code>", page.text).group(1)
+    app = phone(provider)
+    app.register(url.replace("&amp;", "&"))
+    page = browser.submit(page, "/account/push/save", name=name, phone=number)
+    assert "手機設定完成" in page.text, page.text
+    return app
+
+
+def _new_registration_url(provider) -> str:
+    """A QR code of another account's settings page (as its 增加 button makes it)."""
+    bob = provider.account("bob")
+    return push.registration_url(provider.svc, push.start_registration(provider.svc, bob)["code"])
+
+
+def _claims(browser, client_id, client_secret, params) -> dict:
+    token = redeem(browser.http, client_id, client_secret, params["code"]).json()
+    return jwt.decode(token["id_token"], KeySet.import_key_set(browser.http.get("/jwks").json())).claims
+
+
+def _push_page(provider, client_id):
+    """A new login up to the push page (password done, two factors asked for)."""
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id, acr_values=LOA2))
+    assert 'data-step="push"' in page.text, page.text
+    return browser, page
+
+
+def _devices(page) -> list[str]:
+    return re.findall(r'<option value="([^"]+)"', page.text)
+
+
+def press_push(browser, page, device: str | None = None):
+    form = next(f for f in forms(page.text) if f["action"] == "/login/factor/push")
+    return browser.go("/login/push/start", "POST", {**form["fields"], "device": device or _devices(page)[0]})
+
+
+def shown_number(page) -> int:
+    return int(re.search(r"data-number[^>]*>(\d+)<", page.text).group(1))
+
+
+def test_registration_url_is_one_time_and_number_is_validated(provider):
+    browser = provider.browser()
+    page = browser.password(browser.go("/account/push"))
+    page = browser.submit(page, "/account/push/add")
+    assert "<svg" in page.text
+    url = re.search(r"data-registration-url>(.*?)</code>", page.text).group(1).replace("&amp;", "&")
+    # 儲存 before the phone scanned: told to scan first.
+    refused = browser.submit(page, "/account/push/save", name="公務手機", phone="0912345678")
+    assert refused.status_code == 400 and "請先以手機上 IDExpert APP 掃描" in _error(refused)
+    first = phone(provider)
+    first.register(url)
+    assert len(first.otp()) == 6
+    with pytest.raises(AppError) as second:
+        phone(provider).register(url)
+    assert second.value.status == 410 and second.value.message == "註冊已超過有效時間或此帳號已被註冊"
+    for wrong in ("0812345678", "091234567", "886912345678x", "886812345678"):
+        refused = browser.submit(page, "/account/push/save", name="公務手機", phone=wrong)
+        assert refused.status_code == 400 and "手機號碼格式錯誤" in _error(refused), wrong
+    page = browser.submit(refused, "/account/push/save", name="公務手機", phone="886912345678")
+    assert "手機設定完成" in page.text and "8869*****678" in page.text
+    # An expired QR code: the app gets the seed's message too.
+    page = browser.submit(page, "/account/push/add")
+    url = re.search(r"data-registration-url>(.*?)</code>", page.text).group(1).replace("&amp;", "&")
+    provider.clock.advance(provider.svc.settings.push_registration_seconds + 1)
+    with pytest.raises(AppError) as late:
+        phone(provider).register(url)
+    assert late.value.code == "registration_expired"
+
+
+def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
+    client_id, client_secret = provider.client()
+    settings = provider.browser()
+    app = register(provider, settings)
+    second = register(provider, settings, name="備用手機", number="0987654321")
+
+    browser, page = _push_page(provider, client_id)
+    assert "0912***678" in page.text and "0987***321" in page.text
+    wrong = browser.submit(page, "/login/factor/push", device=_devices(page)[0], otp="000000")
+    assert "驗證碼不正確" in _error(wrong)
+    params = callback(browser.submit(wrong, "/login/factor/push", device=_devices(page)[0], otp=app.otp()))
+    assert _claims(browser, client_id, client_secret, params)["amr"] == ["pwd", "swk", "otp", "mfa"]
+
+    browser, page = _push_page(provider, client_id)
+    page = press_push(browser, page, _devices(page)[1])
+    number = shown_number(page)
+    assert app.pending() == []  # pushed to the other phone
+    [request] = second.pending()
+    assert request["application"] == "Portal" and request["account"] == "alice"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", request["time"]) and number in request["choices"]
+    assert second.approve(request, number) == "approved"
+    with pytest.raises(AppError) as twice:
+        second.approve(request, number)
+    assert twice.value.code == "already_answered"
+    params = callback(browser.submit(page, "/login/factor/push"))
+    claims = _claims(browser, client_id, client_secret, params)
+    assert claims["amr"] == ["pwd", "swk", "mfa"] and claims["acr"] == LOA2
+
+
+def test_wrong_number_denied_expired_and_replayed_answers_fail(provider):
+    client_id, _ = provider.client()
+    app = register(provider, provider.browser())
+
+    browser, page = _push_page(provider, client_id)
+    page = press_push(browser, page)
+    [request] = app.pending()
+    other = next(n for n in request["choices"] if n != shown_number(page))
+    assert app.approve(request, other) == "wrong_number"
+    page = browser.submit(page, "/login/factor/push")
+    assert "數字與登入頁面顯示的不同" in _error(page) and 'data-step="push"' in page.text
+
+    page = press_push(browser, page)
+    [request] = app.pending()
+    assert app.deny(request) == "denied"
+    page = browser.submit(page, "/login/factor/push")
+    assert "被拒絕" in _error(page)
+
+    page = press_push(browser, page)
+    [request] = app.pending()
+    provider.clock.advance(provider.svc.settings.push_request_seconds + 1)
+    assert app.pending() == []
+    with pytest.raises(AppError) as late:
+        app.approve(request, shown_number(page))
+    assert late.value.code == "request_expired"
+    page = browser.submit(page, "/login/factor/push")
+    assert "逾時" in _error(page)
+
+    # A captured approval of one request approves nothing else, not even sent again.
+    page = press_push(browser, page)
+    [request] = app.pending()
+    message = app.answer_message(request, True, shown_number(page))
+    assert app.post(app.state["endpoints"]["answer"], message)["result"] == "approved"
+    with pytest.raises(AppError) as replay:
+        app.post(app.state["endpoints"]["answer"], message)
+    assert replay.value.code == "replayed"
+    callback(browser.submit(page, "/login/factor/push"))
+    browser, page = _push_page(provider, client_id)
+    page = press_push(browser, page)
+    with pytest.raises(AppError):
+        app.post(app.state["endpoints"]["answer"], message)
+    assert len(app.pending()) == 1
+
+
+def test_unanswered_pushes_in_a_row_are_rate_limited(provider):
+    client_id, _ = provider.client()
+    app = register(provider, provider.browser())
+    limit = provider.svc.settings.push_max_unanswered
+    browser, page = _push_page(provider, client_id)
+    for _ in range(limit):
+        page = press_push(browser, page)
+        assert "data-number" in page.text
+        page = browser.submit(page, "/login/push/stop")
+    refused = press_push(browser, page)
+    assert f"已連續 {limit} 次推播通知未回應" in _error(refused) and "data-number" not in refused.text
+    # The app's code still works; after the pause pushes work again, and an answer counts afresh.
+    callback(browser.submit(refused, "/login/factor/push", device=_devices(refused)[0], otp=app.otp()))
+    provider.clock.advance(provider.svc.settings.lockout_seconds + 1)
+    browser, page = _push_page(provider, client_id)
+    for _ in range(limit):
+        page = press_push(browser, page)
+        [request] = app.pending()
+        assert app.deny(request) == "denied"
+        page = browser.submit(page, "/login/factor/push")
+    assert "data-number" in press_push(browser, page).text
+
+
+def test_device_api_refuses_unsigned_foreign_and_removed_devices(provider):
+    browser = provider.browser()
+    app = register(provider, browser)
+    url = app.state["endpoints"]["poll"]
+    http = provider.http()
+    assert http.post(url, json={"jws": "not.a.jws"}).json()["error"] == "invalid_message"
+    # Signed by another key under this phone's id: refused.
+    stranger = phone(provider)
+    stranger.register(_new_registration_url(provider))
+    forged = app.sign(url, {}).split(".")[:2] + [stranger.sign(url, {}).split(".")[2]]
+    assert http.post(url, json={"jws": ".".join(forged)}).json()["error"] == "invalid_signature"
+    # Signed for another endpoint: refused.
+    assert http.post(url, json={"jws": app.sign(app.state["endpoints"]["answer"], {})}).status_code == 400
+    # Removed in the settings: the phone is unknown from then on.
+    page = browser.submit(browser.go("/account/push"), "/account/push/remove")
+    assert "已移除手機" in page.text
+    with provider.svc.db.session() as session:
+        assert session.query(Binding).filter_by(factor="push").count() == 0  # bob's stranger never saved
+    with pytest.raises(AppError) as gone:
+        app.pending()
+    assert gone.value.status == 401 and gone.value.code == "unknown_device"

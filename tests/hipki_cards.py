@@ -10,7 +10,7 @@ card put in). The signer (``clients/hipki_signer``) runs as its own process, as
 the component does on a PC::
 
     reader = CardReader(tmp / "cards")
-    reader.make("citizen", cert_der, key_pem_path)
+    reader.make_leaf(pki, "citizen")                 # or make(label, cert DER, key PEM path)
     with signer(reader, allow_origin="http://localhost:8000") as url:   # http://localhost:PORT
         reader.insert("citizen")
 """
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import Encoding
 
 ROOT = Path(__file__).resolve().parent.parent
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
@@ -68,6 +70,10 @@ class CardReader:
                   "--write-object", str(cert), "--type", "cert", "--id", "01", "--label", "sign")
         self.drawers[name] = drawer / "tokens"
 
+    def make_leaf(self, pki, leaf: str, label: str | None = None) -> None:
+        """A card with the test PKI's ``leaf`` (tests/pki_fixtures.py) on it."""
+        self.make(label or leaf, pki.cert(leaf).public_bytes(Encoding.DER), pki.dir / "leaves" / f"{leaf}.key.pem")
+
     def remove(self) -> None:
         if self.inserted is not None:
             for token in list(self.slot.iterdir()):
@@ -80,6 +86,18 @@ class CardReader:
         for token in list(self.drawers[name].iterdir()):
             token.rename(self.slot / token.name)
         self.inserted = name
+
+
+@contextlib.contextmanager
+def desk(root: Path):
+    """(test PKI with its OCSP/CRL responders running, an empty card reader) under ``root``."""
+    from tests.pki_fixtures import start_test_pki
+
+    pki = start_test_pki(root / "pki")
+    try:
+        yield pki, CardReader(root / "cards")
+    finally:
+        pki.server.stop()
 
 
 @contextlib.contextmanager

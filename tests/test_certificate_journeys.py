@@ -33,8 +33,7 @@ from clients.school_portal import create_app as create_portal
 from idp.settings import Settings
 from idp.web.app import create_app
 from tests import live, pki_fixtures  # noqa: F401 (a type)
-from tests.hipki_cards import PIN, CardReader, signer
-from tests.pki_fixtures import start_test_pki
+from tests.hipki_cards import PIN, CardReader, desk, signer
 from tests.test_e2e import NAME, LiveProvider
 from tests.test_journeys import (bound_otp, chromium, expect, otp, people, start_at_portal,  # noqa: F401 (fixtures)
                                  type_otp, type_password)
@@ -75,16 +74,12 @@ def expired_card(pki, directory) -> tuple[bytes, object]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("certificate-journeys")
-    pki = start_test_pki(root / "pki")
     with contextlib.ExitStack() as stack:
-        stack.callback(pki.server.stop)
-        reader = CardReader(root / "cards")
+        pki, reader = stack.enter_context(desk(root))
         for name in CARDS:
-            reader.make(name, pki.cert(name).public_bytes(serialization.Encoding.DER),
-                        pki.dir / "leaves" / f"{name}.key.pem")
+            reader.make_leaf(pki, name)
+        reader.make_leaf(pki, "citizen", "spare")  # the lock journey's
         reader.make("expired", *expired_card(pki, root))
-        reader.make("spare", pki.cert("citizen").public_bytes(serialization.Encoding.DER),  # the lock journey's
-                    pki.dir / "leaves" / "citizen.key.pem")
 
         sock, url = stack.enter_context(live.reserve("localhost"))
         component = stack.enter_context(signer(reader, allow_origin=url))
@@ -199,6 +194,32 @@ def test_wrong_pins_warn_then_the_card_locks(world, people):
     type_pin(page, PIN)
     expect(page.locator("[data-hipki-error]")).to_contain_text("卡片已鎖住")
     assert page.url.startswith(world.provider.issuer + "/login")
+
+
+def test_a_card_taken_out_before_signing(world, people):
+    world.reader.insert("citizen")
+    page = people.page()
+    card_login_page(page, world)
+    world.reader.remove()
+    type_pin(page)
+    expect(page.locator("[data-hipki-error]")).to_contain_text("偵測不到卡片，請將憑證 IC 卡插入讀卡機")
+    world.reader.insert("citizen")
+    page.locator("tr[data-check=card]").get_by_role("button", name="重新檢查").click()
+    expect_checks_pass(page)
+
+
+def test_a_site_the_component_does_not_trust(world, people):
+    """The component trusts the provider as http://localhost:PORT; the same pages reached as
+    http://127.0.0.1:PORT are another site to it."""
+    world.reader.insert("citizen")
+    page = people.page()
+    start_at_portal(page, world.provider, world.portal)
+    page.goto(page.url.replace("//localhost:", "//127.0.0.1:", 1))
+    page.get_by_role("link", name="改用自然人憑證登入").click()
+    checks = page.locator("table.checks")
+    expect(checks.locator("tr[data-check=component] [data-status]")).to_have_text(re.compile(r"^已安裝"))
+    expect(checks.locator("tr[data-check=card] [data-status]")).to_contain_text("尚未授權本網站")
+    expect(page.get_by_label("PIN 碼", exact=True)).to_be_disabled()
 
 
 @pytest.mark.parametrize(("card", "asked"), [("revoked_ocsp", "/ocsp/moica"), ("revoked_crl", "/crl/moica.crl")])

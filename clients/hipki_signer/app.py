@@ -33,6 +33,7 @@ from .card import Reader
 from .protocol import FAILED, NOT_AUTHORISED, VERSION, HiPKIError, answer, bmp, failure
 
 log = logging.getLogger("hipki_signer")
+LOOPBACK = ("localhost", "127.0.0.1")
 OPENER_HEADER = "x-hipki-opener"  # set by popupForm: the origin of the page it works for
 SIGNATURE_TYPES = {"PKCS7": cms.pkcs7, "PKCS1": cms.pkcs1}
 POPUP = (Path(__file__).parent / "popup.html").read_text("utf-8")
@@ -42,11 +43,12 @@ def create_app(reader: Reader, allowed_origins: list[str]) -> Starlette:
     allowed = {o.rstrip("/") for o in allowed_origins}
 
     def site(request: Request) -> str | None:
+        if request.url.hostname not in LOOPBACK:  # a name rebound to 127.0.0.1 by another site's DNS
+            return None
         origin = request.headers.get("origin")
-        own = urlsplit(origin or "").port == request.url.port and urlsplit(origin or "").hostname in (
-            "localhost", "127.0.0.1")
-        if origin is None or own:
-            return request.headers.get(OPENER_HEADER)
+        parts = urlsplit(origin or "")
+        if origin is None or (parts.hostname in LOOPBACK and parts.port == request.url.port):
+            return request.headers.get(OPENER_HEADER)  # the popup's own request
         return origin
 
     def authorised(request: Request) -> bool:
@@ -97,8 +99,8 @@ async def _run_sign(reader: Reader, raw: str) -> dict:
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         raise HiPKIError(FAILED, f"bad tbsPackage: {exc.__class__.__name__}") from None
 
-    def sign_der(raw_sign, cert_der):
-        return make(raw_sign, cert_der, data)
+    def sign_der(raw_sign, cert_der, card):
+        return make(raw_sign, cert_der, data, nonce=str(pkg.get("nonce") or ""), card=card)
 
     signature, cert_der, card = await run_in_threadpool(
         reader.sign, data, str(pkg.get("pin") or ""), pkg.get("slotDescription"), sign_der)

@@ -88,7 +88,7 @@ class Reader:
             return out
 
     def sign(self, data: bytes, pin: str, slot_description: str | None, sign_der) -> tuple[bytes, bytes, str]:
-        """(signature, leaf certificate DER, card serial). ``sign_der(raw_sign, cert_der)``
+        """(signature, leaf certificate DER, card serial). ``sign_der(raw_sign, cert_der, card)``
         makes the answer's signature from a function that signs bytes with the card."""
         if not pin:
             raise HiPKIError(CANCELLED, "no PIN")
@@ -120,7 +120,7 @@ class Reader:
                 def raw_sign(tbs: bytes) -> bytes:
                     return key.sign(tbs, mechanism=Mechanism.SHA256_RSA_PKCS)
 
-                return sign_der(raw_sign, cert.der), cert.der, serial
+                return sign_der(raw_sign, cert.der, serial), cert.der, serial
 
 
 def _serial(token) -> str:

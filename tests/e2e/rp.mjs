@@ -8,7 +8,10 @@
 //   {"issuer", "client_id", "client_secret"?, "redirect_uri", "username",
 //    "password", "scope"?, "extra_params"?, "captcha"?,
 //    "token_endpoint_auth_method"? ("client_secret_basic" (default when a
-//    secret is given) | "client_secret_post")}
+//    secret is given) | "client_secret_post"),
+//    "cookies"? ({name: value} for the OP's host: log in within a browser's
+//    single sign-on session)}
+// With "max_age" in extra_params, openid-client also checks the ID token's auth_time.
 // Prints exactly one JSON line on stdout; exit code 0 on success, 1 on error.
 // On success it carries "callback_via": "redirect" | "form_post", how the OP
 // returned the authorization response.
@@ -235,6 +238,7 @@ function makeIsCallback(redirectUri) {
 // sent it: "redirect" (a 3xx Location) or "form_post" (an auto-submitting form).
 async function driveLogin(authUrl, cfg) {
   const jar = new CookieJar();
+  jar.store(authUrl, Object.entries(cfg.cookies ?? {}).map(([k, v]) => `${k}=${v}`));
   const isCallback = makeIsCallback(cfg.redirect_uri);
   let url = new URL(authUrl);
   let method = 'GET';
@@ -418,6 +422,7 @@ async function main() {
     expectedState: state,
     expectedNonce: nonce,
     idTokenExpected: true,
+    maxAge: params.max_age === undefined ? undefined : Number(params.max_age),
   });
   const claims = tokens.claims();
 

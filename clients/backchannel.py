@@ -5,7 +5,7 @@ session ends (logged out at another portal, at the provider, or by an
 administrator). The portal keeps its sessions in a signed cookie it cannot
 reach from here, so it remembers which provider sessions (``sid``) ended, and
 ``EndedSessions`` clears a portal session belonging to one on its next request.
-In memory: right for this one-process demo; a portal with several processes
+In memory: right for these one-process demos; a portal with several processes
 would keep these records in a shared store.
 """
 

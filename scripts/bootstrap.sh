@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian machine for this project.
 #
-#   scripts/bootstrap.sh          what the provider and the demo need
+#   scripts/bootstrap.sh          what the provider and the demo need (the demo's
+#                                 Google stand-in is oidc-provider: Node.js and
+#                                 tests/e2e's npm packages)
 #   scripts/bootstrap.sh --test   that, plus what the tests need (pytest extras
-#                                 incl. playwright, Node.js and tests/e2e's npm
-#                                 packages, Debian's Chromium for the browser test)
+#                                 incl. playwright, Debian's Chromium for the
+#                                 browser test)
 #
 # Each step only runs when something is missing or out of date, so running it
 # again is quick. Used by `make run` and `make test`.
@@ -35,7 +37,7 @@ compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || pkgs+=(postgresql)
 if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   pkgs+=(python3-venv)
 fi
-if [ "$with_test" = 1 ] && ! command -v node >/dev/null 2>&1; then
+if ! command -v node >/dev/null 2>&1; then
   pkgs+=(nodejs npm)
 fi
 # The browser test drives Debian's Chromium through the playwright package;
@@ -74,8 +76,8 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# --- npm packages for the browser/peer tests --------------------------------
-if [ "$with_test" = 1 ] && [ -f tests/e2e/package.json ]; then
+# --- npm packages for the peer tests and the demo's Google stand-in ---------
+if [ -f tests/e2e/package.json ]; then
   (
     cd tests/e2e
     if [ -f package-lock.json ]; then lock=package-lock.json; else lock=package.json; fi

@@ -16,7 +16,7 @@ from idp.clock import Clock
 from idp.metrics import CONTENT_TYPE, RequestMetrics
 from idp.services import Services
 from idp.settings import Settings
-from idp.web import account, admin, login, oidc, recovery, reset
+from idp.web import account, admin, admin_clients, login, oidc, recovery, reset
 from idp.web import federation as federation_pages
 from idp.web import mobileid as mobileid_pages
 from idp.web import push as push_pages
@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         Route("/login/bind/otp/rebuild", login.rebuild_otp, methods=["POST"]),
         *account.routes,
         *admin.routes,
+        *admin_clients.routes,
         *reset.routes,
         Route("/healthz", healthz),
         Route("/readyz", readyz),

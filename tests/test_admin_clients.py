@@ -1,0 +1,51 @@
+"""The registered clients and their policy in the administration area (SPEC P7, M7),
+on both back ends, through the provider's own pages."""
+
+from __future__ import annotations
+
+import re
+from html import unescape
+
+from tests.test_admin import sign_in, site  # noqa: F401 (fixture)
+
+LOA2, LOA3 = "urn:idp:loa:2", "urn:idp:loa:3"
+
+
+def row(page, client_id: str, policy: str) -> str:
+    table = re.search(rf'<table class="methods" data-client="{re.escape(client_id)}">(.*?)</table>', page.text, re.S)
+    assert table, page.text[:2000]
+    found = re.search(rf'<tr data-policy="{policy}">.*?<td>(.*?)</td>', table.group(1), re.S)
+    return re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", " ", found.group(1)))).strip()
+
+
+def test_an_admin_reads_each_clients_policy_and_uris(site):
+    commerce, _ = site.client(client_name="商工行政服務入口網", minimum_acr=LOA3,
+                              allowed_factors=["password", "otp", "mobileid"],
+                              redirect_uris=["https://commerce.example.tw/callback"],
+                              post_logout_redirect_uris=["https://commerce.example.tw/"],
+                              backchannel_logout_uri="https://commerce.example.tw/backchannel-logout")
+    open_client, _ = site.client(client_name="研究計畫系統", redirect_uris=["https://grants.example.tw/cb"])
+    browser, page, _ = sign_in(site, "root")
+    page = browser.go("/admin")
+    assert 'href="/admin/clients"' in page.text
+    page = browser.go("/admin/clients")
+    assert page.status_code == 200
+    assert "商工行政服務入口網" in page.text and "研究計畫系統" in page.text
+
+    assert row(page, commerce, "allowed_factors") == "password otp mobileid"
+    assert row(page, commerce, "minimum_acr") == LOA3
+    assert row(page, commerce, "redirect_uris") == "https://commerce.example.tw/callback"
+    assert row(page, commerce, "post_logout_redirect_uris") == "https://commerce.example.tw/"
+    assert row(page, commerce, "backchannel_logout_uri") == "https://commerce.example.tw/backchannel-logout"
+    assert row(page, commerce, "frontchannel_logout_uri") == "（無）"
+
+    assert "（未限制：全部驗證方式）" in row(page, open_client, "allowed_factors")
+    assert row(page, open_client, "minimum_acr") == "（無）"
+    assert row(page, open_client, "mfa") == "是"  # this site asks every login for two factors
+
+
+def test_an_aa_account_does_not_see_the_clients(site):
+    browser, page, _ = sign_in(site, "school-aa")
+    assert 'href="/admin/clients"' not in browser.go("/admin").text
+    page = browser.go("/admin/clients")
+    assert page.status_code == 403 and "只有系統管理者" in page.text

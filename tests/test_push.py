@@ -228,3 +228,14 @@ def test_device_api_refuses_unsigned_foreign_and_removed_devices(provider):
     with pytest.raises(AppError) as gone:
         app.pending()
     assert gone.value.status == 401 and gone.value.code == "unknown_device"
+
+
+def test_client_policy_knows_the_push_app(provider):
+    """A portal's ``allowed_factors`` may name ``push``, or leave it out."""
+    with_push, _ = provider.client(allowed_factors=["password", "push"])
+    without, _ = provider.client(allowed_factors=["password", "otp"])
+    register(provider, provider.browser())
+    _push_page(provider, with_push)
+    browser = provider.browser()
+    page = browser.password(browser.authorize(without, acr_values=LOA2))
+    assert 'data-step="push"' not in page.text and "/login/bind/otp" in page.text  # OTP is this portal's way

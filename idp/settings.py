@@ -72,7 +72,10 @@ class Settings:
     signing_alg: Literal["ES256", "RS256"] = _doc(
         "Default ID token signing algorithm; a client may ask for the other.", "ES256"
     )
-    key_refresh_seconds: int = _doc("How often a process looks for rotated keys on disk.", 30)
+    key_refresh_seconds: int = _doc(
+        "How often a process looks for rotated keys on disk (one `stat` of `IDP_KEYS_DIR`; the keys are "
+        "read again only when it changed).", 1
+    )
     client_cache_seconds: int = _doc(
         "How long a process keeps a client registration in memory; changes made by other processes "
         "(the CLI, other workers) take effect within this time.", 5

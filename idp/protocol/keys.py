@@ -44,7 +44,7 @@ def _import(jwk: dict):
 
 
 class KeyRing:
-    def __init__(self, keys_dir: str, refresh_seconds: int = 30, clock=time.time):
+    def __init__(self, keys_dir: str, refresh_seconds: int = 1, clock=time.time):
         self.dir = Path(keys_dir)
         self._refresh_seconds = refresh_seconds
         self._clock = clock
@@ -74,6 +74,14 @@ class KeyRing:
         os.chmod(self.dir, 0o700)
         with open(self.dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    @contextlib.contextmanager
+    def _shared(self):
+        """Readers wait for a rotation to finish: half-way through one, an algorithm
+        has no current key, and a process that loaded then could not sign."""
+        with open(self.dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
             yield
 
     def ensure(self) -> None:
@@ -131,7 +139,9 @@ class KeyRing:
                 return
             wall = self._clock()
             signing, public = {}, []
-            for r in self._records():
+            with self._shared():
+                records = self._records()
+            for r in records:
                 if r["status"] == "retired" and r.get("retire_at", 0) <= wall:
                     continue
                 key = _import(r["jwk"])

@@ -1,0 +1,263 @@
+"""More machines (SPEC O1): two real provider processes on one PostgreSQL and one
+Redis, as ``deploy/`` runs them behind a load balancer.
+
+Each process is its own Python interpreter serving ``idp.web.app:create_app``
+with uvicorn (what ``idp serve`` runs), on a socket this test bound first. Both
+share the issuer URL, the database, the Redis and the signing-key directory, and
+nothing else: whatever one process knows the other can only learn through them.
+A relying party talks to both through the real protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from idp.settings import Settings
+from idp.web.app import create_app
+from tests import live
+from tests.harness import PASSWORD, Provider, redeem
+from tests.test_backchannel import Receiver
+from tests.test_e2e import NAME, Agent, _path
+
+try:
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60.0  # seconds for a process to import, migrate and answer /readyz (normally ~2)
+# uvicorn on the inherited listening socket: no gap in which another program could take the port.
+SERVE = ("import socket, sys, uvicorn; uvicorn.Server(uvicorn.Config('idp.web.app:create_app', factory=True, "
+         "proxy_headers=True, access_log=False, log_level='warning')).run(sockets=[socket.socket(fileno=int(sys.argv[1]))])")
+
+# Every CREATE TABLE in the database, with the server process that ran it: proof of who migrated.
+DDL_LOG = """
+CREATE TABLE ddl_log (object text, pid int);
+CREATE FUNCTION log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table' AND command_tag = 'CREATE TABLE' LOOP
+    INSERT INTO ddl_log VALUES (r.object_identity, pg_backend_pid());
+  END LOOP;
+END $$;
+CREATE EVENT TRIGGER log_ddl ON ddl_command_end WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION log_ddl();
+"""
+
+
+def _wait(predicate, seconds: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {seconds} s")
+
+
+class Cluster:
+    """Two provider processes ``a`` and ``b`` (URLs), ``env`` (their IDP_* settings), and ``admin``
+    (a Provider object in this process on the same database, for accounts and clients)."""
+
+    def __init__(self, env: dict[str, str], a: str, b: str, admin: Provider):
+        self.env, self.a, self.b, self.admin = env, a, b, admin
+        self.issuer = env["IDP_ISSUER"]
+
+    def idp(self, *args: str) -> subprocess.CompletedProcess:
+        """Run the ``idp`` command with the cluster's settings."""
+        return subprocess.run([sys.executable, "-m", "idp.cli", *args], env=self.env, capture_output=True, text=True,
+                              timeout=60, cwd=self.env["IDP_OUTBOX_DIR"])
+
+
+def _start(env: dict, sock, tmp: Path, name: str) -> subprocess.Popen:
+    log = open(tmp / f"{name}.log", "wb")
+    return subprocess.Popen([sys.executable, "-c", SERVE, str(sock.fileno())], env=env, cwd=tmp,
+                            pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT)
+
+
+def _ready(url: str, proc: subprocess.Popen, log: Path) -> None:
+    def answered():
+        if proc.poll() is not None:
+            raise AssertionError(f"{url} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(url + "/readyz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait(answered, START_TIMEOUT, f"{url}/readyz")
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres_server, redis_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale-out")
+    database = postgres_server.fresh_database()
+    with psycopg.connect(database.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        conn.execute(DDL_LOG)
+    redis_server.flush()
+    with contextlib.ExitStack() as stack:
+        (sock_a, url_a), (sock_b, url_b) = stack.enter_context(live.reserve()), stack.enter_context(live.reserve())
+        # One issuer for both, as behind a load balancer; each process is reached at its own port.
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "IDP_ISSUER": url_a,
+               "IDP_DATABASE_URL": database, "IDP_REDIS_URL": redis_server.url, "IDP_KEYS_DIR": str(tmp / "keys"),
+               "IDP_CAPTCHA": "off", "IDP_MFA": "false", "IDP_OUTBOX_DIR": str(tmp),
+               "IDP_TRUST_DIR": str(ROOT / "keys/trust")}
+        # Started together on an empty database: both migrate at start.
+        procs = [_start(env, sock_a, tmp, "a"), _start(env, sock_b, tmp, "b")]
+        for proc in procs:
+            stack.callback(proc.wait, 30)
+            stack.callback(proc.terminate)
+        _ready(url_a, procs[0], tmp / "a.log")
+        _ready(url_b, procs[1], tmp / "b.log")
+        app = create_app(Settings.from_env(env))
+        stack.callback(app.state.svc.db.engine.dispose)
+        admin = Provider(app, app.state.svc.clock)
+        admin.account("alice", name=NAME)
+        yield Cluster(env, url_a, url_b, admin)
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """The relying party's own endpoints: redirect URI ``/cb``, back-channel logout ``/bc``."""
+    r = Receiver()
+    with live.reserve() as (sock, url):
+        r.url = url
+        with live.serve(r.app(), sock, url):
+            yield r
+
+
+def _client(cluster, receiver) -> tuple[str, str]:
+    return cluster.admin.client(client_name="校務行政系統", redirect_uris=[receiver.url + "/cb"],
+                                post_logout_redirect_uris=[receiver.url + "/"],
+                                backchannel_logout_uri=receiver.url + "/bc", backchannel_logout_session_required=True)
+
+
+def _authorize(agent, base, client_id, redirect_uri, **extra):
+    nonce = secrets.token_urlsafe(8)
+    q = httpx.QueryParams({"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
+                           "scope": "openid profile", "state": "s", "nonce": nonce, **extra})
+    return agent.go(f"{base}/authorize?{q}"), nonce
+
+
+def _code(agent, base, client_id, redirect_uri) -> tuple[str, str]:
+    """Log in through the process at ``base``; the authorization code and the nonce sent."""
+    page, nonce = _authorize(agent, base, client_id, redirect_uri)
+    if page.status_code == 200 and "/login/factor/password" in page.text:
+        page = agent.submit(page, "/login/factor/password", username="alice", password=PASSWORD)
+    assert _path(page) == redirect_uri, (page.url, page.text[:500])
+    return parse_qs(urlsplit(str(page.url)).query)["code"][0], nonce
+
+
+def _verify(base: str, token: str):
+    keys = KeySet.import_key_set(httpx.get(base + "/jwks").json())
+    return jwt.decode(token, keys, algorithms=["ES256", "RS256"])
+
+
+# -- the tests -----------------------------------------------------------------------------------
+def test_processes_started_together_migrated_the_database_once(cluster):
+    with psycopg.connect(cluster.env["IDP_DATABASE_URL"].replace("postgresql+psycopg", "postgresql")) as conn:
+        created = conn.execute("SELECT object, pid FROM ddl_log").fetchall()
+        versions = conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0]
+    tables = [obj for obj, _ in created]
+    assert "public.alembic_version" in tables and len(tables) > 5
+    assert len(tables) == len(set(tables)), "a table was created twice"
+    assert len({pid for _, pid in created}) == 1, "more than one process ran migrations"
+    assert versions == 1
+
+
+def test_login_at_one_process_code_refresh_and_logout_at_the_other(cluster, receiver):
+    client_id, secret = _client(cluster, receiver)
+    cb = receiver.url + "/cb"
+    agent = Agent()
+    try:
+        code, nonce = _code(agent, cluster.a, client_id, cb)
+        with httpx.Client(base_url=cluster.b, timeout=10) as b:
+            tokens = redeem(b, client_id, secret, code, redirect_uri=cb)
+            assert tokens.status_code == 200, tokens.text
+            tokens = tokens.json()
+            id_token = _verify(cluster.b, tokens["id_token"]).claims
+            assert id_token["iss"] == cluster.issuer and id_token["aud"] == client_id
+            assert id_token["nonce"] == nonce and id_token["name"] == NAME
+            assert b.get("/userinfo", headers={"Authorization": f"Bearer {tokens['access_token']}"}).json()["sub"] \
+                == id_token["sub"]
+
+            refreshed = b.post("/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+                               auth=(client_id, secret))
+            assert refreshed.status_code == 200, refreshed.text
+            refreshed = refreshed.json()
+            assert _verify(cluster.a, refreshed["id_token"]).claims["sub"] == id_token["sub"]
+
+            # Single sign-on through process B: the session made at A is known there.
+            page, _ = _authorize(agent, cluster.b, client_id, cb, prompt="none")
+            assert _path(page) == cb and "code" in parse_qs(urlsplit(str(page.url)).query)
+
+            out = agent.go(f"{cluster.b}/logout?" + str(httpx.QueryParams(
+                {"id_token_hint": refreshed["id_token"], "post_logout_redirect_uri": receiver.url + "/"})))
+            assert _path(out) == receiver.url + "/"
+            logout_token = _wait(lambda: receiver.tokens, what="the back-channel logout token")[0]
+            claims = _verify(cluster.a, logout_token).claims
+            assert claims["sid"] == id_token["sid"] and claims["aud"] == client_id
+
+            # Logged out everywhere: the refresh token is dead, and A knows the session is gone.
+            again = b.post("/token", data={"grant_type": "refresh_token", "refresh_token": refreshed["refresh_token"]},
+                           auth=(client_id, secret))
+            assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+        page, _ = _authorize(agent, cluster.a, client_id, cb, prompt="none")
+        assert parse_qs(urlsplit(str(page.url)).query)["error"] == ["login_required"]
+    finally:
+        agent.close()
+
+
+def test_one_code_redeemed_concurrently_at_both_processes_succeeds_once(cluster, receiver):
+    client_id, secret = _client(cluster, receiver)
+    cb = receiver.url + "/cb"
+    agent = Agent()
+    try:
+        code, _ = _code(agent, cluster.a, client_id, cb)
+    finally:
+        agent.close()
+    bases = [cluster.a, cluster.b] * 4
+
+    def attempt(base):
+        with httpx.Client(base_url=base, timeout=30) as http:
+            return redeem(http, client_id, secret, code, redirect_uri=cb)
+
+    with ThreadPoolExecutor(len(bases)) as pool:
+        answers = list(pool.map(attempt, bases))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200] + [400] * (len(bases) - 1), [r.text for r in answers]
+    assert all(r.json()["error"] == "invalid_grant" for r in answers if r.status_code == 400)
+
+
+def test_key_rotation_reaches_every_process_without_a_restart(cluster, receiver):
+    client_id, secret = _client(cluster, receiver)
+    cb = receiver.url + "/cb"
+    rotated = cluster.idp("keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    new_kids = {line.split()[-1] for line in rotated.stdout.splitlines() if line.startswith("now signing with")}
+    [es256] = [kid for kid in new_kids if kid.startswith("es256-")]
+
+    def signs_with_new_key(base):
+        agent = Agent()
+        try:
+            code, _ = _code(agent, base, client_id, cb)
+        finally:
+            agent.close()
+        with httpx.Client(base_url=base, timeout=10) as http:
+            token = redeem(http, client_id, secret, code, redirect_uri=cb).json()["id_token"]
+        return _verify(base, token).header["kid"] == es256
+
+    for base in (cluster.a, cluster.b):
+        _wait(lambda: signs_with_new_key(base), what=f"{base} signing with {es256}")
+        assert es256 in {k["kid"] for k in httpx.get(base + "/jwks").json()["keys"]}

@@ -76,8 +76,9 @@ class Lockout:
     whether an account exists. An attempt is reserved *before* the password is
     checked, so parallel guesses cannot slip past the threshold."""
 
-    def __init__(self, store, clock, threshold: int, seconds: int):
+    def __init__(self, store, clock, threshold: int, seconds: int, metrics=None):
         self.store, self.clock, self.threshold, self.seconds = store, clock, threshold, seconds
+        self.metrics = metrics
 
     @staticmethod
     def _key(username: str) -> str:
@@ -105,7 +106,9 @@ class Lockout:
 
     def lock(self, username: str) -> float:
         until = self.clock() + self.seconds
-        self.store.set("lock:" + self._key(username), {"until": until}, self.seconds + 60, only_new=True)
+        if self.store.set("lock:" + self._key(username), {"until": until}, self.seconds + 60, only_new=True):
+            if self.metrics:
+                self.metrics.lockouts.inc()  # a new lock, not a retry against one
         return self.locked_until(username) or until
 
     def clear(self, username: str) -> None:

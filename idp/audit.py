@@ -26,5 +26,5 @@ class Audit:
                     user_agent=(user_agent or None) and user_agent[:300], detail=detail,
                 )
             )
-        self.metrics.events.labels(event).inc()
+        self.metrics.audited(event, method)
         log.info("%s account=%s user=%s client=%s ip=%s method=%s %s", event, account_id, username, client_id, ip, method, detail or "")

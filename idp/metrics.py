@@ -1,10 +1,12 @@
-"""Prometheus metrics (SPEC O3): requests by route, and every audit event
-(logins, failures, lockouts, logouts, registrations) by kind."""
+"""Prometheus metrics (SPEC O3): requests by route (count and latency), logins
+by method and outcome, token requests by grant and outcome, new lockouts, and
+every audit event by kind. Each process counts its own: scrape them all."""
 
 from __future__ import annotations
 
 import time
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -19,9 +21,37 @@ class Metrics:
             registry=self.registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
         self.events = Counter("idp_audit_events", "Audit events by kind", ["event"], registry=self.registry)
+        self.logins = Counter("idp_logins", "Login attempts by factor method and outcome (success, failure, "
+                              "locked, disabled)", ["method", "outcome"], registry=self.registry)
+        self.token_requests = Counter("idp_token_requests", "Token endpoint requests by grant type and outcome "
+                                      "(issued, or the OAuth error)", ["grant_type", "outcome"], registry=self.registry)
+        self.lockouts = Counter("idp_lockouts", "Accounts locked after too many wrong answers", registry=self.registry)
+
+    def audited(self, event: str, method: str | None) -> None:
+        self.events.labels(event).inc()
+        if event in _LOGIN_OUTCOMES:
+            self.logins.labels(method or "unknown", event.removeprefix("login.")).inc()
+
+    def token_request(self, grant_type: str | None, response) -> None:
+        """Count one token response; labels only from fixed sets, whatever a client sent."""
+        grant = grant_type if grant_type in _GRANTS else "other"
+        outcome = "issued"
+        if response.status_code != 200:
+            try:
+                outcome = orjson.loads(response.body).get("error")
+            except (orjson.JSONDecodeError, AttributeError):
+                outcome = None
+            outcome = outcome if outcome in _TOKEN_ERRORS else "error"
+        self.token_requests.labels(grant, outcome).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_LOGIN_OUTCOMES = {"login.success", "login.failure", "login.locked", "login.disabled"}
+_GRANTS = {"authorization_code", "refresh_token", "client_credentials"}
+_TOKEN_ERRORS = {"invalid_request", "invalid_client", "invalid_grant", "unauthorized_client",
+                 "unsupported_grant_type", "invalid_scope"}
 
 
 class RequestMetrics:

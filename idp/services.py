@@ -34,8 +34,9 @@ class Services:
         self.sessions = Sessions(self.store, self.clock, settings.session_seconds)
         self.transactions = Transactions(self.store, self.clock, settings.login_timeout_seconds)
         self.passwords = Passwords(settings)
-        self.lockout = Lockout(self.store, self.clock, settings.lockout_threshold, settings.lockout_seconds)
         self.metrics = Metrics()
+        self.lockout = Lockout(self.store, self.clock, settings.lockout_threshold, settings.lockout_seconds,
+                               self.metrics)
         self.audit = Audit(self.db, self.clock, self.metrics)
         self.mailer = Mailer(settings, self.clock)
         self.server = Server(self)

@@ -29,9 +29,12 @@ class Settings:
         "sqlite:///var/idp.sqlite3",
     )
     redis_url: str = _doc(
-        "Redis URL for short-lived state (login transactions, codes, sessions, tokens, counters). "
-        "Empty: an in-process store, for one process only.",
-        "",
+        "Redis for short-lived state (login transactions, codes, sessions, tokens, counters). "
+        "Empty: an in-process store, for one process only. One server: `redis://[:password@]host:6379/0` "
+        "(`rediss://` for TLS). Sentinel: `redis+sentinel://[:password@]sentinel1:26379,sentinel2:26379/MASTER[/db]` "
+        "(add `?sentinel_password=` if the Sentinels have their own). Cluster: "
+        "`redis+cluster://[:password@]node1:6379,node2:6379` (any nodes; the rest are discovered).",
+        "", secret=True,
     )
     keys_dir: str = _doc(
         "Directory of the signing keys (private, mode 0600) and other generated secrets.",
@@ -82,6 +85,13 @@ class Settings:
     )
     secure_cookies: bool | None = _doc(
         "Mark cookies Secure. Default: when the issuer is https.", None
+    )
+    log_format: Literal["text", "json"] = _doc(
+        "Log lines on stderr as text, or one JSON object per line (for a log collector); "
+        "each carries its request's id (`X-Request-Id`).", "text"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _doc(
+        "Least severe log level written; `INFO` includes one access line per request and the audit events.", "INFO"
     )
     metrics_token: str = _doc("Bearer token required by /metrics; empty: open (block it at the proxy).", "")
     max_form_bytes: int = _doc("Largest request body accepted by any form or JSON endpoint.", 64 * 1024)

@@ -50,6 +50,10 @@ fi
 if [ "$with_test" = 1 ] && ! command -v softhsm2-util >/dev/null 2>&1; then
   pkgs+=(softhsm2 opensc)
 fi
+# tests/test_deploy.py checks deploy/nginx/nginx.conf with the real `nginx -t`.
+if [ "$with_test" = 1 ] && [ ! -x /usr/sbin/nginx ]; then
+  pkgs+=(nginx)
+fi
 
 if [ "${#pkgs[@]}" -gt 0 ]; then
   say "installing Debian packages: ${pkgs[*]}"

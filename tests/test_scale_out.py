@@ -22,13 +22,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
+import redis
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from idp.settings import Settings
 from idp.web.app import create_app
-from tests import live
-from tests.harness import PASSWORD, Provider, redeem
+from idp.storage.kv import open_store
+from tests import live, servers
+from tests.harness import PASSWORD, Provider, pkce, redeem
 from tests.test_backchannel import Receiver
 from tests.test_e2e import NAME, Agent, _path
 
@@ -38,7 +40,7 @@ except ImportError:  # pragma: no cover
     import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 60.0  # seconds for a process to import, migrate and answer /readyz (normally ~2)
+START_TIMEOUT = 180.0  # seconds for a process to import, migrate and answer /readyz (~2 on an idle machine)
 # uvicorn on the inherited listening socket: no gap in which another program could take the port.
 SERVE = ("import socket, sys, uvicorn; uvicorn.Server(uvicorn.Config('idp.web.app:create_app', factory=True, "
          "proxy_headers=True, access_log=False, log_level='warning')).run(sockets=[socket.socket(fileno=int(sys.argv[1]))])")
@@ -57,7 +59,7 @@ CREATE EVENT TRIGGER log_ddl ON ddl_command_end WHEN TAG IN ('CREATE TABLE') EXE
 """
 
 
-def _wait(predicate, seconds: float = 30.0, what: str = "condition"):
+def _wait(predicate, seconds: float = 60.0, what: str = "condition"):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         result = predicate()
@@ -259,5 +261,124 @@ def test_key_rotation_reaches_every_process_without_a_restart(cluster, receiver)
         return _verify(base, token).header["kid"] == es256
 
     for base in (cluster.a, cluster.b):
-        _wait(lambda: signs_with_new_key(base), what=f"{base} signing with {es256}")
+        _wait(lambda: signs_with_new_key(base), 180, what=f"{base} signing with {es256}")
         assert es256 in {k["kid"] for k in httpx.get(base + "/jwks").json()["keys"]}
+
+
+# -- Redis Sentinel and Cluster (IDP_REDIS_URL redis+sentinel:// and redis+cluster://) -----------
+def _redis_process(stack, tmp: Path, name: str, *args: str) -> tuple[int, subprocess.Popen]:
+    """A redis-server in the foreground with ``args`` on a free port, stopped when ``stack`` closes."""
+    port = servers.free_port()
+    workdir = tmp / name
+    workdir.mkdir()
+    proc = subprocess.Popen([servers.find_redis_server(), *args, "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=open(workdir / "log", "wb"), stderr=subprocess.STDOUT)
+    stack.callback(proc.wait, 30)
+    stack.callback(proc.terminate)
+
+    def answers():
+        if proc.poll() is not None:
+            raise AssertionError(f"redis-server {name} exited:\n{(workdir / 'log').read_text()[-2000:]}")
+        try:
+            return redis.Redis(port=port, socket_timeout=2).ping()
+        except redis.ConnectionError:
+            return False
+
+    _wait(answers, what=f"redis-server {name} answering PING")
+    return port, proc
+
+
+def _store_works(store):
+    """What the provider does with its store, over keys that hash to many slots."""
+    keys = [f"sess:{secrets.token_hex(8)}" for _ in range(20)]
+    store.set_many([(k, {"n": i}, 60) for i, k in enumerate(keys)])
+    assert store.get_many(keys + ["sess:absent"]) == [{"n": i} for i in range(20)] + [None]
+    assert store.set("code:x", {"v": 1}, 60, only_new=True) and not store.set("code:x", {"v": 2}, 60, only_new=True)
+    assert store.take("code:x") == {"v": 1} and store.take("code:x") is None
+    assert [store.incr("fail:alice", 60) for _ in range(3)] == [1, 2, 3]
+    store.add("acct-sess:alice", "s1", 60)
+    store.add("acct-sess:alice", "s2", 60)
+    assert store.members("acct-sess:alice") == {"s1", "s2"}
+    store.delete(*keys, "fail:alice", "acct-sess:alice")
+    assert store.get_many(keys) == [None] * 20 and store.members("acct-sess:alice") == set()
+    assert store.ping()
+
+
+def _full_login(tmp: Path, redis_url: str):
+    """Log in, redeem, refresh and log out through the provider's real endpoints, on ``redis_url``."""
+    from idp.clock import FrozenClock
+
+    clock = FrozenClock()
+    provider = Provider(create_app(Settings.from_env(
+        {}, database_url=f"sqlite:///{tmp}/idp.sqlite3", redis_url=redis_url, keys_dir=str(tmp / "keys"),
+        captcha="off", issuer="http://idp.test", mfa=False), clock), clock)
+    provider.account("alice", name=NAME)
+    client_id, secret = provider.client()
+    browser = provider.browser()
+    verifier, challenge = pkce()
+    code = browser.login(client_id, code_challenge=challenge, code_challenge_method="S256")["code"]
+    http = provider.http()
+    tokens = redeem(http, client_id, secret, code, verifier).json()
+    refreshed = http.post("/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+                          auth=(client_id, secret))
+    assert refreshed.status_code == 200, refreshed.text
+    browser.go("/logout?" + str(httpx.QueryParams({"id_token_hint": refreshed.json()["id_token"]})))
+    assert http.post("/token", data={"grant_type": "refresh_token", "refresh_token": refreshed.json()["refresh_token"]},
+                     auth=(client_id, secret)).status_code == 400
+
+
+def test_redis_sentinel_is_followed_through_a_failover(tmp_path):
+    with contextlib.ExitStack() as stack:
+        primary, primary_proc = _redis_process(stack, tmp_path, "primary")
+        replica, _ = _redis_process(stack, tmp_path, "replica", "--replicaof", "127.0.0.1", str(primary))
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"sentinel monitor main 127.0.0.1 {primary} 1\n"
+                        f"sentinel known-replica main 127.0.0.1 {replica}\n"  # else learnt from INFO, every 10 s
+                        "sentinel down-after-milliseconds main 500\nsentinel failover-timeout main 10000\n")
+        sentinel, _ = _redis_process(stack, tmp_path, "sentinel", str(conf), "--sentinel")
+        url = f"redis+sentinel://127.0.0.1:{sentinel}/main"
+        store = open_store(url)
+        _store_works(store)
+        _full_login(tmp_path, url)
+
+        store.set("survives", {"ok": True}, 600)
+        _wait(lambda: redis.Redis(port=replica).get("idp:survives"), what="replication to the replica")
+        primary_proc.terminate()  # the master's machine goes away
+        primary_proc.wait(30)
+        admin = redis.Redis(port=sentinel, decode_responses=True)
+        _wait(lambda: admin.sentinel_get_master_addr_by_name("main") == ("127.0.0.1", replica),
+              what="the Sentinel promoting the replica")
+        # The same store, not rebuilt: it asks the Sentinel again and writes to the new master.
+        _wait(lambda: _try(lambda: store.set("after", {"ok": True}, 60)), what="a write after the failover")
+        assert store.get("survives") == {"ok": True}
+        assert redis.Redis(port=replica).get("idp:after") is not None
+
+
+def _try(action):
+    try:
+        return action()
+    except redis.RedisError:
+        return False
+
+
+def test_redis_cluster_of_three_masters(tmp_path):
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for i in range(3):
+            bus = servers.free_port()  # the default (port + 10000) may be past 65535
+            ports.append(_redis_process(stack, tmp_path, f"node{i}", "--cluster-enabled", "yes",
+                                        "--cluster-port", str(bus), "--cluster-config-file", str(tmp_path / f"nodes{i}.conf"))[0])
+        created = subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                                  "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stdout + created.stderr
+        _wait(lambda: all(redis.Redis(port=p, decode_responses=True).cluster("INFO")["cluster_state"] == "ok"
+                          for p in ports), what="the cluster state ok on every node")
+        url = f"redis+cluster://127.0.0.1:{ports[0]}"
+        store = open_store(url)
+        _store_works(store)
+        # Keys of one multi-key call really are spread over the three masters.
+        store.set_many([(f"spread:{i}", {"n": i}, 60) for i in range(20)])
+        assert all(redis.Redis(port=p).dbsize() > 0 for p in ports)
+        assert store.get_many([f"spread:{i}" for i in range(20)]) == [{"n": i} for i in range(20)]
+        _full_login(tmp_path, url)

@@ -80,23 +80,28 @@ class KeyRing:
     def _shared(self):
         """Readers wait for a rotation to finish: half-way through one, an algorithm
         has no current key, and a process that loaded then could not sign."""
-        with open(self.dir / ".lock", "a") as lock:
+        try:
+            lock = open(self.dir / ".lock", "a")
+        except OSError:  # a read-only directory (a Kubernetes Secret): nobody rotates in it
+            yield
+            return
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_SH)
             yield
 
     def ensure(self) -> None:
         """Create a current and a next key for each algorithm that lacks them."""
+        if self.dir.is_dir() and not self._missing():
+            return  # nothing to write, so a read-only directory (a Kubernetes Secret) is fine
         with self._exclusive():
-            self._ensure()
+            for alg, status in self._missing():
+                self._write(_generate(alg, status))
+            self._touch()
 
-    def _ensure(self) -> None:
+    def _missing(self) -> list[tuple[str, str]]:
         records = self._records()
-        for alg in ALGORITHMS:
-            statuses = {r["status"] for r in records if r["alg"] == alg}
-            for status in ("current", "next"):
-                if status not in statuses:
-                    self._write(_generate(alg, status))
-        self._touch()
+        have = {(r["alg"], r["status"]) for r in records}
+        return [(alg, status) for alg in ALGORITHMS for status in ("current", "next") if (alg, status) not in have]
 
     def rotate(self, keep_retired_seconds: int) -> list[str]:
         """Promote next to current, retire current; returns the new current kids."""

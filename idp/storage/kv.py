@@ -6,6 +6,17 @@ provider processes, ``MemoryStore`` for the single-process default. Every
 value is a JSON object. TTLs only collect garbage: anything whose expiry
 matters to security also carries its own timestamp, checked against the
 injectable clock, so tests can move time without sleeping.
+
+``IDP_REDIS_URL`` names one Redis server, a Sentinel-managed master or a
+Cluster (see ``connect``). On a Cluster every key lives in the slot its name
+hashes to. Commands over several keys still work across slots: ``delete``,
+``set_many`` and the non-transactional pipelines are split by slot by the
+client, ``get_many`` reads each slot's keys separately (non-atomic, which
+no caller relies on), and each MULTI transaction touches one key. A new
+operation that must be atomic over several keys (a transaction or a Lua
+script) must put them in one slot with a shared hash tag, the part of the
+name in braces, e.g. ``grant:{GID}`` and ``grant-tokens:{GID}``: Redis hashes
+only that part. The ``idp:`` prefix has no braces, so tags pass through.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from typing import Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 
@@ -110,9 +122,7 @@ class MemoryStore:
 
 class RedisStore:
     def __init__(self, url: str, prefix: str = "idp:"):
-        import redis
-
-        self._redis = redis.Redis.from_url(url)
+        self._redis = connect(url)
         self._prefix = prefix
 
     def _k(self, key):
@@ -167,6 +177,58 @@ class RedisStore:
             return bool(self._redis.ping())
         except Exception:
             return False
+
+
+def connect(url: str):
+    """The Redis client ``url`` names:
+
+    - ``redis://[[user]:password@]host:port/db`` (``rediss://`` for TLS, ``unix://path``): one server;
+    - ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/MASTER[/db]`` (``rediss+sentinel``,
+      port 26379 by default): the master the Sentinels name MASTER, followed through failovers. The
+      user and password are the master's; add ``?sentinel_password=`` if the Sentinels want their own;
+    - ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]`` (``rediss+cluster``, port 6379
+      by default): a Cluster, discovered from any of those nodes.
+    """
+    import redis
+
+    scheme, _, rest = url.partition("://")
+    base, _, mode = scheme.partition("+")
+    if not mode:
+        return redis.Redis.from_url(url)
+    if base not in ("redis", "rediss") or mode not in ("sentinel", "cluster"):
+        raise ValueError(f"IDP_REDIS_URL: unknown scheme {scheme}://")
+    parts = urlsplit(f"{base}://{rest}")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    auth = {"username": unquote(user) or None, "password": unquote(password) or None, "ssl": base == "rediss"}
+    nodes = [_address(h, 26379 if mode == "sentinel" else 6379) for h in hostlist.split(",")]
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if mode == "sentinel":
+        from redis.sentinel import Sentinel
+
+        if not path:
+            raise ValueError("IDP_REDIS_URL: a redis+sentinel:// URL names the master: .../MASTER[/db]")
+        own = parse_qs(parts.query).get("sentinel_password", [""])[0]
+        sentinel_auth = {"ssl": auth["ssl"], **({"password": own} if own else {})}
+        db = int(path[1]) if len(path) > 1 else 0
+        return Sentinel(nodes, sentinel_kwargs=sentinel_auth, db=db, **auth).master_for(path[0])
+    from redis.cluster import ClusterNode, RedisCluster
+
+    class Cluster(RedisCluster):
+        def mget(self, keys, *args):
+            # One MGET per slot: RedisCluster refuses a plain MGET over several slots.
+            return self.mget_nonatomic(keys, *args)
+
+    return Cluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes], **auth)
+
+
+def _address(text: str, default_port: int) -> tuple[str, int]:
+    host, colon, port = text.strip().rpartition(":")
+    if not colon:
+        return text.strip(), default_port
+    if not port.isdigit():
+        raise ValueError(f"IDP_REDIS_URL: {text!r} is not host:port")
+    return host, int(port)
 
 
 def open_store(redis_url: str) -> Store:

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from idp import logs
 from idp.clock import Clock
 from idp.metrics import CONTENT_TYPE, RequestMetrics
 from idp.services import Services
@@ -81,6 +82,7 @@ async def server_error(request: Request, exc):
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None, services: Services | None = None) -> Starlette:
     svc = services or Services(settings or Settings.from_env(), clock)
+    logs.configure(svc.settings.log_format, svc.settings.log_level)
     svc.start()
     routes = [
         Route("/.well-known/openid-configuration", oidc.discovery),
@@ -119,4 +121,5 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     app.state.svc = svc
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
     app.add_middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))
+    app.add_middleware(logs.RequestId)  # outermost: every log line of the request carries its id
     return app

@@ -236,7 +236,16 @@ async def _form_endpoint(request: Request, handler) -> Response:
 
 
 async def token(request: Request) -> Response:
-    return await _form_endpoint(request, request.app.state.svc.server.create_token_response)
+    svc = request.app.state.svc
+    grant = []
+
+    def respond(oauth_request):
+        grant.append(oauth_request.form.get("grant_type"))
+        return svc.server.create_token_response(oauth_request)
+
+    response = await _form_endpoint(request, respond)
+    svc.metrics.token_request(grant[0] if grant else None, response)
+    return response
 
 
 async def revoke(request: Request) -> Response:

@@ -1,0 +1,107 @@
+"""Logging (SPEC O3): every line of the ``idp`` loggers on stderr, as text or as
+one JSON object per line (``IDP_LOG_FORMAT``), each with the id of the request
+it belongs to, so one request's lines can be found across a log collector.
+
+The request id is the proxy's ``X-Request-Id`` (nginx's ``$request_id``) when it
+is a plain token, else a new one; it goes back in the response's
+``X-Request-Id``. One access line per request names the path, never the query
+(which carries codes and tokens).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import logging
+import re
+import secrets
+import sys
+import time
+
+import orjson
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+access = logging.getLogger("idp.access")
+
+_ACCEPTED_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
+# Attributes every LogRecord has; anything else came from ``extra=`` and is logged as a field.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id"}
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (a test runner swaps it per test)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+class _WithRequestId(logging.Filter):
+    def filter(self, record):
+        record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record):
+        entry = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+TEXT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+def configure(log_format: str, level: str) -> None:
+    """Give the ``idp`` loggers one stderr handler in ``log_format`` (idempotent)."""
+    logger = logging.getLogger("idp")
+    for handler in [h for h in logger.handlers if isinstance(h, _Stderr)]:
+        logger.removeHandler(handler)
+    handler = _Stderr()
+    handler.addFilter(_WithRequestId())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+class RequestId:
+    """ASGI middleware: sets the request id for the request's log lines, returns it
+    in ``X-Request-Id``, and logs one access line when the response has started."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = sent if _ACCEPTED_ID.fullmatch(sent) else secrets.token_hex(16)
+        token = request_id.set(rid)
+        start, status = time.perf_counter(), [500]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            client = scope.get("client") or ("-",)
+            access.info("%s %s %s", scope["method"], scope["path"], status[0],
+                        extra={"method": scope["method"], "path": scope["path"], "status": status[0],
+                               "ms": round((time.perf_counter() - start) * 1000, 1), "ip": client[0]})
+            request_id.reset(token)

@@ -1,0 +1,207 @@
+"""What ``deploy/`` runs (SPEC O1), checked without Docker or Kubernetes (neither
+runs here): the files parse, every setting they name exists, the services and
+objects have what running them needs, and the real nginx and systemd accept
+their configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from idp.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+SETTINGS = {"IDP_" + f.name.upper() for f in dataclasses.fields(Settings)}
+HINT = "Run `make test`, which installs it (scripts/bootstrap.sh --test)."
+
+
+def _files():
+    return [p for p in DEPLOY.rglob("*") if p.is_file() and "dev" not in p.relative_to(DEPLOY).parts
+            and "__pycache__" not in p.parts and p.suffix != ".py"]
+
+
+def _yaml(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+
+
+def _k8s() -> dict[tuple[str, str], dict]:
+    objects = {}
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] != "Kustomization":
+                objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    return objects
+
+
+# -- every file ----------------------------------------------------------------------------------
+def test_every_yaml_file_parses():
+    found = [p for p in _files() if p.suffix in (".yaml", ".yml")]
+    assert len(found) >= 5
+    for path in found:
+        assert list(yaml.safe_load_all(path.read_text())), path
+
+
+def test_every_setting_named_in_deploy_exists():
+    named = {name: path for path in _files() for name in re.findall(r"\bIDP_[A-Z0-9_]+", path.read_text())}
+    assert "IDP_DATABASE_URL" in named and "IDP_REDIS_URL" in named
+    unknown = {name: str(path.relative_to(ROOT)) for name, path in named.items() if name not in SETTINGS}
+    assert not unknown, f"not settings in idp/settings.py: {unknown}"
+
+
+# -- docker compose ------------------------------------------------------------------------------
+def test_compose_runs_two_providers_on_one_database_redis_and_key_volume():
+    [compose] = _yaml("compose.yaml")
+    services = compose["services"]
+    assert {"idp-1", "idp-2", "postgres", "redis", "nginx", "school-portal", "commerce-portal"} <= set(services)
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+        assert service.get("image") or service.get("build"), name
+    providers = [services["idp-1"], services["idp-2"]]
+    for provider in providers:
+        env = provider["environment"]
+        assert set(k for k in env if k.startswith("IDP_")) <= SETTINGS
+        assert env["IDP_DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:" in env["IDP_DATABASE_URL"]
+        assert env["IDP_REDIS_URL"].startswith("redis://redis:")
+        assert "/readyz" in " ".join(provider["healthcheck"]["test"])
+        assert f"keys:{env['IDP_KEYS_DIR']}" in provider["volumes"]  # one key directory for every process
+        assert provider["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert "ports" not in provider  # reached through nginx only (it is the one trusted proxy)
+    assert providers[0]["environment"] == providers[1]["environment"]
+    nginx = services["nginx"]
+    assert "./nginx:/etc/nginx/idp:ro" in nginx["volumes"] and "/etc/nginx/idp/nginx.conf" in nginx["command"]
+    assert {"80:80", "443:443"} == set(nginx["ports"])
+    assert services["school-portal"]["command"][-1] == "clients.school_portal"
+    assert services["commerce-portal"]["command"][-1] == "clients.commerce_portal"
+    for portal in ("school-portal", "commerce-portal"):
+        assert services[portal]["environment"]["PORTAL_ISSUER"] == providers[0]["environment"]["IDP_ISSUER"]
+    assert set(compose["volumes"]) >= {"keys", "pgdata"}
+
+
+def test_dockerfile_installs_the_package_and_serves_it_unprivileged():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001$", text, re.M)
+    assert 'CMD ["idp", "serve", "--host", "0.0.0.0", "--port", "8000"]' in text
+    assert "COPY keys/trust" in text and "/healthz" in text
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert ignored[ignored.index("*") + 1:].count("!keys/trust") == 1 and "!keys" not in ignored  # never the signing keys
+
+
+# -- Kubernetes ----------------------------------------------------------------------------------
+def test_kubernetes_provider_deployment():
+    objects = _k8s()
+    deployment = objects[("Deployment", "idp")]
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    [container] = pod["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["command"][:2] == ["idp", "serve"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    [migrate] = pod["spec"]["initContainers"]
+    assert migrate["command"] == ["idp", "migrate"]
+    assert objects[("Job", "idp-migrate")]["spec"]["template"]["spec"]["containers"][0]["command"] == ["idp", "migrate"]
+    # Settings come from a ConfigMap and a Secret that exist here and name real settings.
+    for source in container["envFrom"]:
+        kind, name = ("Secret", source["secretRef"]["name"]) if "secretRef" in source else \
+            ("ConfigMap", source["configMapRef"]["name"])
+        data = objects[(kind, name)].get("stringData") or objects[(kind, name)]["data"]
+        assert set(data) <= SETTINGS, (kind, name)
+    keys = {v["name"]: v for v in pod["spec"]["volumes"]}["keys"]
+    assert keys["secret"]["secretName"] == "idp-keys"
+    mount = {m["name"]: m for m in container["volumeMounts"]}["keys"]
+    assert mount["readOnly"] is True
+    assert objects[("ConfigMap", "idp-config")]["data"]["IDP_KEYS_DIR"] == mount["mountPath"]
+    assert "idp-keys" in (DEPLOY / "README.md").read_text()  # made from files, as the README says
+
+
+def test_kubernetes_service_autoscaler_disruption_budget_and_ingress_fit_the_deployment():
+    objects = _k8s()
+    labels = objects[("Deployment", "idp")]["spec"]["template"]["metadata"]["labels"]
+    service = objects[("Service", "idp")]
+    assert service["spec"]["selector"].items() <= labels.items()
+    hpa = objects[("HorizontalPodAutoscaler", "idp")]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "idp"}
+    assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    pdb = objects[("PodDisruptionBudget", "idp")]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items() and pdb["minAvailable"] >= 1
+    services = {name: obj for (kind, name), obj in objects.items() if kind == "Service"}
+    for (kind, name), ingress in objects.items():
+        if kind != "Ingress":
+            continue
+        assert ingress["spec"]["tls"], name
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                ports = {p["name"] for p in services[backend["name"]]["spec"]["ports"]}
+                assert backend["port"]["name"] in ports, (name, backend)
+    annotations = objects[("Ingress", "idp")]["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/auth-tls-verify-client"] == "optional"
+    portals = {obj["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+               for (kind, _), obj in objects.items() if kind == "Deployment" and obj["metadata"]["name"] != "idp"}
+    assert portals == {"clients.school_portal", "clients.commerce_portal"}
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes/kustomization.yaml").read_text())
+    assert all((DEPLOY / "kubernetes" / r).is_file() for r in kustomization["resources"])
+
+
+# -- nginx and systemd, checked by the real programs ---------------------------------------------
+def _self_signed(directory: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "login.example.tw")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in
+                                                        ("login.example.tw", "school.example.tw", "commerce.example.tw")]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir()
+    (directory / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+
+
+def test_nginx_accepts_the_configuration(tmp_path):
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.fail(f"nginx is missing. {HINT}", pytrace=False)
+    conf = (DEPLOY / "nginx/nginx.conf").read_text()
+    assert re.search(r"^\s*include client-cert\S*conf;", conf, re.M)  # the client-certificate login's part
+    directives = re.sub(r"#.*", "", conf)
+    assert "ssl_verify_client" not in directives  # ...which is client-cert.conf's to set
+    shutil.copytree(DEPLOY / "nginx", tmp_path / "nginx")
+    _self_signed(tmp_path / "nginx/tls")
+    # The upstreams' names exist only on the compose network; nginx resolves them at start.
+    local = re.sub(r"(\bserver )[a-z][a-z0-9-]*(:\d+)", r"\g<1>127.0.0.1\2", conf)
+    assert local.count("127.0.0.1") == 4
+    (tmp_path / "nginx/nginx.conf").write_text(local)
+    result = subprocess.run([nginx, "-t", "-c", str(tmp_path / "nginx/nginx.conf"), "-p", str(tmp_path / "nginx")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_systemd_accepts_the_unit(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (a system without systemd)")
+    unit = (DEPLOY / "systemd/idp@.service").read_text()
+    assert "ExecStart=/opt/idp/bin/idp serve --host 127.0.0.1 --port %i" in unit
+    # verify wants the program to exist: point it at this checkout's.
+    (tmp_path / "idp@8000.service").write_text(unit.replace("/opt/idp/bin/idp", str(Path(sys.executable).parent / "idp")))
+    result = subprocess.run([analyze, "verify", str(tmp_path / "idp@8000.service")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr

@@ -102,6 +102,6 @@ class RequestId:
         finally:
             client = scope.get("client") or ("-",)
             access.info("%s %s %s", scope["method"], scope["path"], status[0],
-                        extra={"method": scope["method"], "path": scope["path"], "status": status[0],
+                        extra={"request_id": rid, "method": scope["method"], "path": scope["path"], "status": status[0],
                                "ms": round((time.perf_counter() - start) * 1000, 1), "ip": client[0]})
             request_id.reset(token)

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from idp.settings import Settings
+from tests import live, servers
+
+try:
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -175,9 +182,7 @@ def _self_signed(directory: Path) -> None:
 
 
 def test_nginx_accepts_the_configuration(tmp_path):
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if nginx is None:
-        pytest.fail(f"nginx is missing. {HINT}", pytrace=False)
+    nginx = _nginx_binary()
     conf = (DEPLOY / "nginx/nginx.conf").read_text()
     assert re.search(r"^\s*include client-cert\S*conf;", conf, re.M)  # the client-certificate login's part
     directives = re.sub(r"#.*", "", conf)
@@ -205,3 +210,54 @@ def test_systemd_accepts_the_unit(tmp_path):
     result = subprocess.run([analyze, "verify", str(tmp_path / "idp@8000.service")], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def _nginx_binary() -> str:
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.fail(f"nginx is missing. {HINT}", pytrace=False)
+    return nginx
+
+
+def test_nginx_in_front_of_a_provider(tmp_path, caplog):
+    """The shipped nginx.conf, running, in front of a real provider: its upstreams and ports
+    moved to this machine's loopback, everything else as shipped."""
+    from idp.web.app import create_app
+
+    conf = (DEPLOY / "nginx/nginx.conf").read_text()
+    with live.reserve() as (sock, url):
+        app = create_app(Settings.from_env({}, database_url=f"sqlite:///{tmp_path}/idp.sqlite3",
+                                           keys_dir=str(tmp_path / "keys"), issuer="https://login.example.tw"))
+        port = url.rsplit(":", 1)[1]
+        http_port, https_port = servers.free_port(), servers.free_port()
+        local = re.sub(r"(\bserver )[a-z][a-z0-9-]*:\d+", rf"\g<1>127.0.0.1:{port}", conf)
+        local = local.replace("listen 80 ", f"listen 127.0.0.1:{http_port} ")
+        local = re.sub(r"listen 443 ssl", f"listen 127.0.0.1:{https_port} ssl", local)
+        local = local.replace("pid /tmp/nginx-idp.pid;", f"pid {tmp_path}/nginx.pid;")
+        shutil.copytree(DEPLOY / "nginx", tmp_path / "nginx")
+        _self_signed(tmp_path / "nginx/tls")
+        (tmp_path / "nginx/nginx.conf").write_text(local)
+        with live.serve(app, sock, url):
+            proc = subprocess.Popen([_nginx_binary(), "-c", str(tmp_path / "nginx/nginx.conf"), "-p",
+                                     str(tmp_path / "nginx"), "-g", "daemon off;"], stderr=subprocess.PIPE)
+            try:
+                base = f"https://127.0.0.1:{https_port}"
+                with httpx.Client(verify=False, timeout=10, headers={"Host": "login.example.tw"}) as http:
+                    deadline = time.monotonic() + 30
+                    while True:
+                        try:
+                            answer = http.get(base + "/healthz", headers={"X-Forwarded-For": "6.6.6.6"})
+                            break
+                        except httpx.HTTPError:
+                            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                            time.sleep(0.05)
+                    assert answer.status_code == 200 and answer.text == "ok"
+                    assert re.fullmatch(r"[0-9a-f]{32}", answer.headers["x-request-id"])  # nginx's $request_id
+                    assert http.get(base + "/metrics").status_code == 404
+                    plain = http.get(f"http://127.0.0.1:{http_port}/healthz")
+                    assert plain.status_code == 301 and plain.headers["location"] == "https://login.example.tw/healthz"
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    [seen] = [r for r in caplog.records if r.name == "idp.access" and r.request_id == answer.headers["x-request-id"]]
+    assert seen.ip == "127.0.0.1"  # nginx's own address: the X-Forwarded-For the client made up is dropped

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -90,8 +91,9 @@ def test_compose_runs_two_providers_on_one_database_redis_and_key_volume():
     nginx = services["nginx"]
     assert "./nginx:/etc/nginx/idp:ro" in nginx["volumes"] and "/etc/nginx/idp/nginx.conf" in nginx["command"]
     assert {"80:80", "443:443"} == set(nginx["ports"])
-    assert services["school-portal"]["command"][-1] == "clients.school_portal"
-    assert services["commerce-portal"]["command"][-1] == "clients.commerce_portal"
+    for portal in ("school-portal", "commerce-portal"):
+        module = services[portal]["command"][-1]
+        assert module == "clients." + portal.replace("-", "_") and importlib.util.find_spec(module + ".__main__")
     for portal in ("school-portal", "commerce-portal"):
         assert services[portal]["environment"]["PORTAL_ISSUER"] == providers[0]["environment"]["IDP_ISSUER"]
     assert set(compose["volumes"]) >= {"keys", "pgdata"}
@@ -160,6 +162,7 @@ def test_kubernetes_service_autoscaler_disruption_budget_and_ingress_fit_the_dep
     portals = {obj["spec"]["template"]["spec"]["containers"][0]["command"][-1]
                for (kind, _), obj in objects.items() if kind == "Deployment" and obj["metadata"]["name"] != "idp"}
     assert portals == {"clients.school_portal", "clients.commerce_portal"}
+    assert all(importlib.util.find_spec(module + ".__main__") for module in portals)
     kustomization = yaml.safe_load((DEPLOY / "kubernetes/kustomization.yaml").read_text())
     assert all((DEPLOY / "kubernetes" / r).is_file() for r in kustomization["resources"])
 

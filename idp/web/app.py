@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 from pathlib import Path
@@ -117,7 +118,16 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         Route("/metrics", metrics),
         Mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error})
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # Back-channel logout jobs another process left unfinished are swept up from the start.
+        svc.backchannel.start()
+        try:
+            yield
+        finally:
+            svc.backchannel.stop()
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error}, lifespan=lifespan)
     app.state.svc = svc
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
     app.add_middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from html import unescape
 
-from tests.test_admin import sign_in, site  # noqa: F401 (fixture)
+from tests.test_admin import events, sign_in, site  # noqa: F401 (fixture)
 
 LOA2, LOA3 = "urn:idp:loa:2", "urn:idp:loa:3"
 
@@ -49,3 +49,29 @@ def test_an_aa_account_does_not_see_the_clients(site):
     assert 'href="/admin/clients"' not in browser.go("/admin").text
     page = browser.go("/admin/clients")
     assert page.status_code == 403 and "只有系統管理者" in page.text
+
+
+def test_an_admin_changes_a_clients_policy_with_the_csrf_token(site):
+    client_id, _ = site.client(client_name="商工行政服務入口網")
+    browser, page, _ = sign_in(site, "root")
+    page = browser.go("/admin/clients")
+    form = f"/admin/clients/{client_id}/policy"
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+    # Without the CSRF token nothing changes.
+    refused = browser.go(form, "POST", {"factor": ["password", "otp"], "minimum_acr": LOA3})
+    assert refused.status_code == 400
+    assert site.svc.server.query_client(client_id).minimum_acr is None
+
+    page = browser.go(form, "POST", {"csrf": csrf, "factor": ["password", "otp", "mobileid"], "minimum_acr": LOA3})
+    assert "已儲存登入政策" in page.text
+    assert row(page, client_id, "allowed_factors") == "password otp mobileid"
+    assert row(page, client_id, "minimum_acr") == LOA3
+    client = site.svc.server.query_client(client_id)  # in force at once
+    assert client.minimum_acr == LOA3 and client.allows("mobileid") and not client.allows("google")
+    [event] = [e for e in events(site, "client.policy_changed")]
+    assert event.client_id == client_id and event.detail["minimum_acr"] == LOA3
+
+    # No factor at all is refused with a message, and the policy stays.
+    page = browser.go(form, "POST", {"csrf": csrf, "minimum_acr": LOA2})
+    assert "未儲存" in page.text and row(page, client_id, "minimum_acr") == LOA3

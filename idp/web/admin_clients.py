@@ -1,9 +1,12 @@
 """The registered clients in the administration area (SPEC P7, M7 "manage
 clients"): each client's policy — allowed factors, minimum ``acr``, whether a
-login there needs two factors — and its redirect and logout URIs, read-only.
-Registering and changing clients stays with the CLI (``idp clients``) and RFC
-7591/7592. Only an admin account sees this: an AA account administers people
-of its organisation, not the portals.
+login there needs two factors — and its redirect and logout URIs. The policy
+(allowed factors, minimum acr) can be changed here: a POST form with the CSRF
+token, checked by the same ``validate_metadata`` as the CLI and RFC 7591, then
+back to the list (POST-redirect-GET), audited as ``client.policy_changed``.
+Registering clients and changing their URIs stays with the CLI
+(``idp clients``) and RFC 7591/7592. Only an admin account sees this: an AA
+account administers people of its organisation, not the portals.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp import acr
 from idp.factors import FACTORS
+from idp.protocol.clients import ClientError, find, validate_metadata
 from idp.storage.models import Client
 from idp.web.admin import _admin
-from idp.web.pages import error_page, render
+from idp.web.forms import BadRequest, read_form
+from idp.web.pages import csrf_ok, error_page, render, who
 
 
 @dataclass
@@ -68,14 +73,70 @@ def _clients(svc) -> list[Policy]:
         return [policy(row, svc.settings.mfa) for row in rows]
 
 
-async def clients(request: Request) -> Response:
+async def _administrator(request: Request):
+    """An admin account's ``Role``, or the Response to send instead (sign in, or 403)."""
     role = await _admin(request)
+    if isinstance(role, Response) or role.everything:
+        return role
+    return error_page(request, "admin.forbidden.title", "admin_clients.forbidden", status=403)
+
+
+async def clients(request: Request) -> Response:
+    role = await _administrator(request)
     if isinstance(role, Response):
         return role
-    if not role.everything:
-        return error_page(request, "admin.forbidden.title", "admin_clients.forbidden", status=403)
     rows = await run_in_threadpool(_clients, request.app.state.svc)
-    return render(request, "admin_clients.html", role=role, account=role.account, clients=rows, flash={"params": {}})
+    flash = {"params": {}}
+    if request.query_params.get("notice") == "saved":
+        flash["notice"] = "admin_clients.saved"
+    if request.query_params.get("error") == "invalid":
+        flash["error"] = "admin_clients.invalid"
+    return render(request, "admin_clients.html", role=role, account=role.account, clients=rows, flash=flash,
+                  factors=list(FACTORS), ladder=acr.LADDER)
 
 
-routes = [Route("/admin/clients", clients)]
+def _set_policy(svc, client_id: str, factors: list[str], minimum: str) -> dict | None:
+    """The new policy (None: no such client); raises ``ClientError`` for a bad one."""
+    with svc.db.session() as session:
+        row = find(session, client_id)
+        if row is None:
+            return None
+        meta = {k: v for k, v in row.metadata_.items() if k not in ("allowed_factors", "minimum_acr")}
+        # Every factor ticked is no restriction at all: a factor added later is then allowed too.
+        if set(factors) != set(FACTORS):
+            meta["allowed_factors"] = factors
+        if minimum:
+            meta["minimum_acr"] = minimum
+        row.metadata_ = validate_metadata(meta)
+        return {k: row.metadata_.get(k) for k in ("allowed_factors", "minimum_acr")}
+
+
+async def set_policy(request: Request) -> Response:
+    role = await _administrator(request)
+    if isinstance(role, Response):
+        return role
+    try:  # the checkboxes repeat one name: the ordered pairs, not a dict
+        form = await read_form(request)
+    except BadRequest as e:
+        return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
+    if not csrf_ok(request, dict(form)):
+        return error_page(request, "admin.csrf.title", "admin.csrf.detail", status=400)
+    svc, client_id = request.app.state.svc, request.path_params["client_id"]
+    factors = [value for key, value in form if key == "factor"]
+    minimum = dict(form).get("minimum_acr", "")
+    try:
+        policy_now = await run_in_threadpool(_set_policy, svc, client_id, factors, minimum)
+    except ClientError:
+        return RedirectResponse("/admin/clients?error=invalid", status_code=303)
+    if policy_now is None:
+        return error_page(request, "admin.not_found.title", "admin_clients.not_found", status=404)
+    svc.server.forget_client(client_id)
+    svc.audit.record("client.policy_changed", client_id=client_id, account_id=role.account.id, method="admin",
+                     **who(request), **policy_now)
+    return RedirectResponse("/admin/clients?notice=saved", status_code=303)
+
+
+routes = [
+    Route("/admin/clients", clients),
+    Route("/admin/clients/{client_id}/policy", set_policy, methods=["POST"]),
+]

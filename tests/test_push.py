@@ -142,7 +142,8 @@ def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
 
 def test_wrong_number_denied_expired_and_replayed_answers_fail(provider):
     client_id, _ = provider.client()
-    app = register(provider, provider.browser())
+    settings = provider.browser()
+    app = register(provider, settings)
 
     browser, page = _push_page(provider, client_id)
     page = press_push(browser, page)
@@ -182,6 +183,9 @@ def test_wrong_number_denied_expired_and_replayed_answers_fail(provider):
     with pytest.raises(AppError):
         app.post(app.state["endpoints"]["answer"], message)
     assert len(app.pending()) == 1
+    # The user can see on the settings' activity log what the phone answered.
+    activity = settings.go("/account/activity").text
+    assert all(event in activity for event in ("推播數字不符", "推播拒絕", "推播核准", "綁定"))
 
 
 def test_unanswered_pushes_in_a_row_are_rate_limited(provider):

@@ -286,6 +286,9 @@ def answer(svc, device: Binding, payload: dict) -> str:
         raise DeviceError("already_answered", 409)
     if result != WRONG_NUMBER:  # someone looked at the phone: the fatigue counter starts again
         svc.store.delete(UNANSWERED + request["account"], PAUSED + request["account"])
+    # In the account's activity log: a wrong number or a denial may be someone else's login.
+    svc.audit.record("push." + result, account_id=request["account"], username=request["username"],
+                     client_id=request["client_id"], method=NAME, device=device.label)
     return result
 
 
@@ -330,7 +333,7 @@ class PushFactor:
         exp = now + svc.settings.push_request_seconds
         local = dt.datetime.fromtimestamp(now, TAIPEI).strftime("%Y-%m-%d %H:%M:%S")
         record = {"id": rid, "device": binding.external_id, "account": account.id, "username": account.username,
-                  "application": application, "time": local, "number": number, "choices": choices, "exp": exp}
+                  "client_id": tx["client_id"], "application": application, "time": local, "number": number, "choices": choices, "exp": exp}
         ttl = svc.settings.push_request_seconds + 60
         svc.store.set_many([(REQUEST + rid, record, ttl), (INBOX + binding.external_id, {"request": rid}, ttl)])
         tx["push"] = {"request": rid, "device": binding.id, "number": number, "exp": exp}

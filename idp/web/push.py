@@ -129,7 +129,7 @@ async def _poll(svc, payload, jwk, device):
 
 
 async def _answer(svc, payload, jwk, device):
-    return 200, {"result": push.answer(svc, device, payload)}
+    return 200, {"result": await run_in_threadpool(push.answer, svc, device, payload)}
 
 
 async def register(request: Request) -> Response:

@@ -4,8 +4,8 @@ it belongs to, so one request's lines can be found across a log collector.
 
 The request id is the proxy's ``X-Request-Id`` (nginx's ``$request_id``) when it
 is a plain token, else a new one; it goes back in the response's
-``X-Request-Id``. One access line per request names the path, never the query
-(which carries codes and tokens).
+``X-Request-Id``. With ``IDP_ACCESS_LOG`` one line per request names the path,
+never the query (which carries codes and tokens).
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def configure(log_format: str, level: str) -> None:
 
 class RequestId:
     """ASGI middleware: sets the request id for the request's log lines, returns it
-    in ``X-Request-Id``, and logs one access line when the response has started."""
+    in ``X-Request-Id``, and with ``access`` logs one line per request."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, access: bool = False):
+        self.app, self.access = app, access
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -100,8 +100,13 @@ class RequestId:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            client = scope.get("client") or ("-",)
-            access.info("%s %s %s", scope["method"], scope["path"], status[0],
-                        extra={"request_id": rid, "method": scope["method"], "path": scope["path"], "status": status[0],
-                               "ms": round((time.perf_counter() - start) * 1000, 1), "ip": client[0]})
+            if self.access:
+                self._log(scope, rid, status[0], start)
             request_id.reset(token)
+
+    @staticmethod
+    def _log(scope, rid, status, start):
+        client = scope.get("client") or ("-",)
+        access.info("%s %s %s", scope["method"], scope["path"], status,
+                    extra={"request_id": rid, "method": scope["method"], "path": scope["path"], "status": status,
+                           "ms": round((time.perf_counter() - start) * 1000, 1), "ip": client[0]})

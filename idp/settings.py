@@ -91,7 +91,11 @@ class Settings:
         "each carries its request's id (`X-Request-Id`).", "text"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _doc(
-        "Least severe log level written; `INFO` includes one access line per request and the audit events.", "INFO"
+        "Least severe log level written; `INFO` includes the audit events.", "INFO"
+    )
+    access_log: bool = _doc(
+        "One log line per request (method, path without the query, status, time). Off by default: the proxy "
+        "logs requests, with the same `X-Request-Id` (deploy/nginx/nginx.conf).", False
     )
     metrics_token: str = _doc("Bearer token required by /metrics; empty: open (block it at the proxy).", "")
     max_form_bytes: int = _doc("Largest request body accepted by any form or JSON endpoint.", 64 * 1024)

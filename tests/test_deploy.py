@@ -230,7 +230,8 @@ def test_nginx_in_front_of_a_provider(tmp_path, caplog):
     conf = (DEPLOY / "nginx/nginx.conf").read_text()
     with live.reserve() as (sock, url):
         app = create_app(Settings.from_env({}, database_url=f"sqlite:///{tmp_path}/idp.sqlite3",
-                                           keys_dir=str(tmp_path / "keys"), issuer="https://login.example.tw"))
+                                           keys_dir=str(tmp_path / "keys"), issuer="https://login.example.tw",
+                                           access_log=True))
         port = url.rsplit(":", 1)[1]
         http_port, https_port = servers.free_port(), servers.free_port()
         local = re.sub(r"(\bserver )[a-z][a-z0-9-]*:\d+", rf"\g<1>127.0.0.1:{port}", conf)

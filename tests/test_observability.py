@@ -53,7 +53,8 @@ def test_metrics_count_logins_token_requests_lockouts_and_latency(provider):
                                                  ("status", "200"))) in m
 
 
-def test_log_lines_are_json_with_the_request_id(provider, capsys):
+def test_log_lines_are_json_with_the_request_id(make_provider, capsys):
+    provider = make_provider(access_log=True)
     configure("json", "INFO")
     try:
         http = provider.http()

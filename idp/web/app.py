@@ -131,5 +131,5 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     app.state.svc = svc
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
     app.add_middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))
-    app.add_middleware(logs.RequestId)  # outermost: every log line of the request carries its id
+    app.add_middleware(logs.RequestId, access=svc.settings.access_log)  # outermost: every line carries the id
     return app

@@ -50,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from idp.protocol.logout import httpx  # noqa: E402  (httpx2, which the project depends on, or httpx)
 from tests.servers import free_port, start_postgres, start_redis  # noqa: E402
 
 BENCH = ROOT / "bench"
@@ -92,6 +93,10 @@ class PipelineStore:
     def set(self, key, value, ttl, *, only_new=False):
         self.pipe.set(self.prefix + key, self._dumps(value), ex=ttl, nx=only_new)
         return True
+
+    def add(self, key, member, ttl):
+        self.pipe.sadd(self.prefix + key, member)
+        self.pipe.expire(self.prefix + key, ttl)
 
     def flush(self):
         self.pipe.execute()
@@ -215,7 +220,7 @@ class Seed:
             auth = {"sid": sess["sid"], "auth_time": sess["auth_time"], "acr": a["acr"], "amr": a["amr"]}
             record = {"client_id": client_id, "account": account_id, "redirect_uri": REDIRECT, "scope": "openid",
                       "nonce": secrets.token_urlsafe(8), "code_challenge": CHALLENGE, "code_challenge_method": "S256",
-                      "auth": auth}
+                      "auth": auth, "claims": {}}  # scope openid releases no profile claims
             codes.append(tokens.save_code(record, 600))  # lifetime 600 s here: minted before the run starts
             if i % 2000 == 1999:
                 store.flush()
@@ -236,7 +241,7 @@ class Seed:
             account_id, a = self._auth(i)
             sess = sessions.create(account_id, self.usernames[i % len(self.usernames)], a["amr"], a["acr"], self.svc.clock())
             auth = {"sid": sess["sid"], "auth_time": sess["auth_time"], "acr": a["acr"], "amr": a["amr"]}
-            gid = tokens.open_grant({"client_id": client_id, "account": account_id, "sid": sess["sid"]}, lifetime)
+            gid = tokens.open_grant({"client_id": client_id, "account": account_id, "sid": sess["sid"], "claims": {}}, lifetime)
             out.append(tokens.issue("rt", gid, {"client_id": client_id, "account": account_id, "scope": "openid", "auth": auth}, lifetime))
             if i % 2000 == 1999:
                 store.flush()
@@ -248,8 +253,6 @@ class Seed:
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -411,8 +414,6 @@ async def one_login(http, base: str, client_id: str, auth: str, username: str, s
 
 
 async def logins(base: str, seconds: float, client_id: str, secret: str, seed: Seed, concurrency: int) -> dict:
-    import httpx
-
     auth = basic(client_id, secret)
     slots = OtpSlots(seed.usernames)
     latencies: list[float] = []
@@ -674,8 +675,6 @@ def main() -> int:
                 procs.append(p)
                 tauth = basic(tid, tsecret)
                 warm_up(tbase, tauth, tmp)
-                import httpx
-
                 def tmint(kind, n):
                     r = httpx.post(f"{tbase}/__bench/mint", params={"kind": kind, "n": n, "challenge": CHALLENGE}, timeout=300)
                     r.raise_for_status()

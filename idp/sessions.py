@@ -57,10 +57,11 @@ class Sessions:
     def save(self, record: dict) -> None:
         self.store.set("sess:" + record["sid"], record, max(1, int(record["exp"] - self.clock())))
 
-    def add_grant(self, sid: str, client_id: str, gid: str) -> None:
+    def add_grant(self, sid: str, client_id: str, gid: str, batch=None) -> None:
         """Remember a grant issued under the session: one atomic set addition, no
-        read-modify-write of the session (two clients redeeming at once lose nothing)."""
-        self.store.add("sess-grants:" + sid, f"{client_id} {gid}", self.lifetime)
+        read-modify-write of the session (two clients redeeming at once lose nothing);
+        with ``batch`` (``idp.storage.kv.Batch``), sent with the caller's other writes."""
+        (batch or self.store).add("sess-grants:" + sid, f"{client_id} {gid}", self.lifetime)
 
     def end(self, sid: str, tokens) -> dict | None:
         """End a session, revoke every grant issued under it and tell the

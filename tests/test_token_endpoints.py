@@ -295,7 +295,7 @@ def test_introspection_describes_an_active_token(provider):
     assert refresh["active"] is True and refresh["sub"] == sub
 
 
-def test_a_disabled_accounts_tokens_introspect_inactive(provider):
+def test_a_disabled_accounts_tokens_introspect_inactive_and_cannot_refresh(provider):
     from idp.storage.models import Account
 
     account_id = provider.account("alice")
@@ -304,6 +304,23 @@ def test_a_disabled_accounts_tokens_introspect_inactive(provider):
     with provider.svc.db.session() as session:
         session.get(Account, account_id).disabled = True
     assert _introspect(provider.http(), client_id, secret, token["access_token"]).json() == {"active": False}
+    _error(_refresh(provider.http(), client_id, secret, token["refresh_token"]), 400, "invalid_grant")
+
+
+def test_a_narrower_refresh_releases_only_its_scopes_claims(provider):
+    provider.account("alice")
+    client_id, secret = provider.client()
+    http = provider.http()
+    token = _user_tokens(provider, client_id, secret)  # openid profile email
+    response = _refresh(http, client_id, secret, token["refresh_token"])
+    keys = KeySet.import_key_set(http.get("/jwks").json())
+    claims = jwt.decode(response.json()["id_token"], keys).claims
+    assert claims["name"] == "Alice" and claims["email"] == "alice@example.tw"
+    narrower = http.post("/token", data={"grant_type": "refresh_token", "refresh_token": response.json()["refresh_token"],
+                                         "scope": "openid profile"}, auth=(client_id, secret))
+    claims = jwt.decode(narrower.json()["id_token"], keys).claims
+    assert narrower.json()["scope"] == "openid profile"
+    assert claims["name"] == "Alice" and "email" not in claims and "email_verified" not in claims
 
 
 def test_another_client_learns_nothing_about_a_token(provider):

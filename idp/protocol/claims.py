@@ -34,9 +34,18 @@ def public_sid(svc, sid: str) -> str:
     return _b64(mac.digest()[:18])
 
 
-def userinfo(account: Account, scope: str, sub: str) -> dict:
+# Which scope releases which claim (OIDC Core 5.4, plus the portals' own).
+SCOPE_CLAIMS = {
+    "profile": ("name", "preferred_username", "account_kind", "org"),
+    "email": ("email", "email_verified"),
+    "phone": ("phone_number", "phone_number_verified"),
+}
+
+
+def profile(account: Account, scope: str) -> dict:
+    """The account's claims that ``scope`` releases (all but ``sub``)."""
     scopes = set(scope.split())
-    claims = {"sub": sub}
+    claims = {}
     if "profile" in scopes:
         claims.update(
             name=account.name,
@@ -53,6 +62,16 @@ def userinfo(account: Account, scope: str, sub: str) -> dict:
     return claims
 
 
+def narrowed(claims: dict, scope: str) -> dict:
+    """Of ``claims`` (a ``profile`` taken for a wider scope), those ``scope`` releases."""
+    released = {name for s in scope.split() for name in SCOPE_CLAIMS.get(s, ())}
+    return {k: v for k, v in claims.items() if k in released}
+
+
+def userinfo(account: Account, scope: str, sub: str) -> dict:
+    return {"sub": sub, **profile(account, scope)}
+
+
 def half_hash(value: str) -> str:
     """``at_hash``/``c_hash``: the left half of SHA-256, for ES256 and RS256 alike."""
     return _b64(hashlib.sha256(value.encode()).digest()[:16])
@@ -63,12 +82,14 @@ def sign(keys, alg: str, claims: dict, typ: str = "JWT") -> str:
     return jwt.encode({"alg": alg, "kid": key.kid, "typ": typ}, claims, key)
 
 
-def id_token(svc, client: OAuthClient, account: Account, auth: dict, scope: str, *, nonce=None, access_token=None) -> str:
+def id_token(svc, client: OAuthClient, account_id: str, claims_: dict, auth: dict, *, nonce=None,
+             access_token=None) -> str:
+    """The ID token for ``account_id``; ``claims_`` are its released claims (``profile``),
+    taken when the code was issued, so no database read is needed here."""
     now = int(svc.clock())
-    sub = subject(account.id, client, svc.pairwise_salt)
     claims = {
         "iss": svc.settings.issuer,
-        "sub": sub,
+        "sub": subject(account_id, client, svc.pairwise_salt),
         "aud": client.client_id,
         "azp": client.client_id,
         "iat": now,
@@ -83,7 +104,7 @@ def id_token(svc, client: OAuthClient, account: Account, auth: dict, scope: str,
         claims["nonce"] = nonce
     if access_token:
         claims["at_hash"] = half_hash(access_token)
-    for name, value in userinfo(account, scope, sub).items():
+    for name, value in claims_.items():
         claims.setdefault(name, value)
     alg = client.id_token_signed_response_alg or svc.settings.signing_alg
     return sign(svc.keys, alg, claims)

@@ -19,10 +19,12 @@ from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from authlib.oauth2.rfc6749.requests import OAuth2Payload
 from authlib.oauth2.rfc7636 import CodeChallenge
 from joserfc.jwk import KeySet
+from sqlalchemy import bindparam, select
 from starlette.responses import Response
 
 from idp.protocol import claims
 from idp.protocol.clients import OAuthClient, find
+from idp.storage.kv import Batch
 from idp.storage.models import Account
 
 # TLS is terminated in front of us (or this is a loopback demo); the issuer's
@@ -71,10 +73,11 @@ class Request(OAuth2Request):
 
 
 class AuthCode:
-    """A claimed authorization code, in the shape authlib's grant expects."""
+    """A claimed authorization code, in the shape authlib's grant expects; ``batch``
+    holds its used-marker, written with the tokens."""
 
-    def __init__(self, record: dict):
-        self.record = record
+    def __init__(self, record: dict, batch: Batch):
+        self.record, self.batch = record, batch
         self.code_challenge = record.get("code_challenge")
         self.code_challenge_method = record.get("code_challenge_method")
 
@@ -86,8 +89,8 @@ class AuthCode:
 
 
 class RefreshRecord:
-    def __init__(self, token: str, record: dict):
-        self.token, self.record = token, record
+    def __init__(self, token: str, record: dict, grant: dict):
+        self.token, self.record, self.grant = token, record, grant
 
     def get_scope(self):
         return self.record["scope"]
@@ -108,40 +111,50 @@ class S256Only(CodeChallenge):
         super().validate_code_challenge(grant, redirect_uri)
 
 
-def _issue(grant, *, account: Account | None, scope: str, gid: str, auth: dict | None, nonce=None, refresh=True,
-           writes: list | None = None):
-    """Mint the token response of one grant: access token, refresh token, ID token;
-    the store writes (with any the caller queued in ``writes``) go in one round trip."""
-    writes = [] if writes is None else writes
+def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str, auth: dict | None,
+           profile: dict | None = None, nonce=None, refresh=True):
+    """Mint the token response of one grant: access token, refresh token, ID token.
+    Their store writes join those already in ``batch``, all sent in one round trip."""
     svc, client = grant.server.svc, grant.request.client
     at_lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
-    record = {"client_id": client.client_id, "account": account.id if account else None, "scope": scope}
+    record = {"client_id": client.client_id, "account": account_id, "scope": scope}
     if auth:
         record["auth"] = auth
     token = {"token_type": "Bearer", "expires_in": at_lifetime, "scope": scope}
-    token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime, writes)
+    token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime, batch)
     if refresh and client.check_grant_type("refresh_token"):
         rt_lifetime = client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
-        token["refresh_token"] = svc.tokens.issue("rt", gid, record, rt_lifetime, writes)
-    svc.store.set_many(writes)
-    if account is not None and "openid" in scope.split():
-        token["id_token"] = claims.id_token(svc, client, account, auth, scope, nonce=nonce, access_token=token["access_token"])
+        token["refresh_token"] = svc.tokens.issue("rt", gid, record, rt_lifetime, batch)
+    svc.store.write(batch)
+    if account_id is not None and "openid" in scope.split():
+        token["id_token"] = claims.id_token(svc, client, account_id, claims.narrowed(profile, scope), auth,
+                                            nonce=nonce, access_token=token["access_token"])
     return token
 
 
-def _account_active(svc, account_id: str) -> bool:
-    with svc.db.session() as session:
-        account = session.get(Account, account_id)
-        return account is not None and not account.disabled
+# Built once: constructing the statement per request cost as much as running it.
+_DISABLED = select(Account.disabled).where(Account.id == bindparam("id"))
 
 
-def _active_account(svc, account_id: str) -> Account:
+def account_active(svc, account_id: str) -> bool:
+    """One indexed read of the ``disabled`` flag: no ORM object, no transaction (so one
+    round trip, not BEGIN/SELECT/ROLLBACK). The token endpoint refuses a disabled
+    account's refresh tokens the moment it is disabled."""
+    with svc.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        disabled = conn.execute(_DISABLED, {"id": account_id}).scalar_one_or_none()
+    return disabled is False
+
+
+def _profile(svc, stored: dict, account_id: str, scope: str) -> dict:
+    """The released claims stored with a code or grant at issue time; records written
+    before they were stored there (refresh tokens live for days) read the account."""
+    if "claims" in stored:
+        return stored["claims"]
     with svc.db.session() as session:
         account = session.get(Account, account_id)
         if account is None or account.disabled:
             raise InvalidGrantError("The account is disabled.")
-        session.expunge(account)
-        return account
+        return claims.profile(account, scope)
 
 
 class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
@@ -151,29 +164,32 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         raise NotImplementedError("the web layer issues codes through Provider.issue_code")
 
     def query_authorization_code(self, code, client):
-        record = self.server.svc.tokens.claim_code(code)
+        batch = Batch()
+        record = self.server.svc.tokens.claim_code(code, batch)
         if record is None or record["client_id"] != client.client_id:
             return None
-        return AuthCode(record)
+        return AuthCode(record, batch)
 
     def delete_authorization_code(self, authorization_code):
         pass  # claimed (and so deleted) atomically in query_authorization_code
 
     def create_token_response(self):
+        """No database read: the login that issued the code checked the account and
+        stored the claims the ID token needs in the code."""
         svc = self.server.svc
-        code = self.request.authorization_code.record
-        account = _active_account(svc, code["account"])
+        code, batch = self.request.authorization_code.record, self.request.authorization_code.batch
+        sid = code["auth"]["sid"]
+        profile = _profile(svc, code, code["account"], code["scope"])
         lifetime = self.request.client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
-        writes = []
         gid = svc.tokens.open_grant(
-            {"client_id": code["client_id"], "account": code["account"], "sid": code["auth"]["sid"]},
+            {"client_id": code["client_id"], "account": code["account"], "sid": sid, "claims": profile},
             lifetime,
             gid=code["grant"],
-            writes=writes,
+            batch=batch,
         )
-        svc.sessions.add_grant(code["auth"]["sid"], code["client_id"], gid)
-        token = _issue(self, account=account, scope=code["scope"], gid=gid, auth=code["auth"], nonce=code.get("nonce"),
-                       writes=writes)
+        svc.sessions.add_grant(sid, code["client_id"], gid, batch)
+        token = _issue(self, batch, account_id=code["account"], scope=code["scope"], gid=gid, auth=code["auth"],
+                       profile=profile, nonce=code.get("nonce"))
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
@@ -185,21 +201,26 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         if not token:
             raise InvalidRequestError("Missing 'refresh_token' in request.")
         tokens = self.server.svc.tokens
-        record = tokens.lookup("rt", token)
-        # Another client's token is refused without burning it for its owner.
-        if record is not None and record["client_id"] != client.client_id:
-            raise InvalidGrantError("The refresh token was issued to another client.")
-        claimed = tokens.rotate_refresh(token)  # also what detects reuse of a rotated token
-        if record is None or claimed is None:
+        record, grant = tokens.find_refresh(token)  # also what detects reuse of a rotated token
+        if record is None:
             raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
-        return RefreshRecord(token, claimed)
+        # Another client's token is refused without burning it for its owner.
+        if record["client_id"] != client.client_id:
+            raise InvalidGrantError("The refresh token was issued to another client.")
+        if not tokens.rotate_refresh(token, record):
+            raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
+        return RefreshRecord(token, record, grant)
 
     def create_token_response(self):
         svc = self.server.svc
-        record = self.request.refresh_token.record
-        account = _active_account(svc, record["account"])
+        refresh = self.request.refresh_token
+        record = refresh.record
+        if not account_active(svc, record["account"]):
+            raise InvalidGrantError("The account is disabled.")
+        profile = _profile(svc, refresh.grant, record["account"], record["scope"])
         scope = self.request.payload.scope or record["scope"]
-        token = _issue(self, account=account, scope=scope, gid=record["grant"], auth=record.get("auth"))
+        token = _issue(self, Batch(), account_id=record["account"], scope=scope, gid=record["grant"],
+                       auth=record.get("auth"), profile=profile)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
@@ -211,9 +232,9 @@ class ClientCredentialsGrant(grants.ClientCredentialsGrant):
         scope = client.get_allowed_scope(self.request.payload.scope) or ""
         scope = " ".join(s for s in scope.split() if s != "openid")
         lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
-        writes = []
-        gid = svc.tokens.open_grant({"client_id": client.client_id}, lifetime, writes=writes)
-        token = _issue(self, account=None, scope=scope, gid=gid, auth=None, refresh=False, writes=writes)
+        batch = Batch()
+        gid = svc.tokens.open_grant({"client_id": client.client_id}, lifetime, batch=batch)
+        token = _issue(self, batch, account_id=None, scope=scope, gid=gid, auth=None, refresh=False)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
@@ -293,7 +314,7 @@ class IntrospectionEndpoint(rfc7662.IntrospectionEndpoint):
 
     def introspect_token(self, token):
         svc, record = self.server.svc, token.record
-        if record.get("account") and not _account_active(svc, record["account"]):
+        if record.get("account") and not account_active(svc, record["account"]):
             return {"active": False}  # a disabled account's tokens are dead, as at UserInfo and refresh
         payload = {
             "active": True,

@@ -39,8 +39,11 @@ class Tokens:
         self.store.set("code:" + _h(code), {**record, "exp": self.clock() + lifetime}, lifetime + 60)
         return code
 
-    def claim_code(self, code: str) -> dict | None:
-        """Take a code exactly once. A second use revokes what the first issued."""
+    def claim_code(self, code: str, batch) -> dict | None:
+        """Take a code exactly once. A second use revokes what the first issued.
+
+        The marker that lets a second use find the grant goes in ``batch``, with the
+        grant's own writes: until they are written nothing was issued to revoke."""
         key = _h(code)
         record = self.store.take("code:" + key)
         if record is None:
@@ -48,34 +51,34 @@ class Tokens:
             if used:
                 self.revoke_grant(used["grant"])
             return None
-        gid = secrets.token_urlsafe(12)
-        self.store.set("code-used:" + key, {"grant": gid}, USED_MARKER_SECONDS)
         if record["exp"] < self.clock():
             return None
+        gid = secrets.token_urlsafe(12)
+        batch.set("code-used:" + key, {"grant": gid}, USED_MARKER_SECONDS)
         record["grant"] = gid
         return record
 
     # -- grants ------------------------------------------------------------
-    def open_grant(self, record: dict, lifetime: int, gid: str | None = None, writes: list | None = None) -> str:
+    def open_grant(self, record: dict, lifetime: int, gid: str | None = None, batch=None) -> str:
         gid = gid or secrets.token_urlsafe(12)
-        self._write(writes, "grant:" + gid, record, lifetime)
+        self._write(batch, "grant:" + gid, record, lifetime)
         return gid
 
     def revoke_grant(self, gid: str) -> None:
         self.store.delete("grant:" + gid)
 
     # -- access and refresh tokens ---------------------------------------------
-    def issue(self, kind: str, gid: str, record: dict, lifetime: int, writes: list | None = None) -> str:
+    def issue(self, kind: str, gid: str, record: dict, lifetime: int, batch=None) -> str:
         token = f"{gid}.{secrets.token_urlsafe(32)}"
-        self._write(writes, f"{kind}:{_h(token)}", {**record, "grant": gid, "exp": self.clock() + lifetime}, lifetime)
+        self._write(batch, f"{kind}:{_h(token)}", {**record, "grant": gid, "exp": self.clock() + lifetime}, lifetime)
         return token
 
-    def _write(self, writes: list | None, key: str, value: dict, ttl: int) -> None:
-        """Write now, or add to ``writes`` for one pipelined ``set_many`` by the caller."""
-        if writes is None:
+    def _write(self, batch, key: str, value: dict, ttl: int) -> None:
+        """Write now, or add to ``batch`` (``idp.storage.kv.Batch``) for the caller to send."""
+        if batch is None:
             self.store.set(key, value, ttl)
         else:
-            writes.append((key, value, ttl))
+            batch.set(key, value, ttl)
 
     def lookup(self, kind: str, token: str) -> dict | None:
         """The live record of an access (``at``) or refresh (``rt``) token, or None."""
@@ -87,19 +90,32 @@ class Tokens:
             return None
         return record
 
-    def rotate_refresh(self, token: str) -> dict | None:
-        """Claim a refresh token for rotation; reuse of a rotated one revokes its family."""
+    def find_refresh(self, token: str) -> tuple[dict | None, dict | None]:
+        """A live refresh token's record and its grant, in one round trip; (None, None)
+        if either is gone or expired. A token already rotated away revokes its family."""
+        gid = _grant_of(token)
+        if gid is None:
+            return None, None
         key = _h(token)
-        record = self.store.take("rt:" + key)
+        record, grant, used = self.store.get_many(["rt:" + key, "grant:" + gid, "rt-used:" + key])
         if record is None:
-            used = self.store.get("rt-used:" + key)
             if used:
                 self.revoke_grant(used["grant"])
-            return None
-        self.store.set("rt-used:" + key, {"grant": record["grant"]}, max(1, int(record["exp"] - self.clock())) + 60)
-        # The grant was found alive by ``lookup`` just before; a revocation in between
-        # is caught when the new tokens are next looked up (they share the grant).
-        return None if record["exp"] < self.clock() else record
+            return None, None
+        if grant is None or record["exp"] < self.clock():
+            return None, None
+        return record, grant
+
+    def rotate_refresh(self, token: str, record: dict) -> bool:
+        """Claim a refresh token ``find_refresh`` found, for rotation. Whoever loses a
+        race for it is reusing it: the family is revoked."""
+        key = _h(token)
+        marker = {"grant": record["grant"]}
+        ttl = max(1, int(record["exp"] - self.clock())) + 60
+        if self.store.take_and_set("rt:" + key, "rt-used:" + key, marker, ttl) is None:
+            self.revoke_grant(record["grant"])
+            return False
+        return True
 
     def revoke(self, kind: str, token: str) -> bool:
         """RFC 7009: revoking a refresh token ends its family; an access token, itself."""

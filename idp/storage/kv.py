@@ -29,6 +29,22 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 
 
+class Batch:
+    """Writes gathered while handling one request, sent in one round trip by
+    ``Store.write`` (the token endpoint's writes: markers, grant, tokens, the
+    session's grant list)."""
+
+    def __init__(self):
+        self.sets: list[tuple[str, dict, int]] = []
+        self.adds: list[tuple[str, str, int]] = []
+
+    def set(self, key: str, value: dict, ttl: int) -> None:
+        self.sets.append((key, value, ttl))
+
+    def add(self, key: str, member: str, ttl: int) -> None:
+        self.adds.append((key, member, ttl))
+
+
 class Store(Protocol):
     def get(self, key: str) -> dict | None: ...
     def get_many(self, keys: list[str]) -> list[dict | None]: ...
@@ -38,6 +54,10 @@ class Store(Protocol):
         """Get and delete in one atomic step: whoever takes a key gets it alone."""
     def set_many(self, items: list[tuple[str, dict, int]]) -> None:
         """Store several (key, value, ttl) in one round trip."""
+    def write(self, batch: Batch) -> None:
+        """Apply a ``Batch`` (its sets, then its set additions) in one round trip."""
+    def take_and_set(self, key: str, key2: str, value: dict, ttl: int) -> dict | None:
+        """``take`` ``key`` and ``set`` ``key2`` in one round trip (``key2`` is set either way)."""
     def delete(self, *keys: str) -> None: ...
     def incr(self, key: str, ttl: int, by: int = 1) -> int:
         """Atomically add ``by``; the first increment starts the TTL."""
@@ -86,8 +106,20 @@ class MemoryStore:
         return orjson.loads(item[1])
 
     def set_many(self, items):
-        for key, value, ttl in items:
+        batch = Batch()
+        batch.sets = list(items)
+        self.write(batch)
+
+    def write(self, batch):
+        for key, value, ttl in batch.sets:
             self.set(key, value, ttl)
+        for key, member, ttl in batch.adds:
+            self.add(key, member, ttl)
+
+    def take_and_set(self, key, key2, value, ttl):
+        taken = self.take(key)
+        self.set(key2, value, ttl)
+        return taken
 
     def delete(self, *keys):
         with self._lock:
@@ -147,10 +179,24 @@ class RedisStore:
         return self._load(self._redis.getdel(self._k(key)))
 
     def set_many(self, items):
+        batch = Batch()
+        batch.sets = list(items)
+        self.write(batch)
+
+    def write(self, batch):
         pipe = self._redis.pipeline(transaction=False)
-        for key, value, ttl in items:
+        for key, value, ttl in batch.sets:
             pipe.set(self._k(key), orjson.dumps(value), ex=ttl)
+        for key, member, ttl in batch.adds:
+            pipe.sadd(self._k(key), member)
+            pipe.expire(self._k(key), ttl)
         pipe.execute()
+
+    def take_and_set(self, key, key2, value, ttl):
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.getdel(self._k(key))
+        pipe.set(self._k(key2), orjson.dumps(value), ex=ttl)
+        return self._load(pipe.execute()[0])
 
     def delete(self, *keys):
         if keys:

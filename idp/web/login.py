@@ -21,6 +21,7 @@ from idp import acr, captcha, flow
 from idp.accounts import AccountError, set_password
 from idp.factors import FACTORS, methods
 from idp.factors.totp import Enrolment
+from idp.protocol import claims
 from idp.protocol.server import Request as OAuthRequest
 from idp.storage.models import Account, Consent
 from idp.web.forms import BadRequest, read_form
@@ -330,6 +331,8 @@ def _issue_code(request, svc, tx, account, auth):
         "code_challenge": data.get("code_challenge"),
         "code_challenge_method": data.get("code_challenge_method", "S256") if data.get("code_challenge") else None,
         "auth": auth,
+        # What the ID token says about the account, so the code exchange reads no database.
+        "claims": claims.profile(account, oauth_request.scope or ""),
     }
     code = svc.tokens.save_code(record, svc.settings.code_seconds)
     return to_client(request, grant.redirect_uri, [("code", code)], data)

@@ -20,7 +20,7 @@ from idp import acr
 from idp.protocol import claims, logout as logout_, par
 from idp.protocol.clients import (ClientError, OAuthClient, client_info, create_client, digest, find, new_secret,
                                   validate_metadata)
-from idp.protocol.server import ALL_AUTH_METHODS, Request as OAuthRequest
+from idp.protocol.server import ALL_AUTH_METHODS, Request as OAuthRequest, account_active
 from idp.storage.models import Account, Client, InitialAccessToken
 from idp.web import login
 from idp.web.forms import BadRequest, read_form, read_json, read_query
@@ -161,7 +161,7 @@ async def authorize(request: Request) -> Response:
     prompts = set(data.get("prompt", "").split())
     session = svc.sessions.get(request.cookies.get(login.SESSION_COOKIE))
     if session is not None:
-        account_ok = await run_in_threadpool(_account_active, svc, session["account"])
+        account_ok = await run_in_threadpool(account_active, svc, session["account"])
         if not account_ok:
             svc.sessions.end(session["sid"], svc.tokens)
             session = None
@@ -217,12 +217,6 @@ async def pushed_authorization(request: Request) -> Response:
         return _oauth_error(*problem)
     request_uri, expires_in = par.push(svc, client.client_id, params)
     return _json({"request_uri": request_uri, "expires_in": expires_in}, 201, {"Cache-Control": "no-store"})
-
-
-def _account_active(svc, account_id) -> bool:
-    with svc.db.session() as session:
-        account = session.get(Account, account_id)
-        return account is not None and not account.disabled
 
 
 # -- token, revocation, introspection ------------------------------------------------------

@@ -241,8 +241,8 @@ class Seed:
             account_id, a = self._auth(i)
             sess = sessions.create(account_id, self.usernames[i % len(self.usernames)], a["amr"], a["acr"], self.svc.clock())
             auth = {"sid": sess["sid"], "auth_time": sess["auth_time"], "acr": a["acr"], "amr": a["amr"]}
-            gid = tokens.open_grant({"client_id": client_id, "account": account_id, "sid": sess["sid"], "claims": {}}, lifetime)
-            out.append(tokens.issue("rt", gid, {"client_id": client_id, "account": account_id, "scope": "openid", "auth": auth}, lifetime))
+            gid = tokens.open_grant({"client_id": client_id, "account": account_id, "auth": auth, "claims": {}}, lifetime)
+            out.append(tokens.issue("rt", gid, {"scope": "openid"}, lifetime))
             if i % 2000 == 1999:
                 store.flush()
         store.flush()
@@ -451,6 +451,64 @@ async def logins(base: str, seconds: float, client_id: str, secret: str, seed: S
             "otp_waits": slots.waits}
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def _sample(r, pattern: str, keep, limit: int = 300) -> list[tuple[bytes, dict]]:
+    """Up to ``limit`` (key, record) of the keys matching ``pattern`` whose record ``keep`` accepts."""
+    import orjson
+
+    out = []
+    for key in r.scan_iter(pattern, count=1000):
+        raw = r.get(key)
+        if raw is None:
+            continue
+        record = orjson.loads(raw)
+        if keep(record):
+            out.append((key, record))
+            if len(out) >= limit:
+                break
+    return out
+
+
+def redis_memory(r) -> dict:
+    """Bytes per key (Redis ``MEMORY USAGE``, key and overhead included) of what real logins,
+    code exchanges and refreshes left in the store, and what one SSO session with one
+    client login costs in all: its session record, its grant list, its share of the
+    account's session set, and that login's grant, access and refresh token and code marker."""
+    def usage(keys):
+        sizes = [r.memory_usage(k, samples=0) or 0 for k in keys]
+        return (sum(sizes) / len(sizes), len(sizes)) if sizes else (0.0, 0)
+
+    real = _sample(r, "idp:sess:*", lambda rec: "user_agent" in rec)  # from the HTTP logins, not minted
+    gids = set()
+    for _, rec in real:
+        gids |= {m.decode().split(" ", 1)[1] for m in r.smembers("idp:sess-grants:" + rec["sid"])}
+    families = {
+        "session (sess:)": usage([k for k, _ in real]),
+        "session's grant list (sess-grants:, 1 grant)": usage([f"idp:sess-grants:{rec['sid']}" for _, rec in real
+                                                               if r.scard(f"idp:sess-grants:{rec['sid']}") == 1]),
+        "grant (grant:)": usage([f"idp:grant:{g}" for g in list(gids)[:300] if r.exists(f"idp:grant:{g}")]),
+        "access token, user (at:)": usage([k for k, _ in _sample(r, "idp:at:*", lambda rec: rec.get("account"))]),
+        "refresh token (rt:)": usage([k for k, _ in _sample(r, "idp:rt:*", lambda rec: True)]),
+        "access token, client_credentials (at:)": usage([k for k, _ in _sample(r, "idp:at:*", lambda rec: not rec.get("account"))]),
+        "used-code marker, 24 h (code-used:)": usage([k for k, _ in _sample(r, "idp:code-used:*", lambda rec: True)]),
+        "rotated-refresh marker (rt-used:)": usage([k for k, _ in _sample(r, "idp:rt-used:*", lambda rec: True)]),
+    }
+    # An account's session set with one member (one session per account: the worst case per session).
+    probe = "idp:bench-probe-acct-sess"
+    r.sadd(probe, real[0][1]["sid"] if real else "x" * 32)
+    families["account's session set (acct-sess:, 1 member)"] = (float(r.memory_usage(probe, samples=0) or 0), 1)
+    r.delete(probe)
+    per_session = sum(families[k][0] for k in ("session (sess:)", "session's grant list (sess-grants:, 1 grant)",
+                                                "account's session set (acct-sess:, 1 member)"))
+    per_login = sum(families[k][0] for k in ("grant (grant:)", "access token, user (at:)", "refresh token (rt:)",
+                                             "used-code marker, 24 h (code-used:)"))
+    return {"families": {k: {"bytes": round(v[0]), "sampled": v[1]} for k, v in families.items()},
+            "per_session": round(per_session), "per_login": round(per_login),
+            "million_sessions_gib": (per_session + per_login) * 1e6 / 2**30}
+
+
 # --------------------------------------------------------------------------- argon2
 
 
@@ -565,6 +623,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="idp-bench-"))
     procs: list[Proc] = []
     results: dict = {"ours": {}, "theirs": {}, "logins_keycloak_argon2": {}}
+    memory: dict = {}
     notes: list[str] = []
     profile_lines: list[str] = []
     login_profile_lines: list[str] = []
@@ -625,6 +684,8 @@ def main() -> int:
             res["refresh"] = wrk(base + "/token", seconds, method="POST", auth=auth, items=rts, tmp=tmp,
                                  body="grant_type=refresh_token&refresh_token=")
             res["login"] = asyncio.run(logins(base, login_seconds, client_id, client_secret, seed, args.login_concurrency * n))
+            if n == workers[0]:
+                memory = redis_memory(seed.svc.store._redis)
             for k, v in res.items():
                 log(f"  {k:20s} {fmt_rate(v)}")
             if n == 1 and not args.no_profile:
@@ -759,6 +820,18 @@ def main() -> int:
         "client-credentials grants/s, 120 refresh grants/s; argon2 t=5, 7 MiB), not measured here.",
         *[f"- {n}" for n in notes],
     ]
+    if memory:
+        text += ["", "## Memory in Redis", "",
+                 "`MEMORY USAGE` (key, value and Redis's overhead; mean of the sampled keys) of what the measured "
+                 "logins (scope openid), code exchanges and refreshes left in the store:", "",
+                 "| key | bytes | keys sampled |", "|---|---|---|"]
+        text += [f"| {k} | {v['bytes']:,} | {v['sampled']} |" for k, v in memory["families"].items()]
+        text += ["", f"One SSO session costs {memory['per_session']:,} bytes (its record, its grant list, an account "
+                 f"session set of its own); each client login under it {memory['per_login']:,} more (grant, access and "
+                 f"refresh token, the used-code marker kept 24 h). **1 million sessions with one client login each: "
+                 f"{memory['million_sessions_gib']:.2f} GiB** of Redis memory (before Redis's own allocator slack and "
+                 "replication buffers; each refresh also leaves a rotated-token marker of the size above, kept as long "
+                 "as the token would have lived)."]
     if profile_lines:
         text += ["", "## Where the time goes: client_credentials, 1 worker (py-spy)", "", "```", *profile_lines, "```"]
     if login_profile_lines:
@@ -779,7 +852,7 @@ def main() -> int:
         "logins_keycloak_argon2": {str(k): v for k, v in kc_login.items()},
         "load": {"wrk_threads": WRK_THREADS, "wrk_connections": WRK_CONNECTIONS,
                  "login_concurrency": args.login_concurrency, "accounts": args.accounts},
-        "notes": notes, "profile_client_credentials": profile_lines, "profile_login": login_profile_lines,
+        "notes": notes, "redis_memory": memory, "profile_client_credentials": profile_lines, "profile_login": login_profile_lines,
     }, indent=2, default=str) + "\n")
     log(f"wrote {stem}.md and .json")
     return 0

@@ -90,13 +90,16 @@ class KeyRing:
             yield
 
     def ensure(self) -> None:
-        """Create a current and a next key for each algorithm that lacks them."""
-        if self.dir.is_dir() and not self._missing():
-            return  # nothing to write, so a read-only directory (a Kubernetes Secret) is fine
-        with self._exclusive():
-            for alg, status in self._missing():
-                self._write(_generate(alg, status))
-            self._touch()
+        """Create a current and a next key for each algorithm that lacks them, and load
+        them: parsing an RSA private key takes tens of milliseconds, better spent at
+        start than in the first token request."""
+        # With nothing to write, a read-only directory (a Kubernetes Secret) is fine.
+        if not self.dir.is_dir() or self._missing():
+            with self._exclusive():
+                for alg, status in self._missing():
+                    self._write(_generate(alg, status))
+                self._touch()
+        self._load_if_changed()
 
     def _missing(self) -> list[tuple[str, str]]:
         records = self._records()

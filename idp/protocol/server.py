@@ -112,14 +112,14 @@ class S256Only(CodeChallenge):
 
 
 def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str, auth: dict | None,
-           profile: dict | None = None, nonce=None, refresh=True):
+           profile: dict | None = None, nonce=None, refresh=True, record: dict | None = None):
     """Mint the token response of one grant: access token, refresh token, ID token.
-    Their store writes join those already in ``batch``, all sent in one round trip."""
+    The client, account and login are the grant's (in its record); the tokens' own
+    records hold the scope and whatever else ``record`` adds. Their store writes join
+    those already in ``batch``, all sent in one round trip."""
     svc, client = grant.server.svc, grant.request.client
     at_lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
-    record = {"client_id": client.client_id, "account": account_id, "scope": scope}
-    if auth:
-        record["auth"] = auth
+    record = {"scope": scope, **(record or {})}
     token = {"token_type": "Bearer", "expires_in": at_lifetime, "scope": scope}
     token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime, batch)
     if refresh and client.check_grant_type("refresh_token"):
@@ -182,7 +182,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         profile = _profile(svc, code, code["account"], code["scope"])
         lifetime = self.request.client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
         gid = svc.tokens.open_grant(
-            {"client_id": code["client_id"], "account": code["account"], "sid": sid, "claims": profile},
+            {"client_id": code["client_id"], "account": code["account"], "auth": code["auth"], "claims": profile},
             lifetime,
             gid=code["grant"],
             batch=batch,
@@ -219,8 +219,10 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
             raise InvalidGrantError("The account is disabled.")
         profile = _profile(svc, refresh.grant, record["account"], record["scope"])
         scope = self.request.payload.scope or record["scope"]
+        # Grants opened before the login moved into them keep it in their tokens.
+        carried = {"auth": record["auth"]} if "auth" not in refresh.grant and record.get("auth") else {}
         token = _issue(self, Batch(), account_id=record["account"], scope=scope, gid=record["grant"],
-                       auth=record.get("auth"), profile=profile)
+                       auth=record.get("auth"), profile=profile, record=carried)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 

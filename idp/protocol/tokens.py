@@ -69,8 +69,10 @@ class Tokens:
 
     # -- access and refresh tokens ---------------------------------------------
     def issue(self, kind: str, gid: str, record: dict, lifetime: int, batch=None) -> str:
+        """A token of grant ``gid``. Its record holds only what differs from the grant's
+        (the scope, the expiry): a login leaves several tokens of one grant in the store."""
         token = f"{gid}.{secrets.token_urlsafe(32)}"
-        self._write(batch, f"{kind}:{_h(token)}", {**record, "grant": gid, "exp": self.clock() + lifetime}, lifetime)
+        self._write(batch, f"{kind}:{_h(token)}", {**record, "exp": self.clock() + lifetime}, lifetime)
         return token
 
     def _write(self, batch, key: str, value: dict, ttl: int) -> None:
@@ -81,17 +83,18 @@ class Tokens:
             batch.set(key, value, ttl)
 
     def lookup(self, kind: str, token: str) -> dict | None:
-        """The live record of an access (``at``) or refresh (``rt``) token, or None."""
+        """The live record of an access (``at``) or refresh (``rt``) token, with its
+        grant's fields (client, account, login) and ``grant``; or None."""
         gid = _grant_of(token)
         if gid is None:
             return None
         record, grant = self.store.get_many([f"{kind}:{_h(token)}", "grant:" + gid])
         if record is None or grant is None or record["exp"] < self.clock():
             return None
-        return record
+        return {**grant, **record, "grant": gid}
 
     def find_refresh(self, token: str) -> tuple[dict | None, dict | None]:
-        """A live refresh token's record and its grant, in one round trip; (None, None)
+        """A live refresh token's record (as ``lookup`` gives it) and its grant, in one round trip; (None, None)
         if either is gone or expired. A token already rotated away revokes its family."""
         gid = _grant_of(token)
         if gid is None:
@@ -104,7 +107,7 @@ class Tokens:
             return None, None
         if grant is None or record["exp"] < self.clock():
             return None, None
-        return record, grant
+        return {**grant, **record, "grant": gid}, grant
 
     def rotate_refresh(self, token: str, record: dict) -> bool:
         """Claim a refresh token ``find_refresh`` found, for rotation. Whoever loses a

@@ -140,7 +140,7 @@ async def factor_submit(request: Request) -> Response:
     form, tx = await _posted(request, need_account=False)
     if tx is None or factor is None:
         return _expired(request)
-    _, _, step = await run_in_threadpool(_load, svc, tx)
+    _, account, step = await run_in_threadpool(_load, svc, tx)
     if step is None or step.kind != "factor" or factor not in step.factors:
         return _expired(request)  # only a factor this step offers: the client's policy holds
     outcome = await factor.verify(request, svc, tx, form)
@@ -149,7 +149,8 @@ async def factor_submit(request: Request) -> Response:
         tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}
         svc.transactions.save(tx)
         return RedirectResponse(_tx_url(tx, factor=factor.name), status_code=303)
-    account = await run_in_threadpool(_account, svc, outcome.account_id)
+    if account is None or account.id != outcome.account_id:  # a first factor: read who it proved
+        account = await run_in_threadpool(_account, svc, outcome.account_id)
     flow.record_factor(tx, factor, account, svc.clock(), outcome.amr)
     svc.transactions.save(tx)
     return _again(tx)

@@ -658,7 +658,8 @@ def main() -> int:
         mint_rate = 2500
 
         def serve(n: int, extra: dict | None = None) -> Proc:
-            e = {**os.environ, **env, **(extra or {})}
+            # PYTHONPATH: the server runs this checkout's idp, not whichever one the venv installed.
+            e = {**os.environ, **env, **(extra or {}), "PYTHONPATH": str(ROOT)}
             p = Proc([str(VENV_BIN / "idp"), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(n)],
                      e, base, "/readyz", tmp / f"idp-{n}.log")
             procs.append(p)

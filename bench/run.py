@@ -489,9 +489,10 @@ def redis_memory(r) -> dict:
         "session's grant list (sess-grants:, 1 grant)": usage([f"idp:sess-grants:{rec['sid']}" for _, rec in real
                                                                if r.scard(f"idp:sess-grants:{rec['sid']}") == 1]),
         "grant (grant:)": usage([f"idp:grant:{g}" for g in list(gids)[:300] if r.exists(f"idp:grant:{g}")]),
-        "access token, user (at:)": usage([k for k, _ in _sample(r, "idp:at:*", lambda rec: rec.get("account"))]),
+        # Token records hold scope and expiry only (the account is the grant's): a user's has openid.
+        "access token, user (at:)": usage([k for k, _ in _sample(r, "idp:at:*", lambda rec: "openid" in rec["scope"].split())]),
         "refresh token (rt:)": usage([k for k, _ in _sample(r, "idp:rt:*", lambda rec: True)]),
-        "access token, client_credentials (at:)": usage([k for k, _ in _sample(r, "idp:at:*", lambda rec: not rec.get("account"))]),
+        "access token, client_credentials (at:)": usage([k for k, _ in _sample(r, "idp:at:*", lambda rec: "openid" not in rec["scope"].split())]),
         "used-code marker, 24 h (code-used:)": usage([k for k, _ in _sample(r, "idp:code-used:*", lambda rec: True)]),
         "rotated-refresh marker (rt-used:)": usage([k for k, _ in _sample(r, "idp:rt-used:*", lambda rec: True)]),
     }

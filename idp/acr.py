@@ -3,7 +3,11 @@
 ====================  =====================================================
 ``urn:idp:loa:1``     one factor: password, or a Google account alone
 ``urn:idp:loa:2``     two factors: password + OTP, password + push app,
-                      Google + OTP, password + passkey
+                      Google + OTP, password + passkey, or a passkey alone
+                      (amr ``pop`` + ``user``: a key proven with the
+                      authenticator's user verification; never ``hwk``, as
+                      without attestation we cannot tell hardware from a
+                      synced passkey, see ``idp.factors.passkey``)
 ``urn:idp:loa:3``     a certificate proven with its private key: the MOICA
                       natural-person card or an organisation (XCA/GCA) card
                       with its PIN, or the mobile natural-person certificate

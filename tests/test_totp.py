@@ -47,7 +47,7 @@ def test_first_login_binds_otp_then_logs_in_with_it(mfa_provider):
     browser = provider.browser()
     page = browser.password(browser.authorize(client_id))
     # The seed's table: which methods exist, none bound yet; nowhere else to go.
-    assert "授權狀態" in page.text and page.text.count("✗") == 4
+    assert "授權狀態" in page.text and page.text.count("✗") == 5
     assert "code=" not in page.headers.get("location", "")
     wrong = browser.submit(page, "/login/bind/otp", otp="000000")
     assert "驗證碼不正確" in _error(wrong)

@@ -48,7 +48,7 @@ def methods(account) -> list[dict]:
     rows = []
     for key, factor, offered in (("method.otp", "otp", True), ("method.push", "push", True),
                                  ("method.certificate", "certificate", True),
-                                 ("method.google", "google", True)):
+                                 ("method.google", "google", True), ("method.passkey", "passkey", True)):
         binding = bound.get(factor)
         rows.append({"key": key, "factor": factor, "bound": binding is not None, "offered": offered,
                      "since": binding.created_at if binding else None})
@@ -64,5 +64,7 @@ from idp.factors.mobileid import MOBILEID  # noqa: E402
 from idp.factors.certificate import CERTIFICATE  # noqa: E402
 from idp.factors.federation import GOOGLE  # noqa: E402
 from idp.factors.push import PUSH  # noqa: E402
+from idp.factors.passkey import PASSKEY  # noqa: E402
 
-FACTORS = {f.name: f for f in (PASSWORD, TOTP, PUSH, ONE_DAY, CERTIFICATE, MOBILEID, GOOGLE)}
+# The order is the order of preference: a bound passkey is offered before OTP.
+FACTORS = {f.name: f for f in (PASSWORD, PASSKEY, TOTP, PUSH, ONE_DAY, CERTIFICATE, MOBILEID, GOOGLE)}

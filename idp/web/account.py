@@ -29,7 +29,7 @@ from idp.web.pages import CSRF_COOKIE, csrf_ok, csrf_token, error_page, locale_o
 
 PAGE_SIZE = 20
 # Bindings that let an account log in without its password (M4's precondition).
-PASSWORDLESS = ("certificate", "google")
+PASSWORDLESS = ("certificate", "google", "passkey")
 
 
 def _load_account(svc, account_id: str) -> Account | None:

@@ -21,6 +21,7 @@ from idp.settings import Settings
 from idp.web import account, admin, admin_clients, login, oidc, recovery, reset
 from idp.web import federation as federation_pages
 from idp.web import mobileid as mobileid_pages
+from idp.web import passkeys as passkey_pages
 from idp.web import push as push_pages
 from idp.web.pages import error_page
 
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         Route("/login/bind/otp", login.bind_otp, methods=["POST"]),
         Route("/login/bind/otp/rebuild", login.rebuild_otp, methods=["POST"]),
         *account.routes,
+        *passkey_pages.routes,
         *admin.routes,
         *admin_clients.routes,
         *reset.routes,

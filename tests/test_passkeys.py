@@ -7,24 +7,36 @@ address cannot be a WebAuthn RP ID) and the school portal, whose page shows the 
 token's ``acr`` and ``amr`` as the relying party received them.
 
 One provider, one portal and one Chromium for the module (two factors for everyone,
-``mfa=True``, the captcha always); each test has its own account and its own browser contexts, each page
-its own authenticator. SQLite and the in-process store only: the browser tests are the
-slow ones.
+``mfa=True``, the captcha always); each test has its own account and its own browser
+contexts, each page its own authenticator. SQLite and the in-process store only: the
+browser tests are the slow ones. The tests at the end run the same ceremonies over HTTP
+on both back ends, and answers no honest browser would send.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import html
+import json
+import re
 import secrets
 from urllib.parse import parse_qs
 
+import cbor2
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from joserfc import jwt
+from joserfc.jwk import KeySet
+from webauthn.helpers import bytes_to_base64url as b64
 
 from clients.school_portal import create_app as create_portal
 from idp.settings import Settings
 from idp.storage.models import AuditEvent
 from idp.web.app import create_app
 from tests import live
+from tests.harness import callback, forms, redeem
 from tests.test_e2e import NAME, LiveProvider
 from tests.test_journeys import People, bound_otp, chromium, otp, type_otp, type_password  # noqa: F401 (fixture)
 
@@ -241,3 +253,137 @@ def test_cloned_passkey_is_refused_suspended_and_recorded(servers, people):
     assert portal_sees(page, portal)[1] == ["pwd", "otp", "mfa"]
     page.goto(provider.issuer + "/account/passkeys")
     expect(page.locator("tr[data-passkey-row='隨身碟金鑰']")).to_contain_text("疑似遭複製")
+
+
+# -- over HTTP, on both back ends -------------------------------------------------------------------
+# The same ceremonies without a browser, so that PostgreSQL + Redis (the counter's row lock,
+# the challenge's GETDEL) run them too, and so that answers no honest browser sends can be
+# tried. The authenticator is a few lines of P-256 in the WebAuthn formats ("none"
+# attestation, user present and verified); the provider under test is unchanged.
+ISSUER = "http://localhost:8000"  # a secure context, so the factor is on
+
+
+class SoftAuthenticator:
+    def __init__(self, rp_id: str = "localhost", origin: str = ISSUER):
+        self.rp_id, self.origin = rp_id, origin
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.id, self.count, self.handle = secrets.token_bytes(16), 0, None
+
+    def _answer(self, kind: str, options: dict, auth_data: bytes, response: dict) -> str:
+        client_data = json.dumps({"type": kind, "challenge": options["challenge"], "origin": self.origin}).encode()
+        response = {"clientDataJSON": b64(client_data), **response}
+        if kind == "webauthn.get":
+            signed = self.key.sign(auth_data + hashlib.sha256(client_data).digest(), ec.ECDSA(hashes.SHA256()))
+            response.update(authenticatorData=b64(auth_data), signature=b64(signed), userHandle=self.handle)
+        return json.dumps({"id": b64(self.id), "rawId": b64(self.id), "type": "public-key", "response": response,
+                           "clientExtensionResults": {}})
+
+    def _auth_data(self, flags: int, rest: bytes = b"") -> bytes:
+        return hashlib.sha256(self.rp_id.encode()).digest() + bytes([flags]) + self.count.to_bytes(4, "big") + rest
+
+    def create(self, options: dict) -> str:
+        self.handle = options["user"]["id"]
+        public = self.key.public_key().public_numbers()
+        cose = cbor2.dumps({1: 2, 3: -7, -1: 1, -2: public.x.to_bytes(32, "big"), -3: public.y.to_bytes(32, "big")})
+        auth_data = self._auth_data(0x45, bytes(16) + len(self.id).to_bytes(2, "big") + self.id + cose)  # UP UV AT
+        attestation = cbor2.dumps({"fmt": "none", "attStmt": {}, "authData": auth_data})
+        return self._answer("webauthn.create", options, auth_data, {"attestationObject": b64(attestation)})
+
+    def get(self, options: dict, count: int | None = None) -> str:
+        self.count = self.count + 1 if count is None else count
+        return self._answer("webauthn.get", options, self._auth_data(0x05), {})  # UP UV
+
+
+def page_options(page) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="passkey-options"[^>]*>(.*?)</script>',
+                                page.text, re.S).group(1))
+
+
+def error_shown(page) -> str:
+    found = re.search(r'<div class="error" role="alert">\s*<p>(.*?)</p>', page.text, re.S)
+    return html.unescape(found.group(1)) if found else ""
+
+
+def registered(provider) -> tuple:
+    """(account id, its browser, the authenticator) with one passkey registered at the settings page."""
+    account_id = provider.account("alice")
+    browser = provider.browser()
+    page = browser.password(browser.go("/account/passkeys"))  # the settings ask who it is first
+    authenticator = SoftAuthenticator()
+    page = browser.submit(page, "/account/passkeys", label="Laptop", credential=authenticator.create(page_options(page)))
+    assert "?notice=passkey.added" in str(page.url), error_shown(page)
+    return account_id, browser, authenticator
+
+
+def passkey_page(provider, client_id: str):
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    tx = forms(page.text)[0]["fields"]["tx"]
+    return browser, browser.go(f"/login?tx={tx}&factor=passkey")
+
+
+def test_passwordless_id_token_and_a_cloned_counter(make_provider):
+    provider = make_provider(issuer=ISSUER)
+    account_id, _, authenticator = registered(provider)
+    client_id, secret = provider.client()
+
+    browser, page = passkey_page(provider, client_id)
+    params = callback(browser.submit(page, "/login/factor/passkey", credential=authenticator.get(page_options(page))))
+    token = redeem(browser.http, client_id, secret, params["code"]).json()
+    keys = KeySet.import_key_set(provider.http().get("/jwks").json())
+    claims = jwt.decode(token["id_token"], keys).claims
+    assert claims["acr"] == LOA2 and claims["amr"] == ["pop", "user", "mfa"]
+
+    # A copy of the key answers with a counter that is not ahead of the one last seen.
+    browser, page = passkey_page(provider, client_id)
+    page = browser.submit(page, "/login/factor/passkey", credential=authenticator.get(page_options(page), count=1))
+    assert page.status_code == 200 and "可能遭複製" in error_shown(page)
+    with provider.svc.db.session() as session:
+        [event] = session.query(AuditEvent).filter_by(account_id=account_id, event="passkey.cloned").all()
+        assert (event.detail["stored_count"], event.detail["sent_count"]) == (1, 1)
+    # Suspended: even a counter far ahead is refused now.
+    browser, page = passkey_page(provider, client_id)
+    page = browser.submit(page, "/login/factor/passkey", credential=authenticator.get(page_options(page), count=99))
+    assert "疑似遭複製已停用" in error_shown(page)
+
+
+def test_forged_answers_are_refused_and_a_challenge_is_used_once(make_provider):
+    provider = make_provider(issuer=ISSUER)
+    _, _, authenticator = registered(provider)
+    client_id, _ = provider.client()
+    browser, page = passkey_page(provider, client_id)
+    options = page_options(page)
+
+    honest = authenticator.get(options)
+    forged = json.loads(honest)
+    forged["response"]["signature"] = b64(b"\x30\x06\x02\x01\x01\x02\x01\x01")
+    page = browser.submit(page, "/login/factor/passkey", credential=json.dumps(forged))
+    assert "無法驗證" in error_shown(page)
+    page = browser.submit(page, "/login/factor/passkey", credential=honest)  # its challenge went with the forgery
+    assert "已逾時或已使用過" in error_shown(page)
+
+    other_user = json.loads(authenticator.get(page_options(page)))
+    other_user["response"]["userHandle"] = b64(secrets.token_bytes(32))
+    page = browser.submit(page, "/login/factor/passkey", credential=json.dumps(other_user))
+    assert "使用者識別與登記時不符" in error_shown(page)
+
+    stranger = SoftAuthenticator()
+    stranger.handle = b64(secrets.token_bytes(32))
+    page = browser.submit(page, "/login/factor/passkey", credential=stranger.get(page_options(page)))
+    assert "未在本服務登記" in error_shown(page)
+
+    elsewhere = SoftAuthenticator(rp_id="evil.example", origin="https://evil.example")
+    elsewhere.id, elsewhere.key, elsewhere.handle = authenticator.id, authenticator.key, authenticator.handle
+    page = browser.submit(page, "/login/factor/passkey", credential=elsewhere.get(page_options(page)))
+    assert "無法驗證" in error_shown(page)
+
+
+def test_a_client_that_does_not_allow_passkeys_never_gets_one(make_provider):
+    provider = make_provider(issuer=ISSUER)
+    _, _, authenticator = registered(provider)
+    client_id, _ = provider.client(allowed_factors=["password", "otp"])
+    browser, page = passkey_page(provider, client_id)
+    assert "/login/factor/passkey" not in page.text and "/login/factor/password" in page.text
+    tx = forms(page.text)[0]["fields"]
+    page = browser.go("/login/factor/passkey", "POST", {**tx, "credential": "{}"})
+    assert page.status_code == 400 and "/login/factor/passkey" not in page.text

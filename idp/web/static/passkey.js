@@ -46,10 +46,13 @@
     status.hidden = false;
   }
 
+  // The button comes disabled: a press before this script runs would post no answer.
+  if (!window.PublicKeyCredential || !navigator.credentials) say('unsupported');
+  else button.disabled = false;
+
   form.addEventListener('submit', async (event) => {
     if (form.elements.credential.value) return; // the answer is in: post it
     event.preventDefault();
-    if (!window.PublicKeyCredential || !navigator.credentials) return say('unsupported');
     button.disabled = true;
     say('waiting');
     try {

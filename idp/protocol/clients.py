@@ -6,8 +6,8 @@ names (``redirect_uris``, ``grant_types``, ``token_endpoint_auth_method``,
 ``id_token_signed_response_alg``, ``jwks``, and the logout URIs of
 Back-Channel and Front-Channel Logout 1.0: ``backchannel_logout_uri``,
 ``backchannel_logout_session_required``, ``frontchannel_logout_uri``,
-``frontchannel_logout_session_required``, and RFC 9126's
-``require_pushed_authorization_requests``) plus our own policy fields
+``frontchannel_logout_session_required``, RFC 9126's
+``require_pushed_authorization_requests`` and RFC 9449's ``dpop_bound_access_tokens``) plus our own policy fields
 (``first_party``, ``minimum_acr``, ``allowed_factors``,
 ``access_token_lifetime``, ``refresh_token_lifetime``).
 """
@@ -181,7 +181,7 @@ def validate_metadata(meta: dict) -> dict:
                 raise ClientError(f"{key} must be a string")
             _check_uri(meta[key], key, "invalid_client_metadata")
     for key in ("backchannel_logout_session_required", "frontchannel_logout_session_required",
-                "require_pushed_authorization_requests"):
+                "require_pushed_authorization_requests", "dpop_bound_access_tokens"):
         if key in meta and not isinstance(meta[key], bool):
             raise ClientError(f"{key} must be true or false")
     scope = meta.get("scope")

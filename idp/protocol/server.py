@@ -8,6 +8,7 @@ Redis calls never stall the event loop.
 
 from __future__ import annotations
 
+import hmac
 import os
 import time
 from collections import defaultdict
@@ -22,7 +23,7 @@ from joserfc.jwk import KeySet
 from sqlalchemy import bindparam, select
 from starlette.responses import Response
 
-from idp.protocol import claims
+from idp.protocol import claims, dpop
 from idp.protocol.clients import OAuthClient, find
 from idp.storage.kv import Batch
 from idp.storage.models import Account
@@ -62,6 +63,7 @@ class Request(OAuth2Request):
         self._form = {k: v for k, v in form}
         self.payload = _Payload({k: v[0] for k, v in datalist.items()}, datalist)
         self.idp_auth = None  # the login that authorizes this request (set by the web layer)
+        self.dpop_jkt = None  # the key of a valid DPoP proof sent with it (set by the web layer)
 
     @property
     def args(self):
@@ -121,6 +123,12 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     at_lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
     record = {"scope": scope, **(record or {})}
     token = {"token_type": "Bearer", "expires_in": at_lifetime, "scope": scope}
+    jkt = grant.request.dpop_jkt
+    if jkt:
+        record["cnf"] = {"jkt": jkt}  # RFC 9449 6: the tokens are good only with this key's proofs
+        token["token_type"] = "DPoP"
+    elif client.metadata.get("dpop_bound_access_tokens"):
+        raise dpop.InvalidProof("This client's tokens must be DPoP-bound: send a DPoP proof.")
     token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime, batch)
     if refresh and client.check_grant_type("refresh_token"):
         rt_lifetime = client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
@@ -207,6 +215,11 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         # Another client's token is refused without burning it for its owner.
         if record["client_id"] != client.client_id:
             raise InvalidGrantError("The refresh token was issued to another client.")
+        # RFC 9449 5: a public client's refresh token is bound to its key, so a
+        # stolen one is worthless; checked before rotation, which would burn it.
+        bound = (record.get("cnf") or {}).get("jkt")
+        if client.is_public and bound and not hmac.compare_digest(bound, self.request.dpop_jkt or ""):
+            raise InvalidGrantError("The refresh token is bound to another DPoP key.")
         if not tokens.rotate_refresh(token, record):
             raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
         return RefreshRecord(token, record, grant)
@@ -322,10 +335,12 @@ class IntrospectionEndpoint(rfc7662.IntrospectionEndpoint):
             "active": True,
             "client_id": record["client_id"],
             "scope": record["scope"],
-            "token_type": "Bearer" if token.kind == "at" else "refresh_token",
+            "token_type": ("DPoP" if record.get("cnf") else "Bearer") if token.kind == "at" else "refresh_token",
             "exp": int(record["exp"]),
             "iss": svc.settings.issuer,
         }
+        if record.get("cnf"):
+            payload["cnf"] = record["cnf"]  # RFC 9449 6.2: the resource server checks proofs against it
         if record.get("account"):
             client = self.server.query_client(record["client_id"])
             payload["sub"] = claims.subject(record["account"], client, svc.pairwise_salt)

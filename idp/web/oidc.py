@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from idp import acr
-from idp.protocol import claims, logout as logout_, par
+from idp.protocol import claims, dpop, logout as logout_, par
 from idp.protocol.clients import (ClientError, OAuthClient, client_info, create_client, digest, find, new_secret,
                                   validate_metadata)
 from idp.protocol.server import ALL_AUTH_METHODS, Request as OAuthRequest, account_active
@@ -65,6 +65,7 @@ async def discovery(request: Request) -> Response:
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
         "code_challenge_methods_supported": ["S256"],
+        "dpop_signing_alg_values_supported": dpop.ALGORITHMS,
         "acr_values_supported": list(acr.LADDER),
         "prompt_values_supported": sorted(PROMPTS),
         "claims_supported": [
@@ -220,13 +221,22 @@ async def pushed_authorization(request: Request) -> Response:
 
 
 # -- token, revocation, introspection ------------------------------------------------------
-async def _form_endpoint(request: Request, handler) -> Response:
+async def _form_endpoint(request: Request, handler, dpop_jkt: str | None = None) -> Response:
     try:
         form = await read_form(request)
     except BadRequest as e:
         return _oauth_error("invalid_request", e.description, e.status)
     oauth_request = _oauth_request(request, [], form)
+    oauth_request.dpop_jkt = dpop_jkt
     return await run_in_threadpool(handler, oauth_request)
+
+
+async def _proof_key(request: Request, uri: str, access_token: str | None = None) -> str | None:
+    """The key of the request's DPoP proof (checked off the event loop: it writes the jti)."""
+    if "dpop" not in request.headers:
+        return None
+    return await run_in_threadpool(dpop.proof_key, request.app.state.svc, request.headers, request.method, uri,
+                                   access_token)
 
 
 async def token(request: Request) -> Response:
@@ -237,7 +247,12 @@ async def token(request: Request) -> Response:
         grant.append(oauth_request.form.get("grant_type"))
         return svc.server.create_token_response(oauth_request)
 
-    response = await _form_endpoint(request, respond)
+    try:
+        jkt = await _proof_key(request, svc.settings.issuer + "/token")
+    except dpop.InvalidProof as e:
+        response = _oauth_error(e.error, e.description)
+    else:
+        response = await _form_endpoint(request, respond, jkt)
     svc.metrics.token_request(grant[0] if grant else None, response)
     return response
 
@@ -254,10 +269,16 @@ async def introspect(request: Request) -> Response:
 
 # -- UserInfo ----------------------------------------------------------------------------
 def _bearer(request: Request, form) -> str | None:
-    header = request.headers.get("authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return dict(form).get("access_token")
+    scheme, token = _access_token(request, form)
+    return token if scheme == "bearer" else None
+
+
+def _access_token(request: Request, form) -> tuple[str, str | None]:
+    """(scheme, token): a Bearer token (RFC 6750, header or form) or a DPoP one (RFC 9449 7.1, header only)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() in ("bearer", "dpop") and token.strip():
+        return scheme.lower(), token.strip()
+    return "bearer", dict(form).get("access_token")
 
 
 async def userinfo(request: Request) -> Response:
@@ -266,11 +287,19 @@ async def userinfo(request: Request) -> Response:
         form = await read_form(request)
     except BadRequest as e:
         return _oauth_error("invalid_request", e.description, e.status)
-    token = _bearer(request, form)
-    challenge = 'Bearer error="invalid_token"'
+    scheme, token = _access_token(request, form)
     record = svc.tokens.lookup("at", token) if token else None
-    if record is None or not record.get("account"):
+    bound = (record or {}).get("cnf", {}).get("jkt")
+    challenge = ("DPoP" if bound else "Bearer") + ' error="invalid_token"'
+    if record is None or not record.get("account") or scheme != ("dpop" if bound else "bearer"):
         return _oauth_error("invalid_token", "The access token is invalid or expired.", 401, {"WWW-Authenticate": challenge})
+    if bound:
+        try:
+            jkt = await _proof_key(request, svc.settings.issuer + "/userinfo", token)
+            if not (jkt and hmac.compare_digest(jkt, bound)):
+                raise dpop.InvalidProof("Send a DPoP proof made with the key the token is bound to.")
+        except dpop.InvalidProof as e:
+            return _oauth_error(e.error, e.description, 401, {"WWW-Authenticate": dpop.challenge(e.description)})
     if "openid" not in record["scope"].split():
         return _oauth_error("insufficient_scope", "The token lacks the openid scope.", 403,
                             {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="openid"'})

@@ -1,0 +1,89 @@
+"""DPoP: access tokens bound to the client's key (RFC 9449).
+
+A client that sends a DPoP proof to the token endpoint gets tokens bound to
+the proof's key (``cnf.jkt``, the key's RFC 7638 thumbprint); such an access
+token is then good only with a fresh proof by the same key, so a leaked token
+is worthless on its own. A public client's refresh token is bound the same way
+(section 5). Proofs are single-use: their ``jti`` is kept in the store for as
+long as their ``iat`` would be accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import orjson
+from authlib.oauth2.base import OAuth2Error
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import JWKRegistry
+
+ALGORITHMS = ["ES256", "ES384", "PS256", "RS256"]  # asymmetric only (section 4.3, check 5)
+WINDOW = 60  # seconds a proof's iat may be off from our clock, either way
+MAX_PROOF = 8192  # bytes: a proof carries one public key, never more
+
+
+class InvalidProof(OAuth2Error):
+    """A proof that fails a check of section 4.3 (``error_description`` says which)."""
+
+    error = "invalid_dpop_proof"
+
+
+def challenge(description: str) -> str:
+    """The WWW-Authenticate value of a resource refusing a proof (section 7.1)."""
+    return f'DPoP error="invalid_dpop_proof", error_description="{description}", algs="{" ".join(ALGORITHMS)}"'
+
+
+def token_hash(access_token: str) -> str:
+    """The ``ath`` of a proof sent with ``access_token``."""
+    return base64.urlsafe_b64encode(hashlib.sha256(access_token.encode()).digest()).rstrip(b"=").decode()
+
+
+def _header(value: str) -> dict:
+    encoded = value.split(".", 1)[0]
+    return orjson.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+
+
+def _target(uri) -> str:
+    """``htu`` compared as section 4.3 says: without query and fragment."""
+    return uri.split("#", 1)[0].split("?", 1)[0] if isinstance(uri, str) else ""
+
+
+def proof_key(svc, headers, method: str, uri: str, access_token: str | None = None) -> str | None:
+    """The thumbprint of the key of the request's DPoP proof, or None when it
+    sends none. Raises ``InvalidProof`` for a proof that fails any check of
+    section 4.3; ``access_token`` is given at a resource (check 12, ``ath``)."""
+    values = headers.getlist("dpop")
+    if not values:
+        return None
+    if len(values) > 1 or len(values[0]) > MAX_PROOF:
+        raise InvalidProof("Send exactly one DPoP proof.")
+    value = values[0]
+    try:
+        header = _header(value)
+        if header.get("typ") != "dpop+jwt" or header.get("alg") not in ALGORITHMS or not isinstance(header.get("jwk"), dict):
+            raise InvalidProof("The DPoP proof needs typ dpop+jwt, an asymmetric alg and its public jwk.")
+        key = JWKRegistry.import_key(header["jwk"])
+        if key.is_private:
+            raise InvalidProof("The DPoP proof's jwk must not hold a private key.")
+        claims = jwt.decode(value, key, algorithms=ALGORITHMS).claims
+    except InvalidProof:
+        raise
+    except (JoseError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        raise InvalidProof("The DPoP proof is not a JWT signed by its jwk.") from None
+    if claims.get("htm") != method or _target(claims.get("htu")) != uri:
+        raise InvalidProof("The DPoP proof was made for another request (htm, htu).")
+    iat, now = claims.get("iat"), svc.clock()
+    if not isinstance(iat, (int, float)) or abs(now - iat) > WINDOW:
+        raise InvalidProof("The DPoP proof is too old or from the future (iat).")
+    if access_token is not None and not hmac.compare_digest(str(claims.get("ath", "")), token_hash(access_token)):
+        raise InvalidProof("The DPoP proof was made for another access token (ath).")
+    jkt, jti = key.thumbprint(), claims.get("jti")
+    if not isinstance(jti, str) or not 0 < len(jti) <= 256:
+        raise InvalidProof("The DPoP proof needs a jti.")
+    digest = hashlib.sha256(f"{jkt}:{jti}".encode()).hexdigest()
+    if not svc.store.set("dpop-jti:" + digest, {}, 2 * WINDOW + 1, only_new=True):
+        raise InvalidProof("The DPoP proof was already used (jti).")
+    return jkt

@@ -1,0 +1,120 @@
+"""DPoP-bound tokens (RFC 9449, SPEC P9) as a relying party sees them."""
+
+import secrets
+
+from joserfc import jwt
+from joserfc.jwk import ECKey, OctKey
+
+from idp.protocol.dpop import token_hash
+from tests.harness import pkce, redeem
+
+
+def _proof(provider, key, htm, path, *, access_token=None, jti=None, iat=None, typ="dpop+jwt", public=True):
+    header = {"typ": typ, "alg": "ES256", "jwk": key.as_dict(private=not public)}
+    claims = {"htm": htm, "htu": provider.issuer + path, "iat": int(provider.clock() if iat is None else iat),
+              "jti": jti or secrets.token_urlsafe(12)}
+    if access_token:
+        claims["ath"] = token_hash(access_token)
+    return jwt.encode(header, claims, key)
+
+
+def _tokens(provider, key, client_id=None, secret=None, **client_meta):
+    """Log in and redeem the code with a proof of ``key``."""
+    if client_id is None:
+        client_id, secret = provider.client(**client_meta)
+    verifier, challenge = pkce()
+    browser = provider.browser()
+    code = browser.login(client_id, code_challenge=challenge, code_challenge_method="S256")["code"]
+    headers = {"DPoP": _proof(provider, key, "POST", "/token")} if key else {}
+    browser.http.headers.update(headers)
+    response = redeem(browser.http, client_id, secret, code, verifier)
+    browser.http.headers.pop("DPoP", None)
+    return client_id, secret, response
+
+
+def _userinfo(provider, token, scheme="DPoP", proof=None):
+    headers = {"Authorization": f"{scheme} {token}"}
+    if proof:
+        headers["DPoP"] = proof
+    return provider.http().get("/userinfo", headers=headers)
+
+
+def test_a_dpop_bound_access_token_works_only_with_a_proof_of_its_key(provider):
+    provider.account("alice")
+    key = ECKey.generate_key("P-256")
+    assert "ES256" in provider.http().get("/.well-known/openid-configuration").json()["dpop_signing_alg_values_supported"]
+    client_id, secret, response = _tokens(provider, key)
+    assert response.status_code == 200, response.text
+    token = response.json()
+    assert token["token_type"] == "DPoP"
+    at = token["access_token"]
+    ok = _userinfo(provider, at, proof=_proof(provider, key, "GET", "/userinfo", access_token=at))
+    assert ok.status_code == 200 and ok.json()["email"] == "alice@example.tw"
+    # Stolen: as a bearer token, with another key's proof, with a replayed or misdirected proof.
+    assert _userinfo(provider, at, "Bearer").status_code == 401
+    other = ECKey.generate_key("P-256")
+    assert _userinfo(provider, at, proof=_proof(provider, other, "GET", "/userinfo", access_token=at)).status_code == 401
+    replayed = _proof(provider, key, "GET", "/userinfo", access_token=at)
+    assert _userinfo(provider, at, proof=replayed).status_code == 200
+    refused = _userinfo(provider, at, proof=replayed)
+    assert refused.status_code == 401 and "invalid_dpop_proof" in refused.headers["www-authenticate"]
+    assert _userinfo(provider, at, proof=_proof(provider, key, "GET", "/token", access_token=at)).status_code == 401
+    assert _userinfo(provider, at, proof=_proof(provider, key, "GET", "/userinfo")).status_code == 401  # no ath
+    # The client's resource servers learn the binding by introspection.
+    seen = provider.http().post("/introspect", data={"token": at}, auth=(client_id, secret)).json()
+    assert seen["active"] and seen["token_type"] == "DPoP" and seen["cnf"] == {"jkt": key.thumbprint()}
+
+
+def test_a_bearer_token_stays_a_bearer_token(provider):
+    provider.account("alice")
+    _, _, response = _tokens(provider, None)
+    token = response.json()
+    assert token["token_type"] == "Bearer"
+    assert _userinfo(provider, token["access_token"], "Bearer").status_code == 200
+    assert _userinfo(provider, token["access_token"], "DPoP").status_code == 401
+
+
+def test_a_public_clients_refresh_token_is_bound_to_its_key(provider):
+    provider.account("alice")
+    key = ECKey.generate_key("P-256")
+    client_id, _, response = _tokens(provider, key, token_endpoint_auth_method="none")
+    refresh = response.json()["refresh_token"]
+    http = provider.http()
+    data = {"grant_type": "refresh_token", "refresh_token": refresh, "client_id": client_id}
+    thief = ECKey.generate_key("P-256")
+    stolen = http.post("/token", data=data, headers={"DPoP": _proof(provider, thief, "POST", "/token")})
+    assert stolen.status_code == 400 and stolen.json()["error"] == "invalid_grant"
+    assert http.post("/token", data=data).json()["error"] == "invalid_grant"
+    renewed = http.post("/token", data=data, headers={"DPoP": _proof(provider, key, "POST", "/token")})
+    assert renewed.status_code == 200 and renewed.json()["token_type"] == "DPoP"
+
+
+def test_bad_proofs_are_refused_at_the_token_endpoint(provider):
+    provider.account("alice")
+    key = ECKey.generate_key("P-256")
+    client_id, secret = provider.client()
+    bad = {
+        "wrong type": _proof(provider, key, "POST", "/token", typ="JWT"),
+        "private key in the header": _proof(provider, key, "POST", "/token", public=False),
+        "too old": _proof(provider, key, "POST", "/token", iat=provider.clock() - 300),
+        "from the future": _proof(provider, key, "POST", "/token", iat=provider.clock() + 300),
+        "another method": _proof(provider, key, "GET", "/token"),
+        "another endpoint": _proof(provider, key, "POST", "/userinfo"),
+        "symmetric": jwt.encode({"typ": "dpop+jwt", "alg": "HS256", "jwk": {"kty": "oct", "k": "c2VjcmV0"}},
+                                {"htm": "POST", "htu": provider.issuer + "/token", "iat": int(provider.clock()), "jti": "x"},
+                                OctKey.import_key("a-shared-secret-of-enough-bytes")),
+        "garbage": "not.a.jwt",
+    }
+    for why, proof in bad.items():
+        verifier, challenge = pkce()
+        browser = provider.browser()
+        code = browser.login(client_id, code_challenge=challenge, code_challenge_method="S256")["code"]
+        browser.http.headers["DPoP"] = proof
+        response = redeem(browser.http, client_id, secret, code, verifier)
+        assert response.status_code == 400 and response.json()["error"] == "invalid_dpop_proof", why
+
+
+def test_a_client_registered_for_dpop_must_send_a_proof(provider):
+    provider.account("alice")
+    _, _, response = _tokens(provider, None, dpop_bound_access_tokens=True)
+    assert response.status_code == 400 and response.json()["error"] == "invalid_dpop_proof"

@@ -1,6 +1,7 @@
 """Mobile natural-person certificate login (SPEC A4) as the user meets it, against the
 simulator over real HTTP. The simulator reads the provider's FrozenClock, so expiry
-and the 4-second polling rule are tested without sleeping."""
+and the 4-second polling rule are tested without sleeping. The same journeys in Chromium,
+where the page's own script polls and continues: tests/test_mobileid_journeys.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from idp.factors.totp import qr_svg
 from idp.mobileid import national_id
 from tests import live
 from tests.harness import callback, forms, redeem
-from tests.test_e2e import make_live_provider, make_portal  # noqa: F401 (fixtures)
 
 try:
     import httpx2 as httpx
@@ -260,45 +260,3 @@ def test_switched_off_without_a_service_url(make_provider):
     assert browser.go("/login/mobileid/start", "POST", {**fields, "national_id": CITIZEN}).status_code == 400
     # A bound national ID does not make it a second factor either: the password leads to OTP binding.
     assert "/login/bind/otp" in browser.password(page).text
-
-
-# -- in Chromium: the page's own script polls, counts down and continues ----------------------------
-@pytest.mark.parametrize("backend", ["sqlite+memory"])
-def test_push_login_in_chromium(backend, sim, make_live_provider, make_portal):
-    from tests.test_e2e import CHROMIUM, CHROMIUM_ARGS
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing. Run `make test`.", pytrace=False)
-    from playwright.sync_api import expect, sync_playwright
-
-    provider = make_live_provider(host="localhost", mfa=True, mobileid_url=sim.url + "/moise/sp/",
-                                  mobileid_sp_service_id=SP_ID, mobileid_key=KEY.hex(), mobileid_trust=sim.ca_file)
-    sim.clock.target = provider.clock  # the real clock, as the demo
-    provider.account("alice", name="王小明", national_id=CITIZEN)
-    portal = make_portal(provider, host="localhost")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(locale="zh-TW")
-            page.set_default_timeout(15_000)
-            errors = []
-            page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
-                    and errors.append(m.text))
-            page.on("response", lambda r: r.status >= 400 and not r.url.endswith("/favicon.ico")
-                    and errors.append(f"{r.status} {r.url}"))
-            page.goto(portal + "/")
-            page.get_by_role("link", name="登入", exact=True).click()
-            page.wait_for_url(provider.issuer + "/**")
-            page.get_by_role("link", name="行動自然人憑證").click()
-            tx = page.url.split("tx=")[1].split("&")[0]
-            page.locator("#national_id").fill(CITIZEN)
-            page.locator("#captcha").fill(provider.svc.transactions.get(tx)["captcha"])
-            page.locator("form[data-step=mobileid] button[type=submit]").click()
-            expect(page.locator("#mobileid-countdown")).to_have_text(re.compile(r"^2:5\d$"), timeout=5_000)
-            push = tickets(provider, tx)["push"]
-            phone(sim, "approve", sp_ticket_id=push["sp_ticket_id"])
-            page.wait_for_url(portal + "/")  # polled, done, continued by the page itself
-            expect(page.locator("main")).to_contain_text("urn:idp:loa:3")
-            assert errors == []  # no CSP violation, no script error, no failed request
-        finally:
-            browser.close()

@@ -121,10 +121,10 @@ def _mobileid_simulator():
     from idp.mobileid import checksum
 
     state = VAR / "mobileid-sim"  # its CA and citizens survive restarts
-    sim = MobileIdSimulator({DEV_SP_SERVICE_ID: checksum.parse_key(DEV_KEY)},
-                            pki=Pki(state, names={DEMO_NATIONAL_ID: "王小明"}))
+    pki = Pki(state, names={DEMO_NATIONAL_ID: "王小明"}, crl_url=f"{MOBILEID_SIM}/sim/moica.crl")
+    sim = MobileIdSimulator({DEV_SP_SERVICE_ID: checksum.parse_key(DEV_KEY)}, pki=pki)
     os.environ.update(IDP_MOBILEID_URL=f"{MOBILEID_SIM}/moise/sp/", IDP_MOBILEID_SP_SERVICE_ID=DEV_SP_SERVICE_ID,
-                      IDP_MOBILEID_KEY=DEV_KEY, IDP_MOBILEID_TRUST=str(state / "ca.pem"))
+                      IDP_MOBILEID_KEY=DEV_KEY, IDP_MOBILEID_TRUST=str(pki.write_trust(state / "trust")))
     return sim
 
 

@@ -74,7 +74,7 @@ class Services:
         if "_mobileid" not in self.__dict__:
             from idp.factors.mobileid import build_connector
 
-            self._mobileid = build_connector(self.settings, self.clock)
+            self._mobileid = build_connector(self)
         return self._mobileid
 
     def start(self) -> None:

@@ -146,9 +146,10 @@ class Settings:
         "Seconds a mobile-ID request lives, 30 to 600 (the login page's countdown).", 180
     )
     mobileid_trust: str = _doc(
-        "PEM files or directories of the CAs a mobile-ID certificate must chain to, separated by `:` "
-        "(MOICA G2/G3 in production; the simulator's `ca.pem` in the demo).",
-        "../shared/trust",
+        "Trust directory (`anchors.toml` and its PEMs, as `IDP_TRUST_DIR`) for the holder's certificate of a "
+        "mobile-ID login; an anchor set for `personal` accounts must pin its issuer (MOICA G3). Checked like a "
+        "card login's, revocation (`IDP_REVOCATION`) included. Empty: `IDP_TRUST_DIR`.",
+        "",
     )
 
     push_registration_seconds: int = _doc(

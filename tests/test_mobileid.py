@@ -14,9 +14,10 @@ import pytest
 
 from deploy.dev.mobileid_sim import MobileIdSimulator
 from idp.clock import FrozenClock
-from idp.mobileid import MobileIdConfig, MobileIdConnector, Pending, Ticket, Verified, certs, checksum, national_id
+from idp.mobileid import MobileIdConfig, MobileIdConnector, Pending, Ticket, Verified, checksum, national_id
 from idp.mobileid import errors as e
 from idp.mobileid.connector import decode_ticket
+from idp.pki import RevocationChecker, RevocationPolicy, load_trust
 from tests import live
 
 try:
@@ -27,7 +28,7 @@ except ImportError:  # pragma: no cover
 SP_ID = "idp-test"
 KEY = os.urandom(32)
 CITIZEN = "A123456789"
-SHARED_TRUST = Path(__file__).resolve().parent.parent / "keys" / "trust"  # the real MOICA/GRCA anchors
+REAL_TRUST = Path(__file__).resolve().parent.parent / "keys" / "trust"  # the real MOICA/GRCA anchors
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,9 @@ def clock():
 @pytest.fixture(scope="module")
 def sim(clock, tmp_path_factory):
     simulator = MobileIdSimulator({SP_ID: KEY}, clock=clock, names={CITIZEN: "王小明"})
-    ca_file = tmp_path_factory.mktemp("mobileid") / "ca.pem"
-    ca_file.write_bytes(simulator.pki.ca_pem())
-    simulator.ca_file = str(ca_file)
+    simulator.trust = simulator.pki.write_trust(tmp_path_factory.mktemp("mobileid") / "trust")
     with live.reserve() as (sock, url):
+        simulator.pki.crl_url = url + "/sim/moica.crl"  # before any citizen is issued
         with live.serve(simulator.app(), sock, url, health="/healthz") as server:
             simulator.url = server.url
             yield simulator
@@ -55,19 +55,24 @@ def no_faults(request):
 
 
 def config(sim, **overrides) -> MobileIdConfig:
-    values = dict(service_url=sim.url + "/moise/sp/", sp_service_id=SP_ID, key=KEY, trust=(sim.ca_file,))
+    values = dict(service_url=sim.url + "/moise/sp/", sp_service_id=SP_ID, key=KEY)
     values.update(overrides)
     return MobileIdConfig(**values)
 
 
-def run(sim, clock, scenario, **overrides):
-    """Run ``scenario(connector)`` on a fresh event loop with a fresh connector."""
+def run(sim, clock, scenario, trust=None, **overrides):
+    """Run ``scenario(connector)`` on a fresh event loop with a fresh connector, which checks
+    the holder's certificate with idp.pki: ``trust`` (the simulator's CA by default), the
+    revocation policy hard-fail (the simulator's CRL, fetched over HTTP)."""
     async def main():
-        connector = MobileIdConnector(config(sim, **overrides), clock=clock)
+        revocation = RevocationChecker(RevocationPolicy("hard-fail"))
+        connector = MobileIdConnector(config(sim, **overrides), trust=load_trust(trust or sim.trust),
+                                      revocation=revocation, clock=clock)
         try:
             return await scenario(connector)
         finally:
             await connector.aclose()
+            await revocation.aclose()
     return asyncio.run(main())
 
 
@@ -146,8 +151,10 @@ def test_push_approved_gives_a_verified_identity(sim, clock):
     assert isinstance(result, Verified)
     assert (result.national_id, result.name, result.transaction_id) == (CITIZEN, "王小明", ticket.transaction_id)
     assert len(result.card_serial) == 16
-    assert result.chain[-1] == sim.pki.ca_cert
-    assert certs.id_last_four(result.certificate) == CITIZEN[-4:]
+    identity = result.identity  # checked by idp.pki, as a card's: path, key usage, the CRL
+    assert identity.anchor_set == "mobileid-simulator" and identity.kinds == {"personal"}
+    assert identity.id_last4 == CITIZEN[-4:] and identity.form == "pkcs1"
+    assert (identity.revocation.status, identity.revocation.source) == ("good", "crl")
     sent = [body for name, body in sim.calls if body.get("transaction_id") == ticket.transaction_id]
     assert sent[0]["sign_info"]["sign_data"] == ticket.sign_data and sent[0]["time_limit"] == "180"
 
@@ -275,7 +282,32 @@ def test_the_real_moica_anchors_do_not_trust_the_simulator(sim, clock):
         await connector.get_result(ticket)
 
     with pytest.raises(e.UntrustedCertificate):
-        run(sim, clock, scenario, trust=(str(SHARED_TRUST),))
+        run(sim, clock, scenario, trust=REAL_TRUST)
+
+
+def test_a_revoked_certificate_is_refused(sim, clock):
+    other = national_id.with_check_digit("C12345678")
+
+    async def scenario(connector):
+        ticket = await connector.request_push(other)
+        phone(sim, ticket.sp_ticket_id, "approve")
+        assert httpx.post(sim.url + "/sim/revoke", json={"id_num": other}).status_code == 200
+        await connector.get_result(ticket)
+
+    with pytest.raises(e.CertificateInvalid) as caught:
+        run(sim, clock, scenario)
+    assert "revoked" in str(caught.value)
+
+
+def test_revocation_unknown_is_refused_under_hard_fail(sim, clock):
+    async def scenario(connector):
+        ticket = await connector.request_push(CITIZEN)
+        phone(sim, ticket.sp_ticket_id, "approve")
+        sim.faults.add("crl_unavailable")  # the CA's CRL server answers 503
+        await connector.get_result(ticket)
+
+    with pytest.raises(e.RevocationUnavailable):
+        run(sim, clock, scenario)
 
 
 def test_an_answer_for_another_person_is_refused(sim, clock):
@@ -334,7 +366,7 @@ def test_service_down_is_unavailable(clock):
     cfg = MobileIdConfig(url + "/moise/sp/", SP_ID, KEY)
 
     async def scenario():
-        connector = MobileIdConnector(cfg, clock=clock, validate_chain=lambda c, at: [c])
+        connector = MobileIdConnector(cfg, trust=load_trust(REAL_TRUST), revocation=RevocationChecker(), clock=clock)
         try:
             await connector.request_push(CITIZEN)
         finally:

@@ -18,6 +18,7 @@ minutes of leeway for an ID token's ``iat``, so the portal still accepts a login
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -72,26 +73,26 @@ def servers(tmp_path_factory):
     clock = MovableClock()
     tmp = tmp_path_factory.mktemp("mobileid-journeys")
     sim = MobileIdSimulator({SP_ID: KEY}, clock=clock, names={CITIZEN: NAME})
-    (tmp / "ca.pem").write_bytes(sim.pki.ca_pem())
-    with live.reserve("localhost") as (sim_sock, sim_url), live.serve(sim.app(), sim_sock, sim_url, health="/sim/ca.pem"), \
-            live.reserve("localhost") as (sock, url):
+    trust = sim.pki.write_trust(tmp / "trust")
+    with contextlib.ExitStack() as stack:
+        sim_sock, sim.url = stack.enter_context(live.reserve("localhost"))
+        sock, url = stack.enter_context(live.reserve("localhost"))
+        portal_sock, portal_url = stack.enter_context(live.reserve("localhost"))
+        sim.pki.crl_url = sim.url + "/sim/moica.crl"  # checked at each login (IDP_REVOCATION hard-fail)
+        stack.enter_context(live.serve(sim.app(), sim_sock, sim.url, health="/sim/ca.pem"))
         settings = Settings.from_env(
             {}, issuer=url, database_url=f"sqlite:///{tmp}/idp.sqlite3", redis_url="", keys_dir=str(tmp / "keys"),
-            captcha="always", mfa=True, mobileid_url=sim_url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
-            mobileid_key=KEY.hex(), mobileid_trust=str(tmp / "ca.pem"),
-            mobileid_time_limit=TIME_LIMIT)
+            captcha="always", mfa=True, mobileid_url=sim.url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
+            mobileid_key=KEY.hex(), mobileid_trust=str(trust), mobileid_time_limit=TIME_LIMIT)
         app = create_app(settings, clock)
-        with live.serve(app, sock, url) as server, live.reserve("localhost") as (portal_sock, portal_url):
-            provider = LiveProvider(app, server)
-            provider.account("alice", name=NAME, national_id=CITIZEN)
-            client_id, secret = provider.client(client_name="校務行政系統 2.0",
-                                                redirect_uris=[portal_url + "/callback"],
-                                                post_logout_redirect_uris=[portal_url + "/"])
-            portal = create_portal(url, client_id, secret, portal_url, secrets.token_urlsafe(32))
-            with live.serve(portal, portal_sock, portal_url, health="/"):
-                sim.url = sim_url
-                yield provider, sim, portal_url
-        app.state.svc.db.engine.dispose()
+        stack.callback(app.state.svc.db.engine.dispose)  # after the server has stopped
+        provider = LiveProvider(app, stack.enter_context(live.serve(app, sock, url)))
+        provider.account("alice", name=NAME, national_id=CITIZEN)
+        client_id, secret = provider.client(client_name="校務行政系統 2.0", redirect_uris=[portal_url + "/callback"],
+                                            post_logout_redirect_uris=[portal_url + "/"])
+        portal = create_portal(url, client_id, secret, portal_url, secrets.token_urlsafe(32))
+        stack.enter_context(live.serve(portal, portal_sock, portal_url, health="/"))
+        yield provider, sim, portal_url
 
 
 @pytest.fixture

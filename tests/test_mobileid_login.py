@@ -43,10 +43,9 @@ class SharedClock:
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     simulator = MobileIdSimulator({SP_ID: KEY}, clock=SharedClock(), names={CITIZEN: "王小明"})
-    ca_file = tmp_path_factory.mktemp("mobileid-login") / "ca.pem"
-    ca_file.write_bytes(simulator.pki.ca_pem())
-    simulator.ca_file = str(ca_file)
+    simulator.trust = str(simulator.pki.write_trust(tmp_path_factory.mktemp("mobileid-login") / "trust"))
     with live.reserve() as (sock, url):
+        simulator.pki.crl_url = url + "/sim/moica.crl"  # checked at each login: IDP_REVOCATION is hard-fail
         with live.serve(simulator.app(), sock, url, health="/sim/ca.pem") as server:
             simulator.url = server.url
             yield simulator
@@ -55,7 +54,7 @@ def sim(tmp_path_factory):
 @pytest.fixture
 def provider(make_provider, sim):
     provider = make_provider(mfa=True, mobileid_url=sim.url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
-                             mobileid_key=KEY.hex(), mobileid_trust=sim.ca_file)
+                             mobileid_key=KEY.hex(), mobileid_trust=sim.trust)
     sim.clock.target = provider.clock
     provider.account("alice", national_id=CITIZEN)
     return provider
@@ -161,6 +160,19 @@ def test_expired_request_is_refused_even_if_approved_later(provider, sim):
     assert "有效時間已過" in _error(browser.go(answer["next"]))
     page = browser.submit(page, "/login/factor/mobileid")  # the "continue" button, too late: nothing pending
     assert page.status_code == 200 and "尚未發出" in _error(page) and 'name="national_id"' in page.text
+
+
+def test_a_revoked_mobile_certificate_gets_the_certificate_invalid_message(provider, sim):
+    revoked = national_id.with_check_digit("E22345678")
+    provider.account("bob", national_id=revoked)
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id, nid=revoked)
+    assert httpx.post(sim.url + "/sim/revoke", json={"id_num": revoked}).status_code == 200  # on the CA's CRL
+    phone(sim, "approve", sp_ticket_id=tickets(provider, tx)["push"]["sp_ticket_id"])
+    answer = status(browser, tx)
+    assert answer["state"] == "failed" and answer["error"] == "mobileid.certificate_invalid"
+    assert "已廢止" in _error(browser.go(answer["next"]))
 
 
 def test_an_answer_polled_after_expiry_is_refused(provider, sim):

@@ -1,6 +1,6 @@
 """A simulator of the Ministry of the Interior's mobile-ID service (PROTOCOLS.md section 3).
 
-    python -m deploy.dev.mobileid_sim --port 8010 [--state-dir var/mobileid-sim]
+    python -m deploy.dev.mobileid_sim --port 8010 [--state-dir var/mobileid-sim]   # prints the IDP_MOBILEID_* to set
 
 Endpoints, fields, checksums, expiry and error codes as the real service
 (``/moise/sp/getSpTicket``, ``/moise/sp/requestAthOrSignPush``,
@@ -10,14 +10,20 @@ Endpoints, fields, checksums, expiry and error codes as the real service
   "approve" / "deny", and a box to paste a scanned QR ticket;
 - ``POST /sim/answer`` (JSON or form) ``{"sp_ticket_id" | "sp_ticket" |
   "transaction_id": ..., "decision": "approve" | "deny"}`` for tests;
-- ``GET /sim/ca.pem`` the test CA to trust (``IDP_MOBILEID_TRUST``);
+- ``GET /sim/ca.pem`` the test CA; ``Pki.write_trust(DIR)`` writes it with an
+  ``anchors.toml`` as a trust directory for ``IDP_MOBILEID_TRUST``;
+- ``GET /sim/moica.crl`` the CA's CRL, which every citizen certificate names
+  (the provider checks revocation as for a card); ``POST /sim/revoke``
+  ``{"id_num": ...}`` revokes a citizen's certificate (the phone still uses it);
 - ``POST /sim/faults`` ``{"tamper_idp_checksum", "rogue_certificate",
-  "bad_signature": bool}`` to misbehave for tests.
+  "bad_signature", "crl_unavailable": bool}`` to misbehave for tests.
 
 Every valid ID number is a simulated citizen with a MOICA-profile certificate
 (``C=TW, CN=<name>, serialNumber=<card serial>``, the ID's last four digits
 under 2.16.886.1.100.2.51) and an RSA-2048 key, issued by a self-made CA with
-MOICA's DN; with ``--state-dir`` the CA and citizens survive restarts.
+MOICA's DN; with ``--state-dir`` the CA and citizens survive restarts. The CRL's
+URL is set (``Pki.crl_url``) once the simulator knows where it is served, before
+the first citizen is issued.
 
 Codes named ``SIM_...`` and the ``SP-API-ATH-01-INV_...`` codes other than
 ``INV_SP_CHECKSUM`` are the simulator's own: the real service's are unknown.
@@ -100,20 +106,30 @@ def make_ca(now: dt.datetime) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     return key, cert
 
 
-def issue_citizen(ca_key, ca_cert: x509.Certificate, id_num: str, name: str, now: dt.datetime):
+def issue_citizen(ca_key, ca_cert: x509.Certificate, id_num: str, name: str, now: dt.datetime, crl_url: str | None):
     key = _new_key()
     serial = "SM" + str(int(hashlib.sha256(id_num.encode()).hexdigest(), 16))[:14]
     subject = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "TW"), x509.NameAttribute(NameOID.COMMON_NAME, name),
                          x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)])
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=730))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, True, False, False, False, False, False, False, False), critical=True)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .add_extension(subject_directory_attributes(id_num[-4:]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return key, cert
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=730))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(True, True, False, False, False, False, False, False, False), critical=True)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+               .add_extension(subject_directory_attributes(id_num[-4:]), critical=False))
+    if crl_url:
+        builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            [x509.UniformResourceIdentifier(crl_url)], None, None, None)]), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def crl_url_of(cert: x509.Certificate) -> str | None:
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return None
+    return next((name.value for p in points for name in p.full_name or []), None)
 
 
 @dataclasses.dataclass
@@ -127,10 +143,13 @@ class Citizen:
 class Pki:
     """The CA and one citizen per ID, kept in ``state_dir`` when given."""
 
-    def __init__(self, state_dir: str | Path | None = None, names: dict[str, str] | None = None):
+    def __init__(self, state_dir: str | Path | None = None, names: dict[str, str] | None = None,
+                 crl_url: str | None = None):
         self.dir = Path(state_dir) if state_dir else None
         self.names = names or {}
+        self.crl_url = crl_url
         self.citizens: dict[str, Citizen] = {}
+        self.revoked: dict[int, dt.datetime] = {}  # certificate serial -> when
         self._rogue: tuple | None = None
         now = dt.datetime.now(dt.timezone.utc)
         loaded = self._load("ca")
@@ -141,8 +160,11 @@ class Pki:
     def citizen(self, id_num: str) -> Citizen:
         if id_num not in self.citizens:
             name = self.names.get(id_num, "測試市民")
-            key, cert = self._load(id_num) or issue_citizen(self.ca_key, self.ca_cert, id_num, name,
-                                                             dt.datetime.now(dt.timezone.utc))
+            loaded = self._load(id_num)
+            if loaded is None or crl_url_of(loaded[1]) != self.crl_url:  # none yet, or it names an old CRL
+                loaded = issue_citizen(self.ca_key, self.ca_cert, id_num, name, dt.datetime.now(dt.timezone.utc),
+                                       self.crl_url)
+            key, cert = loaded
             self._save(id_num, key, cert)
             self.citizens[id_num] = Citizen(id_num, name, key, cert)
         return self.citizens[id_num]
@@ -151,11 +173,37 @@ class Pki:
         """The same citizen issued by a CA that merely copies the DN (for tests)."""
         now = dt.datetime.now(dt.timezone.utc)
         self._rogue = self._rogue or make_ca(now)
-        key, cert = issue_citizen(*self._rogue, id_num, self.citizen(id_num).name, now)
+        key, cert = issue_citizen(*self._rogue, id_num, self.citizen(id_num).name, now, self.crl_url)
         return Citizen(id_num, "rogue", key, cert)
+
+    def revoke(self, id_num: str, now: dt.datetime) -> None:
+        """List the citizen's certificate on the CRL; the phone goes on answering with it."""
+        self.revoked[self.citizen(id_num).cert.serial_number] = now
+
+    def crl(self, now: dt.datetime) -> bytes:
+        """The CA's current CRL (DER), good for a day."""
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.ca_cert.subject)
+                   .last_update(now - dt.timedelta(minutes=1)).next_update(now + dt.timedelta(days=1))
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()),
+                                  critical=False))
+        for serial, when in self.revoked.items():
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+        return builder.sign(self.ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
     def ca_pem(self) -> bytes:
         return self.ca_cert.public_bytes(serialization.Encoding.PEM)
+
+    def write_trust(self, directory: str | Path) -> Path:
+        """A trust directory (``IDP_MOBILEID_TRUST``) in which this CA issues personal certificates."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "ca.pem").write_bytes(self.ca_pem())
+        (directory / "anchors.toml").write_text(
+            '# The mobile-ID simulator\'s CA (deploy/dev/mobileid_sim.py): a test CA, never in production.\n'
+            '[[anchor_set]]\nname = "mobileid-simulator"\nkinds = ["personal"]\n'
+            'roots = ["ca.pem"]\nissuers = ["ca.pem"]\n', "utf-8")
+        return directory
 
     def _load(self, stem: str):
         if not self.dir or not (self.dir / f"{stem}.pem").exists():
@@ -368,6 +416,19 @@ class MobileIdSimulator:
                 (self.faults.add if on else self.faults.discard)(name)
             return JSONResponse(sorted(self.faults))
 
+        async def revoke(request: Request) -> Response:
+            id_num = str((await request.json()).get("id_num", ""))
+            if not national_id.is_valid(id_num):
+                return JSONResponse({"error": "id_num is not a valid national ID number"}, 400)
+            self.pki.revoke(id_num, dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc))
+            return JSONResponse({"revoked": id_num})
+
+        async def crl(request: Request) -> Response:
+            if "crl_unavailable" in self.faults:
+                return PlainTextResponse("CRL server down", 503)
+            now = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
+            return Response(self.pki.crl(now), media_type="application/pkix-crl")
+
         async def page(request: Request) -> Response:
             return HTMLResponse(self._page(request.query_params.get("said", "")))
 
@@ -376,6 +437,7 @@ class MobileIdSimulator:
             Route("/sim/", page), Route("/sim/answer", answer, methods=["POST"]),
             Route("/sim/faults", faults, methods=["POST"]),
             Route("/sim/ca.pem", lambda r: Response(self.pki.ca_pem(), media_type="application/x-pem-file")),
+            Route("/sim/moica.crl", crl), Route("/sim/revoke", revoke, methods=["POST"]),
             Route("/healthz", lambda r: PlainTextResponse("ok")),
         ])
 
@@ -415,15 +477,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8010)
     parser.add_argument("--sp-service-id", default=os.environ.get("IDP_MOBILEID_SP_SERVICE_ID", DEV_SP_SERVICE_ID))
     parser.add_argument("--key", default=os.environ.get("IDP_MOBILEID_KEY", DEV_KEY), help="64 hex digits or base64")
-    parser.add_argument("--state-dir", default=None, help="keep the CA and citizens here across restarts")
+    parser.add_argument("--state-dir", default="var/mobileid-sim", help="the CA, citizens and trust directory")
     args = parser.parse_args(argv)
-    sim = MobileIdSimulator({args.sp_service_id: checksum.parse_key(args.key)}, pki=Pki(args.state_dir))
     base = f"http://{args.host}:{args.port}"
+    pki = Pki(args.state_dir, crl_url=f"{base}/sim/moica.crl")
+    trust = pki.write_trust(Path(args.state_dir) / "trust")
+    sim = MobileIdSimulator({args.sp_service_id: checksum.parse_key(args.key)}, pki=pki)
     print(f"mobile-ID simulator on {base}/moise/sp/  (the phone: {base}/sim/)\n"
           f"  IDP_MOBILEID_URL={base}/moise/sp/\n  IDP_MOBILEID_SP_SERVICE_ID={args.sp_service_id}\n"
           f"  IDP_MOBILEID_KEY={args.key if args.key == DEV_KEY else '<the --key>'}\n"
-          f"  IDP_MOBILEID_TRUST=<{base}/sim/ca.pem saved as a file>"
-          + (f" = {Path(args.state_dir) / 'ca.pem'}" if args.state_dir else ""), flush=True)
+          f"  IDP_MOBILEID_TRUST={trust}", flush=True)
     uvicorn.run(sim.app(), host=args.host, port=args.port, log_level="warning")
 
 

@@ -14,7 +14,8 @@ Decisions:
 - **amr** ``["hwk", "user"]`` (RFC 8176). ``hwk``: the certificate's key is
   held by the phone's secure hardware (the MOICA app keeps it in the
   keystore/secure element) and proven by its signature over our fresh
-  ``sign_data``, verified with the certificate chained to MOICA;
+  ``sign_data``, verified with the certificate chained to MOICA, not revoked
+  (``idp.pki``, as the card login);
   ``user``: the app signs only after the holder's biometric or device
   passcode (the seed's step 11). The flow adds ``mfa``; ``hwk`` is in
   ``acr.CERTIFICATE_AMR``, so the login earns ``urn:idp:loa:3`` and satisfies
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import secrets
 
 from sqlalchemy import select
@@ -57,6 +57,7 @@ from idp.factors.totp import qr_svg
 from idp.mobileid import MobileIdConfig, MobileIdConnector, MobileIdError, Ticket, Verified, checksum
 from idp.mobileid import errors as e
 from idp.mobileid.national_id import InvalidNationalId, validate
+from idp.pki import load_trust
 from idp.storage.models import Account
 from idp.web.pages import who
 
@@ -69,6 +70,8 @@ FAILURES = {  # connector errors -> message keys
     e.Denied: "mobileid.denied",
     e.Expired: "mobileid.expired",
     e.ServiceUnavailable: "mobileid.unavailable",
+    e.CertificateInvalid: "mobileid.certificate_invalid",
+    e.RevocationUnavailable: "mobileid.revocation_unavailable",
 }
 
 try:  # the project depends on httpx2; plain httpx has the same API
@@ -77,18 +80,20 @@ except ImportError:  # pragma: no cover
     import httpx
 
 
-def build_connector(settings, clock) -> MobileIdConnector | None:
-    """The connector of ``IDP_MOBILEID_*``; None when the URL is empty (the factor is off)."""
+def build_connector(svc) -> MobileIdConnector | None:
+    """The connector of ``IDP_MOBILEID_*``; None when the URL is empty (the factor is off).
+    The holder's certificate is checked by the card login's validator and revocation checker."""
+    settings = svc.settings
     if not settings.mobileid_url:
         return None
     config = MobileIdConfig(
         service_url=settings.mobileid_url, sp_service_id=settings.mobileid_sp_service_id,
         key=checksum.parse_key(settings.mobileid_key), time_limit=settings.mobileid_time_limit,
-        trust=tuple(p for p in settings.mobileid_trust.split(os.pathsep) if p),
     )
+    trust = load_trust(settings.mobileid_trust) if settings.mobileid_trust else svc.pki_trust
     # No kept-alive connections: a pooled connection belongs to one event loop.
     http = httpx.AsyncClient(timeout=config.timeout, limits=httpx.Limits(max_keepalive_connections=0))
-    return MobileIdConnector(config, http=http, clock=clock)
+    return MobileIdConnector(config, trust=trust, revocation=svc.revocation, http=http, clock=svc.clock)
 
 
 def seconds_left(svc, state: dict) -> int:

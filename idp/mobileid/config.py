@@ -1,6 +1,7 @@
 """Settings of the mobile-ID connector.
 
-Not yet in ``idp/settings.py``; these are the names to add there::
+``from_env`` reads these (``idp/settings.py`` has the same names, and
+``IDP_MOBILEID_TRUST`` for the anchors the holder's certificate must chain to)::
 
     IDP_MOBILEID_URL            service base URL, path prefix included, e.g.
                                 https://fidoapi-test.moi.gov.tw/moise/sp/
@@ -8,8 +9,6 @@ Not yet in ``idp/settings.py``; these are the names to add there::
     IDP_MOBILEID_KEY            the SP's AES-256 key: 64 hex digits or base64
     IDP_MOBILEID_TIME_LIMIT     seconds a request lives, 30..600 (default 180: the
                                 seed's 3-minute countdown)
-    IDP_MOBILEID_TRUST          PEM files or directories of trusted CAs, separated
-                                by os.pathsep (default keys/trust: MOICA G2/G3)
     IDP_MOBILEID_HINT           text the app shows with the request
     IDP_MOBILEID_POLL_INTERVAL  seconds between result polls, never below 4
 """
@@ -32,7 +31,6 @@ class MobileIdConfig:
     sp_service_id: str
     key: bytes = field(repr=False)
     time_limit: int = 180
-    trust: tuple[str, ...] = ()
     hint: str = "登入驗證 / Login"
     device_user_def_desc: str = ""
     poll_interval: float = MIN_POLL_INTERVAL
@@ -52,13 +50,11 @@ class MobileIdConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "MobileIdConfig":
         env = os.environ if env is None else env
-        trust = env.get("IDP_MOBILEID_TRUST", "keys/trust")
         return cls(
             service_url=env["IDP_MOBILEID_URL"],
             sp_service_id=env["IDP_MOBILEID_SP_SERVICE_ID"],
             key=checksum.parse_key(env["IDP_MOBILEID_KEY"]),
             time_limit=int(env.get("IDP_MOBILEID_TIME_LIMIT", "180")),
-            trust=tuple(p for p in trust.split(os.pathsep) if p),
             hint=env.get("IDP_MOBILEID_HINT", cls.hint),
             poll_interval=float(env.get("IDP_MOBILEID_POLL_INTERVAL", MIN_POLL_INTERVAL)),
         )

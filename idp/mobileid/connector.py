@@ -11,7 +11,8 @@ carries what a later poll needs, including when it last polled, so the login
 flow stores it with its transaction and any process can poll. Polls closer than
 ``poll_interval`` (>= 4 s) answer ``Pending`` without calling the service.
 A result is returned only when its idp_checksum, the holder's signature over
-our sign_data, the certificate's chain to the trust set and the identity all
+our sign_data, the certificate (path to a pinned MOICA issuer, key usage and
+revocation: ``idp.pki``, the card login's own validator) and the identity all
 check out, and the ticket has not expired; anything else raises a named
 ``MobileIdError``.
 """
@@ -28,10 +29,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from cryptography import x509
-
+from idp import pki
 from idp.clock import Clock
-from idp.mobileid import certs, checksum
+from idp.mobileid import checksum
 from idp.mobileid import errors as e
 from idp.mobileid.config import TIME_LIMIT_RANGE, MobileIdConfig
 
@@ -39,8 +39,6 @@ try:  # the project depends on httpx2; plain httpx has the same API
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     import httpx
-
-ChainValidator = Callable[[x509.Certificate, dt.datetime], list[x509.Certificate]]
 
 GET_SP_TICKET = "getSpTicket"
 REQUEST_PUSH = "requestAthOrSignPush"
@@ -81,19 +79,16 @@ class Verified:
     national_id: str
     transaction_id: str
     hashed_id_num: str
-    certificate: x509.Certificate
-    chain: list[x509.Certificate] = field(repr=False)
+    identity: pki.CertificateIdentity = field(repr=False)  # the holder's certificate, verified
     signed_response: str = field(repr=False, default="")
 
     @property
     def name(self) -> str | None:
-        found = self.certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        return str(found[0].value) if found else None
+        return self.identity.subject_cn
 
     @property
     def card_serial(self) -> str | None:
-        found = self.certificate.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)
-        return str(found[0].value) if found else None
+        return self.identity.subject_serial_number
 
 
 def new_sign_data() -> str:
@@ -116,14 +111,26 @@ def decode_ticket(sp_ticket: str) -> dict:
         raise e.ServiceError(f"unreadable sp_ticket: {exc}") from None
 
 
+# idp.pki refusals -> this package's errors (the signature is over our sign_data: PKCS#1).
+PKI_ERRORS: dict[str, type[e.MobileIdError]] = {
+    "bad_format": e.BadSignature, "signature_invalid": e.BadSignature, "challenge_mismatch": e.BadSignature,
+    "untrusted": e.UntrustedCertificate, "key_usage": e.UntrustedCertificate,
+    "expired": e.CertificateInvalid, "not_yet_valid": e.CertificateInvalid, "revoked": e.CertificateInvalid,
+    "revocation_unavailable": e.RevocationUnavailable,
+}
+
+
 class MobileIdConnector:
-    def __init__(self, config: MobileIdConfig, *, http: httpx.AsyncClient | None = None,
-                 clock: Callable[[], float] | None = None, validate_chain: ChainValidator | None = None):
+    """``trust`` and ``revocation``: the ``idp.pki`` anchor sets (a set serving personal
+    accounts must pin the holder's issuer, MOICA) and revocation checker (CRL cache, policy)."""
+
+    def __init__(self, config: MobileIdConfig, *, trust: pki.TrustStore, revocation: pki.RevocationChecker,
+                 http: httpx.AsyncClient | None = None, clock: Callable[[], float] | None = None):
         self.config = config
         self.clock = clock or Clock()
         self.http = http or httpx.AsyncClient(timeout=config.timeout)
         self._own_http = http is None
-        self.validate_chain = validate_chain or certs.TrustSet(certs.load_trust(config.trust)).validate_chain
+        self.trust, self.revocation = trust, revocation
 
     async def aclose(self) -> None:
         if self._own_http:
@@ -214,9 +221,9 @@ class MobileIdConnector:
             return Pending(retry_after=self.config.poll_interval, service_code=code)
         if code != "0":
             raise e.from_service(code, answer.get("error_message"))
-        return self._verify(ticket, code, answer.get("result") or {})
+        return await self._verify(ticket, code, answer.get("result") or {})
 
-    def _verify(self, ticket: Ticket, code: str, result: dict) -> Verified:
+    async def _verify(self, ticket: Ticket, code: str, result: dict) -> Verified:
         hashed, signed = str(result.get("hashed_id_num", "")), str(result.get("signed_response", ""))
         if not checksum.verify(self.config.key, str(result.get("idp_checksum", "")),
                                ticket.transaction_id, code, hashed, signed):
@@ -226,18 +233,21 @@ class MobileIdConnector:
             raise e.Expired()
         if ticket.hashed_id_num and not _same(hashed, ticket.hashed_id_num):
             raise e.IdentityMismatch("hashed_id_num differs from the ticket's")
-        cert = certs.load_certificate(str(result.get("cert", "")))
-        chain = self.validate_chain(cert, dt.datetime.fromtimestamp(now, dt.timezone.utc))
         try:
             signature = base64.b64decode(signed, validate=True)
         except (ValueError, binascii.Error):
             raise e.BadSignature("signed_response is not base64") from None
-        certs.verify_signature(cert, signed_bytes(ticket.sign_data, ticket.tbs_encoding), signature)
-        last_four = certs.id_last_four(cert)
-        if last_four is not None and last_four != ticket.national_id[-4:]:
+        try:
+            identity = await pki.verify_signature(
+                signature, signed_bytes(ticket.sign_data, ticket.tbs_encoding), certificate=str(result.get("cert", "")),
+                trust=self.trust, revocation=self.revocation, now=dt.datetime.fromtimestamp(now, dt.timezone.utc),
+                kind="personal")
+        except pki.PKIError as exc:
+            raise PKI_ERRORS.get(exc.code, e.UntrustedCertificate)(f"{exc.code}: {exc}") from None
+        if identity.id_last4 is not None and not _same(identity.id_last4, ticket.national_id[-4:]):
             raise e.IdentityMismatch("the certificate's ID digits differ from the ID asked")
         return Verified(national_id=ticket.national_id, transaction_id=ticket.transaction_id,
-                        hashed_id_num=hashed, certificate=cert, chain=chain, signed_response=signed)
+                        hashed_id_num=hashed, identity=identity, signed_response=signed)
 
     # -- plumbing --------------------------------------------------------------------------
     def _checksum(self, *fields: str) -> str:

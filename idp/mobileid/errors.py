@@ -69,6 +69,18 @@ class UntrustedCertificate(MobileIdError):
     message = "The certificate from the phone is not issued by a trusted authority."
 
 
+class CertificateInvalid(MobileIdError):
+    """Expired, not yet valid or revoked: the card login's "certificate invalid"."""
+    code = "mobileid.certificate_invalid"
+    message = "The certificate from the phone is expired or revoked."
+
+
+class RevocationUnavailable(MobileIdError):
+    """No trustworthy revocation answer and ``IDP_REVOCATION`` is hard-fail."""
+    code = "mobileid.revocation_unavailable"
+    message = "Whether the certificate from the phone is revoked cannot be checked now."
+
+
 class IdentityMismatch(MobileIdError):
     code = "mobileid.identity_mismatch"
     message = "The answer is for a different person than the one asked."

@@ -21,6 +21,10 @@ The web layer needs four names::
     who.id_last4               # compare with the account's ID number, when it has one
     who.anchor_set, who.kinds  # which configured set matched; kinds it may log in
 
+``verify_certificate(cert, trust=..., revocation=..., now=..., kind=...)`` runs the
+same path, key-usage and revocation checks on a certificate whose key was proven
+elsewhere (the TLS client-certificate mode: a proxy verified the handshake).
+
 Accepted forms: CMS SignedData (attached eContent, or detached with the
 challenge supplied here), signed attributes with messageDigest, SHA-256/384/512,
 RSA PKCS#1 v1.5, RSA-PSS or ECDSA as the key dictates, signer by
@@ -41,11 +45,11 @@ from .errors import (
 )
 from .revocation import RevocationChecker, RevocationPolicy, RevocationStatus
 from .trust import AnchorSet, TrustStore, check_issuers, load_trust
-from .verify import CertificateIdentity, directory_attributes, verify_signature
+from .verify import CertificateIdentity, directory_attributes, verify_certificate, verify_signature
 
 __all__ = [
     "AnchorSet", "BadFormat", "CertificateIdentity", "ChallengeMismatch", "Expired", "KeyUsage", "NotYetValid",
     "PKIError", "RevocationChecker", "RevocationPolicy", "RevocationStatus", "RevocationUnavailable", "Revoked",
     "SignatureInvalid", "TrustStore", "Untrusted", "check_issuers", "directory_attributes", "load_trust",
-    "verify_signature",
+    "verify_certificate", "verify_signature",
 ]

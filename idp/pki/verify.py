@@ -46,7 +46,7 @@ class CertificateIdentity:
     kinds: frozenset[str]  # account kinds the anchor set serves
     fingerprint_sha256: str
     signing_time: datetime | None  # claimed by the client's clock: informative only
-    form: str  # "cms" | "pkcs1"
+    form: str  # "cms" | "pkcs1" (a signature over our challenge) | "tls" (a proxy's handshake)
     revocation: RevocationStatus
     certificate: bytes  # DER, for the audit log
 
@@ -277,7 +277,23 @@ async def verify_signature(signed: bytes | str, challenge: bytes, *, trust: Trus
         leaf, signing_time, form = supplied, None, "pkcs1"
     else:
         raise errors.BadFormat("neither CMS SignedData nor a PKCS#1 signature with its certificate")
+    return await _check_certificate(leaf, trust, revocation, now, kind, form, signing_time)
+
+
+async def _check_certificate(leaf: x509.Certificate, trust: TrustStore, revocation: RevocationChecker,
+                             now: datetime, kind: str | None, form: str, signing_time=None) -> CertificateIdentity:
     aset, ca = await _validate_path(leaf, trust, kind, now)
     _check_key_usage(leaf)
     status = await revocation.check(leaf, ca, now)
     return _identity(leaf, aset, signing_time, form, status)
+
+
+async def verify_certificate(certificate: bytes | str | x509.Certificate, *, trust: TrustStore,
+                             revocation: RevocationChecker, now: datetime, kind: str | None = None,
+                             form: str = "tls") -> CertificateIdentity:
+    """The path, key usage and revocation checks of ``verify_signature`` for a certificate
+    whose key was proven some other way: a TLS handshake that a terminating proxy verified
+    (``form="tls"``). The caller vouches for that proof; this checks whose key it is."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return await _check_certificate(_certificate(certificate), trust, revocation, now, kind, form)

@@ -10,7 +10,9 @@
                       synced passkey, see ``idp.factors.passkey``)
 ``urn:idp:loa:3``     a certificate proven with its private key: the MOICA
                       natural-person card or an organisation (XCA/GCA) card
-                      with its PIN, or the mobile natural-person certificate
+                      with its PIN (through the HiPKI component, or in the TLS
+                      handshake to a terminating proxy: amr ``sc pin`` either
+                      way), or the mobile natural-person certificate
 ====================  =====================================================
 
 A client asks for a level with ``acr_values`` or sets ``minimum_acr`` in its

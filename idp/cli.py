@@ -33,14 +33,15 @@ def _fail(message: str) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    # X-Forwarded-* are the app's to apply (IDP_TRUSTED_PROXIES, idp.web.proxies): it must see the socket peer.
     if args.workers > 1:
         # Each worker migrates on start; the migration lock makes that safe.
         uvicorn.run("idp.web.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                    proxy_headers=True, access_log=False)
+                    proxy_headers=False, access_log=False)
     else:
         from idp.web.app import create_app
 
-        uvicorn.run(create_app(), host=args.host, port=args.port, proxy_headers=True, access_log=False)
+        uvicorn.run(create_app(), host=args.host, port=args.port, proxy_headers=False, access_log=False)
     return 0
 
 

@@ -51,10 +51,15 @@ class Services:
     def pki_trust(self):
         """The certificate-login trust anchors (``IDP_TRUST_DIR``), read at first use."""
         if self._pki_trust is None:
-            from idp.pki import load_trust
-
-            self._pki_trust = load_trust(self.settings.trust_dir)
+            self.load_trust()
         return self._pki_trust
+
+    def load_trust(self) -> None:
+        """Read the trust anchors now: the web app does at start, so that a missing or empty
+        trust directory stops it with a clear error rather than failing the first card login."""
+        from idp.pki import load_trust
+
+        self._pki_trust = load_trust(self.settings.trust_dir)
 
     @property
     def revocation(self):
@@ -65,7 +70,8 @@ class Services:
 
             # No kept-alive connections: a pooled connection belongs to one event loop.
             http = httpx.AsyncClient(follow_redirects=False, limits=httpx.Limits(max_keepalive_connections=0))
-            self._revocation = RevocationChecker(RevocationPolicy(mode=self.settings.revocation), http)
+            self._revocation = RevocationChecker(RevocationPolicy(mode=self.settings.revocation), http,
+                                                 self.settings.crl_cache_dir or None)
         return self._revocation
 
     @property

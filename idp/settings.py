@@ -127,10 +127,29 @@ class Settings:
         "cross-platform web component, or `clients/hipki_signer`): its origin, no path.",
         "http://localhost:61161",
     )
+    crl_cache_dir: str = _doc(
+        "Where downloaded CRLs are kept, so that a restart does not download MOICA's 100k-entry CRL again "
+        "(a kept CRL is believed only after its signature verifies, and while fresh). Processes may share it. "
+        "Empty: in memory only.",
+        "var/crl",
+    )
     revocation: Literal["hard-fail", "soft-fail"] = _doc(
         "Certificate login when no trustworthy OCSP/CRL answer can be had: refuse it (`hard-fail`) or "
         "let it through with a warning in the log (`soft-fail`). A revoked certificate is always refused.",
         "hard-fail",
+    )
+    trusted_proxies: str = _doc(
+        "Addresses or CIDR networks of the reverse proxies in front of the provider, separated by commas. "
+        "A request whose socket peer is one of them has its client address and scheme taken from "
+        "`X-Forwarded-For`/`X-Forwarded-Proto`, and its `IDP_CLIENT_CERT_HEADER` believed. Empty: no proxy.",
+        "127.0.0.1",
+    )
+    client_cert_header: str = _doc(
+        "TLS client-certificate login for managed desktops (SPEC A3): the request header in which the "
+        "terminating proxy forwards the client certificate it verified, as URL-escaped PEM (nginx: "
+        "`$ssl_client_escaped_cert`, see `deploy/nginx/client-cert.conf`), e.g. `X-SSL-Client-Cert`. Believed "
+        "only from `IDP_TRUSTED_PROXIES`. Empty: that login is switched off.",
+        "",
     )
 
     mobileid_url: str = _doc(

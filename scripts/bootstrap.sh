@@ -50,7 +50,8 @@ fi
 if [ "$with_test" = 1 ] && ! command -v softhsm2-util >/dev/null 2>&1; then
   pkgs+=(softhsm2 opensc)
 fi
-# tests/test_deploy.py checks deploy/nginx/nginx.conf with the real `nginx -t`.
+# tests/test_deploy.py checks deploy/nginx/nginx.conf with the real `nginx -t`; the TLS
+# client-certificate test runs it in front of the provider (deploy/nginx/client-cert.conf).
 if [ "$with_test" = 1 ] && [ ! -x /usr/sbin/nginx ]; then
   pkgs+=(nginx)
 fi

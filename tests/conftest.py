@@ -65,7 +65,7 @@ def settings_for(backend, request, tmp_path):
         # Protocol tests log in with the password alone; the two-factor policy
         # (mfa, SPEC M1) is switched on by the tests of that policy.
         values = dict(database_url=db, redis_url=kv, keys_dir=str(tmp_path / "keys"), captcha="off",
-                      issuer="http://idp.test", mfa=False)
+                      issuer="http://idp.test", mfa=False, crl_cache_dir=str(tmp_path / "crl"))
         values.update(overrides)
         return Settings.from_env({}, **values)
 

@@ -6,6 +6,7 @@ import base64
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
@@ -65,3 +66,13 @@ def start_test_pki(directory: Path) -> TestPKI:
     manifest = testpki.generate(directory, server.url)
     server.load(directory).start()
     return TestPKI(directory, manifest, server)
+
+
+@pytest.fixture(scope="module")
+def tpki(tmp_path_factory):
+    """The test PKI and its OCSP/CRL responders, for one test module."""
+    p = start_test_pki(tmp_path_factory.mktemp("pki"))
+    try:
+        yield p
+    finally:
+        p.server.stop()

@@ -19,21 +19,12 @@ from sqlalchemy import select
 
 from idp.storage.models import AuditEvent, Binding
 from tests.harness import callback, forms, redeem
-from tests.pki_fixtures import start_test_pki
+from tests.pki_fixtures import tpki  # noqa: F401 (the module's test PKI)
 from tests.test_account import _notice, _signed_in
 from tests.test_totp import _bind, _code, _error
 
 INVALID = "憑證無效，請至內政部憑證管理中心網站查詢憑證狀態"
 LOA3 = "urn:idp:loa:3"
-
-
-@pytest.fixture(scope="module")
-def tpki(tmp_path_factory):
-    p = start_test_pki(tmp_path_factory.mktemp("pki"))
-    try:
-        yield p
-    finally:
-        p.server.stop()
 
 
 @pytest.fixture

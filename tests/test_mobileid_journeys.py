@@ -81,7 +81,7 @@ def servers(tmp_path_factory):
         sim.pki.crl_url = sim.url + "/sim/moica.crl"  # checked at each login (IDP_REVOCATION hard-fail)
         stack.enter_context(live.serve(sim.app(), sim_sock, sim.url, health="/sim/ca.pem"))
         settings = Settings.from_env(
-            {}, issuer=url, database_url=f"sqlite:///{tmp}/idp.sqlite3", redis_url="", keys_dir=str(tmp / "keys"),
+            {}, issuer=url, database_url=f"sqlite:///{tmp}/idp.sqlite3", redis_url="", keys_dir=str(tmp / "keys"), crl_cache_dir=str(tmp / "crl"),
             captcha="always", mfa=True, mobileid_url=sim.url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
             mobileid_key=KEY.hex(), mobileid_trust=str(trust), mobileid_time_limit=TIME_LIMIT)
         app = create_app(settings, clock)

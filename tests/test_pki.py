@@ -22,22 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from deploy.dev import testpki
 from idp import pki
 from idp.pki import revocation as rev
-from tests.pki_fixtures import start_test_pki
+from tests.pki_fixtures import tpki  # noqa: F401 (the module's test PKI)
 
 CHALLENGE = b"idp-login:3f6c1d0e9a7b4e21"
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def tpki(tmp_path_factory):
-    p = start_test_pki(tmp_path_factory.mktemp("pki"))
-    try:
-        yield p
-    finally:
-        p.server.stop()
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trust(tpki):
     return pki.load_trust(tpki.dir / "trust")
 

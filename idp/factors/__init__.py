@@ -65,6 +65,7 @@ from idp.factors.certificate import CERTIFICATE  # noqa: E402
 from idp.factors.federation import GOOGLE  # noqa: E402
 from idp.factors.push import PUSH  # noqa: E402
 from idp.factors.passkey import PASSKEY  # noqa: E402
+from idp.factors.tls_certificate import TLS_CERTIFICATE  # noqa: E402
 
 # The order is the order of preference: a bound passkey is offered before OTP.
-FACTORS = {f.name: f for f in (PASSWORD, PASSKEY, TOTP, PUSH, ONE_DAY, CERTIFICATE, MOBILEID, GOOGLE)}
+FACTORS = {f.name: f for f in (PASSWORD, PASSKEY, TOTP, PUSH, ONE_DAY, CERTIFICATE, TLS_CERTIFICATE, MOBILEID, GOOGLE)}

@@ -138,6 +138,12 @@ class CertificateFactor:
         return {"challenge": issue_challenge(svc, "tx:" + tx["id"]), **component(svc)}
 
     async def verify(self, request, svc, tx, form) -> Outcome:
+        return await self.login(request, svc, tx, lambda kind: check_signature(svc, form, "tx:" + tx["id"], kind))
+
+    async def login(self, request, svc, tx, check) -> Outcome:
+        """The account a proven certificate is bound to: lockout, binding and kind rules.
+        ``check(kind)`` -> (identity, error) proves it (here a card's signature; the TLS
+        client-certificate mode: a proxy's handshake)."""
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         known = tx.get("account")
         lockout = svc.lockout
@@ -148,7 +154,7 @@ class CertificateFactor:
             kind = await run_in_threadpool(_kind_of, svc, known)
         else:
             kind = None
-        identity, error = await check_signature(svc, form, "tx:" + tx["id"], kind)
+        identity, error = await check(kind)
         if error is not None:
             return await run_in_threadpool(self._failed, svc, known, tx.get("username"), error, seen)
         account = await run_in_threadpool(_bound_account, svc, binding_id(identity))

@@ -12,7 +12,10 @@ Policy (``RevocationPolicy.mode``):
 CRLs are downloaded once per ``nextUpdate`` and indexed by serial number:
 MOICA's complete CRL lists over 100k certificates, so the entries are walked
 once with a minimal DER reader (asn1crypto would build 100k objects) into a
-dict, and a login costs one dict lookup. Responses (CRLs and OCSP) are only
+dict, and a login costs one dict lookup. With a ``directory``, each downloaded
+CRL is also kept on disk (one file per URL), so a restarted process reads it
+back instead of downloading it again; a file is believed only as a download
+is: after its signature verifies against the issuing CA, and while fresh. Responses (CRLs and OCSP) are only
 believed after their signature verifies against the issuing CA, or for OCSP
 a responder certificate that CA delegated with id-kp-OCSPSigning.
 """
@@ -25,11 +28,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from asn1crypto import algos, crl, ocsp, x509
 
 from . import sig
 from .errors import Revoked, RevocationUnavailable
+from .trust import same_name
 
 try:  # the project depends on httpx2; plain httpx has the same API
     import httpx2 as httpx
@@ -120,7 +125,7 @@ def parse_crl(der: bytes, issuer: x509.Certificate, url: str = "") -> IndexedCRL
     """Verify a CRL's signature against ``issuer`` and index it (CPU-bound: run in a thread)."""
     cl = crl.CertificateList.load(der)
     tbs = cl["tbs_cert_list"]
-    if tbs["issuer"] != issuer.subject:
+    if not same_name(tbs["issuer"], issuer.subject):
         raise ValueError("CRL issuer is not the certificate's issuer")
     aki = cl.authority_key_identifier
     if aki is not None and issuer.key_identifier is not None and aki != issuer.key_identifier:
@@ -141,9 +146,10 @@ def parse_crl(der: bytes, issuer: x509.Certificate, url: str = "") -> IndexedCRL
 class CRLCache:
     """Downloaded, verified, indexed CRLs by URL, refreshed after their nextUpdate."""
 
-    def __init__(self, http: httpx.AsyncClient, policy: RevocationPolicy):
+    def __init__(self, http: httpx.AsyncClient, policy: RevocationPolicy, directory: str | Path | None = None):
         self.http = http
         self.policy = policy
+        self.directory = Path(directory) if directory else None
         self._crls: dict[str, IndexedCRL] = {}
         self._failed: dict[str, datetime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -153,12 +159,19 @@ class CRLCache:
 
     async def get(self, url: str, issuer: x509.Certificate, now: datetime) -> IndexedCRL:
         c = self._crls.get(url)
-        if self._fresh(c, now) and c.issuer == issuer.subject:
+        if self._fresh(c, now) and same_name(c.issuer, issuer.subject):
             return c
         async with self._locks.setdefault(url, asyncio.Lock()):
             c = self._crls.get(url)
-            if self._fresh(c, now) and c.issuer == issuer.subject:
+            if self._fresh(c, now) and same_name(c.issuer, issuer.subject):
                 return c
+            if self.directory is not None:  # kept by an earlier run, or a newer one by another process
+                c = await asyncio.to_thread(self._read, url, issuer, now)
+                if c is not None:
+                    self._crls[url] = c
+                    log.info("CRL %s read from %s: %d entries, next update %s", url, self.directory, len(c),
+                             c.next_update)
+                    return c
             failed = self._failed.get(url)
             if failed is not None and now - failed < self.policy.retry_after:
                 raise _Unavailable(f"CRL {url} failed recently")
@@ -176,7 +189,36 @@ class CRLCache:
                 raise _Unavailable(f"CRL {url} is stale (nextUpdate {c.next_update})")
             self._crls[url] = c
             log.info("CRL %s loaded: %d entries, next update %s", url, len(c), c.next_update)
+            if self.directory is not None:
+                await asyncio.to_thread(self.keep, url, resp.content)
             return c
+
+    def _file(self, url: str) -> Path:
+        return self.directory / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".crl")
+
+    def _read(self, url: str, issuer: x509.Certificate, now: datetime) -> IndexedCRL | None:
+        """The kept CRL of ``url``, if it verifies and is fresh (else None: download)."""
+        path = self._file(url)
+        try:
+            c = parse_crl(path.read_bytes(), issuer, url)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # a CA re-keyed, a truncated file: download instead
+            log.warning("kept CRL %s for %s not used: %s", path, url, exc)
+            return None
+        return c if self._fresh(c, now) and c.this_update <= now + self.policy.skew else None
+
+    def keep(self, url: str, der: bytes) -> None:
+        """Keep a CRL for ``url`` on disk (a verified download, or one an operator fetched: it is
+        verified when read). Written aside and renamed, as processes share the directory."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self._file(url)
+            part = path.with_name(f".{path.name}.{os.getpid()}")
+            part.write_bytes(der)
+            part.replace(path)
+        except OSError as exc:  # the cache is an optimisation: the login goes on
+            log.warning("CRL %s not kept in %s: %s", url, self.directory, exc)
 
 
 # -- OCSP ------------------------------------------------------------------
@@ -218,14 +260,14 @@ def _responder_key(basic: ocsp.BasicOCSPResponse, issuer: x509.Certificate, now:
     def named(c: x509.Certificate) -> bool:
         if rid.name == "by_key":
             return rid.chosen.native == c.public_key.sha1
-        return rid.chosen == c.subject
+        return same_name(rid.chosen, c.subject)
 
     if named(issuer):
         return issuer.public_key
     for c in basic["certs"] or []:
         if not named(c):
             continue
-        if c.issuer != issuer.subject or not _signed_by(c, issuer):
+        if not same_name(c.issuer, issuer.subject) or not _signed_by(c, issuer):
             raise ValueError("OCSP responder certificate not issued by the certificate's CA")
         if "ocsp_signing" not in (c.extended_key_usage_value.native if c.extended_key_usage_value else []):
             raise ValueError("OCSP responder certificate lacks id-kp-OCSPSigning")
@@ -282,10 +324,11 @@ def check_ocsp_response(der: bytes, cert: x509.Certificate, issuer: x509.Certifi
 class RevocationChecker:
     """Checks a leaf against its issuing CA under one policy; holds the CRL cache."""
 
-    def __init__(self, policy: RevocationPolicy | None = None, http: httpx.AsyncClient | None = None):
+    def __init__(self, policy: RevocationPolicy | None = None, http: httpx.AsyncClient | None = None,
+                 crl_dir: str | Path | None = None):
         self.policy = policy or RevocationPolicy()
         self.http = http or httpx.AsyncClient(follow_redirects=False)
-        self.crls = CRLCache(self.http, self.policy)
+        self.crls = CRLCache(self.http, self.policy, crl_dir)
 
     async def aclose(self):
         await self.http.aclose()

@@ -20,14 +20,29 @@ is built only from these files.
 
 from __future__ import annotations
 
+import functools
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from asn1crypto import pem, x509
 
 KINDS = frozenset({"personal", "aa"})
+MAX_REMEMBERED = 50_000  # validated paths kept per process (a few MB)
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_key(der: bytes) -> str:
+    return x509.Name.load(der).hashable
+
+
+def same_name(a: x509.Name, b: x509.Name) -> bool:
+    """RFC 5280 name equality, fast. asn1crypto's ``==`` string-preps every value
+    (about a millisecond for a Chinese DN) on each call; the names a login compares
+    are a few CA names, so: the same bytes, or the prepared form cached per encoding."""
+    da, db = a.dump(), b.dump()
+    return da == db or _name_key(da) == _name_key(db)
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,7 @@ class AnchorSet:
         MOICA G2 and G3 share one DN: the key identifier tells them apart."""
         aki = leaf.authority_key_identifier
         for ca in self.issuers:
-            if ca.subject != leaf.issuer:
+            if not same_name(ca.subject, leaf.issuer):
                 continue
             if aki is None or ca.key_identifier is None or ca.key_identifier == aki:
                 return ca
@@ -55,6 +70,15 @@ class AnchorSet:
 class TrustStore:
     sets: tuple[AnchorSet, ...]
     directory: Path | None = None
+    # (leaf SHA-256, set name) -> (from, until): a path validated once holds while every
+    # certificate on it is within its dates (the rest of the check does not depend on time),
+    # so a returning card costs a lookup here instead of a path validation.
+    validated: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def remember(self, leaf_sha256: bytes, set_name: str, start: datetime, end: datetime) -> None:
+        if len(self.validated) >= MAX_REMEMBERED:
+            self.validated.clear()
+        self.validated[(leaf_sha256, set_name)] = (start, end)
 
     def candidates(self, leaf: x509.Certificate, kind: str | None = None) -> list[tuple[AnchorSet, x509.Certificate]]:
         """Anchor sets (serving ``kind``, if given) that pin the leaf's issuer."""
@@ -85,15 +109,29 @@ def read_certificates(path: Path) -> list[x509.Certificate]:
 def load_trust(directory: str | Path) -> TrustStore:
     """Read ``anchors.toml`` and the PEMs it names; refuse anything inconsistent."""
     directory = Path(directory)
-    config = tomllib.loads((directory / "anchors.toml").read_text("utf-8"))
+    where = f"trust directory {directory.resolve()}"
+    try:
+        config = tomllib.loads((directory / "anchors.toml").read_text("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{where} has no anchors.toml (IDP_TRUST_DIR; the repository's keys/trust holds "
+                         "the real GRCA/MOICA set)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{where}: anchors.toml: {exc}") from None
+    if not config.get("anchor_set"):
+        raise ValueError(f"{where}: anchors.toml defines no [[anchor_set]]: no certificate could log in")
     sets = []
     for entry in config.get("anchor_set", []):
         name = entry["name"]
         kinds = frozenset(entry.get("kinds", []))
         if not kinds or not kinds <= KINDS:
             raise ValueError(f"anchor set {name}: kinds must be a non-empty subset of {sorted(KINDS)}")
-        roots = tuple(c for f in entry["roots"] for c in read_certificates(directory / f))
-        issuers = tuple(c for f in entry["issuers"] for c in read_certificates(directory / f))
+        try:
+            roots = tuple(c for f in entry["roots"] for c in read_certificates(directory / f))
+            issuers = tuple(c for f in entry["issuers"] for c in read_certificates(directory / f))
+        except (KeyError, OSError) as exc:
+            raise ValueError(f"{where}: anchor set {name}: {exc}") from None
+        if not roots or not issuers:
+            raise ValueError(f"{where}: anchor set {name} needs at least one root and one issuer")
         for c in roots:
             if c.self_signed == "no":
                 raise ValueError(f"anchor set {name}: root {c.subject.human_friendly} is not self-signed")

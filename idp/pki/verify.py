@@ -22,7 +22,7 @@ from pyhanko_certvalidator import errors as cv_errors
 
 from . import errors, sig
 from .revocation import RevocationChecker, RevocationStatus
-from .trust import AnchorSet, TrustStore
+from .trust import AnchorSet, TrustStore, same_name
 
 OID_ID_LAST4 = "2.16.886.1.100.2.51"  # last four digits of the national ID (MOICA)
 OID_SUBJECT_TYPE = "2.16.886.1.100.2.1"
@@ -118,7 +118,7 @@ def _signer_cert(sd: cms.SignedData, si: cms.SignerInfo, supplied: x509.Certific
     for c in candidates:
         if sid.name == "issuer_and_serial_number":
             ias = sid.chosen
-            if c.issuer == ias["issuer"] and c.serial_number == ias["serial_number"].native:
+            if c.serial_number == ias["serial_number"].native and same_name(c.issuer, ias["issuer"]):
                 return c
         elif sid.name == "subject_key_identifier" and c.key_identifier == sid.chosen.native:
             return c
@@ -202,6 +202,9 @@ async def _validate_path(leaf: x509.Certificate, trust: TrustStore, kind: str | 
                                + (f" for {kind} accounts" if kind else ""))
     failure: errors.PKIError | None = None
     for aset, ca in candidates:
+        window = trust.validated.get((leaf.sha256, aset.name))
+        if window is not None and window[0] <= now <= window[1]:
+            return aset, ca
         ctx = ValidationContext(trust_roots=list(aset.roots), other_certs=list(aset.issuers), moment=now,
                                 allow_fetching=False, revocation_mode="soft-fail")
         try:
@@ -215,10 +218,13 @@ async def _validate_path(leaf: x509.Certificate, trust: TrustStore, kind: str | 
         except (cv_errors.PathError, cv_errors.ValidationError) as exc:
             failure = failure or errors.Untrusted(str(exc))
             continue
-        issuer = list(path)[-2] if len(path) >= 2 else None
+        certs = list(path)
+        issuer = certs[-2] if len(certs) >= 2 else None
         if issuer is None or issuer.dump() != ca.dump():
             failure = failure or errors.Untrusted("path does not go through the pinned issuing CA")
             continue
+        trust.remember(leaf.sha256, aset.name, max(c.not_valid_before for c in certs),
+                       min(c.not_valid_after for c in certs))
         return aset, ca
     raise failure
 

@@ -23,6 +23,7 @@ from idp.web import federation as federation_pages
 from idp.web import mobileid as mobileid_pages
 from idp.web import passkeys as passkey_pages
 from idp.web import push as push_pages
+from idp.web import proxies
 from idp.web.pages import error_page
 
 log = logging.getLogger("idp")
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     svc = services or Services(settings or Settings.from_env(), clock)
     logs.configure(svc.settings.log_format, svc.settings.log_level)
     svc.start()
+    svc.load_trust()
     routes = [
         Route("/.well-known/openid-configuration", oidc.discovery),
         Route("/jwks", oidc.jwks),
@@ -129,7 +131,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         finally:
             svc.backchannel.stop()
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error}, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error}, lifespan=lifespan,
+                    middleware=proxies.middleware(svc.settings.trusted_proxies))
     app.state.svc = svc
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
     app.add_middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))

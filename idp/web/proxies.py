@@ -1,0 +1,66 @@
+"""Reverse proxies the provider believes (``IDP_TRUSTED_PROXIES``).
+
+Behind a proxy, some facts about a request come in headers the proxy sets:
+the client's address (``X-Forwarded-For``), the scheme, and in the TLS
+client-certificate mode the certificate the proxy verified. Anyone can send
+those headers, so they are believed only when the request's *socket peer* is
+a listed proxy. uvicorn's own proxy-header handling would replace the peer
+with the forwarded address before the app sees it, so the provider does it
+itself: ``idp serve`` turns uvicorn's off, and the app keeps the peer
+(``scope["idp.peer"]``) before applying ``X-Forwarded-*`` from the same list.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(setting: str) -> tuple[Network, ...]:
+    """The parsed ``IDP_TRUSTED_PROXIES``; a clear error for a malformed entry."""
+    out = []
+    for entry in filter(None, re.split(r"[,\s]+", setting)):
+        try:
+            out.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"IDP_TRUSTED_PROXIES: {entry!r} is not an address or CIDR network") from None
+    return tuple(out)
+
+
+class KeepPeer:
+    """ASGI middleware: remember the socket peer before X-Forwarded-For replaces ``client``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            client = scope.get("client")
+            scope["idp.peer"] = client[0] if client else None
+        await self.app(scope, receive, send)
+
+
+def middleware(setting: str) -> list[Middleware]:
+    """Outermost first: keep the peer, then take X-Forwarded-* from trusted proxies only."""
+    trusted = [str(n) for n in networks(setting)]
+    return [Middleware(KeepPeer), Middleware(ProxyHeadersMiddleware, trusted_hosts=trusted)]
+
+
+def from_trusted_proxy(request: Request, trusted: tuple[Network, ...]) -> bool:
+    """Whether the request's socket peer is one of the ``trusted`` proxies."""
+    peer = request.scope.get("idp.peer")
+    try:
+        address = ipaddress.ip_address(peer)
+    except (TypeError, ValueError):  # no peer, or a unix socket
+        return False
+    return any(address in network for network in trusted)
+
+
+def peer(request: Request) -> str | None:
+    return request.scope.get("idp.peer")

@@ -108,6 +108,8 @@ def markdown(result: dict) -> str:
     login = result["logins"]
     lines = [
         f"# Certificate verification, {result['date']} ({result['machine']})", "",
+        f"Load average (1 min) at the start and the end: {result['load'][0]} and {result['load'][1]}: "
+        "other work on the machine inflates every figure.", "",
         "No network: the CRL is kept on disk, the HTTP client can reach nothing (bench/certificate.py).", "",
         "Each login: the CMS signature over a fresh challenge, the path to the pinned MOICA, key usage",
         "and the CRL lookup. A card seen before reuses its validated path while every certificate on",
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     now = dt.datetime.now(dt.timezone.utc)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = testpki.generate(tmp / "pki", OFFLINE)
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
     result = {
         "date": now.date().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}", "crl_entries": args.crl_entries, "logins": login, "crl_lookup": crl,
-        "target_ms": TARGET_MS,
+        "load": [round(load_before, 2), round(os.getloadavg()[0], 2)], "target_ms": TARGET_MS,
         "target_met": all(login[k]["median_ms"] < TARGET_MS for k in ("returning_card", "new_card")),
     }
     out = Path(args.out)

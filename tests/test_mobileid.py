@@ -371,6 +371,7 @@ def test_service_down_is_unavailable(clock):
             await connector.request_push(CITIZEN)
         finally:
             await connector.aclose()
+            await connector.revocation.aclose()
 
     with pytest.raises(e.ServiceUnavailable):
         asyncio.run(scenario())

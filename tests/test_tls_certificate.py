@@ -1,7 +1,8 @@
 """TLS client-certificate login for managed desktops (issue 4): the provider on uvicorn
 behind Debian's nginx, which runs ``deploy/nginx/client-cert.conf`` as shipped
-(``ssl_verify_client optional`` against the test PKI's CAs) and reaches the provider
-from 127.0.0.2, the one address in ``IDP_TRUSTED_PROXIES``. The client is httpx
+(``ssl_verify_client optional`` against the test PKI's CAs) with the header lines its
+comments give for the http block, and reaches the provider from 127.0.0.2, the one
+address in ``IDP_TRUSTED_PROXIES``. The client is httpx
 presenting the test PKI's citizen certificate in the TLS handshake.
 
 One PKI, one nginx and one provider for the module (SQLite, the in-process store).
@@ -78,6 +79,13 @@ error_log {dir}/error.log warn;
 events {{ worker_connections 64; }}
 http {{
     access_log off;
+    map $ssl_client_verify $idp_client_cert {{
+        SUCCESS $ssl_client_escaped_cert;
+        default "";
+    }}
+    proxy_set_header X-SSL-Client-Cert $idp_client_cert;
+    proxy_set_header Host $http_host;
+    proxy_set_header X-Forwarded-For $remote_addr;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     server {{
@@ -86,8 +94,6 @@ http {{
         ssl_certificate server.pem;
         ssl_certificate_key server.key;
         include {include};
-        proxy_set_header Host $http_host;
-        proxy_set_header X-Forwarded-For $remote_addr;
         location / {{
             proxy_pass http://127.0.0.1:{upstream};
             proxy_bind {proxy};
@@ -254,3 +260,11 @@ def test_a_malformed_trusted_proxy_list_stops_the_start(tmp_path):
                                  trusted_proxies="127.0.0.2/32, nginx.internal")
     with pytest.raises(ValueError, match="IDP_TRUSTED_PROXIES: 'nginx.internal' is not an address or CIDR network"):
         create_app(settings)
+
+
+def test_the_shipped_client_ca_bundle_is_the_trust_directory():
+    """deploy/nginx/client-ca.pem asks browsers for the certificates the provider trusts."""
+    trust = ROOT / "keys" / "trust"
+    bundle = x509.load_pem_x509_certificates((INCLUDE.parent / "client-ca.pem").read_bytes())
+    anchors = [c for f in sorted(trust.glob("*.pem")) for c in x509.load_pem_x509_certificates(f.read_bytes())]
+    assert {c.fingerprint(hashes.SHA256()) for c in bundle} == {c.fingerprint(hashes.SHA256()) for c in anchors}

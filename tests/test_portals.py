@@ -51,15 +51,16 @@ def world(tmp_path_factory):
     """The provider, the simulator and both portals; ``world["rp"]`` is openid-client's registration."""
     tmp = tmp_path_factory.mktemp("portals")
     sim = MobileIdSimulator({SP_ID: KEY}, names={CITIZEN: "王小明"})
-    (tmp / "ca.pem").write_bytes(sim.pki.ca_pem())
+    trust = sim.pki.write_trust(tmp / "mobileid-trust")  # the simulator's CA as a trust directory
     with contextlib.ExitStack() as stack:
         sock, sim_url = stack.enter_context(live.reserve("localhost"))
+        sim.pki.crl_url = sim_url + "/sim/moica.crl"  # its certificates name its CRL (IDP_REVOCATION)
         stack.enter_context(live.serve(sim.app(), sock, sim_url, health="/sim/ca.pem"))
         sock, url = stack.enter_context(live.reserve("localhost"))
         app = create_app(Settings.from_env(
             {}, issuer=url, database_url=f"sqlite:///{tmp}/idp.sqlite3", redis_url="", keys_dir=str(tmp / "keys"),
             captcha="off", mfa=True, mobileid_url=sim_url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
-            mobileid_key=KEY.hex(), mobileid_trust=str(tmp / "ca.pem")))
+            mobileid_key=KEY.hex(), mobileid_trust=str(trust), crl_cache_dir=str(tmp / "crl")))
         stack.callback(app.state.svc.db.engine.dispose)
         provider = LiveProvider(app, stack.enter_context(live.serve(app, sock, url)))
         world = {"provider": provider, "sim": sim_url}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -227,21 +226,14 @@ def test_ocsp_answer_from_an_undelegated_signer_is_not_believed(tpki):
         rev.check_ocsp_response(forged, a(leaf), a(moica), t, pki.RevocationPolicy(), None)
 
 
-def test_crl_of_100k_entries_parses_fast_and_looks_up_by_serial(tpki):
+def test_crl_of_100k_entries_is_indexed_by_serial(tpki):
     moica, key = tpki.ca("moica")
     t = now()
     der = testpki.big_crl(moica, key, 100_000, now=t, include=[0xABCDEF])
     issuer = ax509.Certificate.load(moica.public_bytes(serialization.Encoding.DER))
-    start = time.perf_counter()
-    crl = rev.parse_crl(der, issuer)
-    elapsed = time.perf_counter() - start
-    print(f"\n100k-entry CRL ({len(der) // 1024} KiB): verified and indexed in {elapsed * 1000:.0f} ms")
+    crl = rev.parse_crl(der, issuer)  # its cost is measured by bench/certificate.py, not here
     assert len(crl) == 100_001
-    assert elapsed < 2.0
-    start = time.perf_counter()
-    for _ in range(10_000):
-        crl.lookup(0x1234)
-    assert (time.perf_counter() - start) / 10_000 < 20e-6  # a dict lookup, not a scan
+    assert crl.lookup(0x1234) is None
     assert crl.lookup(0xABCDEF)["revocation_date"].native < t
     assert crl.lookup(0x10_0000_0000 + 3 * 7919)["crl_entry_extensions"][0]["extn_value"].native == "key_compromise"
     xca = ax509.Certificate.load(tpki.ca("xca")[0].public_bytes(serialization.Encoding.DER))
@@ -249,24 +241,6 @@ def test_crl_of_100k_entries_parses_fast_and_looks_up_by_serial(tpki):
         rev.parse_crl(der, xca)
     with pytest.raises(ValueError, match="signature"):
         rev.parse_crl(der[:-5] + bytes(5), issuer)
-
-
-def test_verification_cost_without_network(tpki, trust):
-    blob = tpki.make_signature("citizen", CHALLENGE)
-
-    async def run():
-        checker = pki.RevocationChecker(pki.RevocationPolicy(mode="off"))
-        t = now()
-        await pki.verify_signature(blob, CHALLENGE, trust=trust, revocation=checker, now=t)
-        n, start = 50, time.perf_counter()
-        for _ in range(n):
-            await pki.verify_signature(blob, CHALLENGE, trust=trust, revocation=checker, now=t)
-        await checker.aclose()
-        return (time.perf_counter() - start) / n
-
-    per = asyncio.run(run())
-    print(f"\nverify_signature without revocation: {per * 1000:.2f} ms")
-    assert per < 0.05  # target 5 ms; loose bound for a loaded CI machine
 
 
 # -- the real anchors ------------------------------------------------------------

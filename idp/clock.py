@@ -22,3 +22,17 @@ class FrozenClock(Clock):
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class ShiftedClock(Clock):
+    """Real time plus an offset that only grows when told to: for live servers
+    (browser tests) whose timers must run while a test skips ahead."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds

@@ -22,13 +22,12 @@ import contextlib
 import os
 import re
 import secrets
-import time
 
 import pytest
 
 from clients.school_portal import create_app as create_portal
 from deploy.dev.mobileid_sim import MobileIdSimulator
-from idp.clock import Clock
+from idp.clock import ShiftedClock
 from idp.settings import Settings
 from idp.storage.models import AuditEvent
 from idp.web.app import create_app
@@ -54,23 +53,10 @@ POLL_MS = 4_000  # the page's poll interval (the service's 4-second rule)
 TIME_LIMIT = 60
 
 
-class MovableClock(Clock):
-    """Real time plus an offset that a journey moves forward (and the fixture puts back)."""
-
-    def __init__(self):
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """(provider, simulator, portal URL) on one movable clock, SQLite and the in-process store."""
-    clock = MovableClock()
+    clock = ShiftedClock()
     tmp = tmp_path_factory.mktemp("mobileid-journeys")
     sim = MobileIdSimulator({SP_ID: KEY}, clock=clock, names={CITIZEN: NAME})
     trust = sim.pki.write_trust(tmp / "trust")

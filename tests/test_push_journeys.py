@@ -20,14 +20,13 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from clients.authenticator import AppError, Authenticator
 from clients.school_portal import create_app as create_portal
-from idp.clock import Clock
+from idp.clock import ShiftedClock
 from idp.factors import push
 from idp.settings import Settings
 from idp.web.app import create_app
@@ -44,19 +43,6 @@ except ImportError:  # pragma: no cover
 ROOT = Path(__file__).resolve().parent.parent
 PORTAL_NAME = "學術研發服務網"
 ANSWERED = 20_000  # ms: the waiting page looks every 2 s; generous for a busy machine
-
-
-class ShiftedClock(Clock):
-    """The real time, plus what the test has moved it forward by."""
-
-    def __init__(self):
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@
 
 authlib validates requests and authenticates clients; this module supplies
 storage (``Tokens``, the client table) and the ID token. All methods here are
-synchronous and run in Starlette's thread pool, so the blocking database and
-Redis calls never stall the event loop.
+synchronous. The token, revocation and introspection endpoints run them on the
+event loop through ``idp.bridge.run``, where the store's Redis round trips are
+awaited; the database reads left on this path (the disabled flag at refresh
+and introspection, a client missing from the cache) are single indexed rows.
 """
 
 from __future__ import annotations

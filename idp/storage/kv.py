@@ -21,12 +21,15 @@ only that part. The ``idp:`` prefix has no braces, so tags pass through.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
+
+from idp import bridge
 
 
 class Batch:
@@ -153,9 +156,25 @@ class MemoryStore:
 
 
 class RedisStore:
+    """Blocking calls, except inside ``idp.bridge.run`` (the token endpoint), where each
+    round trip is awaited on the event loop through an asyncio client of the same URL."""
+
     def __init__(self, url: str, prefix: str = "idp:"):
+        self._url = url
         self._redis = connect(url)
+        self._async: dict = {}  # event loop -> its asyncio client (a client serves one loop)
         self._prefix = prefix
+
+    def _client(self):
+        """The client for the caller, and what turns its replies into values."""
+        if not bridge.inside():
+            return self._redis, _same
+        loop = asyncio.get_running_loop()
+        client = self._async.get(loop)
+        if client is None:
+            self._async = {l: c for l, c in self._async.items() if not l.is_closed()}
+            client = self._async[loop] = connect(self._url, asynchronous=True)
+        return client, bridge.wait
 
     def _k(self, key):
         return self._prefix + key
@@ -165,18 +184,22 @@ class RedisStore:
         return None if raw is None else orjson.loads(raw)
 
     def get(self, key):
-        return self._load(self._redis.get(self._k(key)))
+        r, done = self._client()
+        return self._load(done(r.get(self._k(key))))
 
     def get_many(self, keys):
         if not keys:
             return []
-        return [self._load(raw) for raw in self._redis.mget([self._k(k) for k in keys])]
+        r, done = self._client()
+        return [self._load(raw) for raw in done(r.mget([self._k(k) for k in keys]))]
 
     def set(self, key, value, ttl, *, only_new=False):
-        return bool(self._redis.set(self._k(key), orjson.dumps(value), ex=ttl, nx=only_new))
+        r, done = self._client()
+        return bool(done(r.set(self._k(key), orjson.dumps(value), ex=ttl, nx=only_new)))
 
     def take(self, key):
-        return self._load(self._redis.getdel(self._k(key)))
+        r, done = self._client()
+        return self._load(done(r.getdel(self._k(key))))
 
     def set_many(self, items):
         batch = Batch()
@@ -184,23 +207,26 @@ class RedisStore:
         self.write(batch)
 
     def write(self, batch):
-        pipe = self._redis.pipeline(transaction=False)
+        r, done = self._client()
+        pipe = r.pipeline(transaction=False)
         for key, value, ttl in batch.sets:
             pipe.set(self._k(key), orjson.dumps(value), ex=ttl)
         for key, member, ttl in batch.adds:
             pipe.sadd(self._k(key), member)
             pipe.expire(self._k(key), ttl)
-        pipe.execute()
+        done(pipe.execute())
 
     def take_and_set(self, key, key2, value, ttl):
-        pipe = self._redis.pipeline(transaction=False)
+        r, done = self._client()
+        pipe = r.pipeline(transaction=False)
         pipe.getdel(self._k(key))
         pipe.set(self._k(key2), orjson.dumps(value), ex=ttl)
-        return self._load(pipe.execute()[0])
+        return self._load(done(pipe.execute())[0])
 
     def delete(self, *keys):
         if keys:
-            self._redis.delete(*[self._k(k) for k in keys])
+            r, done = self._client()
+            done(r.delete(*[self._k(k) for k in keys]))
 
     def add(self, key, member, ttl):
         pipe = self._redis.pipeline(transaction=False)
@@ -225,7 +251,11 @@ class RedisStore:
             return False
 
 
-def connect(url: str):
+def _same(reply):
+    return reply
+
+
+def connect(url: str, asynchronous: bool = False):
     """The Redis client ``url`` names:
 
     - ``redis://[[user]:password@]host:port/db`` (``rediss://`` for TLS, ``unix://path``): one server;
@@ -235,7 +265,14 @@ def connect(url: str):
     - ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]`` (``rediss+cluster``, port 6379
       by default): a Cluster, discovered from any of those nodes.
     """
-    import redis
+    if asynchronous:
+        import redis.asyncio as redis
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.sentinel import Sentinel
+    else:
+        import redis
+        from redis.cluster import ClusterNode, RedisCluster
+        from redis.sentinel import Sentinel
 
     scheme, _, rest = url.partition("://")
     base, _, mode = scheme.partition("+")
@@ -250,16 +287,12 @@ def connect(url: str):
     nodes = [_address(h, 26379 if mode == "sentinel" else 6379) for h in hostlist.split(",")]
     path = [unquote(p) for p in parts.path.split("/") if p]
     if mode == "sentinel":
-        from redis.sentinel import Sentinel
-
         if not path:
             raise ValueError("IDP_REDIS_URL: a redis+sentinel:// URL names the master: .../MASTER[/db]")
         own = parse_qs(parts.query).get("sentinel_password", [""])[0]
         sentinel_auth = {"ssl": auth["ssl"], **({"password": own} if own else {})}
         db = int(path[1]) if len(path) > 1 else 0
         return Sentinel(nodes, sentinel_kwargs=sentinel_auth, db=db, **auth).master_for(path[0])
-    from redis.cluster import ClusterNode, RedisCluster
-
     class Cluster(RedisCluster):
         def mget(self, keys, *args):
             # One MGET per slot: RedisCluster refuses a plain MGET over several slots.

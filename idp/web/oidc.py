@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from idp import acr
+from idp import acr, bridge
 from idp.protocol import claims, dpop, logout as logout_, par
 from idp.protocol.clients import (ClientError, OAuthClient, client_info, create_client, digest, find, new_secret,
                                   validate_metadata)
@@ -228,7 +228,7 @@ async def _form_endpoint(request: Request, handler, dpop_jkt: str | None = None)
         return _oauth_error("invalid_request", e.description, e.status)
     oauth_request = _oauth_request(request, [], form)
     oauth_request.dpop_jkt = dpop_jkt
-    return await run_in_threadpool(handler, oauth_request)
+    return await bridge.run(handler, oauth_request)
 
 
 async def _proof_key(request: Request, uri: str, access_token: str | None = None) -> str | None:

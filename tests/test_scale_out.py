@@ -242,6 +242,46 @@ def test_one_code_redeemed_concurrently_at_both_processes_succeeds_once(cluster,
     assert all(r.json()["error"] == "invalid_grant" for r in answers if r.status_code == 400)
 
 
+def test_one_refresh_token_raced_at_both_processes_rotates_once_and_ends_the_family(cluster, receiver):
+    client_id, secret = _client(cluster, receiver)
+    cb = receiver.url + "/cb"
+    agent = Agent()
+    try:
+        code, _ = _code(agent, cluster.a, client_id, cb)
+    finally:
+        agent.close()
+    with httpx.Client(base_url=cluster.a, timeout=10) as a:
+        refresh_token = redeem(a, client_id, secret, code, redirect_uri=cb).json()["refresh_token"]
+    bases = [cluster.a, cluster.b] * 4
+
+    def attempt(base):
+        with httpx.Client(base_url=base, timeout=30) as http:
+            return http.post("/token", data={"grant_type": "refresh_token", "refresh_token": refresh_token},
+                             auth=(client_id, secret))
+
+    # Redis holds every write while reads go on: each request looks the token up and then waits
+    # to claim it, so all of them race for the claim when the writes resume.
+    r = redis.Redis.from_url(cluster.env["IDP_REDIS_URL"])
+    r.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+    try:
+        with ThreadPoolExecutor(len(bases)) as pool:
+            pending = [pool.submit(attempt, base) for base in bases]
+            _wait(lambda: r.info("clients")["blocked_clients"] == len(bases), 15, "every request waiting to claim")
+            r.execute_command("CLIENT", "UNPAUSE")
+            answers = [f.result() for f in pending]
+    finally:
+        r.execute_command("CLIENT", "UNPAUSE")
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200] + [400] * (len(bases) - 1), [r.text for r in answers]
+    winner = next(r.json() for r in answers if r.status_code == 200)
+    # The others reused a rotated token (RFC 9700 4.14): what the winner got is revoked too.
+    with httpx.Client(base_url=cluster.b, timeout=10) as b:
+        again = b.post("/token", data={"grant_type": "refresh_token", "refresh_token": winner["refresh_token"]},
+                       auth=(client_id, secret))
+        assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+        assert b.get("/userinfo", headers={"Authorization": f"Bearer {winner['access_token']}"}).status_code == 401
+
+
 def test_key_rotation_reaches_every_process_without_a_restart(cluster, receiver):
     client_id, secret = _client(cluster, receiver)
     cb = receiver.url + "/cb"

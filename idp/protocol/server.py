@@ -116,11 +116,13 @@ class S256Only(CodeChallenge):
 
 
 def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str, auth: dict | None,
-           profile: dict | None = None, nonce=None, refresh=True, record: dict | None = None):
+           profile: dict | None = None, nonce=None, refresh=True, record: dict | None = None,
+           rotating: dict | None = None):
     """Mint the token response of one grant: access token, refresh token, ID token.
     The client, account and login are the grant's (in its record); the tokens' own
     records hold the scope and whatever else ``record`` adds. Their store writes join
-    those already in ``batch``, all sent in one round trip."""
+    those already in ``batch``, all sent in one round trip; when ``rotating`` (a
+    refresh token's record) its claim is in that round trip too."""
     svc, client = grant.server.svc, grant.request.client
     at_lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
     record = {"scope": scope, **(record or {})}
@@ -135,7 +137,9 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     if refresh and client.check_grant_type("refresh_token"):
         rt_lifetime = client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
         token["refresh_token"] = svc.tokens.issue("rt", gid, record, rt_lifetime, batch)
-    svc.store.write(batch)
+    taken = svc.store.write(batch)
+    if rotating is not None and not svc.tokens.rotated(taken[0], rotating):
+        raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
     if account_id is not None and "openid" in scope.split():
         token["id_token"] = claims.id_token(svc, client, account_id, claims.narrowed(profile, scope), auth,
                                             nonce=nonce, access_token=token["access_token"])
@@ -222,9 +226,7 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         bound = (record.get("cnf") or {}).get("jkt")
         if client.is_public and bound and not hmac.compare_digest(bound, self.request.dpop_jkt or ""):
             raise InvalidGrantError("The refresh token is bound to another DPoP key.")
-        if not tokens.rotate_refresh(token, record):
-            raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
-        return RefreshRecord(token, record, grant)
+        return RefreshRecord(token, record, grant)  # claimed (rotated) with the new tokens' writes
 
     def create_token_response(self):
         svc = self.server.svc
@@ -236,8 +238,10 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         scope = self.request.payload.scope or record["scope"]
         # Grants opened before the login moved into them keep it in their tokens.
         carried = {"auth": record["auth"]} if "auth" not in refresh.grant and record.get("auth") else {}
-        token = _issue(self, Batch(), account_id=record["account"], scope=scope, gid=record["grant"],
-                       auth=record.get("auth"), profile=profile, record=carried)
+        batch = Batch()
+        svc.tokens.rotate_refresh(refresh.token, record, batch)
+        token = _issue(self, batch, account_id=record["account"], scope=scope, gid=record["grant"],
+                       auth=record.get("auth"), profile=profile, record=carried, rotating=record)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 

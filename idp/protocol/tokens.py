@@ -109,13 +109,18 @@ class Tokens:
             return None, None
         return {**grant, **record, "grant": gid}, grant
 
-    def rotate_refresh(self, token: str, record: dict) -> bool:
-        """Claim a refresh token ``find_refresh`` found, for rotation. Whoever loses a
-        race for it is reusing it: the family is revoked."""
+    def rotate_refresh(self, token: str, record: dict, batch) -> None:
+        """Claim a refresh token ``find_refresh`` found, in ``batch`` with the tokens that
+        replace it; ``rotated`` then says whether the claim was ours."""
         key = _h(token)
-        marker = {"grant": record["grant"]}
         ttl = max(1, int(record["exp"] - self.clock())) + 60
-        if self.store.take_and_set("rt:" + key, "rt-used:" + key, marker, ttl) is None:
+        batch.take("rt:" + key)
+        batch.set("rt-used:" + key, {"grant": record["grant"]}, ttl)
+
+    def rotated(self, taken: dict | None, record: dict) -> bool:
+        """Whoever lost the race for a refresh token is reusing it: the family is revoked,
+        with the tokens just written for it (they were never handed out)."""
+        if taken is None:
             self.revoke_grant(record["grant"])
             return False
         return True

@@ -35,11 +35,17 @@ from idp import bridge
 class Batch:
     """Writes gathered while handling one request, sent in one round trip by
     ``Store.write`` (the token endpoint's writes: markers, grant, tokens, the
-    session's grant list)."""
+    session's grant list). Its ``take``s go first and ``write`` returns what
+    they took, so a request can claim a key and write what the claim allows
+    in that same round trip."""
 
     def __init__(self):
+        self.takes: list[str] = []
         self.sets: list[tuple[str, dict, int]] = []
         self.adds: list[tuple[str, str, int]] = []
+
+    def take(self, key: str) -> None:
+        self.takes.append(key)
 
     def set(self, key: str, value: dict, ttl: int) -> None:
         self.sets.append((key, value, ttl))
@@ -57,10 +63,9 @@ class Store(Protocol):
         """Get and delete in one atomic step: whoever takes a key gets it alone."""
     def set_many(self, items: list[tuple[str, dict, int]]) -> None:
         """Store several (key, value, ttl) in one round trip."""
-    def write(self, batch: Batch) -> None:
-        """Apply a ``Batch`` (its sets, then its set additions) in one round trip."""
-    def take_and_set(self, key: str, key2: str, value: dict, ttl: int) -> dict | None:
-        """``take`` ``key`` and ``set`` ``key2`` in one round trip (``key2`` is set either way)."""
+    def write(self, batch: Batch) -> list[dict | None]:
+        """Apply a ``Batch`` in one round trip: its takes (each atomic, as ``take``), its
+        sets, its set additions. Returns what the takes took, in order."""
     def delete(self, *keys: str) -> None: ...
     def incr(self, key: str, ttl: int, by: int = 1) -> int:
         """Atomically add ``by``; the first increment starts the TTL."""
@@ -114,14 +119,11 @@ class MemoryStore:
         self.write(batch)
 
     def write(self, batch):
+        taken = [self.take(key) for key in batch.takes]
         for key, value, ttl in batch.sets:
             self.set(key, value, ttl)
         for key, member, ttl in batch.adds:
             self.add(key, member, ttl)
-
-    def take_and_set(self, key, key2, value, ttl):
-        taken = self.take(key)
-        self.set(key2, value, ttl)
         return taken
 
     def delete(self, *keys):
@@ -209,19 +211,15 @@ class RedisStore:
     def write(self, batch):
         r, done = self._client()
         pipe = r.pipeline(transaction=False)
+        for key in batch.takes:
+            pipe.getdel(self._k(key))
         for key, value, ttl in batch.sets:
             pipe.set(self._k(key), orjson.dumps(value), ex=ttl)
         for key, member, ttl in batch.adds:
             pipe.sadd(self._k(key), member)
             pipe.expire(self._k(key), ttl)
-        done(pipe.execute())
-
-    def take_and_set(self, key, key2, value, ttl):
-        r, done = self._client()
-        pipe = r.pipeline(transaction=False)
-        pipe.getdel(self._k(key))
-        pipe.set(self._k(key2), orjson.dumps(value), ex=ttl)
-        return self._load(done(pipe.execute())[0])
+        replies = done(pipe.execute())
+        return [self._load(raw) for raw in replies[: len(batch.takes)]]
 
     def delete(self, *keys):
         if keys:

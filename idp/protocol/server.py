@@ -22,7 +22,6 @@ from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from authlib.oauth2.rfc6749.requests import OAuth2Payload
 from authlib.oauth2.rfc7636 import CodeChallenge
 from joserfc.jwk import KeySet
-from sqlalchemy import bindparam, select
 from starlette.responses import Response
 
 from idp.protocol import claims, dpop
@@ -146,17 +145,11 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     return token
 
 
-# Built once: constructing the statement per request cost as much as running it.
-_DISABLED = select(Account.disabled).where(Account.id == bindparam("id"))
-
-
 def account_active(svc, account_id: str) -> bool:
-    """One indexed read of the ``disabled`` flag: no ORM object, no transaction (so one
-    round trip, not BEGIN/SELECT/ROLLBACK). The token endpoint refuses a disabled
-    account's refresh tokens the moment it is disabled."""
-    with svc.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        disabled = conn.execute(_DISABLED, {"id": account_id}).scalar_one_or_none()
-    return disabled is False
+    """One indexed read of the ``disabled`` flag (``Database.scalar``). The token endpoint
+    refuses a disabled account's refresh tokens the moment it is disabled."""
+    disabled = svc.db.scalar("SELECT disabled FROM accounts WHERE id = %s", account_id)
+    return disabled is not None and not disabled  # SQLite answers 0 or 1
 
 
 def _profile(svc, stored: dict, account_id: str, scope: str) -> dict:

@@ -54,7 +54,7 @@ class Console:
 def _load(svc, tx: dict):
     """The client and the transaction's account (None before the first factor)."""
     client = svc.server.query_client(tx["client_id"]) if tx["client_id"] else Console()
-    with svc.db.session() as session:
+    with svc.db.read() as session:
         account = session.get(Account, tx["account"], options=[selectinload(Account.bindings)]) if tx["account"] else None
         step = flow.next_step(svc, session, tx, account, client) if client else None
         if account is not None:
@@ -192,7 +192,7 @@ async def rebuild_otp(request: Request) -> Response:
 
 
 def _account(svc, account_id):
-    with svc.db.session() as session:
+    with svc.db.read() as session:
         account = session.get(Account, account_id, options=[selectinload(Account.bindings)])
         session.expunge(account)
         return account

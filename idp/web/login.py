@@ -12,7 +12,7 @@ import hmac
 from urllib.parse import urlencode
 
 from authlib.oauth2.rfc6749.errors import OAuth2Error
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import joinedload
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -55,7 +55,7 @@ def _load(svc, tx: dict):
     """The client and the transaction's account (None before the first factor)."""
     client = svc.server.query_client(tx["client_id"]) if tx["client_id"] else Console()
     with svc.db.read() as session:
-        account = session.get(Account, tx["account"], options=[selectinload(Account.bindings)]) if tx["account"] else None
+        account = session.get(Account, tx["account"], options=[joinedload(Account.bindings)]) if tx["account"] else None
         step = flow.next_step(svc, session, tx, account, client) if client else None
         if account is not None:
             session.expunge(account)
@@ -193,7 +193,7 @@ async def rebuild_otp(request: Request) -> Response:
 
 def _account(svc, account_id):
     with svc.db.read() as session:
-        account = session.get(Account, account_id, options=[selectinload(Account.bindings)])
+        account = session.get(Account, account_id, options=[joinedload(Account.bindings)])
         session.expunge(account)
         return account
 

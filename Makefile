@@ -1,9 +1,9 @@
 # `make test` is what CI runs (.ci/run); `make run` starts the provider (:8000)
-# and the demo portal (:8001). Both first run scripts/bootstrap.sh, which installs
-# whatever is missing.
+# and the demo portals; `make bench` runs bench/run.py (about 6 minutes). Each
+# first runs scripts/bootstrap.sh, which installs whatever is missing.
 PYTHON := .venv/bin/python
 
-.PHONY: test run clean
+.PHONY: test run bench clean
 
 test:
 	bash scripts/bootstrap.sh --test
@@ -12,6 +12,10 @@ test:
 run:
 	bash scripts/bootstrap.sh
 	$(PYTHON) -m idp.demo
+
+bench:
+	bash scripts/bootstrap.sh --bench
+	$(PYTHON) bench/run.py
 
 clean:
 	rm -rf var .venv

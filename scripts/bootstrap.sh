@@ -7,6 +7,8 @@
 #   scripts/bootstrap.sh --test   that, plus what the tests need (pytest extras
 #                                 incl. playwright, Debian's Chromium for the
 #                                 browser test)
+#   scripts/bootstrap.sh --bench  that, plus what bench/run.py needs (Debian's
+#                                 wrk, py-spy for its profiles)
 #
 # Each step only runs when something is missing or out of date, so running it
 # again is quick. Used by `make run` and `make test`.
@@ -15,10 +17,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 with_test=0
+with_bench=0
 for arg in "$@"; do
   case "$arg" in
     --test) with_test=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --bench) with_test=1; with_bench=1 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "bootstrap.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -55,6 +59,9 @@ fi
 if [ "$with_test" = 1 ] && [ ! -x /usr/sbin/nginx ]; then
   pkgs+=(nginx)
 fi
+if [ "$with_bench" = 1 ] && ! command -v wrk >/dev/null 2>&1; then
+  pkgs+=(wrk)
+fi
 
 if [ "${#pkgs[@]}" -gt 0 ]; then
   say "installing Debian packages: ${pkgs[*]}"
@@ -70,7 +77,9 @@ fi
 
 # Reinstall only when pyproject.toml changed since the last install (the
 # install is editable, so source changes need none).
-if [ "$with_test" = 1 ]; then
+if [ "$with_bench" = 1 ]; then
+  spec='.[test,bench]'; stamp=.venv/.bootstrap-installed-bench
+elif [ "$with_test" = 1 ]; then
   spec='.[test]'; stamp=.venv/.bootstrap-installed-test
 else
   spec='.'; stamp=.venv/.bootstrap-installed

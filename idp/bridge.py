@@ -23,6 +23,7 @@ class _Greenlet(greenlet.greenlet):
 async def run(fn, *args):
     """``fn(*args)``, on the calling event loop; its ``wait`` calls are awaited here."""
     child = _Greenlet(fn, greenlet.getcurrent())
+    child.gr_context = greenlet.getcurrent().gr_context  # the request's context variables (its log id)
     step = child.switch(*args)
     while not child.dead:
         try:

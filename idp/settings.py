@@ -61,6 +61,9 @@ class Settings:
     argon2_time_cost: int = _doc("Argon2id iterations (OWASP 2024: 2 with 19 MiB).", 2)
     argon2_memory_kib: int = _doc("Argon2id memory in KiB.", 19456)
     argon2_parallelism: int = _doc("Argon2id lanes.", 1)
+    hash_threads: int = _doc(
+        "Password hashes run at once per process; more wait their turn. One per core the process has to itself "
+        "(the deploy files run one worker per core): more hashes than cores slow each other down.", 1)
     login_timeout_seconds: int = _doc("Lifetime of a login transaction (the time to finish the login pages).", 900)
     session_seconds: int = _doc("Lifetime of the single sign-on session.", 8 * 3600)
     code_seconds: int = _doc("Lifetime of an authorization code.", 60)

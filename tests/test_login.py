@@ -163,6 +163,22 @@ def test_disabled_account_cannot_log_in(provider):
     assert "停用" in _error(page)
 
 
+def test_a_password_hashed_with_older_parameters_is_upgraded_at_login(provider):
+    from argon2 import PasswordHasher
+
+    from idp.storage.models import Account
+
+    account_id = provider.account("alice")
+    with provider.svc.db.session() as session:  # as an earlier release, with a cheaper cost, stored it
+        session.get(Account, account_id).password_hash = PasswordHasher(time_cost=1, memory_cost=1024).hash(PASSWORD)
+    client_id, _ = provider.client()
+    assert "code" in provider.browser().login(client_id)
+    with provider.svc.db.session() as session:
+        upgraded = session.get(Account, account_id).password_hash
+    assert not provider.svc.passwords.hasher.check_needs_rehash(upgraded)
+    assert "code" in provider.browser().login(client_id)  # and the password still works
+
+
 def test_cancel_returns_access_denied(provider):
     client_id, _ = provider.client()
     browser = provider.browser()

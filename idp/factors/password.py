@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from idp import captcha
 from idp.accounts import by_username
 from idp.factors import Outcome
+from idp.storage.models import Account
 from idp.web.pages import who
 
 
@@ -51,7 +52,10 @@ class PasswordFactor:
         if attempt > lockout.threshold:
             return locked(lockout.locked_until(username) or lockout.lock(username))
 
-        account, correct = await run_in_threadpool(self._verify, svc, username, password)
+        account = await run_in_threadpool(self._account, svc, username)
+        correct, rehash = await svc.passwords.check(account.password_hash if account else None, password)
+        if correct and rehash:  # made with older parameters: upgraded now that the password is known
+            await run_in_threadpool(self._rehash, svc, account.id, password)
         if not correct:
             account_id = account.id if account else None  # so the owner sees it in their activity log
             svc.audit.record("login.failure", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
@@ -68,17 +72,28 @@ class PasswordFactor:
             return Outcome(error="login.password_disabled", keep=keep)
         return Outcome(account_id=account.id)
 
+    @classmethod
+    def _verify(cls, svc, username, password):
+        """(account or None, password correct), for callers already off the event loop
+        (the one-day code's form); ``verify`` awaits the hash instead."""
+        account = cls._account(svc, username)
+        correct, rehash = svc.passwords.verify(account.password_hash if account else None, password)
+        if correct and rehash:
+            cls._rehash(svc, account.id, password)
+        return account, correct
+
     @staticmethod
-    def _verify(svc, username, password):
-        """(account or None, password correct): argon2, off the event loop; an old hash is upgraded."""
-        with svc.db.session() as session:
+    def _account(svc, username):
+        with svc.db.read() as session:
             account = by_username(session, username)
-            ok, rehash = svc.passwords.verify(account.password_hash if account else None, password)
-            if ok and rehash:
-                account.password_hash = svc.passwords.hash(password)
             if account is not None:
                 session.expunge(account)
-            return account, ok
+            return account
+
+    @staticmethod
+    def _rehash(svc, account_id, password):
+        with svc.db.session() as session:
+            session.get(Account, account_id).password_hash = svc.passwords.hash(password)
 
 
 PASSWORD = PasswordFactor()

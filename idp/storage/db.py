@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -11,7 +12,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
+
+from idp import bridge
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Any constant works; it names the PostgreSQL advisory lock that serialises migrations.
@@ -33,6 +37,7 @@ class Database:
             # fails one request and is replaced; pool_recycle retires idle ones first).
             self.engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=300)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._async_engines: dict = {}  # event loop -> its asyncio engine (PostgreSQL; see ``scalar``)
 
     @contextlib.contextmanager
     def session(self):
@@ -44,21 +49,39 @@ class Database:
         """The first column of the first row of a read-only ``query`` (``%s`` placeholders),
         or None: sent on the driver's own connection, in autocommit (one round trip, no
         BEGIN, nothing to roll back when it goes back to the pool). For the reads made on
-        every token request, where SQLAlchemy's layers cost three times the query."""
-        pooled = self.engine.raw_connection()
-        try:
-            conn = pooled.driver_connection
-            if self.engine.dialect.name == "sqlite":  # a SELECT opens no transaction there
-                row = conn.execute(query.replace("%s", "?"), params).fetchone()
-            else:
+        every token request, where SQLAlchemy's layers cost three times the query. Inside
+        ``idp.bridge.run`` (the token endpoint) PostgreSQL's answer is awaited, so a distant
+        database does not stall the event loop."""
+        if self.engine.dialect.name == "sqlite":  # a local file; a SELECT opens no transaction there
+            with contextlib.closing(self.engine.raw_connection()) as pooled:
+                row = pooled.driver_connection.execute(query.replace("%s", "?"), params).fetchone()
+        elif bridge.inside():
+            row = bridge.wait(self._fetch_async(query, params))
+        else:
+            with contextlib.closing(self.engine.raw_connection()) as pooled:
+                conn = pooled.driver_connection
                 conn.autocommit = True
                 try:
                     row = conn.execute(query, params, prepare=True).fetchone()
                 finally:
                     conn.autocommit = False
-        finally:
-            pooled.close()
         return None if row is None else row[0]
+
+    async def _fetch_async(self, query: str, params: tuple):
+        loop = asyncio.get_running_loop()
+        engine = self._async_engines.get(loop)
+        if engine is None:  # an asyncio connection serves the loop that opened it
+            engine = self._async_engines[loop] = create_async_engine(
+                self.url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=10, pool_recycle=300)
+        async with engine.connect() as pooled:
+            conn = (await pooled.get_raw_connection()).driver_connection
+            return await (await conn.execute(query, params, prepare=True)).fetchone()
+
+    async def aclose(self) -> None:
+        """Close the running loop's asyncio connections (at the app's shutdown)."""
+        engine = self._async_engines.pop(asyncio.get_running_loop(), None)
+        if engine is not None:
+            await engine.dispose()
 
     @contextlib.contextmanager
     def read(self):
@@ -113,3 +136,4 @@ def _sqlite_pragmas(dbapi_conn, _record):
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.close()
+

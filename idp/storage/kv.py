@@ -73,6 +73,8 @@ class Store(Protocol):
         """Add ``member`` to the set at ``key`` (atomic; no read-modify-write)."""
     def members(self, key: str) -> set[str]: ...
     def ping(self) -> bool: ...
+    async def aclose(self) -> None:
+        """Release what the running event loop opened (at the app's shutdown)."""
 
 
 class MemoryStore:
@@ -156,6 +158,9 @@ class MemoryStore:
     def ping(self):
         return True
 
+    async def aclose(self) -> None:
+        pass
+
 
 class RedisStore:
     """Blocking calls, except inside ``idp.bridge.run`` (the token endpoint), where each
@@ -174,9 +179,14 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
         if client is None:
-            self._async = {l: c for l, c in self._async.items() if not l.is_closed()}
             client = self._async[loop] = connect(self._url, asynchronous=True)
         return client, bridge.wait
+
+    async def aclose(self) -> None:
+        """Close the running loop's asyncio client (at the app's shutdown)."""
+        client = self._async.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
 
     def _k(self, key):
         return self._prefix + key

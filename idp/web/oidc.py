@@ -232,11 +232,10 @@ async def _form_endpoint(request: Request, handler, dpop_jkt: str | None = None)
 
 
 async def _proof_key(request: Request, uri: str, access_token: str | None = None) -> str | None:
-    """The key of the request's DPoP proof (checked off the event loop: it writes the jti)."""
+    """The key of the request's DPoP proof (its jti's store write awaited)."""
     if "dpop" not in request.headers:
         return None
-    return await run_in_threadpool(dpop.proof_key, request.app.state.svc, request.headers, request.method, uri,
-                                   access_token)
+    return await bridge.run(dpop.proof_key, request.app.state.svc, request.headers, request.method, uri, access_token)
 
 
 async def token(request: Request) -> Response:
@@ -288,7 +287,7 @@ async def userinfo(request: Request) -> Response:
     except BadRequest as e:
         return _oauth_error("invalid_request", e.description, e.status)
     scheme, token = _access_token(request, form)
-    record = svc.tokens.lookup("at", token) if token else None
+    record = await bridge.run(svc.tokens.lookup, "at", token) if token else None
     bound = (record or {}).get("cnf", {}).get("jkt")
     challenge = ("DPoP" if bound else "Bearer") + ' error="invalid_token"'
     if record is None or not record.get("account") or scheme != ("dpop" if bound else "bearer"):

@@ -237,19 +237,22 @@ class RedisStore:
             done(r.delete(*[self._k(k) for k in keys]))
 
     def add(self, key, member, ttl):
-        pipe = self._redis.pipeline(transaction=False)
+        r, done = self._client()
+        pipe = r.pipeline(transaction=False)
         pipe.sadd(self._k(key), member)
         pipe.expire(self._k(key), ttl)
-        pipe.execute()
+        done(pipe.execute())
 
     def members(self, key):
-        return {m.decode() for m in self._redis.smembers(self._k(key))}
+        r, done = self._client()
+        return {m.decode() for m in done(r.smembers(self._k(key)))}
 
     def incr(self, key, ttl, by=1):
-        pipe = self._redis.pipeline()
+        r, done = self._client()
+        pipe = r.pipeline()
         pipe.incr(self._k(key), by)
         pipe.expire(self._k(key), ttl, nx=True)
-        count, _ = pipe.execute()
+        count, _ = done(pipe.execute())
         return count
 
     def ping(self):

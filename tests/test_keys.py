@@ -112,6 +112,16 @@ def test_retired_key_stays_until_its_time_then_goes(provider):
     assert len(list(Path(provider.svc.settings.keys_dir).glob("*.json"))) == 8  # per algorithm: two retired, current, next
 
 
+def test_a_retired_key_leaves_the_jwks_at_its_time_without_another_rotation(provider):
+    clients = _clients(provider)
+    old = [_id_token(provider, *c) for c in clients]
+    provider.svc.keys.rotate(keep_retired_seconds=3600)
+    assert {_kid(t) for t in old} <= _kids(_jwks(provider))
+    provider.clock.advance(3601)
+    assert {_kid(t) for t in old}.isdisjoint(_kids(_jwks(provider)))
+    assert all(_verify(_id_token(provider, *c), _jwks(provider)) for c in clients)
+
+
 def test_another_process_sharing_the_key_directory_follows_the_rotation(provider, make_provider):
     other = make_provider(key_refresh_seconds=0)  # same keys_dir, its own database and store
     assert _kids(_jwks(other)) == _kids(_jwks(provider))

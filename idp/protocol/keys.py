@@ -51,6 +51,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._checked_at = 0.0
         self._stamp = None
+        self._stale_at = float("inf")  # the first retire_at among the loaded keys
         self._signing: dict[str, object] = {}
         self._verify = KeySet([])
         self._jwks: dict = {"keys": []}
@@ -143,15 +144,17 @@ class KeyRing:
         with self._lock:
             self._checked_at = now
             stamp = self.dir.stat().st_mtime_ns
-            if stamp == self._stamp:
-                return
             wall = self._clock()
-            signing, public = {}, []
+            if stamp == self._stamp and wall < self._stale_at:
+                return
+            signing, public, stale_at = {}, [], float("inf")
             with self._shared():
                 records = self._records()
             for r in records:
-                if r["status"] == "retired" and r.get("retire_at", 0) <= wall:
-                    continue
+                if r["status"] == "retired":
+                    if r.get("retire_at", 0) <= wall:
+                        continue  # unpublished at its time; its file goes at the next rotation
+                    stale_at = min(stale_at, r["retire_at"])
                 key = _import(r["jwk"])
                 public.append(key)
                 if r["status"] == "current":
@@ -159,7 +162,7 @@ class KeyRing:
             self._signing = signing
             self._verify = KeySet(public)
             self._jwks = {"keys": [k.as_dict(private=False) for k in public]}
-            self._stamp = stamp
+            self._stamp, self._stale_at = stamp, stale_at
 
     def signing_key(self, alg: str):
         self._load_if_changed()

@@ -161,6 +161,23 @@ def _code(agent, base, client_id, redirect_uri) -> tuple[str, str]:
     return parse_qs(urlsplit(str(page.url)).query)["code"][0], nonce
 
 
+def _fresh_code(base, client_id, redirect_uri) -> str:
+    """The code of a new login through the process at ``base``."""
+    agent = Agent()
+    try:
+        return _code(agent, base, client_id, redirect_uri)[0]
+    finally:
+        agent.close()
+
+
+def _one_answered(answers) -> dict:
+    """The one token response among ``answers``; every other one is invalid_grant."""
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200] + [400] * (len(answers) - 1), [r.text for r in answers]
+    assert all(r.json()["error"] == "invalid_grant" for r in answers if r.status_code == 400)
+    return next(r.json() for r in answers if r.status_code == 200)
+
+
 def _verify(base: str, token: str):
     keys = KeySet.import_key_set(httpx.get(base + "/jwks").json())
     return jwt.decode(token, keys, algorithms=["ES256", "RS256"])
@@ -224,11 +241,7 @@ def test_login_at_one_process_code_refresh_and_logout_at_the_other(cluster, rece
 def test_one_code_redeemed_concurrently_at_both_processes_succeeds_once(cluster, receiver):
     client_id, secret = _client(cluster, receiver)
     cb = receiver.url + "/cb"
-    agent = Agent()
-    try:
-        code, _ = _code(agent, cluster.a, client_id, cb)
-    finally:
-        agent.close()
+    code = _fresh_code(cluster.a, client_id, cb)
     bases = [cluster.a, cluster.b] * 4
 
     def attempt(base):
@@ -236,20 +249,13 @@ def test_one_code_redeemed_concurrently_at_both_processes_succeeds_once(cluster,
             return redeem(http, client_id, secret, code, redirect_uri=cb)
 
     with ThreadPoolExecutor(len(bases)) as pool:
-        answers = list(pool.map(attempt, bases))
-    statuses = sorted(r.status_code for r in answers)
-    assert statuses == [200] + [400] * (len(bases) - 1), [r.text for r in answers]
-    assert all(r.json()["error"] == "invalid_grant" for r in answers if r.status_code == 400)
+        _one_answered(list(pool.map(attempt, bases)))
 
 
 def test_one_refresh_token_raced_at_both_processes_rotates_once_and_ends_the_family(cluster, receiver):
     client_id, secret = _client(cluster, receiver)
     cb = receiver.url + "/cb"
-    agent = Agent()
-    try:
-        code, _ = _code(agent, cluster.a, client_id, cb)
-    finally:
-        agent.close()
+    code = _fresh_code(cluster.a, client_id, cb)
     with httpx.Client(base_url=cluster.a, timeout=10) as a:
         refresh_token = redeem(a, client_id, secret, code, redirect_uri=cb).json()["refresh_token"]
     bases = [cluster.a, cluster.b] * 4
@@ -271,9 +277,7 @@ def test_one_refresh_token_raced_at_both_processes_rotates_once_and_ends_the_fam
             answers = [f.result() for f in pending]
     finally:
         r.execute_command("CLIENT", "UNPAUSE")
-    statuses = sorted(r.status_code for r in answers)
-    assert statuses == [200] + [400] * (len(bases) - 1), [r.text for r in answers]
-    winner = next(r.json() for r in answers if r.status_code == 200)
+    winner = _one_answered(answers)
     # The others reused a rotated token (RFC 9700 4.14): what the winner got is revoked too.
     with httpx.Client(base_url=cluster.b, timeout=10) as b:
         again = b.post("/token", data={"grant_type": "refresh_token", "refresh_token": winner["refresh_token"]},
@@ -291,11 +295,7 @@ def test_key_rotation_reaches_every_process_without_a_restart(cluster, receiver)
     [es256] = [kid for kid in new_kids if kid.startswith("es256-")]
 
     def signs_with_new_key(base):
-        agent = Agent()
-        try:
-            code, _ = _code(agent, base, client_id, cb)
-        finally:
-            agent.close()
+        code = _fresh_code(base, client_id, cb)
         with httpx.Client(base_url=base, timeout=10) as http:
             token = redeem(http, client_id, secret, code, redirect_uri=cb).json()["id_token"]
         return _verify(base, token).header["kid"] == es256

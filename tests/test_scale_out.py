@@ -10,6 +10,7 @@ A relying party talks to both through the real protocol.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -26,6 +27,7 @@ import redis
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from idp import bridge
 from idp.settings import Settings
 from idp.web.app import create_app
 from idp.storage.kv import open_store
@@ -381,6 +383,15 @@ def test_redis_sentinel_is_followed_through_a_failover(tmp_path):
         store = open_store(url)
         _store_works(store)
         _full_login(tmp_path, url)
+        # The token endpoint's calls go through the store's asyncio client (idp.bridge): it must
+        # follow the failover too, on the loop it was opened on.
+        loop = asyncio.new_event_loop()
+        stack.callback(loop.close)
+
+        def awaited(method, *args):
+            return loop.run_until_complete(bridge.run(method, *args))
+
+        awaited(store.set, "async-before", {"ok": True}, 600)
 
         store.set("survives", {"ok": True}, 600)
         _wait(lambda: redis.Redis(port=replica).get("idp:survives"), what="replication to the replica")
@@ -393,6 +404,10 @@ def test_redis_sentinel_is_followed_through_a_failover(tmp_path):
         _wait(lambda: _try(lambda: store.set("after", {"ok": True}, 60)), what="a write after the failover")
         assert store.get("survives") == {"ok": True}
         assert redis.Redis(port=replica).get("idp:after") is not None
+        _wait(lambda: _try(lambda: awaited(store.set, "async-after", {"ok": True}, 60)),
+              what="a write through the asyncio client after the failover")
+        assert awaited(store.get, "async-before") == {"ok": True}
+        assert redis.Redis(port=replica).get("idp:async-after") is not None
 
 
 def _try(action):

@@ -144,8 +144,9 @@ def password_expired(account: Account, max_age_days: int, now: dt.datetime) -> b
     return now - changed > dt.timedelta(days=max_age_days)
 
 
-def by_username(session, username: str) -> Account | None:
-    return session.execute(select(Account).where(func.lower(Account.username) == username.strip().lower())).scalar_one_or_none()
+def by_username(session, username: str, *options) -> Account | None:
+    query = select(Account).where(func.lower(Account.username) == username.strip().lower()).options(*options)
+    return session.execute(query).unique().scalar_one_or_none()
 
 
 def create_account(session, passwords: Passwords, username: str, password: str | None, *, now: dt.datetime, **fields) -> Account:

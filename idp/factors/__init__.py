@@ -30,6 +30,7 @@ class Outcome:
     params: dict = field(default_factory=dict)
     keep: dict = field(default_factory=dict)  # form values to show again
     amr: list | None = None  # when this success proves other methods than the factor's ``amr``
+    account: object | None = None  # the proven account with its bindings, when the factor read it (saves a read)
 
     @property
     def ok(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 
+from sqlalchemy.orm import joinedload
 from starlette.concurrency import run_in_threadpool
 
 from idp import captcha
@@ -70,7 +71,7 @@ class PasswordFactor:
             return Outcome(error="login.disabled", keep=keep)
         if account.password_login_disabled:
             return Outcome(error="login.password_disabled", keep=keep)
-        return Outcome(account_id=account.id)
+        return Outcome(account_id=account.id, account=account)
 
     @classmethod
     def _verify(cls, svc, username, password):
@@ -85,7 +86,7 @@ class PasswordFactor:
     @staticmethod
     def _account(svc, username):
         with svc.db.read() as session:
-            account = by_username(session, username)
+            account = by_username(session, username, joinedload(Account.bindings))
             if account is not None:
                 session.expunge(account)
             return account

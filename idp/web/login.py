@@ -149,8 +149,8 @@ async def factor_submit(request: Request) -> Response:
         tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}
         svc.transactions.save(tx)
         return RedirectResponse(_tx_url(tx, factor=factor.name), status_code=303)
-    if account is None or account.id != outcome.account_id:  # a first factor: read who it proved
-        account = await run_in_threadpool(_account, svc, outcome.account_id)
+    if account is None or account.id != outcome.account_id:  # a first factor: who it proved
+        account = outcome.account or await run_in_threadpool(_account, svc, outcome.account_id)
     flow.record_factor(tx, factor, account, svc.clock(), outcome.amr)
     svc.transactions.save(tx)
     return _again(tx)

@@ -575,17 +575,23 @@ def redis_memory(r) -> dict:
 # --------------------------------------------------------------------------- argon2
 
 
-def argon2_verify_ms(time_cost: int, memory_kib: int, rounds: int = 20) -> float:
+def argon2_verify_ms(time_cost: int, memory_kib: int, rounds: int = 20, cold: bool = False) -> float:
+    """CPU time of one verify (median). Back to back, argon2's memory stays in the CPU's
+    caches from one verify to the next; with ``cold`` 64 MiB of other memory is written
+    between verifies first, as a server's other work does between two logins."""
     from argon2 import PasswordHasher
 
     ph = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=1)
     h = ph.hash(PASSWORD)
     ph.verify(h, PASSWORD)
+    other, fill = bytearray(64 << 20), bytes(range(256)) * (256 << 10)
     times = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        if cold:
+            other[:] = fill
+        t0 = time.thread_time()
         ph.verify(h, PASSWORD)
-        times.append(time.perf_counter() - t0)
+        times.append(time.thread_time() - t0)
     return statistics.median(times) * 1000
 
 
@@ -728,8 +734,11 @@ def main() -> int:
         seed.accounts()
         log(f"  seeded in {time.monotonic() - t0:.1f} s")
         auth = basic(client_id, client_secret)
-        argon = {"owasp_ms": argon2_verify_ms(**OWASP), "keycloak_ms": argon2_verify_ms(**KEYCLOAK_ARGON2)}
-        log(f"argon2id verify on one core: {argon['owasp_ms']:.1f} ms at t=2/19 MiB, {argon['keycloak_ms']:.1f} ms at t=5/7 MiB")
+        argon = {"owasp_ms": argon2_verify_ms(**OWASP), "keycloak_ms": argon2_verify_ms(**KEYCLOAK_ARGON2),
+                 "owasp_cold_ms": argon2_verify_ms(**OWASP, cold=True),
+                 "keycloak_cold_ms": argon2_verify_ms(**KEYCLOAK_ARGON2, cold=True)}
+        log(f"argon2id verify on one core: {argon['owasp_ms']:.1f} ms at t=2/19 MiB, {argon['keycloak_ms']:.1f} ms at t=5/7 MiB"
+            f" ({argon['owasp_cold_ms']:.1f} and {argon['keycloak_cold_ms']:.1f} ms with cold caches)")
         # Generous pre-mint: a rate no run here reaches (measured rates stay far below), per second.
         mint_rate = 2500
 
@@ -858,7 +867,11 @@ def main() -> int:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     ceiling = {"owasp": 1000 / argon["owasp_ms"], "keycloak": 1000 / argon["keycloak_ms"]}
     one = ours.get(1, {})
-    targets = {"client_credentials": 2000, "code_exchange": 1000, "refresh": 1000, "login": 0.8 * ceiling["owasp"]}
+    def login_target(warm_ms, cold_ms):
+        return f"{800 / warm_ms:,.0f}/s ({800 / cold_ms:,.0f}/s with cold caches)"
+
+    targets = {"client_credentials": "2,000/s", "code_exchange": "1,000/s", "refresh": "1,000/s",
+               "login": login_target(argon["owasp_ms"], argon["owasp_cold_ms"])}
     cpu_head = ["measurement", "ours, Redis", "ours, in-process store", "oidc-provider", "Redis / theirs",
                 "in-process / theirs", "target per worker"]
     cpu_md = ["| " + " | ".join(cpu_head) + " |", "|" + "---|" * len(cpu_head)]
@@ -866,10 +879,10 @@ def main() -> int:
         cells = [per_core(r.get(key)) for r in (one, memory_store, theirs)]
         cpu_md.append("| " + " | ".join([label, *cells, ratio(core_rate(one.get(key)), core_rate(theirs.get(key))),
                                          ratio(core_rate(memory_store.get(key)), core_rate(theirs.get(key))),
-                                         f"{targets[key]:,.0f}/s" if key in targets else "—"]) + " |")
+                                         targets.get(key, "—")]) + " |")
     kc = kc_login.get(1)
     cpu_md.append("| " + " | ".join(["password+TOTP login, argon2 t=5 7 MiB (Keycloak's)", per_core(kc), "—", "—", "—", "—",
-                                     f"{0.8 * ceiling['keycloak']:,.0f}/s"]) + " |")
+                                     login_target(argon["keycloak_ms"], argon["keycloak_cold_ms"])]) + " |")
     cpu = ""
     try:
         cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
@@ -911,7 +924,11 @@ def main() -> int:
         "slots; the used-step markers are reset between login measurements.",
         f"- **argon2id** (argon2-cffi, p=1): default t=2, 19 MiB: {argon['owasp_ms']:.1f} ms per verify on one core "
         f"(ceiling {ceiling['owasp']:.0f} logins/s per core); Keycloak's t=5, 7 MiB: {argon['keycloak_ms']:.1f} ms "
-        f"(ceiling {ceiling['keycloak']:.0f}/s per core). Target: logins ≥ 80 % of the ceiling per worker.",
+        f"(ceiling {ceiling['keycloak']:.0f}/s per core). Target: logins ≥ 80 % of the ceiling per worker. "
+        "Those are back-to-back verifies, whose memory stays in the CPU's caches; in a server other work runs "
+        f"between two logins, and a verify after 64 MiB of other memory traffic takes {argon['owasp_cold_ms']:.1f} ms "
+        f"(t=2, 19 MiB; ceiling {1000 / argon['owasp_cold_ms']:.0f}/s) and {argon['keycloak_cold_ms']:.1f} ms "
+        f"(t=5, 7 MiB; ceiling {1000 / argon['keycloak_cold_ms']:.0f}/s).",
         "- **Keycloak 26** figures are its published sizing guide (per vCPU: 15 password logins/s, 120 "
         "client-credentials grants/s, 120 refresh grants/s; argon2 t=5, 7 MiB), not measured here.",
         *[f"- {n}" for n in notes],
@@ -941,8 +958,10 @@ def main() -> int:
     stem.with_suffix(".md").write_text(report)
     stem.with_suffix(".json").write_text(json.dumps({
         "date": date, "cores": CORES, "cpu": cpu, "seconds_per_measurement": seconds,
-        "argon2": {"default": {**OWASP, "parallelism": 1, "verify_ms": argon["owasp_ms"]},
-                   "keycloak": {**KEYCLOAK_ARGON2, "parallelism": 1, "verify_ms": argon["keycloak_ms"]}},
+        "argon2": {"default": {**OWASP, "parallelism": 1, "verify_ms": argon["owasp_ms"],
+                               "verify_ms_cold_caches": argon["owasp_cold_ms"]},
+                   "keycloak": {**KEYCLOAK_ARGON2, "parallelism": 1, "verify_ms": argon["keycloak_ms"],
+                                "verify_ms_cold_caches": argon["keycloak_cold_ms"]}},
         "keycloak_published_per_vcpu": KEYCLOAK,
         "ours": {str(k): v for k, v in ours.items()}, "ours_memory": memory_store, "theirs": theirs,
         "logins_keycloak_argon2": {str(k): v for k, v in kc_login.items()},

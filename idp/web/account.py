@@ -9,6 +9,7 @@ asks for a bound factor again, and comes back here.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
@@ -65,17 +66,25 @@ async def require_account(request: Request, *, verified: bool = True):
     return response
 
 
-async def _post(request: Request):
-    """(account, form) of a POST in the account area, or the Response to send instead
-    (sign in again; or the expired page for a malformed body or a wrong CSRF token)."""
-    account = await require_account(request)
-    if isinstance(account, Response):
-        return account
-    try:
-        form = dict(await read_form(request))
-    except BadRequest:
-        return _expired(request)
-    return (account, form) if csrf_ok(request, form) else _expired(request)
+def account_post(handler):
+    """A POST handler of the account area, called as ``handler(request, account, form)``
+    with the signed-in account and the CSRF-checked form; otherwise the response that
+    signs the user in again, or the expired page (a malformed body, a wrong CSRF token)."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        account = await require_account(request)
+        if isinstance(account, Response):
+            return account
+        try:
+            form = dict(await read_form(request))
+        except BadRequest:
+            return _expired(request)
+        if not csrf_ok(request, form):
+            return _expired(request)
+        return await handler(request, account, form)
+
+    return endpoint
 
 
 def _back(notice: str | None = None, error: str | None = None) -> RedirectResponse:
@@ -111,12 +120,9 @@ async def settings_page(request: Request) -> Response:
                   google_enabled=GOOGLE.enabled(svc), can_disable=can_disable, tab="settings", sessions=sessions, current_sid=current)
 
 
-async def end_other_sessions(request: Request) -> Response:
+@account_post
+async def end_other_sessions(request: Request, account, form) -> Response:
     """Log out every other browser of this account (its clients are told, back-channel)."""
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, _ = posted
     svc = request.app.state.svc
     current = request.cookies.get(SESSION_COOKIE)
     ended = 0
@@ -142,11 +148,8 @@ async def otp_page(request: Request) -> Response:
                   enrol_action="/account/otp", rebuild_action="/account/otp/rebuild")
 
 
-async def otp_confirm(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def otp_confirm(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     error = await run_in_threadpool(Enrolment(svc).confirm, account.id, form.get("otp"))
     if error:
@@ -156,11 +159,8 @@ async def otp_confirm(request: Request) -> Response:
     return _back(notice="otp_rebound")
 
 
-async def otp_rebuild(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def otp_rebuild(request: Request, account, form) -> Response:
     Enrolment(request.app.state.svc).start(account, rebuild=True)
     return RedirectResponse("/account/otp", status_code=303)
 
@@ -186,11 +186,8 @@ async def certificate_page(request: Request) -> Response:
                   challenge=cert.issue_challenge(svc, "account:" + account.id), **cert.component(svc))
 
 
-async def certificate_bind(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def certificate_bind(request: Request, account, form) -> Response:
     from idp.factors import certificate as cert
 
     svc = request.app.state.svc
@@ -260,11 +257,8 @@ async def password_login_page(request: Request) -> Response:
                   flash={"params": {}})
 
 
-async def password_login_disable(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def password_login_disable(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     if not any(b.factor in PASSWORDLESS for b in account.bindings):
         return _back(error="needs_passwordless")
@@ -289,11 +283,8 @@ async def _enable_page(request: Request, account, flash=None, status: int = 200)
                   flash=flash or {"params": {}}, status=status)
 
 
-async def password_login_enable(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def password_login_enable(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     if not captcha.check_form(svc, form.get("form"), form.get("captcha")):
         return await _enable_page(request, account, {"error": "captcha.wrong", "params": {}}, 400)
@@ -310,11 +301,8 @@ async def password_login_enable(request: Request) -> Response:
 
 
 # -- email confirmation ----------------------------------------------------------------------------
-async def email_verify(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def email_verify(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     if not account.email:
         return _back(error="email_missing")

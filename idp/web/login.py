@@ -25,7 +25,7 @@ from idp.protocol import claims
 from idp.protocol.server import Request as OAuthRequest
 from idp.storage.models import Account, Consent
 from idp.web.forms import BadRequest, read_form
-from idp.web.pages import csrf_ok, csrf_token, error_page, render, who, set_cookie
+from idp.web.pages import csrf_ok, error_page, render, who, set_cookie
 
 SESSION_COOKIE = "idp_session"
 

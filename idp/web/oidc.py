@@ -14,7 +14,7 @@ from joserfc.errors import JoseError
 from sqlalchemy import delete
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 
 from idp import acr, bridge
 from idp.protocol import claims, dpop, logout as logout_, par

@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp.factors import passkey
-from idp.web.account import _post, require_account
+from idp.web.account import account_post, require_account
 from idp.web.i18n import translate
 from idp.web.login import SESSION_COOKIE
 from idp.web.pages import locale_of, render, who
@@ -59,11 +59,8 @@ async def page(request: Request) -> Response:
                   enabled=enabled, flash=flash, tab="settings")
 
 
-async def add(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def add(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     label = " ".join((form.get("label") or "").split())[:MAX_LABEL]
     if not label:
@@ -80,11 +77,8 @@ async def add(request: Request) -> Response:
     return _back("passkey.added")
 
 
-async def remove(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def remove(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     removed = await run_in_threadpool(passkey.remove, svc, account.id, form.get("id") or "")
     if removed is None:

@@ -33,7 +33,7 @@ from idp.factors import push
 from idp.factors.push import PUSH
 from idp.factors.totp import qr_svg
 from idp.web import login
-from idp.web.account import _post, require_account
+from idp.web.account import account_post, require_account
 from idp.web.forms import BadRequest, read_json
 from idp.web.i18n import translate
 from idp.web.pages import locale_of, render, who
@@ -163,11 +163,8 @@ async def devices_page(request: Request) -> Response:
     return render(request, "account_push.html", account=account, devices=devices, flash=flash, tab="settings")
 
 
-async def add(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, _ = posted
+@account_post
+async def add(request: Request, account, form) -> Response:
     push.start_registration(request.app.state.svc, account.id)
     return RedirectResponse("/account/push/add", status_code=303)
 
@@ -200,11 +197,8 @@ async def add_status(request: Request) -> Response:
     return JSONResponse({"state": state}, headers=NO_STORE)
 
 
-async def save(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def save(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     name, phone = form.get("name") or "", form.get("phone") or ""
     error = await run_in_threadpool(push.save_registration, svc, account.id, name, phone)
@@ -217,20 +211,14 @@ async def save(request: Request) -> Response:
     return RedirectResponse("/account/push?notice=bound", status_code=303)
 
 
-async def cancel(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, _ = posted
+@account_post
+async def cancel(request: Request, account, form) -> Response:
     push.cancel_registration(request.app.state.svc, account.id)
     return RedirectResponse("/account/push", status_code=303)
 
 
-async def remove(request: Request) -> Response:
-    posted = await _post(request)
-    if isinstance(posted, Response):
-        return posted
-    account, form = posted
+@account_post
+async def remove(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     removed = await run_in_threadpool(push.remove, svc, account.id, str(form.get("device") or ""))
     if removed is not None:

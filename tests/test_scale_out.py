@@ -172,6 +172,22 @@ def _fresh_code(base, client_id, redirect_uri) -> str:
         agent.close()
 
 
+def _all_at_once(cluster, bases, attempt) -> list:
+    """``attempt(base)`` for each of ``bases`` at once, made to race: Redis holds every write
+    while reads go on, so each request has read what it wants to claim and waits to claim it
+    when the writes resume together."""
+    r = redis.Redis.from_url(cluster.env["IDP_REDIS_URL"])
+    r.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+    try:
+        with ThreadPoolExecutor(len(bases)) as pool:
+            pending = [pool.submit(attempt, base) for base in bases]
+            _wait(lambda: r.info("clients")["blocked_clients"] == len(bases), 15, "every request waiting to claim")
+            r.execute_command("CLIENT", "UNPAUSE")
+            return [f.result() for f in pending]
+    finally:
+        r.execute_command("CLIENT", "UNPAUSE")
+
+
 def _one_answered(answers) -> dict:
     """The one token response among ``answers``; every other one is invalid_grant."""
     statuses = sorted(r.status_code for r in answers)
@@ -250,8 +266,7 @@ def test_one_code_redeemed_concurrently_at_both_processes_succeeds_once(cluster,
         with httpx.Client(base_url=base, timeout=30) as http:
             return redeem(http, client_id, secret, code, redirect_uri=cb)
 
-    with ThreadPoolExecutor(len(bases)) as pool:
-        _one_answered(list(pool.map(attempt, bases)))
+    _one_answered(_all_at_once(cluster, bases, attempt))
 
 
 def test_one_refresh_token_raced_at_both_processes_rotates_once_and_ends_the_family(cluster, receiver):
@@ -267,19 +282,7 @@ def test_one_refresh_token_raced_at_both_processes_rotates_once_and_ends_the_fam
             return http.post("/token", data={"grant_type": "refresh_token", "refresh_token": refresh_token},
                              auth=(client_id, secret))
 
-    # Redis holds every write while reads go on: each request looks the token up and then waits
-    # to claim it, so all of them race for the claim when the writes resume.
-    r = redis.Redis.from_url(cluster.env["IDP_REDIS_URL"])
-    r.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
-    try:
-        with ThreadPoolExecutor(len(bases)) as pool:
-            pending = [pool.submit(attempt, base) for base in bases]
-            _wait(lambda: r.info("clients")["blocked_clients"] == len(bases), 15, "every request waiting to claim")
-            r.execute_command("CLIENT", "UNPAUSE")
-            answers = [f.result() for f in pending]
-    finally:
-        r.execute_command("CLIENT", "UNPAUSE")
-    winner = _one_answered(answers)
+    winner = _one_answered(_all_at_once(cluster, bases, attempt))
     # The others reused a rotated token (RFC 9700 4.14): what the winner got is revoked too.
     with httpx.Client(base_url=cluster.b, timeout=10) as b:
         again = b.post("/token", data={"grant_type": "refresh_token", "refresh_token": winner["refresh_token"]},

@@ -59,6 +59,10 @@ fi
 if [ "$with_test" = 1 ] && [ ! -x /usr/sbin/nginx ]; then
   pkgs+=(nginx)
 fi
+# ... and checks deploy/systemd/idp@.service with `systemd-analyze verify`.
+if [ "$with_test" = 1 ] && ! command -v systemd-analyze >/dev/null 2>&1; then
+  pkgs+=(systemd)
+fi
 if [ "$with_bench" = 1 ] && ! command -v wrk >/dev/null 2>&1; then
   pkgs+=(wrk)
 fi

@@ -85,7 +85,8 @@ def world(tmp_path_factory):
         component = stack.enter_context(signer(reader, allow_origin=url))
         settings = Settings.from_env(
             {}, issuer=url, database_url=f"sqlite:///{root}/idp.sqlite3", redis_url="", keys_dir=str(root / "keys"),
-            captcha="always", mfa=True, trust_dir=str(pki.dir / "trust"), hipki_url=component)
+            captcha="always", mfa=True, trust_dir=str(pki.dir / "trust"), hipki_url=component,
+            crl_cache_dir=str(root / "crl"))
         app = create_app(settings)
         stack.callback(app.state.svc.db.engine.dispose)
         provider = LiveProvider(app, stack.enter_context(live.serve(app, sock, url)))

@@ -205,7 +205,7 @@ def test_nginx_accepts_the_configuration(tmp_path):
 def test_systemd_accepts_the_unit(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed (a system without systemd)")
+        pytest.fail("systemd-analyze is missing: scripts/bootstrap.sh --test installs it (Debian's systemd)")
     unit = (DEPLOY / "systemd/idp@.service").read_text()
     assert "ExecStart=/opt/idp/bin/idp serve --host 127.0.0.1 --port %i" in unit
     # verify wants the program to exist: point it at this checkout's.
@@ -231,7 +231,7 @@ def test_nginx_in_front_of_a_provider(tmp_path, caplog):
     with live.reserve() as (sock, url):
         app = create_app(Settings.from_env({}, database_url=f"sqlite:///{tmp_path}/idp.sqlite3",
                                            keys_dir=str(tmp_path / "keys"), issuer="https://login.example.tw",
-                                           access_log=True))
+                                           access_log=True, crl_cache_dir=str(tmp_path / "crl")))
         port = url.rsplit(":", 1)[1]
         http_port, https_port = servers.free_port(), servers.free_port()
         local = re.sub(r"(\bserver )[a-z][a-z0-9-]*:\d+", rf"\g<1>127.0.0.1:{port}", conf)
@@ -253,7 +253,9 @@ def test_nginx_in_front_of_a_provider(tmp_path, caplog):
                             answer = http.get(base + "/healthz", headers={"X-Forwarded-For": "6.6.6.6"})
                             break
                         except httpx.HTTPError:
-                            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                            if proc.poll() is not None or time.monotonic() > deadline:
+                                proc.kill()  # so that its stderr can be read to the end
+                                pytest.fail("nginx did not answer: " + proc.communicate()[1].decode()[-2000:])
                             time.sleep(0.05)
                     assert answer.status_code == 200 and answer.text == "ok"
                     assert re.fullmatch(r"[0-9a-f]{32}", answer.headers["x-request-id"])  # nginx's $request_id

@@ -1,11 +1,12 @@
 """DPoP-bound tokens (RFC 9449, SPEC P9) as a relying party sees them."""
 
+import base64
+import hashlib
 import secrets
 
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey
 
-from idp.protocol.dpop import token_hash
 from tests.harness import pkce, redeem
 
 
@@ -14,7 +15,8 @@ def _proof(provider, key, htm, path, *, access_token=None, jti=None, iat=None, t
     claims = {"htm": htm, "htu": provider.issuer + path, "iat": int(provider.clock() if iat is None else iat),
               "jti": jti or secrets.token_urlsafe(12)}
     if access_token:
-        claims["ath"] = token_hash(access_token)
+        # RFC 9449 4.2, computed here rather than with the provider's own helper
+        claims["ath"] = base64.urlsafe_b64encode(hashlib.sha256(access_token.encode()).digest()).rstrip(b"=").decode()
     return jwt.encode(header, claims, key)
 
 

@@ -178,7 +178,7 @@ def test_approved_by_scanning_the_qr_code(journey):
 def test_denied_on_the_phone(journey):
     provider, sim, portal, page = journey
     tx = ask_the_phone(page, provider, portal)
-    phone(sim, "deny", sp_ticket_id=tickets(provider, tx)["push"]["sp_ticket_id"])
+    assert phone(sim, "deny", sp_ticket_id=tickets(provider, tx)["push"]["sp_ticket_id"]) == 200
     next_poll(page)
     expect(page.locator("#mobileid-result")).to_contain_text("您已在手機上拒絕")
     expect(page.locator("#mobileid-continue")).to_be_hidden()
@@ -208,8 +208,8 @@ def test_push_and_qr_race_one_wins_and_no_later_logout(journey):
     tx = ask_the_phone(page, provider, portal)
     both = tickets(provider, tx)
     before = successes(provider)
-    phone(sim, "approve", sp_ticket_id=both["push"]["sp_ticket_id"])
-    phone(sim, "approve", sp_ticket=both["qr"]["sp_ticket"])  # scanned as well, on a second device
+    assert phone(sim, "approve", sp_ticket_id=both["push"]["sp_ticket_id"]) == 200
+    assert phone(sim, "approve", sp_ticket=both["qr"]["sp_ticket"]) == 200  # scanned as well, on a second device
     next_poll(page)
     expect_logged_in(page, portal)
     assert successes(provider) == before + 1
@@ -218,6 +218,9 @@ def test_push_and_qr_race_one_wins_and_no_later_logout(journey):
     # The seed's bug: when the other request's time ran out, the user was logged out.
     provider.clock.advance(TIME_LIMIT + 1)
     page.clock.fast_forward((TIME_LIMIT + 1) * 1000)
+    # A tab left on the waiting page polls once more: the login is over, the loser is not asked for.
+    stale = page.request.get(f"{provider.issuer}/login/mobileid/status?tx={tx}")
+    assert stale.status == 404
     assert polled(sim, both["qr"]) == 0
     # Still signed in at the provider: the portal's login goes through without a login page.
     page.goto(portal + "/login")

@@ -952,6 +952,14 @@ def main() -> int:
     report = "\n".join(text) + "\n"
     print()
     print(report)
+    # Our rows measure only what was answered right: one that failed requests is no result.
+    measured = [(f"{n} worker(s)", r) for n, r in ours.items()] + [("in-process store", memory_store)]
+    measured += [(f"{n} worker(s), Keycloak's argon2", {"login": r}) for n, r in kc_login.items()]
+    failed = [f"{where}: {key}" for where, row in measured for key, r in row.items()
+              if r and (r.get("errors") or r.get("exhausted"))]
+    if failed:
+        log("not written: our provider failed requests in " + "; ".join(failed) + " (see the logs above)")
+        return 1
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     stem = outdir / f"{date}-{CORES}cores"

@@ -36,7 +36,7 @@ from idp.factors import Outcome
 from idp.factors.certificate import CERTIFICATE, ERRORS, CertificateFactor, now_of
 from idp.pki import PKIError, verify_certificate
 from idp.web.pages import who
-from idp.web.proxies import from_trusted_proxy, networks, peer
+from idp.web.proxies import from_trusted_proxy, peer
 
 log = logging.getLogger("idp.pki")
 
@@ -49,7 +49,7 @@ def presented(request, svc) -> str | None:
     value = request.headers.get(header) if header else None
     if not value:
         return None
-    if not from_trusted_proxy(request, networks(svc.settings.trusted_proxies)):
+    if not from_trusted_proxy(request):
         log.warning("%s header from %s ignored: not in IDP_TRUSTED_PROXIES", header, peer(request))
         return None
     return unquote(value[:MAX_PEM_CHARS])

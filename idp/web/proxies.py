@@ -34,26 +34,30 @@ def networks(setting: str) -> tuple[Network, ...]:
 
 
 class KeepPeer:
-    """ASGI middleware: remember the socket peer before X-Forwarded-For replaces ``client``."""
+    """ASGI middleware: remember the socket peer before X-Forwarded-For replaces ``client``,
+    with the trusted proxies (parsed once) that ``from_trusted_proxy`` compares it to."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, trusted: tuple[Network, ...]):
+        self.app, self.trusted = app, trusted
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket"):
             client = scope.get("client")
             scope["idp.peer"] = client[0] if client else None
+            scope["idp.trusted_proxies"] = self.trusted
         await self.app(scope, receive, send)
 
 
 def middleware(setting: str) -> list[Middleware]:
     """Outermost first: keep the peer, then take X-Forwarded-* from trusted proxies only."""
-    trusted = [str(n) for n in networks(setting)]
-    return [Middleware(KeepPeer), Middleware(ProxyHeadersMiddleware, trusted_hosts=trusted)]
+    trusted = networks(setting)
+    return [Middleware(KeepPeer, trusted=trusted),
+            Middleware(ProxyHeadersMiddleware, trusted_hosts=[str(n) for n in trusted])]
 
 
-def from_trusted_proxy(request: Request, trusted: tuple[Network, ...]) -> bool:
-    """Whether the request's socket peer is one of the ``trusted`` proxies."""
+def from_trusted_proxy(request: Request) -> bool:
+    """Whether the request's socket peer is one of IDP_TRUSTED_PROXIES."""
+    trusted = request.scope.get("idp.trusted_proxies", ())
     peer = request.scope.get("idp.peer")
     try:
         address = ipaddress.ip_address(peer)

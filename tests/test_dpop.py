@@ -20,6 +20,13 @@ def _proof(provider, key, htm, path, *, access_token=None, jti=None, iat=None, t
     return jwt.encode(header, claims, key)
 
 
+def _signed(provider, key, **claims):
+    """A /token proof with these claims replacing the usual ones."""
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": key.as_dict(private=False)}
+    return jwt.encode(header, {"htm": "POST", "htu": provider.issuer + "/token", "jti": secrets.token_urlsafe(12),
+                               **claims}, key)
+
+
 def _tokens(provider, key, client_id=None, secret=None, **client_meta):
     """Log in and redeem the code with a proof of ``key``."""
     if client_id is None:
@@ -106,6 +113,10 @@ def test_bad_proofs_are_refused_at_the_token_endpoint(provider):
                                 {"htm": "POST", "htu": provider.issuer + "/token", "iat": int(provider.clock()), "jti": "x"},
                                 OctKey.import_key("a-shared-secret-of-enough-bytes")),
         "garbage": "not.a.jwt",
+        # Python's JSON reader takes these; NaN would compare as never too old.
+        "iat NaN": _signed(provider, key, iat=float("nan")),
+        "iat too large for a number": _signed(provider, key, iat=10**400),
+        "header not an object": "W10." + _proof(provider, key, "POST", "/token").split(".", 1)[1],
     }
     for why, proof in bad.items():
         verifier, challenge = pkce()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 
 import orjson
 from authlib.oauth2.base import OAuth2Error
@@ -43,7 +44,21 @@ def token_hash(access_token: str) -> str:
 
 def _header(value: str) -> dict:
     encoded = value.split(".", 1)[0]
-    return orjson.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    header = orjson.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    if not isinstance(header, dict):
+        raise ValueError("the JOSE header is not a JSON object")
+    return header
+
+
+def _time(value) -> bool:
+    """A JSON number usable as a time: Python's JSON reader also takes NaN, Infinity and
+    integers too large for a float, and NaN is never "too far" from now."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _target(uri) -> str:
@@ -76,9 +91,10 @@ def proof_key(svc, headers, method: str, uri: str, access_token: str | None = No
     if claims.get("htm") != method or _target(claims.get("htu")) != uri:
         raise InvalidProof("The DPoP proof was made for another request (htm, htu).")
     iat, now = claims.get("iat"), svc.clock()
-    if not isinstance(iat, (int, float)) or abs(now - iat) > WINDOW:
+    if not _time(iat) or abs(now - iat) > WINDOW:
         raise InvalidProof("The DPoP proof is too old or from the future (iat).")
-    if access_token is not None and not hmac.compare_digest(str(claims.get("ath", "")), token_hash(access_token)):
+    if access_token is not None and not hmac.compare_digest(str(claims.get("ath", "")).encode(),
+                                                            token_hash(access_token).encode()):
         raise InvalidProof("The DPoP proof was made for another access token (ath).")
     jkt, jti = key.thumbprint(), claims.get("jti")
     if not isinstance(jti, str) or not 0 < len(jti) <= 256:

@@ -131,3 +131,11 @@ def test_a_client_registered_for_dpop_must_send_a_proof(provider):
     provider.account("alice")
     _, _, response = _tokens(provider, None, dpop_bound_access_tokens=True)
     assert response.status_code == 400 and response.json()["error"] == "invalid_dpop_proof"
+    # The refusal did not spend the code: sent again with a proof, it is redeemed.
+    client_id, secret = provider.client(dpop_bound_access_tokens=True)
+    verifier, challenge = pkce()
+    browser = provider.browser()
+    code = browser.login(client_id, code_challenge=challenge, code_challenge_method="S256")["code"]
+    assert redeem(browser.http, client_id, secret, code, verifier).json()["error"] == "invalid_dpop_proof"
+    browser.http.headers["DPoP"] = _proof(provider, ECKey.generate_key("P-256"), "POST", "/token")
+    assert redeem(browser.http, client_id, secret, code, verifier).json()["token_type"] == "DPoP"

@@ -87,6 +87,9 @@ def test_a_request_uri_works_only_for_its_client_and_only_in_time(provider):
     request_uri = _push(http, client_id, secret).json()["request_uri"]
     stolen = provider.browser().go(f"/authorize?client_id={other}&request_uri={request_uri}")
     assert stolen.status_code == 400 and "location" not in stolen.headers
+    # ...and the other client's try did not spend it for its owner.
+    owner = provider.browser().go(f"/authorize?client_id={client_id}&request_uri={request_uri}")
+    assert owner.status_code == 200 and "/login/factor/password" in owner.text
     late = _push(http, client_id, secret).json()["request_uri"]
     provider.clock.advance(61)
     expired = provider.browser().go(f"/authorize?client_id={client_id}&request_uri={late}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 
 REQUEST_URI_PREFIX = "urn:ietf:params:oauth:request_uri:"
-_KEY = "par:"  # + reference -> {client_id, params, exp}
+_KEY = "par:"  # + client_id:reference -> {client_id, params, exp}
 # Client authentication travels with the pushed request but is not part of it.
 CLIENT_AUTH_PARAMS = ("client_secret", "client_assertion", "client_assertion_type")
 
@@ -22,7 +22,7 @@ def push(svc, client_id: str, params: list[tuple[str, str]]) -> tuple[str, int]:
     lifetime = svc.settings.par_seconds
     reference = secrets.token_urlsafe(32)
     record = {"client_id": client_id, "params": params, "exp": svc.clock() + lifetime}
-    svc.store.set(_KEY + reference, record, lifetime + 60)
+    svc.store.set(f"{_KEY}{client_id}:{reference}", record, lifetime + 60)
     return REQUEST_URI_PREFIX + reference, lifetime
 
 
@@ -34,8 +34,9 @@ def pull(svc, client_id: str | None, request_uri: str | None) -> list[tuple[str,
     reference = request_uri[len(REQUEST_URI_PREFIX):]
     if not 0 < len(reference) <= 64:
         return None
-    record = svc.store.take(_KEY + reference)
-    if record is None or record["exp"] < svc.clock() or record["client_id"] != client_id:
+    # Under the client's own key: another client_id finds nothing, and so cannot burn it.
+    record = svc.store.take(f"{_KEY}{client_id}:{reference}")
+    if record is None or record["exp"] < svc.clock():
         return None
     return [tuple(pair) for pair in record["params"]]
 

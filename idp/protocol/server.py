@@ -98,9 +98,6 @@ class RefreshRecord:
     def get_scope(self):
         return self.record["scope"]
 
-    def check_client(self, client):
-        return client.client_id == self.record["client_id"]
-
 
 class S256Only(CodeChallenge):
     """PKCE with S256 only (``plain`` protects nothing); required for public clients."""
@@ -127,22 +124,29 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     record = {"scope": scope, **(record or {})}
     token = {"token_type": "Bearer", "expires_in": at_lifetime, "scope": scope}
     jkt = grant.request.dpop_jkt
+    _require_dpop(grant.request, client)
     if jkt:
         record["cnf"] = {"jkt": jkt}  # RFC 9449 6: the tokens are good only with this key's proofs
         token["token_type"] = "DPoP"
-    elif client.metadata.get("dpop_bound_access_tokens"):
-        raise dpop.InvalidProof("This client's tokens must be DPoP-bound: send a DPoP proof.")
     token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime, batch)
     if refresh and client.check_grant_type("refresh_token"):
         rt_lifetime = client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
         token["refresh_token"] = svc.tokens.issue("rt", gid, record, rt_lifetime, batch)
-    taken = svc.store.write(batch)
-    if rotating is not None and not svc.tokens.rotated(taken[0], rotating):
-        raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
+    # Everything that can fail comes before the write: once it is sent, a rotated refresh
+    # token is spent, and a retry after a 500 would look like its reuse.
     if account_id is not None and "openid" in scope.split():
         token["id_token"] = claims.id_token(svc, client, account_id, claims.narrowed(profile, scope), auth,
                                             nonce=nonce, access_token=token["access_token"])
+    taken = svc.store.write(batch)
+    if rotating is not None and not svc.tokens.rotated(taken[0], rotating):
+        raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
     return token
+
+
+def _require_dpop(request, client) -> None:
+    """RFC 9449 5: a client registered with ``dpop_bound_access_tokens`` gets no token without a proof."""
+    if not request.dpop_jkt and client.metadata.get("dpop_bound_access_tokens"):
+        raise dpop.InvalidProof("This client's tokens must be DPoP-bound: send a DPoP proof.")
 
 
 def account_active(svc, account_id: str) -> bool:
@@ -171,6 +175,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         raise NotImplementedError("the web layer issues codes through Provider.issue_code")
 
     def query_authorization_code(self, code, client):
+        _require_dpop(self.request, client)  # before the claim, which spends the code
         batch = Batch()
         record = self.server.svc.tokens.claim_code(code, batch)
         if record is None or record["client_id"] != client.client_id:

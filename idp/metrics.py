@@ -51,7 +51,7 @@ class Metrics:
 _LOGIN_OUTCOMES = {"login.success", "login.failure", "login.locked", "login.disabled"}
 _GRANTS = {"authorization_code", "refresh_token", "client_credentials"}
 _TOKEN_ERRORS = {"invalid_request", "invalid_client", "invalid_grant", "unauthorized_client",
-                 "unsupported_grant_type", "invalid_scope"}
+                 "unsupported_grant_type", "invalid_scope", "invalid_dpop_proof"}
 
 
 class RequestMetrics:

@@ -93,8 +93,9 @@ class PasswordFactor:
 
     @staticmethod
     def _rehash(svc, account_id, password):
+        hashed = svc.passwords.hash(password)  # before the transaction, not holding it open
         with svc.db.session() as session:
-            session.get(Account, account_id).password_hash = svc.passwords.hash(password)
+            session.get(Account, account_id).password_hash = hashed
 
 
 PASSWORD = PasswordFactor()

@@ -86,7 +86,8 @@ class Database:
     def read(self):
         """A session for reads only, on an autocommit connection: each query is one round
         trip, with no BEGIN and COMMIT around it (the login pages read the account and its
-        bindings on every step). Flushing writes through it is an error."""
+        bindings on every step). Nothing commits it: changes to its objects are lost, or,
+        if something flushes them, written at once. Write through ``session`` instead."""
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn, \
                 Session(conn, expire_on_commit=False, autoflush=False) as session:
             yield session

@@ -44,6 +44,7 @@ import secrets
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from webauthn import (generate_authentication_options, generate_registration_options, options_to_json,
                       verify_authentication_response, verify_registration_response)
@@ -142,22 +143,25 @@ def register(svc, account_id: str, owner: str, credential: str, label: str) -> t
     except NOT_JSON:
         return "passkey.error.invalid", None
     now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
-    with svc.db.session() as session:
-        if session.execute(select(Binding.id).where(Binding.factor == PASSKEY.name,
-                                                    Binding.external_id == external_id(verified.credential_id))).first():
-            return "passkey.error.registered", None
-        binding = Binding(account_id=account_id, factor=PASSKEY.name, external_id=external_id(verified.credential_id),
-                          label=label, created_at=now, data={
-                              "credential_id": b64(verified.credential_id),
-                              "public_key": b64(verified.credential_public_key),
-                              "sign_count": verified.sign_count, "user_handle": record["user_handle"],
-                              "aaguid": verified.aaguid, "backed_up": verified.credential_backed_up,
-                              "transports": [t.value for t in parsed.response.transports or []],
-                              "last_used": None,
-                          })
-        session.add(binding)
-        session.flush()
-        session.expunge(binding)
+    try:
+        with svc.db.session() as session:
+            if session.execute(select(Binding.id).where(Binding.factor == PASSKEY.name,
+                                                        Binding.external_id == external_id(verified.credential_id))).first():
+                return "passkey.error.registered", None
+            binding = Binding(account_id=account_id, factor=PASSKEY.name, external_id=external_id(verified.credential_id),
+                              label=label, created_at=now, data={
+                                  "credential_id": b64(verified.credential_id),
+                                  "public_key": b64(verified.credential_public_key),
+                                  "sign_count": verified.sign_count, "user_handle": record["user_handle"],
+                                  "aaguid": verified.aaguid, "backed_up": verified.credential_backed_up,
+                                  "transports": [t.value for t in parsed.response.transports or []],
+                                  "last_used": None,
+                              })
+            session.add(binding)
+            session.flush()
+            session.expunge(binding)
+    except IntegrityError:  # the same credential registered meanwhile (uq_binding_external)
+        return "passkey.error.registered", None
     return None, binding
 
 

@@ -21,7 +21,7 @@ import html
 import json
 import re
 import secrets
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import cbor2
 import pytest
@@ -387,3 +387,13 @@ def test_a_client_that_does_not_allow_passkeys_never_gets_one(make_provider):
     tx = forms(page.text)[0]["fields"]
     page = browser.go("/login/factor/passkey", "POST", {**tx, "credential": "{}"})
     assert page.status_code == 400 and "/login/factor/passkey" not in page.text
+
+
+def test_only_known_error_keys_are_shown(make_provider):
+    provider = make_provider(issuer=ISSUER)
+    _, browser, _ = registered(provider)
+    page = browser.go("/account/passkeys?error=passkey.error.registered")
+    assert "已經登記過了" in error_shown(page)
+    crafted = "passkey.error.Your account is locked: call +886 2 1234 5678"
+    page = browser.go("/account/passkeys?" + urlencode({"error": crafted}))
+    assert page.status_code == 200 and error_shown(page) == "" and "1234 5678" not in page.text

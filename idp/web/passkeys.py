@@ -26,6 +26,9 @@ from idp.web.pages import locale_of, render, who
 
 PAGE = "/account/passkeys"
 NOTICES = {"passkey.added", "passkey.removed"}
+# Only these are shown: translate() returns an unknown key as it is, so a crafted link would show its own text.
+ERRORS = {"passkey.error." + reason for reason in (
+    "missing", "invalid", "challenge", "registered", "label", "not_found")}
 MAX_LABEL = 60
 
 
@@ -47,7 +50,7 @@ async def page(request: Request) -> Response:
     flash = {"params": {}}
     if (notice := request.query_params.get("notice")) in NOTICES:
         flash["notice"] = notice
-    if (error := request.query_params.get("error", "")).startswith("passkey.error."):
+    if (error := request.query_params.get("error")) in ERRORS:
         flash["error"] = error
     enabled = passkey.PASSKEY.enabled(svc)
     options = None

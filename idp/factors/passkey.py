@@ -165,16 +165,25 @@ def register(svc, account_id: str, owner: str, credential: str, label: str) -> t
     return None, binding
 
 
-def remove(svc, account_id: str, binding_id: str) -> Binding | None:
-    """Delete one of the account's passkeys; the removed binding, or None when it is not theirs."""
+def remove(svc, account_id: str, binding_id: str, passwordless) -> tuple[str | None, Binding | None]:
+    """(error message key, None) or (None, the removed binding) for one of the account's passkeys.
+
+    ``passwordless(bindings)`` says whether bindings let the account in without its
+    password: with password login off, the passkey that is its last such way in stays
+    (recovery refuses such accounts, so nothing else would let the owner back in)."""
     with svc.db.session() as session:
-        binding = session.execute(select(Binding).where(Binding.id == binding_id, Binding.account_id == account_id,
-                                                        Binding.factor == PASSKEY.name)).scalar_one_or_none()
-        if binding is not None:
-            session.delete(binding)
-            session.flush()
-            session.expunge(binding)
-        return binding
+        # Locked, so that two removals (or a removal and turning password login off) see each other.
+        account = session.execute(select(Account).where(Account.id == account_id).with_for_update()).scalar_one()
+        binding = next((b for b in account.bindings if b.id == binding_id and b.factor == PASSKEY.name), None)
+        if binding is None:
+            return "passkey.error.not_found", None
+        others = [b for b in account.bindings if b is not binding]
+        if account.password_login_disabled and passwordless(account.bindings) and not passwordless(others):
+            return "passkey.error.last_passwordless", None
+        session.delete(binding)
+        session.flush()
+        session.expunge(binding)
+        return None, binding
 
 
 # -- login ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp.factors import passkey
-from idp.web.account import account_post, require_account
+from idp.web.account import account_post, passwordless, require_account
 from idp.web.i18n import translate
 from idp.web.login import SESSION_COOKIE
 from idp.web.pages import locale_of, render, who
@@ -28,7 +28,7 @@ PAGE = "/account/passkeys"
 NOTICES = {"passkey.added", "passkey.removed"}
 # Only these are shown: translate() returns an unknown key as it is, so a crafted link would show its own text.
 ERRORS = {"passkey.error." + reason for reason in (
-    "missing", "invalid", "challenge", "registered", "label", "not_found")}
+    "missing", "invalid", "challenge", "registered", "label", "not_found", "last_passwordless")}
 MAX_LABEL = 60
 
 
@@ -83,9 +83,9 @@ async def add(request: Request, account, form) -> Response:
 @account_post
 async def remove(request: Request, account, form) -> Response:
     svc = request.app.state.svc
-    removed = await run_in_threadpool(passkey.remove, svc, account.id, form.get("id") or "")
-    if removed is None:
-        return _back("passkey.error.not_found", "error")
+    error, removed = await run_in_threadpool(passkey.remove, svc, account.id, form.get("id") or "", passwordless)
+    if error:
+        return _back(error, "error")
     svc.audit.record("binding.removed", account_id=account.id, username=account.username, **who(request),
                      method=passkey.PASSKEY.name, passkey=removed.label)
     return _back("passkey.removed")

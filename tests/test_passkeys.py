@@ -21,7 +21,7 @@ import html
 import json
 import re
 import secrets
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import cbor2
 import pytest
@@ -33,7 +33,7 @@ from webauthn.helpers import bytes_to_base64url as b64
 
 from clients.school_portal import create_app as create_portal
 from idp.settings import Settings
-from idp.storage.models import AuditEvent
+from idp.storage.models import Account, AuditEvent, Binding
 from idp.web.app import create_app
 from tests import live
 from tests.harness import callback, forms, redeem
@@ -387,3 +387,59 @@ def test_a_client_that_does_not_allow_passkeys_never_gets_one(make_provider):
     tx = forms(page.text)[0]["fields"]
     page = browser.go("/login/factor/passkey", "POST", {**tx, "credential": "{}"})
     assert page.status_code == 400 and "/login/factor/passkey" not in page.text
+
+
+def test_the_last_passkey_stays_while_password_login_is_off(make_provider):
+    provider = make_provider(issuer=ISSUER)
+    account_id, browser, authenticator = registered(provider)
+    page = browser.go("/account/password-login")
+    assert "通行金鑰" in page.text  # what remains once password login is off
+    page = browser.submit(page, "/account/password-login/disable")
+    assert "?notice=password_login_disabled" in str(page.url)
+
+    # Recovery refuses such an account: without its passkey it would have no way in at all.
+    page = browser.go("/account/passkeys")
+    page = browser.submit(page, "/account/passkeys/remove")
+    assert "?error=passkey.error.last_passwordless" in str(page.url) and "無法移除" in error_shown(page)
+    assert page.text.count("data-passkey-row=") == 1
+    client_id, _ = provider.client()
+    other, page = passkey_page(provider, client_id)
+    assert "code" in callback(other.submit(page, "/login/factor/passkey", credential=authenticator.get(page_options(page))))
+
+    # Another way in (a second passkey): then the first one can go.
+    with provider.svc.db.session() as session:
+        [laptop] = session.query(Binding).filter_by(account_id=account_id, factor="passkey").all()
+        session.add(Binding(account_id=account_id, factor="passkey", external_id="phone", label="Phone",
+                            data={**laptop.data, "credential_id": b64(b"phone")}))
+    page = browser.go("/account/passkeys")
+    page = browser.submit(page, "/account/passkeys/remove", id=laptop.id)
+    assert "?notice=passkey.removed" in str(page.url), error_shown(page)
+
+
+def test_a_suspended_passkey_does_not_allow_turning_password_login_off(make_provider):
+    provider = make_provider(issuer=ISSUER)
+    account_id, browser, _ = registered(provider)
+    confirm = browser.go("/account/password-login")
+    assert "/account/password-login/disable" in confirm.text
+
+    with provider.svc.db.session() as session:  # what a cloned counter does (test above)
+        [binding] = session.query(Binding).filter_by(account_id=account_id, factor="passkey").all()
+        binding.data = {**binding.data, "cloned_at": provider.clock()}
+    page = browser.go("/account")
+    assert "/account/password-login\"" not in page.text  # no link to turn it off
+    page = browser.go("/account/password-login")
+    assert "?error=needs_passwordless" in str(page.url)
+    page = browser.submit(confirm, "/account/password-login/disable")  # the page opened before
+    assert "?error=needs_passwordless" in str(page.url) and "未停用的通行金鑰" in error_shown(page)
+    with provider.svc.db.session() as session:
+        assert not session.get(Account, account_id).password_login_disabled
+
+
+def test_only_known_error_keys_are_shown(make_provider):
+    provider = make_provider(issuer=ISSUER)
+    _, browser, _ = registered(provider)
+    page = browser.go("/account/passkeys?error=passkey.error.registered")
+    assert "已經登記過了" in error_shown(page)
+    crafted = "passkey.error.Your account is locked: call +886 2 1234 5678"
+    page = browser.go("/account/passkeys?" + urlencode({"error": crafted}))
+    assert page.status_code == 200 and error_shown(page) == "" and "1234 5678" not in page.text

@@ -44,6 +44,7 @@ import secrets
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from webauthn import (generate_authentication_options, generate_registration_options, options_to_json,
                       verify_authentication_response, verify_registration_response)
@@ -142,35 +143,47 @@ def register(svc, account_id: str, owner: str, credential: str, label: str) -> t
     except NOT_JSON:
         return "passkey.error.invalid", None
     now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
-    with svc.db.session() as session:
-        if session.execute(select(Binding.id).where(Binding.factor == PASSKEY.name,
-                                                    Binding.external_id == external_id(verified.credential_id))).first():
-            return "passkey.error.registered", None
-        binding = Binding(account_id=account_id, factor=PASSKEY.name, external_id=external_id(verified.credential_id),
-                          label=label, created_at=now, data={
-                              "credential_id": b64(verified.credential_id),
-                              "public_key": b64(verified.credential_public_key),
-                              "sign_count": verified.sign_count, "user_handle": record["user_handle"],
-                              "aaguid": verified.aaguid, "backed_up": verified.credential_backed_up,
-                              "transports": [t.value for t in parsed.response.transports or []],
-                              "last_used": None,
-                          })
-        session.add(binding)
-        session.flush()
-        session.expunge(binding)
+    try:
+        with svc.db.session() as session:
+            if session.execute(select(Binding.id).where(Binding.factor == PASSKEY.name,
+                                                        Binding.external_id == external_id(verified.credential_id))).first():
+                return "passkey.error.registered", None
+            binding = Binding(account_id=account_id, factor=PASSKEY.name, external_id=external_id(verified.credential_id),
+                              label=label, created_at=now, data={
+                                  "credential_id": b64(verified.credential_id),
+                                  "public_key": b64(verified.credential_public_key),
+                                  "sign_count": verified.sign_count, "user_handle": record["user_handle"],
+                                  "aaguid": verified.aaguid, "backed_up": verified.credential_backed_up,
+                                  "transports": [t.value for t in parsed.response.transports or []],
+                                  "last_used": None,
+                              })
+            session.add(binding)
+            session.flush()
+            session.expunge(binding)
+    except IntegrityError:  # the same credential registered meanwhile (uq_binding_external)
+        return "passkey.error.registered", None
     return None, binding
 
 
-def remove(svc, account_id: str, binding_id: str) -> Binding | None:
-    """Delete one of the account's passkeys; the removed binding, or None when it is not theirs."""
+def remove(svc, account_id: str, binding_id: str, passwordless) -> tuple[str | None, Binding | None]:
+    """(error message key, None) or (None, the removed binding) for one of the account's passkeys.
+
+    ``passwordless(bindings)`` says whether bindings let the account in without its
+    password: with password login off, the passkey that is its last such way in stays
+    (recovery refuses such accounts, so nothing else would let the owner back in)."""
     with svc.db.session() as session:
-        binding = session.execute(select(Binding).where(Binding.id == binding_id, Binding.account_id == account_id,
-                                                        Binding.factor == PASSKEY.name)).scalar_one_or_none()
-        if binding is not None:
-            session.delete(binding)
-            session.flush()
-            session.expunge(binding)
-        return binding
+        # Locked, so that two removals (or a removal and turning password login off) see each other.
+        account = session.execute(select(Account).where(Account.id == account_id).with_for_update()).scalar_one()
+        binding = next((b for b in account.bindings if b.id == binding_id and b.factor == PASSKEY.name), None)
+        if binding is None:
+            return "passkey.error.not_found", None
+        others = [b for b in account.bindings if b is not binding]
+        if account.password_login_disabled and passwordless(account.bindings) and not passwordless(others):
+            return "passkey.error.last_passwordless", None
+        session.delete(binding)
+        session.flush()
+        session.expunge(binding)
+        return None, binding
 
 
 # -- login ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from idp import captcha
 from idp.accounts import AccountError, set_password
-from idp.factors import methods
+from idp.factors import methods, passkey
 from idp.factors.totp import Enrolment
 from idp.storage.models import Account, AuditEvent
 from idp.web import recovery
@@ -31,6 +31,12 @@ from idp.web.pages import CSRF_COOKIE, csrf_ok, csrf_token, error_page, locale_o
 PAGE_SIZE = 20
 # Bindings that let an account log in without its password (M4's precondition).
 PASSWORDLESS = ("certificate", "google", "passkey")
+
+
+def passwordless(bindings) -> bool:
+    """Whether these bindings let the account in without its password; a passkey
+    suspended as cloned does not (it is refused until removed)."""
+    return any(b.factor in PASSWORDLESS and (b.factor != passkey.PASSKEY.name or passkey.usable(b)) for b in bindings)
 
 
 def _load_account(svc, account_id: str) -> Account | None:
@@ -110,7 +116,7 @@ async def settings_page(request: Request) -> Response:
         flash["notice"] = f"account.notice.{notice}"
     if error in ERRORS:
         flash["error"] = f"account.error.{error}"
-    can_disable = any(b.factor in PASSWORDLESS for b in account.bindings)
+    can_disable = passwordless(account.bindings)
     svc = request.app.state.svc
     sessions = svc.sessions.of_account(account.id)
     current = request.cookies.get(SESSION_COOKIE)
@@ -250,7 +256,7 @@ async def password_login_page(request: Request) -> Response:
         return account
     if account.password_login_disabled:
         return await _enable_page(request, account)
-    if not any(b.factor in PASSWORDLESS for b in account.bindings):
+    if not passwordless(account.bindings):
         return _back(error="needs_passwordless")
     remaining = [row for row in methods(account) if row["bound"] and row["factor"] in PASSWORDLESS]
     return render(request, "account_password_login.html", account=account, remaining=remaining, tab="settings",
@@ -260,19 +266,28 @@ async def password_login_page(request: Request) -> Response:
 @account_post
 async def password_login_disable(request: Request, account, form) -> Response:
     svc = request.app.state.svc
-    if not any(b.factor in PASSWORDLESS for b in account.bindings):
+    if not await run_in_threadpool(_disable, svc, account.id):
         return _back(error="needs_passwordless")
-    await run_in_threadpool(_set_flag, svc, account.id, True)
     svc.audit.record("password_login.disabled", account_id=account.id, username=account.username, **who(request))
     return _back(notice="password_login_disabled")
 
 
-def _set_flag(svc, account_id, value: bool, new_password: str | None = None):
+def _disable(svc, account_id) -> bool:
+    """Turn password login off while a passwordless way in remains; whether it was."""
+    with svc.db.session() as session:
+        # Locked, as a passkey's removal locks it: between them they cannot leave no way in.
+        account = session.execute(select(Account).where(Account.id == account_id).with_for_update()).scalar_one()
+        if not passwordless(account.bindings):
+            return False
+        account.password_login_disabled = True
+        return True
+
+
+def _enable(svc, account_id, new_password: str):
     with svc.db.session() as session:
         account = session.get(Account, account_id)
-        if new_password is not None:
-            set_password(account, svc.passwords, new_password, now=dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc))
-        account.password_login_disabled = value
+        set_password(account, svc.passwords, new_password, now=dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc))
+        account.password_login_disabled = False
 
 
 async def _enable_page(request: Request, account, flash=None, status: int = 200) -> Response:
@@ -292,7 +307,7 @@ async def password_login_enable(request: Request, account, form) -> Response:
     if new != again:
         return await _enable_page(request, account, {"error": "password.mismatch", "params": {}}, 400)
     try:
-        await run_in_threadpool(_set_flag, svc, account.id, False, new)
+        await run_in_threadpool(_enable, svc, account.id, new)
     except AccountError as e:
         return await _enable_page(request, account, {"error": e.key, "params": {}, "rules": e.params.get("rules", [])}, 400)
     svc.lockout.clear(account.username)

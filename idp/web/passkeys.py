@@ -19,13 +19,16 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp.factors import passkey
-from idp.web.account import account_post, require_account
+from idp.web.account import account_post, passwordless, require_account
 from idp.web.i18n import translate
 from idp.web.login import SESSION_COOKIE
 from idp.web.pages import locale_of, render, who
 
 PAGE = "/account/passkeys"
 NOTICES = {"passkey.added", "passkey.removed"}
+# Only these are shown: translate() returns an unknown key as it is, so a crafted link would show its own text.
+ERRORS = {"passkey.error." + reason for reason in (
+    "missing", "invalid", "challenge", "registered", "label", "not_found", "last_passwordless")}
 MAX_LABEL = 60
 
 
@@ -47,7 +50,7 @@ async def page(request: Request) -> Response:
     flash = {"params": {}}
     if (notice := request.query_params.get("notice")) in NOTICES:
         flash["notice"] = notice
-    if (error := request.query_params.get("error", "")).startswith("passkey.error."):
+    if (error := request.query_params.get("error")) in ERRORS:
         flash["error"] = error
     enabled = passkey.PASSKEY.enabled(svc)
     options = None
@@ -80,9 +83,9 @@ async def add(request: Request, account, form) -> Response:
 @account_post
 async def remove(request: Request, account, form) -> Response:
     svc = request.app.state.svc
-    removed = await run_in_threadpool(passkey.remove, svc, account.id, form.get("id") or "")
-    if removed is None:
-        return _back("passkey.error.not_found", "error")
+    error, removed = await run_in_threadpool(passkey.remove, svc, account.id, form.get("id") or "", passwordless)
+    if error:
+        return _back(error, "error")
     svc.audit.record("binding.removed", account_id=account.id, username=account.username, **who(request),
                      method=passkey.PASSKEY.name, passkey=removed.label)
     return _back("passkey.removed")

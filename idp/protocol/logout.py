@@ -240,9 +240,12 @@ class BackChannel:
                     break
                 delivery.attempts += 1
                 try:
-                    response = await http.post(delivery.uri, data={"logout_token": delivery.token},
-                                               headers={"Cache-Control": "no-store"})
-                except httpx.HTTPError as exc:
+                    # The whole attempt within the timeout the lease counts on (httpx's applies
+                    # to each of connect, write and read).
+                    async with asyncio.timeout(self.timeout):
+                        response = await http.post(delivery.uri, data={"logout_token": delivery.token},
+                                                   headers={"Cache-Control": "no-store"})
+                except (httpx.HTTPError, TimeoutError) as exc:
                     outcome = type(exc).__name__
                 else:
                     if 200 <= response.status_code < 300:

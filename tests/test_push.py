@@ -37,7 +37,7 @@ def phone(provider) -> Authenticator:
 
 
 def register(provider, browser, name="我的手機", number="0912345678") -> Authenticator:
-    """Settings -> 增加 -> scan the QR code with a new phone -> name and number -> 儲存."""
+    """Settings -> 增加 -> scan the QR code with a new phone -> name, number and the app's code -> 儲存."""
     page = browser.go("/account/push")
     if "/login/factor/password" in page.text:
         page = browser.password(page)
@@ -45,7 +45,7 @@ def register(provider, browser, name="我的手機", number="0912345678") -> Aut
     url = re.search(r"<code class=\"secret\" data-registration-url>(.*?)</code>", page.text).group(1)
     app = phone(provider)
     app.register(url.replace("&amp;", "&"))
-    page = browser.submit(page, "/account/push/save", name=name, phone=number)
+    page = browser.submit(page, "/account/push/save", name=name, phone=number, otp=app.otp())
     assert "手機設定完成" in page.text, page.text
     return app
 
@@ -98,9 +98,9 @@ def test_registration_url_is_one_time_and_number_is_validated(provider):
         phone(provider).register(url)
     assert second.value.status == 410 and second.value.message == "註冊已超過有效時間或此帳號已被註冊"
     for wrong in ("0812345678", "091234567", "886912345678x", "886812345678"):
-        refused = browser.submit(page, "/account/push/save", name="公務手機", phone=wrong)
+        refused = browser.submit(page, "/account/push/save", name="公務手機", phone=wrong, otp=first.otp())
         assert refused.status_code == 400 and "手機號碼格式錯誤" in _error(refused), wrong
-    page = browser.submit(refused, "/account/push/save", name="公務手機", phone="886912345678")
+    page = browser.submit(refused, "/account/push/save", name="公務手機", phone="886912345678", otp=first.otp())
     assert "手機設定完成" in page.text and "8869*****678" in page.text
     # An expired QR code: the app gets the seed's message too.
     page = browser.submit(page, "/account/push/add")
@@ -109,6 +109,25 @@ def test_registration_url_is_one_time_and_number_is_validated(provider):
     with pytest.raises(AppError) as late:
         phone(provider).register(url)
     assert late.value.code == "registration_expired"
+
+
+def test_saving_needs_the_code_of_the_app_that_scanned(provider):
+    """Whoever reaches the one-time URL first does not get bound: 儲存 asks for the code the
+    scanning app shows; another app's code binds nothing and the user can try again."""
+    browser = provider.browser()
+    page = browser.password(browser.go("/account/push"))
+    page = browser.submit(page, "/account/push/add")
+    url = re.search(r"data-registration-url>(.*?)</code>", page.text).group(1).replace("&amp;", "&")
+    app = phone(provider)
+    app.register(url)
+    another = phone(provider)
+    another.register(_new_registration_url(provider))
+    refused = browser.submit(page, "/account/push/save", name="公務手機", phone="0912345678", otp=another.otp())
+    assert refused.status_code == 400 and "數字不正確" in _error(refused)
+    with provider.svc.db.session() as session:
+        assert session.query(Binding).filter_by(factor="push").count() == 0
+    page = browser.submit(refused, "/account/push/save", name="公務手機", phone="0912345678", otp=app.otp())
+    assert "手機設定完成" in page.text
 
 
 def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):

@@ -4,7 +4,9 @@ A phone is *registered* from the settings page: the page shows a QR code
 carrying a one-time URL (``push_registration_seconds``); the app makes an
 ECDSA P-256 key pair and posts its public key to that URL, signed with the
 new key; the provider answers with a TOTP secret for the app's 6-digit codes.
-The user then types a name and a mobile number and saves: the phone becomes a
+The user then types a name, a mobile number and the code the app shows, and
+saves (the code proves the scan was theirs, not whoever reached the one-time
+URL first): the phone becomes a
 ``Binding`` (factor ``push``, ``external_id`` the key's RFC 7638 thumbprint,
 so one key binds once). An account may have several phones.
 
@@ -56,7 +58,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from idp.factors import TAIPEI, Outcome
-from idp.factors.totp import STEP, check_code
+from idp.factors.totp import CODE, STEP, WINDOW, check_code, match
 from idp.storage.models import Binding
 from idp.web.pages import who
 
@@ -204,8 +206,9 @@ def register(svc, payload: dict, jwk: dict) -> dict:
             "endpoints": {"poll": issuer + POLL_PATH, "answer": issuer + ANSWER_PATH}}
 
 
-def save_registration(svc, account_id: str, name: str, phone: str) -> str | None:
-    """The page's 儲存: bind the scanned phone with its name and number; an error key or None."""
+def save_registration(svc, account_id: str, name: str, phone: str, code: str) -> str | None:
+    """The page's 儲存: bind the scanned phone with its name and number once ``code``, the
+    scanning app's current OTP, proves the user holds that app; an error key or None."""
     name, phone = (name or "").strip(), re.sub(r"[\s-]", "", phone or "")
     if not 1 <= len(name) <= 40:
         return "push.error.name"
@@ -216,9 +219,18 @@ def save_registration(svc, account_id: str, name: str, phone: str) -> str | None
         return "push.error.registration_expired"
     if not pending["device"]:
         return "push.error.not_scanned"
+    device = pending["device"]
+    # As ``totp.Enrolment.confirm``; a wrong code keeps the registration, so the user can retry.
+    code = (code or "").strip().replace(" ", "")
+    if not CODE.match(code):
+        return "otp.malformed"
+    offset = match(svc.box.open(device["secret"], account_id), code, svc.clock(), svc.settings.otp_drift_minutes)
+    if offset is None:
+        return "push.error.code"
+    if abs(offset) > WINDOW:
+        return "otp.drift_binding"
     if svc.store.take(PENDING + account_id) is None:
         return "push.error.registration_expired"  # saved meanwhile by another request
-    device = pending["device"]
     try:
         with svc.db.session() as session:
             session.add(Binding(account_id=account_id, factor=NAME, external_id=device["id"], label=name,

@@ -201,7 +201,7 @@ async def add_status(request: Request) -> Response:
 async def save(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     name, phone = form.get("name") or "", form.get("phone") or ""
-    error = await run_in_threadpool(push.save_registration, svc, account.id, name, phone)
+    error = await run_in_threadpool(push.save_registration, svc, account.id, name, phone, form.get("otp") or "")
     if error == "push.error.registration_expired":
         return RedirectResponse("/account/push?error=registration_expired", status_code=303)
     if error:

@@ -159,7 +159,9 @@ def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
     assert claims["amr"] == ["pwd", "swk", "mfa"] and claims["acr"] == LOA2
 
 
-def test_wrong_number_denied_expired_and_replayed_answers_fail(provider):
+def test_wrong_number_denied_expired_and_replayed_answers_fail(make_provider):
+    provider = make_provider(push_max_unanswered=4)  # the three failed pushes in a row below do not pause the fourth
+    provider.account("alice")
     client_id, _ = provider.client()
     settings = provider.browser()
     app = register(provider, settings)
@@ -218,16 +220,32 @@ def test_unanswered_pushes_in_a_row_are_rate_limited(provider):
         page = browser.submit(page, "/login/push/stop")
     refused = press_push(browser, page)
     assert f"已連續 {limit} 次推播通知未回應" in _error(refused) and "data-number" not in refused.text
-    # The app's code still works; after the pause pushes work again, and an answer counts afresh.
+    # The app's code still works; after the pause pushes work again.
     callback(browser.submit(refused, "/login/factor/push", device=_devices(refused)[0], otp=app.otp()))
     provider.clock.advance(provider.svc.settings.lockout_seconds + 1)
+    # Denials count like no answer: whoever has the password cannot push for ever while the user says no.
     browser, page = _push_page(provider, client_id)
     for _ in range(limit):
         page = press_push(browser, page)
         [request] = app.pending()
         assert app.deny(request) == "denied"
         page = browser.submit(page, "/login/factor/push")
-    assert "data-number" in press_push(browser, page).text
+    refused = press_push(browser, page)
+    assert f"已連續 {limit} 次推播通知未回應" in _error(refused) and "data-number" not in refused.text
+    # Only an approval counts afresh.
+    provider.clock.advance(provider.svc.settings.lockout_seconds + 1)
+    browser, page = _push_page(provider, client_id)
+    for _ in range(limit - 1):
+        page = browser.submit(press_push(browser, page), "/login/push/stop")
+    page = press_push(browser, page)
+    [request] = app.pending()
+    assert app.approve(request, shown_number(page)) == "approved"
+    callback(browser.submit(page, "/login/factor/push"))
+    browser, page = _push_page(provider, client_id)
+    for _ in range(limit):
+        page = press_push(browser, page)
+        assert "data-number" in page.text
+        page = browser.submit(page, "/login/push/stop")
 
 
 def test_device_api_refuses_unsigned_foreign_and_removed_devices(provider):

@@ -30,8 +30,9 @@ Decisions:
   taken once by ``verify``. A request lives ``push_request_seconds``; an
   answer after that is refused.
 - **Push fatigue**: a wrong number fails the request; more than
-  ``push_max_unanswered`` pushes in a row with no answer refuse the next one
-  until ``lockout_seconds`` after the first (the user can still type the code).
+  ``push_max_unanswered`` pushes in a row not approved (unanswered, denied or
+  the wrong number) refuse the next one until ``lockout_seconds`` after the
+  first (the user can still type the code).
 - **All state in the store** (registrations, requests, answers, counters),
   so any process serves the app and the browser alike; a process waiting on a
   long-poll looks at the store, never at its own memory.
@@ -73,7 +74,7 @@ REQUEST = "push-req:"            # request id -> the login request
 INBOX = "push-inbox:"            # device -> the request waiting for it
 ANSWER = "push-answer:"          # request id -> its one answer
 SEEN = "push-jti:"               # device:jti -> a device message already used
-UNANSWERED = "push-unanswered:"  # account -> pushes in a row nobody answered
+UNANSWERED = "push-unanswered:"  # account -> pushes in a row nobody approved
 PAUSED = "push-paused:"          # account -> until when pushes are refused
 
 APPROVED, DENIED, WRONG_NUMBER = "approved", "denied", "wrong_number"
@@ -296,7 +297,9 @@ def answer(svc, device: Binding, payload: dict) -> str:
     record = {"result": result, "account": request["account"], "device": device.external_id, "at": svc.clock()}
     if not svc.store.set(ANSWER + rid, record, ttl, only_new=True):
         raise DeviceError("already_answered", 409)
-    if result != WRONG_NUMBER:  # someone looked at the phone: the fatigue counter starts again
+    # Only an approval starts the fatigue count again: a denial counts like no answer, or an
+    # attacker with the password could push for ever while the user keeps saying no.
+    if result == APPROVED:
         svc.store.delete(UNANSWERED + request["account"], PAUSED + request["account"])
     # In the account's activity log: a wrong number or a denial may be someone else's login.
     svc.audit.record("push." + result, account_id=request["account"], username=request["username"],
@@ -353,7 +356,7 @@ class PushFactor:
 
     @staticmethod
     def _paused(svc, account_id: str) -> bool:
-        """Count this push; whether too many in a row went unanswered (then pause for
+        """Count this push; whether too many in a row went unapproved (then pause for
         ``lockout_seconds``, by the injected clock like every expiry that matters)."""
         now, seconds = svc.clock(), svc.settings.lockout_seconds
         paused = svc.store.get(PAUSED + account_id)

@@ -140,7 +140,8 @@ def read_message(svc, token: str, path: str) -> tuple[dict, dict, Binding | None
         raise DeviceError("clock_skew")
     if not isinstance(jti, str) or not 16 <= len(jti) <= 128:
         raise DeviceError("invalid_message")
-    if not svc.store.set(f"{SEEN}{key.thumbprint()}:{jti}", {}, 2 * SKEW, only_new=True):
+    # Remembered longer than any iat is accepted (now +- SKEW), so a replay cannot outlive its jti.
+    if not svc.store.set(f"{SEEN}{key.thumbprint()}:{jti}", {}, 2 * SKEW + 2, only_new=True):
         raise DeviceError("replayed", 409)
     return payload, key.as_dict(private=False), binding
 

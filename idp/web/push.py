@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from idp import bridge
 from idp.factors import push
 from idp.factors.push import PUSH
 from idp.factors.totp import qr_svg
@@ -123,7 +124,8 @@ async def _register(svc, payload, jwk, device):
 async def _poll(svc, payload, jwk, device):
     wait = payload.get("wait", 0)
     deadline = time.monotonic() + (min(max(wait, 0), MAX_WAIT) if isinstance(wait, (int, float)) else 0)
-    while (found := push.pending_request(svc, device.external_id)) is None and time.monotonic() < deadline:
+    # Through the bridge: called directly, each Redis round trip would stall every other request.
+    while (found := await bridge.run(push.pending_request, svc, device.external_id)) is None and time.monotonic() < deadline:
         await asyncio.sleep(POLL_EVERY)
     return 200, {"requests": [found] if found else []}
 

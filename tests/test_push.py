@@ -262,8 +262,11 @@ def test_device_api_refuses_unsigned_foreign_and_removed_devices(provider):
     # Signed for another endpoint: refused.
     assert http.post(url, json={"jws": app.sign(app.state["endpoints"]["answer"], {})}).status_code == 400
     # Removed in the settings: the phone is unknown from then on.
-    page = browser.submit(browser.go("/account/push"), "/account/push/remove")
+    listed = browser.go("/account/push")
+    page = browser.submit(listed, "/account/push/remove")
     assert "已移除手機" in page.text
+    stale = browser.submit(listed, "/account/push/remove")  # from the page as it was: nothing to remove
+    assert "找不到這支手機" in _error(stale) and "已移除手機" not in stale.text
     with provider.svc.db.session() as session:
         assert session.query(Binding).filter_by(factor="push").count() == 0  # bob's stranger never saved
     with pytest.raises(AppError) as gone:

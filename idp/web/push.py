@@ -148,7 +148,7 @@ async def device_answer(request: Request) -> Response:
 
 # -- the settings page -----------------------------------------------------------------------------
 NOTICES = {"bound", "removed"}
-ERRORS = {"registration_expired"}
+ERRORS = {"registration_expired", "not_found"}
 
 
 async def devices_page(request: Request) -> Response:
@@ -223,9 +223,10 @@ async def cancel(request: Request, account, form) -> Response:
 async def remove(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     removed = await run_in_threadpool(push.remove, svc, account.id, str(form.get("device") or ""))
-    if removed is not None:
-        svc.audit.record("binding.removed", account_id=account.id, username=account.username, method=PUSH.name,
-                         device=removed, **who(request))
+    if removed is None:  # a stale page, or not this account's phone
+        return RedirectResponse("/account/push?error=not_found", status_code=303)
+    svc.audit.record("binding.removed", account_id=account.id, username=account.username, method=PUSH.name,
+                     device=removed, **who(request))
     return RedirectResponse("/account/push?notice=removed", status_code=303)
 
 

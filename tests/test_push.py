@@ -201,8 +201,9 @@ def test_wrong_number_denied_expired_and_replayed_answers_fail(make_provider):
     callback(browser.submit(page, "/login/factor/push"))
     browser, page = _push_page(provider, client_id)
     page = press_push(browser, page)
-    with pytest.raises(AppError):
+    with pytest.raises(AppError) as again:
         app.post(app.state["endpoints"]["answer"], message)
+    assert again.value.code == "replayed"
     assert len(app.pending()) == 1
     # The user can see on the settings' activity log what the phone answered.
     activity = settings.go("/account/activity").text

@@ -37,7 +37,7 @@ def phone(provider) -> Authenticator:
 
 
 def register(provider, browser, name="我的手機", number="0912345678") -> Authenticator:
-    """Settings -> 增加 -> scan the QR code with a new phone -> name and number -> 儲存."""
+    """Settings -> 增加 -> scan the QR code with a new phone -> name, number and the app's code -> 儲存."""
     page = browser.go("/account/push")
     if "/login/factor/password" in page.text:
         page = browser.password(page)
@@ -45,7 +45,7 @@ def register(provider, browser, name="我的手機", number="0912345678") -> Aut
     url = re.search(r"<code class=\"secret\" data-registration-url>(.*?)</code>", page.text).group(1)
     app = phone(provider)
     app.register(url.replace("&amp;", "&"))
-    page = browser.submit(page, "/account/push/save", name=name, phone=number)
+    page = browser.submit(page, "/account/push/save", name=name, phone=number, otp=app.otp())
     assert "手機設定完成" in page.text, page.text
     return app
 
@@ -98,9 +98,9 @@ def test_registration_url_is_one_time_and_number_is_validated(provider):
         phone(provider).register(url)
     assert second.value.status == 410 and second.value.message == "註冊已超過有效時間或此帳號已被註冊"
     for wrong in ("0812345678", "091234567", "886912345678x", "886812345678"):
-        refused = browser.submit(page, "/account/push/save", name="公務手機", phone=wrong)
+        refused = browser.submit(page, "/account/push/save", name="公務手機", phone=wrong, otp=first.otp())
         assert refused.status_code == 400 and "手機號碼格式錯誤" in _error(refused), wrong
-    page = browser.submit(refused, "/account/push/save", name="公務手機", phone="886912345678")
+    page = browser.submit(refused, "/account/push/save", name="公務手機", phone="886912345678", otp=first.otp())
     assert "手機設定完成" in page.text and "8869*****678" in page.text
     # An expired QR code: the app gets the seed's message too.
     page = browser.submit(page, "/account/push/add")
@@ -109,6 +109,25 @@ def test_registration_url_is_one_time_and_number_is_validated(provider):
     with pytest.raises(AppError) as late:
         phone(provider).register(url)
     assert late.value.code == "registration_expired"
+
+
+def test_saving_needs_the_code_of_the_app_that_scanned(provider):
+    """Whoever reaches the one-time URL first does not get bound: 儲存 asks for the code the
+    scanning app shows; another app's code binds nothing and the user can try again."""
+    browser = provider.browser()
+    page = browser.password(browser.go("/account/push"))
+    page = browser.submit(page, "/account/push/add")
+    url = re.search(r"data-registration-url>(.*?)</code>", page.text).group(1).replace("&amp;", "&")
+    app = phone(provider)
+    app.register(url)
+    another = phone(provider)
+    another.register(_new_registration_url(provider))
+    refused = browser.submit(page, "/account/push/save", name="公務手機", phone="0912345678", otp=another.otp())
+    assert refused.status_code == 400 and "數字不正確" in _error(refused)
+    with provider.svc.db.session() as session:
+        assert session.query(Binding).filter_by(factor="push").count() == 0
+    page = browser.submit(refused, "/account/push/save", name="公務手機", phone="0912345678", otp=app.otp())
+    assert "手機設定完成" in page.text
 
 
 def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
@@ -140,7 +159,9 @@ def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
     assert claims["amr"] == ["pwd", "swk", "mfa"] and claims["acr"] == LOA2
 
 
-def test_wrong_number_denied_expired_and_replayed_answers_fail(provider):
+def test_wrong_number_denied_expired_and_replayed_answers_fail(make_provider):
+    provider = make_provider(push_max_unanswered=4)  # the three failed pushes in a row below do not pause the fourth
+    provider.account("alice")
     client_id, _ = provider.client()
     settings = provider.browser()
     app = register(provider, settings)
@@ -180,8 +201,9 @@ def test_wrong_number_denied_expired_and_replayed_answers_fail(provider):
     callback(browser.submit(page, "/login/factor/push"))
     browser, page = _push_page(provider, client_id)
     page = press_push(browser, page)
-    with pytest.raises(AppError):
+    with pytest.raises(AppError) as again:
         app.post(app.state["endpoints"]["answer"], message)
+    assert again.value.code == "replayed"
     assert len(app.pending()) == 1
     # The user can see on the settings' activity log what the phone answered.
     activity = settings.go("/account/activity").text
@@ -199,16 +221,32 @@ def test_unanswered_pushes_in_a_row_are_rate_limited(provider):
         page = browser.submit(page, "/login/push/stop")
     refused = press_push(browser, page)
     assert f"已連續 {limit} 次推播通知未回應" in _error(refused) and "data-number" not in refused.text
-    # The app's code still works; after the pause pushes work again, and an answer counts afresh.
+    # The app's code still works; after the pause pushes work again.
     callback(browser.submit(refused, "/login/factor/push", device=_devices(refused)[0], otp=app.otp()))
     provider.clock.advance(provider.svc.settings.lockout_seconds + 1)
+    # Denials count like no answer: whoever has the password cannot push for ever while the user says no.
     browser, page = _push_page(provider, client_id)
     for _ in range(limit):
         page = press_push(browser, page)
         [request] = app.pending()
         assert app.deny(request) == "denied"
         page = browser.submit(page, "/login/factor/push")
-    assert "data-number" in press_push(browser, page).text
+    refused = press_push(browser, page)
+    assert f"已連續 {limit} 次推播通知未回應" in _error(refused) and "data-number" not in refused.text
+    # Only an approval counts afresh.
+    provider.clock.advance(provider.svc.settings.lockout_seconds + 1)
+    browser, page = _push_page(provider, client_id)
+    for _ in range(limit - 1):
+        page = browser.submit(press_push(browser, page), "/login/push/stop")
+    page = press_push(browser, page)
+    [request] = app.pending()
+    assert app.approve(request, shown_number(page)) == "approved"
+    callback(browser.submit(page, "/login/factor/push"))
+    browser, page = _push_page(provider, client_id)
+    for _ in range(limit):
+        page = press_push(browser, page)
+        assert "data-number" in page.text
+        page = browser.submit(page, "/login/push/stop")
 
 
 def test_device_api_refuses_unsigned_foreign_and_removed_devices(provider):
@@ -225,8 +263,11 @@ def test_device_api_refuses_unsigned_foreign_and_removed_devices(provider):
     # Signed for another endpoint: refused.
     assert http.post(url, json={"jws": app.sign(app.state["endpoints"]["answer"], {})}).status_code == 400
     # Removed in the settings: the phone is unknown from then on.
-    page = browser.submit(browser.go("/account/push"), "/account/push/remove")
+    listed = browser.go("/account/push")
+    page = browser.submit(listed, "/account/push/remove")
     assert "已移除手機" in page.text
+    stale = browser.submit(listed, "/account/push/remove")  # from the page as it was: nothing to remove
+    assert "找不到這支手機" in _error(stale) and "已移除手機" not in stale.text
     with provider.svc.db.session() as session:
         assert session.query(Binding).filter_by(factor="push").count() == 0  # bob's stranger never saved
     with pytest.raises(AppError) as gone:

@@ -101,7 +101,7 @@ def test_register_then_log_in_by_otp_and_by_push(site, http, people):
     alice_id = alice(provider)
     secret = bound_otp(provider, alice_id)  # the authenticator app of an earlier day
 
-    # -- the settings page: 增加 -> the registration QR code -> the phone scans it -> name, number, 儲存
+    # -- the settings page: 增加 -> the registration QR code -> the phone scans it -> name, number, its code, 儲存
     page = people.page()
     start_at_portal(page, provider, portal)
     type_password(page, provider)
@@ -122,9 +122,11 @@ def test_register_then_log_in_by_otp_and_by_push(site, http, people):
     form = page.locator("form[data-step=push-save]")
     form.get_by_label("姓名").fill("王小明的手機")
     form.get_by_label("手機號碼").fill("0912-345")
+    form.get_by_label("APP 上顯示的 6 個數字").fill(app.otp())
     form.get_by_role("button", name="儲存").click()
     expect_error(page, "手機號碼格式錯誤")
     form.get_by_label("手機號碼").fill("0912345678")
+    form.get_by_label("APP 上顯示的 6 個數字").fill(app.otp())
     form.get_by_role("button", name="儲存").click()
     expect(page.locator("[role=status]")).to_contain_text("手機設定完成")
     expect(page.locator("tr[data-device='王小明的手機']")).to_contain_text("0912***678")
@@ -207,9 +209,9 @@ def test_unanswered_pushes_in_a_row_pause_pushes(site, people, tmp_path):
     provider, portal = site
     bob_id = provider.account("bob", name="李大同")
     state = tmp_path / "phone.json"
-    # Scanned on an earlier day: the settings page's code path, then 儲存.
+    # Scanned on an earlier day: the settings page's code path, then 儲存 with the code the app shows.
     cli(state, "register", push.registration_url(provider.svc, push.start_registration(provider.svc, bob_id)["code"]))
-    assert push.save_registration(provider.svc, bob_id, "大同的手機", "886912345678") is None
+    assert push.save_registration(provider.svc, bob_id, "大同的手機", "886912345678", cli(state, "otp").strip()) is None
 
     page = people.page()
     to_push_page(page, provider, portal, username="bob")

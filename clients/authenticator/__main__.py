@@ -1,7 +1,7 @@
 """The reference push-approval app on the command line (SPEC A5).
 
     python -m clients.authenticator --state phone.json register 'https://idp.example.tw/push/register?code=...'
-    python -m clients.authenticator --state phone.json otp        # the 6 digits for 【OTP 登入】
+    python -m clients.authenticator --state phone.json otp        # the 6 digits for 儲存 and 【OTP 登入】
     python -m clients.authenticator --state phone.json watch      # wait for login requests, answer them
 """
 

@@ -55,6 +55,7 @@ class Authenticator:
     def _save(self) -> None:
         if self.path:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # the mode above is for a new file only: tighten an existing one
             with os.fdopen(fd, "w") as f:
                 json.dump(self.state, f, ensure_ascii=False, indent=1)
 

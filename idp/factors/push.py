@@ -4,7 +4,9 @@ A phone is *registered* from the settings page: the page shows a QR code
 carrying a one-time URL (``push_registration_seconds``); the app makes an
 ECDSA P-256 key pair and posts its public key to that URL, signed with the
 new key; the provider answers with a TOTP secret for the app's 6-digit codes.
-The user then types a name and a mobile number and saves: the phone becomes a
+The user then types a name, a mobile number and the code the app shows, and
+saves (the code proves the scan was theirs, not whoever reached the one-time
+URL first): the phone becomes a
 ``Binding`` (factor ``push``, ``external_id`` the key's RFC 7638 thumbprint,
 so one key binds once). An account may have several phones.
 
@@ -28,8 +30,9 @@ Decisions:
   taken once by ``verify``. A request lives ``push_request_seconds``; an
   answer after that is refused.
 - **Push fatigue**: a wrong number fails the request; more than
-  ``push_max_unanswered`` pushes in a row with no answer refuse the next one
-  until ``lockout_seconds`` after the first (the user can still type the code).
+  ``push_max_unanswered`` pushes in a row not approved (unanswered, denied or
+  the wrong number) refuse the next one until ``lockout_seconds`` after the
+  first (the user can still type the code).
 - **All state in the store** (registrations, requests, answers, counters),
   so any process serves the app and the browser alike; a process waiting on a
   long-poll looks at the store, never at its own memory.
@@ -56,7 +59,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from idp.factors import TAIPEI, Outcome
-from idp.factors.totp import STEP, check_code
+from idp.factors.totp import CODE, STEP, WINDOW, check_code, match
 from idp.storage.models import Binding
 from idp.web.pages import who
 
@@ -71,7 +74,7 @@ REQUEST = "push-req:"            # request id -> the login request
 INBOX = "push-inbox:"            # device -> the request waiting for it
 ANSWER = "push-answer:"          # request id -> its one answer
 SEEN = "push-jti:"               # device:jti -> a device message already used
-UNANSWERED = "push-unanswered:"  # account -> pushes in a row nobody answered
+UNANSWERED = "push-unanswered:"  # account -> pushes in a row nobody approved
 PAUSED = "push-paused:"          # account -> until when pushes are refused
 
 APPROVED, DENIED, WRONG_NUMBER = "approved", "denied", "wrong_number"
@@ -137,7 +140,8 @@ def read_message(svc, token: str, path: str) -> tuple[dict, dict, Binding | None
         raise DeviceError("clock_skew")
     if not isinstance(jti, str) or not 16 <= len(jti) <= 128:
         raise DeviceError("invalid_message")
-    if not svc.store.set(f"{SEEN}{key.thumbprint()}:{jti}", {}, 2 * SKEW, only_new=True):
+    # Remembered longer than any iat is accepted (now +- SKEW), so a replay cannot outlive its jti.
+    if not svc.store.set(f"{SEEN}{key.thumbprint()}:{jti}", {}, 2 * SKEW + 2, only_new=True):
         raise DeviceError("replayed", 409)
     return payload, key.as_dict(private=False), binding
 
@@ -204,8 +208,9 @@ def register(svc, payload: dict, jwk: dict) -> dict:
             "endpoints": {"poll": issuer + POLL_PATH, "answer": issuer + ANSWER_PATH}}
 
 
-def save_registration(svc, account_id: str, name: str, phone: str) -> str | None:
-    """The page's 儲存: bind the scanned phone with its name and number; an error key or None."""
+def save_registration(svc, account_id: str, name: str, phone: str, code: str) -> str | None:
+    """The page's 儲存: bind the scanned phone with its name and number once ``code``, the
+    scanning app's current OTP, proves the user holds that app; an error key or None."""
     name, phone = (name or "").strip(), re.sub(r"[\s-]", "", phone or "")
     if not 1 <= len(name) <= 40:
         return "push.error.name"
@@ -216,9 +221,18 @@ def save_registration(svc, account_id: str, name: str, phone: str) -> str | None
         return "push.error.registration_expired"
     if not pending["device"]:
         return "push.error.not_scanned"
+    device = pending["device"]
+    # As ``totp.Enrolment.confirm``; a wrong code keeps the registration, so the user can retry.
+    code = (code or "").strip().replace(" ", "")
+    if not CODE.match(code):
+        return "otp.malformed"
+    offset = match(svc.box.open(device["secret"], account_id), code, svc.clock(), svc.settings.otp_drift_minutes)
+    if offset is None:
+        return "push.error.code"
+    if abs(offset) > WINDOW:
+        return "otp.drift_binding"
     if svc.store.take(PENDING + account_id) is None:
         return "push.error.registration_expired"  # saved meanwhile by another request
-    device = pending["device"]
     try:
         with svc.db.session() as session:
             session.add(Binding(account_id=account_id, factor=NAME, external_id=device["id"], label=name,
@@ -284,7 +298,9 @@ def answer(svc, device: Binding, payload: dict) -> str:
     record = {"result": result, "account": request["account"], "device": device.external_id, "at": svc.clock()}
     if not svc.store.set(ANSWER + rid, record, ttl, only_new=True):
         raise DeviceError("already_answered", 409)
-    if result != WRONG_NUMBER:  # someone looked at the phone: the fatigue counter starts again
+    # Only an approval starts the fatigue count again: a denial counts like no answer, or an
+    # attacker with the password could push for ever while the user keeps saying no.
+    if result == APPROVED:
         svc.store.delete(UNANSWERED + request["account"], PAUSED + request["account"])
     # In the account's activity log: a wrong number or a denial may be someone else's login.
     svc.audit.record("push." + result, account_id=request["account"], username=request["username"],
@@ -341,7 +357,7 @@ class PushFactor:
 
     @staticmethod
     def _paused(svc, account_id: str) -> bool:
-        """Count this push; whether too many in a row went unanswered (then pause for
+        """Count this push; whether too many in a row went unapproved (then pause for
         ``lockout_seconds``, by the injected clock like every expiry that matters)."""
         now, seconds = svc.clock(), svc.settings.lockout_seconds
         paused = svc.store.get(PAUSED + account_id)

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from idp import bridge
 from idp.factors import push
 from idp.factors.push import PUSH
 from idp.factors.totp import qr_svg
@@ -123,7 +124,8 @@ async def _register(svc, payload, jwk, device):
 async def _poll(svc, payload, jwk, device):
     wait = payload.get("wait", 0)
     deadline = time.monotonic() + (min(max(wait, 0), MAX_WAIT) if isinstance(wait, (int, float)) else 0)
-    while (found := push.pending_request(svc, device.external_id)) is None and time.monotonic() < deadline:
+    # Through the bridge: called directly, each Redis round trip would stall every other request.
+    while (found := await bridge.run(push.pending_request, svc, device.external_id)) is None and time.monotonic() < deadline:
         await asyncio.sleep(POLL_EVERY)
     return 200, {"requests": [found] if found else []}
 
@@ -146,7 +148,7 @@ async def device_answer(request: Request) -> Response:
 
 # -- the settings page -----------------------------------------------------------------------------
 NOTICES = {"bound", "removed"}
-ERRORS = {"registration_expired"}
+ERRORS = {"registration_expired", "not_found"}
 
 
 async def devices_page(request: Request) -> Response:
@@ -201,7 +203,7 @@ async def add_status(request: Request) -> Response:
 async def save(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     name, phone = form.get("name") or "", form.get("phone") or ""
-    error = await run_in_threadpool(push.save_registration, svc, account.id, name, phone)
+    error = await run_in_threadpool(push.save_registration, svc, account.id, name, phone, form.get("otp") or "")
     if error == "push.error.registration_expired":
         return RedirectResponse("/account/push?error=registration_expired", status_code=303)
     if error:
@@ -221,9 +223,10 @@ async def cancel(request: Request, account, form) -> Response:
 async def remove(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     removed = await run_in_threadpool(push.remove, svc, account.id, str(form.get("device") or ""))
-    if removed is not None:
-        svc.audit.record("binding.removed", account_id=account.id, username=account.username, method=PUSH.name,
-                         device=removed, **who(request))
+    if removed is None:  # a stale page, or not this account's phone
+        return RedirectResponse("/account/push?error=not_found", status_code=303)
+    svc.audit.record("binding.removed", account_id=account.id, username=account.username, method=PUSH.name,
+                     device=removed, **who(request))
     return RedirectResponse("/account/push?notice=removed", status_code=303)
 
 

@@ -179,8 +179,8 @@ class Settings:
     )
     push_request_seconds: int = _doc("How long a push login request waits for the app's answer.", 120)
     push_max_unanswered: int = _doc(
-        "Push requests in a row an account may leave unanswered; then pushes to it pause for "
-        "`IDP_LOCKOUT_SECONDS` (push fatigue; the app's OTP still works).", 3
+        "Push requests in a row an account may leave unanswered or deny (only an approval resets the count); "
+        "then pushes to it pause for `IDP_LOCKOUT_SECONDS` (push fatigue; the app's OTP still works).", 3
     )
 
     upstream_issuer: str = _doc(

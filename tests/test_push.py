@@ -15,6 +15,7 @@ from joserfc.jwk import KeySet
 from clients.authenticator import AppError, Authenticator
 from idp.factors import push
 from idp.storage.models import Binding
+from idp.factors.totp import STEP
 from tests.harness import callback, forms, redeem
 
 LOA2 = "urn:idp:loa:2"
@@ -47,6 +48,7 @@ def register(provider, browser, name="我的手機", number="0912345678") -> Aut
     app.register(url.replace("&amp;", "&"))
     page = browser.submit(page, "/account/push/save", name=name, phone=number, otp=app.otp())
     assert "手機設定完成" in page.text, page.text
+    provider.clock.advance(STEP)  # the code typed at 儲存 is spent: logins use the app's next one
     return app
 
 
@@ -128,6 +130,11 @@ def test_saving_needs_the_code_of_the_app_that_scanned(provider):
         assert session.query(Binding).filter_by(factor="push").count() == 0
     page = browser.submit(refused, "/account/push/save", name="公務手機", phone="0912345678", otp=app.otp())
     assert "手機設定完成" in page.text
+    # The code typed at 儲存 is spent: it does not log in as well.
+    client_id, _ = provider.client()
+    login, page = _push_page(provider, client_id)
+    spent = login.submit(page, "/login/factor/push", device=_devices(page)[0], otp=app.otp())
+    assert "此 OTP 驗證碼已使用過" in _error(spent)
 
 
 def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):

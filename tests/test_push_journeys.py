@@ -27,6 +27,7 @@ import pytest
 from clients.authenticator import AppError, Authenticator
 from clients.school_portal import create_app as create_portal
 from idp.clock import ShiftedClock
+from idp.factors.totp import STEP
 from idp.factors import push
 from idp.settings import Settings
 from idp.web.app import create_app
@@ -131,6 +132,7 @@ def test_register_then_log_in_by_otp_and_by_push(site, http, people):
     expect(page.locator("[role=status]")).to_contain_text("手機設定完成")
     expect(page.locator("tr[data-device='王小明的手機']")).to_contain_text("0912***678")
     people.shot(page, "phones")
+    provider.clock.advance(STEP)  # the code typed at 儲存 is spent: the login uses the app's next one
 
     # -- login with the app's OTP
     page = people.page()
@@ -211,7 +213,12 @@ def test_unanswered_pushes_in_a_row_pause_pushes(site, people, tmp_path):
     state = tmp_path / "phone.json"
     # Scanned on an earlier day: the settings page's code path, then 儲存 with the code the app shows.
     cli(state, "register", push.registration_url(provider.svc, push.start_registration(provider.svc, bob_id)["code"]))
-    assert push.save_registration(provider.svc, bob_id, "大同的手機", "886912345678", cli(state, "otp").strip()) is None
+    provider.clock.advance(-STEP)  # saved a while ago, with the code the app showed then (it is spent)
+    try:
+        code = Authenticator(state, http=httpx.Client(), clock=provider.clock).otp()
+        assert push.save_registration(provider.svc, bob_id, "大同的手機", "886912345678", code) is None
+    finally:
+        provider.clock.advance(STEP)
 
     page = people.page()
     to_push_page(page, provider, portal, username="bob")

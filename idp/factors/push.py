@@ -237,7 +237,9 @@ def save_registration(svc, account_id: str, name: str, phone: str, code: str) ->
         with svc.db.session() as session:
             session.add(Binding(account_id=account_id, factor=NAME, external_id=device["id"], label=name,
                                 data={"phone": phone, "jwk": device["jwk"], "secret": device["secret"],
-                                      "channel": device["channel"]}))
+                                      "channel": device["channel"],
+                                      # the code typed here is spent: login takes only a later one
+                                      "last_step": int(svc.clock() // STEP) + offset}))
     except IntegrityError:  # the same key saved to another account meanwhile
         return "push.error.registration_expired"
     return None

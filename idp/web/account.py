@@ -47,11 +47,12 @@ def _load_account(svc, account_id: str) -> Account | None:
         return account
 
 
-async def require_account(request: Request, *, verified: bool = True):
+async def require_account(request: Request, *, verified: bool = True, interactive: bool = True):
     """The signed-in user's account, or the response that signs them in.
 
     With ``verified``, a bound second factor must have been proven within
-    ``reverify_seconds``; otherwise the login asks for it again (M2)."""
+    ``reverify_seconds``; otherwise the login asks for it again (M2). Only an
+    ``interactive`` GET starts that login; a script's poll just gets the expired page."""
     svc = request.app.state.svc
     session = svc.sessions.get(request.cookies.get(SESSION_COOKIE))
     account = await run_in_threadpool(_load_account, svc, session["account"]) if session else None
@@ -60,7 +61,7 @@ async def require_account(request: Request, *, verified: bool = True):
     fresh = session is not None and svc.clock() - session.get("verified_at", 0) <= svc.settings.reverify_seconds
     if account is not None and (fresh or not verified):
         return account
-    if request.method != "GET":
+    if request.method != "GET" or not interactive:
         return error_page(request, "error.tx_expired.title", "error.tx_expired.detail")
     tx = svc.transactions.create(
         params=[], client_id=None, browser=csrf_token(request), fresh=account is None, target_acr=None,

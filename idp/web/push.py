@@ -191,7 +191,7 @@ async def add_page(request: Request) -> Response:
 
 async def add_status(request: Request) -> Response:
     """What the registration page polls: whether the app has scanned its QR code."""
-    account = await require_account(request)
+    account = await require_account(request, interactive=False)
     if isinstance(account, Response):
         return JSONResponse({"state": "gone"}, 401, NO_STORE)
     pending = push.current_registration(request.app.state.svc, account.id)

@@ -212,13 +212,20 @@ def _check_uri(uri: str, key: str, error: str = "invalid_redirect_uri") -> None:
         raise ClientError(f"{key}: {uri!r} must use https", error)
 
 
+def _new_client_id() -> str:
+    """128 random bits, never starting with "-": command lines (``idp clients show ID``) take that for an option."""
+    while (client_id := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return client_id
+
+
 def create_client(session, meta: dict, *, first_party: bool = False, with_registration_token: bool = False):
     """Register a client; returns (row, secret, registration_access_token), secrets shown once."""
     meta = validate_metadata(meta)
     secret = None if meta["token_endpoint_auth_method"] in ("none", "private_key_jwt") else new_secret()
     reg_token = new_secret() if with_registration_token else None
     row = Client(
-        client_id=secrets.token_urlsafe(16),
+        client_id=_new_client_id(),
         secret_hash=digest(secret) if secret else None,
         registration_token_hash=digest(reg_token) if reg_token else None,
         metadata_=meta,

@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -121,6 +123,8 @@ class Seed:
 
         self.svc = Services(Settings.from_env())
         self.svc.start()  # migrates
+        url = self.svc.settings.redis_url  # a client of its own, for pipelined minting and scans
+        self.redis = redis.Redis.from_url(url) if url else None
         self.n_accounts = accounts
         self.account_ids: list[str] = []
         self.usernames: list[str] = []
@@ -214,7 +218,7 @@ class Seed:
         with self.svc.db.session() as session:
             for b in session.execute(select(Binding).where(Binding.factor == "otp")).scalars():
                 b.data = {**b.data, "last_step": -1}
-        r = self.svc.store._redis
+        r = self.redis
         keys = list(r.scan_iter("idp:otp-used:*", count=1000)) + list(r.scan_iter("idp:fail:*", count=1000))
         for i in range(0, len(keys), 1000):
             r.delete(*keys[i:i + 1000])
@@ -232,7 +236,7 @@ class Seed:
         from idp.protocol.tokens import Tokens
         from idp.sessions import Sessions
 
-        store = store or PipelineStore(self.svc.store._redis)
+        store = store or PipelineStore(self.redis)
         tokens, sessions = Tokens(store, self.svc.clock), Sessions(store, self.svc.clock, self.svc.settings.session_seconds)
         codes = []
         for i in range(n):
@@ -255,7 +259,7 @@ class Seed:
         from idp.protocol.tokens import Tokens
         from idp.sessions import Sessions
 
-        store = store or PipelineStore(self.svc.store._redis)
+        store = store or PipelineStore(self.redis)
         tokens, sessions = Tokens(store, self.svc.clock), Sessions(store, self.svc.clock, self.svc.settings.session_seconds)
         lifetime = self.svc.settings.refresh_token_seconds
         out = []
@@ -765,7 +769,7 @@ def main() -> int:
             res["login"] = asyncio.run(logins(base, login_seconds, client_id, client_secret, seed,
                                               args.login_concurrency * n, pids))
             if n == workers[0]:
-                memory = redis_memory(seed.svc.store._redis)
+                memory = redis_memory(seed.redis)
             for k, v in res.items():
                 log(f"  {k:20s} {fmt_rate(v)}")
             if n == 1 and not args.no_profile:

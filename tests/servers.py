@@ -18,6 +18,7 @@ temp dir (pytest's own tmp dirs are mode 0700 and not reachable by
 from __future__ import annotations
 
 import atexit
+import datetime as dt
 import glob
 import os
 import pwd
@@ -326,6 +327,30 @@ def start_postgres(tmpdir: os.PathLike | str | None = None) -> PostgresServer:
 
 
 # --------------------------------------------------------------------------- Redis
+
+
+def server_certificate(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate for a test server on ``name`` (its clients trust exactly
+    it), written as ``server.pem`` and ``server.key`` in ``directory``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    pem, private = directory / "server.pem", directory / "server.key"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return pem, private
 
 
 def _redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes:

@@ -174,14 +174,15 @@ def _fresh_code(base, client_id, redirect_uri) -> str:
 
 def _all_at_once(cluster, bases, attempt) -> list:
     """``attempt(base)`` for each of ``bases`` at once, made to race: Redis holds every write
-    while reads go on, so each request has read what it wants to claim and waits to claim it
-    when the writes resume together."""
+    while reads go on, so a request at each process has read what it wants to claim and waits
+    to claim it when the writes resume together. (A process's requests share one connection:
+    the others queue behind its first.)"""
     r = redis.Redis.from_url(cluster.env["IDP_REDIS_URL"])
     r.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
     try:
         with ThreadPoolExecutor(len(bases)) as pool:
             pending = [pool.submit(attempt, base) for base in bases]
-            _wait(lambda: r.info("clients")["blocked_clients"] == len(bases), 15, "every request waiting to claim")
+            _wait(lambda: r.info("clients")["blocked_clients"] == len(set(bases)), 15, "each process waiting to claim")
             r.execute_command("CLIENT", "UNPAUSE")
             return [f.result() for f in pending]
     finally:

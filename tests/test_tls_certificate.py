@@ -10,7 +10,6 @@ One PKI, one nginx and one provider for the module (SQLite, the in-process store
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 import socket
@@ -23,15 +22,13 @@ from urllib.parse import quote
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from idp.settings import Settings
 from idp.storage.models import AuditEvent
 from idp.web.app import create_app
-from tests import live
+from tests import live, servers
 from tests.harness import PASSWORD, REDIRECT, callback, forms, redeem
 from tests.pki_fixtures import tpki  # noqa: F401 (the module's test PKI)
 from tests.test_e2e import INSTALL_HINT, LiveProvider
@@ -53,22 +50,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _server_certificate(directory: Path) -> None:
-    """nginx's own certificate for localhost (self-signed: the client trusts exactly it)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    (directory / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "server.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
 NGINX_CONF = """\
@@ -109,7 +90,7 @@ def site(tpki, tmp_path_factory):
     if not Path(NGINX).exists():
         pytest.fail(f"{NGINX} is missing. {INSTALL_HINT}", pytrace=False)
     conf = tmp_path_factory.mktemp("nginx")
-    _server_certificate(conf)
+    servers.server_certificate(conf)  # server.pem, server.key
     trust = tpki.dir / "trust"
     (conf / "client-ca.pem").write_bytes(b"".join((trust / f).read_bytes() for f in ("root.pem", "moica.pem", "xca.pem")))
     port = _free_port()

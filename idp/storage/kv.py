@@ -9,10 +9,10 @@ injectable clock, so tests can move time without sleeping.
 
 ``IDP_REDIS_URL`` names one Redis server, a Sentinel-managed master or a
 Cluster (see ``connect``). On a Cluster every key lives in the slot its name
-hashes to. Commands over several keys still work across slots: ``delete``,
-``set_many`` and the non-transactional pipelines are split by slot by the
-client, ``get_many`` reads each slot's keys separately (non-atomic, which
-no caller relies on), and each MULTI transaction touches one key. A new
+hashes to. Every command names one key, so a round trip of several
+(``get_many``, ``delete``, ``write``) is split by slot by the client
+(non-atomic across keys, which no caller relies on), and each MULTI
+transaction touches one key. A new
 operation that must be atomic over several keys (a transaction or a Lua
 script) must put them in one slot with a shared hash tag, the part of the
 name in braces, e.g. ``grant:{GID}`` and ``grant-tokens:{GID}``: Redis hashes
@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 
 from idp import bridge
+from idp.storage import resp
 
 
 class Batch:
@@ -163,24 +164,24 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Blocking calls, except inside ``idp.bridge.run`` (the token endpoint), where each
-    round trip is awaited on the event loop through an asyncio client of the same URL."""
+    """Each operation is one round trip of commands (``execute``). Blocking, except inside
+    ``idp.bridge.run`` (the token endpoint), where it is awaited on the event loop through
+    an asyncio client of the same URL."""
 
     def __init__(self, url: str, prefix: str = "idp:"):
         self._url = url
-        self._redis = connect(url)
+        self._sync = connect(url)
         self._async: dict = {}  # event loop -> its asyncio client (a client serves one loop)
         self._prefix = prefix
 
-    def _client(self):
-        """The client for the caller, and what turns its replies into values."""
+    def _execute(self, commands: list[tuple], transaction: bool = False) -> list:
         if not bridge.inside():
-            return self._redis, _same
+            return self._sync.execute(commands, transaction)
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
         if client is None:
             client = self._async[loop] = connect(self._url, asynchronous=True)
-        return client, bridge.wait
+        return bridge.wait(client.execute(commands, transaction))
 
     async def aclose(self) -> None:
         """Close the running loop's asyncio client (at the app's shutdown)."""
@@ -196,22 +197,18 @@ class RedisStore:
         return None if raw is None else orjson.loads(raw)
 
     def get(self, key):
-        r, done = self._client()
-        return self._load(done(r.get(self._k(key))))
+        return self._load(self._execute([("GET", self._k(key))])[0])
 
     def get_many(self, keys):
-        if not keys:
-            return []
-        r, done = self._client()
-        return [self._load(raw) for raw in done(r.mget([self._k(k) for k in keys]))]
+        # One GET each rather than an MGET: a Cluster splits them by slot.
+        return [self._load(raw) for raw in self._execute([("GET", self._k(k)) for k in keys])] if keys else []
 
     def set(self, key, value, ttl, *, only_new=False):
-        r, done = self._client()
-        return bool(done(r.set(self._k(key), orjson.dumps(value), ex=ttl, nx=only_new)))
+        command = ("SET", self._k(key), orjson.dumps(value), "EX", ttl) + (("NX",) if only_new else ())
+        return bool(self._execute([command])[0])
 
     def take(self, key):
-        r, done = self._client()
-        return self._load(done(r.getdel(self._k(key))))
+        return self._load(self._execute([("GETDEL", self._k(key))])[0])
 
     def set_many(self, items):
         batch = Batch()
@@ -219,76 +216,78 @@ class RedisStore:
         self.write(batch)
 
     def write(self, batch):
-        r, done = self._client()
-        pipe = r.pipeline(transaction=False)
-        for key in batch.takes:
-            pipe.getdel(self._k(key))
-        for key, value, ttl in batch.sets:
-            pipe.set(self._k(key), orjson.dumps(value), ex=ttl)
+        commands = [("GETDEL", self._k(key)) for key in batch.takes]
+        commands += [("SET", self._k(key), orjson.dumps(value), "EX", ttl) for key, value, ttl in batch.sets]
         for key, member, ttl in batch.adds:
-            pipe.sadd(self._k(key), member)
-            pipe.expire(self._k(key), ttl)
-        replies = done(pipe.execute())
+            commands += [("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)]
+        replies = self._execute(commands)
         return [self._load(raw) for raw in replies[: len(batch.takes)]]
 
     def delete(self, *keys):
         if keys:
-            r, done = self._client()
-            done(r.delete(*[self._k(k) for k in keys]))
+            self._execute([("DEL", self._k(k)) for k in keys])  # one each, as get_many
 
     def add(self, key, member, ttl):
-        r, done = self._client()
-        pipe = r.pipeline(transaction=False)
-        pipe.sadd(self._k(key), member)
-        pipe.expire(self._k(key), ttl)
-        done(pipe.execute())
+        self._execute([("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)])
 
     def members(self, key):
-        r, done = self._client()
-        return {m.decode() for m in done(r.smembers(self._k(key)))}
+        return {m.decode() for m in self._execute([("SMEMBERS", self._k(key))])[0]}
 
     def incr(self, key, ttl, by=1):
-        r, done = self._client()
-        pipe = r.pipeline()
-        pipe.incr(self._k(key), by)
-        pipe.expire(self._k(key), ttl, nx=True)
-        count, _ = done(pipe.execute())
+        count, _ = self._execute([("INCRBY", self._k(key), by), ("EXPIRE", self._k(key), ttl, "NX")], transaction=True)
         return count
 
     def ping(self):
         try:
-            return bool(self._redis.ping())
+            return bool(self._sync.execute([("PING",)])[0])
         except Exception:
             return False
 
 
-def _same(reply):
-    return reply
+class _RedisPy:
+    """redis-py's client for a Sentinel-managed master or a Cluster, with the lean
+    client's ``execute``: a pipeline of the commands (awaitable for its asyncio client).
+    redis-py turns some replies into Python values (SET's into True, SMEMBERS' into a
+    set); the store reads both forms alike."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def execute(self, commands: list[tuple], transaction: bool = False):
+        pipe = self._client.pipeline(transaction=transaction)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 def connect(url: str, asynchronous: bool = False):
-    """The Redis client ``url`` names:
+    """The client for the Redis ``url`` names, with ``execute(commands, transaction)``:
 
-    - ``redis://[[user]:password@]host:port/db`` (``rediss://`` for TLS, ``unix://path``): one server;
+    - ``redis://[[user]:password@]host:port/db`` (``rediss://`` for TLS, ``unix://path``): one server,
+      through ``idp.storage.resp``. Options in the query: ``socket_timeout`` (for a reply, 10 s by
+      default), ``socket_connect_timeout`` (5 s), ``db``, and for TLS ``ssl_ca_certs``, ``ssl_certfile``,
+      ``ssl_keyfile``, ``ssl_cert_reqs`` (``required`` by default) and ``ssl_check_hostname``;
     - ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/MASTER[/db]`` (``rediss+sentinel``,
       port 26379 by default): the master the Sentinels name MASTER, followed through failovers. The
       user and password are the master's; add ``?sentinel_password=`` if the Sentinels want their own;
     - ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]`` (``rediss+cluster``, port 6379
       by default): a Cluster, discovered from any of those nodes.
     """
-    if asynchronous:
-        import redis.asyncio as redis
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
-        from redis.asyncio.sentinel import Sentinel
-    else:
-        import redis
-        from redis.cluster import ClusterNode, RedisCluster
-        from redis.sentinel import Sentinel
-
     scheme, _, rest = url.partition("://")
     base, _, mode = scheme.partition("+")
     if not mode:
-        return redis.Redis.from_url(url)
+        address = resp.Address.from_url(url)
+        return resp.AsyncClient(address) if asynchronous else resp.Client(address)
+    if asynchronous:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.sentinel import Sentinel
+    else:
+        from redis.cluster import ClusterNode, RedisCluster
+        from redis.sentinel import Sentinel
+
     if base not in ("redis", "rediss") or mode not in ("sentinel", "cluster"):
         raise ValueError(f"IDP_REDIS_URL: unknown scheme {scheme}://")
     parts = urlsplit(f"{base}://{rest}")
@@ -303,13 +302,8 @@ def connect(url: str, asynchronous: bool = False):
         own = parse_qs(parts.query).get("sentinel_password", [""])[0]
         sentinel_auth = {"ssl": auth["ssl"], **({"password": own} if own else {})}
         db = int(path[1]) if len(path) > 1 else 0
-        return Sentinel(nodes, sentinel_kwargs=sentinel_auth, db=db, **auth).master_for(path[0])
-    class Cluster(RedisCluster):
-        def mget(self, keys, *args):
-            # One MGET per slot: RedisCluster refuses a plain MGET over several slots.
-            return self.mget_nonatomic(keys, *args)
-
-    return Cluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes], **auth)
+        return _RedisPy(Sentinel(nodes, sentinel_kwargs=sentinel_auth, db=db, **auth).master_for(path[0]))
+    return _RedisPy(RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes], **auth))
 
 
 def _address(text: str, default_port: int) -> tuple[str, int]:

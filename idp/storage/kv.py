@@ -55,6 +55,8 @@ class Batch:
 
 
 class Store(Protocol):
+    shared: bool  # other processes read and write the same data (Redis), not this process's own memory
+
     def get(self, key: str) -> dict | None: ...
     def get_many(self, keys: list[str]) -> list[dict | None]: ...
     def set(self, key: str, value: dict, ttl: int, *, only_new: bool = False) -> bool:
@@ -78,6 +80,8 @@ class Store(Protocol):
 
 
 class MemoryStore:
+    shared = False
+
     def __init__(self):
         self._data: dict[str, tuple[float, bytes]] = {}
         self._sets: dict[str, tuple[float, set[str]]] = {}
@@ -165,6 +169,8 @@ class MemoryStore:
 class RedisStore:
     """Blocking calls, except inside ``idp.bridge.run`` (the token endpoint), where each
     round trip is awaited on the event loop through an asyncio client of the same URL."""
+
+    shared = True
 
     def __init__(self, url: str, prefix: str = "idp:"):
         self._url = url

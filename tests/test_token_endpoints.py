@@ -296,13 +296,12 @@ def test_introspection_describes_an_active_token(provider):
 
 
 def test_a_disabled_accounts_tokens_introspect_inactive_and_cannot_refresh(provider):
-    from idp.storage.models import Account
+    from idp.accounts import set_disabled
 
     account_id = provider.account("alice")
     client_id, secret = provider.client()
     token = _user_tokens(provider, client_id, secret)
-    with provider.svc.db.session() as session:
-        session.get(Account, account_id).disabled = True
+    set_disabled(provider.svc, account_id, True)  # what the admin area and `idp users disable` do
     assert _introspect(provider.http(), client_id, secret, token["access_token"]).json() == {"active": False}
     _error(_refresh(provider.http(), client_id, secret, token["refresh_token"]), 400, "invalid_grant")
 

@@ -211,3 +211,20 @@ def set_disabled(svc, account_id: str, disabled: bool,
         svc.store.delete(disabled_mark(account.id))
     return account
 
+
+def mark_disabled_accounts(svc) -> int:
+    """Write the mark of every account the database says is disabled (at the app's start), so
+    that accounts disabled before the marks existed, or while the store was flushed, stay
+    refused. How many there are.
+
+    Their rows are share-locked until the marks are written: an administrator enabling one of
+    them meanwhile waits, then commits and deletes the mark, so no mark outlives its account's
+    enabling. (SQLite ignores the lock; there a mark could survive such a race, refusing an
+    enabled account until it is enabled again: the safe side.)"""
+    if not svc.store.shared:
+        return 0  # account_active reads the database itself: the marks would not be read
+    with svc.db.session() as session:
+        query = select(Account.id).where(Account.disabled).with_for_update(read=True)
+        ids = session.execute(query).scalars().all()
+        svc.store.set_many([(disabled_mark(i), {"disabled": True}, DISABLED_MARK_SECONDS) for i in ids])
+    return len(ids)

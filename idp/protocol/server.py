@@ -6,7 +6,7 @@ synchronous. The token, revocation and introspection endpoints run them on the
 event loop through ``idp.bridge.run``, where the store's Redis round trips are
 awaited; the database reads left on this path (a client missing from the cache;
 the disabled flag at refresh and introspection, with the in-process store only)
-are single indexed rows.
+are single indexed rows, read blocking.
 """
 
 from __future__ import annotations

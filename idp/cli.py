@@ -119,8 +119,11 @@ def cmd_users_list(args) -> int:
 
 
 def cmd_users_disable(args, disabled=True) -> int:
-    svc, account_id = _with_account(args.username, lambda a: setattr(a, "disabled", disabled))
-    if account_id is None:
+    from idp.accounts import set_disabled
+
+    svc = _services()
+    account_id, _ = _account_id(svc, args.username)
+    if account_id is None or set_disabled(svc, account_id, disabled) is None:
         return _fail(f"no account {args.username}")
     svc.audit.record("account.disabled" if disabled else "account.enabled", account_id=account_id, username=args.username, method="cli")
     return 0

@@ -14,7 +14,8 @@ from sqlalchemy import select
 from idp.accounts import by_username
 from idp.storage.models import Account, AuditEvent, Binding
 from idp.storage.db import Database
-from tests.harness import PASSWORD, callback, forms
+from tests.harness import PASSWORD, callback, forms, redeem
+from tests.test_token_endpoints import _introspect, _refresh, _user_tokens
 from tests.test_totp import _code, _error, _secret
 
 SCHOOL = "臺北市立示範國中"
@@ -194,10 +195,10 @@ def test_admins_create_aa_and_admin_accounts(site):
 # -- disabling, unlocking, resetting -----------------------------------------------------------
 def test_disable_and_enable(site):
     provider = site
-    client_id, _ = provider.client()
-    # alice has a session at the portal already.
+    client_id, client_secret = provider.client()
+    # alice has a session at the portal already, and the portal her tokens.
     user, page, secret = sign_in(provider, "alice", url="/account")
-    assert callback(user.authorize(client_id))["code"]
+    tokens = redeem(user.http, client_id, client_secret, callback(user.authorize(client_id))["code"]).json()
     browser, _, _ = sign_in(provider, "root")
     alice = account_id(provider, "alice")
     page = browser.go(f"/admin/accounts/{alice}")
@@ -211,11 +212,19 @@ def test_disable_and_enable(site):
     assert 'name="password"' in again.text
     assert "此帳號已停用" in _error(user.password(again))
     assert "已停用" in browser.go("/admin?q=alice").text
+    # Nor do her tokens: the portal can no longer refresh them, and introspection calls them dead.
+    refused = _refresh(user.http, client_id, client_secret, tokens["refresh_token"])
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
+    assert _introspect(user.http, client_id, client_secret, tokens["access_token"]).json() == {"active": False}
 
     page = browser.submit(page, f"/admin/accounts/{alice}/enable")
     assert "帳號已重新啟用" in notice(page)
-    _, page = logs_in(provider, client_id, "alice")
+    again, page = logs_in(provider, client_id, "alice")
     assert 'name="otp"' in page.text
+    provider.clock.advance(30)  # a fresh OTP: the one of her first login is spent
+    code = callback(again.submit(page, "/login/factor/otp", otp=_code(provider, secret)))["code"]
+    fresh = redeem(again.http, client_id, client_secret, code).json()
+    assert _refresh(again.http, client_id, client_secret, fresh["refresh_token"]).status_code == 200
 
 
 def test_an_admin_cannot_disable_itself(site):
@@ -414,6 +423,32 @@ def test_cli_resets_bindings(tmp_path):
         assert session.query(Binding).count() == 0
     assert _cli_events(tmp_path, "bindings.reset") == [("alice", "cli", {"deleted": 2})]
     assert _idp(tmp_path, "users", "reset-bindings", "nobody").returncode == 2
+
+
+def test_cli_disable_and_enable_reach_the_running_provider(provider, tmp_path):
+    """`idp users disable` runs in a process of its own, yet the running provider refuses the
+    account's tokens at once: with Redis through the mark the command writes there, with the
+    in-process store by reading the database. `enable` lets a fresh login's tokens refresh."""
+    provider.account("alice")
+    client_id, secret = provider.client()
+    settings = provider.svc.settings
+    same = {"IDP_DATABASE_URL": settings.database_url, "IDP_REDIS_URL": settings.redis_url,
+            "IDP_KEYS_DIR": settings.keys_dir}
+    http = provider.http()
+    tokens = _refresh(http, client_id, secret, _user_tokens(provider, client_id, secret)["refresh_token"])
+    assert tokens.status_code == 200, tokens.text
+
+    assert _idp(tmp_path, "users", "disable", "alice", **same).returncode == 0
+    refused = _refresh(http, client_id, secret, tokens.json()["refresh_token"])
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
+    assert _introspect(http, client_id, secret, tokens.json()["access_token"]).json() == {"active": False}
+    assert _introspect(http, client_id, secret, tokens.json()["refresh_token"]).json() == {"active": False}
+
+    assert _idp(tmp_path, "users", "enable", "alice", **same).returncode == 0
+    fresh = _user_tokens(provider, client_id, secret)
+    assert _refresh(http, client_id, secret, fresh["refresh_token"]).status_code == 200
+    missing = _idp(tmp_path, "users", "disable", "nobody", **same)
+    assert missing.returncode == 2 and "no account nobody" in missing.stderr
 
 
 def test_cli_help_lists_the_new_commands(tmp_path):

@@ -3,7 +3,9 @@ calls (SPEC P3, P8): client_credentials, private_key_jwt, revocation (RFC 7009)
 and introspection (RFC 7662), each with the exact error a client gets."""
 
 import secrets
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -296,15 +298,64 @@ def test_introspection_describes_an_active_token(provider):
 
 
 def test_a_disabled_accounts_tokens_introspect_inactive_and_cannot_refresh(provider):
-    from idp.storage.models import Account
+    from idp.accounts import set_disabled
 
     account_id = provider.account("alice")
     client_id, secret = provider.client()
     token = _user_tokens(provider, client_id, secret)
-    with provider.svc.db.session() as session:
-        session.get(Account, account_id).disabled = True
+    set_disabled(provider.svc, account_id, True)  # what the admin area and `idp users disable` do
     assert _introspect(provider.http(), client_id, secret, token["access_token"]).json() == {"active": False}
     _error(_refresh(provider.http(), client_id, secret, token["refresh_token"]), 400, "invalid_grant")
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_an_account_disabled_before_its_mark_existed_is_refused_once_the_app_starts(settings_for):
+    from idp.clock import FrozenClock
+    from idp.storage.models import Account
+    from idp.web.app import create_app
+    from tests.harness import Provider
+
+    settings, clock = settings_for(), FrozenClock()
+    provider = Provider(create_app(settings, clock), clock)
+    account_id = provider.account("alice")
+    client_id, secret = provider.client()
+    token = _user_tokens(provider, client_id, secret)
+    # As an upgrade from a version without the marks leaves it: the flag in the database, no mark.
+    with provider.svc.db.session() as session:
+        session.get(Account, account_id).disabled = True
+    assert _introspect(provider.http(), client_id, secret, token["access_token"]).json()["active"] is True
+
+    restarted = Provider(create_app(settings, clock), clock)
+    http = restarted.http()
+    assert _introspect(http, client_id, secret, token["access_token"]).json() == {"active": False}
+    _error(_refresh(http, client_id, secret, token["refresh_token"]), 400, "invalid_grant")
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_an_account_enabled_while_the_app_starts_keeps_no_mark(provider):
+    from idp.accounts import disabled_mark, mark_disabled_accounts, set_disabled
+
+    svc = provider.svc
+    account_id = provider.account("alice")
+    set_disabled(svc, account_id, True)
+    writing, resume = threading.Event(), threading.Event()
+    set_many = svc.store.set_many
+
+    def slow_set_many(items):  # the start-up marking, caught between its read and its write
+        writing.set()
+        resume.wait(10)
+        set_many(items)
+
+    svc.store.set_many = slow_set_many
+    with ThreadPoolExecutor(2) as pool:
+        marking = pool.submit(mark_disabled_accounts, svc)
+        assert writing.wait(10)
+        enabling = pool.submit(set_disabled, svc, account_id, False)
+        time.sleep(0.3)
+        assert not enabling.done()  # the enable waits for the marks to be written...
+        resume.set()
+        assert marking.result() == 1 and enabling.result() is not None
+    assert svc.store.get(disabled_mark(account_id)) is None  # ...and then deletes alice's
 
 
 def test_a_narrower_refresh_releases_only_its_scopes_claims(provider):

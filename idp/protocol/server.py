@@ -4,8 +4,9 @@ authlib validates requests and authenticates clients; this module supplies
 storage (``Tokens``, the client table) and the ID token. All methods here are
 synchronous. The token, revocation and introspection endpoints run them on the
 event loop through ``idp.bridge.run``, where the store's Redis round trips are
-awaited; the database reads left on this path (the disabled flag at refresh
-and introspection, a client missing from the cache) are single indexed rows.
+awaited; the database reads left on this path (a client missing from the cache;
+the disabled flag at refresh and introspection, with the in-process store only)
+are single indexed rows, read blocking.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from authlib.oauth2.rfc7636 import CodeChallenge
 from joserfc.jwk import KeySet
 from starlette.responses import Response
 
+from idp.accounts import disabled_mark
 from idp.protocol import claims, dpop
 from idp.protocol.clients import OAuthClient, find
 from idp.storage.kv import Batch
@@ -150,8 +152,15 @@ def _require_dpop(request, client) -> None:
 
 
 def account_active(svc, account_id: str) -> bool:
-    """One indexed read of the ``disabled`` flag (``Database.scalar``). The token endpoint
-    refuses a disabled account's refresh tokens the moment it is disabled."""
+    """Whether the account is not disabled: the token endpoint refuses a disabled account's
+    refresh tokens (and introspection its tokens) the moment it is disabled.
+
+    With a shared store (Redis), one GET of the account's disabled mark there (``idp.accounts.
+    set_disabled``), awaited on the event loop inside ``idp.bridge.run``. With the in-process
+    store, one indexed read of the database's flag (``Database.scalar``): ``idp users disable``
+    runs in a process of its own, whose in-process store the server never sees."""
+    if svc.store.shared:
+        return svc.store.get(disabled_mark(account_id)) is None
     disabled = svc.db.scalar("SELECT disabled FROM accounts WHERE id = %s", account_id)
     return disabled is not None and not disabled  # SQLite answers 0 or 1
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 from pathlib import Path
@@ -11,10 +10,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
-
-from idp import bridge
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Any constant works; it names the PostgreSQL advisory lock that serialises migrations.
@@ -36,7 +32,6 @@ class Database:
             # fails one request and is replaced; pool_recycle retires idle ones first).
             self.engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=300)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._async_engines: dict = {}  # event loop -> its asyncio engine (PostgreSQL; see ``scalar``)
 
     @contextlib.contextmanager
     def session(self):
@@ -48,14 +43,12 @@ class Database:
         """The first column of the first row of a read-only ``query`` (``%s`` placeholders),
         or None: sent on the driver's own connection, in autocommit (one round trip, no
         BEGIN, nothing to roll back when it goes back to the pool). For the reads made on
-        every token request, where SQLAlchemy's layers cost three times the query. Inside
-        ``idp.bridge.run`` (the token endpoint) PostgreSQL's answer is awaited, so a distant
-        database does not stall the event loop."""
+        every token request, where SQLAlchemy's layers cost three times the query. It blocks,
+        on the event loop too inside ``idp.bridge.run`` (the token endpoint): only a single
+        process with the in-process store reads the database there (``account_active``)."""
         if self.engine.dialect.name == "sqlite":  # a local file; a SELECT opens no transaction there
             with contextlib.closing(self.engine.raw_connection()) as pooled:
                 row = pooled.driver_connection.execute(query.replace("%s", "?"), params).fetchone()
-        elif bridge.inside():
-            row = bridge.wait(self._fetch_async(query, params))
         else:
             with contextlib.closing(self.engine.raw_connection()) as pooled:
                 conn = pooled.driver_connection
@@ -65,22 +58,6 @@ class Database:
                 finally:
                     conn.autocommit = False
         return None if row is None else row[0]
-
-    async def _fetch_async(self, query: str, params: tuple):
-        loop = asyncio.get_running_loop()
-        engine = self._async_engines.get(loop)
-        if engine is None:  # an asyncio connection serves the loop that opened it
-            engine = self._async_engines[loop] = create_async_engine(
-                self.url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=10, pool_recycle=300)
-        async with engine.connect() as pooled:
-            conn = (await pooled.get_raw_connection()).driver_connection
-            return await (await conn.execute(query, params, prepare=True)).fetchone()
-
-    async def aclose(self) -> None:
-        """Close the running loop's asyncio connections (at the app's shutdown)."""
-        engine = self._async_engines.pop(asyncio.get_running_loop(), None)
-        if engine is not None:
-            await engine.dispose()
 
     @contextlib.contextmanager
     def read(self):

@@ -56,6 +56,8 @@ class Batch:
 
 
 class Store(Protocol):
+    shared: bool  # other processes read and write the same data (Redis), not this process's own memory
+
     def get(self, key: str) -> dict | None: ...
     def get_many(self, keys: list[str]) -> list[dict | None]: ...
     def set(self, key: str, value: dict, ttl: int, *, only_new: bool = False) -> bool:
@@ -79,6 +81,8 @@ class Store(Protocol):
 
 
 class MemoryStore:
+    shared = False
+
     def __init__(self):
         self._data: dict[str, tuple[float, bytes]] = {}
         self._sets: dict[str, tuple[float, set[str]]] = {}
@@ -167,6 +171,8 @@ class RedisStore:
     """Each operation is one round trip of commands (``execute``). Blocking, except inside
     ``idp.bridge.run`` (the token endpoint), where it is awaited on the event loop through
     an asyncio client of the same URL."""
+
+    shared = True
 
     def __init__(self, url: str, prefix: str = "idp:"):
         self._url = url

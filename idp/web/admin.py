@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from idp.accounts import AccountError, create_account, password_expired
+from idp.accounts import AccountError, create_account, password_expired, set_disabled
 from idp.factors import methods, one_day
 from idp.mail import MailError, masked
 from idp.storage.models import Account, Binding
@@ -214,17 +214,6 @@ async def account_page(request: Request) -> Response:
     )
 
 
-def _set_disabled(svc, role, account_id, value: bool) -> Account | None:
-    with svc.db.session() as session:
-        account = session.get(Account, account_id)
-        if account is None or not role.manages(account):
-            return None
-        account.disabled = value
-        session.flush()
-        session.expunge(account)
-        return account
-
-
 async def _disable(request: Request, value: bool) -> Response:
     posted = await _posted(request)
     if isinstance(posted, Response):
@@ -236,11 +225,11 @@ async def _disable(request: Request, value: bool) -> Response:
         return _not_found(request)
     if value and target.id == role.account.id:
         return _back(target.id, error="self")
-    target = await run_in_threadpool(_set_disabled, svc, role, target.id, value)
+    target = await run_in_threadpool(set_disabled, svc, target.id, value, role.manages)
     if target is None:
         return _not_found(request)
     # A disabled account's session no longer opens anything: the account area, a new login
-    # at a portal and the token endpoint all check the flag.
+    # at a portal and the token endpoint all check the flag (or its mark in the store).
     _audit(request, role, "account.disabled" if value else "account.enabled", target.id, target.username)
     return _back(target.id, notice="disabled" if value else "enabled")
 

@@ -14,6 +14,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from idp import logs
+from idp.accounts import mark_disabled_accounts
 from idp.clock import Clock
 from idp.metrics import CONTENT_TYPE, RequestMetrics
 from idp.services import Services
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     logs.configure(svc.settings.log_format, svc.settings.log_level)
     svc.start()
     svc.load_trust()
+    mark_disabled_accounts(svc)  # before serving: accounts disabled before their marks existed
     routes = [
         Route("/.well-known/openid-configuration", oidc.discovery),
         Route("/jwks", oidc.jwks),
@@ -131,7 +133,6 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         finally:
             svc.backchannel.stop()
             await svc.store.aclose()
-            await svc.db.aclose()
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error}, lifespan=lifespan,
                     middleware=proxies.middleware(svc.settings.trusted_proxies))

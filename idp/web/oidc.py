@@ -92,7 +92,7 @@ async def jwks(request: Request) -> Response:
 # -- authorization endpoint ------------------------------------------------------------
 def _oauth_request(request: Request, query, form) -> OAuthRequest:
     svc = request.app.state.svc
-    return OAuthRequest(request.method, svc.settings.issuer + request.url.path, request.headers, query, form)
+    return OAuthRequest(request.method, svc.settings.issuer + request.scope["path"], request.headers, query, form)
 
 
 def _bad_authorization_page(request: Request, error: OAuth2Error) -> Response:

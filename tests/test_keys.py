@@ -2,6 +2,7 @@
 next key is published before it signs, and a retired key leaves /jwks only
 after the tokens it signed have expired."""
 
+import fcntl
 import stat
 from pathlib import Path
 
@@ -134,3 +135,25 @@ def test_another_process_sharing_the_key_directory_follows_the_rotation(provider
     promoted = provider.svc.keys.signing_key("ES256").kid
     assert _kid(token) == promoted
     assert _verify(token, _jwks(provider))["aud"] == client_id
+
+
+def test_a_rotation_makes_its_new_keys_before_it_locks_the_directory(provider, monkeypatch):
+    """Every serving process that reloads waits on the directory's lock; generating an
+    RSA key takes up to a second, so none is generated while the lock is held."""
+    from idp.protocol import keys
+
+    generate, held = keys._generate, []
+
+    def watched(alg, status):
+        with open(provider.svc.keys.dir / ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # what a reloading process takes
+            except BlockingIOError:
+                held.append(alg)
+        return generate(alg, status)
+
+    monkeypatch.setattr(keys, "_generate", watched)
+    before = _kids(_jwks(provider))
+    provider.svc.keys.rotate(keep_retired_seconds=3600)
+    assert _kids(_jwks(provider)) != before
+    assert held == []

@@ -109,10 +109,13 @@ class KeyRing:
 
     def rotate(self, keep_retired_seconds: int) -> list[str]:
         """Promote next to current, retire current; returns the new current kids."""
+        # The new next keys are made before the lock: every serving process that reloads
+        # waits on it, and an RSA key takes up to a second to generate.
+        fresh = {alg: _generate(alg, "next") for alg in ALGORITHMS}
         with self._exclusive():
-            return self._rotate(keep_retired_seconds)
+            return self._rotate(keep_retired_seconds, fresh)
 
-    def _rotate(self, keep_retired_seconds: int) -> list[str]:
+    def _rotate(self, keep_retired_seconds: int, fresh: dict[str, dict]) -> list[str]:
         now = int(self._clock())
         promoted = []
         records = self._records()
@@ -121,11 +124,11 @@ class KeyRing:
             if "current" in mine:
                 mine["current"].update(status="retired", retire_at=now + keep_retired_seconds)
                 self._write(mine["current"])
-            nxt = mine.get("next") or _generate(alg, "next")
+            nxt = mine.get("next") or _generate(alg, "next")  # only if its file was removed by hand
             nxt["status"] = "current"
             self._write(nxt)
             promoted.append(nxt["kid"])
-            self._write(_generate(alg, "next"))
+            self._write(fresh[alg])
         for r in records:
             if r["status"] == "retired" and r.get("retire_at", 0) <= now:
                 (self.dir / f"{r['kid']}.json").unlink(missing_ok=True)

@@ -40,6 +40,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from idp.protocol import claims as claims_
 from idp.protocol.claims import public_sid
+from idp.storage.kv import Batch
 
 try:  # the project depends on httpx2; plain httpx has the same API
     import httpx2 as httpx
@@ -144,14 +145,17 @@ class BackChannel:
         return deliveries
 
     def enqueue(self, delivery: Delivery) -> None:
-        """The job in the store, leased to this process for its first attempt."""
+        """The job in the store, leased to this process for its first attempt (one round trip)."""
         now = self.svc.clock()
-        self._save(delivery, now + self.timeout + LEASE_MARGIN)
-        self.svc.store.add(QUEUE + str(int(now // BUCKET_SECONDS)), delivery.jti, TOKEN_SECONDS + 2 * BUCKET_SECONDS)
+        batch = Batch()
+        batch.set(*self._job(delivery, now + self.timeout + LEASE_MARGIN))
+        batch.add(QUEUE + str(int(now // BUCKET_SECONDS)), delivery.jti, TOKEN_SECONDS + 2 * BUCKET_SECONDS)
+        self.svc.store.write(batch)
 
-    def _save(self, delivery: Delivery, lease: float) -> None:
+    def _job(self, delivery: Delivery, lease: float) -> tuple[str, dict, int]:
+        """The (key, value, ttl) of a delivery's job, leased until ``lease``."""
         ttl = max(1, int(delivery.exp - self.svc.clock())) + BUCKET_SECONDS
-        self.svc.store.set(JOB + delivery.jti, {**asdict(delivery), "lease": lease}, ttl)
+        return JOB + delivery.jti, {**asdict(delivery), "lease": lease}, ttl
 
     def submit(self, delivery: Delivery) -> None:
         self._inflight.add(delivery.jti)
@@ -171,9 +175,9 @@ class BackChannel:
         now, store = self.svc.clock(), self.svc.store
         first = int((now - TOKEN_SECONDS) // BUCKET_SECONDS) - 1
         jtis = set().union(*(store.members(QUEUE + str(b)) for b in range(first, int(now // BUCKET_SECONDS) + 1)))
+        jtis = sorted(jtis - self._inflight)
         claimed = []
-        for jti in sorted(jtis - self._inflight):
-            job = store.get(JOB + jti)
+        for jti, job in zip(jtis, store.get_many([JOB + jti for jti in jtis])):
             if job is None or job["lease"] > now:
                 continue  # done, or someone is on it
             job = store.take(JOB + jti)
@@ -181,7 +185,8 @@ class BackChannel:
                 continue  # another process claimed it first
             delivery = Delivery(**{k: v for k, v in job.items() if k != "lease"})
             # Put back at once (a renewed lease stays); ours if it had run out.
-            self._save(delivery, job["lease"] if job["lease"] > now else now + self.timeout + LEASE_MARGIN)
+            lease = job["lease"] if job["lease"] > now else now + self.timeout + LEASE_MARGIN
+            store.set(*self._job(delivery, lease))
             if job["lease"] <= now:
                 claimed.append(delivery)
         return claimed
@@ -233,7 +238,8 @@ class BackChannel:
             while delivery.attempts < len(delays):
                 delay = delays[delivery.attempts]
                 if delay:
-                    await asyncio.to_thread(self._save, delivery, self.svc.clock() + delay + self.timeout + LEASE_MARGIN)
+                    lease = self.svc.clock() + delay + self.timeout + LEASE_MARGIN
+                    await asyncio.to_thread(self.svc.store.set, *self._job(delivery, lease))
                     await asyncio.sleep(delay)
                 if self.svc.clock() > delivery.exp:
                     outcome = outcome or "token expired"

@@ -257,6 +257,9 @@ class _Protocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def time_out(self) -> None:
+        self.break_off(TimeoutError("Redis did not answer in time"))
+
     def send(self, payload: bytes, count: int) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         self.waiting.append((future, count, []))
@@ -279,8 +282,7 @@ class AsyncClient:
         future = protocol.send(*_pack(commands, transaction))
         # A stalled server fails the connection: the replies still owed on it could not be
         # told from those of later round trips.
-        timer = asyncio.get_running_loop().call_later(
-            self._address.timeout, protocol.break_off, TimeoutError("Redis did not answer in time"))
+        timer = asyncio.get_running_loop().call_later(self._address.timeout, protocol.time_out)
         try:
             replies = await future
         finally:

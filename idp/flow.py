@@ -12,8 +12,7 @@ demand (``acr``), and the account, and answers with exactly one step:
 3. consent, for a third-party client the user has not approved yet;
 4. done: the session is set and a code goes back to the client.
 
-Pages never decide this themselves; they do their one step and send the
-browser back here.
+Pages never decide this themselves; they do their one step and ask here.
 """
 
 from __future__ import annotations
@@ -101,7 +100,9 @@ def _raises(factor, amr: list[str]) -> bool:
     return acr.rank(acr.earned(acr.with_mfa(amr + factor.amr))) > acr.rank(acr.earned(amr))
 
 
-def next_step(svc, session, tx: dict, account: Account | None, client) -> Step:
+def next_step(svc, tx: dict, account: Account | None, client) -> Step:
+    """The account must come with its bindings loaded; the only database read here is the
+    consent of a third-party client."""
     # The client's policy may narrow the factors (``allowed_factors`` in its registration).
     factors = tuple(f for f in FACTORS.values() if client.allows(f.name) and f.enabled(svc))
     if account is None:
@@ -136,7 +137,7 @@ def next_step(svc, session, tx: dict, account: Account | None, client) -> Step:
     now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
     if "password" in tx["done"] and password_expired(account, svc.settings.password_max_age_days, now):
         return Step("action", action="password_change")
-    if needs_consent(session, tx, account, client):
+    if needs_consent(svc, tx, account, client):
         return Step("consent")
     return Step("done")
 
@@ -145,14 +146,15 @@ def requested_scope(tx: dict) -> set[str]:
     return set(dict(tx["params"]).get("scope", "").split())
 
 
-def needs_consent(session, tx: dict, account: Account, client) -> bool:
+def needs_consent(svc, tx: dict, account: Account, client) -> bool:
     if client.first_party:  # also the provider's own pages
         return False
     if "consent" in dict(tx["params"]).get("prompt", "").split():
         return not tx.get("consented")
     if tx.get("consented"):
         return False
-    row = session.execute(
-        select(Consent).where(Consent.account_id == account.id, Consent.client_id == client.client_id)
-    ).scalar_one_or_none()
+    with svc.db.read() as session:
+        row = session.execute(
+            select(Consent).where(Consent.account_id == account.id, Consent.client_id == client.client_id)
+        ).scalar_one_or_none()
     return row is None or not requested_scope(tx) <= set(row.scope.split())

@@ -84,6 +84,17 @@ def test_a_code_is_accepted_once(mfa_provider):
     assert "已使用過" in _error(other.submit(page, "/login/factor/otp", otp=code))
 
 
+def test_the_last_factor_answers_with_the_code_for_the_client_itself(mfa_provider):
+    """Nothing is left after the OTP: its POST redirects to the client, not through /login."""
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    form = next(f for f in forms(page.text) if "/login/factor/otp" in f["action"])
+    answer = browser.http.post(form["action"], data={**form["fields"], "otp": _code(provider, secret)},
+                               follow_redirects=False)
+    assert "code" in callback(answer)
+
+
 def test_one_step_of_drift_either_side_is_fine(mfa_provider):
     provider = mfa_provider
     client_id, _ = provider.client()

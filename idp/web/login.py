@@ -1,8 +1,10 @@
 """The login pages: one login transaction, one step at a time (see ``idp.flow``).
 
-Every POST does its one step, saves the transaction and redirects (303) back
-to ``GET /login``, which asks ``next_step`` what comes next. Errors are kept in
-the transaction and shown once, with the user's input kept.
+Every POST does its one step and asks ``next_step`` what comes next: when
+nothing is left it finishes at once (its response is the redirect to the
+client); otherwise it saves the transaction and redirects (303) to
+``GET /login``, which shows the next step's page. Errors are kept in the
+transaction and shown once, with the user's input kept.
 """
 
 from __future__ import annotations
@@ -54,11 +56,8 @@ class Console:
 def _load(svc, tx: dict):
     """The client and the transaction's account (None before the first factor)."""
     client = svc.server.query_client(tx["client_id"]) if tx["client_id"] else Console()
-    with svc.db.read() as session:
-        account = session.get(Account, tx["account"], options=[joinedload(Account.bindings)]) if tx["account"] else None
-        step = flow.next_step(svc, session, tx, account, client) if client else None
-        if account is not None:
-            session.expunge(account)
+    account = _account(svc, tx["account"]) if tx["account"] else None
+    step = flow.next_step(svc, tx, account, client) if client else None
     return client, account, step
 
 
@@ -140,7 +139,7 @@ async def factor_submit(request: Request) -> Response:
     form, tx = await _posted(request, need_account=False)
     if tx is None or factor is None:
         return _expired(request)
-    _, account, step = await run_in_threadpool(_load, svc, tx)
+    client, account, step = await run_in_threadpool(_load, svc, tx)
     if step is None or step.kind != "factor" or factor not in step.factors:
         return _expired(request)  # only a factor this step offers: the client's policy holds
     outcome = await factor.verify(request, svc, tx, form)
@@ -152,6 +151,16 @@ async def factor_submit(request: Request) -> Response:
     if account is None or account.id != outcome.account_id:  # a first factor: who it proved
         account = outcome.account or await run_in_threadpool(_account, svc, outcome.account_id)
     flow.record_factor(tx, factor, account, svc.clock(), outcome.amr)
+    return await proceed(request, tx, account, client)
+
+
+async def proceed(request: Request, tx: dict, account: Account, client) -> Response:
+    """After a step that succeeded: finish at once when nothing is left, saving the browser
+    a round trip through ``GET /login``; else show the next step (Post/Redirect/Get)."""
+    svc = request.app.state.svc
+    step = await run_in_threadpool(flow.next_step, svc, tx, account, client)
+    if step.kind == "done":
+        return await finish(request, tx, account, client)
     svc.transactions.save(tx)
     return _again(tx)
 
@@ -194,7 +203,8 @@ async def rebuild_otp(request: Request) -> Response:
 def _account(svc, account_id):
     with svc.db.read() as session:
         account = session.get(Account, account_id, options=[joinedload(Account.bindings)])
-        session.expunge(account)
+        if account is not None:
+            session.expunge(account)
         return account
 
 

@@ -139,8 +139,11 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     if account_id is not None and "openid" in scope.split():
         token["id_token"] = claims.id_token(svc, client, account_id, claims.narrowed(profile, scope), auth,
                                             nonce=nonce, access_token=token["access_token"])
-    taken = svc.store.write(batch)
-    if rotating is not None and not svc.tokens.rotated(taken[0], rotating):
+    found = svc.store.write(batch)
+    refused = svc.tokens.refused(found, rotating) if rotating is not None else None
+    if refused == "disabled":
+        raise InvalidGrantError("The account is disabled.")
+    if refused:
         raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
     return token
 
@@ -152,8 +155,9 @@ def _require_dpop(request, client) -> None:
 
 
 def account_active(svc, account_id: str) -> bool:
-    """Whether the account is not disabled: the token endpoint refuses a disabled account's
-    refresh tokens (and introspection its tokens) the moment it is disabled.
+    """Whether the account is not disabled: introspection calls its tokens inactive, and the
+    token endpoint refuses its refresh tokens, the moment it is disabled (with a shared store a
+    refresh reads the mark in its rotation's round trip instead, ``Tokens.rotate_refresh``).
 
     With a shared store (Redis), one GET of the account's disabled mark there (``idp.accounts.
     set_disabled``), awaited on the event loop inside ``idp.bridge.run``. With the in-process
@@ -239,7 +243,9 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         svc = self.server.svc
         refresh = self.request.refresh_token
         record = refresh.record
-        if not account_active(svc, record["account"]):
+        # With a shared store the account's disabled mark is read in the rotation's own round
+        # trip (``Tokens.rotate_refresh``); the in-process store cannot see the CLI's marks.
+        if not svc.store.shared and not account_active(svc, record["account"]):
             raise InvalidGrantError("The account is disabled.")
         profile = _profile(svc, refresh.grant, record["account"], record["scope"])
         scope = self.request.payload.scope or record["scope"]

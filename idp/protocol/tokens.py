@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+from idp.accounts import disabled_mark
+
 USED_MARKER_SECONDS = 86400
 
 
@@ -113,19 +115,24 @@ class Tokens:
 
     def rotate_refresh(self, token: str, record: dict, batch) -> None:
         """Claim a refresh token ``find_refresh`` found, in ``batch`` with the tokens that
-        replace it; ``rotated`` then says whether the claim was ours."""
+        replace it, and read its account's disabled mark in that round trip too;
+        ``refused`` then says whether the rotation stands."""
         key = _h(token)
         ttl = max(1, int(record["exp"] - self.clock())) + 60
         batch.take("rt:" + key)
+        batch.read(disabled_mark(record["account"]))
         batch.set("rt-used:" + key, {"grant": record["grant"]}, ttl)
 
-    def rotated(self, taken: dict | None, record: dict) -> bool:
-        """Whoever lost the race for a refresh token is reusing it: the family is revoked,
-        with the tokens just written for it (they were never handed out)."""
-        if taken is None:
-            self.revoke_grant(record["grant"])
-            return False
-        return True
+    def refused(self, found: list, record: dict) -> str | None:
+        """Why a rotation written with ``rotate_refresh`` does not stand, from what its batch
+        found: ``reused`` when another request claimed the token first (whoever loses the
+        race is reusing it), ``disabled`` when the account is. Either way the family is
+        revoked, with the tokens just written for it (they were never handed out)."""
+        taken, mark = found
+        if taken is not None and mark is None:
+            return None
+        self.revoke_grant(record["grant"])
+        return "reused" if taken is None else "disabled"
 
     def revoke(self, kind: str, token: str) -> bool:
         """RFC 7009: revoking a refresh token ends its family; an access token, itself."""

@@ -36,17 +36,21 @@ from idp.storage import resp
 class Batch:
     """Writes gathered while handling one request, sent in one round trip by
     ``Store.write`` (the token endpoint's writes: markers, grant, tokens, the
-    session's grant list). Its ``take``s go first and ``write`` returns what
-    they took, so a request can claim a key and write what the claim allows
-    in that same round trip."""
+    session's grant list). Its ``take``s and ``read``s go first and ``write``
+    returns what they found, so a request can claim a key, or check one, and
+    write what that allows in the same round trip (and undo it if not)."""
 
     def __init__(self):
         self.takes: list[str] = []
+        self.reads: list[str] = []
         self.sets: list[tuple[str, dict, int]] = []
         self.adds: list[tuple[str, str, int]] = []
 
     def take(self, key: str) -> None:
         self.takes.append(key)
+
+    def read(self, key: str) -> None:
+        self.reads.append(key)
 
     def set(self, key: str, value: dict, ttl: int) -> None:
         self.sets.append((key, value, ttl))
@@ -68,7 +72,8 @@ class Store(Protocol):
         """Store several (key, value, ttl) in one round trip."""
     def write(self, batch: Batch) -> list[dict | None]:
         """Apply a ``Batch`` in one round trip: its takes (each atomic, as ``take``), its
-        sets, its set additions. Returns what the takes took, in order."""
+        reads, its sets, its set additions. Returns what the takes took, then what the
+        reads read, in order."""
     def delete(self, *keys: str) -> None: ...
     def incr(self, key: str, ttl: int, by: int = 1) -> int:
         """Atomically add ``by``; the first increment starts the TTL."""
@@ -126,7 +131,7 @@ class MemoryStore:
         self.write(batch)
 
     def write(self, batch):
-        taken = [self.take(key) for key in batch.takes]
+        taken = [self.take(key) for key in batch.takes] + [self.get(key) for key in batch.reads]
         for key, value, ttl in batch.sets:
             self.set(key, value, ttl)
         for key, member, ttl in batch.adds:
@@ -222,12 +227,12 @@ class RedisStore:
         self.write(batch)
 
     def write(self, batch):
-        commands = [("GETDEL", self._k(key)) for key in batch.takes]
+        commands = [("GETDEL", self._k(key)) for key in batch.takes] + [("GET", self._k(key)) for key in batch.reads]
         commands += [("SET", self._k(key), orjson.dumps(value), "EX", ttl) for key, value, ttl in batch.sets]
         for key, member, ttl in batch.adds:
             commands += [("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)]
         replies = self._execute(commands)
-        return [self._load(raw) for raw in replies[: len(batch.takes)]]
+        return [self._load(raw) for raw in replies[: len(batch.takes) + len(batch.reads)]]
 
     def delete(self, *keys):
         if keys:

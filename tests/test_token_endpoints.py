@@ -308,6 +308,19 @@ def test_a_disabled_accounts_tokens_introspect_inactive_and_cannot_refresh(provi
     _error(_refresh(provider.http(), client_id, secret, token["refresh_token"]), 400, "invalid_grant")
 
 
+def test_a_code_issued_just_before_its_account_was_disabled_gets_no_tokens(provider):
+    from idp.accounts import set_disabled
+
+    account_id = provider.account("alice")
+    client_id, secret = provider.client()
+    browser = provider.browser()
+    code = browser.login(client_id)["code"]
+    set_disabled(provider.svc, account_id, True)
+    _error(redeem(browser.http, client_id, secret, code), 400, "invalid_grant")
+    set_disabled(provider.svc, account_id, False)
+    _error(redeem(browser.http, client_id, secret, code), 400, "invalid_grant")  # spent all the same
+
+
 @pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_an_account_disabled_before_its_mark_existed_is_refused_once_the_app_starts(settings_for):
     from idp.clock import FrozenClock

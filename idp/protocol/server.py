@@ -119,8 +119,9 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     """Mint the token response of one grant: access token, refresh token, ID token.
     The client, account and login are the grant's (in its record); the tokens' own
     records hold the scope and whatever else ``record`` adds. Their store writes join
-    those already in ``batch``, all sent in one round trip; when ``rotating`` (a
-    refresh token's record) its claim is in that round trip too."""
+    those already in ``batch``, all sent in one round trip; so is the read of the
+    account's disabled mark and, when ``rotating`` (a refresh token's record), its claim.
+    A disabled account or a lost claim revokes the grant, the new tokens with it."""
     svc, client = grant.server.svc, grant.request.client
     at_lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
     record = {"scope": scope, **(record or {})}
@@ -139,12 +140,15 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     if account_id is not None and "openid" in scope.split():
         token["id_token"] = claims.id_token(svc, client, account_id, claims.narrowed(profile, scope), auth,
                                             nonce=nonce, access_token=token["access_token"])
+    if account_id is not None:
+        batch.read(disabled_mark(account_id))  # checked in the write's own round trip
     found = svc.store.write(batch)
-    refused = svc.tokens.refused(found, rotating) if rotating is not None else None
-    if refused == "disabled":
-        raise InvalidGrantError("The account is disabled.")
-    if refused:
-        raise InvalidGrantError("The refresh token is invalid, expired, revoked or already used.")
+    reused = rotating is not None and found[0] is None  # another request claimed the refresh token first
+    disabled = account_id is not None and found[-1] is not None
+    if reused or disabled:
+        svc.tokens.revoke_grant(gid)  # with the tokens just written: they were never handed out
+        raise InvalidGrantError("The account is disabled." if disabled else
+                                "The refresh token is invalid, expired, revoked or already used.")
     return token
 
 
@@ -156,8 +160,8 @@ def _require_dpop(request, client) -> None:
 
 def account_active(svc, account_id: str) -> bool:
     """Whether the account is not disabled: introspection calls its tokens inactive, and the
-    token endpoint refuses its refresh tokens, the moment it is disabled (with a shared store a
-    refresh reads the mark in its rotation's round trip instead, ``Tokens.rotate_refresh``).
+    token endpoint refuses its refresh tokens, the moment it is disabled (a code exchange or refresh also reads the
+    mark in the round trip that writes its tokens, ``_issue``).
 
     With a shared store (Redis), one GET of the account's disabled mark there (``idp.accounts.
     set_disabled``), awaited on the event loop inside ``idp.bridge.run``. With the in-process
@@ -200,7 +204,8 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
 
     def create_token_response(self):
         """No database read: the login that issued the code checked the account and
-        stored the claims the ID token needs in the code."""
+        stored the claims the ID token needs in the code (one disabled since is refused
+        by ``_issue``)."""
         svc = self.server.svc
         code, batch = self.request.authorization_code.record, self.request.authorization_code.batch
         sid = code["auth"]["sid"]
@@ -243,8 +248,8 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         svc = self.server.svc
         refresh = self.request.refresh_token
         record = refresh.record
-        # With a shared store the account's disabled mark is read in the rotation's own round
-        # trip (``Tokens.rotate_refresh``); the in-process store cannot see the CLI's marks.
+        # ``_issue`` reads the account's disabled mark in its write's round trip; the
+        # in-process store cannot see the marks the CLI writes, so the database answers first.
         if not svc.store.shared and not account_active(svc, record["account"]):
             raise InvalidGrantError("The account is disabled.")
         profile = _profile(svc, refresh.grant, record["account"], record["scope"])

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from idp.accounts import disabled_mark
-
 USED_MARKER_SECONDS = 86400
 
 
@@ -115,24 +113,11 @@ class Tokens:
 
     def rotate_refresh(self, token: str, record: dict, batch) -> None:
         """Claim a refresh token ``find_refresh`` found, in ``batch`` with the tokens that
-        replace it, and read its account's disabled mark in that round trip too;
-        ``refused`` then says whether the rotation stands."""
+        replace it; the batch's first result says whether the claim was ours."""
         key = _h(token)
         ttl = max(1, int(record["exp"] - self.clock())) + 60
         batch.take("rt:" + key)
-        batch.read(disabled_mark(record["account"]))
         batch.set("rt-used:" + key, {"grant": record["grant"]}, ttl)
-
-    def refused(self, found: list, record: dict) -> str | None:
-        """Why a rotation written with ``rotate_refresh`` does not stand, from what its batch
-        found: ``reused`` when another request claimed the token first (whoever loses the
-        race is reusing it), ``disabled`` when the account is. Either way the family is
-        revoked, with the tokens just written for it (they were never handed out)."""
-        taken, mark = found
-        if taken is not None and mark is None:
-            return None
-        self.revoke_grant(record["grant"])
-        return "reused" if taken is None else "disabled"
 
     def revoke(self, kind: str, token: str) -> bool:
         """RFC 7009: revoking a refresh token ends its family; an access token, itself."""

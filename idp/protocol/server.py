@@ -333,7 +333,7 @@ class RevocationEndpoint(rfc7009.RevocationEndpoint):
         return _query(self.server.svc, token_string, token_type_hint)
 
     def revoke_token(self, token, request):
-        self.server.svc.tokens.revoke(token.kind, token.value)
+        self.server.svc.tokens.revoke(token.kind, token.value, token.record)
 
 
 class IntrospectionEndpoint(rfc7662.IntrospectionEndpoint):

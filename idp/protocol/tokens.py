@@ -119,13 +119,10 @@ class Tokens:
         batch.take("rt:" + key)
         batch.set("rt-used:" + key, {"grant": record["grant"]}, ttl)
 
-    def revoke(self, kind: str, token: str) -> bool:
-        """RFC 7009: revoking a refresh token ends its family; an access token, itself."""
-        record = self.lookup(kind, token)
-        if record is None:
-            return False
+    def revoke(self, kind: str, token: str, record: dict) -> None:
+        """RFC 7009: revoking a refresh token ends its family; an access token, itself.
+        ``record`` is the token's, as ``lookup`` found it."""
         if kind == "rt":
             self.revoke_grant(record["grant"])
         else:
             self.store.delete(f"at:{_h(token)}")
-        return True

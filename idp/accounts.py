@@ -11,7 +11,8 @@ from typing import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.orm import joinedload
 
 from idp.settings import SettingsError
 from idp.storage.models import Account
@@ -145,9 +146,22 @@ def password_expired(account: Account, max_age_days: int, now: dt.datetime) -> b
     return now - changed > dt.timedelta(days=max_age_days)
 
 
-def by_username(session, username: str, *options) -> Account | None:
-    query = select(Account).where(func.lower(Account.username) == username.strip().lower()).options(*options)
-    return session.execute(query).unique().scalar_one_or_none()
+def by_username(session, username: str) -> Account | None:
+    query = select(Account).where(func.lower(Account.username) == username.strip().lower())
+    return session.execute(query).scalar_one_or_none()
+
+
+# The login pages read an account with its bindings on every step. Built once: building
+# the statement and its loader option costs more than PostgreSQL takes to answer it.
+_WITH_BINDINGS = select(Account).options(joinedload(Account.bindings))
+_BY_ID = _WITH_BINDINGS.where(Account.id == bindparam("key"))
+_BY_USERNAME = _WITH_BINDINGS.where(func.lower(Account.username) == bindparam("key"))
+
+
+def with_bindings(session, *, account_id: str | None = None, username: str | None = None) -> Account | None:
+    """The account (by id, or by username in any case) with its bindings loaded."""
+    query, key = (_BY_ID, account_id) if account_id is not None else (_BY_USERNAME, username.strip().lower())
+    return session.execute(query, {"key": key}).unique().scalar_one_or_none()
 
 
 def create_account(session, passwords: Passwords, username: str, password: str | None, *, now: dt.datetime, **fields) -> Account:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hmac
 
-from sqlalchemy.orm import joinedload
 from starlette.concurrency import run_in_threadpool
 
 from idp import captcha
-from idp.accounts import by_username
+from idp.accounts import with_bindings
 from idp.factors import Outcome
 from idp.storage.models import Account
 from idp.web.pages import who
@@ -86,7 +85,7 @@ class PasswordFactor:
     @staticmethod
     def _account(svc, username):
         with svc.db.read() as session:
-            account = by_username(session, username, joinedload(Account.bindings))
+            account = with_bindings(session, username=username)
             if account is not None:
                 session.expunge(account)
             return account

@@ -14,13 +14,12 @@ import hmac
 from urllib.parse import urlencode
 
 from authlib.oauth2.rfc6749.errors import OAuth2Error
-from sqlalchemy.orm import joinedload
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from idp import acr, captcha, flow
-from idp.accounts import AccountError, set_password
+from idp.accounts import AccountError, set_password, with_bindings
 from idp.factors import FACTORS, methods
 from idp.factors.totp import Enrolment
 from idp.protocol import claims
@@ -202,7 +201,7 @@ async def rebuild_otp(request: Request) -> Response:
 
 def _account(svc, account_id):
     with svc.db.read() as session:
-        account = session.get(Account, account_id, options=[joinedload(Account.bindings)])
+        account = with_bindings(session, account_id=account_id)
         if account is not None:
             session.expunge(account)
         return account

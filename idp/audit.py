@@ -18,13 +18,10 @@ class Audit:
     def record(self, event: str, *, account_id=None, username=None, client_id=None, ip=None, method=None,
                user_agent=None, **detail):
         when = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
-        with self.db.session() as session:
-            session.add(
-                AuditEvent(
-                    time=when, event=event, account_id=account_id, username=username,
-                    client_id=client_id, ip=ip, method=method,
-                    user_agent=(user_agent or None) and user_agent[:300], detail=detail,
-                )
-            )
+        self.db.insert(AuditEvent.__table__, {
+            "time": when, "event": event, "account_id": account_id, "username": username,
+            "client_id": client_id, "ip": ip, "method": method,
+            "user_agent": (user_agent or None) and user_agent[:300], "detail": detail,
+        })
         self.metrics.audited(event, method)
         log.info("%s account=%s user=%s client=%s ip=%s method=%s %s", event, account_id, username, client_id, ip, method, detail or "")

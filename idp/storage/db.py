@@ -59,6 +59,13 @@ class Database:
                     conn.autocommit = False
         return None if row is None else row[0]
 
+    def insert(self, table, row: dict) -> None:
+        """Insert one row on its own, in autocommit: one round trip, with no BEGIN and
+        COMMIT around it and no ORM unit of work (a quarter of the CPU of ``session``);
+        for the audit log's one row per event."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(table.insert(), row)
+
     @contextlib.contextmanager
     def read(self):
         """A session for reads only, on an autocommit connection: each query is one round

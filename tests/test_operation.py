@@ -2,10 +2,16 @@
 
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+import redis
 from sqlalchemy import create_engine, text
 
+from idp.protocol.logout import httpx  # httpx2, which the project depends on, or httpx
+from idp.web.app import create_app
+from tests import live
 from tests.harness import callback
 
 
@@ -51,3 +57,23 @@ def test_processes_starting_together_migrate_once(settings_for, tmp_path):
         assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
     keys = list((tmp_path / "keys").glob("*.json"))
     assert len(keys) == 4  # current + next for ES256 and RS256, not one set per process
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_store_that_does_not_answer_fails_readiness_while_other_requests_are_served(settings_for, redis_server):
+    """A readiness probe waits on a stalled Redis off the event loop: the process goes
+    on answering, and the probe then says which dependency failed."""
+    settings = settings_for(redis_url=redis_server.url + "?socket_timeout=3")
+    app = create_app(settings)
+    admin = redis.Redis.from_url(redis_server.url)
+    with live.reserve() as (sock, url), live.serve(app, sock, url):
+        admin.execute_command("CLIENT", "PAUSE", "4000", "ALL")
+        with ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            ready = pool.submit(httpx.get, url + "/readyz", timeout=30)
+            time.sleep(0.2)  # the probe is waiting on the store
+            assert httpx.get(url + "/healthz", timeout=10).text == "ok"
+            # Answered long before the probe's 3 s are up (a probe on the loop would hold it that long).
+            assert time.monotonic() - started < 2
+            answer = ready.result()
+    assert answer.status_code == 503 and answer.json() == {"database": True, "store": False}

@@ -30,7 +30,10 @@ class Database:
             # Sized for Starlette's thread pool (40 threads), so connections are reused rather
             # than opened per request; no pre-ping round trip per checkout (a dead connection
             # fails one request and is replaced; pool_recycle retires idle ones first).
-            self.engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=300)
+            # A server that does not answer fails a connection in 10 s, not libpq's never
+            # (``?connect_timeout=`` in the URL says otherwise).
+            timeout = {} if "connect_timeout=" in url else {"connect_timeout": 10}
+            self.engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=300, connect_args=timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextlib.contextmanager

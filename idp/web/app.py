@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
@@ -60,9 +61,14 @@ async def healthz(request: Request):
     return PlainTextResponse("ok")
 
 
+def _ready(svc) -> dict:
+    return {"database": svc.db.ping(), "store": svc.store.ping()}
+
+
 async def readyz(request: Request):
-    svc = request.app.state.svc
-    checks = {"database": svc.db.ping(), "store": svc.store.ping()}
+    # Off the event loop: a database or Redis that does not answer holds a ping until its
+    # connect timeout, and probes come every few seconds.
+    checks = await run_in_threadpool(_ready, request.app.state.svc)
     return JSONResponse(checks, status_code=200 if all(checks.values()) else 503)
 
 

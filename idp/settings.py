@@ -25,7 +25,8 @@ class Settings:
         "http://localhost:8000",
     )
     database_url: str = _doc(
-        "SQLAlchemy URL. SQLite by default; `postgresql+psycopg://user@host/db` for production.",
+        "SQLAlchemy URL. SQLite by default; `postgresql+psycopg://user@host/db` for production "
+        "(a connection attempt gives up after 10 s unless `?connect_timeout=` says otherwise).",
         "sqlite:///var/idp.sqlite3",
     )
     redis_url: str = _doc(

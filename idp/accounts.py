@@ -208,21 +208,26 @@ def set_disabled(svc, account_id: str, disabled: bool,
     """Disable or enable an account, in the database and in its store mark; the account
     (detached), or None when there is none or ``allowed`` refuses it (nothing changes).
 
-    The order keeps any failure on the safe side. Disabling writes the mark before the flag
-    commits: if the store is down, the disable fails visibly and nothing changes. Enabling
-    commits the flag first, then deletes the mark: if that fails, the account stays refused
-    until the enable is repeated."""
-    with svc.db.session() as session:
-        account = session.get(Account, account_id)
-        if account is None or not allowed(account):
-            return None
-        account.disabled = disabled
-        if disabled:
-            svc.store.set(disabled_mark(account.id), {"disabled": True}, DISABLED_MARK_SECONDS)
-        session.flush()
-        session.expunge(account)
-    if not disabled:
-        svc.store.delete(disabled_mark(account.id))
+    The mark changes while the account's row is locked, so a disable and an enable at once
+    leave it as they leave the flag. Failures end on the safe side: a disable whose commit
+    fails leaves a mark (the account is refused until the disable is repeated or undone), and
+    an enable whose commit fails writes its mark back."""
+    try:
+        with svc.db.session() as session:
+            account = session.get(Account, account_id, with_for_update=True)
+            if account is None or not allowed(account):
+                return None
+            account.disabled = disabled
+            session.flush()
+            if disabled:
+                svc.store.set(disabled_mark(account.id), {"disabled": True}, DISABLED_MARK_SECONDS)
+            else:
+                svc.store.delete(disabled_mark(account.id))
+            session.expunge(account)
+    except Exception:
+        if not disabled:
+            svc.store.set(disabled_mark(account_id), {"disabled": True}, DISABLED_MARK_SECONDS)
+        raise
     return account
 
 
@@ -232,7 +237,7 @@ def mark_disabled_accounts(svc) -> int:
     refused. How many there are.
 
     Their rows are share-locked until the marks are written: an administrator enabling one of
-    them meanwhile waits, then commits and deletes the mark, so no mark outlives its account's
+    them meanwhile waits, then deletes the mark and commits, so no mark outlives its account's
     enabling. (SQLite ignores the lock; there a mark could survive such a race, refusing an
     enabled account until it is enabled again: the safe side.)"""
     if not svc.store.shared:

@@ -371,6 +371,35 @@ def test_an_account_enabled_while_the_app_starts_keeps_no_mark(provider):
     assert svc.store.get(disabled_mark(account_id)) is None  # ...and then deletes alice's
 
 
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_disable_racing_an_enable_leaves_the_mark_as_it_leaves_the_flag(provider):
+    from idp.accounts import disabled_mark, set_disabled
+    from idp.storage.models import Account
+
+    svc = provider.svc
+    account_id = provider.account("alice")
+    set_disabled(svc, account_id, True)
+    deleting, resume = threading.Event(), threading.Event()
+    delete = svc.store.delete
+
+    def slow_delete(*keys):  # the enable, caught as it removes the mark
+        deleting.set()
+        resume.wait(10)
+        delete(*keys)
+
+    svc.store.delete = slow_delete
+    with ThreadPoolExecutor(2) as pool:
+        enabling = pool.submit(set_disabled, svc, account_id, False)
+        assert deleting.wait(10)
+        disabling = pool.submit(set_disabled, svc, account_id, True)
+        time.sleep(0.3)  # the disable waits for the account's row...
+        resume.set()
+        assert enabling.result() is not None and disabling.result() is not None
+    with svc.db.session() as session:
+        assert session.get(Account, account_id).disabled
+    assert svc.store.get(disabled_mark(account_id)) is not None  # ...and its mark stands
+
+
 def test_a_narrower_refresh_releases_only_its_scopes_claims(provider):
     provider.account("alice")
     client_id, secret = provider.client()

@@ -184,9 +184,36 @@ def test_many_requests_of_one_event_loop_share_one_connection_in_order(server):
     assert connections == 1
 
 
+@pytest.mark.parametrize("call", [_direct, awaited], ids=["blocking", "awaited"])
+def test_an_empty_round_trip_asks_nothing_and_the_next_one_is_answered(server, call):
+    store = RedisStore(server["unix"])
+    assert call(store.get_many, []) == [] and call(store.set_many, []) is None
+    call(store.set, "k", {"a": 1}, 60)
+    assert call(store.get, "k") == {"a": 1}
+
+
+def test_a_cancelled_request_leaves_the_replies_in_step(server):
+    store = RedisStore(server["unix"])
+
+    async def main():
+        try:
+            await bridge.run(store.set, "x", {"v": "x"}, 60)
+            await bridge.run(store.set, "y", {"v": "y"}, 60)
+            first = asyncio.ensure_future(bridge.run(store.get, "x"))
+            await asyncio.sleep(0)  # sent, its reply not yet read
+            first.cancel()
+            return await bridge.run(store.get, "y")
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(main()) == {"v": "y"}
+
+
 def test_the_url_gives_the_address_the_credentials_and_the_database():
     address = resp.Address.from_url("redis://u:p%40ss@cache.example:6380/4?socket_timeout=2")
     assert (address.host, address.port, address.timeout) == ("cache.example", 6380, 2.0)
     assert address.handshake == (("AUTH", "u", "p@ss"), ("SELECT", 4))
     with pytest.raises(ValueError, match="ssl_cert_reqs"):
         resp.Address.from_url("rediss://cache.example?ssl_cert_reqs=maybe")
+    assert resp.Address.from_url("rediss://cache.example").tls.check_hostname
+    assert not resp.Address.from_url("rediss://cache.example?ssl_check_hostname=false").tls.check_hostname

@@ -70,6 +70,7 @@ class Address:
         )
 
     def connect(self) -> socket.socket:
+        sock = None
         try:
             if self.path:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -77,10 +78,12 @@ class Address:
                 sock.connect(self.path)
             else:
                 sock = socket.create_connection((self.host, self.port), self.connect_timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _tcp_options(sock)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.host)
         except OSError as e:
+            if sock is not None:
+                sock.close()
             raise ConnectionError(f"cannot connect to Redis at {self._where()}: {e}") from None
         sock.settimeout(self.timeout)
         return sock
@@ -96,11 +99,19 @@ class Address:
                         protocol_factory, self.host, self.port, ssl=self.tls,
                         server_hostname=self.host if self.tls else None)
         except (OSError, asyncio.TimeoutError) as e:
-            raise ConnectionError(f"cannot connect to Redis at {self._where()}: {e or 'timed out'}") from None
+            raise ConnectionError(f"cannot connect to Redis at {self._where()}: {str(e) or 'timed out'}") from None
+        if not self.path:
+            _tcp_options(protocol.transport.get_extra_info("socket"))
         return protocol
 
     def _where(self) -> str:
         return self.path or f"{self.host}:{self.port}"
+
+
+def _tcp_options(sock) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A connection a NAT or firewall dropped while idle is found out, not waited on.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 def _tls(options: dict) -> ssl.SSLContext:
@@ -110,7 +121,7 @@ def _tls(options: dict) -> ssl.SSLContext:
     reqs = options.get("ssl_cert_reqs", "required")
     if reqs not in _CERT_REQS:
         raise ValueError(f"IDP_REDIS_URL: ssl_cert_reqs is one of {', '.join(_CERT_REQS)}")
-    if reqs == "none" or options.get("ssl_check_hostname") in ("false", "False", "0"):
+    if reqs == "none" or options.get("ssl_check_hostname") is False:  # parse_url reads the boolean
         context.check_hostname = False
     context.verify_mode = _CERT_REQS[reqs]
     return context
@@ -178,6 +189,13 @@ class _Connection:
             raise TimeoutError("Redis did not answer in time") from None
         except OSError as e:
             raise ConnectionError(f"lost the connection to Redis: {e}") from None
+        except hiredis.ProtocolError as e:
+            raise ConnectionError(f"Redis sent what is not RESP: {e}") from None
+
+    def idle(self) -> bool:
+        """Nothing left over from the last round trip: safe to hand to the next one."""
+        pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
+        return not pending and not self.reader.has_data()
 
 
 class Client:
@@ -191,6 +209,8 @@ class Client:
 
     def execute(self, commands: list[tuple], transaction: bool = False) -> list:
         """The replies to ``commands``, sent in one write (inside MULTI/EXEC with ``transaction``)."""
+        if not commands:
+            return []
         if self._pid != os.getpid():  # a forked child must not share its parent's sockets
             self._idle, self._pid = collections.deque(), os.getpid()
         conn = self._idle_connection() or _Connection(self._address)
@@ -199,7 +219,10 @@ class Client:
         except BaseException:
             conn.sock.close()
             raise
-        self._idle.append(conn)
+        if conn.idle():
+            self._idle.append(conn)
+        else:  # more than was asked for: out of step, never to be used again
+            conn.sock.close()
         return _result(replies, transaction)
 
     def _idle_connection(self) -> _Connection | None:
@@ -233,16 +256,22 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data):
         self.reader.feed(data)
-        while self.waiting:
-            future, count, replies = self.waiting[0]
-            while len(replies) < count:
-                reply = self.reader.gets()
-                if reply is False:
-                    return
-                replies.append(reply)
-            self.waiting.popleft()
-            if not future.done():  # its request may have been cancelled
-                future.set_result(replies)
+        try:
+            while self.waiting:
+                future, count, replies = self.waiting[0]
+                while len(replies) < count:
+                    reply = self.reader.gets()
+                    if reply is False:
+                        return
+                    replies.append(reply)
+                self.waiting.popleft()
+                if not future.done():  # its request may have been cancelled
+                    future.set_result(replies)
+        except hiredis.ProtocolError as e:
+            self.break_off(ConnectionError(f"Redis sent what is not RESP: {e}"))
+            return
+        if self.reader.has_data():  # a reply nobody asked for: out of step, never to be used again
+            self.break_off(ConnectionError("Redis answered more than it was asked"))
 
     def connection_lost(self, exc):
         self.break_off(self.broken or ConnectionError(f"lost the connection to Redis: {exc or 'closed'}"))
@@ -263,7 +292,12 @@ class _Protocol(asyncio.Protocol):
     def send(self, payload: bytes, count: int) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         self.waiting.append((future, count, []))
-        self.transport.write(payload)
+        try:
+            self.transport.write(payload)
+        except BaseException as e:  # a waiter with no request behind it would shift every reply
+            self.waiting.pop()
+            self.break_off(ConnectionError(f"lost the connection to Redis: {e}"))
+            raise self.broken from None
         return future
 
 
@@ -276,6 +310,8 @@ class AsyncClient:
         self._connecting: asyncio.Lock | None = None
 
     async def execute(self, commands: list[tuple], transaction: bool = False) -> list:
+        if not commands:
+            return []  # a waiter for no reply would wait for someone else's
         protocol = self._protocol
         if protocol is None or protocol.broken:
             protocol = await self._connect()
@@ -305,7 +341,7 @@ class AsyncClient:
                             raise TimeoutError("Redis did not answer in time") from None
                         raise
                 self._protocol = protocol
-        return self._protocol
+        return self._protocol  # nothing awaited since it was set: still the live one
 
     async def aclose(self) -> None:
         if self._protocol is not None:

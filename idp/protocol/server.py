@@ -143,8 +143,9 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     if account_id is not None:
         batch.read(disabled_mark(account_id))  # checked in the write's own round trip
     found = svc.store.write(batch)
-    reused = rotating is not None and found[0] is None  # another request claimed the refresh token first
-    disabled = account_id is not None and found[-1] is not None
+    taken, read = found[:len(batch.takes)], found[len(batch.takes):]
+    reused = rotating is not None and taken[0] is None  # another request claimed the refresh token first
+    disabled = account_id is not None and read[0] is not None
     if reused or disabled:
         svc.tokens.revoke_grant(gid)  # with the tokens just written: they were never handed out
         raise InvalidGrantError("The account is disabled." if disabled else

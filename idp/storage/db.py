@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,7 +32,8 @@ class Database:
             # fails one request and is replaced; pool_recycle retires idle ones first).
             # A server that does not answer fails a connection in 10 s, not libpq's never
             # (``?connect_timeout=`` in the URL says otherwise).
-            timeout = {} if "connect_timeout=" in url else {"connect_timeout": 10}
+            libpq = make_url(url).get_dialect().driver in ("psycopg", "psycopg2")
+            timeout = {"connect_timeout": 10} if libpq and "connect_timeout=" not in url else {}
             self.engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=300, connect_args=timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 

@@ -195,7 +195,7 @@ _DISABLED_MARK = "acct-disabled:"
 # The mark must last as long as the account stays disabled; enabling deletes it. The store wants
 # a TTL, and none shorter is safe: a client's ``refresh_token_lifetime`` has no upper bound and can
 # be raised after the disable, and a code issued just before the disable still mints tokens.
-# Ten years outlives them all; every start of the app writes the marks again anyway.
+# Ten years outlives them all; every process writes the marks again every minute anyway.
 DISABLED_MARK_SECONDS = 10 * 365 * 86400
 
 
@@ -232,9 +232,9 @@ def set_disabled(svc, account_id: str, disabled: bool,
 
 
 def mark_disabled_accounts(svc) -> int:
-    """Write the mark of every account the database says is disabled (at the app's start), so
-    that accounts disabled before the marks existed, or while the store was flushed, stay
-    refused. How many there are.
+    """Write the mark of every account the database says is disabled (at the app's start and
+    every ``disabled_marks_seconds``), so that accounts disabled before the marks existed, or
+    whose marks were lost with Redis data, stay refused. How many there are.
 
     Their rows are share-locked until the marks are written: an administrator enabling one of
     them meanwhile waits, then deletes the mark and commits, so no mark outlives its account's

@@ -88,6 +88,10 @@ class Settings:
         "How long a process keeps a client registration in memory; changes made by other processes "
         "(the CLI, other workers) take effect within this time.", 5
     )
+    disabled_marks_seconds: int = _doc(
+        "With Redis: how often each process writes the store marks of the disabled accounts again "
+        "(the token endpoint reads those marks), so a mark lost with Redis data comes back.", 60
+    )
     secure_cookies: bool | None = _doc(
         "Mark cookies Secure. Default: when the issuer is https.", None
     )

@@ -345,6 +345,42 @@ def test_an_account_disabled_before_its_mark_existed_is_refused_once_the_app_sta
 
 
 @pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_mark_lost_with_the_redis_data_is_written_again_while_the_app_runs(make_provider):
+    from idp.accounts import disabled_mark, set_disabled
+    from tests import live
+
+    provider = make_provider(disabled_marks_seconds=1)
+    account_id = provider.account("alice")
+    client_id, secret = provider.client()
+    token = _user_tokens(provider, client_id, secret)
+    set_disabled(provider.svc, account_id, True)
+    provider.svc.store.delete(disabled_mark(account_id))  # as a failover to a replica that lagged loses it
+    assert _introspect(provider.http(), client_id, secret, token["access_token"]).json()["active"] is True
+    with live.reserve() as (sock, url), live.serve(provider.app, sock, url):  # the app's lifespan runs
+        deadline = time.monotonic() + 30
+        while provider.svc.store.get(disabled_mark(account_id)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    _error(_refresh(provider.http(), client_id, secret, token["refresh_token"]), 400, "invalid_grant")
+
+
+@pytest.mark.parametrize("backend", ["sqlite+memory"])  # one SQLite file for both starts
+def test_the_app_starts_while_redis_is_down_and_says_it_is_not_ready(settings_for):
+    from idp.accounts import set_disabled
+    from idp.clock import FrozenClock
+    from idp.web.app import create_app
+    from tests.harness import Provider
+    from tests.servers import free_port
+
+    clock = FrozenClock()
+    first = Provider(create_app(settings_for(), clock), clock)
+    set_disabled(first.svc, first.account("alice"), True)  # a mark to write at the next start
+    down = settings_for(redis_url=f"redis://127.0.0.1:{free_port()}/0?socket_connect_timeout=1")
+    http = Provider(create_app(down, clock), clock).http()
+    answer = http.get("/readyz")
+    assert answer.status_code == 503 and answer.json() == {"database": True, "store": False}
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_an_account_enabled_while_the_app_starts_keeps_no_mark(provider):
     from idp.accounts import disabled_mark, mark_disabled_accounts, set_disabled
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -61,6 +62,17 @@ async def healthz(request: Request):
     return PlainTextResponse("ok")
 
 
+async def _keep_disabled_marks(svc) -> None:
+    """Write the disabled accounts' marks again every ``disabled_marks_seconds``: marks lost
+    with Redis data (a failover to a replica that lagged) come back within that time."""
+    while True:
+        await asyncio.sleep(svc.settings.disabled_marks_seconds)
+        try:
+            await run_in_threadpool(mark_disabled_accounts, svc)
+        except Exception:
+            log.exception("could not write the disabled accounts' marks")
+
+
 def _ready(svc) -> dict:
     return {"database": svc.db.ping(), "store": svc.store.ping()}
 
@@ -95,7 +107,11 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     logs.configure(svc.settings.log_format, svc.settings.log_level)
     svc.start()
     svc.load_trust()
-    mark_disabled_accounts(svc)  # before serving: accounts disabled before their marks existed
+    try:  # before serving: accounts disabled before their marks existed
+        mark_disabled_accounts(svc)
+    except Exception:  # Redis down: /readyz says so, and the lifespan's loop writes them later
+        log.exception("could not write the disabled accounts' marks; trying again in %d s",
+                      svc.settings.disabled_marks_seconds)
     routes = [
         Route("/.well-known/openid-configuration", oidc.discovery),
         Route("/jwks", oidc.jwks),
@@ -134,9 +150,12 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     async def lifespan(app):
         # Back-channel logout jobs another process left unfinished are swept up from the start.
         svc.backchannel.start()
+        marking = asyncio.create_task(_keep_disabled_marks(svc)) if svc.store.shared else None
         try:
             yield
         finally:
+            if marking is not None:
+                marking.cancel()
             svc.backchannel.stop()
             await svc.store.aclose()
 

@@ -29,6 +29,10 @@ class Settings:
         "(a connection attempt gives up after 10 s unless `?connect_timeout=` says otherwise).",
         "sqlite:///var/idp.sqlite3",
     )
+    database_pool: int = _doc(
+        "PostgreSQL connections each provider process keeps open; as many again are opened in a burst "
+        "and closed after. Size the server's `max_connections` above 2 × this × the processes.", 20
+    )
     redis_url: str = _doc(
         "Redis for short-lived state (login transactions, codes, sessions, tokens, counters). "
         "Empty: an in-process store, for one process only. One server: `redis://[[user]:password@]host:6379/0` "

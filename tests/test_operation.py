@@ -77,3 +77,11 @@ def test_a_store_that_does_not_answer_fails_readiness_while_other_requests_are_s
             assert time.monotonic() - started < 2
             answer = ready.result()
     assert answer.status_code == 503 and answer.json() == {"database": True, "store": False}
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_database_pool_of_no_connections_stops_the_start(settings_for):
+    from idp.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="IDP_DATABASE_POOL must be at least 1"):
+        create_app(settings_for(database_pool=0))

@@ -12,13 +12,15 @@ from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from idp.settings import SettingsError
+
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Any constant works; it names the PostgreSQL advisory lock that serialises migrations.
 _MIGRATION_LOCK_ID = 0x1D9_0001
 
 
 class Database:
-    def __init__(self, url: str):
+    def __init__(self, url: str, pool: int = 20):
         self.url = url
         if url.startswith("sqlite"):
             path = url.split("///", 1)[-1]
@@ -27,14 +29,17 @@ class Database:
             self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            # Sized for Starlette's thread pool (40 threads), so connections are reused rather
-            # than opened per request; no pre-ping round trip per checkout (a dead connection
-            # fails one request and is replaced; pool_recycle retires idle ones first).
+            # Twice ``pool`` at most: by default as many as Starlette's thread pool (40 threads)
+            # uses, so connections are reused rather than opened per request; no pre-ping round
+            # trip per checkout (a dead connection fails one request and is replaced;
+            # pool_recycle retires idle ones first).
             # A server that does not answer fails a connection in 10 s, not libpq's never
             # (``?connect_timeout=`` in the URL says otherwise).
+            if pool < 1:
+                raise SettingsError(f"IDP_DATABASE_POOL must be at least 1, not {pool}")
             libpq = make_url(url).get_dialect().driver in ("psycopg", "psycopg2")
             timeout = {"connect_timeout": 10} if libpq and "connect_timeout=" not in url else {}
-            self.engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=300, connect_args=timeout)
+            self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, connect_args=timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The login-settings pages and the lost-phone reset (SPEC M2-M6) as a user meets them."""
 
 import re
+from urllib.parse import urlencode
 
 import pyotp
 import pytest
@@ -235,3 +236,14 @@ def test_log_out_other_sessions(user):
     # The laptop's session is gone: a silent login there needs a new login.
     assert callback(laptop.authorize(client_id, prompt="none"))["error"] == "login_required"
     assert "code" in callback(phone.authorize(client_id, prompt="none"))
+
+
+def test_the_otp_and_certificate_pages_show_only_their_own_error_messages(user):
+    provider, client_id, secret = user
+    browser = _signed_in(provider, client_id, secret)
+    page = browser.go("/account/otp?error=otp.qr_expired")
+    assert "QR" in _error(page)
+    for path, prefix in (("/account/otp", "otp."), ("/account/certificate", "certificate.")):
+        crafted = prefix + "Your account is locked: call +886 2 1234 5678"
+        page = browser.go(path + "?" + urlencode({"error": crafted}))
+        assert page.status_code == 200 and _error(page) == "" and "1234 5678" not in page.text

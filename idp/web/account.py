@@ -23,7 +23,7 @@ from idp.accounts import AccountError, set_password
 from idp.factors import methods, passkey
 from idp.factors.totp import Enrolment
 from idp.storage.models import Account, AuditEvent
-from idp.web import recovery
+from idp.web import i18n, recovery
 from idp.web.forms import BadRequest, read_form
 from idp.web.login import SESSION_COOKIE
 from idp.web.pages import CSRF_COOKIE, csrf_ok, csrf_token, error_page, locale_of, render, set_cookie, who
@@ -140,15 +140,22 @@ async def end_other_sessions(request: Request, account, form) -> Response:
     return _back(notice="others_ended")
 
 
+def _error_key(request: Request, prefix: str) -> str | None:
+    """The message key a page was sent back with (``?error=``): one of ours under ``prefix``
+    that needs no parameters, never text a crafted link makes up (an unknown key would be
+    shown as it is)."""
+    key = request.query_params.get("error", "")
+    text = i18n.CATALOGS["en"].get(key) if key.startswith(prefix) else None
+    return key if text and "{" not in text else None
+
+
 # -- rebinding OTP (M3) -----------------------------------------------------------------------
 async def otp_page(request: Request) -> Response:
     account = await require_account(request)
     if isinstance(account, Response):
         return account
     svc = request.app.state.svc
-    flash = {"params": {}}
-    if request.query_params.get("error", "").startswith("otp."):
-        flash["error"] = request.query_params["error"]
+    flash = {"params": {}, "error": _error_key(request, "otp.")}
     enrolment = Enrolment(svc)
     otp = await run_in_threadpool(lambda: enrolment.page(account, enrolment.start(account)))
     return render(request, "account_otp.html", account=account, otp=otp, flash=flash, tab="settings",
@@ -185,9 +192,7 @@ async def certificate_page(request: Request) -> Response:
     from idp.factors import certificate as cert
 
     svc = request.app.state.svc
-    flash = {"params": {}}
-    if request.query_params.get("error", "").startswith("certificate."):
-        flash["error"] = request.query_params["error"]
+    flash = {"params": {}, "error": _error_key(request, "certificate.")}
     current = next((b for b in account.bindings if b.factor == cert.CERTIFICATE.name), None)
     return render(request, "account_certificate.html", account=account, flash=flash, tab="settings", current=current,
                   challenge=cert.issue_challenge(svc, "account:" + account.id), **cert.component(svc))

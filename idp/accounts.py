@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -39,9 +41,10 @@ class Passwords:
     memory-hard: more hashes than cores evict each other's memory from the
     caches (4 at once on 2 cores cost 22 ms each instead of 18), and a flood of
     logins would otherwise hold 19 MiB per request thread. Logins wait in
-    ``check``'s queue without holding a request thread."""
+    ``check``'s queue without holding a request thread; ``metrics`` sees how long
+    each waited there and how long its hash took."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, metrics=None):
         self.hasher = PasswordHasher(
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_kib,
@@ -52,16 +55,29 @@ class Passwords:
             raise SettingsError(f"IDP_HASH_THREADS must be at least 1, not {settings.hash_threads}")
         self._slots = threading.BoundedSemaphore(settings.hash_threads)
         self._pool = ThreadPoolExecutor(settings.hash_threads, thread_name_prefix="argon2")
+        self._metrics = metrics
         self._dummy = self.hasher.hash("not a password of anyone")
 
-    def hash(self, password: str) -> str:
+    @contextlib.contextmanager
+    def _slot(self, queued: float | None = None):
+        """One of the ``hash_threads`` slots, timed from ``queued`` (default: now)."""
+        queued = queued or time.perf_counter()
         with self._slots:
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                if self._metrics is not None:
+                    self._metrics.password_hash(started - queued, time.perf_counter() - started)
+
+    def hash(self, password: str) -> str:
+        with self._slot():
             return self.hasher.hash(password)
 
-    def verify(self, stored: str | None, password: str) -> tuple[bool, bool]:
+    def verify(self, stored: str | None, password: str, queued: float | None = None) -> tuple[bool, bool]:
         """(correct, needs rehash). Unknown accounts cost the same as known ones."""
         try:
-            with self._slots:
+            with self._slot(queued):
                 self.hasher.verify(stored or self._dummy, password)
         except (VerificationError, InvalidHashError):
             return False, False
@@ -71,7 +87,8 @@ class Passwords:
 
     async def check(self, stored: str | None, password: str) -> tuple[bool, bool]:
         """``verify``, awaited on the hashing threads (the login's password step)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.verify, stored, password)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self.verify, stored, password, time.perf_counter())
 
     def problems(self, password: str, username: str = "") -> list[str]:
         """What the password lacks, as message keys; empty when it passes."""

@@ -26,11 +26,24 @@ class Metrics:
         self.token_requests = Counter("idp_token_requests", "Token endpoint requests by grant type and outcome "
                                       "(issued, or the OAuth error)", ["grant_type", "outcome"], registry=self.registry)
         self.lockouts = Counter("idp_lockouts", "Accounts locked after too many wrong answers", registry=self.registry)
+        # Logins queue for the hashing threads (IDP_HASH_THREADS) when argon2 is the bottleneck.
+        self.hash_wait = Histogram(
+            "idp_password_hash_wait_seconds", "Time a password hash or check waited for a hashing thread",
+            registry=self.registry, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.hash_time = Histogram(
+            "idp_password_hash_seconds", "Time one password hash or check (argon2) took on its thread",
+            registry=self.registry, buckets=(0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25),
+        )
 
     def audited(self, event: str, method: str | None) -> None:
         self.events.labels(event).inc()
         if event in _LOGIN_OUTCOMES:
             self.logins.labels(method or "unknown", event.removeprefix("login.")).inc()
+
+    def password_hash(self, waited: float, took: float) -> None:
+        self.hash_wait.observe(waited)
+        self.hash_time.observe(took)
 
     def token_request(self, grant_type: str | None, response) -> None:
         """Count one token response; labels only from fixed sets, whatever a client sent."""

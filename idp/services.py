@@ -33,8 +33,8 @@ class Services:
         self.tokens = Tokens(self.store, self.clock)
         self.sessions = Sessions(self.store, self.clock, settings.session_seconds)
         self.transactions = Transactions(self.store, self.clock, settings.login_timeout_seconds)
-        self.passwords = Passwords(settings)
         self.metrics = Metrics()
+        self.passwords = Passwords(settings, self.metrics)
         self.lockout = Lockout(self.store, self.clock, settings.lockout_threshold, settings.lockout_seconds,
                                self.metrics)
         self.audit = Audit(self.db, self.clock, self.metrics)

@@ -31,6 +31,9 @@ def test_metrics_count_logins_by_outcome(provider):
     assert 'idp_audit_events_total{event="login.failure"} 1.0' in text_
     assert 'idp_audit_events_total{event="login.success"} 1.0' in text_
     assert 'route="/authorize"' in text_ and "tx=" not in text_
+    # Three hashes, each after its wait for a hashing thread (IDP_HASH_THREADS): alice's
+    # password when her account was made, then the two checks.
+    assert "idp_password_hash_wait_seconds_count 3.0" in text_ and "idp_password_hash_seconds_count 3.0" in text_
 
 
 def test_metrics_token(make_provider):

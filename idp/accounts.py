@@ -168,17 +168,23 @@ def by_username(session, username: str) -> Account | None:
     return session.execute(query).scalar_one_or_none()
 
 
-# The login pages read an account with its bindings on every step. Built once: building
-# the statement and its loader option costs more than PostgreSQL takes to answer it.
+# The login pages and the account area read an account with its bindings on every step.
+# Built once: building the statement and its loader option costs more than PostgreSQL
+# takes to answer it.
 _WITH_BINDINGS = select(Account).options(joinedload(Account.bindings))
 _BY_ID = _WITH_BINDINGS.where(Account.id == bindparam("key"))
 _BY_USERNAME = _WITH_BINDINGS.where(func.lower(Account.username) == bindparam("key"))
 
 
-def with_bindings(session, *, account_id: str | None = None, username: str | None = None) -> Account | None:
-    """The account (by id, or by username in any case) with its bindings loaded."""
+def with_bindings(svc, *, account_id: str | None = None, username: str | None = None) -> Account | None:
+    """The account (by id, or by username in any case) with its bindings, detached, to read:
+    changes to it are never saved (write through ``svc.db.session``)."""
     query, key = (_BY_ID, account_id) if account_id is not None else (_BY_USERNAME, username.strip().lower())
-    return session.execute(query, {"key": key}).unique().scalar_one_or_none()
+    with svc.db.read() as session:
+        account = session.execute(query, {"key": key}).unique().scalar_one_or_none()
+        if account is not None:
+            session.expunge(account)
+        return account
 
 
 def create_account(session, passwords: Passwords, username: str, password: str | None, *, now: dt.datetime, **fields) -> Account:

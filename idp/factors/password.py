@@ -52,7 +52,7 @@ class PasswordFactor:
         if attempt > lockout.threshold:
             return locked(lockout.locked_until(username) or lockout.lock(username))
 
-        account = await run_in_threadpool(self._account, svc, username)
+        account = await run_in_threadpool(with_bindings, svc, username=username)
         correct, rehash = await svc.passwords.check(account.password_hash if account else None, password)
         if correct and rehash:  # made with older parameters: upgraded now that the password is known
             await run_in_threadpool(self._rehash, svc, account.id, password)
@@ -76,19 +76,11 @@ class PasswordFactor:
     def _verify(cls, svc, username, password):
         """(account or None, password correct), for callers already off the event loop
         (the one-day code's form); ``verify`` awaits the hash instead."""
-        account = cls._account(svc, username)
+        account = with_bindings(svc, username=username)
         correct, rehash = svc.passwords.verify(account.password_hash if account else None, password)
         if correct and rehash:
             cls._rehash(svc, account.id, password)
         return account, correct
-
-    @staticmethod
-    def _account(svc, username):
-        with svc.db.read() as session:
-            account = with_bindings(session, username=username)
-            if account is not None:
-                session.expunge(account)
-            return account
 
     @staticmethod
     def _rehash(svc, account_id, password):

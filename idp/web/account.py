@@ -12,14 +12,13 @@ import datetime as dt
 import functools
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp import captcha
-from idp.accounts import AccountError, set_password
+from idp.accounts import AccountError, set_password, with_bindings
 from idp.factors import methods, passkey
 from idp.factors.totp import Enrolment
 from idp.storage.models import Account, AuditEvent
@@ -39,14 +38,6 @@ def passwordless(bindings) -> bool:
     return any(b.factor in PASSWORDLESS and (b.factor != passkey.PASSKEY.name or passkey.usable(b)) for b in bindings)
 
 
-def _load_account(svc, account_id: str) -> Account | None:
-    with svc.db.session() as session:
-        account = session.get(Account, account_id, options=[selectinload(Account.bindings)])
-        if account is not None:
-            session.expunge(account)
-        return account
-
-
 async def require_account(request: Request, *, verified: bool = True, interactive: bool = True):
     """The signed-in user's account, or the response that signs them in.
 
@@ -55,7 +46,7 @@ async def require_account(request: Request, *, verified: bool = True, interactiv
     ``interactive`` GET starts that login; a script's poll just gets the expired page."""
     svc = request.app.state.svc
     session = svc.sessions.get(request.cookies.get(SESSION_COOKIE))
-    account = await run_in_threadpool(_load_account, svc, session["account"]) if session else None
+    account = await run_in_threadpool(with_bindings, svc, account_id=session["account"]) if session else None
     if account is not None and account.disabled:
         return error_page(request, "error.disabled.title", "error.disabled.detail", status=403)
     fresh = session is not None and svc.clock() - session.get("verified_at", 0) <= svc.settings.reverify_seconds

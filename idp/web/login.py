@@ -55,7 +55,7 @@ class Console:
 def _load(svc, tx: dict):
     """The client and the transaction's account (None before the first factor)."""
     client = svc.server.query_client(tx["client_id"]) if tx["client_id"] else Console()
-    account = _account(svc, tx["account"]) if tx["account"] else None
+    account = with_bindings(svc, account_id=tx["account"]) if tx["account"] else None
     step = flow.next_step(svc, tx, account, client) if client else None
     return client, account, step
 
@@ -148,7 +148,7 @@ async def factor_submit(request: Request) -> Response:
         svc.transactions.save(tx)
         return RedirectResponse(_tx_url(tx, factor=factor.name), status_code=303)
     if account is None or account.id != outcome.account_id:  # a first factor: who it proved
-        account = outcome.account or await run_in_threadpool(_account, svc, outcome.account_id)
+        account = outcome.account or await run_in_threadpool(with_bindings, svc, account_id=outcome.account_id)
     flow.record_factor(tx, factor, account, svc.clock(), outcome.amr)
     return await proceed(request, tx, account, client)
 
@@ -194,17 +194,9 @@ async def rebuild_otp(request: Request) -> Response:
     form, tx = await _posted(request)
     if tx is None:
         return _expired(request)
-    account = await run_in_threadpool(_account, svc, tx["account"])
+    account = await run_in_threadpool(with_bindings, svc, account_id=tx["account"])
     Enrolment(svc).start(account, rebuild=True)
     return _again(tx)
-
-
-def _account(svc, account_id):
-    with svc.db.read() as session:
-        account = with_bindings(session, account_id=account_id)
-        if account is not None:
-            session.expunge(account)
-        return account
 
 
 async def password_change(request: Request) -> Response:

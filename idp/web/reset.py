@@ -26,9 +26,10 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp import captcha
+from idp.accounts import with_bindings
 from idp.mail import MailError, masked
 from idp.storage.models import Binding
-from idp.web.login import _account, _expired, _posted, _transaction
+from idp.web.login import _expired, _posted, _transaction
 from idp.web.pages import locale_of, render, who
 
 CODE_SECONDS = 300
@@ -58,7 +59,7 @@ async def _context(request: Request):
         form, tx = {}, await _transaction(request, request.query_params.get("tx"))
     if tx is None or "password" not in tx["done"]:
         return None, form or {}
-    account = await run_in_threadpool(_account, svc, tx["account"])
+    account = await run_in_threadpool(with_bindings, svc, account_id=tx["account"])
     return (svc, tx, account), form
 
 

@@ -131,7 +131,7 @@ async def end_other_sessions(request: Request, account, form) -> Response:
     return _back(notice="others_ended")
 
 
-def _error_key(request: Request, prefix: str) -> str | None:
+def error_key(request: Request, prefix: str) -> str | None:
     """The message key a page was sent back with (``?error=``): one of ours under ``prefix``
     that needs no parameters, never text a crafted link makes up (an unknown key would be
     shown as it is)."""
@@ -146,7 +146,7 @@ async def otp_page(request: Request) -> Response:
     if isinstance(account, Response):
         return account
     svc = request.app.state.svc
-    flash = {"params": {}, "error": _error_key(request, "otp.")}
+    flash = {"params": {}, "error": error_key(request, "otp.")}
     enrolment = Enrolment(svc)
     otp = await run_in_threadpool(lambda: enrolment.page(account, enrolment.start(account)))
     return render(request, "account_otp.html", account=account, otp=otp, flash=flash, tab="settings",
@@ -183,7 +183,7 @@ async def certificate_page(request: Request) -> Response:
     from idp.factors import certificate as cert
 
     svc = request.app.state.svc
-    flash = {"params": {}, "error": _error_key(request, "certificate.")}
+    flash = {"params": {}, "error": error_key(request, "certificate.")}
     current = next((b for b in account.bindings if b.factor == cert.CERTIFICATE.name), None)
     return render(request, "account_certificate.html", account=account, flash=flash, tab="settings", current=current,
                   challenge=cert.issue_challenge(svc, "account:" + account.id), **cert.component(svc))

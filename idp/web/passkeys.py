@@ -19,16 +19,13 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp.factors import passkey
-from idp.web.account import account_post, passwordless, require_account
+from idp.web.account import account_post, error_key, passwordless, require_account
 from idp.web.i18n import translate
 from idp.web.login import SESSION_COOKIE
 from idp.web.pages import locale_of, render, who
 
 PAGE = "/account/passkeys"
 NOTICES = {"passkey.added", "passkey.removed"}
-# Only these are shown: translate() returns an unknown key as it is, so a crafted link would show its own text.
-ERRORS = {"passkey.error." + reason for reason in (
-    "missing", "invalid", "challenge", "registered", "label", "not_found", "last_passwordless")}
 MAX_LABEL = 60
 
 
@@ -47,11 +44,9 @@ async def page(request: Request) -> Response:
     if isinstance(account, Response):
         return account
     svc = request.app.state.svc
-    flash = {"params": {}}
+    flash = {"params": {}, "error": error_key(request, "passkey.error.")}
     if (notice := request.query_params.get("notice")) in NOTICES:
         flash["notice"] = notice
-    if (error := request.query_params.get("error")) in ERRORS:
-        flash["error"] = error
     enabled = passkey.PASSKEY.enabled(svc)
     options = None
     if enabled:

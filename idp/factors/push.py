@@ -59,7 +59,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from idp.factors import TAIPEI, Outcome
-from idp.factors.totp import CODE, STEP, WINDOW, check_code, match
+from idp.factors.totp import STEP, binding_code, check_code
 from idp.storage.models import Binding
 from idp.web.pages import who
 
@@ -222,15 +222,10 @@ def save_registration(svc, account_id: str, name: str, phone: str, code: str) ->
     if not pending["device"]:
         return "push.error.not_scanned"
     device = pending["device"]
-    # As ``totp.Enrolment.confirm``; a wrong code keeps the registration, so the user can retry.
-    code = (code or "").strip().replace(" ", "")
-    if not CODE.match(code):
-        return "otp.malformed"
-    offset = match(svc.box.open(device["secret"], account_id), code, svc.clock(), svc.settings.otp_drift_minutes)
-    if offset is None:
-        return "push.error.code"
-    if abs(offset) > WINDOW:
-        return "otp.drift_binding"
+    # A wrong code keeps the registration, so the user can retry.
+    error, step = binding_code(svc, svc.box.open(device["secret"], account_id), code, "push.error.code")
+    if error:
+        return error
     if svc.store.take(PENDING + account_id) is None:
         return "push.error.registration_expired"  # saved meanwhile by another request
     try:
@@ -239,7 +234,7 @@ def save_registration(svc, account_id: str, name: str, phone: str, code: str) ->
                                 data={"phone": phone, "jwk": device["jwk"], "secret": device["secret"],
                                       "channel": device["channel"],
                                       # the code typed here is spent: login takes only a later one
-                                      "last_step": int(svc.clock() // STEP) + offset}))
+                                      "last_step": step}))
     except IntegrityError:  # the same key saved to another account meanwhile
         return "push.error.registration_expired"
     return None

@@ -168,21 +168,14 @@ class Enrolment:
 
     def confirm(self, account_id: str, code: str) -> str | None:
         """Bind the pending secret if ``code`` is right now; returns an error key or None."""
-        code = (code or "").strip().replace(" ", "")
-        if not CODE.match(code):
-            return "otp.malformed"
         pending = self.current(account_id)
         if pending is None:
             return "otp.qr_expired"
-        secret = self.svc.box.open(pending["secret"], account_id)
-        offset = match(secret, code, self.svc.clock(), self.svc.settings.otp_drift_minutes)
-        if offset is None:
-            return "otp.wrong_binding"
-        if abs(offset) > WINDOW:
-            return "otp.drift_binding"
+        error, step = binding_code(self.svc, self.svc.box.open(pending["secret"], account_id), code, "otp.wrong_binding")
+        if error:
+            return error
         if self.svc.store.take(self._key(account_id)) is None:
             return "otp.qr_expired"  # confirmed meanwhile by another request
-        step = int(self.svc.clock() // STEP) + offset
         with self.svc.db.session() as session:
             for old in session.execute(select(Binding).where(Binding.account_id == account_id, Binding.factor == TOTP.name)).scalars():
                 session.delete(old)  # the old secret stops working
@@ -191,6 +184,21 @@ class Enrolment:
                                 data={"secret": pending["secret"], "version": pending["version"], "last_step": step}))
         self.svc.store.set(f"otp-used:{account_id}:{step}", {}, STEP * (2 * WINDOW + 2))
         return None
+
+
+def binding_code(svc, secret: str, code: str, wrong: str) -> tuple[str | None, int | None]:
+    """A code typed to prove a new binding's secret (an OTP app's, a push app's):
+    (error key, None), ``wrong`` when it does not match, or (None, its TOTP step)."""
+    code = (code or "").strip().replace(" ", "")
+    if not CODE.match(code):
+        return "otp.malformed", None
+    now = svc.clock()
+    offset = match(secret, code, now, svc.settings.otp_drift_minutes)
+    if offset is None:
+        return wrong, None
+    if abs(offset) > WINDOW:
+        return "otp.drift_binding", None
+    return None, int(now // STEP) + offset
 
 
 TOTP = TotpFactor()

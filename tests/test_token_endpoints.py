@@ -2,6 +2,7 @@
 calls (SPEC P3, P8): client_credentials, private_key_jwt, revocation (RFC 7009)
 and introspection (RFC 7662), each with the exact error a client gets."""
 
+import contextlib
 import secrets
 import threading
 import time
@@ -380,6 +381,24 @@ def test_the_app_starts_while_redis_is_down_and_says_it_is_not_ready(settings_fo
     assert answer.status_code == 503 and answer.json() == {"database": True, "store": False}
 
 
+@contextlib.contextmanager
+def _held(store, method: str):
+    """Calls of ``store.method`` wait at its start until the block ends; yields the event
+    set when the first one got there."""
+    reached, resume, original = threading.Event(), threading.Event(), getattr(store, method)
+
+    def held(*args):
+        reached.set()
+        resume.wait(10)
+        return original(*args)
+
+    setattr(store, method, held)
+    try:
+        yield reached
+    finally:
+        resume.set()
+
+
 @pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_an_account_enabled_while_the_app_starts_keeps_no_mark(provider):
     from idp.accounts import disabled_mark, mark_disabled_accounts, set_disabled
@@ -387,22 +406,13 @@ def test_an_account_enabled_while_the_app_starts_keeps_no_mark(provider):
     svc = provider.svc
     account_id = provider.account("alice")
     set_disabled(svc, account_id, True)
-    writing, resume = threading.Event(), threading.Event()
-    set_many = svc.store.set_many
-
-    def slow_set_many(items):  # the start-up marking, caught between its read and its write
-        writing.set()
-        resume.wait(10)
-        set_many(items)
-
-    svc.store.set_many = slow_set_many
     with ThreadPoolExecutor(2) as pool:
-        marking = pool.submit(mark_disabled_accounts, svc)
-        assert writing.wait(10)
-        enabling = pool.submit(set_disabled, svc, account_id, False)
-        time.sleep(0.3)
-        assert not enabling.done()  # the enable waits for the marks to be written...
-        resume.set()
+        with _held(svc.store, "set_many") as writing:  # the start-up marking, between its read and its write
+            marking = pool.submit(mark_disabled_accounts, svc)
+            assert writing.wait(10)
+            enabling = pool.submit(set_disabled, svc, account_id, False)
+            time.sleep(0.3)
+            assert not enabling.done()  # the enable waits for the marks to be written...
         assert marking.result() == 1 and enabling.result() is not None
     assert svc.store.get(disabled_mark(account_id)) is None  # ...and then deletes alice's
 
@@ -415,21 +425,12 @@ def test_a_disable_racing_an_enable_leaves_the_mark_as_it_leaves_the_flag(provid
     svc = provider.svc
     account_id = provider.account("alice")
     set_disabled(svc, account_id, True)
-    deleting, resume = threading.Event(), threading.Event()
-    delete = svc.store.delete
-
-    def slow_delete(*keys):  # the enable, caught as it removes the mark
-        deleting.set()
-        resume.wait(10)
-        delete(*keys)
-
-    svc.store.delete = slow_delete
     with ThreadPoolExecutor(2) as pool:
-        enabling = pool.submit(set_disabled, svc, account_id, False)
-        assert deleting.wait(10)
-        disabling = pool.submit(set_disabled, svc, account_id, True)
-        time.sleep(0.3)  # the disable waits for the account's row...
-        resume.set()
+        with _held(svc.store, "delete") as deleting:  # the enable, caught as it removes the mark
+            enabling = pool.submit(set_disabled, svc, account_id, False)
+            assert deleting.wait(10)
+            disabling = pool.submit(set_disabled, svc, account_id, True)
+            time.sleep(0.3)  # the disable waits for the account's row...
         assert enabling.result() is not None and disabling.result() is not None
     with svc.db.session() as session:
         assert session.get(Account, account_id).disabled

@@ -57,12 +57,8 @@ def awaited(fn, *args, **kwargs):
         try:
             return await bridge.run(lambda: fn(*args, **kwargs))
         finally:
-            await store_of(fn).aclose()
+            await fn.__self__.aclose()  # the RedisStore whose method fn is
     return asyncio.run(main())
-
-
-def store_of(method) -> RedisStore:
-    return method.__self__
 
 
 def _operations(call, store: RedisStore) -> None:

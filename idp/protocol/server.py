@@ -161,8 +161,8 @@ def _require_dpop(request, client) -> None:
 
 def account_active(svc, account_id: str) -> bool:
     """Whether the account is not disabled: introspection calls its tokens inactive, and the
-    token endpoint refuses its refresh tokens, the moment it is disabled (a code exchange or refresh also reads the
-    mark in the round trip that writes its tokens, ``_issue``).
+    token endpoint refuses its refresh tokens, the moment it is disabled (a code exchange or
+    a refresh also reads the mark in the round trip that writes its tokens, ``_issue``).
 
     With a shared store (Redis), one GET of the account's disabled mark there (``idp.accounts.
     set_disabled``), awaited on the event loop inside ``idp.bridge.run``. With the in-process

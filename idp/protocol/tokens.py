@@ -9,8 +9,9 @@ what a replayed code or a reused refresh token does (RFC 9700 4.5, 4.14).
 Only SHA-256 digests of codes and tokens are stored, so a copy of the store
 holds no usable credential. It does hold personal data: the claims released
 with a code or grant (name, email, phone) are kept in its record, so that
-neither the code exchange nor a refresh reads the account. Each record carries its own ``exp`` checked against the
-clock; the store's TTL only cleans up.
+neither the code exchange nor a refresh reads the account. Each record
+carries its own ``exp`` checked against the clock; the store's TTL only
+cleans up.
 """
 
 from __future__ import annotations

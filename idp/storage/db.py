@@ -29,16 +29,16 @@ class Database:
             self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
+            if pool < 1:
+                raise SettingsError(f"IDP_DATABASE_POOL must be at least 1, not {pool}")
+            # A server that does not answer fails a connection in 10 s, not libpq's never
+            # (``?connect_timeout=`` in the URL says otherwise).
+            libpq = make_url(url).get_dialect().driver in ("psycopg", "psycopg2")
+            timeout = {"connect_timeout": 10} if libpq and "connect_timeout=" not in url else {}
             # Twice ``pool`` at most: by default as many as Starlette's thread pool (40 threads)
             # uses, so connections are reused rather than opened per request; no pre-ping round
             # trip per checkout (a dead connection fails one request and is replaced;
             # pool_recycle retires idle ones first).
-            # A server that does not answer fails a connection in 10 s, not libpq's never
-            # (``?connect_timeout=`` in the URL says otherwise).
-            if pool < 1:
-                raise SettingsError(f"IDP_DATABASE_POOL must be at least 1, not {pool}")
-            libpq = make_url(url).get_dialect().driver in ("psycopg", "psycopg2")
-            timeout = {"connect_timeout": 10} if libpq and "connect_timeout=" not in url else {}
             self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, connect_args=timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -129,4 +129,3 @@ def _sqlite_pragmas(dbapi_conn, _record):
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.close()
-

@@ -5,7 +5,7 @@ The store's hot paths are round trips of a few commands: a login makes about
 blocking command and ~120 µs on an awaited pipeline (connection pool, retry
 and observability wrappers, a Task per pipeline); here a round trip is one
 write of the packed commands and one parse of their replies: ~15 µs
-blocking, ~35 µs awaited. It does only what ``RedisStore`` needs of one
+blocking, ~40 µs awaited. It does only what ``RedisStore`` needs of one
 server (``redis://``, ``rediss://``, ``unix://``). Sentinel and Cluster,
 which need discovery and redirects, stay with redis-py.
 
@@ -235,10 +235,6 @@ class Client:
                 return conn
             conn.sock.close()
         return None
-
-    def close(self) -> None:
-        while self._idle:
-            self._idle.pop().sock.close()
 
 
 class _Protocol(asyncio.Protocol):

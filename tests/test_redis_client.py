@@ -209,6 +209,7 @@ def test_the_url_gives_the_address_the_credentials_and_the_database():
     address = resp.Address.from_url("redis://u:p%40ss@cache.example:6380/4?socket_timeout=2")
     assert (address.host, address.port, address.timeout) == ("cache.example", 6380, 2.0)
     assert address.handshake == (("AUTH", "u", "p@ss"), ("SELECT", 4))
+    assert "p@ss" not in repr(address)  # an address in a log line shows no password
     with pytest.raises(ValueError, match="ssl_cert_reqs"):
         resp.Address.from_url("rediss://cache.example?ssl_cert_reqs=maybe")
     assert resp.Address.from_url("rediss://cache.example").tls.check_hostname

@@ -24,7 +24,7 @@ import os
 import select
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hiredis
 from redis.connection import parse_url
@@ -42,7 +42,7 @@ class Address:
     host: str | None
     port: int
     path: str | None  # a unix socket
-    handshake: tuple[tuple, ...]  # AUTH and SELECT, sent first on every connection
+    handshake: tuple[tuple, ...] = field(repr=False)  # AUTH (the password) and SELECT, sent first on every connection
     tls: ssl.SSLContext | None
     timeout: float  # for a reply; a server that stalls longer costs its connection
     connect_timeout: float

@@ -9,15 +9,15 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import bindparam, func, select
-from sqlalchemy.orm import joinedload
+from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, func, select
 
 from idp.settings import SettingsError
-from idp.storage.models import Account
+from idp.storage.models import Account, Binding
 
 KINDS = ("personal", "aa")
 USERNAME = re.compile(r"^[A-Za-z0-9._@-]{3,64}$")
@@ -168,23 +168,33 @@ def by_username(session, username: str) -> Account | None:
     return session.execute(query).scalar_one_or_none()
 
 
-# The login pages and the account area read an account with its bindings on every step.
-# Built once: building the statement and its loader option costs more than PostgreSQL
-# takes to answer it.
-_WITH_BINDINGS = select(Account).options(joinedload(Account.bindings))
-_BY_ID = _WITH_BINDINGS.where(Account.id == bindparam("key"))
-_BY_USERNAME = _WITH_BINDINGS.where(func.lower(Account.username) == bindparam("key"))
+class Snapshot(SimpleNamespace):
+    """A read-only copy of a row, with the model's attribute names; nothing saves changes to it."""
 
 
-def with_bindings(svc, *, account_id: str | None = None, username: str | None = None) -> Account | None:
-    """The account (by id, or by username in any case) with its bindings, detached, to read:
-    changes to it are never saved (write through ``svc.db.session``)."""
+# The login pages and the account area read an account with its bindings on every step: one
+# query (``Database.rows``), not ORM objects, whose loading cost four times the query.
+_ACCOUNTS, _BINDINGS = Account.__table__, Binding.__table__
+_WITH_BINDINGS = (select(_ACCOUNTS, _BINDINGS).outerjoin(_BINDINGS, _BINDINGS.c.account_id == _ACCOUNTS.c.id)
+                  .order_by(_BINDINGS.c.created_at).set_label_style(LABEL_STYLE_TABLENAME_PLUS_COL))
+_BY_ID = _WITH_BINDINGS.where(_ACCOUNTS.c.id == bindparam("key"))
+_BY_USERNAME = _WITH_BINDINGS.where(func.lower(_ACCOUNTS.c.username) == bindparam("key"))
+
+
+def with_bindings(svc, *, account_id: str | None = None, username: str | None = None) -> Snapshot | None:
+    """The account (by id, or by username in any case) with its ``bindings``, as a ``Snapshot``
+    to read (write through ``svc.db.session``)."""
     query, key = (_BY_ID, account_id) if account_id is not None else (_BY_USERNAME, username.strip().lower())
-    with svc.db.read() as session:
-        account = session.execute(query, {"key": key}).unique().scalar_one_or_none()
-        if account is not None:
-            session.expunge(account)
-        return account
+    rows = svc.db.rows(query, key=key)
+    if not rows:
+        return None
+    account = _columns(rows[0], _ACCOUNTS)
+    account.bindings = [_columns(row, _BINDINGS) for row in rows if row["bindings_id"] is not None]
+    return account
+
+
+def _columns(row: dict, table) -> Snapshot:
+    return Snapshot(**{column.key: row[f"{table.name}_{column.name}"] for column in table.columns})
 
 
 def create_account(session, passwords: Passwords, username: str, password: str | None, *, now: dt.datetime, **fields) -> Account:

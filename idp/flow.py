@@ -21,7 +21,8 @@ import datetime as dt
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
+from starlette.concurrency import run_in_threadpool
 
 from idp import acr
 from idp.accounts import password_expired
@@ -100,9 +101,9 @@ def _raises(factor, amr: list[str]) -> bool:
     return acr.rank(acr.earned(acr.with_mfa(amr + factor.amr))) > acr.rank(acr.earned(amr))
 
 
-def next_step(svc, tx: dict, account: Account | None, client) -> Step:
+async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
     """The account must come with its bindings loaded; the only database read here is the
-    consent of a third-party client."""
+    consent of a third-party client (in the thread pool)."""
     # The client's policy may narrow the factors (``allowed_factors`` in its registration).
     factors = tuple(f for f in FACTORS.values() if client.allows(f.name) and f.enabled(svc))
     if account is None:
@@ -137,7 +138,7 @@ def next_step(svc, tx: dict, account: Account | None, client) -> Step:
     now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
     if "password" in tx["done"] and password_expired(account, svc.settings.password_max_age_days, now):
         return Step("action", action="password_change")
-    if needs_consent(svc, tx, account, client):
+    if await needs_consent(svc, tx, account, client):
         return Step("consent")
     return Step("done")
 
@@ -146,15 +147,21 @@ def requested_scope(tx: dict) -> set[str]:
     return set(dict(tx["params"]).get("scope", "").split())
 
 
-def needs_consent(svc, tx: dict, account: Account, client) -> bool:
+async def needs_consent(svc, tx: dict, account: Account, client) -> bool:
     if client.first_party:  # also the provider's own pages
         return False
     if "consent" in dict(tx["params"]).get("prompt", "").split():
         return not tx.get("consented")
     if tx.get("consented"):
         return False
-    with svc.db.read() as session:
-        row = session.execute(
-            select(Consent).where(Consent.account_id == account.id, Consent.client_id == client.client_id)
-        ).scalar_one_or_none()
-    return row is None or not requested_scope(tx) <= set(row.scope.split())
+    scope = await run_in_threadpool(_consented_scope, svc, account.id, client.client_id)
+    return scope is None or not requested_scope(tx) <= set(scope.split())
+
+
+_CONSENTED = select(Consent.scope).where(Consent.account_id == bindparam("account"),
+                                         Consent.client_id == bindparam("client"))
+
+
+def _consented_scope(svc, account_id: str, client_id: str) -> str | None:
+    rows = svc.db.rows(_CONSENTED, account=account_id, client=client_id)
+    return rows[0]["scope"] if rows else None

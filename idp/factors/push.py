@@ -390,8 +390,7 @@ class PushFactor:
             if not re.fullmatch(r"\d{6}", code):
                 return Outcome(error="otp.malformed", keep={"chosen": form.get("device")})
             binding_id = str(form.get("device") or "")
-            mine = (Binding.id == binding_id, Binding.account_id == tx["account"], Binding.factor == self.name)
-            outcome = await run_in_threadpool(check_code, svc, tx, code, seen, mine, binding_id)
+            outcome = await run_in_threadpool(check_code, svc, tx, code, seen, self.name, binding_id)
             outcome.amr, outcome.keep = ["swk", "otp"], {"chosen": binding_id}
             return outcome
         state = tx.get("push")

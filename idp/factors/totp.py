@@ -21,7 +21,7 @@ import re
 
 import pyotp
 import segno
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from starlette.concurrency import run_in_threadpool
 
 from idp.factors import Outcome
@@ -79,13 +79,21 @@ class TotpFactor:
         if not CODE.match(code):
             return Outcome(error="otp.malformed")
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
-        mine = (Binding.account_id == tx["account"], Binding.factor == self.name)
-        return await run_in_threadpool(check_code, svc, tx, code, seen, mine, tx["account"])
+        return await run_in_threadpool(check_code, svc, tx, code, seen, self.name)
 
 
-def check_code(svc, tx, code, seen, where, claim: str) -> Outcome:
-    """Check ``code`` against the one binding ``where`` finds (the OTP app's, or one push
-    app's: SPEC A5); a used step is claimed under ``claim``."""
+# The binding a code is checked against, and its last used step: statements built once
+# (``Database.rows``), as a login runs them every time.
+_BINDING = select(Binding.id, Binding.data).where(Binding.account_id == bindparam("account"),
+                                                   Binding.factor == bindparam("factor"))
+_BINDING_BY_ID = _BINDING.where(Binding.id == bindparam("binding"))
+_LAST_STEP = update(Binding).where(Binding.id == bindparam("binding")).values(data=bindparam("data"))
+
+
+def check_code(svc, tx, code, seen, factor: str, binding_id: str | None = None) -> Outcome:
+    """Check ``code`` against the account's one binding of ``factor`` (the OTP app), or
+    its binding ``binding_id`` (one push app of several: SPEC A5); a used step is claimed
+    per binding (the OTP app's: per account)."""
     username, lockout = tx["username"], svc.lockout
     if until := lockout.locked_until(username):
         return _locked(svc, tx, until, seen)
@@ -94,20 +102,20 @@ def check_code(svc, tx, code, seen, where, claim: str) -> Outcome:
         return _locked(svc, tx, lockout.locked_until(username) or lockout.lock(username), seen)
 
     now = svc.clock()
-    # Core, not ORM objects: a login runs this once, and the unit of work cost more than the SQL.
-    with svc.db.engine.begin() as conn:
-        binding = conn.execute(select(Binding.id, Binding.data).where(*where)).one_or_none()
-        if binding is None:
-            return Outcome(error="otp.not_bound")
-        secret = svc.box.open(binding.data["secret"], tx["account"])
-        offset = match(secret, code, now, svc.settings.otp_drift_minutes)
-        step = int(now // STEP) + (offset or 0)
-        fresh = offset is not None and abs(offset) <= WINDOW and step > binding.data.get("last_step", -1)
-        # The atomic claim: of two requests with the same code, one wins.
-        if fresh and svc.store.set(f"otp-used:{claim}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
-            conn.execute(update(Binding).where(Binding.id == binding.id).values(data={**binding.data, "last_step": step}))
-            lockout.clear(username)
-            return Outcome(account_id=tx["account"])
+    found = svc.db.rows(_BINDING_BY_ID if binding_id else _BINDING, account=tx["account"], factor=factor,
+                        binding=binding_id)
+    if not found:
+        return Outcome(error="otp.not_bound")
+    binding = found[0]
+    secret = svc.box.open(binding["data"]["secret"], tx["account"])
+    offset = match(secret, code, now, svc.settings.otp_drift_minutes)
+    step = int(now // STEP) + (offset or 0)
+    fresh = offset is not None and abs(offset) <= WINDOW and step > binding["data"].get("last_step", -1)
+    # The atomic claim: of two requests with the same code, one wins.
+    if fresh and svc.store.set(f"otp-used:{binding_id or tx['account']}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
+        svc.db.write(_LAST_STEP, {"binding": binding["id"], "data": {**binding["data"], "last_step": step}})
+        lockout.clear(username)
+        return Outcome(account_id=tx["account"])
 
     if offset is not None and abs(offset) > WINDOW:
         lockout.release(username)  # a right code from a drifted clock is not a guess

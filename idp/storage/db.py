@@ -10,7 +10,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from idp.settings import SettingsError
 
@@ -41,6 +41,7 @@ class Database:
             # pool_recycle retires idle ones first).
             self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, connect_args=timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._compiled: dict = {}  # statement -> its SQL, for ``rows``
 
     @contextlib.contextmanager
     def session(self):
@@ -50,40 +51,56 @@ class Database:
 
     def scalar(self, query: str, *params):
         """The first column of the first row of a read-only ``query`` (``%s`` placeholders),
-        or None: sent on the driver's own connection, in autocommit (one round trip, no
-        BEGIN, nothing to roll back when it goes back to the pool). For the reads made on
+        or None, sent on the driver's own connection (see ``_driver``). For the read made on
         every token request, where SQLAlchemy's layers cost three times the query. It blocks,
         on the event loop too inside ``idp.bridge.run`` (the token endpoint): only a single
         process with the in-process store reads the database there (``account_active``)."""
-        if self.engine.dialect.name == "sqlite":  # a local file; a SELECT opens no transaction there
-            with contextlib.closing(self.engine.raw_connection()) as pooled:
-                row = pooled.driver_connection.execute(query.replace("%s", "?"), params).fetchone()
-        else:
-            with contextlib.closing(self.engine.raw_connection()) as pooled:
-                conn = pooled.driver_connection
-                conn.autocommit = True
-                try:
-                    row = conn.execute(query, params, prepare=True).fetchone()
-                finally:
-                    conn.autocommit = False
+        with self._driver() as conn:
+            if self.engine.dialect.name == "sqlite":
+                query = query.replace("%s", "?")
+            row = conn.execute(query, params).fetchone()
         return None if row is None else row[0]
 
-    def insert(self, table, row: dict) -> None:
-        """Insert one row on its own, in autocommit: one round trip, with no BEGIN and
-        COMMIT around it and no ORM unit of work (a quarter of the CPU of ``session``);
-        for the audit log's one row per event."""
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(table.insert(), row)
+    def rows(self, statement, **params) -> list[dict]:
+        """The rows of a read-only Core ``statement``, as dicts by column label. The statement
+        is one built once, at import, with ``bindparam`` for its values: on PostgreSQL it is
+        compiled once and sent, prepared, on the driver's own connection (``_driver``), a
+        quarter of the CPU of the same query through SQLAlchemy, for the reads every login
+        step makes. SQLite goes through SQLAlchemy, whose types turn its text back into dates."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                return [dict(row._mapping) for row in conn.execute(statement, params)]
+        sql = self._compiled.get(statement)
+        if sql is None:
+            if len(self._compiled) >= 256:  # statements built per call would otherwise pile up
+                self._compiled.clear()
+            sql = self._compiled[statement] = str(statement.compile(dialect=self.engine.dialect))
+        with self._driver() as conn:
+            cursor = conn.execute(sql, params, prepare=True)
+            names = [column.name for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     @contextlib.contextmanager
-    def read(self):
-        """A session for reads only, on an autocommit connection: each query is one round
-        trip, with no BEGIN and COMMIT around it (the login pages read the account and its
-        bindings on every step). Nothing commits it: changes to its objects are lost, or,
-        if something flushes them, written at once. Write through ``session`` instead."""
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn, \
-                Session(conn, expire_on_commit=False, autoflush=False) as session:
-            yield session
+    def _driver(self):
+        """A pooled connection's driver connection, in autocommit: each query is one round
+        trip, with no BEGIN, and nothing to roll back when it goes back to the pool."""
+        with contextlib.closing(self.engine.raw_connection()) as pooled:
+            conn = pooled.driver_connection
+            if self.engine.dialect.name == "sqlite":  # a SELECT opens no transaction there
+                yield conn
+                return
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                conn.autocommit = False
+
+    def write(self, statement, params: dict) -> None:
+        """One INSERT or UPDATE on its own, in autocommit: one round trip, with no BEGIN and
+        COMMIT around it and no ORM unit of work (a quarter of the CPU of ``session``); for
+        the audit log's row per event and the OTP binding's last step."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(statement, params)
 
     def migrate(self) -> None:
         """Bring the schema up to date. Safe when several processes start together:

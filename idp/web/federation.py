@@ -43,7 +43,7 @@ def _login_page(tx: dict, error: str | None = None) -> RedirectResponse:
 
 
 async def _offered(svc, tx) -> bool:
-    _, _, step = await run_in_threadpool(login._load, svc, tx)
+    _, _, step = await login.load(svc, tx)
     return step is not None and step.kind == "factor" and GOOGLE in step.factors
 
 
@@ -111,7 +111,7 @@ async def login_callback(request: Request) -> Response:
         # at least two factors, and the page shows the bound possession factor first
         # (the flow would otherwise open a step-up with the password form).
         tx["target_acr"] = max((tx["target_acr"], acr.LOA2), key=acr.rank)
-        _, _, step = await run_in_threadpool(login._load, svc, tx)
+        _, _, step = await login.load(svc, tx)
         second = next((f for f in step.factors if f.possession), None) if step and step.kind == "factor" else None
         response = _login_page(tx)
         if second is not None:

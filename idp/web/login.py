@@ -52,11 +52,17 @@ class Console:
         return True
 
 
-def _load(svc, tx: dict):
+def _read(svc, tx: dict):
     """The client and the transaction's account (None before the first factor)."""
     client = svc.server.query_client(tx["client_id"]) if tx["client_id"] else Console()
     account = with_bindings(svc, account_id=tx["account"]) if tx["account"] else None
-    step = flow.next_step(svc, tx, account, client) if client else None
+    return client, account
+
+
+async def load(svc, tx: dict):
+    """The client, the account and the next step (None when the client is gone)."""
+    client, account = await run_in_threadpool(_read, svc, tx)
+    step = await flow.next_step(svc, tx, account, client) if client else None
     return client, account, step
 
 
@@ -100,7 +106,7 @@ async def login_page(request: Request) -> Response:
 async def advance(request: Request, tx: dict, *, interactive: bool = True) -> Response:
     """Show the page of the next step, or finish the login."""
     svc = request.app.state.svc
-    client, account, step = await run_in_threadpool(_load, svc, tx)
+    client, account, step = await load(svc, tx)
     if client is None:
         return _expired(request)
     if step.kind == "done":
@@ -138,7 +144,7 @@ async def factor_submit(request: Request) -> Response:
     form, tx = await _posted(request, need_account=False)
     if tx is None or factor is None:
         return _expired(request)
-    client, account, step = await run_in_threadpool(_load, svc, tx)
+    client, account, step = await load(svc, tx)
     if step is None or step.kind != "factor" or factor not in step.factors:
         return _expired(request)  # only a factor this step offers: the client's policy holds
     outcome = await factor.verify(request, svc, tx, form)
@@ -157,7 +163,7 @@ async def proceed(request: Request, tx: dict, account: Account, client) -> Respo
     """After a step that succeeded: finish at once when nothing is left, saving the browser
     a round trip through ``GET /login``; else show the next step (Post/Redirect/Get)."""
     svc = request.app.state.svc
-    step = await run_in_threadpool(flow.next_step, svc, tx, account, client)
+    step = await flow.next_step(svc, tx, account, client)
     if step.kind == "done":
         return await finish(request, tx, account, client)
     svc.transactions.save(tx)

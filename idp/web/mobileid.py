@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -27,7 +26,7 @@ def _page(tx: dict) -> str:
 
 
 async def _offered(svc, tx) -> bool:
-    _, _, step = await run_in_threadpool(login._load, svc, tx)
+    _, _, step = await login.load(svc, tx)
     return step is not None and step.kind == "factor" and MOBILEID in step.factors
 
 

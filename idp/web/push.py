@@ -55,7 +55,7 @@ async def _offered(request: Request):
     form, tx = await login._posted(request)
     if tx is None:
         return None, None, None, None
-    client, account, step = await run_in_threadpool(login._load, svc, tx)
+    client, account, step = await login.load(svc, tx)
     if step is None or step.kind != "factor" or PUSH not in step.factors:
         return None, None, None, None
     return form, tx, client, account

@@ -1,5 +1,6 @@
 """Password + OTP and forced binding (SPEC A2, M1) as the user meets them."""
 
+import html
 import re
 
 import pyotp
@@ -8,7 +9,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from idp.factors.totp import match
-from tests.harness import callback, forms, redeem
+from tests.harness import PASSWORD, callback, forms, redeem
 
 
 @pytest.fixture
@@ -93,6 +94,30 @@ def test_the_last_factor_answers_with_the_code_for_the_client_itself(mfa_provide
     answer = browser.http.post(form["action"], data={**form["fields"], "otp": _code(provider, secret)},
                                follow_redirects=False)
     assert "code" in callback(answer)
+
+
+def test_the_password_answers_with_the_otp_page_and_a_reload_checks_nothing_again(mfa_provider):
+    """The password's POST shows the OTP page itself; posting it again (a reload) shows the
+    login where it is: the password is not checked or counted twice."""
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    _, _, secret = _otp_page(provider, client_id)
+    provider.clock.advance(30)
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    form = next(f for f in forms(page.text) if "/login/factor/password" in f["action"])
+    data = {**form["fields"], "username": "alice", "password": PASSWORD}
+    answer = browser.http.post(form["action"], data=data, follow_redirects=False)
+    assert answer.status_code == 200 and 'name="otp"' in answer.text
+    # Its language link reloads the login where it is, not the POST's address.
+    english = re.search(r'<a href="([^"]+)" lang="en">', answer.text).group(1)
+    assert english.startswith("/login?tx=")
+    english = browser.go(html.unescape(english)).text
+    assert '<html lang="en">' in english and 'name="otp"' in english
+    for _ in range(4):  # more than the lockout allows, were they guesses
+        again = browser.http.post(form["action"], data={**data, "password": "wrong"}, follow_redirects=False)
+        assert again.status_code == 200 and 'name="otp"' in again.text and not _error(again)
+    assert "code" in callback(browser.submit(again, "/login/factor/otp", otp=_code(provider, secret)))
 
 
 def test_one_step_of_drift_either_side_is_fine(mfa_provider):

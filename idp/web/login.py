@@ -1,10 +1,13 @@
 """The login pages: one login transaction, one step at a time (see ``idp.flow``).
 
-Every POST does its one step and asks ``next_step`` what comes next: when
-nothing is left it finishes at once (its response is the redirect to the
-client); otherwise it saves the transaction and redirects (303) to
-``GET /login``, which shows the next step's page. Errors are kept in the
-transaction and shown once, with the user's input kept.
+Every POST does its one step and asks ``next_step`` what comes next. A factor
+that succeeded answers with what follows in the same response: the next
+step's page, or, when nothing is left, the redirect to the client; posting it
+again (a reload) shows the login where it is and proves nothing twice. Failed
+factors and the account actions (binding, a new password, consent) redirect
+(303) to ``GET /login`` instead, which shows the next page; an error kept in
+the transaction is shown there once, with the user's input kept, so a reload
+repeats no guess.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from urllib.parse import urlencode
 
 from authlib.oauth2.rfc6749.errors import OAuth2Error
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
@@ -105,10 +109,15 @@ async def login_page(request: Request) -> Response:
 
 async def advance(request: Request, tx: dict, *, interactive: bool = True) -> Response:
     """Show the page of the next step, or finish the login."""
-    svc = request.app.state.svc
-    client, account, step = await load(svc, tx)
+    client, account, step = await load(request.app.state.svc, tx)
     if client is None:
         return _expired(request)
+    return await show(request, tx, client, account, step, interactive=interactive)
+
+
+async def show(request: Request, tx: dict, client, account, step, *, interactive: bool = True) -> Response:
+    """The page of ``step``, or the end of the login when it is done."""
+    svc = request.app.state.svc
     if step.kind == "done":
         return await finish(request, tx, account, client)
     if not interactive:
@@ -122,10 +131,13 @@ async def advance(request: Request, tx: dict, *, interactive: bool = True) -> Re
         return error_page(request, "error.disabled.title", "error.disabled.detail", status=403)
 
     flash = tx.pop("flash", None) or {}
-    context = {"tx": tx, "client": client, "account": account, "flash": flash, "ui_locales": tx.get("ui_locales")}
+    # ``here``: where this page is again, for a reload in another language (this may answer a POST).
+    context = {"tx": tx, "client": client, "account": account, "flash": flash, "ui_locales": tx.get("ui_locales"),
+               "here": URL(_tx_url(tx))}
     if step.kind == "factor":
         wanted = request.query_params.get("factor")
         factor = next((f for f in step.factors if f.name == wanted), step.factors[0])
+        context["here"] = URL(_tx_url(tx, factor=factor.name))
         if captcha.wanted(svc, tx):
             tx["captcha"] = captcha.new_answer()
         svc.transactions.save(tx)
@@ -145,6 +157,8 @@ async def factor_submit(request: Request) -> Response:
     if tx is None or factor is None:
         return _expired(request)
     client, account, step = await load(svc, tx)
+    if step is not None and factor.name in tx["done"]:  # posted again: a factor never counts twice
+        return await show(request, tx, client, account, step)
     if step is None or step.kind != "factor" or factor not in step.factors:
         return _expired(request)  # only a factor this step offers: the client's policy holds
     outcome = await factor.verify(request, svc, tx, form)
@@ -160,14 +174,11 @@ async def factor_submit(request: Request) -> Response:
 
 
 async def proceed(request: Request, tx: dict, account: Account, client) -> Response:
-    """After a step that succeeded: finish at once when nothing is left, saving the browser
-    a round trip through ``GET /login``; else show the next step (Post/Redirect/Get)."""
+    """After a step that succeeded: the next step's page, or the end of the login, in this
+    response (no round trip through ``GET /login``)."""
     svc = request.app.state.svc
     step = await flow.next_step(svc, tx, account, client)
-    if step.kind == "done":
-        return await finish(request, tx, account, client)
-    svc.transactions.save(tx)
-    return _again(tx)
+    return await show(request, tx, client, account, step)
 
 
 # -- forced binding (SPEC M1) -------------------------------------------------------------

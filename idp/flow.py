@@ -45,7 +45,8 @@ class Transactions:
                return_to: str | None = None, reverify: bool = False) -> dict:
         """A login for a client's authorization request, or (``client_id`` None) for the
         provider's own pages, which then ``return_to`` a local path. ``reverify`` asks
-        for a bound second factor again even within a session (SPEC M2)."""
+        for a bound second factor again even within a session (SPEC M2). Not saved yet:
+        what shows its first page saves it (``save``), or nothing if it ends at once."""
         now = self.clock()
         tx = {
             "id": secrets.token_urlsafe(24),
@@ -69,7 +70,6 @@ class Transactions:
             # Build on the session: step-up asks only for what is missing.
             tx.update(account=session["account"], username=session["username"], amr=list(session["amr"]),
                       auth_time=session["auth_time"])
-        self.save(tx)
         return tx
 
     def get(self, tx_id: str | None) -> dict | None:

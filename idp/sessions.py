@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import secrets
 
+from idp.storage.kv import Batch
+
 log = logging.getLogger("idp.sessions")
 
 
@@ -20,8 +22,9 @@ class Sessions:
         self.listeners: list = []
 
     def create(self, account_id: str, username: str, amr: list[str], acr: str, auth_time: float,
-               seen: dict | None = None) -> dict:
-        """A new session; ``seen`` (address, user agent) lets its owner recognise it in their list."""
+               seen: dict | None = None, verified_at: float = 0) -> dict:
+        """A new session; ``seen`` (address, user agent) lets its owner recognise it in their list;
+        ``verified_at``: when a bound second factor was last proven (SPEC M2)."""
         now = self.clock()
         record = {
             "sid": secrets.token_urlsafe(24),
@@ -33,10 +36,13 @@ class Sessions:
             "exp": now + self.lifetime,
             "created": now,
             "clients": {},
+            "verified_at": verified_at,
             **(seen or {}),
         }
-        self.store.set("sess:" + record["sid"], record, self.lifetime)
-        self.store.add("acct-sess:" + account_id, record["sid"], self.lifetime)
+        batch = Batch()
+        batch.set("sess:" + record["sid"], record, self.lifetime)
+        batch.add("acct-sess:" + account_id, record["sid"], self.lifetime)
+        self.store.write(batch)
         return record
 
     def of_account(self, account_id: str) -> list[dict]:

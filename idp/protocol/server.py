@@ -23,6 +23,7 @@ from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from authlib.oauth2.rfc6749.requests import OAuth2Payload
 from authlib.oauth2.rfc7636 import CodeChallenge
 from joserfc.jwk import KeySet
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from idp.accounts import disabled_mark
@@ -391,9 +392,9 @@ class Server(AuthorizationServer):
         made through this process are seen at once (``forget_client``); changes made
         elsewhere (the CLI, other processes) within ``client_cache_seconds``."""
         now = time.monotonic()
-        cached = self._clients.get(client_id)
-        if cached and cached[0] > now:
-            return cached[1]
+        cached = self._cached(client_id, now)
+        if cached:
+            return cached
         with self.svc.db.session() as session:
             row = find(session, client_id)
             client = OAuthClient(row) if row else None
@@ -402,6 +403,14 @@ class Server(AuthorizationServer):
                 self._clients.clear()
             self._clients[client_id] = (now + self.svc.settings.client_cache_seconds, client)
         return client
+
+    async def client(self, client_id: str):
+        """``query_client`` for the event loop: the database read, on a cache miss, in the thread pool."""
+        return self._cached(client_id, time.monotonic()) or await run_in_threadpool(self.query_client, client_id)
+
+    def _cached(self, client_id: str, now: float):
+        cached = self._clients.get(client_id)
+        return cached[1] if cached and cached[0] > now else None
 
     def forget_client(self, client_id: str) -> None:
         self._clients.pop(client_id, None)

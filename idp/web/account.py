@@ -58,6 +58,7 @@ async def require_account(request: Request, *, verified: bool = True, interactiv
         params=[], client_id=None, browser=csrf_token(request), fresh=account is None, target_acr=None,
         session=session if account else None, return_to=request.url.path, reverify=account is not None,
     )
+    svc.transactions.save(tx)
     response = RedirectResponse(f"/login?tx={tx['id']}", status_code=303)
     if getattr(request.state, "new_csrf", None):  # a browser new to us: the login is bound to this cookie
         set_cookie(request, response, CSRF_COOKIE, request.state.new_csrf)

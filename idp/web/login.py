@@ -56,16 +56,11 @@ class Console:
         return True
 
 
-def _read(svc, tx: dict):
-    """The client and the transaction's account (None before the first factor)."""
-    client = svc.server.query_client(tx["client_id"]) if tx["client_id"] else Console()
-    account = with_bindings(svc, account_id=tx["account"]) if tx["account"] else None
-    return client, account
-
-
 async def load(svc, tx: dict):
-    """The client, the account and the next step (None when the client is gone)."""
-    client, account = await run_in_threadpool(_read, svc, tx)
+    """The client, the transaction's account (None before the first factor) and the next
+    step (None when the client is gone)."""
+    client = await svc.server.client(tx["client_id"]) if tx["client_id"] else Console()
+    account = await run_in_threadpool(with_bindings, svc, account_id=tx["account"]) if tx["account"] else None
     step = await flow.next_step(svc, tx, account, client) if client else None
     return client, account, step
 
@@ -300,23 +295,23 @@ def _authorization_request(svc, tx: dict) -> OAuthRequest:
 async def finish(request: Request, tx: dict, account: Account, client) -> Response:
     """Set the SSO session and send an authorization code back to the client."""
     svc = request.app.state.svc
+    # What the account area asks to be recent (M2): a bound second factor, or any factor
+    # from an account that has none to offer (else it could never get in).
+    has_possession = any(f.possession and f.enabled(svc) and f.bound(account) for f in FACTORS.values())
+    verified = bool(tx["done"]) and (any(FACTORS[name].possession for name in tx["done"]) or not has_possession)
     session = svc.sessions.get(request.cookies.get(SESSION_COOKIE))
     if session and session["account"] != account.id:
         svc.sessions.end(session["sid"], svc.tokens)
         session = None
     if session is None:
         session = svc.sessions.create(account.id, account.username, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"],
-                                      seen=who(request))
+                                      seen=who(request), verified_at=svc.clock() if verified else 0)
     elif tx["done"]:
         # New proof for the same person (step-up or a forced re-login); a step-up
         # transaction started from the session's amr, so tx["amr"] is the whole story.
         session.update(amr=tx["amr"], acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
-        svc.sessions.save(session)
-    # What the account area asks to be recent (M2): a bound second factor, or any factor
-    # from an account that has none to offer (else it could never get in).
-    has_possession = any(f.possession and f.enabled(svc) and f.bound(account) for f in FACTORS.values())
-    if tx["done"] and (any(FACTORS[name].possession for name in tx["done"]) or not has_possession):
-        session["verified_at"] = svc.clock()
+        if verified:
+            session["verified_at"] = svc.clock()
         svc.sessions.save(session)
     auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": session["acr"], "amr": session["amr"]}
     if tx["done"]:

@@ -9,7 +9,7 @@ import logging
 from idp.storage.models import AuditEvent
 
 log = logging.getLogger("idp.audit")
-_INSERT = AuditEvent.__table__.insert()
+_INSERT = AuditEvent.__table__.insert().inline()  # no RETURNING of the id nobody reads
 
 
 class Audit:
@@ -19,7 +19,7 @@ class Audit:
     def record(self, event: str, *, account_id=None, username=None, client_id=None, ip=None, method=None,
                user_agent=None, **detail):
         when = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
-        self.db.write(_INSERT, {
+        self.db.write(_INSERT, **{
             "time": when, "event": event, "account_id": account_id, "username": username,
             "client_id": client_id, "ip": ip, "method": method,
             "user_agent": (user_agent or None) and user_agent[:300], "detail": detail,

@@ -88,3 +88,13 @@ def test_a_database_pool_of_no_connections_stops_the_start(settings_for):
 
     with pytest.raises(SettingsError, match="IDP_DATABASE_POOL must be at least 1"):
         create_app(settings_for(database_pool=0))
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_postgresql_url_without_psycopg_stops_the_start(settings_for):
+    from idp.settings import SettingsError
+
+    good = settings_for()
+    other = good.database_url.replace("postgresql+psycopg://", "postgresql+psycopg2://")
+    with pytest.raises(SettingsError, match="must be postgresql\\+psycopg://"):
+        create_app(settings_for(database_url=other))

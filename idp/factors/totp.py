@@ -113,7 +113,7 @@ def check_code(svc, tx, code, seen, factor: str, binding_id: str | None = None) 
     fresh = offset is not None and abs(offset) <= WINDOW and step > binding["data"].get("last_step", -1)
     # The atomic claim: of two requests with the same code, one wins.
     if fresh and svc.store.set(f"otp-used:{binding_id or tx['account']}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
-        svc.db.write(_LAST_STEP, {"binding": binding["id"], "data": {**binding["data"], "last_step": step}})
+        svc.db.write(_LAST_STEP, binding=binding["id"], data={**binding["data"], "last_step": step})
         lockout.clear(username)
         return Outcome(account_id=tx["account"])
 

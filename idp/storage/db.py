@@ -8,6 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from psycopg.types.json import Json
 from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
@@ -31,17 +32,18 @@ class Database:
         else:
             if pool < 1:
                 raise SettingsError(f"IDP_DATABASE_POOL must be at least 1, not {pool}")
+            if make_url(url).drivername != "postgresql+psycopg":  # the hot reads talk to psycopg itself (``_driver``)
+                raise SettingsError(f"IDP_DATABASE_URL must be postgresql+psycopg://... or sqlite:///..., not {make_url(url).drivername}://...")
             # A server that does not answer fails a connection in 10 s, not libpq's never
             # (``?connect_timeout=`` in the URL says otherwise).
-            libpq = make_url(url).get_dialect().driver in ("psycopg", "psycopg2")
-            timeout = {"connect_timeout": 10} if libpq and "connect_timeout=" not in url else {}
+            timeout = {"connect_timeout": 10} if "connect_timeout=" not in url else {}
             # Twice ``pool`` at most: by default as many as Starlette's thread pool (40 threads)
             # uses, so connections are reused rather than opened per request; no pre-ping round
             # trip per checkout (a dead connection fails one request and is replaced;
             # pool_recycle retires idle ones first).
             self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, connect_args=timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._compiled: dict = {}  # statement -> its SQL, for ``rows``
+        self._compiled: dict = {}  # (statement, parameter names) -> its SQL (``_sql``)
 
     @contextlib.contextmanager
     def session(self):
@@ -62,23 +64,43 @@ class Database:
         return None if row is None else row[0]
 
     def rows(self, statement, **params) -> list[dict]:
-        """The rows of a read-only Core ``statement``, as dicts by column label. The statement
-        is one built once, at import, with ``bindparam`` for its values: on PostgreSQL it is
-        compiled once and sent, prepared, on the driver's own connection (``_driver``), a
-        quarter of the CPU of the same query through SQLAlchemy, for the reads every login
-        step makes. SQLite goes through SQLAlchemy, whose types turn its text back into dates."""
+        """The rows of a read-only Core ``statement``, as dicts by column label. On PostgreSQL
+        it is compiled once (``_sql``) and sent, prepared, on the driver's own connection
+        (``_driver``): a quarter of the CPU of the same query through SQLAlchemy, for the
+        reads every login step makes. SQLite goes through SQLAlchemy, whose types turn its
+        text back into dates."""
         if self.engine.dialect.name == "sqlite":
             with self.engine.connect() as conn:
                 return [dict(row._mapping) for row in conn.execute(statement, params)]
-        sql = self._compiled.get(statement)
+        with self._driver() as conn:
+            cursor = conn.execute(self._sql(statement, params), params, prepare=True)
+            names = [column.name for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def write(self, statement, **params) -> None:
+        """One INSERT or UPDATE on its own, in autocommit: one round trip, with no BEGIN and
+        COMMIT around it and no ORM unit of work; on PostgreSQL through the driver as ``rows``
+        (a fifth of the CPU of ``session``). For the audit log's row per event and the OTP
+        binding's last step."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(statement, params)
+            return
+        values = {key: Json(value) if isinstance(value, dict) else value for key, value in params.items()}
+        with self._driver() as conn:
+            conn.execute(self._sql(statement, params), values, prepare=True)
+
+    def _sql(self, statement, params: dict) -> str:
+        """``statement`` compiled for PostgreSQL (an INSERT's columns: the keys of ``params``).
+        Statements are built once, at import, with ``bindparam`` for their values, so each is
+        compiled once and kept."""
+        key = (statement, tuple(params))
+        sql = self._compiled.get(key)
         if sql is None:
             if len(self._compiled) >= 256:  # statements built per call would otherwise pile up
                 self._compiled.clear()
-            sql = self._compiled[statement] = str(statement.compile(dialect=self.engine.dialect))
-        with self._driver() as conn:
-            cursor = conn.execute(sql, params, prepare=True)
-            names = [column.name for column in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
+            sql = self._compiled[key] = str(statement.compile(dialect=self.engine.dialect, column_keys=list(params)))
+        return sql
 
     @contextlib.contextmanager
     def _driver(self):
@@ -94,13 +116,6 @@ class Database:
                 yield conn
             finally:
                 conn.autocommit = False
-
-    def write(self, statement, params: dict) -> None:
-        """One INSERT or UPDATE on its own, in autocommit: one round trip, with no BEGIN and
-        COMMIT around it and no ORM unit of work (a quarter of the CPU of ``session``); for
-        the audit log's row per event and the OTP binding's last step."""
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(statement, params)
 
     def migrate(self) -> None:
         """Bring the schema up to date. Safe when several processes start together:

@@ -147,6 +147,8 @@ def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
     assert "0912***678" in page.text and "0987***321" in page.text
     wrong = browser.submit(page, "/login/factor/push", device=_devices(page)[0], otp="000000")
     assert "驗證碼不正確" in _error(wrong)
+    # A code counts only for the phone whose app made it.
+    assert "驗證碼不正確" in _error(browser.submit(page, "/login/factor/push", device=_devices(page)[1], otp=app.otp()))
     params = callback(browser.submit(wrong, "/login/factor/push", device=_devices(page)[0], otp=app.otp()))
     assert _claims(browser, client_id, client_secret, params)["amr"] == ["pwd", "swk", "otp", "mfa"]
 

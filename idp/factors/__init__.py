@@ -9,7 +9,8 @@
 - ``enabled(svc)``: whether the settings switch it on (mobile ID needs a service);
 - ``bound(account)``: whether this account can use it;
 - ``context(svc, tx, account)``: what its page shows;
-- ``verify(request, svc, tx, form) -> Outcome`` (async): check the answer.
+- ``verify(request, svc, tx, form, account) -> Outcome`` (async): check the answer;
+  ``account`` is the one proven so far, with its bindings (None before the first factor).
 
 ``idp.flow`` decides which of them a login still needs; adding a factor is
 adding a module here and listing it in ``FACTORS``.

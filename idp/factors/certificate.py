@@ -137,7 +137,7 @@ class CertificateFactor:
     def context(self, svc, tx, account) -> dict:
         return {"challenge": issue_challenge(svc, "tx:" + tx["id"]), **component(svc)}
 
-    async def verify(self, request, svc, tx, form) -> Outcome:
+    async def verify(self, request, svc, tx, form, account) -> Outcome:
         return await self.login(request, svc, tx, lambda kind: check_signature(svc, form, "tx:" + tx["id"], kind))
 
     async def login(self, request, svc, tx, check) -> Outcome:

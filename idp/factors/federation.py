@@ -201,7 +201,7 @@ class FederationFactor:
             self._upstream, self._config = Upstream(*config), config
         return self._upstream
 
-    async def verify(self, request, svc, tx, form) -> Outcome:
+    async def verify(self, request, svc, tx, form, account) -> Outcome:
         # Recorded by the callback (idp.web.federation); posting the factor by hand does nothing.
         return Outcome(error="google.use_button")
 

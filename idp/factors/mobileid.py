@@ -231,7 +231,7 @@ class MobileIdFactor:
             svc.store.delete(ATTEMPT + state["attempt"], WON + state["attempt"])
         tx["flash"] = {"error": error, "params": {}, "keep": {"national_id": state.get("national_id", "")}}
 
-    async def verify(self, request, svc, tx, form) -> Outcome:
+    async def verify(self, request, svc, tx, form, account) -> Outcome:
         """The page's "continue" (posted by its script once the status says done, or by hand)."""
         state = tx.get("mobileid")
         if not state:

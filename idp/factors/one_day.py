@@ -148,7 +148,7 @@ class OneDayFactor:
             svc.transactions.save(tx)
         return {"username": account.username if account else tx.get("username", ""), "digits": DIGITS}
 
-    async def verify(self, request, svc, tx, form) -> Outcome:
+    async def verify(self, request, svc, tx, form, account) -> Outcome:
         username = (form.get("username") or "").strip()[:64]
         password = form.get("password") or ""
         code = normalise(form.get("code"))

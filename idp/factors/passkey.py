@@ -209,7 +209,7 @@ class PasskeyFactor:
             allow_credentials=allowed, user_verification=UserVerificationRequirement.REQUIRED)
         return {"options": json.loads(options_to_json(options))}
 
-    async def verify(self, request, svc, tx, form) -> Outcome:
+    async def verify(self, request, svc, tx, form, account) -> Outcome:
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         credential = form.get("credential") or ""
         if not credential or len(credential) > MAX_CREDENTIAL_CHARS:

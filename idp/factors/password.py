@@ -29,7 +29,7 @@ class PasswordFactor:
     def context(self, svc, tx, account) -> dict:
         return {"username": account.username if account else tx.get("username", ""), "captcha": captcha.wanted(svc, tx)}
 
-    async def verify(self, request, svc, tx, form) -> Outcome:
+    async def verify(self, request, svc, tx, form, account) -> Outcome:
         username = (form.get("username") or "").strip()[:64]
         password = form.get("password") or ""
         if tx.get("account"):  # stepping up: the account is known

@@ -383,14 +383,15 @@ class PushFactor:
             return APPROVED if record["result"] == APPROVED else "push.error." + record["result"]
         return "push.error.expired" if state["exp"] < svc.clock() else "pending"
 
-    async def verify(self, request, svc, tx, form) -> Outcome:
+    async def verify(self, request, svc, tx, form, account) -> Outcome:
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         if "otp" in form:  # the 【OTP 登入】 button: the chosen phone's app code
             code = (form.get("otp") or "").strip().replace(" ", "")
             if not re.fullmatch(r"\d{6}", code):
                 return Outcome(error="otp.malformed", keep={"chosen": form.get("device")})
             binding_id = str(form.get("device") or "")
-            outcome = await run_in_threadpool(check_code, svc, tx, code, seen, self.name, binding_id)
+            binding = next((b for b in account.bindings if b.factor == self.name and b.id == binding_id), None)
+            outcome = await run_in_threadpool(check_code, svc, tx, code, seen, binding, binding_id)
             outcome.amr, outcome.keep = ["swk", "otp"], {"chosen": binding_id}
             return outcome
         state = tx.get("push")

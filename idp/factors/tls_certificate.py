@@ -71,7 +71,7 @@ class TlsCertificateFactor(CertificateFactor):
     def context(self, svc, tx, account) -> dict:
         return {}
 
-    async def verify(self, request, svc, tx, form) -> Outcome:
+    async def verify(self, request, svc, tx, form, account) -> Outcome:
         pem = presented(request, svc)
         if pem is None:
             svc.audit.record("login.failure", account_id=tx.get("account"), username=tx.get("username") or None,

@@ -74,46 +74,39 @@ class TotpFactor:
         binding = next((b for b in account.bindings if b.factor == self.name), None)
         return {"version": binding.data.get("version", 1) if binding else None}
 
-    async def verify(self, request, svc, tx, form) -> Outcome:
+    async def verify(self, request, svc, tx, form, account) -> Outcome:
         code = (form.get("otp") or "").strip().replace(" ", "")
         if not CODE.match(code):
             return Outcome(error="otp.malformed")
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
-        return await run_in_threadpool(check_code, svc, tx, code, seen, self.name)
+        binding = next((b for b in account.bindings if b.factor == self.name), None)
+        return await run_in_threadpool(check_code, svc, tx, code, seen, binding, account.id)
 
 
-# The binding a code is checked against, and its last used step: statements built once
-# (``Database.rows``), as a login runs them every time.
-_BINDING = select(Binding.id, Binding.data).where(Binding.account_id == bindparam("account"),
-                                                   Binding.factor == bindparam("factor"))
-_BINDING_BY_ID = _BINDING.where(Binding.id == bindparam("binding"))
+# Written on every login: a statement built once (``Database.write``).
 _LAST_STEP = update(Binding).where(Binding.id == bindparam("binding")).values(data=bindparam("data"))
 
 
-def check_code(svc, tx, code, seen, factor: str, binding_id: str | None = None) -> Outcome:
-    """Check ``code`` against the account's one binding of ``factor`` (the OTP app), or
-    its binding ``binding_id`` (one push app of several: SPEC A5); a used step is claimed
-    per binding (the OTP app's: per account)."""
+def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
+    """Check ``code`` against ``binding`` (the account's OTP app, or one of its push apps:
+    SPEC A5; None: not bound); a used step is claimed under ``claim``."""
     username, lockout = tx["username"], svc.lockout
     if until := lockout.locked_until(username):
         return _locked(svc, tx, until, seen)
     attempt = lockout.reserve(username)
     if attempt > lockout.threshold:
         return _locked(svc, tx, lockout.locked_until(username) or lockout.lock(username), seen)
+    if binding is None:
+        return Outcome(error="otp.not_bound")
 
     now = svc.clock()
-    found = svc.db.rows(_BINDING_BY_ID if binding_id else _BINDING, account=tx["account"], factor=factor,
-                        binding=binding_id)
-    if not found:
-        return Outcome(error="otp.not_bound")
-    binding = found[0]
-    secret = svc.box.open(binding["data"]["secret"], tx["account"])
+    secret = svc.box.open(binding.data["secret"], tx["account"])
     offset = match(secret, code, now, svc.settings.otp_drift_minutes)
     step = int(now // STEP) + (offset or 0)
-    fresh = offset is not None and abs(offset) <= WINDOW and step > binding["data"].get("last_step", -1)
+    fresh = offset is not None and abs(offset) <= WINDOW and step > binding.data.get("last_step", -1)
     # The atomic claim: of two requests with the same code, one wins.
-    if fresh and svc.store.set(f"otp-used:{binding_id or tx['account']}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
-        svc.db.write(_LAST_STEP, binding=binding["id"], data={**binding["data"], "last_step": step})
+    if fresh and svc.store.set(f"otp-used:{claim}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
+        svc.db.write(_LAST_STEP, binding=binding.id, data={**binding.data, "last_step": step})
         lockout.clear(username)
         return Outcome(account_id=tx["account"])
 

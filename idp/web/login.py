@@ -156,7 +156,7 @@ async def factor_submit(request: Request) -> Response:
         return await show(request, tx, client, account, step)
     if step is None or step.kind != "factor" or factor not in step.factors:
         return _expired(request)  # only a factor this step offers: the client's policy holds
-    outcome = await factor.verify(request, svc, tx, form)
+    outcome = await factor.verify(request, svc, tx, form, account)
     if not outcome.ok:
         tx["failures"] = tx.get("failures", 0) + 1
         tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}

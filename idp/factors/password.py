@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from functools import partial
 
 from starlette.concurrency import run_in_threadpool
 
@@ -52,8 +53,7 @@ class PasswordFactor:
         if attempt > lockout.threshold:
             return locked(lockout.locked_until(username) or lockout.lock(username))
 
-        account = await run_in_threadpool(with_bindings, svc, username=username)
-        correct, rehash = await svc.passwords.check(account.password_hash if account else None, password)
+        account, correct, rehash = await svc.passwords.check(partial(with_bindings, svc, username=username), password)
         if correct and rehash:  # made with older parameters: upgraded now that the password is known
             await run_in_threadpool(self._rehash, svc, account.id, password)
         if not correct:

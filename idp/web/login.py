@@ -323,7 +323,11 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
         set_cookie(request, response, SESSION_COOKIE, session["sid"])
         return response
     try:
-        response = await run_in_threadpool(_issue_code, request, svc, tx, account, auth)
+        # The code's request is validated again, and its client taken from the cache, filled
+        # here if need be: so the validation, on the event loop, reads no database.
+        if await svc.server.client(tx["client_id"]) is None:
+            raise OAuth2Error("the client is gone")
+        response = _issue_code(request, svc, tx, account, auth)
     except OAuth2Error:  # the client or its redirect URI went away meanwhile
         svc.transactions.drop(tx)
         return _expired(request)

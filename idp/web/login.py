@@ -323,11 +323,7 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
         set_cookie(request, response, SESSION_COOKIE, session["sid"])
         return response
     try:
-        # The code's request is validated again, and its client taken from the cache, filled
-        # here if need be: so the validation, on the event loop, reads no database.
-        if await svc.server.client(tx["client_id"]) is None:
-            raise OAuth2Error("the client is gone")
-        response = _issue_code(request, svc, tx, account, auth)
+        response = await _issue_code(request, svc, tx, account, auth)
     except OAuth2Error:  # the client or its redirect URI went away meanwhile
         svc.transactions.drop(tx)
         return _expired(request)
@@ -336,9 +332,9 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
     return response
 
 
-def _issue_code(request, svc, tx, account, auth):
+async def _issue_code(request, svc, tx, account, auth):
     oauth_request = _authorization_request(svc, tx)
-    grant = svc.server.get_consent_grant(oauth_request, account)  # validated again: the client may have changed
+    grant = await svc.server.consent_grant(oauth_request, account)  # validated again: the client may have changed
     data = oauth_request.payload.data
     record = {
         "client_id": tx["client_id"],
@@ -363,7 +359,7 @@ async def respond_error(request: Request, tx: dict, error: str, description: str
         return error_page(request, "error.cancelled.title", "error.cancelled.detail")
     oauth_request = _authorization_request(svc, tx)
     try:
-        grant = await run_in_threadpool(svc.server.get_consent_grant, oauth_request, None)
+        grant = await svc.server.consent_grant(oauth_request)
     except OAuth2Error:  # the client or its redirect URI went away meanwhile
         return _expired(request)
     params = [("error", error)] + ([("error_description", description)] if description else [])

@@ -145,7 +145,7 @@ async def authorize(request: Request) -> Response:
                 "The request_uri is unknown, expired, already used or another client's.", error="invalid_request_uri"))
     oauth_request = _oauth_request(request, query, form)
     try:
-        grant = await run_in_threadpool(svc.server.get_consent_grant, oauth_request, None)
+        grant = await svc.server.consent_grant(oauth_request)
     except OAuth2Error as error:
         if not error.redirect_uri:
             return _bad_authorization_page(request, error)
@@ -211,7 +211,7 @@ async def pushed_authorization(request: Request) -> Response:
     params = [(k, v) for k, v in params if k != "client_id"] + [("client_id", client.client_id)]
     check = OAuthRequest("GET", svc.settings.issuer + "/authorize", request.headers, params, [])
     try:
-        await run_in_threadpool(svc.server.get_consent_grant, check, None)
+        await svc.server.consent_grant(check)
     except OAuth2Error as error:
         return _oauth_error(error.error, error.description or "The authorization request is invalid.")
     if problem := _check_extras(check.payload.data):

@@ -15,6 +15,7 @@ from typing import Callable
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, func, select
+from sqlalchemy.exc import MultipleResultsFound
 
 from idp.settings import SettingsError
 from idp.storage.models import Account, Binding
@@ -139,6 +140,16 @@ class Lockout:
             return None
         return lock["until"]
 
+    def attempt(self, username: str) -> tuple[float | None, int]:
+        """Before an answer is checked: (until, 0) while the account is locked, which this
+        attempt may just have done (the one over the threshold); else (None, its number)."""
+        if until := self.locked_until(username):
+            return until, 0
+        attempt = self.reserve(username)
+        if attempt > self.threshold:
+            return self.locked_until(username) or self.lock(username), 0
+        return None, attempt
+
     def reserve(self, username: str) -> int:
         """Count an attempt; returns its number (over the threshold: locked)."""
         count = self.store.incr("fail:" + self._key(username), self.seconds)
@@ -195,6 +206,8 @@ def with_bindings(svc, *, account_id: str | None = None, username: str | None = 
     rows = svc.db.rows(query, key=key)
     if not rows:
         return None
+    if len({row["accounts_id"] for row in rows}) > 1:  # usernames differing in case only: refuse to guess
+        raise MultipleResultsFound(f"more than one account is {username!r}")
     account = _columns(rows[0], _ACCOUNTS)
     account.bindings = [_columns(row, _BINDINGS) for row in rows if row["bindings_id"] is not None]
     return account

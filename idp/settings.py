@@ -26,7 +26,8 @@ class Settings:
     )
     database_url: str = _doc(
         "SQLAlchemy URL. SQLite by default; `postgresql+psycopg://user@host/db` for production "
-        "(a connection attempt gives up after 10 s unless `?connect_timeout=` says otherwise).",
+        "(PostgreSQL through psycopg 3 only: the login's reads and writes use it directly; a connection "
+        "attempt gives up after 10 s unless `?connect_timeout=` says otherwise).",
         "sqlite:///var/idp.sqlite3",
     )
     database_pool: int = _doc(

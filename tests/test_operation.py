@@ -1,5 +1,6 @@
 """Running the provider (SPEC O1, O3): health, readiness, metrics, migrations."""
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -98,3 +99,57 @@ def test_a_postgresql_url_without_psycopg_stops_the_start(settings_for):
     other = good.database_url.replace("postgresql+psycopg://", "postgresql+psycopg2://")
     with pytest.raises(SettingsError, match="must be postgresql\\+psycopg://"):
         create_app(settings_for(database_url=other))
+
+
+def test_a_login_reads_no_database_on_the_event_loop(make_provider):
+    """Even with no client cache (every request misses it), the login's database work runs
+    in the thread pool: a slow database never holds up the process's other requests."""
+    provider = make_provider(client_cache_seconds=0)
+    provider.account("alice")
+    client_id, _ = provider.client()
+    sessions = provider.svc.db.session
+
+    def off_the_loop():
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return sessions()
+        raise AssertionError("a database session opened on the event loop")
+
+    provider.svc.db.session = off_the_loop
+    assert "code" in provider.browser().login(client_id)
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_driver_statements_must_carry_every_value(settings_for):
+    """Database.rows and write send compiled SQL to psycopg, which applies no value fixed in
+    the statement: such a statement is refused, not sent with a hole in it."""
+    from sqlalchemy import bindparam, select
+
+    from idp.storage.models import Account
+
+    db = create_app(settings_for()).state.svc.db
+    assert db.rows(select(Account.id).where(Account.username == bindparam("name")), name="nobody") == []
+    with pytest.raises(ValueError, match="values missing"):
+        db.rows(select(Account.id).where(Account.username == "nobody"))
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_database_restart_costs_one_failed_query_not_one_per_pooled_connection(settings_for):
+    import psycopg
+    from sqlalchemy import bindparam, select
+
+    from idp.storage.models import Account
+
+    db = create_app(settings_for()).state.svc.db
+    query = select(Account.id).where(Account.username == bindparam("name"))
+    held = [db.engine.raw_connection() for _ in range(3)]  # three connections idle in the pool
+    for pooled in held:
+        pooled.close()
+    with psycopg.connect(db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+                         autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    with pytest.raises(psycopg.OperationalError):  # the server's goodbye, not a later error hiding it
+        db.rows(query, name="nobody")
+    assert db.rows(query, name="nobody") == []

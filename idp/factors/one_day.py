@@ -171,11 +171,9 @@ class OneDayFactor:
             svc.audit.record("login.locked", account_id=account_id, username=username, **seen)
             return Outcome.locked(until, **keep)
 
-        if until := lockout.locked_until(username):
+        until, attempt = lockout.attempt(username)
+        if until:
             return locked(until)
-        attempt = lockout.reserve(username)
-        if attempt > lockout.threshold:
-            return locked(lockout.locked_until(username) or lockout.lock(username))
 
         account, correct = PASSWORD._verify(svc, username, password)
         now = svc.clock()

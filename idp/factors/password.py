@@ -47,11 +47,9 @@ class PasswordFactor:
             svc.audit.record("login.locked", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
             return Outcome.locked(until, **keep)
 
-        if until := lockout.locked_until(username):
+        until, attempt = lockout.attempt(username)
+        if until:
             return locked(until)
-        attempt = lockout.reserve(username)
-        if attempt > lockout.threshold:
-            return locked(lockout.locked_until(username) or lockout.lock(username))
 
         account, correct, rehash = await svc.passwords.check(partial(with_bindings, svc, username=username), password)
         if correct and rehash:  # made with older parameters: upgraded now that the password is known

@@ -91,11 +91,9 @@ def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
     """Check ``code`` against ``binding`` (the account's OTP app, or one of its push apps:
     SPEC A5; None: not bound); a used step is claimed under ``claim``."""
     username, lockout = tx["username"], svc.lockout
-    if until := lockout.locked_until(username):
+    until, attempt = lockout.attempt(username)
+    if until:
         return _locked(svc, tx, until, seen)
-    attempt = lockout.reserve(username)
-    if attempt > lockout.threshold:
-        return _locked(svc, tx, lockout.locked_until(username) or lockout.lock(username), seen)
     if binding is None:
         return Outcome(error="otp.not_bound")
 

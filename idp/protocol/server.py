@@ -15,6 +15,7 @@ import hmac
 import os
 import time
 from collections import defaultdict
+from contextvars import ContextVar
 
 import orjson
 from authlib.oauth2 import rfc7009, rfc7523, rfc7662
@@ -38,6 +39,8 @@ from idp.storage.models import Account
 os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
 
 CLIENT_CACHE_SIZE = 10_000
+# The client ``consent_grant`` found, for authlib's ``query_client`` within that one call.
+_RESOLVED: ContextVar = ContextVar("idp_resolved_client", default=None)
 ALL_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 CONFIDENTIAL_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
 
@@ -391,6 +394,9 @@ class Server(AuthorizationServer):
         database round trip per request was most of the token endpoint's time. Changes
         made through this process are seen at once (``forget_client``); changes made
         elsewhere (the CLI, other processes) within ``client_cache_seconds``."""
+        resolved = _RESOLVED.get()
+        if resolved is not None and resolved.client_id == client_id:
+            return resolved
         now = time.monotonic()
         cached = self._cached(client_id, now)
         if cached:
@@ -409,13 +415,18 @@ class Server(AuthorizationServer):
         return self._cached(client_id, time.monotonic()) or await run_in_threadpool(self.query_client, client_id)
 
     async def consent_grant(self, request, end_user=None):
-        """``get_consent_grant`` (the authorization request validated) for the event loop: run
-        there once the request's client is in the cache, so it reads no database; an unknown
+        """``get_consent_grant`` (the authorization request validated) for the event loop: the
+        client is found first (``client``), so the validation reads no database; an unknown
         client's error comes from the thread pool."""
         client_id = request.payload.client_id
-        if isinstance(client_id, str) and await self.client(client_id) is not None:
+        client = await self.client(client_id) if isinstance(client_id, str) else None
+        if client is None:
+            return await run_in_threadpool(self.get_consent_grant, request, end_user)
+        resolved = _RESOLVED.set(client)  # authlib's own query_client gets it, whatever the cache holds by then
+        try:
             return self.get_consent_grant(request, end_user)
-        return await run_in_threadpool(self.get_consent_grant, request, end_user)
+        finally:
+            _RESOLVED.reset(resolved)
 
     def _cached(self, client_id: str, now: float):
         cached = self._clients.get(client_id)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
@@ -59,8 +60,9 @@ class Database:
         process with the in-process store reads the database there (``account_active``)."""
         with self._driver() as conn:
             if self.engine.dialect.name == "sqlite":
-                query = query.replace("%s", "?")
-            row = conn.execute(query, params).fetchone()
+                row = conn.execute(query.replace("%s", "?"), params).fetchone()
+            else:
+                row = conn.execute(query, params, prepare=True).fetchone()
         return None if row is None else row[0]
 
     def rows(self, statement, **params) -> list[dict]:
@@ -86,20 +88,24 @@ class Database:
             with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(statement, params)
             return
-        values = {key: Json(value) if isinstance(value, dict) else value for key, value in params.items()}
+        values = {key: Json(value) if isinstance(value, (dict, list)) else value for key, value in params.items()}
         with self._driver() as conn:
             conn.execute(self._sql(statement, params), values, prepare=True)
 
     def _sql(self, statement, params: dict) -> str:
         """``statement`` compiled for PostgreSQL (an INSERT's columns: the keys of ``params``).
         Statements are built once, at import, with ``bindparam`` for their values, so each is
-        compiled once and kept."""
+        compiled once and kept. Every value must come in ``params``: the driver applies no
+        column default and no value fixed in the statement, as SQLAlchemy would."""
         key = (statement, tuple(params))
         sql = self._compiled.get(key)
         if sql is None:
+            compiled = statement.compile(dialect=self.engine.dialect, column_keys=list(params))
+            if missing := set(compiled.params) - set(params):
+                raise ValueError(f"values missing for {sorted(missing)}: give them all, as bindparam()s")
             if len(self._compiled) >= 256:  # statements built per call would otherwise pile up
                 self._compiled.clear()
-            sql = self._compiled[key] = str(statement.compile(dialect=self.engine.dialect, column_keys=list(params)))
+            sql = self._compiled[key] = str(compiled)
         return sql
 
     @contextlib.contextmanager
@@ -114,8 +120,14 @@ class Database:
             conn.autocommit = True
             try:
                 yield conn
+            except psycopg.OperationalError as error:
+                if conn.broken:  # the server went away (a restart, a failover): so did the pool's other connections
+                    pooled.invalidate(error)
+                    self.engine.pool.dispose()
+                raise
             finally:
-                conn.autocommit = False
+                if not conn.broken:
+                    conn.autocommit = False
 
     def migrate(self) -> None:
         """Bring the schema up to date. Safe when several processes start together:

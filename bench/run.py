@@ -112,6 +112,8 @@ class PipelineStore:
             self.set(key, value, ttl)
         for key, member, ttl in batch.adds:
             self.add(key, member, ttl)
+        for key in batch.deletes:
+            self.pipe.delete(self.prefix + key)
         return []
 
     def flush(self):

@@ -83,8 +83,8 @@ class Transactions:
     def save(self, tx: dict) -> None:
         self.store.set("tx:" + tx["id"], tx, max(1, int(tx["exp"] - self.clock())) + 60)
 
-    def drop(self, tx: dict) -> None:
-        self.store.delete("tx:" + tx["id"])
+    def drop(self, tx: dict, batch=None) -> None:
+        (batch or self.store).delete("tx:" + tx["id"])
 
 
 def record_factor(tx: dict, factor, account: Account, now: float, amr: list | None = None) -> None:

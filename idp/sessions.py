@@ -22,9 +22,10 @@ class Sessions:
         self.listeners: list = []
 
     def create(self, account_id: str, username: str, amr: list[str], acr: str, auth_time: float,
-               seen: dict | None = None, verified_at: float = 0) -> dict:
+               seen: dict | None = None, verified_at: float = 0, batch: Batch | None = None) -> dict:
         """A new session; ``seen`` (address, user agent) lets its owner recognise it in their list;
-        ``verified_at``: when a bound second factor was last proven (SPEC M2)."""
+        ``verified_at``: when a bound second factor was last proven (SPEC M2). Written at once,
+        or with ``batch``, when the caller writes it."""
         now = self.clock()
         record = {
             "sid": secrets.token_urlsafe(24),
@@ -39,10 +40,11 @@ class Sessions:
             "verified_at": verified_at,
             **(seen or {}),
         }
-        batch = Batch()
-        batch.set("sess:" + record["sid"], record, self.lifetime)
-        batch.add("acct-sess:" + account_id, record["sid"], self.lifetime)
-        self.store.write(batch)
+        writes = batch or Batch()
+        writes.set("sess:" + record["sid"], record, self.lifetime)
+        writes.add("acct-sess:" + account_id, record["sid"], self.lifetime)
+        if batch is None:
+            self.store.write(writes)
         return record
 
     def of_account(self, account_id: str) -> list[dict]:
@@ -60,8 +62,8 @@ class Sessions:
             return None
         return record
 
-    def save(self, record: dict) -> None:
-        self.store.set("sess:" + record["sid"], record, max(1, int(record["exp"] - self.clock())))
+    def save(self, record: dict, batch: Batch | None = None) -> None:
+        (batch or self.store).set("sess:" + record["sid"], record, max(1, int(record["exp"] - self.clock())))
 
     def add_grant(self, sid: str, client_id: str, gid: str, batch=None) -> None:
         """Remember a grant issued under the session: one atomic set addition, no

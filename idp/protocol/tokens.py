@@ -37,9 +37,10 @@ class Tokens:
         self.clock = clock
 
     # -- authorization codes ---------------------------------------------
-    def save_code(self, record: dict, lifetime: int) -> str:
+    def save_code(self, record: dict, lifetime: int, batch=None) -> str:
+        """A new authorization code for ``record``; stored at once, or with ``batch``."""
         code = secrets.token_urlsafe(32)
-        self.store.set("code:" + _h(code), {**record, "exp": self.clock() + lifetime}, lifetime + 60)
+        (batch or self.store).set("code:" + _h(code), {**record, "exp": self.clock() + lifetime}, lifetime + 60)
         return code
 
     def claim_code(self, code: str, batch) -> dict | None:

@@ -36,15 +36,17 @@ from idp.storage import resp
 class Batch:
     """Writes gathered while handling one request, sent in one round trip by
     ``Store.write`` (the token endpoint's writes: markers, grant, tokens, the
-    session's grant list). Its ``take``s and ``read``s go first and ``write``
-    returns what they found, so a request can claim a key, or check one, and
-    write what that allows in the same round trip (and undo it if not)."""
+    session's grant list; the end of a login: session, code, the transaction's
+    deletion). Its ``take``s and ``read``s go first and ``write`` returns what
+    they found, so a request can claim a key, or check one, and write what that
+    allows in the same round trip (and undo it if not)."""
 
     def __init__(self):
         self.takes: list[str] = []
         self.reads: list[str] = []
         self.sets: list[tuple[str, dict, int]] = []
         self.adds: list[tuple[str, str, int]] = []
+        self.deletes: list[str] = []
 
     def take(self, key: str) -> None:
         self.takes.append(key)
@@ -57,6 +59,9 @@ class Batch:
 
     def add(self, key: str, member: str, ttl: int) -> None:
         self.adds.append((key, member, ttl))
+
+    def delete(self, key: str) -> None:
+        self.deletes.append(key)
 
 
 class Store(Protocol):
@@ -72,8 +77,8 @@ class Store(Protocol):
         """Store several (key, value, ttl) in one round trip."""
     def write(self, batch: Batch) -> list[dict | None]:
         """Apply a ``Batch`` in one round trip: its takes (each atomic, as ``take``), its
-        reads, its sets, its set additions. Returns what the takes took, then what the
-        reads read, in order."""
+        reads, its sets, its set additions, its deletions. Returns what the takes took,
+        then what the reads read, in order."""
     def delete(self, *keys: str) -> None: ...
     def incr(self, key: str, ttl: int, by: int = 1) -> int:
         """Atomically add ``by``; the first increment starts the TTL."""
@@ -136,6 +141,7 @@ class MemoryStore:
             self.set(key, value, ttl)
         for key, member, ttl in batch.adds:
             self.add(key, member, ttl)
+        self.delete(*batch.deletes)
         return taken
 
     def delete(self, *keys):
@@ -231,6 +237,7 @@ class RedisStore:
         commands += [("SET", self._k(key), orjson.dumps(value), "EX", ttl) for key, value, ttl in batch.sets]
         for key, member, ttl in batch.adds:
             commands += [("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)]
+        commands += [("DEL", self._k(key)) for key in batch.deletes]
         replies = self._execute(commands)
         return [self._load(raw) for raw in replies[: len(batch.takes) + len(batch.reads)]]
 

@@ -28,6 +28,7 @@ from idp.factors import FACTORS, methods
 from idp.factors.totp import Enrolment
 from idp.protocol import claims
 from idp.protocol.server import Request as OAuthRequest
+from idp.storage.kv import Batch
 from idp.storage.models import Account, Consent
 from idp.web.forms import BadRequest, read_form
 from idp.web.pages import csrf_ok, error_page, render, who, set_cookie
@@ -293,8 +294,11 @@ def _authorization_request(svc, tx: dict) -> OAuthRequest:
 
 
 async def finish(request: Request, tx: dict, account: Account, client) -> Response:
-    """Set the SSO session and send an authorization code back to the client."""
+    """Set the SSO session and send an authorization code back to the client: the session,
+    the code and the transaction's end are written in one round trip, once the code's
+    request has passed its checks again."""
     svc = request.app.state.svc
+    writes = Batch()
     # What the account area asks to be recent (M2): a bound second factor, or any factor
     # from an account that has none to offer (else it could never get in).
     has_possession = any(f.possession and f.enabled(svc) and f.bound(account) for f in FACTORS.values())
@@ -305,34 +309,33 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
         session = None
     if session is None:
         session = svc.sessions.create(account.id, account.username, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"],
-                                      seen=who(request), verified_at=svc.clock() if verified else 0)
+                                      seen=who(request), verified_at=svc.clock() if verified else 0, batch=writes)
     elif tx["done"]:
         # New proof for the same person (step-up or a forced re-login); a step-up
         # transaction started from the session's amr, so tx["amr"] is the whole story.
         session.update(amr=tx["amr"], acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
         if verified:
             session["verified_at"] = svc.clock()
-        svc.sessions.save(session)
+        svc.sessions.save(session, writes)
     auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": session["acr"], "amr": session["amr"]}
     if tx["done"]:
         svc.audit.record("login.success", account_id=account.id, username=account.username, client_id=client.client_id,
                          **who(request), method="+".join(tx["done"]), acr=auth["acr"])
     if tx["client_id"] is None:
-        svc.transactions.drop(tx)
         response = RedirectResponse(tx["return_to"], status_code=303)
-        set_cookie(request, response, SESSION_COOKIE, session["sid"])
-        return response
-    try:
-        response = await _issue_code(request, svc, tx, account, auth)
-    except OAuth2Error:  # the client or its redirect URI went away meanwhile
-        svc.transactions.drop(tx)
-        return _expired(request)
-    svc.transactions.drop(tx)
+    else:
+        try:
+            response = await _issue_code(request, svc, tx, account, auth, writes)
+        except OAuth2Error:  # the client or its redirect URI went away meanwhile
+            svc.transactions.drop(tx)
+            return _expired(request)
+    svc.transactions.drop(tx, writes)
+    svc.store.write(writes)
     set_cookie(request, response, SESSION_COOKIE, session["sid"])
     return response
 
 
-async def _issue_code(request, svc, tx, account, auth):
+async def _issue_code(request, svc, tx, account, auth, writes: Batch):
     oauth_request = _authorization_request(svc, tx)
     grant = await svc.server.consent_grant(oauth_request, account)  # validated again: the client may have changed
     data = oauth_request.payload.data
@@ -348,7 +351,7 @@ async def _issue_code(request, svc, tx, account, auth):
         # What the ID token says about the account, so the code exchange reads no database.
         "claims": claims.profile(account, oauth_request.scope or ""),
     }
-    code = svc.tokens.save_code(record, svc.settings.code_seconds)
+    code = svc.tokens.save_code(record, svc.settings.code_seconds, writes)
     return to_client(request, grant.redirect_uri, [("code", code)], data)
 
 

@@ -147,21 +147,19 @@ class Lockout:
             return until, 0
         attempt = self.reserve(username)
         if attempt > self.threshold:
-            return self.locked_until(username) or self.lock(username), 0
+            return self.lock(username), 0
         return None, attempt
 
     def reserve(self, username: str) -> int:
-        """Count an attempt; returns its number (over the threshold: locked)."""
-        count = self.store.incr("fail:" + self._key(username), self.seconds)
-        if count > self.threshold:
-            self.lock(username)
-        return count
+        """Count an attempt; returns its number (the caller locks past the threshold)."""
+        return self.store.incr("fail:" + self._key(username), self.seconds)
 
     def release(self, username: str) -> None:
         """Give back a reserved attempt that turned out not to be a guess."""
         self.store.incr("fail:" + self._key(username), self.seconds, by=-1)
 
     def lock(self, username: str) -> float:
+        """Lock the account, unless it is already; when the lock ends."""
         until = self.clock() + self.seconds
         if self.store.set("lock:" + self._key(username), {"until": until}, self.seconds + 60, only_new=True):
             if self.metrics:

@@ -187,7 +187,7 @@ class CertificateFactor:
         lockout = svc.lockout
         attempt = lockout.reserve(username)
         if attempt >= lockout.threshold:
-            until = lockout.locked_until(username) or lockout.lock(username)
+            until = lockout.lock(username)
             svc.audit.record("login.locked", account_id=account_id, username=username, **seen)
             return Outcome.locked(until)
         return Outcome(error=key)

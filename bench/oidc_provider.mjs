@@ -1,9 +1,10 @@
 // panva's oidc-provider (tests/e2e/node_modules) configured like our provider for the
 // benchmark: one confidential client (client_secret_basic) with client_credentials,
 // authorization_code (+PKCE S256) and refresh_token (rotated, single use), ES256 ID tokens,
-// opaque access tokens, an in-memory adapter (a plain Map; see MapAdapter).
+// opaque access tokens, and either an in-memory adapter (a plain Map; see MapAdapter) or,
+// given REDIS_URL, a Redis adapter (RedisAdapter), as our provider on Redis.
 //
-// Usage: node bench/oidc_provider.mjs PORT CLIENT_ID CLIENT_SECRET REDIRECT_URI
+// Usage: node bench/oidc_provider.mjs PORT CLIENT_ID CLIENT_SECRET REDIRECT_URI [REDIS_URL]
 // Besides the provider it answers POST /__bench/mint?kind=code|refresh&n=N&challenge=C with
 // N codes / refresh tokens (one a line), minted through the provider's own models, so that
 // the token endpoint can be loaded with single-use credentials exactly as ours is.
@@ -17,7 +18,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const require = createRequire(path.join(here, '..', 'tests', 'e2e', 'package.json'));
 const { default: Provider } = await import(require.resolve('oidc-provider'));
 
-const [port, clientId, clientSecret, redirectUri] = process.argv.slice(2);
+const [port, clientId, clientSecret, redirectUri, redisUrl] = process.argv.slice(2);
 const issuer = `http://127.0.0.1:${port}`;
 const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
 const jwk = { ...privateKey.export({ format: 'jwk' }), kid: 'bench-es256', alg: 'ES256', use: 'sig' };
@@ -63,8 +64,58 @@ class MapAdapter {
   }
 }
 
+// The layout of oidc-provider's example Redis adapter (example/adapters/redis.js in its
+// repository): one key per model instance, codes and refresh tokens as hashes so that
+// consume() sets one field, a list per grant of the keys to delete on revocation. Each
+// upsert is one MULTI; the example also reads the grant list's TTL first, a round trip
+// left out here, so this adapter is if anything faster than the one deployments start from.
+const grantable = new Set(['AccessToken', 'AuthorizationCode', 'RefreshToken', 'DeviceCode', 'BackchannelAuthenticationRequest']);
+const consumable = new Set(['AuthorizationCode', 'RefreshToken', 'DeviceCode', 'BackchannelAuthenticationRequest']);
+let redis;
+class RedisAdapter {
+  constructor(name) { this.name = name; }
+  key(id) { return `oidc:${this.name}:${id}`; }
+  async upsert(id, payload, expiresIn) {
+    const key = this.key(id);
+    const multi = redis.multi();
+    if (consumable.has(this.name)) multi.hset(key, { payload: JSON.stringify(payload) });
+    else multi.set(key, JSON.stringify(payload));
+    if (expiresIn) multi.expire(key, expiresIn);
+    if (grantable.has(this.name) && payload.grantId) {
+      const grantKey = `oidc:grant:${payload.grantId}`;
+      multi.rpush(grantKey, key);
+      // a new list gets the TTL (NX), a list that would expire sooner is extended (GT)
+      if (expiresIn) multi.expire(grantKey, expiresIn, 'NX').expire(grantKey, expiresIn, 'GT');
+    }
+    if (payload.userCode) multi.set(`oidc:userCode:${payload.userCode}`, id, 'EX', expiresIn);
+    if (payload.uid) multi.set(`oidc:uid:${payload.uid}`, id, 'EX', expiresIn);
+    await multi.exec();
+  }
+  async find(id) {
+    if (!consumable.has(this.name)) {
+      const data = await redis.get(this.key(id));
+      return data ? JSON.parse(data) : undefined;
+    }
+    const { payload, ...rest } = await redis.hgetall(this.key(id));
+    return payload ? { ...rest, ...JSON.parse(payload) } : undefined;
+  }
+  async findByUid(uid) { const id = await redis.get(`oidc:uid:${uid}`); return id ? this.find(id) : undefined; }
+  async findByUserCode(code) { const id = await redis.get(`oidc:userCode:${code}`); return id ? this.find(id) : undefined; }
+  async consume(id) { await redis.hset(this.key(id), 'consumed', Math.floor(Date.now() / 1000)); }
+  async destroy(id) { await redis.del(this.key(id)); }
+  async revokeByGrantId(grantId) {
+    const grantKey = `oidc:grant:${grantId}`;
+    const keys = await redis.lrange(grantKey, 0, -1);
+    await redis.del(...keys, grantKey);
+  }
+}
+if (redisUrl) {
+  const { default: Redis } = await import(createRequire(path.join(here, 'package.json')).resolve('ioredis'));
+  redis = new Redis(redisUrl);
+}
+
 const provider = new Provider(issuer, {
-  adapter: MapAdapter,
+  adapter: redisUrl ? RedisAdapter : MapAdapter,
   clients: [{
     client_id: clientId,
     client_secret: clientSecret,

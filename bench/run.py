@@ -20,8 +20,9 @@ What it does, in one run (see bench/README.md):
 4. Runs the provider on its single-process store (bench/serve_memory.py), one worker, and
    measures the token endpoint again: the like-for-like row against oidc-provider's Map.
 5. Starts oidc-provider (tests/e2e/node_modules, bench/oidc_provider.mjs) with the
-   equivalent configuration and measures discovery, JWKS, client_credentials, code
-   exchange and refresh the same way; prints our/theirs ratios.
+   equivalent configuration, on Redis (bench/node_modules' ioredis) and again in memory,
+   and measures discovery, JWKS, client_credentials, code exchange and refresh the same
+   way; prints our/theirs ratios (Redis against Redis, in-process against in memory).
 6. Prints the tables (rates; and each server's CPU time per request, which the load
    generator sharing the cores does not skew) and writes them to
    bench/results/<date>-<cores>cores.{md,json}.
@@ -715,6 +716,33 @@ def ratio(a, b):
     return f"{a['rate'] / b['rate']:.2f}"
 
 
+def measure_theirs(node: str, seconds: float, mint_rate: int, procs: list, tmp: Path, redis_url: str = "") -> dict:
+    """Start oidc-provider (on its Map, or on ``redis_url``) and measure its token endpoint."""
+    log(f"panva's oidc-provider (1 node process), {'Redis adapter' if redis_url else 'in-memory adapter'}")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    client_id, secret = "bench-client", secrets.token_urlsafe(32)
+    p = Proc([node, str(BENCH / "oidc_provider.mjs"), str(port), client_id, secret, REDIRECT, redis_url],
+             os.environ.copy(), base, "/.well-known/openid-configuration", tmp / "oidc-provider.log")
+    procs.append(p)
+    auth = basic(client_id, secret)
+    warm_up(base, auth, tmp)
+
+    def mint(kind, n):
+        r = httpx.post(f"{base}/__bench/mint", params={"kind": kind, "n": n, "challenge": CHALLENGE}, timeout=300)
+        r.raise_for_status()
+        return r.text.split()
+
+    # node is faster than our mint rate: give it enough for the whole window.
+    res = token_endpoint(base, auth, seconds, p.pids(), mint("code", int(4 * mint_rate * seconds)),
+                         mint("refresh", int(4 * mint_rate * seconds)))
+    for k, v in res.items():
+        log(f"  {k:20s} {fmt_rate(v)}")
+    p.stop()
+    procs.remove(p)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="~3 s per measurement instead of ~10 s")
@@ -736,7 +764,7 @@ def main() -> int:
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="idp-bench-"))
     procs: list[Proc] = []
-    results: dict = {"ours": {}, "ours_memory": {}, "theirs": {}, "logins_keycloak_argon2": {}}
+    results: dict = {"ours": {}, "ours_memory": {}, "theirs": {}, "theirs_redis": {}, "logins_keycloak_argon2": {}}
     memory: dict = {}
     notes: list[str] = []
     profile_lines: list[str] = []
@@ -852,50 +880,34 @@ def main() -> int:
             if not node or not (ROOT / "tests/e2e/node_modules/oidc-provider").exists():
                 notes.append("oidc-provider not measured: node or tests/e2e/node_modules missing (make test installs them)")
             else:
-                log("panva's oidc-provider (1 node process)")
-                tport = free_port()
-                tbase = f"http://127.0.0.1:{tport}"
-                tid, tsecret = "bench-client", secrets.token_urlsafe(32)
-                p = Proc([node, str(BENCH / "oidc_provider.mjs"), str(tport), tid, tsecret, REDIRECT], os.environ.copy(),
-                         tbase, "/.well-known/openid-configuration", tmp / "oidc-provider.log")
-                procs.append(p)
-                tauth = basic(tid, tsecret)
-                warm_up(tbase, tauth, tmp)
-                def tmint(kind, n):
-                    r = httpx.post(f"{tbase}/__bench/mint", params={"kind": kind, "n": n, "challenge": CHALLENGE}, timeout=300)
-                    r.raise_for_status()
-                    return r.text.split()
-
-                # node is faster than our mint rate: give it enough for the whole window.
-                res = token_endpoint(tbase, tauth, seconds, p.pids(), tmint("code", int(4 * mint_rate * seconds)),
-                                     tmint("refresh", int(4 * mint_rate * seconds)))
-                for k, v in res.items():
-                    log(f"  {k:20s} {fmt_rate(v)}")
-                results["theirs"] = res
-                p.stop()
-                procs.remove(p)
+                results["theirs"] = measure_theirs(node, seconds, mint_rate, procs, tmp)
+                if (BENCH / "node_modules/ioredis").exists():
+                    results["theirs_redis"] = measure_theirs(node, seconds, mint_rate, procs, tmp, rd.url)
+                else:
+                    notes.append("oidc-provider on Redis not measured: bench/node_modules missing (make bench installs it)")
     finally:
         for p in procs:
             p.stop()
 
     # ------------------------------------------------------------------ the table
-    ours, memory_store, theirs = results["ours"], results["ours_memory"], results["theirs"]
+    ours, memory_store, theirs, theirs_redis = results["ours"], results["ours_memory"], results["theirs"], results["theirs_redis"]
     kc_login = results["logins_keycloak_argon2"]
     ns = sorted(ours)
     metrics = [("discovery", "discovery (GET)"), ("jwks", "JWKS (GET)"), ("client_credentials", "client_credentials grant"),
                ("code_exchange", "authorization-code exchange"), ("refresh", "refresh grant (rotating)"),
                ("login", "password+TOTP login, argon2 t=2 19 MiB (full flow + code exchange)")]
     head = ["measurement"] + [f"ours, {n} worker{'s' if n > 1 else ''}" for n in ns]
-    head += ["ours, in-process store, 1 worker", "oidc-provider 9.13 (1 process)"]
-    head += [f"ours {n}w / theirs" for n in ns] + ["in-process / theirs", "Keycloak 26 per vCPU (published)"]
+    head += ["ours, in-process store, 1 worker", "oidc-provider 9.13 on Redis (1 process)", "oidc-provider 9.13 in memory"]
+    head += [f"ours {n}w / theirs on Redis" for n in ns] + ["in-process / theirs in memory", "Keycloak 26 per vCPU (published)"]
     rows = []
     for key, label in metrics:
-        row = [label] + [fmt_rate(ours[n].get(key)) for n in ns] + [fmt_rate(memory_store.get(key)), fmt_rate(theirs.get(key))]
-        row += [ratio(ours[n].get(key), theirs.get(key)) for n in ns] + [ratio(memory_store.get(key), theirs.get(key))]
+        row = [label] + [fmt_rate(ours[n].get(key)) for n in ns]
+        row += [fmt_rate(memory_store.get(key)), fmt_rate(theirs_redis.get(key)), fmt_rate(theirs.get(key))]
+        row += [ratio(ours[n].get(key), theirs_redis.get(key)) for n in ns] + [ratio(memory_store.get(key), theirs.get(key))]
         row += [f"{KEYCLOAK[key]}/s" if key in KEYCLOAK and key != "login" else ("—" if key != "login" else "15/s (t=5, 7 MiB)")]
         rows.append(row)
     rows.append(["password+TOTP login, argon2 t=5 7 MiB (Keycloak's)"] + [fmt_rate(kc_login.get(n)) for n in ns]
-                + ["—", "—"] + ["—" for _ in ns] + ["—", "15/s"])
+                + ["—", "—", "—"] + ["—" for _ in ns] + ["—", "15/s"])
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     ceiling = {"owasp": 1000 / argon["owasp_ms"], "keycloak": 1000 / argon["keycloak_ms"]}
@@ -906,16 +918,16 @@ def main() -> int:
 
     targets = {"client_credentials": "2,000/s", "code_exchange": "1,000/s", "refresh": "1,000/s",
                "login": login_target(argon["owasp_ms"], argon["owasp_cold_ms"], one.get("login"))}
-    cpu_head = ["measurement", "ours, Redis", "ours, in-process store", "oidc-provider", "Redis / theirs",
-                "in-process / theirs", "target per worker"]
+    cpu_head = ["measurement", "ours, Redis", "ours, in-process store", "oidc-provider, Redis", "oidc-provider, in memory",
+                "Redis / theirs on Redis", "in-process / theirs in memory", "Redis / theirs in memory", "target per worker"]
     cpu_md = ["| " + " | ".join(cpu_head) + " |", "|" + "---|" * len(cpu_head)]
     for key, label in metrics:
-        cells = [per_core(r.get(key)) for r in (one, memory_store, theirs)]
-        cpu_md.append("| " + " | ".join([label, *cells, ratio(core_rate(one.get(key)), core_rate(theirs.get(key))),
-                                         ratio(core_rate(memory_store.get(key)), core_rate(theirs.get(key))),
+        cells = [per_core(r.get(key)) for r in (one, memory_store, theirs_redis, theirs)]
+        pairs = [(one, theirs_redis), (memory_store, theirs), (one, theirs)]
+        cpu_md.append("| " + " | ".join([label, *cells, *[ratio(core_rate(a.get(key)), core_rate(b.get(key))) for a, b in pairs],
                                          targets.get(key, "—")]) + " |")
     kc = kc_login.get(1)
-    cpu_md.append("| " + " | ".join(["password+TOTP login, argon2 t=5 7 MiB (Keycloak's)", per_core(kc), "—", "—", "—", "—",
+    cpu_md.append("| " + " | ".join(["password+TOTP login, argon2 t=5 7 MiB (Keycloak's)", per_core(kc), *["—"] * 6,
                                      login_target(argon["keycloak_ms"], argon["keycloak_cold_ms"], kc)]) + " |")
     cpu = ""
     try:
@@ -943,10 +955,12 @@ def main() -> int:
         "- **Shared cores.** The load generator (wrk, 2 threads, 32 connections; the Python login driver) runs on "
         f"the same {CORES} cores as the servers, PostgreSQL and Redis: compare ratios within one run, not absolute numbers across runs.",
         "- **Ours:** `idp serve --workers N` (uvicorn), PostgreSQL 15 + Redis 7 on loopback, IDP_MFA=true, IDP_CAPTCHA=off, "
-        "ES256 ID tokens, opaque access/refresh tokens. Theirs: oidc-provider with an in-memory adapter (a plain Map: its default LRU of 1,000 would evict pre-minted codes) "
-        "(no network store), one node process, rotateRefreshToken=true, ES256, PKCE required; compare with our 1-worker "
-        "columns, the in-process one like for like (`bench/serve_memory.py`: the provider's single-process store, "
-        "PostgreSQL for accounts and clients as above).",
+        "ES256 ID tokens, opaque access/refresh tokens. Theirs: one node process, rotateRefreshToken=true, ES256, PKCE "
+        "required, run twice: on the same Redis (ioredis, the key layout of oidc-provider's example Redis adapter, "
+        "one MULTI per save) to compare with our 1-worker columns, and on an in-memory adapter (a plain Map: its "
+        "default LRU of 1,000 would evict pre-minted codes) to compare like for like with our in-process store "
+        "(`bench/serve_memory.py`: the provider's single-process store, PostgreSQL for accounts and clients as above). "
+        "Neither side's CPU counts Redis's own.",
         "- **Codes and refresh tokens are minted ahead**, through the provider's own code (`svc.tokens.save_code`, "
         "`open_grant`/`issue`, each under its own SSO session from `svc.sessions.create`) into the Redis the server uses "
         f"(pipelined); {mint_rate}/s × seconds × workers of them, so a run does not run out (a cell says so if it did). "
@@ -1006,6 +1020,7 @@ def main() -> int:
                                 "verify_ms_cold_caches": argon["keycloak_cold_ms"]}},
         "keycloak_published_per_vcpu": KEYCLOAK,
         "ours": {str(k): v for k, v in ours.items()}, "ours_memory": memory_store, "theirs": theirs,
+        "theirs_redis": theirs_redis,
         "logins_keycloak_argon2": {str(k): v for k, v in kc_login.items()},
         "load": {"wrk_threads": WRK_THREADS, "wrk_connections": WRK_CONNECTIONS,
                  "login_concurrency": args.login_concurrency, "accounts": args.accounts},

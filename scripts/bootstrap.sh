@@ -8,7 +8,8 @@
 #                                 incl. playwright, Debian's Chromium for the
 #                                 browser test)
 #   scripts/bootstrap.sh --bench  that, plus what bench/run.py needs (Debian's
-#                                 wrk, py-spy for its profiles)
+#                                 wrk, py-spy for its profiles, bench's npm
+#                                 packages)
 #
 # Each step only runs when something is missing or out of date, so running it
 # again is quick. Used by `make run` and `make test`.
@@ -22,7 +23,7 @@ for arg in "$@"; do
   case "$arg" in
     --test) with_test=1 ;;
     --bench) with_test=1; with_bench=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "bootstrap.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -94,22 +95,19 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# --- npm packages for the peer tests and the demo's Google stand-in ---------
-if [ -f tests/e2e/package.json ]; then
+# --- npm packages: the peer tests' and the demo's Google stand-in (tests/e2e);
+# with --bench, the Redis client of the benchmark's oidc-provider (bench) ----
+npm_dirs=(tests/e2e)
+[ "$with_bench" = 1 ] && npm_dirs+=(bench)
+for dir in "${npm_dirs[@]}"; do
   (
-    cd tests/e2e
-    if [ -f package-lock.json ]; then lock=package-lock.json; else lock=package.json; fi
-    if [ ! -d node_modules ] || [ "$lock" -nt node_modules ]; then
-      if [ -f package-lock.json ]; then
-        say "npm ci in tests/e2e"
-        npm ci --no-audit --no-fund --loglevel=error
-      else
-        say "npm install in tests/e2e"
-        npm install --no-audit --no-fund --loglevel=error
-      fi
-      touch node_modules  # npm install may leave the dir's mtime as it was
+    cd "$dir"
+    if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
+      say "npm ci in $dir"
+      npm ci --no-audit --no-fund --loglevel=error
+      touch node_modules  # npm ci may leave the dir's mtime as it was
     fi
   )
-fi
+done
 
 say "ok"

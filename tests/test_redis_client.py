@@ -152,6 +152,29 @@ def test_a_stalled_server_times_out_and_the_next_round_trip_works(server, call):
     assert call(store.get, "k") == {"a": 1}
 
 
+def test_on_a_busy_connection_each_round_trip_gets_its_whole_timeout(server):
+    """One watchdog per connection: a round trip sent late in an earlier one's time is
+    neither cut short at the earlier one's deadline nor left waiting past its own."""
+    store = RedisStore(server["unix"] + "&socket_timeout=0.4")
+
+    async def main():
+        try:
+            await bridge.run(store.set, "k", {"a": 1}, 60)  # arms the watchdog at t=0
+            await asyncio.sleep(0.25)
+            server["admin"].execute_command("CLIENT", "PAUSE", "1500", "ALL")
+            started = time.monotonic()
+            with pytest.raises(redis.TimeoutError):
+                await bridge.run(store.get, "k")
+            return time.monotonic() - started
+        finally:
+            await store.aclose()
+
+    waited = asyncio.run(main())
+    assert 0.35 <= waited < 1.0
+    time.sleep(1.5)  # the pause is over
+    assert store.get("k") == {"a": 1}
+
+
 @pytest.mark.parametrize("call", [_direct, awaited], ids=["blocking", "awaited"])
 def test_an_error_reply_is_raised_and_the_connection_stays_in_step(server, call):
     store = RedisStore(server["unix"])

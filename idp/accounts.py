@@ -18,6 +18,7 @@ from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, func, select
 from sqlalchemy.exc import MultipleResultsFound
 
 from idp.settings import SettingsError
+from idp.storage.kv import Batch
 from idp.storage.models import Account, Binding
 
 KINDS = ("personal", "aa")
@@ -142,10 +143,19 @@ class Lockout:
 
     def attempt(self, username: str) -> tuple[float | None, int]:
         """Before an answer is checked: (until, 0) while the account is locked, which this
-        attempt may just have done (the one over the threshold); else (None, its number)."""
-        if until := self.locked_until(username):
-            return until, 0
-        attempt = self.reserve(username)
+        attempt may just have done (the one over the threshold); else (None, its number).
+        The lock is looked up and the attempt counted in one round trip."""
+        key = self._key(username)
+        batch = Batch()
+        batch.read("lock:" + key)
+        batch.incr("fail:" + key, self.seconds)
+        lock, attempt = self.store.write(batch)
+        if lock is not None:
+            if lock["until"] > self.clock():
+                self.release(username)  # a try against a lock is not counted
+                return lock["until"], 0
+            self.store.delete("lock:" + key, "fail:" + key)  # the lock is over: counting starts again
+            attempt = self.reserve(username)
         if attempt > self.threshold:
             return self.lock(username), 0
         return None, attempt

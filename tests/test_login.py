@@ -32,8 +32,11 @@ def test_three_wrong_passwords_lock_for_fifteen_minutes(provider):
     provider.clock.advance(14 * 60)
     assert "帳號已暫時停用" in _error(browser.password(page))
     provider.clock.advance(61)
-    # The login page itself has timed out by now; a new login works.
-    assert "code" in callback(browser.password(browser.authorize(client_id)))
+    # The login page itself has timed out by now. In a new one the count starts again (the
+    # tries against the lock were not counted), and the right password works.
+    page = browser.password(browser.authorize(client_id), password="wrong-4")
+    assert "再錯 2 次" in _error(page)
+    assert "code" in callback(browser.password(page))
 
 
 def test_lockout_does_not_reveal_whether_an_account_exists(provider):

@@ -37,13 +37,14 @@ class Batch:
     """Writes gathered while handling one request, sent in one round trip by
     ``Store.write`` (the token endpoint's writes: markers, grant, tokens, the
     session's grant list; the end of a login: session, code, the transaction's
-    deletion). Its ``take``s and ``read``s go first and ``write`` returns what
-    they found, so a request can claim a key, or check one, and write what that
-    allows in the same round trip (and undo it if not)."""
+    deletion). Its ``take``s, ``read``s and ``incr``s go first and ``write``
+    returns what they found (and counted), so a request can claim a key, or check
+    one, and write what that allows in the same round trip (and undo it if not)."""
 
     def __init__(self):
         self.takes: list[str] = []
         self.reads: list[str] = []
+        self.incrs: list[tuple[str, int, int]] = []
         self.sets: list[tuple[str, dict, int]] = []
         self.adds: list[tuple[str, str, int]] = []
         self.deletes: list[str] = []
@@ -53,6 +54,10 @@ class Batch:
 
     def read(self, key: str) -> None:
         self.reads.append(key)
+
+    def incr(self, key: str, ttl: int, by: int = 1) -> None:
+        """As ``Store.incr``; ``write`` returns the count."""
+        self.incrs.append((key, ttl, by))
 
     def set(self, key: str, value: dict, ttl: int) -> None:
         self.sets.append((key, value, ttl))
@@ -77,8 +82,8 @@ class Store(Protocol):
         """Store several (key, value, ttl) in one round trip."""
     def write(self, batch: Batch) -> list[dict | None]:
         """Apply a ``Batch`` in one round trip: its takes (each atomic, as ``take``), its
-        reads, its sets, its set additions, its deletions. Returns what the takes took,
-        then what the reads read, in order."""
+        reads, its increments, its sets, its set additions, its deletions. Returns what the
+        takes took, what the reads read, then the increments' counts, in order."""
     def delete(self, *keys: str) -> None: ...
     def incr(self, key: str, ttl: int, by: int = 1) -> int:
         """Atomically add ``by``; the first increment starts the TTL."""
@@ -137,6 +142,7 @@ class MemoryStore:
 
     def write(self, batch):
         taken = [self.take(key) for key in batch.takes] + [self.get(key) for key in batch.reads]
+        taken += [self.incr(key, ttl, by) for key, ttl, by in batch.incrs]
         for key, value, ttl in batch.sets:
             self.set(key, value, ttl)
         for key, member, ttl in batch.adds:
@@ -234,12 +240,15 @@ class RedisStore:
 
     def write(self, batch):
         commands = [("GETDEL", self._k(key)) for key in batch.takes] + [("GET", self._k(key)) for key in batch.reads]
+        for key, ttl, by in batch.incrs:  # as ``incr``, without its MULTI: sent in one write, both run
+            commands += [("INCRBY", self._k(key), by), ("EXPIRE", self._k(key), ttl, "NX")]
         commands += [("SET", self._k(key), orjson.dumps(value), "EX", ttl) for key, value, ttl in batch.sets]
         for key, member, ttl in batch.adds:
             commands += [("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)]
         commands += [("DEL", self._k(key)) for key in batch.deletes]
         replies = self._execute(commands)
-        return [self._load(raw) for raw in replies[: len(batch.takes) + len(batch.reads)]]
+        found = len(batch.takes) + len(batch.reads)
+        return [self._load(raw) for raw in replies[:found]] + replies[found:found + 2 * len(batch.incrs):2]
 
     def delete(self, *keys):
         if keys:

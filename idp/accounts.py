@@ -176,8 +176,9 @@ class Lockout:
                 self.metrics.lockouts.inc()  # a new lock, not a retry against one
         return self.locked_until(username) or until
 
-    def clear(self, username: str) -> None:
-        self.store.delete("fail:" + self._key(username), "lock:" + self._key(username))
+    def clear(self, username: str, batch: Batch | None = None) -> None:
+        """Forget the count and any lock (now, or with ``batch``, when the caller writes it)."""
+        (batch or self.store).delete("fail:" + self._key(username), "lock:" + self._key(username))
 
 
 def password_expired(account: Account, max_age_days: int, now: dt.datetime) -> bool:

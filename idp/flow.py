@@ -80,8 +80,8 @@ class Transactions:
             return None
         return tx
 
-    def save(self, tx: dict) -> None:
-        self.store.set("tx:" + tx["id"], tx, max(1, int(tx["exp"] - self.clock())) + 60)
+    def save(self, tx: dict, batch=None) -> None:
+        (batch or self.store).set("tx:" + tx["id"], tx, max(1, int(tx["exp"] - self.clock())) + 60)
 
     def drop(self, tx: dict, batch=None) -> None:
         (batch or self.store).delete("tx:" + tx["id"])

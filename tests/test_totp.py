@@ -162,6 +162,19 @@ def test_three_wrong_codes_lock_the_account(mfa_provider):
     assert "帳號已暫時停用" in _error(other.password(other.authorize(client_id)))
 
 
+def test_a_right_code_starts_the_count_again(mfa_provider):
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    other = provider.browser()  # the same person's second login, waiting at its OTP page
+    waiting = other.password(other.authorize(client_id))
+    for left in (2, 1):
+        page = browser.submit(page, "/login/factor/otp", otp="000000")
+        assert f"再錯 {left} 次" in _error(page)
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+    assert "再錯 2 次" in _error(other.submit(waiting, "/login/factor/otp", otp="000000"))
+
+
 def test_malformed_code_is_explained_and_not_counted(mfa_provider):
     provider = mfa_provider
     client_id, _ = provider.client()

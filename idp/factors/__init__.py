@@ -21,6 +21,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+from idp.storage.kv import Batch
+
 TAIPEI = dt.timezone(dt.timedelta(hours=8))
 
 
@@ -32,6 +34,7 @@ class Outcome:
     keep: dict = field(default_factory=dict)  # form values to show again
     amr: list | None = None  # when this success proves other methods than the factor's ``amr``
     account: object | None = None  # the proven account with its bindings, when the factor read it (saves a read)
+    writes: Batch | None = None  # store writes the login sends with its own next ones (the lockout's clearing)
 
     @property
     def ok(self) -> bool:

@@ -52,6 +52,7 @@ from idp import captcha
 from idp.factors import TAIPEI, Outcome
 from idp.factors.password import PASSWORD
 from idp.mail import MailError
+from idp.storage.kv import Batch
 from idp.storage.models import Account
 from idp.web.pages import who
 
@@ -200,14 +201,15 @@ class OneDayFactor:
             error = {"password": "one_day.failed", "none": "one_day.none", "expired": "one_day.expired",
                      "wrong": "one_day.wrong"}[problem]
             return Outcome(error=error, params=params, keep=keep)
-        lockout.clear(username)
+        writes = Batch()  # sent with the login's next write
+        lockout.clear(username, writes)
         if tx.get("account") and not hmac.compare_digest(tx["account"], account.id):
-            return Outcome(error="one_day.failed", params={"left": lockout.threshold}, keep=keep)
+            return Outcome(error="one_day.failed", params={"left": lockout.threshold}, keep=keep, writes=writes)
         if account.disabled:
             svc.audit.record("login.disabled", account_id=account.id, username=username, **seen)
-            return Outcome(error="login.disabled", keep=keep)
+            return Outcome(error="login.disabled", keep=keep, writes=writes)
         if account.password_login_disabled:
-            return Outcome(error="login.password_disabled", keep=keep)
+            return Outcome(error="login.password_disabled", keep=keep, writes=writes)
         # This form proved the password as well: record that step too, so the flow still asks
         # for an expired password to be changed (it looks for "password" among the steps done).
         # ``flow.record_factor`` keeps the steps of the transaction's own account.
@@ -215,7 +217,7 @@ class OneDayFactor:
             tx.update(account=account.id, username=account.username, amr=[], done=[])
         if PASSWORD.name not in tx["done"]:
             tx["done"].append(PASSWORD.name)
-        return Outcome(account_id=account.id)
+        return Outcome(account_id=account.id, writes=writes)
 
 
 ONE_DAY = OneDayFactor()

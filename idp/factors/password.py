@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from idp import captcha
 from idp.accounts import with_bindings
 from idp.factors import Outcome
+from idp.storage.kv import Batch
 from idp.storage.models import Account
 from idp.web.pages import who
 
@@ -60,15 +61,16 @@ class PasswordFactor:
             if attempt >= lockout.threshold:
                 return locked(lockout.lock(username), account_id)
             return Outcome(error="login.failed", params={"left": lockout.threshold - attempt}, keep=keep)
-        lockout.clear(username)
+        writes = Batch()  # sent with the login's next write
+        lockout.clear(username, writes)
         if tx.get("account") and not hmac.compare_digest(tx["account"], account.id):
-            return Outcome(error="login.failed", params={"left": lockout.threshold}, keep=keep)
+            return Outcome(error="login.failed", params={"left": lockout.threshold}, keep=keep, writes=writes)
         if account.disabled:
             svc.audit.record("login.disabled", account_id=account.id, username=username, client_id=client_id, **seen, method=self.name)
-            return Outcome(error="login.disabled", keep=keep)
+            return Outcome(error="login.disabled", keep=keep, writes=writes)
         if account.password_login_disabled:
-            return Outcome(error="login.password_disabled", keep=keep)
-        return Outcome(account_id=account.id, account=account)
+            return Outcome(error="login.password_disabled", keep=keep, writes=writes)
+        return Outcome(account_id=account.id, account=account, writes=writes)
 
     @classmethod
     def _verify(cls, svc, username, password):

@@ -25,6 +25,7 @@ from sqlalchemy import bindparam, select, update
 from starlette.concurrency import run_in_threadpool
 
 from idp.factors import Outcome
+from idp.storage.kv import Batch
 from idp.storage.models import Account, Binding
 from idp.web.pages import who
 
@@ -105,8 +106,9 @@ def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
     # The atomic claim: of two requests with the same code, one wins.
     if fresh and svc.store.set(f"otp-used:{claim}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
         svc.db.write(_LAST_STEP, binding=binding.id, data={**binding.data, "last_step": step})
-        lockout.clear(username)
-        return Outcome(account_id=tx["account"])
+        writes = Batch()  # sent with the login's next write
+        lockout.clear(username, writes)
+        return Outcome(account_id=tx["account"], writes=writes)
 
     if offset is not None and abs(offset) > WINDOW:
         lockout.release(username)  # a right code from a drifted clock is not a guess

@@ -65,8 +65,14 @@ class Batch:
     def add(self, key: str, member: str, ttl: int) -> None:
         self.adds.append((key, member, ttl))
 
-    def delete(self, key: str) -> None:
-        self.deletes.append(key)
+    def delete(self, *keys: str) -> None:
+        self.deletes.extend(keys)
+
+    def extend(self, other: Batch) -> None:
+        """Join ``other``'s operations to this batch's (its results after this one's)."""
+        for mine, theirs in ((self.takes, other.takes), (self.reads, other.reads), (self.incrs, other.incrs),
+                             (self.sets, other.sets), (self.adds, other.adds), (self.deletes, other.deletes)):
+            mine.extend(theirs)
 
 
 class Store(Protocol):

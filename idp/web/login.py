@@ -111,11 +111,16 @@ async def advance(request: Request, tx: dict, *, interactive: bool = True) -> Re
     return await show(request, tx, client, account, step, interactive=interactive)
 
 
-async def show(request: Request, tx: dict, client, account, step, *, interactive: bool = True) -> Response:
-    """The page of ``step``, or the end of the login when it is done."""
+async def show(request: Request, tx: dict, client, account, step, *, interactive: bool = True,
+               writes: Batch | None = None) -> Response:
+    """The page of ``step``, or the end of the login when it is done. ``writes``: what the
+    step before left to write, sent with this page's own writes (the transaction's)."""
     svc = request.app.state.svc
+    writes = writes or Batch()
     if step.kind == "done":
-        return await finish(request, tx, account, client)
+        return await finish(request, tx, account, client, writes)
+    if step.kind in ("unmet", "disabled") or not interactive:
+        svc.store.write(writes)  # the login ends without a write of its own to join
     if not interactive:
         error = {"consent": "consent_required", "factor": "login_required" if account is None else "interaction_required"}
         return await respond_error(request, tx, error.get(step.kind, "interaction_required"))
@@ -136,10 +141,12 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         context["here"] = URL(_tx_url(tx, factor=factor.name))
         if captcha.wanted(svc, tx):
             tx["captcha"] = captcha.new_answer()
-        svc.transactions.save(tx)
+        svc.transactions.save(tx, writes)
+        svc.store.write(writes)
         page = {**context, **factor.context(svc, tx, account), **flash.get("keep", {})}
         return render(request, factor.template, factor=factor, factors=step.factors, **page)
-    svc.transactions.save(tx)
+    svc.transactions.save(tx, writes)
+    svc.store.write(writes)
     if step.kind == "action":
         extra = await run_in_threadpool(_bind_page, svc, account) if step.action == "bind" else {}
         return render(request, f"action_{step.action}.html", **context, **extra)
@@ -158,23 +165,25 @@ async def factor_submit(request: Request) -> Response:
     if step is None or step.kind != "factor" or factor not in step.factors:
         return _expired(request)  # only a factor this step offers: the client's policy holds
     outcome = await factor.verify(request, svc, tx, form, account)
+    writes = outcome.writes or Batch()
     if not outcome.ok:
         tx["failures"] = tx.get("failures", 0) + 1
         tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}
-        svc.transactions.save(tx)
+        svc.transactions.save(tx, writes)
+        svc.store.write(writes)
         return RedirectResponse(_tx_url(tx, factor=factor.name), status_code=303)
     if account is None or account.id != outcome.account_id:  # a first factor: who it proved
         account = outcome.account or await run_in_threadpool(with_bindings, svc, account_id=outcome.account_id)
     flow.record_factor(tx, factor, account, svc.clock(), outcome.amr)
-    return await proceed(request, tx, account, client)
+    return await proceed(request, tx, account, client, writes)
 
 
-async def proceed(request: Request, tx: dict, account: Account, client) -> Response:
+async def proceed(request: Request, tx: dict, account: Account, client, writes: Batch | None = None) -> Response:
     """After a step that succeeded: the next step's page, or the end of the login, in this
     response (no round trip through ``GET /login``)."""
     svc = request.app.state.svc
     step = await flow.next_step(svc, tx, account, client)
-    return await show(request, tx, client, account, step)
+    return await show(request, tx, client, account, step, writes=writes)
 
 
 # -- forced binding (SPEC M1) -------------------------------------------------------------
@@ -293,10 +302,10 @@ def _authorization_request(svc, tx: dict) -> OAuthRequest:
     return OAuthRequest("GET", svc.settings.issuer + "/authorize", {}, tx["params"], [])
 
 
-async def finish(request: Request, tx: dict, account: Account, client) -> Response:
+async def finish(request: Request, tx: dict, account: Account, client, earlier: Batch) -> Response:
     """Set the SSO session and send an authorization code back to the client: the session,
-    the code and the transaction's end are written in one round trip, once the code's
-    request has passed its checks again."""
+    the code and the transaction's end are written in one round trip (with ``earlier``, what
+    the step before left), once the code's request has passed its checks again."""
     svc = request.app.state.svc
     writes = Batch()
     # What the account area asks to be recent (M2): a bound second factor, or any factor
@@ -326,9 +335,11 @@ async def finish(request: Request, tx: dict, account: Account, client) -> Respon
     else:
         try:
             response = await _issue_code(request, svc, tx, account, auth, writes)
-        except OAuth2Error:  # the client or its redirect URI went away meanwhile
-            svc.transactions.drop(tx)
+        except OAuth2Error:  # the client or its redirect URI went away meanwhile: no session, no code
+            svc.transactions.drop(tx, earlier)
+            svc.store.write(earlier)
             return _expired(request)
+    writes.extend(earlier)
     svc.transactions.drop(tx, writes)
     svc.store.write(writes)
     set_cookie(request, response, SESSION_COOKIE, session["sid"])

@@ -153,3 +153,36 @@ def test_a_database_restart_costs_one_failed_query_not_one_per_pooled_connection
     with pytest.raises(psycopg.OperationalError):  # the server's goodbye, not a later error hiding it
         db.rows(query, name="nobody")
     assert db.rows(query, name="nobody") == []
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_the_event_loops_own_connections_too_cost_one_failed_query_after_a_restart(settings_for):
+    """The login steps' queries are awaited on the event loop (``Database.call``), on
+    connections of its own: a restart fails one of them, not one per connection."""
+    import psycopg
+    from sqlalchemy import bindparam, select
+
+    from idp.storage.models import Account
+
+    db = create_app(settings_for()).state.svc.db
+    query = select(Account.id).where(Account.username == bindparam("name"))
+
+    def terminate():
+        with psycopg.connect(db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+                             autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+    async def main():
+        try:
+            # three at once: three connections of the loop's, idle afterwards
+            await asyncio.gather(*(db.call(db.rows, query, name="nobody") for _ in range(3)))
+            opened = len(db._loops[asyncio.get_running_loop()].idle)
+            terminate()
+            with pytest.raises(psycopg.OperationalError):
+                await db.call(db.rows, query, name="nobody")
+            return opened, await db.call(db.rows, query, name="nobody")
+        finally:
+            await db.aclose()
+
+    assert asyncio.run(main()) == (3, [])

@@ -56,7 +56,6 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from starlette.concurrency import run_in_threadpool
 
 from idp.factors import TAIPEI, Outcome
 from idp.factors.totp import STEP, binding_code, check_code
@@ -391,7 +390,7 @@ class PushFactor:
                 return Outcome(error="otp.malformed", keep={"chosen": form.get("device")})
             binding_id = str(form.get("device") or "")
             binding = next((b for b in account.bindings if b.factor == self.name and b.id == binding_id), None)
-            outcome = await run_in_threadpool(check_code, svc, tx, code, seen, binding, binding_id)
+            outcome = await svc.db.call(check_code, svc, tx, code, seen, binding, binding_id)
             outcome.amr, outcome.keep = ["swk", "otp"], {"chosen": binding_id}
             return outcome
         state = tx.get("push")

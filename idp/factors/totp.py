@@ -22,7 +22,6 @@ import re
 import pyotp
 import segno
 from sqlalchemy import bindparam, select, update
-from starlette.concurrency import run_in_threadpool
 
 from idp.factors import Outcome
 from idp.storage.kv import Batch
@@ -81,7 +80,7 @@ class TotpFactor:
             return Outcome(error="otp.malformed")
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         binding = next((b for b in account.bindings if b.factor == self.name), None)
-        return await run_in_threadpool(check_code, svc, tx, code, seen, binding, account.id)
+        return await svc.db.call(check_code, svc, tx, code, seen, binding, account.id)
 
 
 # Written on every login: a statement built once (``Database.write``).

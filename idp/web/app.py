@@ -158,6 +158,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
                 marking.cancel()
             svc.backchannel.stop()
             await svc.store.aclose()
+            await svc.db.aclose()
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error}, lifespan=lifespan,
                     middleware=proxies.middleware(svc.settings.trusted_proxies))

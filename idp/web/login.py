@@ -61,7 +61,7 @@ async def load(svc, tx: dict):
     """The client, the transaction's account (None before the first factor) and the next
     step (None when the client is gone)."""
     client = await svc.server.client(tx["client_id"]) if tx["client_id"] else Console()
-    account = await run_in_threadpool(with_bindings, svc, account_id=tx["account"]) if tx["account"] else None
+    account = await svc.db.call(with_bindings, svc, account_id=tx["account"]) if tx["account"] else None
     step = await flow.next_step(svc, tx, account, client) if client else None
     return client, account, step
 
@@ -173,7 +173,7 @@ async def factor_submit(request: Request) -> Response:
         svc.store.write(writes)
         return RedirectResponse(_tx_url(tx, factor=factor.name), status_code=303)
     if account is None or account.id != outcome.account_id:  # a first factor: who it proved
-        account = outcome.account or await run_in_threadpool(with_bindings, svc, account_id=outcome.account_id)
+        account = outcome.account or await svc.db.call(with_bindings, svc, account_id=outcome.account_id)
     flow.record_factor(tx, factor, account, svc.clock(), outcome.amr)
     return await proceed(request, tx, account, client, writes)
 

@@ -145,11 +145,19 @@ class Lockout:
         """Before an answer is checked: (until, 0) while the account is locked, which this
         attempt may just have done (the one over the threshold); else (None, its number).
         The lock is looked up and the attempt counted in one round trip."""
-        key = self._key(username)
         batch = Batch()
-        batch.read("lock:" + key)
-        batch.incr("fail:" + key, self.seconds)
-        lock, attempt = self.store.write(batch)
+        self.count(username, batch)
+        return self.counted(username, *self.store.write(batch))
+
+    def count(self, username: str, batch: Batch) -> None:
+        """``attempt``'s look-up and count, added to the caller's ``batch``: its first read and
+        first increment, whose results ``counted`` takes."""
+        batch.read("lock:" + self._key(username))
+        batch.incr("fail:" + self._key(username), self.seconds)
+
+    def counted(self, username: str, lock: dict | None, attempt: int) -> tuple[float | None, int]:
+        """What ``attempt`` answers, from what ``count`` found."""
+        key = self._key(username)
         if lock is not None:
             if lock["until"] > self.clock():
                 self.release(username)  # a try against a lock is not counted

@@ -17,7 +17,7 @@ import redis
 
 from idp import bridge
 from idp.storage import resp
-from idp.storage.kv import RedisStore
+from idp.storage.kv import MemoryStore, RedisStore
 from tests import servers
 
 USER, USER_PASSWORD, DEFAULT_PASSWORD = "idp", "s3cret-user", "s3cret-default"
@@ -76,16 +76,26 @@ def _operations(call, store: RedisStore) -> None:
     from idp.storage.kv import Batch
     batch = Batch()
     batch.take("m1")
+    batch.read("m2")
+    batch.incr("n", 60, by=-1)
+    batch.claim("c", 60)
+    batch.claim("m2", 60)  # taken already
     batch.set("m3", {"v": 3}, 60)
     batch.add("s2", "z", 60)
-    assert call(store.write, batch) == [{"v": 1}]
-    assert call(store.get_many, ["m1", "m2", "m3"]) == [None, {"v": 2}, {"v": 3}]
-    call(store.delete, "m2", "m3", "s", "s2", "n")
+    batch.delete("k", "s")
+    assert call(store.write, batch) == [{"v": 1}, {"v": 2}, 5, True, False]
+    assert call(store.get_many, ["m1", "m2", "m3", "c"]) == [None, {"v": 2}, {"v": 3}, {}]
+    assert call(store.members, "s2") == {"z"} and call(store.members, "s") == set()
+    call(store.delete, "m2", "m3", "s2", "n", "c")
     assert call(store.get_many, ["m2", "m3"]) == [None, None] and call(store.members, "s") == set()
 
 
 def _direct(fn, *args, **kwargs):
     return fn(*args, **kwargs)
+
+
+def test_the_in_process_store_answers_every_operation_as_redis_does():
+    _operations(_direct, MemoryStore())
 
 
 @pytest.mark.parametrize("way", ["tls", "unix"])

@@ -91,19 +91,24 @@ def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
     """Check ``code`` against ``binding`` (the account's OTP app, or one of its push apps:
     SPEC A5; None: not bound); a used step is claimed under ``claim``."""
     username, lockout = tx["username"], svc.lockout
-    until, attempt = lockout.attempt(username)
+    batch = Batch()  # the attempt's count and the code's claim: one round trip
+    lockout.count(username, batch)
+    if binding is not None:
+        now = svc.clock()
+        secret = svc.box.open(binding.data["secret"], tx["account"])
+        offset = match(secret, code, now, svc.settings.otp_drift_minutes)
+        step = int(now // STEP) + (offset or 0)
+        if offset is not None and abs(offset) <= WINDOW and step > binding.data.get("last_step", -1):
+            # The atomic claim: of two requests with the same code, one wins (against a lock, the
+            # step is spent unused, as it soon would be anyway).
+            batch.claim(f"otp-used:{claim}:{step}", STEP * (2 * WINDOW + 2))
+    lock, attempt, *claimed = svc.store.write(batch)
+    until, attempt = lockout.counted(username, lock, attempt)
     if until:
         return _locked(svc, tx, until, seen)
     if binding is None:
         return Outcome(error="otp.not_bound")
-
-    now = svc.clock()
-    secret = svc.box.open(binding.data["secret"], tx["account"])
-    offset = match(secret, code, now, svc.settings.otp_drift_minutes)
-    step = int(now // STEP) + (offset or 0)
-    fresh = offset is not None and abs(offset) <= WINDOW and step > binding.data.get("last_step", -1)
-    # The atomic claim: of two requests with the same code, one wins.
-    if fresh and svc.store.set(f"otp-used:{claim}:{step}", {}, STEP * (2 * WINDOW + 2), only_new=True):
+    if claimed and claimed[0]:
         svc.db.write(_LAST_STEP, binding=binding.id, data={**binding.data, "last_step": step})
         writes = Batch()  # sent with the login's next write
         lockout.clear(username, writes)

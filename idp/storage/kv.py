@@ -37,14 +37,16 @@ class Batch:
     """Writes gathered while handling one request, sent in one round trip by
     ``Store.write`` (the token endpoint's writes: markers, grant, tokens, the
     session's grant list; the end of a login: session, code, the transaction's
-    deletion). Its ``take``s, ``read``s and ``incr``s go first and ``write``
-    returns what they found (and counted), so a request can claim a key, or check
-    one, and write what that allows in the same round trip (and undo it if not)."""
+    deletion). Its ``take``s, ``read``s, ``incr``s and ``claim``s go first and
+    ``write`` returns what they found (counted, claimed), so a request can claim a
+    key, or check one, and write what that allows in the same round trip (and undo
+    it if not)."""
 
     def __init__(self):
         self.takes: list[str] = []
         self.reads: list[str] = []
         self.incrs: list[tuple[str, int, int]] = []
+        self.claims: list[tuple[str, int]] = []
         self.sets: list[tuple[str, dict, int]] = []
         self.adds: list[tuple[str, str, int]] = []
         self.deletes: list[str] = []
@@ -59,6 +61,11 @@ class Batch:
         """As ``Store.incr``; ``write`` returns the count."""
         self.incrs.append((key, ttl, by))
 
+    def claim(self, key: str, ttl: int) -> None:
+        """Set an empty marker unless one is there (``Store.set`` with ``only_new``); ``write``
+        returns whether this batch set it: of two requests claiming one key, one wins."""
+        self.claims.append((key, ttl))
+
     def set(self, key: str, value: dict, ttl: int) -> None:
         self.sets.append((key, value, ttl))
 
@@ -71,7 +78,8 @@ class Batch:
     def extend(self, other: Batch) -> None:
         """Join ``other``'s operations to this batch's (its results after this one's)."""
         for mine, theirs in ((self.takes, other.takes), (self.reads, other.reads), (self.incrs, other.incrs),
-                             (self.sets, other.sets), (self.adds, other.adds), (self.deletes, other.deletes)):
+                             (self.claims, other.claims), (self.sets, other.sets), (self.adds, other.adds),
+                             (self.deletes, other.deletes)):
             mine.extend(theirs)
 
 
@@ -88,8 +96,9 @@ class Store(Protocol):
         """Store several (key, value, ttl) in one round trip."""
     def write(self, batch: Batch) -> list[dict | None]:
         """Apply a ``Batch`` in one round trip: its takes (each atomic, as ``take``), its
-        reads, its increments, its sets, its set additions, its deletions. Returns what the
-        takes took, what the reads read, then the increments' counts, in order."""
+        reads, its increments, its claims, its sets, its set additions, its deletions. Returns
+        what the takes took, what the reads read, the increments' counts, then whether each
+        claim was won, in order."""
     def delete(self, *keys: str) -> None: ...
     def incr(self, key: str, ttl: int, by: int = 1) -> int:
         """Atomically add ``by``; the first increment starts the TTL."""
@@ -149,6 +158,7 @@ class MemoryStore:
     def write(self, batch):
         taken = [self.take(key) for key in batch.takes] + [self.get(key) for key in batch.reads]
         taken += [self.incr(key, ttl, by) for key, ttl, by in batch.incrs]
+        taken += [self.set(key, {}, ttl, only_new=True) for key, ttl in batch.claims]
         for key, value, ttl in batch.sets:
             self.set(key, value, ttl)
         for key, member, ttl in batch.adds:
@@ -248,13 +258,15 @@ class RedisStore:
         commands = [("GETDEL", self._k(key)) for key in batch.takes] + [("GET", self._k(key)) for key in batch.reads]
         for key, ttl, by in batch.incrs:  # as ``incr``, without its MULTI: sent in one write, both run
             commands += [("INCRBY", self._k(key), by), ("EXPIRE", self._k(key), ttl, "NX")]
+        commands += [("SET", self._k(key), b"{}", "EX", ttl, "NX") for key, ttl in batch.claims]
         commands += [("SET", self._k(key), orjson.dumps(value), "EX", ttl) for key, value, ttl in batch.sets]
         for key, member, ttl in batch.adds:
             commands += [("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)]
         commands += [("DEL", self._k(key)) for key in batch.deletes]
         replies = self._execute(commands)
-        found = len(batch.takes) + len(batch.reads)
-        return [self._load(raw) for raw in replies[:found]] + replies[found:found + 2 * len(batch.incrs):2]
+        found, counted = len(batch.takes) + len(batch.reads), 2 * len(batch.incrs)
+        claimed = replies[found + counted:found + counted + len(batch.claims)]
+        return [self._load(raw) for raw in replies[:found]] + replies[found:found + counted:2] + [bool(r) for r in claimed]
 
     def delete(self, *keys):
         if keys:

@@ -328,8 +328,8 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
         svc.sessions.save(session, writes)
     auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": session["acr"], "amr": session["amr"]}
     if tx["done"]:
-        svc.audit.record("login.success", account_id=account.id, username=account.username, client_id=client.client_id,
-                         **who(request), method="+".join(tx["done"]), acr=auth["acr"])
+        await svc.db.call(svc.audit.record, "login.success", account_id=account.id, username=account.username,
+                          client_id=client.client_id, **who(request), method="+".join(tx["done"]), acr=auth["acr"])
     if tx["client_id"] is None:
         response = RedirectResponse(tx["return_to"], status_code=303)
     else:

@@ -31,8 +31,10 @@ class Settings:
         "sqlite:///var/idp.sqlite3",
     )
     database_pool: int = _doc(
-        "PostgreSQL connections each provider process keeps open; as many again are opened in a burst "
-        "and closed after. Size the server's `max_connections` above 2 × this × the processes.", 20
+        "PostgreSQL connections each provider process keeps open for its blocking queries; as many again "
+        "are opened in a burst and closed after. The login steps' queries, awaited on the event loop, use up "
+        "to 4 more of their own (fewer if this is smaller). Size the server's `max_connections` above "
+        "(2 × this + 4) × the processes.", 20
     )
     redis_url: str = _doc(
         "Redis for short-lived state (login transactions, codes, sessions, tokens, counters). "

@@ -81,6 +81,7 @@ class Transactions:
         return tx
 
     def save(self, tx: dict, batch=None) -> None:
+        tx["stored"] = True  # what ends the login claims it (``finish``)
         (batch or self.store).set("tx:" + tx["id"], tx, max(1, int(tx["exp"] - self.clock())) + 60)
 
     def drop(self, tx: dict, batch=None) -> None:

@@ -2,6 +2,7 @@
 
 import html
 import re
+import threading
 
 import pyotp
 import pytest
@@ -173,6 +174,26 @@ def test_a_right_code_starts_the_count_again(mfa_provider):
         assert f"再錯 {left} 次" in _error(page)
     assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
     assert "再錯 2 次" in _error(other.submit(waiting, "/login/factor/otp", otp="000000"))
+
+
+def test_two_right_codes_at_once_end_the_login_once(mfa_provider):
+    """A double submit with the code changing in between: both codes are right, but the
+    login ends once, with one code for the client (and one session)."""
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    answers = []
+
+    def submit(code):
+        answers.append(browser.submit(page, "/login/factor/otp", otp=code))
+
+    threads = [threading.Thread(target=submit, args=(_code(provider, secret, steps=s),)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ended = [a for a in answers if a.status_code == 302]
+    assert len(ended) == 1 and "code" in callback(ended[0]), [a.status_code for a in answers]
 
 
 def test_malformed_code_is_explained_and_not_counted(mfa_provider):

@@ -305,7 +305,9 @@ def _authorization_request(svc, tx: dict) -> OAuthRequest:
 async def finish(request: Request, tx: dict, account: Account, client, earlier: Batch) -> Response:
     """Set the SSO session and send an authorization code back to the client: the session,
     the code and the transaction's end are written in one round trip (with ``earlier``, what
-    the step before left), once the code's request has passed its checks again."""
+    the step before left), once the code's request has passed its checks again. A stored
+    transaction is claimed in that round trip: of two requests ending one login (a double
+    submit), one answers with the code, the other as for a login that is over."""
     svc = request.app.state.svc
     writes = Batch()
     # What the account area asks to be recent (M2): a bound second factor, or any factor
@@ -316,7 +318,8 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     if session and session["account"] != account.id:
         svc.sessions.end(session["sid"], svc.tokens)
         session = None
-    if session is None:
+    new_session = session is None
+    if new_session:
         session = svc.sessions.create(account.id, account.username, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"],
                                       seen=who(request), verified_at=svc.clock() if verified else 0, batch=writes)
     elif tx["done"]:
@@ -327,9 +330,6 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
             session["verified_at"] = svc.clock()
         svc.sessions.save(session, writes)
     auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": session["acr"], "amr": session["amr"]}
-    if tx["done"]:
-        await svc.db.call(svc.audit.record, "login.success", account_id=account.id, username=account.username,
-                          client_id=client.client_id, **who(request), method="+".join(tx["done"]), acr=auth["acr"])
     if tx["client_id"] is None:
         response = RedirectResponse(tx["return_to"], status_code=303)
     else:
@@ -340,8 +340,18 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
             svc.store.write(earlier)
             return _expired(request)
     writes.extend(earlier)
-    svc.transactions.drop(tx, writes)
-    svc.store.write(writes)
+    if tx.get("stored"):
+        writes.take("tx:" + tx["id"])
+    found = svc.store.write(writes)
+    if tx.get("stored") and found[writes.takes.index("tx:" + tx["id"])] is None:
+        # Another request ended this login first. This one's code was never handed out (it
+        # lapses within the minute); a session it made would show in the account's list.
+        if new_session:
+            svc.sessions.end(session["sid"], svc.tokens)
+        return _expired(request)
+    if tx["done"]:
+        await svc.db.call(svc.audit.record, "login.success", account_id=account.id, username=account.username,
+                          client_id=client.client_id, **who(request), method="+".join(tx["done"]), acr=auth["acr"])
     set_cookie(request, response, SESSION_COOKIE, session["sid"])
     return response
 

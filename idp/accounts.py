@@ -15,7 +15,6 @@ from typing import Callable
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, func, select
-from sqlalchemy.exc import MultipleResultsFound
 
 from idp.settings import SettingsError
 from idp.storage.kv import Batch
@@ -223,8 +222,6 @@ def with_bindings(svc, *, account_id: str | None = None, username: str | None = 
     rows = svc.db.rows(query, key=key)
     if not rows:
         return None
-    if len({row["accounts_id"] for row in rows}) > 1:  # usernames differing in case only: refuse to guess
-        raise MultipleResultsFound(f"more than one account is {username!r}")
     account = _columns(rows[0], _ACCOUNTS)
     account.bindings = [_columns(row, _BINDINGS) for row in rows if row["bindings_id"] is not None]
     return account

@@ -134,6 +134,29 @@ def test_driver_statements_must_carry_every_value(settings_for):
         db.rows(select(Account.id).where(Account.username == "nobody"))
 
 
+def test_usernames_are_one_whatever_their_case_and_found_by_index(settings_for, backend):
+    """Logins find an account by ``lower(username)``: through an index, not by reading
+    every account, and never two accounts for one name."""
+    import sqlalchemy.exc
+    from sqlalchemy import insert
+
+    from idp.accounts import _BY_USERNAME
+    from idp.storage.models import Account
+
+    db = create_app(settings_for()).state.svc.db
+    with db.engine.begin() as conn:
+        conn.execute(insert(Account), [{"id": f"id-{i}", "username": f"user{i}"} for i in range(2000)])
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        with db.engine.begin() as conn:
+            conn.execute(insert(Account).values(id="id-x", username="USER7"))
+    if backend == "postgres+redis":
+        with db.engine.connect() as conn:
+            conn.exec_driver_sql("ANALYZE accounts")
+            plan = "\n".join(row[0] for row in conn.exec_driver_sql(
+                "EXPLAIN " + db._sql(_BY_USERNAME, {"key": "user7"}), {"key": "user7"}))
+        assert "ix_accounts_username_lower" in plan, plan
+
+
 @pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_a_database_restart_costs_one_failed_query_not_one_per_pooled_connection(settings_for):
     import psycopg

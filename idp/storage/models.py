@@ -7,7 +7,7 @@ import datetime as dt
 import uuid
 
 from sqlalchemy import JSON, Boolean, Date, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
-from sqlalchemy import false, text
+from sqlalchemy import false, func, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -54,6 +54,11 @@ class Account(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     bindings: Mapped[list["Binding"]] = relationship(back_populates="account", cascade="all, delete-orphan")
+
+
+# Logins find an account by its username in any case (``accounts.with_bindings``): one
+# account per username, whatever its case (migration 0005).
+Index("ix_accounts_username_lower", func.lower(Account.username), unique=True)
 
 
 class Binding(Base):

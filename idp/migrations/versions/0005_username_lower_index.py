@@ -1,0 +1,27 @@
+"""one account per username, whatever its case
+
+Revision ID: 0005
+Revises: 0004
+
+Logins look an account up by ``lower(username)`` (``idp.accounts.with_bindings``,
+``by_username``): without an index on that expression each password step read the
+whole accounts table. The index is unique: two usernames that differ only in case
+could not be told apart at login.
+"""
+
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = '0005'
+down_revision = '0004'
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_index('ix_accounts_username_lower', 'accounts', [sa.text('lower(username)')], unique=True)
+
+
+def downgrade():
+    op.drop_index('ix_accounts_username_lower', table_name='accounts')

@@ -135,8 +135,8 @@ def test_driver_statements_must_carry_every_value(settings_for):
 
 
 def test_usernames_are_one_whatever_their_case_and_found_by_index(settings_for, backend):
-    """Logins find an account by ``lower(username)``: through an index, not by reading
-    every account, and never two accounts for one name."""
+    """Logins find an account by ``lower(username)``, a forgotten password by ``lower(email)``:
+    through an index, not by reading every account; and never two accounts for one name."""
     import sqlalchemy.exc
     from sqlalchemy import insert
 
@@ -145,7 +145,8 @@ def test_usernames_are_one_whatever_their_case_and_found_by_index(settings_for, 
 
     db = create_app(settings_for()).state.svc.db
     with db.engine.begin() as conn:
-        conn.execute(insert(Account), [{"id": f"id-{i}", "username": f"user{i}"} for i in range(2000)])
+        conn.execute(insert(Account), [{"id": f"id-{i}", "username": f"user{i}", "email": f"user{i}@example.tw"}
+                                       for i in range(2000)])
     with pytest.raises(sqlalchemy.exc.IntegrityError):
         with db.engine.begin() as conn:
             conn.execute(insert(Account).values(id="id-x", username="USER7"))
@@ -154,7 +155,10 @@ def test_usernames_are_one_whatever_their_case_and_found_by_index(settings_for, 
             conn.exec_driver_sql("ANALYZE accounts")
             plan = "\n".join(row[0] for row in conn.exec_driver_sql(
                 "EXPLAIN " + db._sql(_BY_USERNAME, {"key": "user7"}), {"key": "user7"}))
+            by_email = "\n".join(row[0] for row in conn.exec_driver_sql(
+                "EXPLAIN SELECT id FROM accounts WHERE lower(email) = 'user7@example.tw' AND email_verified"))
         assert "ix_accounts_username_lower" in plan, plan
+        assert "ix_accounts_email_lower" in by_email, by_email
 
 
 @pytest.mark.parametrize("backend", ["postgres+redis"])

@@ -57,8 +57,9 @@ class Account(Base):
 
 
 # Logins find an account by its username in any case (``accounts.with_bindings``): one
-# account per username, whatever its case (migration 0005).
+# account per username, whatever its case; a forgotten password, by its email (migration 0005).
 Index("ix_accounts_username_lower", func.lower(Account.username), unique=True)
+Index("ix_accounts_email_lower", func.lower(Account.email))
 
 
 class Binding(Base):

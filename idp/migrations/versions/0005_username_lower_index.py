@@ -1,12 +1,12 @@
-"""one account per username, whatever its case
+"""one account per username, whatever its case; accounts found by email
 
 Revision ID: 0005
 Revises: 0004
 
 Logins look an account up by ``lower(username)`` (``idp.accounts.with_bindings``,
-``by_username``): without an index on that expression each password step read the
-whole accounts table. The index is unique: two usernames that differ only in case
-could not be told apart at login.
+``by_username``), and a forgotten password by ``lower(email)``: without indexes on
+those expressions each read the whole accounts table. The username's is unique: two
+usernames that differ only in case could not be told apart at login.
 """
 
 from alembic import op
@@ -21,7 +21,9 @@ depends_on = None
 
 def upgrade():
     op.create_index('ix_accounts_username_lower', 'accounts', [sa.text('lower(username)')], unique=True)
+    op.create_index('ix_accounts_email_lower', 'accounts', [sa.text('lower(email)')])
 
 
 def downgrade():
+    op.drop_index('ix_accounts_email_lower', table_name='accounts')
     op.drop_index('ix_accounts_username_lower', table_name='accounts')

@@ -200,6 +200,30 @@ class Seed:
             self.usernames.append(username)
             self.secrets[username] = secret
 
+    def population(self, n: int) -> None:
+        """``n`` more accounts (pop000000..), each with a password and an OTP binding, that
+        never log in here: the logins' look-ups run against a user base of a portal's size,
+        not against the 400 that log in. Inserted in bulk, all with one password hash."""
+        import uuid
+
+        from sqlalchemy import insert
+
+        from idp.storage.models import Account, Binding
+
+        hashed = self.svc.passwords.hash(PASSWORD)
+        for start in range(0, n, 20000):
+            ids = [str(uuid.uuid4()) for _ in range(start, min(n, start + 20000))]
+            with self.svc.db.engine.begin() as conn:
+                conn.execute(insert(Account), [
+                    {"id": account_id, "username": f"pop{start + i:06d}", "name": "", "password_hash": hashed,
+                     "email": f"pop{start + i:06d}@bench.example", "email_verified": True, "kind": "personal"}
+                    for i, account_id in enumerate(ids)])
+                conn.execute(insert(Binding), [
+                    {"id": str(uuid.uuid4()), "account_id": account_id, "factor": "otp", "label": "",
+                     "data": {"secret": "-", "version": 1}} for account_id in ids])
+        with self.svc.db.engine.begin() as conn:  # the planner sees the tables' real size
+            conn.exec_driver_sql("ANALYZE")
+
     def load_accounts(self) -> None:
         """The bench accounts another process seeded (for minting; their TOTP secrets stay there)."""
         from sqlalchemy import select
@@ -752,6 +776,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="seconds per measurement (overrides --quick)")
     ap.add_argument("--workers", default="1,2", help="worker counts to measure (default 1,2)")
     ap.add_argument("--accounts", type=int, default=400, help="seeded accounts, each with its own TOTP secret")
+    ap.add_argument("--population", type=int, default=100_000,
+                    help="more accounts that never log in: the user base the logins' look-ups run against")
     ap.add_argument("--login-concurrency", type=int, default=4, help="concurrent login clients per worker")
     ap.add_argument("--no-theirs", action="store_true", help="skip oidc-provider")
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of client_credentials")
@@ -791,11 +817,13 @@ def main() -> int:
             "IDP_METRICS_TOKEN": METRICS_TOKEN,
         }
         (tmp / "keys").mkdir()
-        log(f"seeding: 1 client, {args.accounts} accounts with password + own TOTP secret")
+        log(f"seeding: 1 client, {args.accounts} accounts with password + own TOTP secret, "
+            f"{args.population:,} more that do not log in")
         t0 = time.monotonic()
         seed = Seed(env, args.accounts)
         client_id, client_secret = seed.client()
         seed.accounts()
+        seed.population(args.population)
         log(f"  seeded in {time.monotonic() - t0:.1f} s")
         auth = basic(client_id, client_secret)
         argon = {"owasp_ms": argon2_verify_ms(**OWASP), "keycloak_ms": argon2_verify_ms(**KEYCLOAK_ARGON2),
@@ -970,7 +998,8 @@ def main() -> int:
         f"(pipelined); {mint_rate}/s × seconds × workers of them, so a run does not run out (a cell says so if it did). "
         "oidc-provider's are minted through its models (`AuthorizationCode`, `RefreshToken`, `Grant`). "
         "Code exchange and refresh issue an ID token (scope openid).",
-        f"- **Logins:** {args.accounts} accounts, each its own TOTP secret bound via `Enrolment.start/confirm`; "
+        f"- **Logins:** {args.accounts} accounts, each its own TOTP secret bound via `Enrolment.start/confirm`, "
+        f"among {args.accounts + args.population:,} (the others, with a password and an OTP binding each, never log in); "
         f"{args.login_concurrency} concurrent httpx clients per worker, each doing authorize → password → OTP → code → token with a "
         f"fresh cookie jar and PKCE, measured over {login_seconds:.0f} s after 2 s of warm-up. A TOTP step is usable once per account, so the driver hands out (account, step) "
         "slots; the used-step markers are reset between login measurements.",
@@ -1027,7 +1056,8 @@ def main() -> int:
         "theirs_redis": theirs_redis,
         "logins_keycloak_argon2": {str(k): v for k, v in kc_login.items()},
         "load": {"wrk_threads": WRK_THREADS, "wrk_connections": WRK_CONNECTIONS,
-                 "login_concurrency": args.login_concurrency, "accounts": args.accounts},
+                 "login_concurrency": args.login_concurrency, "accounts": args.accounts,
+                 "population": args.population},
         "notes": notes, "redis_memory": memory, "profile_client_credentials": profile_lines, "profile_login": login_profile_lines,
     }, indent=2, default=str) + "\n")
     log(f"wrote {stem}.md and .json")

@@ -159,7 +159,9 @@ class Lockout:
         key = self._key(username)
         if lock is not None:
             if lock["until"] > self.clock():
-                self.release(username)  # a try against a lock is not counted
+                # Counted with the look-up, and left: no decrement that could outlive the
+                # count's key and go below zero. The lock's record outlives any count made
+                # under it (``lock``), and the first try after the lock clears both.
                 return lock["until"], 0
             self.store.delete("lock:" + key, "fail:" + key)  # the lock is over: counting starts again
             attempt = self.reserve(username)
@@ -178,7 +180,9 @@ class Lockout:
     def lock(self, username: str) -> float:
         """Lock the account, unless it is already; when the lock ends."""
         until = self.clock() + self.seconds
-        if self.store.set("lock:" + self._key(username), {"until": until}, self.seconds + 60, only_new=True):
+        # Kept a lock's length past its end: a count made in its last moment (``counted``)
+        # lives that long, and must find it to be cleared with it.
+        if self.store.set("lock:" + self._key(username), {"until": until}, 2 * self.seconds + 60, only_new=True):
             if self.metrics:
                 self.metrics.lockouts.inc()  # a new lock, not a retry against one
         return self.locked_until(username) or until

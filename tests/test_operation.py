@@ -101,6 +101,26 @@ def test_a_postgresql_url_without_psycopg_stops_the_start(settings_for):
         create_app(settings_for(database_url=other))
 
 
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_url_options_with_spaces_reach_the_event_loops_connections_too(settings_for):
+    """The login steps' queries use connections of the loop's own, made from the same URL."""
+    from sqlalchemy import text
+
+    base = settings_for().database_url
+    url = base + ("&" if "?" in base else "?") + "options=-c%20search_path%3Dnowhere%2Cpublic"
+    db = create_app(settings_for(database_url=url)).state.svc.db
+
+    async def main():
+        try:
+            return await db.call(db.scalar, "SHOW search_path")
+        finally:
+            await db.aclose()
+
+    assert asyncio.run(main()) == "nowhere,public"
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SHOW search_path")).scalar() == "nowhere,public"
+
+
 def test_a_login_reads_no_database_on_the_event_loop(make_provider):
     """Even with no client cache (every request misses it), the login's database work runs
     in the thread pool: a slow database never holds up the process's other requests."""

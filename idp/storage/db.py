@@ -47,8 +47,10 @@ class Database:
             # trip per checkout (a dead connection fails one request and is replaced;
             # pool_recycle retires idle ones first).
             self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, connect_args=timeout)
-            conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-            self._conninfo = psycopg.conninfo.make_conninfo(conninfo, **timeout)
+            # From the parsed URL, not its rendering, which would turn a space into "+".
+            _, connect = self.engine.dialect.create_connect_args(make_url(url))
+            connect.pop("context", None)  # SQLAlchemy's type adapters, not a libpq option
+            self._conninfo = psycopg.conninfo.make_conninfo("", **connect, **timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._compiled: dict = {}  # (statement, parameter names) -> its SQL (``_sql``)
         self._loops: dict = {}  # event loop -> its _LoopConnections (PostgreSQL, inside ``idp.bridge.run``)

@@ -87,6 +87,12 @@ class Transactions:
     def drop(self, tx: dict, batch=None) -> None:
         (batch or self.store).delete("tx:" + tx["id"])
 
+    def claim(self, tx: dict, batch) -> int:
+        """Take the transaction in ``batch``; where what it took comes in ``Store.write``'s
+        answer. Of two requests ending one stored login, one finds it there."""
+        batch.take("tx:" + tx["id"])
+        return len(batch.takes) - 1
+
 
 def record_factor(tx: dict, factor, account: Account, now: float, amr: list | None = None) -> None:
     """A factor succeeded: remember who and how (``amr``: when not the factor's own), and when."""

@@ -50,7 +50,10 @@ class Database:
             # From the parsed URL, not its rendering, which would turn a space into "+".
             _, connect = self.engine.dialect.create_connect_args(make_url(url))
             connect.pop("context", None)  # SQLAlchemy's type adapters, not a libpq option
-            self._conninfo = psycopg.conninfo.make_conninfo("", **connect, **timeout)
+            # The loop's connections live as long as the process: a peer that vanished (a
+            # NAT's idle timeout, a failover) is noticed in about a minute, not TCP's fifteen.
+            alive = {"keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60000}
+            self._conninfo = psycopg.conninfo.make_conninfo("", **{**alive, **timeout, **connect})
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._compiled: dict = {}  # (statement, parameter names) -> its SQL (``_sql``)
         self._loops: dict = {}  # event loop -> its _LoopConnections (PostgreSQL, inside ``idp.bridge.run``)

@@ -330,6 +330,9 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
             session["verified_at"] = svc.clock()
         svc.sessions.save(session, writes)
     auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": session["acr"], "amr": session["amr"]}
+    if tx["done"]:  # before anything is written: a failure here leaves the login to retry
+        await svc.db.call(svc.audit.record, "login.success", account_id=account.id, username=account.username,
+                          client_id=client.client_id, **who(request), method="+".join(tx["done"]), acr=auth["acr"])
     if tx["client_id"] is None:
         response = RedirectResponse(tx["return_to"], status_code=303)
     else:
@@ -340,18 +343,13 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
             svc.store.write(earlier)
             return _expired(request)
     writes.extend(earlier)
-    if tx.get("stored"):
-        writes.take("tx:" + tx["id"])
-    found = svc.store.write(writes)
-    if tx.get("stored") and found[writes.takes.index("tx:" + tx["id"])] is None:
+    claim = svc.transactions.claim(tx, writes)
+    if svc.store.write(writes)[claim] is None and tx.get("stored"):
         # Another request ended this login first. This one's code was never handed out (it
         # lapses within the minute); a session it made would show in the account's list.
         if new_session:
             svc.sessions.end(session["sid"], svc.tokens)
         return _expired(request)
-    if tx["done"]:
-        await svc.db.call(svc.audit.record, "login.success", account_id=account.id, username=account.username,
-                          client_id=client.client_id, **who(request), method="+".join(tx["done"]), acr=auth["acr"])
     set_cookie(request, response, SESSION_COOKIE, session["sid"])
     return response
 

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from idp import acr
 from idp.accounts import password_expired
 from idp.factors import FACTORS
+from idp.storage.kv import Batch
 from idp.storage.models import Account, Consent
 
 
@@ -80,9 +81,18 @@ class Transactions:
             return None
         return tx
 
-    def save(self, tx: dict, batch=None) -> None:
-        tx["stored"] = True  # what ends the login claims it (``finish``)
-        (batch or self.store).set("tx:" + tx["id"], tx, max(1, int(tx["exp"] - self.clock())) + 60)
+    def save(self, tx: dict, batch: Batch | None = None) -> None:
+        """Store the transaction (in ``batch``, or now). Once stored, only replace it: a
+        request that read it before another ended the login must not bring it back."""
+        writes = batch or Batch()
+        ttl = max(1, int(tx["exp"] - self.clock())) + 60
+        if tx.get("stored"):
+            writes.replace("tx:" + tx["id"], tx, ttl)
+        else:
+            tx["stored"] = True  # what ends the login claims it (``finish``)
+            writes.set("tx:" + tx["id"], tx, ttl)
+        if batch is None:
+            self.store.write(writes)
 
     def drop(self, tx: dict, batch=None) -> None:
         (batch or self.store).delete("tx:" + tx["id"])

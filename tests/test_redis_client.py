@@ -81,10 +81,12 @@ def _operations(call, store: RedisStore) -> None:
     batch.claim("c", 60)
     batch.claim("m2", 60)  # taken already
     batch.set("m3", {"v": 3}, 60)
+    batch.replace("m2", {"v": 22}, 60)
+    batch.replace("m1", {"v": 11}, 60)  # taken above: stays gone
     batch.add("s2", "z", 60)
     batch.delete("k", "s")
     assert call(store.write, batch) == [{"v": 1}, {"v": 2}, 5, True, False]
-    assert call(store.get_many, ["m1", "m2", "m3", "c"]) == [None, {"v": 2}, {"v": 3}, {}]
+    assert call(store.get_many, ["m1", "m2", "m3", "c"]) == [None, {"v": 22}, {"v": 3}, {}]
     assert call(store.members, "s2") == {"z"} and call(store.members, "s") == set()
     call(store.delete, "m2", "m3", "s2", "n", "c")
     assert call(store.get_many, ["m2", "m3"]) == [None, None] and call(store.members, "s") == set()

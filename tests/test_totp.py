@@ -196,6 +196,21 @@ def test_two_right_codes_at_once_end_the_login_once(mfa_provider):
     assert len(ended) == 1 and "code" in callback(ended[0]), [a.status_code for a in answers]
 
 
+def test_a_wrong_code_answered_after_the_login_ended_does_not_bring_it_back(mfa_provider):
+    """A wrong code's request read the login before a right code ended it and saves its
+    failure count after: the login stays ended, no second code comes of it."""
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    tx_id = re.search(r'name="tx" value="([^"]+)"', page.text).group(1)
+    stale = provider.svc.transactions.get(tx_id)
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+    stale["failures"] += 1
+    provider.svc.transactions.save(stale)
+    again = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret, steps=1))
+    assert again.status_code == 400 and "登入已逾時" in again.text
+
+
 def test_malformed_code_is_explained_and_not_counted(mfa_provider):
     provider = mfa_provider
     client_id, _ = provider.client()

@@ -48,6 +48,7 @@ class Batch:
         self.incrs: list[tuple[str, int, int]] = []
         self.claims: list[tuple[str, int]] = []
         self.sets: list[tuple[str, dict, int]] = []
+        self.replaces: list[tuple[str, dict, int]] = []
         self.adds: list[tuple[str, str, int]] = []
         self.deletes: list[str] = []
 
@@ -69,6 +70,11 @@ class Batch:
     def set(self, key: str, value: dict, ttl: int) -> None:
         self.sets.append((key, value, ttl))
 
+    def replace(self, key: str, value: dict, ttl: int) -> None:
+        """Set only where the key is still there: a record another request may have taken
+        since this one read it stays gone."""
+        self.replaces.append((key, value, ttl))
+
     def add(self, key: str, member: str, ttl: int) -> None:
         self.adds.append((key, member, ttl))
 
@@ -78,7 +84,8 @@ class Batch:
     def extend(self, other: Batch) -> None:
         """Join ``other``'s operations to this batch's (its results after this one's)."""
         for mine, theirs in ((self.takes, other.takes), (self.reads, other.reads), (self.incrs, other.incrs),
-                             (self.claims, other.claims), (self.sets, other.sets), (self.adds, other.adds),
+                             (self.claims, other.claims), (self.sets, other.sets),
+                             (self.replaces, other.replaces), (self.adds, other.adds),
                              (self.deletes, other.deletes)):
             mine.extend(theirs)
 
@@ -96,7 +103,7 @@ class Store(Protocol):
         """Store several (key, value, ttl) in one round trip."""
     def write(self, batch: Batch) -> list[dict | None]:
         """Apply a ``Batch`` in one round trip: its takes (each atomic, as ``take``), its
-        reads, its increments, its claims, its sets, its set additions, its deletions. Returns
+        reads, its increments, its claims, its sets and replaces, its set additions, its deletions. Returns
         what the takes took, what the reads read, the increments' counts, then whether each
         claim was won, in order."""
     def delete(self, *keys: str) -> None: ...
@@ -161,6 +168,10 @@ class MemoryStore:
         taken += [self.set(key, {}, ttl, only_new=True) for key, ttl in batch.claims]
         for key, value, ttl in batch.sets:
             self.set(key, value, ttl)
+        for key, value, ttl in batch.replaces:
+            with self._lock:
+                if self._live(key) is not None:
+                    self._data[key] = (time.monotonic() + ttl, orjson.dumps(value))
         for key, member, ttl in batch.adds:
             self.add(key, member, ttl)
         self.delete(*batch.deletes)
@@ -260,6 +271,7 @@ class RedisStore:
             commands += [("INCRBY", self._k(key), by), ("EXPIRE", self._k(key), ttl, "NX")]
         commands += [("SET", self._k(key), b"{}", "EX", ttl, "NX") for key, ttl in batch.claims]
         commands += [("SET", self._k(key), orjson.dumps(value), "EX", ttl) for key, value, ttl in batch.sets]
+        commands += [("SET", self._k(key), orjson.dumps(value), "EX", ttl, "XX") for key, value, ttl in batch.replaces]
         for key, member, ttl in batch.adds:
             commands += [("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)]
         commands += [("DEL", self._k(key)) for key in batch.deletes]

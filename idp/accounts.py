@@ -15,6 +15,7 @@ from typing import Callable
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, func, select
+from sqlalchemy.exc import IntegrityError
 
 from idp.settings import SettingsError
 from idp.storage.kv import Batch
@@ -242,11 +243,18 @@ def create_account(session, passwords: Passwords, username: str, password: str |
         raise AccountError("account.bad_kind")
     if by_username(session, username) is not None:
         raise AccountError("account.exists", username=username)
+    national_id = fields.get("national_id")
+    if national_id and session.scalar(select(Account.id).where(Account.national_id == national_id)) is not None:
+        raise AccountError("account.national_id_exists")
     account = Account(username=username, **fields)
     if password is not None:
         set_password(account, passwords, password, now=now)
     session.add(account)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as e:  # created meanwhile by another request: the unique index decided
+        raise AccountError("account.national_id_exists" if "national_id" in str(e.orig) else "account.exists",
+                           username=username) from None
     return account
 
 

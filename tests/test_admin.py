@@ -3,15 +3,18 @@ an administrator and an organisation's AA account sign in with password + OTP,
 find accounts, create, disable, unlock and reset them, and read their activity;
 on both back ends. The one-day password (A7) has its own file."""
 
+import datetime as dt
 import os
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from sqlalchemy import select
 
-from idp.accounts import by_username
+from idp.accounts import AccountError, by_username, create_account
 from idp.storage.models import Account, AuditEvent, Binding
 from idp.storage.db import Database
 from tests.harness import PASSWORD, callback, forms, redeem
@@ -137,6 +140,34 @@ def test_list_search_and_pagination(site):
 
 
 # -- creating an account -------------------------------------------------------------------------
+def test_one_username_created_twice_at_once_is_one_account_and_a_clear_error(site):
+    """The second creation checks the name before the first commits: the database's unique
+    index decides, and the second is told the account exists (not a server error)."""
+    svc = site.svc
+    flushed = threading.Event()
+    outcomes = []
+
+    def create(username, hold):
+        try:
+            with svc.db.session() as session:
+                create_account(session, svc.passwords, username, PASSWORD, now=dt.datetime.now(dt.timezone.utc))
+                if hold:
+                    flushed.set()
+                    time.sleep(0.5)  # the other checks and inserts meanwhile, and waits on this one
+            outcomes.append("created")
+        except AccountError as e:
+            outcomes.append(e.key)
+
+    first = threading.Thread(target=create, args=("carol", True))
+    first.start()
+    assert flushed.wait(10)
+    create("Carol", False)
+    first.join()
+    assert outcomes == ["created", "account.exists"]
+    with svc.db.session() as session:
+        assert by_username(session, "CAROL").username == "carol"
+
+
 def test_created_account_must_change_its_initial_password_at_first_login(site, smtp_server):
     provider = site
     client_id, _ = provider.client()

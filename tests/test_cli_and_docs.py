@@ -2,6 +2,7 @@
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,27 @@ def test_users_add_enforces_the_password_policy(tmp_path):
     assert "bob\tpersonal" in _idp(tmp_path, "users", "list").stdout
     again = _idp(tmp_path, "users", "add", "bob", "--password-stdin", stdin="Correct-Horse-9!\n")
     assert again.returncode == 2 and "already exists" in again.stderr
+    carol = _idp(tmp_path, "users", "add", "carol", "--national-id", "A123456789")
+    assert carol.returncode == 0, carol.stderr
+    same_person = _idp(tmp_path, "users", "add", "dave", "--national-id", "A123456789")
+    assert same_person.returncode == 2 and "already has this national ID" in same_person.stderr
+
+
+def test_the_case_insensitive_username_migration_names_the_accounts_it_cannot_tell_apart(tmp_path):
+    """A database from before migration 0005 with "bob" and "BOB": the migration stops and
+    says which accounts to rename; once renamed, it runs."""
+    for username in ("bob", "carol"):
+        assert _idp(tmp_path, "users", "add", username).returncode == 0
+    db = sqlite3.connect(tmp_path / "cli.sqlite3")
+    db.executescript("DROP INDEX ix_accounts_username_lower; DROP INDEX ix_accounts_email_lower;"
+                     "UPDATE alembic_version SET version_num = '0004';"
+                     "UPDATE accounts SET username = 'BOB' WHERE username = 'carol';")
+    stopped = _idp(tmp_path, "migrate")
+    assert stopped.returncode != 0 and "differ only in case: BOB / bob. Rename" in stopped.stderr
+    db.execute("UPDATE accounts SET username = 'carol' WHERE username = 'BOB'")
+    db.commit()
+    assert _idp(tmp_path, "migrate").returncode == 0
+    assert _idp(tmp_path, "users", "add", "CAROL").returncode == 2
 
 
 def test_keys_rotate_promotes_the_published_next_key(tmp_path):

@@ -20,6 +20,13 @@ depends_on = None
 
 
 def upgrade():
+    clashes = op.get_bind().execute(sa.text(
+        "SELECT min(username), max(username) FROM accounts GROUP BY lower(username) HAVING count(*) > 1")).all()
+    if clashes:
+        raise RuntimeError(
+            "Migration 0005 makes usernames unique whatever their case, and these accounts differ only in case: "
+            + "; ".join(f"{a} / {b}" for a, b in clashes)
+            + ". Rename or remove all but one of each (in the accounts table), then start again.")
     op.create_index('ix_accounts_username_lower', 'accounts', [sa.text('lower(username)')], unique=True)
     op.create_index('ix_accounts_email_lower', 'accounts', [sa.text('lower(email)')])
 

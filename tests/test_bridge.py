@@ -2,6 +2,9 @@
 
 import asyncio
 import contextvars
+import gc
+import threading
+import weakref
 
 import pytest
 
@@ -62,3 +65,62 @@ def test_the_sync_code_sees_the_callers_context_variables():
         return await bridge.run(sync_handler)
 
     assert asyncio.run(main()) == "req-42"
+
+
+def test_each_call_sees_only_its_own_requests_context_though_greenlets_are_reused():
+    def sync_handler(mine):
+        seen = request_id.get()
+        request_id.set(mine)  # in this request's context, not the next one's
+        bridge.wait(_later(None, 0))
+        return seen
+
+    async def one_request(mine):
+        return await bridge.run(sync_handler, mine)
+
+    async def main():
+        first = await asyncio.create_task(one_request("a"))
+        second = await asyncio.create_task(one_request("b"))
+        many = await asyncio.gather(*(one_request(str(i)) for i in range(200)))  # more at once than are kept idle
+        return first, second, set(many)
+
+    assert asyncio.run(main()) == ("-", "-", {"-"})
+
+
+def test_an_error_or_a_cancellation_ends_only_its_own_call():
+    def raises():
+        raise ValueError("bad input")
+
+    def waits_long():
+        bridge.wait(asyncio.sleep(10))
+
+    async def main():
+        with pytest.raises(ValueError, match="bad input"):
+            await bridge.run(raises)
+        task = asyncio.create_task(bridge.run(waits_long))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await bridge.run(lambda: bridge.wait(_later("still works")))
+
+    assert asyncio.run(main()) == "still works"
+
+
+def test_what_a_finished_thread_ran_is_freed_with_it():
+    """Each TestClient request (and each anyio portal) runs its own loop in its own thread:
+    the greenlets kept for reuse there must not keep that thread's objects (an app, its
+    database connections) alive once it has ended."""
+    class App:
+        def handle(self):
+            return bridge.wait(_later("ok", 0))
+
+    app = App()
+    alive = weakref.ref(app)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(asyncio.run(bridge.run(app.handle))))
+    thread.start()
+    thread.join()
+    del app, thread
+    gc.collect()
+    assert results == ["ok"]
+    assert alive() is None

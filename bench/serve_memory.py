@@ -8,7 +8,7 @@ Codes and refresh tokens can only be minted ahead inside the process that keeps
 them, so this mints N of each through the provider's own code (``Seed``, as
 bench/run.py does for Redis), writes them to OUT_DIR/codes.txt and
 OUT_DIR/refresh.txt, and then serves on 127.0.0.1:PORT (one uvicorn worker, as
-``idp serve`` runs it).
+``idp serve`` runs it: ``idp.cli.served_app``).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ def main() -> int:
     port, client_id, n_codes, n_refresh, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
     import uvicorn
 
-    from idp.web.app import create_app
+    from idp.cli import served_app
 
     seed = run.Seed({"IDP_REDIS_URL": ""}, 0)
     seed.load_accounts()
     (out / "codes.txt").write_text("\n".join(seed.mint_codes(client_id, n_codes, seed.svc.store)) + "\n")
     (out / "refresh.txt").write_text("\n".join(seed.mint_refresh(client_id, n_refresh, seed.svc.store)) + "\n")
-    uvicorn.run(create_app(services=seed.svc), host="127.0.0.1", port=int(port), proxy_headers=False, access_log=False)
+    uvicorn.run(served_app(services=seed.svc), host="127.0.0.1", port=int(port), proxy_headers=False, access_log=False)
     return 0
 
 

@@ -1,7 +1,7 @@
 """More machines (SPEC O1): two real provider processes on one PostgreSQL and one
 Redis, as ``deploy/`` runs them behind a load balancer.
 
-Each process is its own Python interpreter serving ``idp.web.app:create_app``
+Each process is its own Python interpreter serving ``idp.cli:served_app``
 with uvicorn (what ``idp serve`` runs), on a socket this test bound first. Both
 share the issuer URL, the database, the Redis and the signing-key directory, and
 nothing else: whatever one process knows the other can only learn through them.
@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 180.0  # seconds for a process to import, migrate and answer /readyz (~2 on an idle machine)
 # uvicorn on the inherited listening socket: no gap in which another program could take the port.
-SERVE = ("import socket, sys, uvicorn; uvicorn.Server(uvicorn.Config('idp.web.app:create_app', factory=True, "
+SERVE = ("import socket, sys, uvicorn; uvicorn.Server(uvicorn.Config('idp.cli:served_app', factory=True, "
          "proxy_headers=True, access_log=False, log_level='warning')).run(sockets=[socket.socket(fileno=int(sys.argv[1]))])")
 
 # Every CREATE TABLE in the database, with the server process that ran it: proof of who migrated.

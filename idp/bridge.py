@@ -17,6 +17,7 @@ Code that may run either way asks ``inside()`` and blocks when it is not.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import greenlet
@@ -86,3 +87,28 @@ def inside() -> bool:
 def wait(awaitable):
     """The awaitable's result; only inside ``run``."""
     return greenlet.getcurrent().parent.switch(awaitable)
+
+
+class LoopLocal:
+    """A value per event loop (its own connections: they serve only the loop that opened
+    them), made on first use there. Those of loops that have closed since are dropped
+    then, ``retire`` called on each: a process that runs a loop per task (a test client
+    per request) keeps none of theirs open."""
+
+    def __init__(self, make, retire=lambda value: None):
+        self._make, self._retire = make, retire
+        self._values: dict = {}  # event loop -> its value
+
+    def get(self):
+        loop = asyncio.get_running_loop()
+        value = self._values.get(loop)
+        if value is None:
+            for old in [other for other in list(self._values) if other.is_closed()]:
+                if (gone := self._values.pop(old, None)) is not None:
+                    self._retire(gone)
+            value = self._values[loop] = self._make()
+        return value
+
+    def pop(self):
+        """The running loop's value, forgotten (for its shutdown to close), or None."""
+        return self._values.pop(asyncio.get_running_loop(), None)

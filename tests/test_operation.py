@@ -1,6 +1,7 @@
 """Running the provider (SPEC O1, O3): health, readiness, metrics, migrations."""
 
 import asyncio
+import gc
 import subprocess
 import sys
 import time
@@ -121,6 +122,34 @@ def test_url_options_with_spaces_reach_the_event_loops_connections_too(settings_
         assert conn.execute(text("SHOW search_path")).scalar() == "nowhere,public"
 
 
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_event_loops_that_have_ended_leave_no_connections_open(settings_for):
+    """Each test-client request (and each anyio portal) runs its own event loop: the
+    connections such a loop opened to PostgreSQL and Redis are closed once it has ended,
+    not kept for the app's life (which ran the test server out of connections)."""
+    settings = settings_for()
+    svc = create_app(settings).state.svc
+    admin = redis.Redis.from_url(settings.redis_url)
+
+    def open_connections() -> tuple[int, int]:
+        with svc.db.engine.connect() as conn:  # its own pooled connection counts, the same each time
+            postgres = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")).scalar()
+        return postgres, len(admin.client_list())
+
+    def one_request(i):
+        svc.store.set(f"k{i}", {"i": i}, 60)
+        return svc.db.scalar("SELECT 1")
+
+    assert asyncio.run(svc.db.call(one_request, 0)) == 1
+    gc.collect()  # a Redis client of an ended loop is closed when it is collected (earlier tests' too)
+    before = open_connections()
+    for i in range(1, 8):
+        asyncio.run(svc.db.call(one_request, i))
+    gc.collect()
+    after = open_connections()
+    assert after[0] <= before[0] and after[1] <= before[1], (before, after)
+
+
 def test_a_login_reads_no_database_on_the_event_loop(make_provider):
     """Even with no client cache (every request misses it), the login's database work runs
     in the thread pool: a slow database never holds up the process's other requests."""
@@ -224,7 +253,7 @@ def test_the_event_loops_own_connections_too_cost_one_failed_query_after_a_resta
         try:
             # three at once: three connections of the loop's, idle afterwards
             await asyncio.gather(*(db.call(db.rows, query, name="nobody") for _ in range(3)))
-            opened = len(db._loops[asyncio.get_running_loop()].idle)
+            opened = len(db._loops.get().idle)
             terminate()
             with pytest.raises(psycopg.OperationalError):
                 await db.call(db.rows, query, name="nobody")

@@ -56,7 +56,9 @@ class Database:
             self._conninfo = psycopg.conninfo.make_conninfo("", **{**alive, **timeout, **connect})
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._compiled: dict = {}  # (statement, parameter names) -> its SQL (``_sql``)
-        self._loops: dict = {}  # event loop -> its _LoopConnections (PostgreSQL, inside ``idp.bridge.run``)
+        # Each event loop's PostgreSQL connections, for the queries inside ``idp.bridge.run``.
+        self._loops = bridge.LoopLocal(lambda: _LoopConnections(self._conninfo, min(4, self.engine.pool.size())),
+                                       _LoopConnections.close)
 
     @contextlib.contextmanager
     def session(self):
@@ -113,18 +115,14 @@ class Database:
         """(description, rows) of ``sql`` on PostgreSQL, prepared, in autocommit: awaited on the
         event loop's own connections inside ``idp.bridge.run``, else blocking on a pooled one."""
         if bridge.inside():
-            loop = asyncio.get_running_loop()
-            connections = self._loops.get(loop)
-            if connections is None:
-                connections = self._loops[loop] = _LoopConnections(self._conninfo, min(4, self.engine.pool.size()))
-            return bridge.wait(connections.query(sql, params, fetch))
+            return bridge.wait(self._loops.get().query(sql, params, fetch))
         with self._driver() as conn:
             cursor = conn.execute(sql, params, prepare=True)
             return cursor.description, cursor.fetchall() if fetch else []
 
     async def aclose(self) -> None:
         """Close the running loop's own connections (at the app's shutdown)."""
-        connections = self._loops.pop(asyncio.get_running_loop(), None)
+        connections = self._loops.pop()
         if connections is not None:
             connections.close()
 

@@ -21,7 +21,6 @@ only that part. The ``idp:`` prefix has no braces, so tags pass through.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from typing import Protocol
@@ -221,21 +220,18 @@ class RedisStore:
     def __init__(self, url: str, prefix: str = "idp:"):
         self._url = url
         self._sync = connect(url)
-        self._async: dict = {}  # event loop -> its asyncio client (a client serves one loop)
+        self._async = bridge.LoopLocal(lambda: connect(self._url, asynchronous=True))  # a client serves one loop
         self._prefix = prefix
 
     def _execute(self, commands: list[tuple], transaction: bool = False) -> list:
         if not bridge.inside():
             return self._sync.execute(commands, transaction)
-        loop = asyncio.get_running_loop()
-        client = self._async.get(loop)
-        if client is None:
-            client = self._async[loop] = connect(self._url, asynchronous=True)
+        client = self._async.get()
         return bridge.wait(client.execute(commands, transaction))
 
     async def aclose(self) -> None:
         """Close the running loop's asyncio client (at the app's shutdown)."""
-        client = self._async.pop(asyncio.get_running_loop(), None)
+        client = self._async.pop()
         if client is not None:
             await client.aclose()
 

@@ -44,29 +44,34 @@ class PasswordFactor:
         seen, client_id = who(request), tx["client_id"]
         lockout = svc.lockout
 
+        # The store and audit writes of a refusal are awaited (``svc.db.call``), never made on the
+        # event loop: a flood of wrong passwords must not stall every other request.
         def locked(until, account_id=None):
             svc.audit.record("login.locked", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
             return Outcome.locked(until, **keep)
 
-        until, attempt = lockout.attempt(username)
+        def failed(account_id):
+            svc.audit.record("login.failure", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
+            if attempt >= lockout.threshold:
+                return locked(lockout.lock(username), account_id)
+            return Outcome(error="login.failed", params={"left": lockout.threshold - attempt}, keep=keep)
+
+        until, attempt = await svc.db.call(lockout.attempt, username)
         if until:
-            return locked(until)
+            return await svc.db.call(locked, until)
 
         account, correct, rehash = await svc.passwords.check(partial(with_bindings, svc, username=username), password)
         if correct and rehash:  # made with older parameters: upgraded now that the password is known
             await run_in_threadpool(self._rehash, svc, account.id, password)
         if not correct:
-            account_id = account.id if account else None  # so the owner sees it in their activity log
-            svc.audit.record("login.failure", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
-            if attempt >= lockout.threshold:
-                return locked(lockout.lock(username), account_id)
-            return Outcome(error="login.failed", params={"left": lockout.threshold - attempt}, keep=keep)
+            return await svc.db.call(failed, account.id if account else None)  # the owner sees it in their activity log
         writes = Batch()  # sent with the login's next write
         lockout.clear(username, writes)
         if tx.get("account") and not hmac.compare_digest(tx["account"], account.id):
             return Outcome(error="login.failed", params={"left": lockout.threshold}, keep=keep, writes=writes)
         if account.disabled:
-            svc.audit.record("login.disabled", account_id=account.id, username=username, client_id=client_id, **seen, method=self.name)
+            await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=username,
+                              client_id=client_id, **seen, method=self.name)
             return Outcome(error="login.disabled", keep=keep, writes=writes)
         if account.password_login_disabled:
             return Outcome(error="login.password_disabled", keep=keep, writes=writes)

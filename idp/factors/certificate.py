@@ -146,11 +146,9 @@ class CertificateFactor:
         client-certificate mode: a proxy's handshake)."""
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         known = tx.get("account")
-        lockout = svc.lockout
         if known:
-            if until := lockout.locked_until(tx["username"]):
-                svc.audit.record("login.locked", account_id=known, username=tx["username"], **seen)
-                return Outcome.locked(until)
+            if (locked := await svc.db.call(self._locked, svc, known, tx["username"], seen)) is not None:
+                return locked
             kind = await run_in_threadpool(_kind_of, svc, known)
         else:
             kind = None
@@ -159,23 +157,32 @@ class CertificateFactor:
             return await run_in_threadpool(self._failed, svc, known, tx.get("username"), error, seen)
         account = await run_in_threadpool(_bound_account, svc, binding_id(identity))
         if account is None:
-            svc.audit.record("login.failure", account_id=known, username=tx.get("username") or None, **seen,
-                             reason="unbound", certificate=binding_id(identity))
+            await svc.db.call(svc.audit.record, "login.failure", account_id=known, username=tx.get("username") or None,
+                              **seen, reason="unbound", certificate=binding_id(identity))
             return Outcome(error="certificate.error.unbound")
         if known and not hmac.compare_digest(known, account.id):
             return await run_in_threadpool(self._failed, svc, known, tx["username"],
                                            ("other_account", "certificate.error.other_account"), seen)
-        if until := lockout.locked_until(account.username):
-            svc.audit.record("login.locked", account_id=account.id, username=account.username, **seen)
-            return Outcome.locked(until)
+        if (locked := await svc.db.call(self._locked, svc, account.id, account.username, seen)) is not None:
+            return locked
         if account_kind(account) not in identity.kinds:
             return await run_in_threadpool(self._failed, svc, account.id, account.username,
                                            ("wrong_kind", "certificate.error.wrong_kind"), seen)
         if account.disabled:
-            svc.audit.record("login.disabled", account_id=account.id, username=account.username, **seen)
+            await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=account.username, **seen)
             return Outcome(error="login.disabled")
-        lockout.clear(account.username)
+        await svc.db.call(svc.lockout.clear, account.username)
         return Outcome(account_id=account.id)
+
+    # The lockout's store and the audit log are reached through ``svc.db.call``, never on the
+    # event loop itself: a stream of refused certificates must not stall other requests.
+    @staticmethod
+    def _locked(svc, account_id, username, seen) -> Outcome | None:
+        """The lockout's answer, audited, while the account is locked; else None."""
+        if until := svc.lockout.locked_until(username):
+            svc.audit.record("login.locked", account_id=account_id, username=username, **seen)
+            return Outcome.locked(until)
+        return None
 
     @staticmethod
     def _failed(svc, account_id, username, error, seen) -> Outcome:

@@ -150,12 +150,12 @@ class MobileIdFactor:
         account = await run_in_threadpool(_by_national_id, svc, nid)
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         if account is None:
-            svc.audit.record("login.failure", username=mask(nid), reason="mobileid.unbound", **seen)
+            await svc.db.call(svc.audit.record, "login.failure", username=mask(nid), reason="mobileid.unbound", **seen)
             return Outcome(error="mobileid.unbound", keep=keep)
         if tx.get("account") and tx["account"] != account.id:
             return Outcome(error="mobileid.other_person", keep=keep)
         if account.disabled:
-            svc.audit.record("login.disabled", account_id=account.id, username=account.username, **seen)
+            await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=account.username, **seen)
             return Outcome(error="login.disabled", keep=keep)
 
         connector = svc.mobileid
@@ -245,8 +245,8 @@ class MobileIdFactor:
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         if won is None:  # failed, or used already by another request of this login
             error = outcome if outcome not in (DONE, NONE) else "mobileid.expired"
-            svc.audit.record("login.failure", account_id=state["account"], username=mask(state["national_id"]),
-                             reason=error, **seen)
+            await svc.db.call(svc.audit.record, "login.failure", account_id=state["account"],
+                              username=mask(state["national_id"]), reason=error, **seen)
             return Outcome(error=error, keep={"national_id": state["national_id"]})
         account = await run_in_threadpool(_by_national_id, svc, state["national_id"])
         if account is None or account.id != won["account"]:  # unbound meanwhile

@@ -74,8 +74,9 @@ class TlsCertificateFactor(CertificateFactor):
     async def verify(self, request, svc, tx, form, account) -> Outcome:
         pem = presented(request, svc)
         if pem is None:
-            svc.audit.record("login.failure", account_id=tx.get("account"), username=tx.get("username") or None,
-                             **who(request), client_id=tx["client_id"], method=self.name, reason="no_certificate")
+            await svc.db.call(svc.audit.record, "login.failure", account_id=tx.get("account"),
+                              username=tx.get("username") or None, **who(request), client_id=tx["client_id"],
+                              method=self.name, reason="no_certificate")
             return Outcome(error="tls_certificate.none")
 
         async def check(kind):

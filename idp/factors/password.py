@@ -50,7 +50,7 @@ class PasswordFactor:
             svc.audit.record("login.locked", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
             return Outcome.locked(until, **keep)
 
-        def failed(account_id):
+        def failed(account_id, attempt):
             svc.audit.record("login.failure", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
             if attempt >= lockout.threshold:
                 return locked(lockout.lock(username), account_id)
@@ -64,7 +64,7 @@ class PasswordFactor:
         if correct and rehash:  # made with older parameters: upgraded now that the password is known
             await run_in_threadpool(self._rehash, svc, account.id, password)
         if not correct:
-            return await svc.db.call(failed, account.id if account else None)  # the owner sees it in their activity log
+            return await svc.db.call(failed, account.id if account else None, attempt)  # the owner sees it in their activity log
         writes = Batch()  # sent with the login's next write
         lockout.clear(username, writes)
         if tx.get("account") and not hmac.compare_digest(tx["account"], account.id):

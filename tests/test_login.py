@@ -1,8 +1,10 @@
 """Password login as a user meets it (SPEC A1, O2, O4): captcha, lockout,
 expiry, and messages that say what to do."""
 
+import html
 import re
 import threading
+from urllib.parse import parse_qs, urlsplit
 
 from tests.harness import PASSWORD, callback, forms
 
@@ -218,3 +220,11 @@ def test_language_switch_is_remembered(provider):
     english = browser.go(f"/login?tx={_tx(page)}&lang=en")
     assert "Password" in english.text
     assert "Password" in browser.go(f"/login?tx={_tx(page)}").text
+    # Each page links to itself in the other language: its own address, ``lang`` set once.
+    assert _language_link(page, "en") == {"tx": [_tx(page)], "factor": ["password"], "lang": ["en"]}
+    assert _language_link(english, "zh-TW") == {"tx": [_tx(page)], "factor": ["password"], "lang": ["zh-TW"]}
+
+
+def _language_link(page, lang: str) -> dict:
+    href = re.search(rf'<a href="([^"]+)" lang="{lang}">', page.text).group(1)
+    return parse_qs(urlsplit(html.unescape(href)).query)

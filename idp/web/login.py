@@ -144,7 +144,8 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         svc.transactions.save(tx, writes)
         svc.store.write(writes)
         page = {**context, **factor.context(svc, tx, account), **flash.get("keep", {})}
-        return render(request, factor.template, factor=factor, factors=step.factors, **page)
+        return render(request, factor.template, factor=factor, factors=step.factors,
+                      offered={f.name for f in step.factors}, **page)
     svc.transactions.save(tx, writes)
     svc.store.write(writes)
     if step.kind == "action":

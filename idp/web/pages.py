@@ -8,6 +8,7 @@ import secrets
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
@@ -36,6 +37,22 @@ def _taipei(value) -> str:
 
 env.filters["taipei"] = _taipei
 env.filters["taipei_epoch"] = lambda seconds: _taipei(dt.datetime.fromtimestamp(seconds, dt.timezone.utc)) if seconds else ""
+
+
+def with_lang(url: URL, lang: str) -> str:
+    """A language link: ``url`` (the page's own address) with ``lang`` set."""
+    if "lang=" in url.query:
+        return str(url.include_query_params(lang=lang))
+    return f"{url}{'&' if url.query else '?'}lang={lang}"  # every page has these links: the cheap way
+
+
+env.globals["with_lang"] = with_lang
+
+
+def compile_templates() -> None:
+    """Compile every template now (a server's start), not in its first users' requests."""
+    for name in env.list_templates():
+        env.get_template(name)
 TAIPEI = dt.timezone(dt.timedelta(hours=8))
 
 

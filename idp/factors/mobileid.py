@@ -51,13 +51,14 @@ import secrets
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from idp import captcha
+from idp import bridge, captcha
 from idp.factors import Outcome
 from idp.factors.totp import qr_svg
 from idp.mobileid import MobileIdConfig, MobileIdConnector, MobileIdError, Ticket, Verified, checksum
 from idp.mobileid import errors as e
 from idp.mobileid.national_id import InvalidNationalId, validate
 from idp.pki import load_trust
+from idp.storage.kv import Batch
 from idp.storage.models import Account
 from idp.web.pages import who
 
@@ -171,7 +172,7 @@ class MobileIdFactor:
         attempt = secrets.token_urlsafe(18)
         expires_at = max(t["expires_at"] for t in tickets.values())
         ttl = int(expires_at - svc.clock()) + 120
-        svc.store.set(ATTEMPT + attempt, {"tx": tx["id"], "account": account.id, "tickets": tickets}, ttl)
+        await bridge.run(svc.store.set, ATTEMPT + attempt, {"tx": tx["id"], "account": account.id, "tickets": tickets}, ttl)
         tx["mobileid"] = {"attempt": attempt, "national_id": nid, "account": account.id, "expires_at": expires_at}
         return Outcome()
 
@@ -183,9 +184,9 @@ class MobileIdFactor:
         if not state:
             return NONE
         attempt = state["attempt"]
-        if svc.store.get(WON + attempt) is not None:
+        won, record = await bridge.run(svc.store.get_many, [WON + attempt, ATTEMPT + attempt])
+        if won is not None:
             return DONE
-        record = svc.store.get(ATTEMPT + attempt)
         if record is None or svc.clock() > state["expires_at"]:
             return "mobileid.expired"
         outcome = PENDING
@@ -205,15 +206,15 @@ class MobileIdFactor:
                 break
             record["tickets"][via] = ticket.to_dict()  # when it was last polled
             if isinstance(result, Verified):
-                outcome = self._claim(svc, state, record, via, result)
+                outcome = await bridge.run(self._claim, svc, state, record, via, result)
                 break
         if not record["tickets"] and outcome == PENDING:
             outcome = "mobileid.expired"
         ttl = int(state["expires_at"] - svc.clock()) + 120
         if outcome == PENDING:
-            svc.store.set(ATTEMPT + attempt, record, max(ttl, 1))
+            await bridge.run(svc.store.set, ATTEMPT + attempt, record, max(ttl, 1))
         else:
-            svc.store.delete(ATTEMPT + attempt)  # the other ticket is dropped: never polled again
+            await bridge.run(svc.store.delete, ATTEMPT + attempt)  # the other ticket is dropped: never polled again
         return outcome
 
     def _claim(self, svc, state, record, via, result: Verified) -> str:
@@ -224,11 +225,22 @@ class MobileIdFactor:
         svc.store.set(WON + state["attempt"], won, max(ttl, 60), only_new=True)  # the first one wins
         return DONE
 
-    def give_up(self, svc, tx, error: str) -> None:
-        """End a failed attempt: the page shows ``error`` above the form, the number kept."""
+    @staticmethod
+    def _end(svc, attempt: str, done: bool):
+        """The attempt's win (None when not ``done``, or taken already by another request of
+        this login), taken, and its record dropped: one round trip."""
+        batch = Batch()
+        if done:
+            batch.take(WON + attempt)
+        batch.delete(ATTEMPT + attempt)
+        return svc.store.write(batch)[0] if done else None
+
+    def give_up(self, tx, error: str, writes: Batch) -> None:
+        """End a failed attempt (its records dropped in ``writes``): the page shows ``error``
+        above the form, the number kept."""
         state = tx.pop("mobileid", None) or {}
         if state:
-            svc.store.delete(ATTEMPT + state["attempt"], WON + state["attempt"])
+            writes.delete(ATTEMPT + state["attempt"], WON + state["attempt"])
         tx["flash"] = {"error": error, "params": {}, "keep": {"national_id": state.get("national_id", "")}}
 
     async def verify(self, request, svc, tx, form, account) -> Outcome:
@@ -239,9 +251,8 @@ class MobileIdFactor:
         outcome = await self.poll(svc, tx)
         if outcome == PENDING:
             return Outcome(error="mobileid.waiting")
-        won = svc.store.take(WON + state["attempt"]) if outcome == DONE else None
+        won = await bridge.run(self._end, svc, state["attempt"], outcome == DONE)
         tx.pop("mobileid", None)
-        svc.store.delete(ATTEMPT + state["attempt"])
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         if won is None:  # failed, or used already by another request of this login
             error = outcome if outcome not in (DONE, NONE) else "mobileid.expired"

@@ -22,7 +22,7 @@ from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from idp import acr, captcha, flow
+from idp import acr, bridge, captcha, flow
 from idp.accounts import AccountError, set_password, with_bindings
 from idp.factors import FACTORS, methods
 from idp.factors.totp import Enrolment
@@ -73,7 +73,7 @@ def _browser_matches(request: Request, tx: dict) -> bool:
 
 async def _transaction(request: Request, tx_id: str | None):
     svc = request.app.state.svc
-    tx = svc.transactions.get(tx_id)
+    tx = await bridge.run(svc.transactions.get, tx_id)
     if tx is None or not _browser_matches(request, tx):
         return None
     return tx
@@ -120,7 +120,7 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
     if step.kind == "done":
         return await finish(request, tx, account, client, writes)
     if step.kind in ("unmet", "disabled") or not interactive:
-        svc.store.write(writes)  # the login ends without a write of its own to join
+        await bridge.run(svc.store.write, writes)  # the login ends without a write of its own to join
     if not interactive:
         error = {"consent": "consent_required", "factor": "login_required" if account is None else "interaction_required"}
         return await respond_error(request, tx, error.get(step.kind, "interaction_required"))
@@ -128,7 +128,7 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         return await respond_error(request, tx, "unmet_authentication_requirements",
                                    "The account has no factor that reaches the required assurance.")
     if step.kind == "disabled":
-        svc.transactions.drop(tx)
+        await bridge.run(svc.transactions.drop, tx)
         return error_page(request, "error.disabled.title", "error.disabled.detail", status=403)
 
     flash = tx.pop("flash", None) or {}
@@ -142,12 +142,12 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         if captcha.wanted(svc, tx):
             tx["captcha"] = captcha.new_answer()
         svc.transactions.save(tx, writes)
-        svc.store.write(writes)
+        await bridge.run(svc.store.write, writes)
         page = {**context, **factor.context(svc, tx, account), **flash.get("keep", {})}
         return render(request, factor.template, factor=factor, factors=step.factors,
                       offered={f.name for f in step.factors}, **page)
     svc.transactions.save(tx, writes)
-    svc.store.write(writes)
+    await bridge.run(svc.store.write, writes)
     if step.kind == "action":
         extra = await run_in_threadpool(_bind_page, svc, account) if step.action == "bind" else {}
         return render(request, f"action_{step.action}.html", **context, **extra)
@@ -171,7 +171,7 @@ async def factor_submit(request: Request) -> Response:
         tx["failures"] = tx.get("failures", 0) + 1
         tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}
         svc.transactions.save(tx, writes)
-        svc.store.write(writes)
+        await bridge.run(svc.store.write, writes)
         return RedirectResponse(_tx_url(tx, factor=factor.name), status_code=303)
     if account is None or account.id != outcome.account_id:  # a first factor: who it proved
         account = outcome.account or await svc.db.call(with_bindings, svc, account_id=outcome.account_id)
@@ -202,12 +202,12 @@ async def bind_otp(request: Request) -> Response:
     error = await run_in_threadpool(Enrolment(svc).confirm, tx["account"], form.get("otp"))
     if error:
         tx["flash"] = {"error": error, "params": {}}
-        svc.transactions.save(tx)
+        await bridge.run(svc.transactions.save, tx)
         return _again(tx)
     svc.audit.record("binding.created", account_id=tx["account"], username=tx["username"], client_id=tx["client_id"],
                      method="otp", **who(request))
     tx.update(account=None, amr=[], done=[], auth_time=None, flash={"notice": "otp.bound_relogin", "params": {}})
-    svc.transactions.save(tx)
+    await bridge.run(svc.transactions.save, tx)
     return _again(tx)
 
 
@@ -239,7 +239,7 @@ async def password_change(request: Request) -> Response:
             error = {"error": e.key, "params": {}, "rules": e.params.get("rules", [])}
     if error:
         tx["flash"] = error
-        svc.transactions.save(tx)
+        await bridge.run(svc.transactions.save, tx)
         return _again(tx)
     svc.audit.record("password.changed", account_id=tx["account"], username=tx["username"], client_id=tx["client_id"],
                      **who(request), method="expired")
@@ -265,7 +265,7 @@ async def consent(request: Request) -> Response:
     scope = " ".join(sorted(flow.requested_scope(tx)))
     await run_in_threadpool(_save_consent, svc, tx["account"], tx["client_id"], scope)
     tx["consented"] = True
-    svc.transactions.save(tx)
+    await bridge.run(svc.transactions.save, tx)
     return _again(tx)
 
 
@@ -315,9 +315,9 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     # from an account that has none to offer (else it could never get in).
     has_possession = any(f.possession and f.enabled(svc) and f.bound(account) for f in FACTORS.values())
     verified = bool(tx["done"]) and (any(FACTORS[name].possession for name in tx["done"]) or not has_possession)
-    session = svc.sessions.get(request.cookies.get(SESSION_COOKIE))
+    session = await bridge.run(svc.sessions.get, request.cookies.get(SESSION_COOKIE))
     if session and session["account"] != account.id:
-        svc.sessions.end(session["sid"], svc.tokens)
+        await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
         session = None
     new_session = session is None
     if new_session:
@@ -341,15 +341,15 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
             response = await _issue_code(request, svc, tx, account, auth, writes)
         except OAuth2Error:  # the client or its redirect URI went away meanwhile: no session, no code
             svc.transactions.drop(tx, earlier)
-            svc.store.write(earlier)
+            await bridge.run(svc.store.write, earlier)
             return _expired(request)
     writes.extend(earlier)
     claim = svc.transactions.claim(tx, writes)
-    if svc.store.write(writes)[claim] is None and tx.get("stored"):
+    if (await bridge.run(svc.store.write, writes))[claim] is None and tx.get("stored"):
         # Another request ended this login first. This one's code was never handed out (it
         # lapses within the minute); a session it made would show in the account's list.
         if new_session:
-            svc.sessions.end(session["sid"], svc.tokens)
+            await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
         return _expired(request)
     set_cookie(request, response, SESSION_COOKIE, session["sid"])
     return response
@@ -377,7 +377,7 @@ async def _issue_code(request, svc, tx, account, auth, writes: Batch):
 
 async def respond_error(request: Request, tx: dict, error: str, description: str | None = None) -> Response:
     svc = request.app.state.svc
-    svc.transactions.drop(tx)
+    await bridge.run(svc.transactions.drop, tx)
     if tx["client_id"] is None:
         return error_page(request, "error.cancelled.title", "error.cancelled.detail")
     oauth_request = _authorization_request(svc, tx)

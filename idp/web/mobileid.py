@@ -15,7 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from idp import bridge
 from idp.factors.mobileid import DONE, MOBILEID, NONE, PENDING, seconds_left
+from idp.storage.kv import Batch
 from idp.web import login
 from idp.web.i18n import translate
 from idp.web.pages import locale_of
@@ -38,7 +40,7 @@ async def start(request: Request) -> Response:
     outcome = await MOBILEID.start(request, svc, tx, form)
     if outcome.error:
         tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}
-    svc.transactions.save(tx)
+    await bridge.run(svc.transactions.save, tx)
     return RedirectResponse(_page(tx), status_code=303)
 
 
@@ -57,8 +59,10 @@ async def status(request: Request) -> Response:
     if state == NONE:
         return JSONResponse({"state": "failed", "error": "mobileid.no_request", "message": message, "next": _page(tx)},
                             headers=headers)
-    MOBILEID.give_up(svc, tx, state)
-    svc.transactions.save(tx)
+    writes = Batch()
+    MOBILEID.give_up(tx, state, writes)
+    svc.transactions.save(tx, writes)
+    await bridge.run(svc.store.write, writes)
     return JSONResponse({"state": "failed", "error": state, "message": message, "next": _page(tx)}, headers=headers)
 
 

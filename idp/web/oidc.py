@@ -160,11 +160,11 @@ async def authorize(request: Request) -> Response:
         return login.to_client(request, grant.redirect_uri, [("error", problem[0]), ("error_description", problem[1])], data)
 
     prompts = set(data.get("prompt", "").split())
-    session = svc.sessions.get(request.cookies.get(login.SESSION_COOKIE))
+    session = await bridge.run(svc.sessions.get, request.cookies.get(login.SESSION_COOKIE))
     if session is not None:
         account_ok = await run_in_threadpool(account_active, svc, session["account"])
         if not account_ok:
-            svc.sessions.end(session["sid"], svc.tokens)
+            await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
             session = None
     fresh = bool(prompts & {"login", "select_account"})
     if session and data.get("max_age") is not None:

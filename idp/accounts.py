@@ -65,12 +65,12 @@ class Passwords:
         """One of the ``hash_threads`` slots, timed from ``queued`` (default: now)."""
         queued = queued or time.perf_counter()
         with self._slots:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 yield
             finally:
                 if self._metrics is not None:
-                    self._metrics.password_hash(started - queued, time.perf_counter() - started)
+                    self._metrics.password_hash(started - queued, time.perf_counter() - started, time.thread_time() - cpu)
 
     def hash(self, password: str) -> str:
         with self._slot():

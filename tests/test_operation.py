@@ -2,6 +2,7 @@
 
 import asyncio
 import gc
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +37,8 @@ def test_metrics_count_logins_by_outcome(provider):
     # Three hashes, each after its wait for a hashing thread (IDP_HASH_THREADS): alice's
     # password when her account was made, then the two checks.
     assert "idp_password_hash_wait_seconds_count 3.0" in text_ and "idp_password_hash_seconds_count 3.0" in text_
+    cpu = float(re.search(r"^idp_password_hash_cpu_seconds_total (\S+)$", text_, re.M).group(1))
+    assert 0 < cpu < 3  # three argon2 runs' own CPU time
 
 
 def test_metrics_token(make_provider):

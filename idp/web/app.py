@@ -112,11 +112,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     except Exception:  # Redis down: /readyz says so, and the lifespan's loop writes them later
         log.exception("could not write the disabled accounts' marks; trying again in %d s",
                       svc.settings.disabled_marks_seconds)
+    # Starlette tries the routes in this order: the ones every login uses come first.
     routes = [
+        Route("/token", oidc.token, methods=["POST"]),
+        Route("/authorize", oidc.authorize, methods=["GET", "POST"]),
+        Route("/login/factor/{factor}", login.factor_submit, methods=["POST"]),
+        Route("/login", login.login_page),
         Route("/.well-known/openid-configuration", oidc.discovery),
         Route("/jwks", oidc.jwks),
-        Route("/authorize", oidc.authorize, methods=["GET", "POST"]),
-        Route("/token", oidc.token, methods=["POST"]),
         Route("/par", oidc.pushed_authorization, methods=["POST"]),
         Route("/userinfo", oidc.userinfo, methods=["GET", "POST"]),
         Route("/revoke", oidc.revoke, methods=["POST"]),
@@ -124,12 +127,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         Route("/logout", oidc.logout, methods=["GET", "POST"]),
         Route("/register", oidc.register, methods=["POST"]),
         Route("/register/{client_id}", oidc.manage_client, methods=["GET", "PUT", "DELETE"]),
-        Route("/login", login.login_page),
         Route("/login/captcha", login.captcha_image),
         Route("/login/password-change", login.password_change, methods=["POST"]),
         Route("/login/consent", login.consent, methods=["POST"]),
         Route("/login/cancel", login.cancel, methods=["POST"]),
-        Route("/login/factor/{factor}", login.factor_submit, methods=["POST"]),
         *mobileid_pages.routes,
         *federation_pages.routes,
         *push_pages.routes,

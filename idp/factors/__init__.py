@@ -8,7 +8,8 @@
 - ``template``: the page that asks for it;
 - ``enabled(svc)``: whether the settings switch it on (mobile ID needs a service);
 - ``bound(account)``: whether this account can use it;
-- ``context(svc, tx, account)``: what its page shows;
+- ``context(svc, tx, account)``: what its page shows (run inside ``idp.bridge.run``: the
+  challenges it keeps in the store are awaited, not blocking the event loop);
 - ``verify(request, svc, tx, form, account) -> Outcome`` (async): check the answer;
   ``account`` is the one proven so far, with its bindings (None before the first factor).
 
@@ -45,6 +46,14 @@ class Outcome:
         """The lockout message, with the time it ends in Taiwan time."""
         local = dt.datetime.fromtimestamp(until, TAIPEI)
         return cls(error="login.locked", params={"until": local.strftime("%H:%M")}, keep=keep)
+
+
+def locked_out(svc, until: float, account_id: str | None, username: str, seen: dict, keep: dict | None = None) -> Outcome:
+    """The answer to a login refused while its account is locked: audited as ``login.locked``
+    (``seen``: the client, the address, the method), with the time the lock ends (and the
+    form's values ``keep``)."""
+    svc.audit.record("login.locked", account_id=account_id, username=username, **seen)
+    return Outcome.locked(until, **(keep or {}))
 
 
 def methods(account) -> list[dict]:

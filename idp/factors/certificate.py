@@ -26,7 +26,7 @@ import secrets
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from idp.factors import Outcome
+from idp.factors import Outcome, locked_out
 from idp.pki import PKIError, verify_signature
 from idp.storage.models import Account, Binding
 from idp.web.pages import who
@@ -154,20 +154,20 @@ class CertificateFactor:
             kind = None
         identity, error = await check(kind)
         if error is not None:
-            return await run_in_threadpool(self._failed, svc, known, tx.get("username"), error, seen)
+            return await svc.db.call(self._failed, svc, known, tx.get("username"), error, seen)
         account = await run_in_threadpool(_bound_account, svc, binding_id(identity))
         if account is None:
             await svc.db.call(svc.audit.record, "login.failure", account_id=known, username=tx.get("username") or None,
                               **seen, reason="unbound", certificate=binding_id(identity))
             return Outcome(error="certificate.error.unbound")
         if known and not hmac.compare_digest(known, account.id):
-            return await run_in_threadpool(self._failed, svc, known, tx["username"],
-                                           ("other_account", "certificate.error.other_account"), seen)
+            return await svc.db.call(self._failed, svc, known, tx["username"],
+                                     ("other_account", "certificate.error.other_account"), seen)
         if (locked := await svc.db.call(self._locked, svc, account.id, account.username, seen)) is not None:
             return locked
         if account_kind(account) not in identity.kinds:
-            return await run_in_threadpool(self._failed, svc, account.id, account.username,
-                                           ("wrong_kind", "certificate.error.wrong_kind"), seen)
+            return await svc.db.call(self._failed, svc, account.id, account.username,
+                                     ("wrong_kind", "certificate.error.wrong_kind"), seen)
         if account.disabled:
             await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=account.username, **seen)
             return Outcome(error="login.disabled")
@@ -180,8 +180,7 @@ class CertificateFactor:
     def _locked(svc, account_id, username, seen) -> Outcome | None:
         """The lockout's answer, audited, while the account is locked; else None."""
         if until := svc.lockout.locked_until(username):
-            svc.audit.record("login.locked", account_id=account_id, username=username, **seen)
-            return Outcome.locked(until)
+            return locked_out(svc, until, account_id, username, seen)
         return None
 
     @staticmethod
@@ -194,9 +193,7 @@ class CertificateFactor:
         lockout = svc.lockout
         attempt = lockout.reserve(username)
         if attempt >= lockout.threshold:
-            until = lockout.lock(username)
-            svc.audit.record("login.locked", account_id=account_id, username=username, **seen)
-            return Outcome.locked(until)
+            return locked_out(svc, lockout.lock(username), account_id, username, seen)
         return Outcome(error=key)
 
 

@@ -49,7 +49,7 @@ import secrets
 from starlette.concurrency import run_in_threadpool
 
 from idp import captcha
-from idp.factors import TAIPEI, Outcome
+from idp.factors import TAIPEI, Outcome, locked_out
 from idp.factors.password import PASSWORD
 from idp.mail import MailError
 from idp.storage.kv import Batch
@@ -167,14 +167,9 @@ class OneDayFactor:
 
     def _verify(self, svc, tx, username, password, code, seen, keep) -> Outcome:
         lockout = svc.lockout
-
-        def locked(until, account_id=None):
-            svc.audit.record("login.locked", account_id=account_id, username=username, **seen)
-            return Outcome.locked(until, **keep)
-
         until, attempt = lockout.attempt(username)
         if until:
-            return locked(until)
+            return locked_out(svc, until, None, username, seen, keep)
 
         account, correct = PASSWORD._verify(svc, username, password)
         now = svc.clock()
@@ -192,7 +187,7 @@ class OneDayFactor:
             account_id = account.id if account else None  # so the owner sees it in their activity log
             svc.audit.record("login.failure", account_id=account_id, username=username, reason=problem, **seen)
             if attempt >= lockout.threshold:
-                return locked(lockout.lock(username), account_id)
+                return locked_out(svc, lockout.lock(username), account_id, username, seen, keep)
             params = {"left": lockout.threshold - attempt}
             if problem == "expired":
                 params["day"] = account.one_day_valid_on.isoformat()

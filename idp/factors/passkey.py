@@ -54,7 +54,7 @@ from webauthn.helpers.exceptions import WebAuthnException
 from webauthn.helpers.structs import (AuthenticatorSelectionCriteria, PublicKeyCredentialDescriptor,
                                       ResidentKeyRequirement, UserVerificationRequirement)
 
-from idp.factors import Outcome
+from idp.factors import Outcome, locked_out
 from idp.storage.models import Account, Binding
 from idp.web.pages import who
 
@@ -256,8 +256,7 @@ class PasskeyFactor:
                 return self._failed(svc, account.id, account.username, "cloned", seen)
             binding.data = {**binding.data, "sign_count": verified.new_sign_count, "last_used": now}
             if until := svc.lockout.locked_until(account.username):
-                svc.audit.record("login.locked", account_id=account.id, username=account.username, **seen)
-                return Outcome.locked(until)
+                return locked_out(svc, until, account.id, account.username, seen)
             if account.disabled:
                 svc.audit.record("login.disabled", account_id=account.id, username=account.username, **seen)
                 return Outcome(error="login.disabled")

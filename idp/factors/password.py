@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from idp import captcha
 from idp.accounts import with_bindings
-from idp.factors import Outcome
+from idp.factors import Outcome, locked_out
 from idp.storage.kv import Batch
 from idp.storage.models import Account
 from idp.web.pages import who
@@ -41,24 +41,20 @@ class PasswordFactor:
             return Outcome(error="login.missing", keep=keep)
         if captcha.wanted(svc, tx) and not captcha.check(tx, form.get("captcha")):
             return Outcome(error="captcha.wrong", keep=keep)
-        seen, client_id = who(request), tx["client_id"]
+        seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         lockout = svc.lockout
 
         # The store and audit writes of a refusal are awaited (``svc.db.call``), never made on the
         # event loop: a flood of wrong passwords must not stall every other request.
-        def locked(until, account_id=None):
-            svc.audit.record("login.locked", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
-            return Outcome.locked(until, **keep)
-
         def failed(account_id, attempt):
-            svc.audit.record("login.failure", account_id=account_id, username=username, client_id=client_id, **seen, method=self.name)
+            svc.audit.record("login.failure", account_id=account_id, username=username, **seen)
             if attempt >= lockout.threshold:
-                return locked(lockout.lock(username), account_id)
+                return locked_out(svc, lockout.lock(username), account_id, username, seen, keep)
             return Outcome(error="login.failed", params={"left": lockout.threshold - attempt}, keep=keep)
 
         until, attempt = await svc.db.call(lockout.attempt, username)
         if until:
-            return await svc.db.call(locked, until)
+            return await svc.db.call(locked_out, svc, until, None, username, seen, keep)
 
         account, correct, rehash = await svc.passwords.check(partial(with_bindings, svc, username=username), password)
         if correct and rehash:  # made with older parameters: upgraded now that the password is known
@@ -70,8 +66,7 @@ class PasswordFactor:
         if tx.get("account") and not hmac.compare_digest(tx["account"], account.id):
             return Outcome(error="login.failed", params={"left": lockout.threshold}, keep=keep, writes=writes)
         if account.disabled:
-            await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=username,
-                              client_id=client_id, **seen, method=self.name)
+            await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=username, **seen)
             return Outcome(error="login.disabled", keep=keep, writes=writes)
         if account.password_login_disabled:
             return Outcome(error="login.password_disabled", keep=keep, writes=writes)

@@ -23,7 +23,7 @@ import pyotp
 import segno
 from sqlalchemy import bindparam, select, update
 
-from idp.factors import Outcome
+from idp.factors import Outcome, locked_out
 from idp.storage.kv import Batch
 from idp.storage.models import Account, Binding
 from idp.web.pages import who
@@ -105,7 +105,7 @@ def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
     lock, attempt, *claimed = svc.store.write(batch)
     until, attempt = lockout.counted(username, lock, attempt)
     if until:
-        return _locked(svc, tx, until, seen)
+        return locked_out(svc, until, tx["account"], username, seen)
     if binding is None:
         return Outcome(error="otp.not_bound")
     if claimed and claimed[0]:
@@ -121,14 +121,9 @@ def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
         return Outcome(error="otp.drift_ahead" if minutes > 0 else "otp.drift_behind", params={"minutes": abs(minutes)})
     svc.audit.record("login.failure", account_id=tx["account"], username=username, **seen)
     if attempt >= lockout.threshold:
-        return _locked(svc, tx, lockout.lock(username), seen)
+        return locked_out(svc, lockout.lock(username), tx["account"], username, seen)
     error = "otp.reused" if offset is not None else "otp.wrong"
     return Outcome(error=error, params={"left": lockout.threshold - attempt})
-
-
-def _locked(svc, tx, until, seen) -> Outcome:
-    svc.audit.record("login.locked", account_id=tx["account"], username=tx["username"], **seen)
-    return Outcome.locked(until)
 
 
 # -- binding -------------------------------------------------------------------------

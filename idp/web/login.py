@@ -143,7 +143,7 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
             tx["captcha"] = captcha.new_answer()
         svc.transactions.save(tx, writes)
         await bridge.run(svc.store.write, writes)
-        page = {**context, **factor.context(svc, tx, account), **flash.get("keep", {})}
+        page = {**context, **await bridge.run(factor.context, svc, tx, account), **flash.get("keep", {})}
         return render(request, factor.template, factor=factor, factors=step.factors,
                       offered={f.name for f in step.factors}, **page)
     svc.transactions.save(tx, writes)

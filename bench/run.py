@@ -23,6 +23,8 @@ What it does, in one run (see bench/README.md):
    equivalent configuration, on Redis (bench/node_modules' ioredis) and again in memory,
    and measures discovery, JWKS, client_credentials, code exchange and refresh the same
    way; prints our/theirs ratios (Redis against Redis, in-process against in memory).
+   Then runs our 1 worker and oidc-provider on Redis side by side and measures their
+   three grants in turns (``head_to_head``): the ratio that a drifting VM cannot skew.
 6. Prints the tables (rates; and each server's CPU time per request, which the load
    generator sharing the cores does not skew) and writes them to
    bench/results/<date>-<cores>cores.{md,json}.
@@ -745,14 +747,14 @@ def ratio(a, b):
     return f"{a['rate'] / b['rate']:.2f}"
 
 
-def measure_theirs(node: str, seconds: float, mint_rate: int, procs: list, tmp: Path, redis_url: str = "") -> dict:
-    """Start oidc-provider (on its Map, or on ``redis_url``) and measure its token endpoint."""
-    log(f"panva's oidc-provider (1 node process), {'Redis adapter' if redis_url else 'in-memory adapter'}")
+def start_theirs(node: str, procs: list, tmp: Path, redis_url: str = ""):
+    """oidc-provider (on its Map, or on ``redis_url``), warmed up: (its Proc, base URL,
+    Basic auth, ``mint(kind, n)`` of codes or refresh tokens through its models)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     client_id, secret = "bench-client", secrets.token_urlsafe(32)
     p = Proc([node, str(BENCH / "oidc_provider.mjs"), str(port), client_id, secret, REDIRECT, redis_url],
-             os.environ.copy(), base, "/.well-known/openid-configuration", tmp / "oidc-provider.log")
+             os.environ.copy(), base, "/.well-known/openid-configuration", tmp / f"oidc-provider-{port}.log")
     procs.append(p)
     auth = basic(client_id, secret)
     warm_up(base, auth, tmp)
@@ -762,6 +764,13 @@ def measure_theirs(node: str, seconds: float, mint_rate: int, procs: list, tmp: 
         r.raise_for_status()
         return r.text.split()
 
+    return p, base, auth, mint
+
+
+def measure_theirs(node: str, seconds: float, mint_rate: int, procs: list, tmp: Path, redis_url: str = "") -> dict:
+    """Start oidc-provider (on its Map, or on ``redis_url``) and measure its token endpoint."""
+    log(f"panva's oidc-provider (1 node process), {'Redis adapter' if redis_url else 'in-memory adapter'}")
+    p, base, auth, mint = start_theirs(node, procs, tmp, redis_url)
     # node may be faster than our mint rate: half as many again.
     res = token_endpoint(base, auth, seconds, p.pids(), lambda: mint("code", int(1.5 * mint_rate * seconds)),
                          lambda: mint("refresh", int(1.5 * mint_rate * seconds)))
@@ -770,6 +779,47 @@ def measure_theirs(node: str, seconds: float, mint_rate: int, procs: list, tmp: 
     p.stop()
     procs.remove(p)
     return res
+
+
+GRANTS = ("client_credentials", "code_exchange", "refresh")
+H2H_ROUNDS = 3
+
+
+def head_to_head(sides: dict, seconds: float, rounds: int, mint_rate: int, tmp: Path) -> dict:
+    """The three grants of our provider and oidc-provider, both running on one Redis,
+    measured in turns (the order swapped each round), so both meet the same machine:
+    on a shared VM a minute can be 15 % slower than the next. ``sides``: name ->
+    (pids, base, auth, mint(kind, n)). Each side's median CPU per request, and each
+    round's ours/theirs speed ratio."""
+    per: dict = {name: {g: [] for g in GRANTS} for name in sides}
+    n = int(1.5 * mint_rate * seconds)
+    for i in range(rounds):
+        order = list(sides) if i % 2 == 0 else list(reversed(sides))
+        for grant in GRANTS:
+            for name in order:
+                pids, base, auth, mint = sides[name]
+                if grant == "client_credentials":
+                    r = wrk(base + "/token", seconds, method="POST", auth=auth, body="grant_type=client_credentials",
+                            tmp=tmp, pids=pids)
+                elif grant == "code_exchange":
+                    r = wrk(base + "/token", seconds, method="POST", auth=auth, items=mint("code", n), tmp=tmp, pids=pids,
+                            body=f"grant_type=authorization_code&redirect_uri={REDIRECT}&code_verifier={VERIFIER}&code=")
+                else:
+                    r = wrk(base + "/token", seconds, method="POST", auth=auth, items=mint("refresh", n), tmp=tmp,
+                            pids=pids, body="grant_type=refresh_token&refresh_token=")
+                if r.get("errors") or r.get("exhausted"):
+                    raise RuntimeError(f"head to head: {name} {grant} failed requests: {r}")
+                per[name][grant].append(r["cpu_us"])
+    ours, theirs = list(sides)
+    out = {}
+    for grant in GRANTS:
+        a, b = per[ours][grant], per[theirs][grant]
+        out[grant] = {"ours_us": statistics.median(a), "theirs_us": statistics.median(b),
+                      "ratio": statistics.median(b) / statistics.median(a),
+                      "rounds": [round(y / x, 2) for x, y in zip(a, b)]}
+        log(f"  {grant:20s} ours {out[grant]['ours_us']:,.0f} µs, theirs {out[grant]['theirs_us']:,.0f} µs: "
+            f"{out[grant]['ratio']:.2f} (rounds {out[grant]['rounds']})")
+    return out
 
 
 def main() -> int:
@@ -795,7 +845,8 @@ def main() -> int:
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="idp-bench-"))
     procs: list[Proc] = []
-    results: dict = {"ours": {}, "ours_memory": {}, "theirs": {}, "theirs_redis": {}, "logins_keycloak_argon2": {}}
+    results: dict = {"ours": {}, "ours_memory": {}, "theirs": {}, "theirs_redis": {}, "logins_keycloak_argon2": {},
+                     "head_to_head": {}}
     memory: dict = {}
     notes: list[str] = []
     profile_lines: list[str] = []
@@ -917,6 +968,23 @@ def main() -> int:
                 results["theirs"] = measure_theirs(node, seconds, mint_rate, procs, tmp)
                 if (BENCH / "node_modules/ioredis").exists():
                     results["theirs_redis"] = measure_theirs(node, seconds, mint_rate, procs, tmp, rd.url)
+                    turn = max(3.0, seconds / 2)
+                    log(f"head to head on Redis: our 1 worker and oidc-provider's process in turns, "
+                        f"{H2H_ROUNDS} rounds of {turn:.0f} s")
+                    ours_p = serve(1)
+                    theirs_p, their_base, their_auth, their_mint = start_theirs(node, procs, tmp, rd.url)
+
+                    def our_mint(kind, n):
+                        return seed.mint_codes(client_id, n) if kind == "code" else seed.mint_refresh(client_id, n)
+
+                    sides = {"ours": (ours_p.pids(), base, auth, our_mint),
+                             "theirs": (theirs_p.pids(), their_base, their_auth, their_mint)}
+                    # Fewer minted than above (both sides stay below ~2,500 code exchanges a second here).
+                    results["head_to_head"] = head_to_head(sides, turn, H2H_ROUNDS, 2500, tmp)
+                    results["head_to_head_seconds"] = turn
+                    for proc in (ours_p, theirs_p):
+                        proc.stop()
+                        procs.remove(proc)
                 else:
                     notes.append("oidc-provider on Redis not measured: bench/node_modules missing (make bench installs it)")
     finally:
@@ -963,6 +1031,17 @@ def main() -> int:
     kc = kc_login.get(1)
     cpu_md.append("| " + " | ".join(["password+TOTP login, argon2 t=5 7 MiB (Keycloak's)", per_core(kc), *["—"] * 6,
                                      login_target(argon["keycloak_ms"], argon["keycloak_cold_ms"], kc)]) + " |")
+    h2h, h2h_md = results["head_to_head"], []
+    if h2h:
+        h2h_md = [f"**Head to head on Redis.** The single runs above are a few minutes apart, and on a shared VM one "
+                  "minute can be 15 % slower than the next; so our 1 worker and oidc-provider's process also run side by "
+                  f"side on the same Redis and take turns, {H2H_ROUNDS} rounds of {results['head_to_head_seconds']:.0f} s "
+                  "per grant, the order swapped each round. CPU per request, median of the rounds:", "",
+                  "| grant | ours | oidc-provider | ours / theirs (speed) | each round |", "|---|---|---|---|---|"]
+        h2h_md += [f"| {label} | {r['ours_us']:,.0f} µs | {r['theirs_us']:,.0f} µs | {r['ratio']:.2f} | "
+                   f"{', '.join(f'{x:.2f}' for x in r['rounds'])} |"
+                   for key, label in metrics if (r := h2h.get(key))]
+        h2h_md.append("")
     cpu = ""
     try:
         cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
@@ -986,6 +1065,7 @@ def main() -> int:
         "",
         *cpu_md,
         "",
+        *h2h_md,
         "- **Shared cores.** The load generator (wrk, 2 threads, 32 connections; the Python login driver) runs on "
         f"the same {CORES} cores as the servers, PostgreSQL and Redis: compare ratios within one run, not absolute numbers across runs.",
         "- **Ours:** `idp serve --workers N` (uvicorn), PostgreSQL 15 + Redis 7 on loopback, IDP_MFA=true, IDP_CAPTCHA=off, "
@@ -1055,7 +1135,7 @@ def main() -> int:
                                 "verify_ms_cold_caches": argon["keycloak_cold_ms"]}},
         "keycloak_published_per_vcpu": KEYCLOAK,
         "ours": {str(k): v for k, v in ours.items()}, "ours_memory": memory_store, "theirs": theirs,
-        "theirs_redis": theirs_redis,
+        "theirs_redis": theirs_redis, "head_to_head": h2h,
         "logins_keycloak_argon2": {str(k): v for k, v in kc_login.items()},
         "load": {"wrk_threads": WRK_THREADS, "wrk_connections": WRK_CONNECTIONS,
                  "login_concurrency": args.login_concurrency, "accounts": args.accounts,

@@ -289,7 +289,7 @@ async def captcha_image(request: Request) -> Response:
     """The image of a login transaction's captcha (``tx``) or of a form's (``form``)."""
     svc = request.app.state.svc
     if "form" in request.query_params:
-        answer = captcha.form_answer(svc, request.query_params["form"])
+        answer = await bridge.run(captcha.form_answer, svc, request.query_params["form"])
     else:
         tx = await _transaction(request, request.query_params.get("tx"))
         answer = tx.get("captcha") if tx else None

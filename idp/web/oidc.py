@@ -339,7 +339,7 @@ async def logout(request: Request) -> Response:
     target = data.get("post_logout_redirect_uri")
     if target and (client is None or target not in client.post_logout_redirect_uris):
         return error_page(request, "error.logout.title", "error.logout.bad_redirect")
-    session = svc.sessions.get(request.cookies.get(login.SESSION_COOKIE))
+    session = await bridge.run(svc.sessions.get, request.cookies.get(login.SESSION_COOKIE))
     confirmed = request.method == "POST" and data.get("confirm") == "yes" and csrf_ok(request, data)
     hint_matches = bool(hint and session and hint.get("sid") == claims.public_sid(svc, session["sid"]))
     if session and not (confirmed or hint_matches):
@@ -348,9 +348,9 @@ async def logout(request: Request) -> Response:
     frames = []
     if session:
         # Ending the session also sends the back-channel logout tokens, in the background.
-        ended = svc.sessions.end(session["sid"], svc.tokens)
-        svc.audit.record("logout", account_id=session["account"], client_id=client.client_id if client else None,
-                         **who(request), method="rp-initiated")
+        ended = await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
+        await svc.db.call(svc.audit.record, "logout", account_id=session["account"],
+                          client_id=client.client_id if client else None, **who(request), method="rp-initiated")
         if ended:
             frames = await run_in_threadpool(logout_.frontchannel_urls, svc, ended)
     if target:

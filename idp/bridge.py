@@ -103,7 +103,7 @@ class LoopLocal:
         loop = asyncio.get_running_loop()
         value = self._values.get(loop)
         if value is None:
-            for old in [other for other in list(self._values) if other.is_closed()]:
+            for old in [other for other in list(self._values) if other.is_closed()]:  # a copy: other threads add theirs
                 if (gone := self._values.pop(old, None)) is not None:
                     self._retire(gone)
             value = self._values[loop] = self._make()

@@ -9,7 +9,8 @@
 - ``enabled(svc)``: whether the settings switch it on (mobile ID needs a service);
 - ``bound(account)``: whether this account can use it;
 - ``context(svc, tx, account)``: what its page shows (run inside ``idp.bridge.run``: the
-  challenges it keeps in the store are awaited, not blocking the event loop);
+  challenges it keeps in the store are awaited, not blocking the event loop); what it adds
+  to ``tx`` is saved with the page;
 - ``verify(request, svc, tx, form, account) -> Outcome`` (async): check the answer;
   ``account`` is the one proven so far, with its bindings (None before the first factor).
 

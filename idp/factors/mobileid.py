@@ -128,9 +128,8 @@ class MobileIdFactor:
             return {"waiting": True, "remaining": remaining, "qr": qr_svg(qr["sp_ticket"]) if qr else None,
                     "push_sent": "push" in record["tickets"], "masked_id": mask(state["national_id"]),
                     "poll_seconds": svc.mobileid.config.poll_interval}
-        if not tx.get("captcha"):  # the form always has a captcha (see the module's note)
+        if not tx.get("captcha"):  # the form always has a captcha (see the module's note); saved with the page
             tx["captcha"] = captcha.new_answer()
-            svc.transactions.save(tx)
         return {"waiting": False, "national_id": "", "time_limit": svc.settings.mobileid_time_limit}
 
     # -- starting: POST /login/mobileid/start ---------------------------------------------

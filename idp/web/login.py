@@ -141,9 +141,10 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         context["here"] = URL(_tx_url(tx, factor=factor.name))
         if captcha.wanted(svc, tx):
             tx["captcha"] = captcha.new_answer()
+        shown = await bridge.run(factor.context, svc, tx, account)  # before the save: it may add to tx
         svc.transactions.save(tx, writes)
         await bridge.run(svc.store.write, writes)
-        page = {**context, **await bridge.run(factor.context, svc, tx, account), **flash.get("keep", {})}
+        page = {**context, **shown, **flash.get("keep", {})}
         return render(request, factor.template, factor=factor, factors=step.factors,
                       offered={f.name for f in step.factors}, **page)
     svc.transactions.save(tx, writes)

@@ -53,6 +53,8 @@ def compile_templates() -> None:
     """Compile every template now (a server's start), not in its first users' requests."""
     for name in env.list_templates():
         env.get_template(name)
+
+
 TAIPEI = dt.timezone(dt.timedelta(hours=8))
 
 

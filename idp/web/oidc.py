@@ -335,7 +335,7 @@ async def logout(request: Request) -> Response:
     client_id = data.get("client_id") or (hint or {}).get("aud")
     if hint and data.get("client_id") and data["client_id"] != hint.get("aud"):
         return error_page(request, "error.logout.title", "error.logout.client_mismatch")
-    client = svc.server.query_client(client_id) if isinstance(client_id, str) else None
+    client = await svc.server.client(client_id) if isinstance(client_id, str) else None
     target = data.get("post_logout_redirect_uri")
     if target and (client is None or target not in client.post_logout_redirect_uris):
         return error_page(request, "error.logout.title", "error.logout.bad_redirect")

@@ -41,7 +41,7 @@ env.filters["taipei_epoch"] = lambda seconds: _taipei(dt.datetime.fromtimestamp(
 
 def with_lang(url: URL, lang: str) -> str:
     """A language link: ``url`` (the page's own address) with ``lang`` set."""
-    if "lang=" in url.query:
+    if "lang" in url.query:
         return str(url.include_query_params(lang=lang))
     return f"{url}{'&' if url.query else '?'}lang={lang}"  # every page has these links: the cheap way
 

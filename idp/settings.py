@@ -162,9 +162,10 @@ class Settings:
     )
     client_cert_header: str = _doc(
         "TLS client-certificate login for managed desktops (SPEC A3): the request header in which the "
-        "terminating proxy forwards the client certificate it verified, as URL-escaped PEM (nginx: "
+        "terminating proxy forwards the client certificate of the TLS handshake, as URL-escaped PEM (nginx: "
         "`$ssl_client_escaped_cert`, see `deploy/nginx/client-cert.conf`), e.g. `X-SSL-Client-Cert`. Believed "
-        "only from `IDP_TRUSTED_PROXIES`. Empty: that login is switched off.",
+        "only from `IDP_TRUSTED_PROXIES`; its chain, validity and revocation are checked here, as a card "
+        "login's. Empty: that login is switched off.",
         "",
     )
 

@@ -61,8 +61,8 @@ events {{ worker_connections 64; }}
 http {{
     access_log off;
     map $ssl_client_verify $idp_client_cert {{
-        SUCCESS $ssl_client_escaped_cert;
-        default "";
+        NONE "";
+        default $ssl_client_escaped_cert;
     }}
     proxy_set_header X-SSL-Client-Cert $idp_client_cert;
     proxy_set_header Host $http_host;
@@ -76,6 +76,10 @@ http {{
         ssl_certificate_key server.key;
         include {include};
         location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_bind {proxy};
+        }}
+        location @idp {{
             proxy_pass http://127.0.0.1:{upstream};
             proxy_bind {proxy};
         }}
@@ -234,6 +238,20 @@ def test_a_revoked_card_gets_the_certificate_invalid_message(site, desktop):
     person = desktop("revoked_crl")  # nginx accepts the chain; the provider's CRL check refuses it
     page = person.submit(_tls_page(person, client_id), "/login/factor/tls_certificate")
     assert page.status_code == 200 and "憑證無效" in _error(page)
+
+
+def test_a_card_whose_chain_nginx_refuses_still_gets_the_provider_and_its_message(site, tpki, desktop):
+    """A forged card (MOICA's name, another key): nginx's own answer would be a bare 400 on
+    every page while the browser keeps choosing it; the provider's pages come instead, its
+    password login works, and the certificate step says why the card is refused."""
+    provider, _ = site
+    client_id, _ = provider.client()
+    person = desktop("forged")
+    page = person.submit(_tls_page(person, client_id), "/login/factor/tls_certificate")
+    assert page.status_code == 200 and "不是本服務接受的憑證機構" in _error(page)
+    page = person.authorize(client_id)
+    page = person.submit(page, "/login/factor/password", username="alice", password=PASSWORD)
+    assert "code" in callback(page)
 
 
 def test_a_malformed_trusted_proxy_list_stops_the_start(tmp_path):

@@ -1,9 +1,11 @@
 """TLS client-certificate login for managed desktops (issue 4; SPEC A3's alternative).
 
 The desktop's browser presents the card's certificate in the TLS handshake to a
-terminating proxy (nginx, ``deploy/nginx/client-cert.conf``), which verifies the
-handshake and the chain, and forwards the certificate as URL-escaped PEM in the
-header named by ``IDP_CLIENT_CERT_HEADER``. The provider believes that header only
+terminating proxy (nginx, ``deploy/nginx/client-cert.conf``), whose handshake
+proves the browser holds the key, and which forwards the certificate as
+URL-escaped PEM in the header named by ``IDP_CLIENT_CERT_HEADER``, whatever its
+own chain check found (a refused one would get nginx's bare 400, not this
+login's message). The provider believes that header only
 from a socket peer in ``IDP_TRUSTED_PROXIES`` (anyone else's is ignored and
 logged), then applies exactly the card login's rules: the path to a pinned
 issuing CA, key usage and revocation (``idp.pki.verify_certificate``), and the

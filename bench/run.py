@@ -27,7 +27,7 @@ What it does, in one run (see bench/README.md):
    three grants in turns (``head_to_head``): the ratio that a drifting VM cannot skew.
 6. Prints the tables (rates; and each server's CPU time per request, which the load
    generator sharing the cores does not skew) and writes them to
-   bench/results/<date>-<cores>cores.{md,json}.
+   bench/results/<date>-<cores>cores.{md,json} (``-2``, ``-3``... for a day's later runs).
 
 The load generator runs on the same cores as the servers: compare the ratios of one run,
 not absolute numbers across machines or runs.
@@ -1126,6 +1126,10 @@ def main() -> int:
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     stem = outdir / f"{date}-{CORES}cores"
+    runs = 1
+    while stem.with_suffix(".md").exists():  # a second run that day is kept beside the first
+        runs += 1
+        stem = outdir / f"{date}-{CORES}cores-{runs}"
     stem.with_suffix(".md").write_text(report)
     stem.with_suffix(".json").write_text(json.dumps({
         "date": date, "cores": CORES, "cpu": cpu, "seconds_per_measurement": seconds,

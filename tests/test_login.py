@@ -228,3 +228,22 @@ def test_language_switch_is_remembered(provider):
 def _language_link(page, lang: str) -> dict:
     href = re.search(rf'<a href="([^"]+)" lang="{lang}">', page.text).group(1)
     return parse_qs(urlsplit(html.unescape(href)).query)
+
+
+def test_each_login_page_links_every_other_way_in_by_name(make_provider):
+    """A first step that offers every factor: the certificate, passkey and TLS-certificate
+    pages each link to all the others, each link named in the user's language (a missing
+    message would show its key)."""
+    provider = make_provider(issuer="http://localhost", client_cert_header="X-SSL-Client-Cert",
+                             mobileid_url="http://127.0.0.1:9/moise/sp/", upstream_issuer="http://127.0.0.1:9")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    tx = _tx(browser.authorize(client_id))
+    ways = {"password", "certificate", "passkey", "tls_certificate", "mobileid", "google", "one_day"}
+    for here in ("certificate", "passkey", "tls_certificate"):
+        page = browser.go(f"/login?tx={tx}&factor={here}")
+        other = re.search(r'<ul class="other">(.*?)</ul>', page.text, re.S).group(1)
+        links = dict(re.findall(r'<a href="/login(?:\?tx=[^"&]+&amp;factor=(\w+)|/google\?tx=[^"]+)"[^>]*>([^<]+)</a>', other))
+        assert {name or "google" for name in links} == ways - {here}, here
+        assert not [label for label in links.values() if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", label)], links
+        assert links["password"] == "改用帳號密碼登入" and links[""] == "使用 Google 帳號登入"

@@ -145,7 +145,7 @@ def test_one_username_created_twice_at_once_is_one_account_and_a_clear_error(sit
     index decides, and the second is told the account exists (not a server error)."""
     svc = site.svc
     flushed = threading.Event()
-    outcomes = []
+    outcomes = {}
 
     def create(username, hold):
         try:
@@ -154,16 +154,17 @@ def test_one_username_created_twice_at_once_is_one_account_and_a_clear_error(sit
                 if hold:
                     flushed.set()
                     time.sleep(0.5)  # the other checks and inserts meanwhile, and waits on this one
-            outcomes.append("created")
+            outcomes[username] = "created"
         except AccountError as e:
-            outcomes.append(e.key)
+            outcomes[username] = e.key
 
     first = threading.Thread(target=create, args=("carol", True))
     first.start()
     assert flushed.wait(10)
     create("Carol", False)
     first.join()
-    assert outcomes == ["created", "account.exists"]
+    # By name: the second learns of the first's commit before the first thread goes on.
+    assert outcomes == {"carol": "created", "Carol": "account.exists"}
     with svc.db.session() as session:
         assert by_username(session, "CAROL").username == "carol"
 

@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from idp import bridge
 from idp.accounts import AccountError, create_account, password_expired, set_disabled
 from idp.factors import methods, one_day
 from idp.mail import MailError, masked
@@ -123,10 +124,11 @@ def _not_found(request: Request) -> Response:
     return error_page(request, "admin.not_found.title", "admin.not_found.detail", status=404)
 
 
-def _audit(request: Request, role: Role, event: str, account_id: str, username: str, **detail) -> None:
+async def _audit(request: Request, role: Role, event: str, account_id: str, username: str, **detail) -> None:
     """The event of an administrator's action: about the target account, ``by`` the administrator."""
-    request.app.state.svc.audit.record(event, account_id=account_id, username=username, method="admin",
-                                       by=role.account.id, **who(request), **detail)
+    svc = request.app.state.svc
+    await svc.db.call(svc.audit.record, event, account_id=account_id, username=username, method="admin",
+                      by=role.account.id, **who(request), **detail)
 
 
 def _load(svc, role: Role, account_id: str) -> Account | None:
@@ -143,6 +145,17 @@ def _load(svc, role: Role, account_id: str) -> Account | None:
 
 async def _target(request: Request, role: Role) -> Account | None:
     return await run_in_threadpool(_load, request.app.state.svc, role, request.path_params["account_id"])
+
+
+async def _posted_about(request: Request):
+    """(role, target account) of an admin POST about one account, or the Response to send
+    instead (``_posted``'s, or not found: no such account, or not one this role administers)."""
+    posted = await _posted(request)
+    if isinstance(posted, Response):
+        return posted
+    role, _ = posted
+    target = await _target(request, role)
+    return (role, target) if target is not None else _not_found(request)
 
 
 def _taipei_time(until: float | None) -> str | None:
@@ -215,14 +228,11 @@ async def account_page(request: Request) -> Response:
 
 
 async def _disable(request: Request, value: bool) -> Response:
-    posted = await _posted(request)
+    posted = await _posted_about(request)
     if isinstance(posted, Response):
         return posted
-    role, _ = posted
+    role, target = posted
     svc = request.app.state.svc
-    target = await _target(request, role)
-    if target is None:
-        return _not_found(request)
     if value and target.id == role.account.id:
         return _back(target.id, error="self")
     target = await run_in_threadpool(set_disabled, svc, target.id, value, role.manages)
@@ -230,7 +240,7 @@ async def _disable(request: Request, value: bool) -> Response:
         return _not_found(request)
     # A disabled account's session no longer opens anything: the account area, a new login
     # at a portal and the token endpoint all check the flag (or its mark in the store).
-    _audit(request, role, "account.disabled" if value else "account.enabled", target.id, target.username)
+    await _audit(request, role, "account.disabled" if value else "account.enabled", target.id, target.username)
     return _back(target.id, notice="disabled" if value else "enabled")
 
 
@@ -243,15 +253,12 @@ async def enable(request: Request) -> Response:
 
 
 async def unlock(request: Request) -> Response:
-    posted = await _posted(request)
+    posted = await _posted_about(request)
     if isinstance(posted, Response):
         return posted
-    role, _ = posted
-    target = await _target(request, role)
-    if target is None:
-        return _not_found(request)
-    request.app.state.svc.lockout.clear(target.username)
-    _audit(request, role, "account.unlocked", target.id, target.username)
+    role, target = posted
+    await bridge.run(request.app.state.svc.lockout.clear, target.username)
+    await _audit(request, role, "account.unlocked", target.id, target.username)
     return _back(target.id, notice="unlocked")
 
 
@@ -262,35 +269,29 @@ def _delete_bindings(svc, account_id: str) -> int:
 
 async def reset_bindings(request: Request) -> Response:
     """Delete every binding: the user's next login goes through forced binding (M1)."""
-    posted = await _posted(request)
+    posted = await _posted_about(request)
     if isinstance(posted, Response):
         return posted
-    role, _ = posted
-    target = await _target(request, role)
-    if target is None:
-        return _not_found(request)
+    role, target = posted
     count = await run_in_threadpool(_delete_bindings, request.app.state.svc, target.id)
-    _audit(request, role, "bindings.reset", target.id, target.username, deleted=count)
+    await _audit(request, role, "bindings.reset", target.id, target.username, deleted=count)
     return _back(target.id, notice="bindings_reset")
 
 
 async def one_day_password(request: Request) -> Response:
     """Mail the account a check code for today (SPEC A7)."""
-    posted = await _posted(request)
+    posted = await _posted_about(request)
     if isinstance(posted, Response):
         return posted
-    role, _ = posted
+    role, target = posted
     svc = request.app.state.svc
-    target = await _target(request, role)
-    if target is None:
-        return _not_found(request)
     try:
         info = await run_in_threadpool(one_day.enable, svc, target.id)
     except one_day.OneDayError as e:
         return _not_found(request) if e.reason == "no_account" else _back(target.id, error=e.reason)
     except MailError:
         return _back(target.id, error="mail_failed")
-    _audit(request, role, "one_day.enabled", target.id, target.username, day=info["day"].isoformat())
+    await _audit(request, role, "one_day.enabled", target.id, target.username, day=info["day"].isoformat())
     return _back(target.id, notice="one_day_sent")
 
 
@@ -349,7 +350,7 @@ async def create(request: Request) -> Response:
     except AccountError as e:
         params = {k: v for k, v in e.params.items() if k != "rules"}
         return again(e.key, rules=e.params.get("rules", ()), **params)
-    _audit(request, role, "account.created", account_id, values["username"], kind=values["kind"], org=values["org"] or None)
+    await _audit(request, role, "account.created", account_id, values["username"], kind=values["kind"], org=values["org"] or None)
     return _back(account_id, notice="created")
 
 

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from idp import captcha
+from idp import bridge, captcha
 from idp.accounts import AccountError, set_password, with_bindings
 from idp.factors import methods, passkey
 from idp.factors.totp import Enrolment
@@ -45,7 +45,7 @@ async def require_account(request: Request, *, verified: bool = True, interactiv
     ``reverify_seconds``; otherwise the login asks for it again (M2). Only an
     ``interactive`` GET starts that login; a script's poll just gets the expired page."""
     svc = request.app.state.svc
-    session = svc.sessions.get(request.cookies.get(SESSION_COOKIE))
+    session = await bridge.run(svc.sessions.get, request.cookies.get(SESSION_COOKIE))
     account = await run_in_threadpool(with_bindings, svc, account_id=session["account"]) if session else None
     if account is not None and account.disabled:
         return error_page(request, "error.disabled.title", "error.disabled.detail", status=403)
@@ -58,7 +58,7 @@ async def require_account(request: Request, *, verified: bool = True, interactiv
         params=[], client_id=None, browser=csrf_token(request), fresh=account is None, target_acr=None,
         session=session if account else None, return_to=request.url.path, reverify=account is not None,
     )
-    svc.transactions.save(tx)
+    await bridge.run(svc.transactions.save, tx)
     response = RedirectResponse(f"/login?tx={tx['id']}", status_code=303)
     if getattr(request.state, "new_csrf", None):  # a browser new to us: the login is bound to this cookie
         set_cookie(request, response, CSRF_COOKIE, request.state.new_csrf)
@@ -111,7 +111,7 @@ async def settings_page(request: Request) -> Response:
         flash["error"] = f"account.error.{error}"
     can_disable = passwordless(account.bindings)
     svc = request.app.state.svc
-    sessions = svc.sessions.of_account(account.id)
+    sessions = await bridge.run(svc.sessions.of_account, account.id)
     current = request.cookies.get(SESSION_COOKIE)
     from idp.factors.federation import GOOGLE
 
@@ -123,13 +123,16 @@ async def settings_page(request: Request) -> Response:
 async def end_other_sessions(request: Request, account, form) -> Response:
     """Log out every other browser of this account (its clients are told, back-channel)."""
     svc = request.app.state.svc
-    current = request.cookies.get(SESSION_COOKIE)
-    ended = 0
-    for record in svc.sessions.of_account(account.id):
-        if record["sid"] != current and svc.sessions.end(record["sid"], svc.tokens):
-            ended += 1
-    svc.audit.record("sessions.ended_others", account_id=account.id, username=account.username, count=ended, **who(request))
+    ended = await bridge.run(_end_others, svc, account.id, request.cookies.get(SESSION_COOKIE))
+    await svc.db.call(svc.audit.record, "sessions.ended_others", account_id=account.id, username=account.username,
+                      count=ended, **who(request))
     return _back(notice="others_ended")
+
+
+def _end_others(svc, account_id: str, current: str | None) -> int:
+    """End the account's sessions but ``current``; how many were ended."""
+    return sum(1 for record in svc.sessions.of_account(account_id)
+               if record["sid"] != current and svc.sessions.end(record["sid"], svc.tokens))
 
 
 def error_key(request: Request, prefix: str) -> str | None:
@@ -160,8 +163,9 @@ async def otp_confirm(request: Request, account, form) -> Response:
     error = await run_in_threadpool(Enrolment(svc).confirm, account.id, form.get("otp"))
     if error:
         return RedirectResponse(f"/account/otp?error={error}", status_code=303)
-    svc.audit.record("binding.replaced" if any(b.factor == "otp" for b in account.bindings) else "binding.created",
-                     account_id=account.id, username=account.username, method="otp", **who(request))
+    await svc.db.call(svc.audit.record,
+                      "binding.replaced" if any(b.factor == "otp" for b in account.bindings) else "binding.created",
+                      account_id=account.id, username=account.username, method="otp", **who(request))
     return _back(notice="otp_rebound")
 
 
@@ -203,11 +207,12 @@ async def certificate_bind(request: Request, account, form) -> Response:
     seen = {**who(request), "method": cert.CERTIFICATE.name}
     if error is not None:
         code, key = error
-        svc.audit.record("binding.refused", account_id=account.id, username=account.username, **seen, reason=code)
+        await svc.db.call(svc.audit.record, "binding.refused", account_id=account.id, username=account.username,
+                          **seen, reason=code)
         return RedirectResponse(f"/account/certificate?error={key}", status_code=303)
-    svc.audit.record("binding.replaced" if replaced else "binding.created", account_id=account.id,
-                     username=account.username, **seen, certificate=cert.binding_id(identity),
-                     fingerprint=identity.fingerprint_sha256)
+    await svc.db.call(svc.audit.record, "binding.replaced" if replaced else "binding.created", account_id=account.id,
+                      username=account.username, **seen, certificate=cert.binding_id(identity),
+                      fingerprint=identity.fingerprint_sha256)
     return _back(notice="certificate_bound")
 
 
@@ -266,7 +271,8 @@ async def password_login_disable(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     if not await run_in_threadpool(_disable, svc, account.id):
         return _back(error="needs_passwordless")
-    svc.audit.record("password_login.disabled", account_id=account.id, username=account.username, **who(request))
+    await svc.db.call(svc.audit.record, "password_login.disabled", account_id=account.id, username=account.username,
+                      **who(request))
     return _back(notice="password_login_disabled")
 
 
@@ -291,7 +297,7 @@ def _enable(svc, account_id, new_password: str):
 async def _enable_page(request: Request, account, flash=None, status: int = 200) -> Response:
     """Turning password login back on needs a new password, typed twice, and the captcha."""
     svc = request.app.state.svc
-    form_id = captcha.new_form(svc)
+    form_id = await bridge.run(captcha.new_form, svc)
     return render(request, "account_password_enable.html", account=account, form_id=form_id, tab="settings",
                   flash=flash or {"params": {}}, status=status)
 
@@ -299,7 +305,7 @@ async def _enable_page(request: Request, account, flash=None, status: int = 200)
 @account_post
 async def password_login_enable(request: Request, account, form) -> Response:
     svc = request.app.state.svc
-    if not captcha.check_form(svc, form.get("form"), form.get("captcha")):
+    if not await bridge.run(captcha.check_form, svc, form.get("form"), form.get("captcha")):
         return await _enable_page(request, account, {"error": "captcha.wrong", "params": {}}, 400)
     new, again = form.get("new_password") or "", form.get("new_password_again") or ""
     if new != again:
@@ -308,8 +314,9 @@ async def password_login_enable(request: Request, account, form) -> Response:
         await run_in_threadpool(_enable, svc, account.id, new)
     except AccountError as e:
         return await _enable_page(request, account, {"error": e.key, "params": {}, "rules": e.params.get("rules", [])}, 400)
-    svc.lockout.clear(account.username)
-    svc.audit.record("password_login.enabled", account_id=account.id, username=account.username, **who(request))
+    await bridge.run(svc.lockout.clear, account.username)
+    await svc.db.call(svc.audit.record, "password_login.enabled", account_id=account.id, username=account.username,
+                      **who(request))
     return _back(notice="password_login_enabled")
 
 

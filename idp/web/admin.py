@@ -184,7 +184,7 @@ async def index(request: Request) -> Response:
     q = request.query_params.get("q", "").strip()[:MAX_QUERY]
     page = _page(request)
     rows, total, pages = await run_in_threadpool(_search, svc, role, q, page)
-    locked = {a.id: _taipei_time(svc.lockout.locked_until(a.username)) for a in rows}
+    locked = await bridge.run(_locks, svc, rows)
     return render(request, "admin.html", role=role, account=role.account, rows=rows, locked=locked, q=q, page=page,
                   pages=pages, total=total, flash={"params": {}})
 
@@ -192,6 +192,11 @@ async def index(request: Request) -> Response:
 # -- one account -------------------------------------------------------------------------------
 NOTICES = {"created", "disabled", "enabled", "unlocked", "bindings_reset", "one_day_sent"}
 ERRORS = {"self", "mail_failed", "no_email", "disabled", "no_password"}
+
+
+def _locks(svc, rows) -> dict[str, str | None]:
+    """When each listed account's lockout ends (Taiwan time), or None."""
+    return {a.id: _taipei_time(svc.lockout.locked_until(a.username)) for a in rows}
 
 
 def _back(target_id: str, notice: str | None = None, error: str | None = None) -> RedirectResponse:
@@ -220,9 +225,10 @@ async def account_page(request: Request) -> Response:
         flash["error"] = f"admin.error.{error}"
     expired = bool(target.password_hash) and password_expired(
         target, svc.settings.password_max_age_days, dt.datetime.fromtimestamp(now, dt.timezone.utc))
+    locked_until = await bridge.run(svc.lockout.locked_until, target.username)
     return render(
         request, "admin_account.html", role=role, account=role.account, target=target, methods=methods(target),
-        locked_until=_taipei_time(svc.lockout.locked_until(target.username)), password_expired=expired,
+        locked_until=_taipei_time(locked_until), password_expired=expired,
         one_day_today=one_day.usable_today(target, now), rows=rows, page=page, pages=pages, flash=flash,
     )
 

@@ -131,8 +131,8 @@ async def set_policy(request: Request) -> Response:
     if policy_now is None:
         return error_page(request, "admin.not_found.title", "admin_clients.not_found", status=404)
     svc.server.forget_client(client_id)
-    svc.audit.record("client.policy_changed", client_id=client_id, account_id=role.account.id, method="admin",
-                     **who(request), **policy_now)
+    await svc.db.call(svc.audit.record, "client.policy_changed", client_id=client_id, account_id=role.account.id,
+                      method="admin", **who(request), **policy_now)
     return RedirectResponse("/admin/clients?notice=saved", status_code=303)
 
 

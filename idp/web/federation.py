@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from idp import acr, flow
+from idp import acr, bridge, flow
 from idp.factors.federation import GOOGLE, STATE, STATE_SECONDS, UpstreamError, external_id
 from idp.storage.models import Account, Binding
 from idp.web import login
@@ -51,15 +51,15 @@ async def _redirect(request: Request, callback_path: str, pending: dict) -> Resp
     svc = request.app.state.svc
     url, secrets_ = await GOOGLE.upstream(svc).authorization_url(svc.settings.issuer + callback_path)
     pending.update(secrets_, browser=request.cookies.get(CSRF_COOKIE) or "")
-    svc.store.set(STATE + secrets_["state"], pending, STATE_SECONDS)
+    await bridge.run(svc.store.set, STATE + secrets_["state"], pending, STATE_SECONDS)
     return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
 
 
-def _pending(request: Request, mode: str) -> dict | None:
+async def _pending(request: Request, mode: str) -> dict | None:
     """The stored redirect this callback answers (once), if it was this browser's."""
     svc = request.app.state.svc
     state = request.query_params.get("state") or ""
-    pending = svc.store.take(STATE + state) if state else None
+    pending = await bridge.run(svc.store.take, STATE + state) if state else None
     if pending is None or pending.get("mode") != mode:
         return None
     cookie = request.cookies.get(CSRF_COOKIE) or ""
@@ -79,13 +79,13 @@ async def login_start(request: Request) -> Response:
     except UpstreamError as exc:
         log.warning("upstream login could not start: %s", exc)
         response = _login_page(tx, exc.key)
-    svc.transactions.save(tx)
+    await bridge.run(svc.transactions.save, tx)
     return response
 
 
 async def login_callback(request: Request) -> Response:
     svc = request.app.state.svc
-    pending = _pending(request, "login")
+    pending = await _pending(request, "login")
     tx = await login._transaction(request, pending["tx"]) if pending else None
     if tx is None or not await _offered(svc, tx):
         return login._expired(request)
@@ -95,13 +95,14 @@ async def login_callback(request: Request) -> Response:
         claims = await upstream.finish(request.query_params, pending, svc.clock())
     except UpstreamError as exc:
         log.warning("upstream login failed: %s", exc)
-        svc.audit.record("login.failure", reason=exc.key, **seen)
+        await svc.db.call(svc.audit.record, "login.failure", reason=exc.key, **seen)
         response = _login_page(tx, exc.key)
-        svc.transactions.save(tx)
+        await bridge.run(svc.transactions.save, tx)
         return response
     account = await run_in_threadpool(_bound_account, svc, external_id(upstream.issuer, claims["sub"]))
     if account is None:
-        svc.audit.record("login.failure", username=claims.get("email") or claims["sub"], reason="google.unbound", **seen)
+        await svc.db.call(svc.audit.record, "login.failure", username=claims.get("email") or claims["sub"],
+                          reason="google.unbound", **seen)
         response = _login_page(tx, "google.unbound")
     elif tx.get("account") and tx["account"] != account.id:
         response = _login_page(tx, "google.other_person")
@@ -116,7 +117,7 @@ async def login_callback(request: Request) -> Response:
         response = _login_page(tx)
         if second is not None:
             response = RedirectResponse(f"/login?tx={tx['id']}&factor={second.name}", status_code=303)
-    svc.transactions.save(tx)
+    await bridge.run(svc.transactions.save, tx)
     return response
 
 
@@ -155,7 +156,7 @@ async def bind_callback(request: Request) -> Response:
     if isinstance(account, Response):
         return account
     svc = request.app.state.svc
-    pending = _pending(request, "bind")
+    pending = await _pending(request, "bind")
     if pending is None or pending["account"] != account.id:
         return _settings(error="google_expired")
     seen = {**who(request), "method": GOOGLE.name}
@@ -164,15 +165,17 @@ async def bind_callback(request: Request) -> Response:
         claims = await upstream.finish(request.query_params, pending, svc.clock())
     except UpstreamError as exc:
         log.warning("upstream binding failed: %s", exc)
-        svc.audit.record("binding.refused", account_id=account.id, username=account.username, reason=exc.key, **seen)
+        await svc.db.call(svc.audit.record, "binding.refused", account_id=account.id, username=account.username,
+                          reason=exc.key, **seen)
         return _settings(error=exc.key.replace(".", "_"))
     external = external_id(upstream.issuer, claims["sub"])
     error, replaced = await run_in_threadpool(_bind, svc, account.id, external, claims)
     if error:
-        svc.audit.record("binding.refused", account_id=account.id, username=account.username, reason=error, **seen)
+        await svc.db.call(svc.audit.record, "binding.refused", account_id=account.id, username=account.username,
+                          reason=error, **seen)
         return _settings(error=error)
-    svc.audit.record("binding.replaced" if replaced else "binding.created", account_id=account.id,
-                     username=account.username, upstream=external, **seen)
+    await svc.db.call(svc.audit.record, "binding.replaced" if replaced else "binding.created", account_id=account.id,
+                      username=account.username, upstream=external, **seen)
     return _settings(notice="google_bound")
 
 

@@ -205,8 +205,8 @@ async def bind_otp(request: Request) -> Response:
         tx["flash"] = {"error": error, "params": {}}
         await bridge.run(svc.transactions.save, tx)
         return _again(tx)
-    svc.audit.record("binding.created", account_id=tx["account"], username=tx["username"], client_id=tx["client_id"],
-                     method="otp", **who(request))
+    await svc.db.call(svc.audit.record, "binding.created", account_id=tx["account"], username=tx["username"],
+                      client_id=tx["client_id"], method="otp", **who(request))
     tx.update(account=None, amr=[], done=[], auth_time=None, flash={"notice": "otp.bound_relogin", "params": {}})
     await bridge.run(svc.transactions.save, tx)
     return _again(tx)
@@ -219,7 +219,7 @@ async def rebuild_otp(request: Request) -> Response:
     if tx is None:
         return _expired(request)
     account = await run_in_threadpool(with_bindings, svc, account_id=tx["account"])
-    Enrolment(svc).start(account, rebuild=True)
+    await run_in_threadpool(Enrolment(svc).start, account, rebuild=True)  # the version's row is locked
     return _again(tx)
 
 
@@ -242,8 +242,8 @@ async def password_change(request: Request) -> Response:
         tx["flash"] = error
         await bridge.run(svc.transactions.save, tx)
         return _again(tx)
-    svc.audit.record("password.changed", account_id=tx["account"], username=tx["username"], client_id=tx["client_id"],
-                     **who(request), method="expired")
+    await svc.db.call(svc.audit.record, "password.changed", account_id=tx["account"], username=tx["username"],
+                      client_id=tx["client_id"], **who(request), method="expired")
     return _again(tx)
 
 

@@ -409,7 +409,8 @@ async def register(request: Request) -> Response:
         return _registration_error(e)
     if info is None:
         return _oauth_error("invalid_token", "The initial access token is invalid, used or expired.", 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
-    svc.audit.record("client.registered", client_id=info["client_id"], **who(request), method="rfc7591")
+    await svc.db.call(svc.audit.record, "client.registered", client_id=info["client_id"], **who(request),
+                      method="rfc7591")
     return _json(info, 201, {"Cache-Control": "no-store"})
 
 
@@ -450,7 +451,7 @@ async def manage_client(request: Request) -> Response:
     if status == 401:
         return _oauth_error("invalid_token", "The registration access token is invalid.", 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
     if status == 204:
-        svc.audit.record("client.deleted", client_id=client_id, method="rfc7592")
+        await svc.db.call(svc.audit.record, "client.deleted", client_id=client_id, method="rfc7592")
         return Response(status_code=204)
     return _json(result, status, {"Cache-Control": "no-store"})
 

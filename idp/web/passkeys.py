@@ -67,11 +67,11 @@ async def add(request: Request, account, form) -> Response:
                                              form.get("credential") or "", label)
     seen = {**who(request), "method": passkey.PASSKEY.name}
     if error:
-        svc.audit.record("binding.refused", account_id=account.id, username=account.username, **seen,
-                         reason=error.rsplit(".", 1)[-1])
+        await svc.db.call(svc.audit.record, "binding.refused", account_id=account.id, username=account.username,
+                          **seen, reason=error.rsplit(".", 1)[-1])
         return _back(error, "error")
-    svc.audit.record("binding.created", account_id=account.id, username=account.username, **seen, passkey=label,
-                     aaguid=binding.data["aaguid"])
+    await svc.db.call(svc.audit.record, "binding.created", account_id=account.id, username=account.username, **seen,
+                      passkey=label, aaguid=binding.data["aaguid"])
     return _back("passkey.added")
 
 
@@ -81,8 +81,8 @@ async def remove(request: Request, account, form) -> Response:
     error, removed = await run_in_threadpool(passkey.remove, svc, account.id, form.get("id") or "", passwordless)
     if error:
         return _back(error, "error")
-    svc.audit.record("binding.removed", account_id=account.id, username=account.username, **who(request),
-                     method=passkey.PASSKEY.name, passkey=removed.label)
+    await svc.db.call(svc.audit.record, "binding.removed", account_id=account.id, username=account.username,
+                      **who(request), method=passkey.PASSKEY.name, passkey=removed.label)
     return _back("passkey.removed")
 
 

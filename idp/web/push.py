@@ -67,10 +67,10 @@ async def start(request: Request) -> Response:
     if tx is None:
         return login._expired(request)
     application = translate(locale_of(request, tx.get("ui_locales")), client.name)
-    outcome = PUSH.start(request, svc, tx, account, form, application)
+    outcome = await bridge.run(PUSH.start, request, svc, tx, account, form, application)
     if outcome.error:
         tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}
-    svc.transactions.save(tx)
+    await bridge.run(svc.transactions.save, tx)
     return _page(tx)
 
 
@@ -80,9 +80,9 @@ async def stop(request: Request) -> Response:
     if tx is None:
         return login._expired(request)
     chosen = (tx.get("push") or {}).get("device")
-    PUSH.drop(svc, tx)
+    await bridge.run(PUSH.drop, svc, tx)
     tx["flash"] = {"params": {}, "keep": {"chosen": chosen}}
-    svc.transactions.save(tx)
+    await bridge.run(svc.transactions.save, tx)
     return _page(tx)
 
 
@@ -91,7 +91,7 @@ async def status(request: Request) -> Response:
     tx = await login._transaction(request, request.query_params.get("tx"))
     if tx is None:
         return JSONResponse({"state": "gone"}, 404, NO_STORE)
-    state = PUSH.status(svc, tx)
+    state = await bridge.run(PUSH.status, svc, tx)
     body = {"state": "pending" if state == "pending" else "none" if state == "none" else "answered"}
     if "push" in tx:
         body["remaining"] = max(0, int(tx["push"]["exp"] - svc.clock()))
@@ -208,8 +208,8 @@ async def save(request: Request, account, form) -> Response:
         return RedirectResponse("/account/push?error=registration_expired", status_code=303)
     if error:
         return await _add_page(request, account, {"error": error, "params": {}}, {"name": name, "phone": phone}, 400)
-    svc.audit.record("binding.created", account_id=account.id, username=account.username, method=PUSH.name,
-                     device=name.strip(), **who(request))
+    await svc.db.call(svc.audit.record, "binding.created", account_id=account.id, username=account.username,
+                      method=PUSH.name, device=name.strip(), **who(request))
     return RedirectResponse("/account/push?notice=bound", status_code=303)
 
 
@@ -225,8 +225,8 @@ async def remove(request: Request, account, form) -> Response:
     removed = await run_in_threadpool(push.remove, svc, account.id, str(form.get("device") or ""))
     if removed is None:  # a stale page, or not this account's phone
         return RedirectResponse("/account/push?error=not_found", status_code=303)
-    svc.audit.record("binding.removed", account_id=account.id, username=account.username, method=PUSH.name,
-                     device=removed, **who(request))
+    await svc.db.call(svc.audit.record, "binding.removed", account_id=account.id, username=account.username,
+                      method=PUSH.name, device=removed, **who(request))
     return RedirectResponse("/account/push?notice=removed", status_code=303)
 
 

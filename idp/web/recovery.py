@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from idp import captcha
+from idp import bridge, captcha
 from idp.accounts import set_password
 from idp.mail import MailError
 from idp.storage.models import Account
@@ -86,11 +86,11 @@ def _same_browser(request: Request, value: str | None) -> bool:
     return bool(mine and value) and hmac.compare_digest(mine.encode(), value.encode())
 
 
-def _login_tx(request: Request, tx_id: str | None) -> dict | None:
+async def _login_tx(request: Request, tx_id: str | None) -> dict | None:
     """The login transaction to go back to: only a live one of this browser."""
     if not tx_id or len(tx_id) > MAX_TOKEN:
         return None
-    tx = request.app.state.svc.transactions.get(tx_id)
+    tx = await bridge.run(request.app.state.svc.transactions.get, tx_id)
     return tx if tx is not None and _same_browser(request, tx.get("browser")) else None
 
 
@@ -124,13 +124,14 @@ async def send_verification_async(svc, account, locale: str) -> None:
 async def email_confirm(request: Request) -> Response:
     svc = request.app.state.svc
     token = request.query_params.get("token") or ""
-    record = svc.store.take(_VERIFY + _digest(token)) if 0 < len(token) <= MAX_TOKEN else None
+    record = await bridge.run(svc.store.take, _VERIFY + _digest(token)) if 0 < len(token) <= MAX_TOKEN else None
     if record is None or record["exp"] < svc.clock():
         return _notice(request, "recovery.email.invalid.title", "recovery.email.invalid.detail", status=400)
     username = await run_in_threadpool(_mark_verified, svc, record)
     if username is None:
         return _notice(request, "recovery.email.changed.title", "recovery.email.changed.detail", status=409)
-    svc.audit.record("email.verified", account_id=record["account"], username=username, **who(request), method="email")
+    await svc.db.call(svc.audit.record, "email.verified", account_id=record["account"], username=username,
+                      **who(request), method="email")
     return _notice(request, "recovery.email.confirmed.title", "recovery.email.confirmed.detail", ok=True,
                    email=record["email"])
 
@@ -149,16 +150,16 @@ async def forgot(request: Request) -> Response:
     if request.method == "POST":
         return await forgot_submit(request)
     svc = request.app.state.svc
-    tx = _login_tx(request, request.query_params.get("tx"))
+    tx = await _login_tx(request, request.query_params.get("tx"))
     form_id = request.query_params.get("form") or ""
-    record = svc.store.get(_FORM + form_id) if 0 < len(form_id) <= MAX_TOKEN else None
+    record = await bridge.run(svc.store.get, _FORM + form_id) if 0 < len(form_id) <= MAX_TOKEN else None
     if record is None or record["exp"] < svc.clock() or not _same_browser(request, record.get("browser")):
         form_id = secrets.token_urlsafe(24)
         record = {"browser": csrf_token(request), "exp": svc.clock() + svc.settings.login_timeout_seconds}
     flash = record.pop("flash", None) or {}
     email = record.pop("email", "")
     record["captcha"] = captcha.new_answer()  # a new image on every view
-    _save_form(svc, form_id, record)
+    await bridge.run(_save_form, svc, form_id, record)
     return render(request, "recovery_forgot.html", form_id=form_id, email=email, flash=flash, tx=tx,
                   ui_locales=tx.get("ui_locales") if tx else None)
 
@@ -167,14 +168,14 @@ def _save_form(svc, form_id: str, record: dict) -> None:
     svc.store.set(_FORM + form_id, record, max(1, int(record["exp"] - svc.clock())) + 60)
 
 
-def _forgot_again(request: Request, tx: dict | None, email: str, error: str) -> Response:
+async def _forgot_again(request: Request, tx: dict | None, email: str, error: str) -> Response:
     """Back to the form, showing ``error`` once and keeping what was typed."""
     svc = request.app.state.svc
     form_id = secrets.token_urlsafe(24)
     browser = csrf_token(request)  # a browser without the cookie gets one, so the message reaches it
     record = {"browser": browser, "exp": svc.clock() + svc.settings.login_timeout_seconds,
               "flash": {"error": error, "params": {}}, "email": email}
-    _save_form(svc, form_id, record)
+    await bridge.run(_save_form, svc, form_id, record)
     query = {"form": form_id, **({"tx": tx["id"]} if tx else {})}
     response = RedirectResponse("/password/forgot?" + urlencode(query), status_code=303)
     if getattr(request.state, "new_csrf", None):
@@ -188,21 +189,22 @@ async def forgot_submit(request: Request) -> Response:
         form = dict(await read_form(request))
     except BadRequest as e:
         return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
-    tx = _login_tx(request, form.get("tx"))
+    tx = await _login_tx(request, form.get("tx"))
     email = (form.get("email") or "").strip()[:320]
     form_id = form.get("form") or ""
-    record = svc.store.take(_FORM + form_id) if 0 < len(form_id) <= MAX_TOKEN else None  # one answer per image
+    # Taken: one answer per image.
+    record = await bridge.run(svc.store.take, _FORM + form_id) if 0 < len(form_id) <= MAX_TOKEN else None
     if (record is None or record["exp"] < svc.clock() or not csrf_ok(request, form)
             or not _same_browser(request, record.get("browser"))):
-        return _forgot_again(request, tx, email, "recovery.forgot.form_expired")
+        return await _forgot_again(request, tx, email, "recovery.forgot.form_expired")
     if not email:
-        return _forgot_again(request, tx, email, "recovery.forgot.missing_email")
+        return await _forgot_again(request, tx, email, "recovery.forgot.missing_email")
     if not EMAIL.match(email):
-        return _forgot_again(request, tx, email, "recovery.forgot.bad_email")
+        return await _forgot_again(request, tx, email, "recovery.forgot.bad_email")
     if not captcha.check(record, form.get("captcha")):
-        return _forgot_again(request, tx, email, "captcha.wrong")
+        return await _forgot_again(request, tx, email, "captcha.wrong")
     background = None
-    if _claim_send(svc, _RATE + _digest(email.lower())):
+    if await bridge.run(_claim_send, svc, _RATE + _digest(email.lower())):
         locale = locale_of(request, tx.get("ui_locales") if tx else None)
         background = BackgroundTask(_send_reset_links, svc, email, locale, tx["id"] if tx else None, who(request))
     # The same answer whether the address is known, verified, rate-limited or not.
@@ -273,14 +275,14 @@ def _issue_reset(svc, account: dict, tx_id: str | None) -> str:
 async def forgot_captcha(request: Request) -> Response:
     svc = request.app.state.svc
     form_id = request.query_params.get("form") or ""
-    record = svc.store.get(_FORM + form_id) if 0 < len(form_id) <= MAX_TOKEN else None
+    record = await bridge.run(svc.store.get, _FORM + form_id) if 0 < len(form_id) <= MAX_TOKEN else None
     if record is None or not record.get("captcha") or not _same_browser(request, record.get("browser")):
         return Response(status_code=404)
     return Response(captcha.png(record["captcha"]), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 async def forgot_sent(request: Request) -> Response:
-    tx = _login_tx(request, request.query_params.get("tx"))
+    tx = await _login_tx(request, request.query_params.get("tx"))
     links = [(f"/login?{urlencode({'tx': tx['id']})}", "recovery.back_to_login")] if tx else []
     return _notice(request, "recovery.sent.title", "recovery.sent.detail", ok=True, links=links, tx=tx,
                    minutes=RESET_SECONDS // 60)
@@ -323,16 +325,16 @@ async def reset(request: Request) -> Response:
         return await reset_submit(request)
     svc = request.app.state.svc
     token = request.query_params.get("token") or ""
-    record = _reset_record(svc, token)
+    record = await bridge.run(_reset_record, svc, token)
     account = record and await run_in_threadpool(_recoverable_account, svc, record)
     if not account:
         return _invalid_link(request)
-    flash = svc.store.take(_RESET_FLASH + record["digest"]) or {}
+    flash = await bridge.run(svc.store.take, _RESET_FLASH + record["digest"]) or {}
     return render(request, "recovery_reset.html", token=token, username=account["username"], flash=flash)
 
 
-def _reset_again(svc, token: str, digest: str, flash: dict) -> Response:
-    svc.store.set(_RESET_FLASH + digest, flash, FLASH_SECONDS)
+async def _reset_again(svc, token: str, digest: str, flash: dict) -> Response:
+    await bridge.run(svc.store.set, _RESET_FLASH + digest, flash, FLASH_SECONDS)
     return RedirectResponse("/password/reset?" + urlencode({"token": token}), status_code=303)
 
 
@@ -343,27 +345,28 @@ async def reset_submit(request: Request) -> Response:
     except BadRequest as e:
         return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
     token = form.get("token") or ""
-    record = _reset_record(svc, token)
+    record = await bridge.run(_reset_record, svc, token)
     account = record and await run_in_threadpool(_recoverable_account, svc, record)
     if not account:
         return _invalid_link(request)
     digest = record["digest"]
     if not csrf_ok(request, form):
-        return _reset_again(svc, token, digest, {"error": "recovery.reset.retry", "params": {}})
+        return await _reset_again(svc, token, digest, {"error": "recovery.reset.retry", "params": {}})
     new, again = form.get("new_password") or "", form.get("new_password_again") or ""
     if not hmac.compare_digest(new.encode(), again.encode()):
-        return _reset_again(svc, token, digest, {"error": "password.mismatch", "params": {}})
+        return await _reset_again(svc, token, digest, {"error": "password.mismatch", "params": {}})
     problems = svc.passwords.problems(new, account["username"])
     if problems:
-        return _reset_again(svc, token, digest, {"error": "password.weak", "params": {}, "rules": problems})
-    if svc.store.take(_RESET + digest) is None:  # used meanwhile (another tab, a double click)
+        return await _reset_again(svc, token, digest, {"error": "password.weak", "params": {}, "rules": problems})
+    if await bridge.run(svc.store.take, _RESET + digest) is None:  # used meanwhile (another tab, a double click)
         return _invalid_link(request)
-    svc.store.delete(_NEWEST + account["id"])
+    await bridge.run(svc.store.delete, _NEWEST + account["id"])
     username = await run_in_threadpool(_set_new_password, svc, record, new)
     if username is None:
         return _invalid_link(request)
-    svc.lockout.clear(username)
-    svc.audit.record("password.reset", account_id=account["id"], username=username, **who(request), method="email")
+    await bridge.run(svc.lockout.clear, username)
+    await svc.db.call(svc.audit.record, "password.reset", account_id=account["id"], username=username, **who(request),
+                      method="email")
     target = "/password/reset/done" + (f"?{urlencode({'tx': record['tx']})}" if record.get("tx") else "")
     return RedirectResponse(target, status_code=303)
 
@@ -378,7 +381,7 @@ def _set_new_password(svc, record, new: str) -> str | None:
 
 
 async def reset_done(request: Request) -> Response:
-    tx = _login_tx(request, request.query_params.get("tx"))
+    tx = await _login_tx(request, request.query_params.get("tx"))
     if tx:
         return _notice(request, "recovery.done.title", "recovery.done.detail_login", ok=True, tx=tx,
                        links=[(f"/login?{urlencode({'tx': tx['id']})}", "recovery.back_to_login")])

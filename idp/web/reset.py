@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from idp import captcha
+from idp import bridge, captcha
 from idp.accounts import with_bindings
 from idp.mail import MailError, masked
 from idp.storage.models import Binding
@@ -67,17 +67,18 @@ async def page(request: Request) -> Response:
     found, _ = await _context(request)
     if found is None:
         return _expired(request)
-    return _render(request, *found)
+    return await _render(request, *found)
 
 
-def _render(request, svc, tx, account, flash=None, email="", status=200) -> Response:
-    record = svc.store.get(_key(account.id))
+async def _render(request, svc, tx, account, flash=None, email="", status=200) -> Response:
+    record = await bridge.run(svc.store.get, _key(account.id))
     now = svc.clock()
     if record and record["exp"] < now:
         record = None
     # Resending needs the address again; the user has proven the password, so it may be shown.
     email = email or (record["email"] if record else "")
-    context = {"tx": tx, "flash": flash or {"params": {}}, "email": email, "form_id": captcha.new_form(svc)}
+    form_id = await bridge.run(captcha.new_form, svc)
+    context = {"tx": tx, "flash": flash or {"params": {}}, "email": email, "form_id": form_id}
     if record:
         context.update(prefix=record["prefix"], sent_to=masked(record["email"]),
                        expires_in=int(record["exp"] - now), resend_in=max(0, int(record["next"] - now)))
@@ -91,33 +92,33 @@ async def send(request: Request) -> Response:
     svc, tx, account = found
     email = (form.get("email") or "").strip()[:320]
 
-    def again(error, **params):
-        return _render(request, svc, tx, account, {"error": error, "params": params}, email=email, status=400)
+    async def again(error, **params):
+        return await _render(request, svc, tx, account, {"error": error, "params": params}, email=email, status=400)
 
-    if not captcha.check_form(svc, form.get("form"), form.get("captcha")):
-        return again("captcha.wrong")
+    if not await bridge.run(captcha.check_form, svc, form.get("form"), form.get("captcha")):
+        return await again("captcha.wrong")
     if not (account.email and account.email_verified and hmac.compare_digest(account.email.lower().encode(), email.lower().encode())):
-        return again("reset.email_mismatch")
+        return await again("reset.email_mismatch")
     now = svc.clock()
-    previous = svc.store.get(_key(account.id))
+    previous = await bridge.run(svc.store.get, _key(account.id))
     if previous and previous["next"] > now:
-        return again("reset.wait", seconds=int(previous["next"] - now))
+        return await again("reset.wait", seconds=int(previous["next"] - now))
     prefix = "".join(secrets.choice(PREFIX_LETTERS) for _ in range(2))
     code = f"{secrets.randbelow(10**6):06d}"
     record = {"prefix": prefix, "digest": _digest(code), "exp": now + CODE_SECONDS, "next": now + RESEND_SECONDS,
               "email": account.email}
     # Replacing the record is what makes only the newest code work.
-    svc.store.set(_key(account.id), record, CODE_SECONDS + 60)
-    svc.store.delete(_tries(account.id))
+    await bridge.run(svc.store.set, _key(account.id), record, CODE_SECONDS + 60)
+    await bridge.run(svc.store.delete, _tries(account.id))
     try:
         await svc.mailer.send_async(account.email, "emergency_code", locale_of(request, tx.get("ui_locales")),
                                     name=account.name or account.username, username=account.username,
                                     code=f"{prefix}-{code}", prefix=prefix, minutes=CODE_SECONDS // 60)
     except MailError:
-        svc.store.delete(_key(account.id))
-        return again("reset.mail_failed")
-    svc.audit.record("bindings.reset_requested", account_id=account.id, username=account.username,
-                     client_id=tx["client_id"], method="email", **who(request))
+        await bridge.run(svc.store.delete, _key(account.id))
+        return await again("reset.mail_failed")
+    await svc.db.call(svc.audit.record, "bindings.reset_requested", account_id=account.id, username=account.username,
+                      client_id=tx["client_id"], method="email", **who(request))
     return RedirectResponse(f"/login/reset?tx={tx['id']}", status_code=303)
 
 
@@ -126,26 +127,26 @@ async def verify(request: Request) -> Response:
     if found is None:
         return _expired(request)
     svc, tx, account = found
-    record = svc.store.get(_key(account.id))
+    record = await bridge.run(svc.store.get, _key(account.id))
     if record is None or record["exp"] < svc.clock():
-        return _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
+        return await _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
     typed = (form.get("code") or "").strip().upper().removeprefix(record["prefix"] + "-").replace(" ", "")
     # A try is counted before the code is compared, so parallel guesses cannot exceed MAX_TRIES.
-    tries = svc.store.incr(_tries(account.id), CODE_SECONDS + 60)
+    tries = await bridge.run(svc.store.incr, _tries(account.id), CODE_SECONDS + 60)
     right = typed.isdigit() and len(typed) == 6 and hmac.compare_digest(_digest(typed), record["digest"])
     if tries > MAX_TRIES or not right:
         if tries >= MAX_TRIES:
-            svc.store.delete(_key(account.id), _tries(account.id))
-            return _render(request, svc, tx, account, {"error": "reset.code_burnt", "params": {}}, status=400)
-        return _render(request, svc, tx, account, {"error": "reset.code_wrong", "params": {"left": MAX_TRIES - tries}}, status=400)
-    svc.store.delete(_tries(account.id))
-    if svc.store.take(_key(account.id)) is None:  # used meanwhile
-        return _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
+            await bridge.run(svc.store.delete, _key(account.id), _tries(account.id))
+            return await _render(request, svc, tx, account, {"error": "reset.code_burnt", "params": {}}, status=400)
+        return await _render(request, svc, tx, account, {"error": "reset.code_wrong", "params": {"left": MAX_TRIES - tries}}, status=400)
+    await bridge.run(svc.store.delete, _tries(account.id))
+    if await bridge.run(svc.store.take, _key(account.id)) is None:  # used meanwhile
+        return await _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
     await run_in_threadpool(_delete_bindings, svc, account.id)
-    svc.audit.record("bindings.reset", account_id=account.id, username=account.username, client_id=tx["client_id"],
-                     method="emergency_code", **who(request))
+    await svc.db.call(svc.audit.record, "bindings.reset", account_id=account.id, username=account.username,
+                      client_id=tx["client_id"], method="emergency_code", **who(request))
     tx["flash"] = {"notice": "reset.done", "params": {}}
-    svc.transactions.save(tx)
+    await bridge.run(svc.transactions.save, tx)
     return RedirectResponse(f"/login?tx={tx['id']}", status_code=303)
 
 

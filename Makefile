@@ -1,5 +1,5 @@
 # `make test` is what CI runs (.ci/run); `make run` starts the provider (:8000)
-# and the demo portals; `make bench` runs bench/run.py (about 6 minutes). Each
+# and the demo portals; `make bench` runs bench/run.py (about 12 minutes). Each
 # first runs scripts/bootstrap.sh, which installs whatever is missing.
 PYTHON := .venv/bin/python
 

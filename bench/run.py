@@ -638,24 +638,31 @@ def redis_memory(r) -> dict:
 # --------------------------------------------------------------------------- argon2
 
 
-def argon2_verify_ms(time_cost: int, memory_kib: int, rounds: int = 20, cold: bool = False) -> float:
-    """CPU time of one verify (median). Back to back, argon2's memory stays in the CPU's
-    caches from one verify to the next; with ``cold`` 64 MiB of other memory is written
-    between verifies first, as a server's other work does between two logins."""
+def argon2_references(blocks: int = 5, per_block: int = 8) -> dict:
+    """CPU time of one verify (median, ms) at our and at Keycloak's parameters, back to back
+    and with cold caches. Back to back, argon2's memory stays in the CPU's caches from one
+    verify to the next; ``cold``: 64 MiB of other memory is written before each verify, as a
+    server's other work does between two logins. The four kinds take turns in ``blocks``, so
+    that a VM's slow minute weighs on all of them alike."""
     from argon2 import PasswordHasher
 
-    ph = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=1)
-    h = ph.hash(PASSWORD)
-    ph.verify(h, PASSWORD)
+    hashers = {}
+    for name, params in (("owasp", OWASP), ("keycloak", KEYCLOAK_ARGON2)):
+        ph = PasswordHasher(time_cost=params["time_cost"], memory_cost=params["memory_kib"], parallelism=1)
+        hashers[name] = (ph, ph.hash(PASSWORD))
+        ph.verify(hashers[name][1], PASSWORD)
     other, fill = bytearray(64 << 20), bytes(range(256)) * (256 << 10)
-    times = []
-    for _ in range(rounds):
-        if cold:
-            other[:] = fill
-        t0 = time.thread_time()
-        ph.verify(h, PASSWORD)
-        times.append(time.thread_time() - t0)
-    return statistics.median(times) * 1000
+    times: dict[str, list[float]] = {}
+    for _ in range(blocks):
+        for name, (ph, hashed) in hashers.items():
+            for cold in (False, True):
+                for _ in range(per_block):
+                    if cold:
+                        other[:] = fill
+                    t0 = time.thread_time()
+                    ph.verify(hashed, PASSWORD)
+                    times.setdefault(f"{name}{'_cold' if cold else ''}_ms", []).append(time.thread_time() - t0)
+    return {key: statistics.median(values) * 1000 for key, values in times.items()}
 
 
 # --------------------------------------------------------------------------- profile
@@ -879,9 +886,7 @@ def main() -> int:
         seed.population(args.population)
         log(f"  seeded in {time.monotonic() - t0:.1f} s")
         auth = basic(client_id, client_secret)
-        argon = {"owasp_ms": argon2_verify_ms(**OWASP), "keycloak_ms": argon2_verify_ms(**KEYCLOAK_ARGON2),
-                 "owasp_cold_ms": argon2_verify_ms(**OWASP, cold=True),
-                 "keycloak_cold_ms": argon2_verify_ms(**KEYCLOAK_ARGON2, cold=True)}
+        argon = argon2_references()
         log(f"argon2id verify on one core: {argon['owasp_ms']:.1f} ms at t=2/19 MiB, {argon['keycloak_ms']:.1f} ms at t=5/7 MiB"
             f" ({argon['owasp_cold_ms']:.1f} and {argon['keycloak_cold_ms']:.1f} ms with cold caches)")
         # Generous pre-mint, per second and worker: the token endpoint stays below ~3,000/s here.

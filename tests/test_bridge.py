@@ -124,3 +124,31 @@ def test_what_a_finished_thread_ran_is_freed_with_it():
     gc.collect()
     assert results == ["ok"]
     assert alive() is None
+
+
+def test_no_web_handler_calls_the_store_or_the_audit_log_without_awaiting():
+    """A blocking Redis or database call in an async handler stalls every request of the
+    process for its round trip. The handlers hand such calls to ``bridge.run`` or
+    ``svc.db.call``; one written directly is found here, not under load. (Building a write
+    into a ``Batch``, and making a record, is no I/O.)"""
+    import ast
+    from pathlib import Path
+
+    import idp.web
+
+    blocking = ("svc.store.", "svc.sessions.", "svc.transactions.", "svc.lockout.", "svc.audit.", "captcha.new_form",
+                "captcha.check_form", "captcha.form_answer")
+    no_io = {"svc.transactions.create", "svc.sessions.create", "svc.transactions.drop", "svc.transactions.claim",
+             "svc.store.aclose"}
+    found = []
+    for path in sorted(Path(idp.web.__file__).parent.glob("*.py")):
+        for handler in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(handler, ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(handler):
+                if isinstance(node, ast.Call):
+                    name = ast.unparse(node.func)
+                    batched = name.endswith(".save") and len(node.args) > 1  # save(record, batch)
+                    if name.startswith(blocking) and name not in no_io and not batched:
+                        found.append(f"{path.name}:{node.lineno} {handler.name}: {name}")
+    assert not found

@@ -27,7 +27,7 @@ class Services:
     def __init__(self, settings: Settings, clock: Clock | None = None):
         self.settings = settings
         self.clock = clock or Clock()
-        self.db = Database(settings.database_url, settings.database_pool)
+        self.db = Database(settings.database_url, settings.database_pool, settings.database_statement_timeout)
         self.store = open_store(settings.redis_url)
         self.keys = KeyRing(settings.keys_dir, settings.key_refresh_seconds, self.clock)
         self.tokens = Tokens(self.store, self.clock)

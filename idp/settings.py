@@ -36,6 +36,11 @@ class Settings:
         "to 4 more of their own (fewer if this is smaller). Size the server's `max_connections` above "
         "(2 × this + 4) × the processes.", 20
     )
+    database_statement_timeout: int = _doc(
+        "Seconds a PostgreSQL statement may run, or wait for a lock, before the server cancels it and the "
+        "request fails with an error page; without it a stuck query would hold one of the process's few "
+        "connections, and its request, for ever. 0: no limit. Migrations run without one.", 30
+    )
     redis_url: str = _doc(
         "Redis for short-lived state (login transactions, codes, sessions, tokens, counters). "
         "Empty: an in-process store, for one process only. One server: `redis://[[user]:password@]host:6379/0` "

@@ -265,3 +265,27 @@ def test_the_event_loops_own_connections_too_cost_one_failed_query_after_a_resta
             await db.aclose()
 
     assert asyncio.run(main()) == (3, [])
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_statement_stuck_on_a_lock_fails_its_request_within_the_timeout(make_provider):
+    """IDP_DATABASE_STATEMENT_TIMEOUT: PostgreSQL cancels a statement that waits too long (here
+    the audit row of a wrong password, its table locked by another connection), so the login
+    step ends with the error page instead of holding the request and a connection for ever."""
+    from starlette.testclient import TestClient
+
+    provider = make_provider(database_statement_timeout=1)
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    browser.http = TestClient(provider.app, base_url=provider.issuer, raise_server_exceptions=False)
+    page = browser.authorize(client_id)
+    with create_engine(provider.svc.settings.database_url).connect() as locker:
+        locker.execute(text("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE"))
+        started = time.monotonic()
+        refused = browser.password(page, password="wrong-password")
+        waited = time.monotonic() - started
+        locker.rollback()
+    assert refused.status_code == 500 and "系統錯誤" in refused.text
+    assert waited < 10
+    assert "再錯" in browser.password(browser.authorize(client_id), password="wrong-password").text  # the table free again

@@ -26,7 +26,7 @@ _MIGRATION_LOCK_ID = 0x1D9_0001
 
 
 class Database:
-    def __init__(self, url: str, pool: int = 20):
+    def __init__(self, url: str, pool: int = 20, statement_timeout: int = 30):
         self.url = url
         if url.startswith("sqlite"):
             path = url.split("///", 1)[-1]
@@ -42,18 +42,24 @@ class Database:
             # A server that does not answer fails a connection in 10 s, not libpq's never
             # (``?connect_timeout=`` in the URL says otherwise).
             timeout = {"connect_timeout": 10} if "connect_timeout=" not in url else {}
+            # The server cancels a statement that runs (or waits for a lock) too long; options the
+            # URL gives come after, so a statement_timeout of its own wins.
+            given = make_url(url).query.get("options", "")
+            limit = f"-c statement_timeout={statement_timeout * 1000}" if statement_timeout else ""
+            options = {"options": f"{limit} {given}".strip()} if limit else {}
             # Twice ``pool`` at most: by default as many as Starlette's thread pool (40 threads)
             # uses, so connections are reused rather than opened per request; no pre-ping round
             # trip per checkout (a dead connection fails one request and is replaced;
             # pool_recycle retires idle ones first).
-            self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, connect_args=timeout)
+            self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300,
+                                        connect_args={**timeout, **options})
             # From the parsed URL, not its rendering, which would turn a space into "+".
             _, connect = self.engine.dialect.create_connect_args(make_url(url))
             connect.pop("context", None)  # SQLAlchemy's type adapters, not a libpq option
             # The loop's connections live as long as the process: a peer that vanished (a
             # NAT's idle timeout, a failover) is noticed in about a minute, not TCP's fifteen.
             alive = {"keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60000}
-            self._conninfo = psycopg.conninfo.make_conninfo("", **{**alive, **timeout, **connect})
+            self._conninfo = psycopg.conninfo.make_conninfo("", **{**alive, **timeout, **connect, **options})
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._compiled: dict = {}  # (statement, parameter names) -> its SQL (``_sql``)
         # Each event loop's PostgreSQL connections, for the queries inside ``idp.bridge.run``.
@@ -166,12 +172,20 @@ class Database:
     def migrate(self) -> None:
         """Bring the schema up to date. Safe when several processes start together:
         one migrates while the others wait on a lock, then find nothing to do."""
-        with self.engine.connect() as conn, self._migration_lock(conn):
-            cfg = Config()
-            cfg.set_main_option("script_location", str(MIGRATIONS))
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-            conn.commit()
+        postgresql = self.engine.dialect.name == "postgresql"
+        with self.engine.connect() as conn:
+            if postgresql:  # no time limit: a migration, or waiting for another process's, may be long
+                conn.execute(text("SET statement_timeout = 0"))
+                conn.commit()
+            with self._migration_lock(conn):
+                cfg = Config()
+                cfg.set_main_option("script_location", str(MIGRATIONS))
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+                conn.commit()
+            if postgresql:
+                conn.execute(text("RESET statement_timeout"))  # back to the limit, for the pool
+                conn.commit()
 
     @contextlib.contextmanager
     def _migration_lock(self, conn):

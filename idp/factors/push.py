@@ -393,13 +393,18 @@ class PushFactor:
             outcome = await svc.db.call(check_code, svc, tx, code, seen, binding, binding_id)
             outcome.amr, outcome.keep = ["swk", "otp"], {"chosen": binding_id}
             return outcome
-        state = tx.get("push")
-        if not state:
+        if not tx.get("push"):
             return Outcome(error="push.error.no_request")
+        return await svc.db.call(self._answered, svc, tx, seen)
+
+    def _answered(self, svc, tx, seen) -> Outcome:
+        """The phone's answer to this login's request, taken (it is used once); its store and
+        audit calls awaited through ``svc.db.call``, not made on the event loop."""
+        state = tx["push"]
         status = self.status(svc, tx)
         if status == "pending":
             return Outcome(error="push.error.waiting")
-        record = svc.store.take(ANSWER + state["request"])  # the one answer, used once
+        record = svc.store.take(ANSWER + state["request"])
         self.drop(svc, tx)
         if status != APPROVED or record is None or record["account"] != tx["account"]:
             error = status if status.startswith("push.error.") else "push.error.expired"

@@ -26,6 +26,7 @@ import secrets
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from idp import bridge
 from idp.factors import Outcome, locked_out
 from idp.pki import PKIError, verify_signature
 from idp.storage.kv import Batch
@@ -111,7 +112,7 @@ async def check_signature(svc, form, owner: str, kind: str | None):
     certb64 = (form.get("certb64") or "").strip() or None
     if not signature or len(signature) > MAX_SIGNATURE_CHARS or (certb64 and len(certb64) > MAX_SIGNATURE_CHARS):
         return None, ("bad_format", "certificate.error.missing")
-    if not take_challenge(svc, challenge, owner):
+    if not await bridge.run(take_challenge, svc, challenge, owner):
         return None, ("challenge_expired", "certificate.error.challenge")
     try:
         identity = await verify_signature(signature, challenge.encode(), certificate=certb64, trust=svc.pki_trust,

@@ -190,8 +190,9 @@ async def certificate_page(request: Request) -> Response:
     svc = request.app.state.svc
     flash = {"params": {}, "error": error_key(request, "certificate.")}
     current = next((b for b in account.bindings if b.factor == cert.CERTIFICATE.name), None)
+    challenge = await bridge.run(cert.issue_challenge, svc, "account:" + account.id)
     return render(request, "account_certificate.html", account=account, flash=flash, tab="settings", current=current,
-                  challenge=cert.issue_challenge(svc, "account:" + account.id), **cert.component(svc))
+                  challenge=challenge, **cert.component(svc))
 
 
 @account_post

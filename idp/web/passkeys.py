@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from idp import bridge
 from idp.factors import passkey
 from idp.web.account import account_post, error_key, passwordless, require_account
 from idp.web.i18n import translate
@@ -51,7 +52,8 @@ async def page(request: Request) -> Response:
     options = None
     if enabled:
         rp_name = translate(locale_of(request), "app.name")
-        options = json.loads(passkey.registration_options(svc, account, _owner(request, account), rp_name))
+        options = json.loads(await bridge.run(passkey.registration_options, svc, account, _owner(request, account),
+                                              rp_name))
     listed = sorted(passkey.passkeys(account), key=lambda b: b.created_at)
     return render(request, "account_passkeys.html", account=account, passkeys=listed, options=options,
                   enabled=enabled, flash=flash, tab="settings")

@@ -167,13 +167,13 @@ async def devices_page(request: Request) -> Response:
 
 @account_post
 async def add(request: Request, account, form) -> Response:
-    push.start_registration(request.app.state.svc, account.id)
+    await bridge.run(push.start_registration, request.app.state.svc, account.id)
     return RedirectResponse("/account/push/add", status_code=303)
 
 
 async def _add_page(request: Request, account, flash=None, keep=None, status: int = 200) -> Response:
     svc = request.app.state.svc
-    pending = push.current_registration(svc, account.id)
+    pending = await bridge.run(push.current_registration, svc, account.id)
     if pending is None:
         return RedirectResponse("/account/push?error=registration_expired", status_code=303)
     url = push.registration_url(svc, pending["code"])
@@ -194,7 +194,7 @@ async def add_status(request: Request) -> Response:
     account = await require_account(request, interactive=False)
     if isinstance(account, Response):
         return JSONResponse({"state": "gone"}, 401, NO_STORE)
-    pending = push.current_registration(request.app.state.svc, account.id)
+    pending = await bridge.run(push.current_registration, request.app.state.svc, account.id)
     state = "expired" if pending is None else "scanned" if pending["device"] else "waiting"
     return JSONResponse({"state": state}, headers=NO_STORE)
 
@@ -215,7 +215,7 @@ async def save(request: Request, account, form) -> Response:
 
 @account_post
 async def cancel(request: Request, account, form) -> Response:
-    push.cancel_registration(request.app.state.svc, account.id)
+    await bridge.run(push.cancel_registration, request.app.state.svc, account.id)
     return RedirectResponse("/account/push", status_code=303)
 
 

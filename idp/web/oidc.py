@@ -139,7 +139,7 @@ async def authorize(request: Request) -> Response:
     pushed = any(key == "request_uri" for key, _ in query + form)
     if pushed:
         sent = dict(query + form)
-        query, form = par.pull(svc, sent.get("client_id"), sent.get("request_uri")) or [], []
+        query, form = await bridge.run(par.pull, svc, sent.get("client_id"), sent.get("request_uri")) or [], []
         if not query:
             return _bad_authorization_page(request, OAuth2Error(
                 "The request_uri is unknown, expired, already used or another client's.", error="invalid_request_uri"))
@@ -216,7 +216,7 @@ async def pushed_authorization(request: Request) -> Response:
         return _oauth_error(error.error, error.description or "The authorization request is invalid.")
     if problem := _check_extras(check.payload.data):
         return _oauth_error(*problem)
-    request_uri, expires_in = par.push(svc, client.client_id, params)
+    request_uri, expires_in = await bridge.run(par.push, svc, client.client_id, params)
     return _json({"request_uri": request_uri, "expires_in": expires_in}, 201, {"Cache-Control": "no-store"})
 
 

@@ -162,7 +162,7 @@ async def authorize(request: Request) -> Response:
     prompts = set(data.get("prompt", "").split())
     session = await bridge.run(svc.sessions.get, request.cookies.get(login.SESSION_COOKIE))
     if session is not None:
-        account_ok = await run_in_threadpool(account_active, svc, session["account"])
+        account_ok = await svc.db.call(account_active, svc, session["account"])
         if not account_ok:
             await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
             session = None

@@ -145,6 +145,12 @@ def test_no_handler_calls_the_store_or_the_audit_log_without_awaiting():
               "take_challenge", "registration_options", "par.pull", "par.push"}
     no_io = {"svc.transactions.create", "svc.sessions.create", "svc.transactions.claim", "svc.store.aclose"}
 
+    def blocks(call) -> bool:
+        name = ast.unparse(call.func)
+        batched = len(call.args) > 1 and ast.unparse(call.args[-1]) in ("writes", "earlier", "batch")
+        named = name.startswith(blocking) or name in stores or name.rsplit(".", 1)[-1] in stores
+        return named and name not in no_io and not batched
+
     def calls(node):
         """The calls made by ``node`` itself, not by the functions it defines."""
         for child in ast.iter_child_nodes(node):
@@ -158,9 +164,6 @@ def test_no_handler_calls_the_store_or_the_audit_log_without_awaiting():
     for path in sorted(list((root / "web").glob("*.py")) + list((root / "factors").glob("*.py"))):
         for handler in ast.walk(ast.parse(path.read_text())):
             if isinstance(handler, ast.AsyncFunctionDef):
-                for call in calls(handler):
-                    name = ast.unparse(call.func)
-                    batched = len(call.args) > 1 and ast.unparse(call.args[-1]) in ("writes", "earlier", "batch")
-                    if (name.startswith(blocking) or name in stores or name.rsplit(".", 1)[-1] in stores) and name not in no_io and not batched:
-                        found.append(f"{path.parent.name}/{path.name}:{call.lineno} {handler.name}: {name}")
+                found += [f"{path.parent.name}/{path.name}:{call.lineno} {handler.name}: {ast.unparse(call.func)}"
+                          for call in calls(handler) if blocks(call)]
     assert not found

@@ -329,24 +329,25 @@ def start_postgres(tmpdir: os.PathLike | str | None = None) -> PostgresServer:
 # --------------------------------------------------------------------------- Redis
 
 
-def server_certificate(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
-    """A self-signed certificate for a test server on ``name`` (its clients trust exactly
-    it), written as ``server.pem`` and ``server.key`` in ``directory``."""
+def server_certificate(directory: Path, *names: str, cert_file: str = "server.pem") -> tuple[Path, Path]:
+    """A self-signed certificate for a test server on ``names`` (default localhost; its
+    clients trust exactly it), written as ``cert_file`` and ``server.key`` in ``directory``."""
+    names = names or ("localhost",)
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     now = dt.datetime.now(dt.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
             .not_valid_after(now + dt.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False)
             .sign(key, hashes.SHA256()))
-    pem, private = directory / "server.pem", directory / "server.key"
+    pem, private = directory / cert_file, directory / "server.key"
     pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     private.write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))

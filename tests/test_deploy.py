@@ -6,7 +6,6 @@ their configuration."""
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import importlib.util
 import re
 import shutil
@@ -17,10 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from idp.settings import Settings
 from tests import live, servers
@@ -169,19 +164,10 @@ def test_kubernetes_service_autoscaler_disruption_budget_and_ingress_fit_the_dep
 
 # -- nginx and systemd, checked by the real programs ---------------------------------------------
 def _self_signed(directory: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "login.example.tw")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in
-                                                        ("login.example.tw", "school.example.tw", "commerce.example.tw")]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    """nginx.conf's tls/server.crt and server.key, for the three sites it serves."""
     directory.mkdir()
-    (directory / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
+    servers.server_certificate(directory, "login.example.tw", "school.example.tw", "commerce.example.tw",
+                               cert_file="server.crt")
 
 
 def test_nginx_accepts_the_configuration(tmp_path):

@@ -151,8 +151,8 @@ def cmd_users_disable(args, disabled=True) -> int:
 def cmd_users_unlock(args) -> int:
     svc = _services()
     if not svc.settings.redis_url:
-        return _fail("without IDP_REDIS_URL the lockout counters live inside the running provider; "
-                     "they clear themselves after IDP_LOCKOUT_SECONDS")
+        return _fail("without IDP_REDIS_URL the lockout counters live inside the running provider: unlock the "
+                     "account on its admin page (/admin), or wait IDP_LOCKOUT_SECONDS")
     svc.lockout.clear(args.username)
     svc.audit.record("account.unlocked", username=args.username, method="cli")
     return 0

@@ -72,13 +72,20 @@ class Receiver:
                                  Route("/healthz", ok)])
 
 
-@pytest.fixture
-def receiver():
+@contextlib.contextmanager
+def serving_receiver():
+    """A ``Receiver`` listening on a free loopback port (its ``url``)."""
     r = Receiver()
     with live.reserve() as (sock, url):
         r.url = url
         with live.serve(r.app(), sock, url):
             yield r
+
+
+@pytest.fixture
+def receiver():
+    with serving_receiver() as r:
+        yield r
 
 
 def _wait(predicate, seconds=10.0):

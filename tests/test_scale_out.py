@@ -33,7 +33,7 @@ from idp.web.app import create_app
 from idp.storage.kv import open_store
 from tests import live, servers
 from tests.harness import PASSWORD, Provider, pkce, redeem
-from tests.test_backchannel import Receiver
+from tests.test_backchannel import serving_receiver
 from tests.test_e2e import NAME, Agent, _path
 
 try:
@@ -134,11 +134,8 @@ def cluster(postgres_server, redis_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def receiver():
     """The relying party's own endpoints: redirect URI ``/cb``, back-channel logout ``/bc``."""
-    r = Receiver()
-    with live.reserve() as (sock, url):
-        r.url = url
-        with live.serve(r.app(), sock, url):
-            yield r
+    with serving_receiver() as r:
+        yield r
 
 
 def _client(cluster, receiver) -> tuple[str, str]:

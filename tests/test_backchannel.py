@@ -28,7 +28,7 @@ from clients.school_portal import create_app as create_portal
 from idp.protocol import logout as bcl
 from idp.storage.models import AuditEvent
 from tests import live
-from tests.harness import PASSWORD, callback, redeem
+from tests.harness import PASSWORD, redeem
 from tests.test_e2e import NAME, Agent, _is_login_page, _path, live_provider, make_live_provider  # noqa: F401 - fixtures
 
 try:

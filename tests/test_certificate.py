@@ -9,7 +9,6 @@ the real network path.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 
 import pytest
 from cryptography.x509.oid import NameOID

@@ -206,7 +206,7 @@ def test_sso_step_up_and_logout_everywhere(world, page):
 
 
 def test_weaker_login_is_refused_with_a_clear_page(world, page):
-    provider, commerce = world["provider"], world["commerce"]
+    commerce = world["commerce"]
     secret = person(world, "bob", name="林大同")  # password and OTP, no certificate of any kind
     page.goto(commerce + "/")
     page.get_by_role("link", name="登入", exact=True).click()

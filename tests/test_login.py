@@ -243,7 +243,8 @@ def test_each_login_page_links_every_other_way_in_by_name(make_provider):
     for here in ("certificate", "passkey", "tls_certificate"):
         page = browser.go(f"/login?tx={tx}&factor={here}")
         other = re.search(r'<ul class="other">(.*?)</ul>', page.text, re.S).group(1)
-        links = dict(re.findall(r'<a href="/login(?:\?tx=[^"&]+&amp;factor=(\w+)|/google\?tx=[^"]+)"[^>]*>([^<]+)</a>', other))
-        assert {name or "google" for name in links} == ways - {here}, here
+        found = re.findall(r'<a href="/login(?:\?tx=[^"&]+&amp;factor=(\w+)|/google\?tx=[^"]+)"[^>]*>([^<]+)</a>', other)
+        links = {name or "google": label for name, label in found}  # Google's link goes to /login/google
+        assert set(links) == ways - {here}, here
         assert not [label for label in links.values() if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", label)], links
-        assert links["password"] == "改用帳號密碼登入" and links[""] == "使用 Google 帳號登入"
+        assert links["password"] == "改用帳號密碼登入" and links["google"] == "使用 Google 帳號登入"

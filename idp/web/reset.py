@@ -28,6 +28,7 @@ from starlette.routing import Route
 from idp import bridge, captcha
 from idp.accounts import with_bindings
 from idp.mail import MailError, masked
+from idp.storage.kv import Batch
 from idp.storage.models import Binding
 from idp.web.login import _expired, _posted, _transaction
 from idp.web.pages import locale_of, render, who
@@ -107,9 +108,11 @@ async def send(request: Request) -> Response:
     code = f"{secrets.randbelow(10**6):06d}"
     record = {"prefix": prefix, "digest": _digest(code), "exp": now + CODE_SECONDS, "next": now + RESEND_SECONDS,
               "email": account.email}
-    # Replacing the record is what makes only the newest code work.
-    await bridge.run(svc.store.set, _key(account.id), record, CODE_SECONDS + 60)
-    await bridge.run(svc.store.delete, _tries(account.id))
+    # Replacing the record is what makes only the newest code work; its tries start again.
+    batch = Batch()
+    batch.set(_key(account.id), record, CODE_SECONDS + 60)
+    batch.delete(_tries(account.id))
+    await bridge.run(svc.store.write, batch)
     try:
         await svc.mailer.send_async(account.email, "emergency_code", locale_of(request, tx.get("ui_locales")),
                                     name=account.name or account.username, username=account.username,
@@ -139,8 +142,10 @@ async def verify(request: Request) -> Response:
             await bridge.run(svc.store.delete, _key(account.id), _tries(account.id))
             return await _render(request, svc, tx, account, {"error": "reset.code_burnt", "params": {}}, status=400)
         return await _render(request, svc, tx, account, {"error": "reset.code_wrong", "params": {"left": MAX_TRIES - tries}}, status=400)
-    await bridge.run(svc.store.delete, _tries(account.id))
-    if await bridge.run(svc.store.take, _key(account.id)) is None:  # used meanwhile
+    batch = Batch()  # the code taken (used once) and its tries forgotten, in one round trip
+    batch.take(_key(account.id))
+    batch.delete(_tries(account.id))
+    if (await bridge.run(svc.store.write, batch))[0] is None:  # used meanwhile
         return await _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
     await run_in_threadpool(_delete_bindings, svc, account.id)
     await svc.db.call(svc.audit.record, "bindings.reset", account_id=account.id, username=account.username,

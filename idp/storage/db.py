@@ -101,8 +101,7 @@ class Database:
         if self.engine.dialect.name == "sqlite":
             with self.engine.connect() as conn:
                 return [dict(row._mapping) for row in conn.execute(statement, params)]
-        description, rows = self._query(self._sql(statement, params), params, fetch=True)
-        names = [column.name for column in description]
+        names, rows = self._query(self._sql(statement, params), params, fetch=True)
         return [dict(zip(names, row)) for row in rows]
 
     def write(self, statement, **params) -> None:
@@ -118,13 +117,13 @@ class Database:
         self._query(self._sql(statement, params), values, fetch=False)
 
     def _query(self, sql: str, params, fetch: bool):
-        """(description, rows) of ``sql`` on PostgreSQL, prepared, in autocommit: awaited on the
+        """(column names, rows) of ``sql`` on PostgreSQL, prepared, in autocommit: awaited on the
         event loop's own connections inside ``idp.bridge.run``, else blocking on a pooled one."""
         if bridge.inside():
             return bridge.wait(self._loops.get().query(sql, params, fetch))
         with self._driver() as conn:
             cursor = conn.execute(sql, params, prepare=True)
-            return cursor.description, cursor.fetchall() if fetch else []
+            return _names(cursor), cursor.fetchall() if fetch else []
 
     async def aclose(self) -> None:
         """Close the running loop's own connections (at the app's shutdown)."""
@@ -231,7 +230,7 @@ class _LoopConnections:
             conn = self.idle.pop() if self.idle else await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
             try:
                 cursor = await conn.execute(sql, params, prepare=True)
-                result = cursor.description, await cursor.fetchall() if fetch else []
+                result = _names(cursor), await cursor.fetchall() if fetch else []
             except psycopg.Error:
                 if conn.broken:  # the server went away (a restart, a failover): so did the idle ones
                     conn.pgconn.finish()
@@ -249,6 +248,14 @@ class _LoopConnections:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.pgconn.finish()
+
+
+def _names(cursor) -> list[str]:
+    """The result's column names, read off the result itself: ``cursor.description`` builds
+    an object per column (with its type looked up), a third of the CPU of an account's read
+    with its bindings (25 columns)."""
+    result = cursor.pgresult
+    return [result.fname(i).decode() for i in range(result.nfields)] if result else []
 
 
 def _sqlite_pragmas(dbapi_conn, _record):

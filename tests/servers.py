@@ -22,6 +22,7 @@ import datetime as dt
 import glob
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -51,11 +52,46 @@ class MissingBinary(ServerError):
 # --------------------------------------------------------------------------- helpers
 
 
+_LOWEST_PORT = 10_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now and stays free for the server about to bind it.
+
+    A port the kernel picks (a bind to port 0) comes from the range it also gives every
+    outgoing connection: between this check and the server's bind another test's client
+    could take it (seen as a server that would not start, or a test that reached the wrong
+    one). So the port is drawn from below that range, which only a bind by number takes,
+    from a slice of its own for each pytest-xdist worker, and never twice in one process."""
+    top = _ephemeral_start()
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % workers
+    size = (top - _LOWEST_PORT) // workers
+    if size < 100:  # an unusual ephemeral range: take what the kernel gives
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            return s.getsockname()[1]
+    start = _LOWEST_PORT + worker * size
+    for _ in range(500):
+        port = random.randrange(start, start + size)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise ServerError(f"no free port in {start}-{start + size - 1}")
 
 
 def _tail(path: Path | str, lines: int = LOG_TAIL_LINES) -> str:

@@ -10,7 +10,6 @@ import json
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from idp.factors.federation import STATE, Upstream
 from idp.storage.models import Account, Binding
 from tests.harness import callback, forms, redeem
+from tests.servers import free_port
 from tests.test_totp import _bind, _code, _error
 
 try:
@@ -38,17 +38,11 @@ def backend():
     return "sqlite+memory"  # the node-driven tests need one back end only
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def upstream():
     if shutil.which("node") is None or not (ROOT / "tests/e2e/node_modules/oidc-provider").is_dir():
         pytest.fail("node or tests/e2e/node_modules/oidc-provider is missing (cd tests/e2e && npm ci)", pytrace=False)
-    port, client_id, secret = _free_port(), "idp-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+    port, client_id, secret = free_port(), "idp-" + secrets.token_hex(4), secrets.token_urlsafe(24)
     proc = subprocess.Popen(["node", str(SCRIPT), str(port), client_id, secret, ISSUER + "/login/google/callback",
                              ISSUER + "/account/google/callback"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
@@ -286,7 +280,7 @@ def test_google_is_followed_by_otp_without_the_two_factor_policy(make_provider, 
 
 
 def test_upstream_down_is_a_clear_message(make_provider, upstream):
-    down = {**upstream, "upstream_issuer": f"http://127.0.0.1:{_free_port()}"}
+    down = {**upstream, "upstream_issuer": f"http://127.0.0.1:{free_port()}"}
     provider = make_provider(mfa=True, issuer=ISSUER, **down)
     provider.account("alice")
     client_id, _ = provider.client()

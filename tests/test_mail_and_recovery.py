@@ -430,7 +430,7 @@ def test_starttls_is_required_unless_turned_off(make_provider, smtp_server):
 
 
 def test_a_mail_server_that_is_down_still_shows_the_neutral_page(make_provider, caplog):
-    from tests.mailserver import free_port
+    from tests.servers import free_port
 
     provider = make_provider(smtp_host="127.0.0.1", smtp_port=free_port(), smtp_starttls=False, smtp_timeout_seconds=5)
     provider.account("alice", email_verified=True)

@@ -46,12 +46,6 @@ HEADER = "X-SSL-Client-Cert"
 LOA3 = "urn:idp:loa:3"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 NGINX_CONF = """\
 daemon off;
 master_process off;
@@ -97,7 +91,7 @@ def site(tpki, tmp_path_factory):
     servers.server_certificate(conf)  # server.pem, server.key
     trust = tpki.dir / "trust"
     (conf / "client-ca.pem").write_bytes(b"".join((trust / f).read_bytes() for f in ("root.pem", "moica.pem", "xca.pem")))
-    port = _free_port()
+    port = servers.free_port()
     url = f"https://localhost:{port}"
     with live.reserve() as (sock, upstream):
         (conf / "nginx.conf").write_text(NGINX_CONF.format(

@@ -107,22 +107,24 @@ def test_a_postgresql_url_without_psycopg_stops_the_start(settings_for):
 
 @pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_url_options_with_spaces_reach_the_event_loops_connections_too(settings_for):
-    """The login steps' queries use connections of the loop's own, made from the same URL."""
+    """The login steps' queries use connections of the loop's own, made from the same URL; every
+    ``options`` the URL gives applies, beside IDP_DATABASE_STATEMENT_TIMEOUT's."""
     from sqlalchemy import text
 
     base = settings_for().database_url
-    url = base + ("&" if "?" in base else "?") + "options=-c%20search_path%3Dnowhere%2Cpublic"
-    db = create_app(settings_for(database_url=url)).state.svc.db
+    url = base + ("&" if "?" in base else "?") + "options=-c%20search_path%3Dnowhere%2Cpublic&options=-c%20work_mem%3D5MB"
+    db = create_app(settings_for(database_url=url, database_statement_timeout=7)).state.svc.db
+    shown = ["search_path", "work_mem", "statement_timeout"]
 
     async def main():
         try:
-            return await db.call(db.scalar, "SHOW search_path")
+            return [await db.call(db.scalar, f"SHOW {name}") for name in shown]
         finally:
             await db.aclose()
 
-    assert asyncio.run(main()) == "nowhere,public"
+    assert asyncio.run(main()) == ["nowhere,public", "5MB", "7s"]
     with db.engine.connect() as conn:
-        assert conn.execute(text("SHOW search_path")).scalar() == "nowhere,public"
+        assert [conn.execute(text(f"SHOW {name}")).scalar() for name in shown] == ["nowhere,public", "5MB", "7s"]
 
 
 @pytest.mark.parametrize("backend", ["postgres+redis"])

@@ -45,6 +45,7 @@ class Database:
             # The server cancels a statement that runs (or waits for a lock) too long; options the
             # URL gives come after, so a statement_timeout of its own wins.
             given = make_url(url).query.get("options", "")
+            given = " ".join(given) if isinstance(given, tuple) else given  # ?options=...&options=...
             limit = f"-c statement_timeout={statement_timeout * 1000}" if statement_timeout else ""
             options = {"options": f"{limit} {given}".strip()} if limit else {}
             # Twice ``pool`` at most: by default as many as Starlette's thread pool (40 threads)

@@ -1114,7 +1114,7 @@ def main() -> int:
         f"(pipelined); {mint_rate}/s × seconds × workers of them, so a run does not run out (a cell says so if it did). "
         "oidc-provider's are minted through its models (`AuthorizationCode`, `RefreshToken`, `Grant`). "
         "Code exchange and refresh issue an ID token (scope openid).",
-        f"- **Logins:** {args.accounts} accounts, each its own TOTP secret bound via `Enrolment.start/confirm`, "
+        f"- **Logins:** {args.accounts:,} accounts, each its own TOTP secret bound via `Enrolment.start/confirm`, "
         f"among {args.accounts + args.population:,} (the others, with a password and an OTP binding each, never log in); "
         f"{args.login_concurrency} concurrent httpx clients per worker, each doing authorize → password → OTP → code → token with a "
         f"fresh cookie jar and PKCE, measured over {login_seconds:.0f} s after 2 s of warm-up. A TOTP step is usable once per account, so the driver hands out (account, step) "

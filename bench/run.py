@@ -838,7 +838,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="seconds per measurement (overrides --quick)")
     ap.add_argument("--workers", default="1,2", help="worker counts to measure (default 1,2)")
     # A TOTP step logs an account in once, and the driver uses the current and the next: at most
-    # 2 x accounts logins in a 30 s window (the trivial-hash run does ~250/s; 400 held 2 workers back).
+    # 2 x accounts logins in a 30 s window (the trivial-hash run does ~250/s on 2 cores).
     ap.add_argument("--accounts", type=int, default=2000, help="seeded accounts, each with its own TOTP secret")
     ap.add_argument("--population", type=int, default=100_000,
                     help="more accounts that never log in: the user base the logins' look-ups run against")
@@ -909,7 +909,8 @@ def main() -> int:
             return p
 
         def logins_at(n: int, argon2: dict) -> dict:
-            """Logins with every bench account's password hashed at ``argon2``, and the server's."""
+            """Logins with every bench account's password hashed at ``argon2``, against a server
+            started with the same parameters (so it makes no upgrade re-hash)."""
             seed.set_password_params(**argon2)
             seed.reset_otp()
             p = serve(n, {"IDP_ARGON2_TIME_COST": str(argon2["time_cost"]), "IDP_ARGON2_MEMORY_KIB": str(argon2["memory_kib"])})
@@ -1058,8 +1059,8 @@ def main() -> int:
         default = one.get("login") or {}
         if default.get("hash_ms"):
             rest = default["cpu_us"] / 1000 - default["hash_ms"]
-            limits = [f"- **What limits logins.** A login's own work (four requests, nine round trips to Redis and four "
-                      f"to PostgreSQL, an ES256 signature) takes {own:.1f} ms of CPU beside a hash of no cost, "
+            limits = [f"- **What limits logins.** A login's own work (its four requests, their round trips to Redis "
+                      f"and PostgreSQL, an ES256 signature) takes {own:.1f} ms of CPU beside a hash of no cost, "
                       f"{own / argon['owasp_ms'] * 100:.0f} % of a default verify; beside the default hash it takes "
                       f"{rest:.1f} ms. Each verify sweeps 19 MiB through the caches of the core it runs on, and the "
                       "event loop's turns between (every request and every reply from Redis or PostgreSQL wakes it) "

@@ -31,13 +31,22 @@ def _fail(message: str) -> int:
 
 # -- serve ---------------------------------------------------------------------------
 def cmd_serve(args) -> int:
+    import os
+    import tempfile
+
     import uvicorn
 
     # X-Forwarded-* are the app's to apply (IDP_TRUSTED_PROXIES, idp.web.proxies): it must see the socket peer.
     if args.workers > 1:
-        # Each worker migrates on start; the migration lock makes that safe.
-        uvicorn.run("idp.cli:served_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                    proxy_headers=False, access_log=False)
+        if not Settings.from_env().redis_url:
+            return _fail(f"--workers {args.workers} needs IDP_REDIS_URL: without it each worker keeps its own "
+                         "login state, and a login's next step, answered by another worker, would find none")
+        # Each worker migrates on start; the migration lock makes that safe. The workers count their
+        # metrics in one directory, so that /metrics, whichever of them answers, gives the sum.
+        with tempfile.TemporaryDirectory(prefix="idp-metrics-") as metrics_dir:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            uvicorn.run("idp.cli:served_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                        proxy_headers=False, access_log=False)
     else:
         uvicorn.run(served_app(), host=args.host, port=args.port, proxy_headers=False, access_log=False)
     return 0
@@ -308,7 +317,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the provider (migrates the database first)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes on one port (needs IDP_REDIS_URL); /metrics gives their sum")
     s.set_defaults(func=cmd_serve)
     sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=cmd_migrate)
     sub.add_parser("settings", help="print the settings table (Markdown)").set_defaults(func=cmd_settings)

@@ -1,13 +1,17 @@
 """Prometheus metrics (SPEC O3): requests by route (count and latency), logins
 by method and outcome, token requests by grant and outcome, new lockouts, and
-every audit event by kind. Each process counts its own: scrape them all."""
+every audit event by kind. Each process counts its own: scrape them all. The workers of
+one ``idp serve --workers N`` count in one directory (prometheus_client's
+PROMETHEUS_MULTIPROC_DIR), and any of them answers with the sum."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -73,6 +77,10 @@ class Metrics:
         self.child(self.token_requests, grant, outcome).inc()
 
     def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -308,6 +309,38 @@ def test_key_rotation_reaches_every_process_without_a_restart(cluster, receiver)
         _wait(lambda: signs_with_new_key(base), 180, what=f"{base} signing with {es256}")
         assert es256 in {k["kid"] for k in httpx.get(base + "/jwks").json()["keys"]}
 
+
+
+# -- idp serve --workers N: several processes on one port ------------------------------------------
+def test_idp_serve_workers_answer_metrics_with_the_sum_of_all_of_them(cluster, tmp_path):
+    port = servers.free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**cluster.env, "TMPDIR": str(tmp_path)}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "idp.cli", "serve", "--port", str(port), "--workers", "2"],
+                            env=env, cwd=tmp_path, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        _ready(base, proc, log)
+        for _ in range(40):  # each on a new connection, so the kernel hands them to both workers
+            assert httpx.get(base + "/.well-known/openid-configuration").status_code == 200
+        served = 'idp_http_request_seconds_count{method="GET",route="/.well-known/openid-configuration",status="200"}'
+        for _ in range(8):  # whichever worker answers
+            counts = [line.split()[-1] for line in httpx.get(base + "/metrics").text.splitlines()
+                      if line.startswith(served)]
+            assert counts == ["40.0"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert list(tmp_path.glob("idp-metrics-*")) == []  # the workers' counts go with them
+
+
+def test_idp_serve_workers_without_redis_stops_with_the_reason(cluster):
+    env = {**cluster.env, "IDP_REDIS_URL": ""}
+    started = subprocess.run([sys.executable, "-m", "idp.cli", "serve", "--workers", "2"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode == 2
+    assert "--workers 2 needs IDP_REDIS_URL" in started.stderr
 
 # -- Redis Sentinel and Cluster (IDP_REDIS_URL redis+sentinel:// and redis+cluster://) -----------
 def _redis_process(stack, tmp: Path, name: str, *args: str) -> tuple[int, subprocess.Popen]:

@@ -48,7 +48,12 @@ def cmd_serve(args) -> int:
             uvicorn.run("idp.cli:served_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                         proxy_headers=False, access_log=False)
     else:
-        uvicorn.run(served_app(), host=args.host, port=args.port, proxy_headers=False, access_log=False)
+        app = served_app()
+        if not app.state.svc.settings.redis_url and not app.state.svc.db.claim_sole_server():
+            return _fail("another provider process serves this database without IDP_REDIS_URL: each would keep "
+                         "its own login state, and a login's next step, answered by the other, would find none. "
+                         "Give every process the same IDP_REDIS_URL, or run one")
+        uvicorn.run(app, host=args.host, port=args.port, proxy_headers=False, access_log=False)
     return 0
 
 

@@ -43,7 +43,8 @@ class Settings:
     )
     redis_url: str = _doc(
         "Redis for short-lived state (login transactions, codes, sessions, tokens, counters). "
-        "Empty: an in-process store, for one process only. One server: `redis://[[user]:password@]host:6379/0` "
+        "Empty: an in-process store, for one process only (`idp serve` stops at start while another serves "
+        "the same database without Redis). One server: `redis://[[user]:password@]host:6379/0` "
         "(`rediss://` for TLS, `unix:///path?db=0`; options `socket_timeout` (10 s), `socket_connect_timeout` (5 s), "
         "for TLS `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`). Sentinel: `redis+sentinel://[:password@]sentinel1:26379,sentinel2:26379/MASTER[/db]` "
         "(add `?sentinel_password=` if the Sentinels have their own). Cluster: "

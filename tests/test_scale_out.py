@@ -342,6 +342,39 @@ def test_idp_serve_workers_without_redis_stops_with_the_reason(cluster):
     assert started.returncode == 2
     assert "--workers 2 needs IDP_REDIS_URL" in started.stderr
 
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_second_server_without_redis_on_one_database_stops_and_the_first_serves_on(database, cluster, tmp_path,
+                                                                                     postgres_server):
+    url = f"sqlite:///{tmp_path}/idp.sqlite3" if database == "sqlite" else postgres_server.fresh_database()
+    env = {**cluster.env, "IDP_DATABASE_URL": url, "IDP_REDIS_URL": ""}
+
+    def serve(name: str) -> tuple[str, subprocess.Popen]:
+        port = servers.free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "idp.cli", "serve", "--port", str(port)], env=env, cwd=tmp_path,
+                                stdout=open(tmp_path / name, "wb"), stderr=subprocess.STDOUT)
+        return f"http://127.0.0.1:{port}", proc
+
+    first, proc = serve("first.log")
+    try:
+        _ready(first, proc, tmp_path / "first.log")
+        _, refused = serve("second.log")
+        try:
+            assert refused.wait(60) == 2  # it starts as far as the claim (~2 s), then stops
+        finally:
+            refused.kill()
+        assert "another provider process serves this database without IDP_REDIS_URL" in (tmp_path / "second.log").read_text()
+        assert httpx.get(first + "/readyz").status_code == 200
+    finally:
+        proc.kill()  # however the first ends, its claim ends with it
+        proc.wait(30)
+    third, proc = serve("third.log")
+    try:
+        _ready(third, proc, tmp_path / "third.log")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
 # -- Redis Sentinel and Cluster (IDP_REDIS_URL redis+sentinel:// and redis+cluster://) -----------
 def _redis_process(stack, tmp: Path, name: str, *args: str) -> tuple[int, subprocess.Popen]:
     """A redis-server in the foreground with ``args`` on a free port, stopped when ``stack`` closes."""

@@ -21,8 +21,10 @@ from idp import bridge
 from idp.settings import SettingsError
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-# Any constant works; it names the PostgreSQL advisory lock that serialises migrations.
+# Any constants work; they name the PostgreSQL advisory locks that serialise migrations and
+# that the one server process with an in-process store holds (``claim_sole_server``).
 _MIGRATION_LOCK_ID = 0x1D9_0001
+_SOLE_SERVER_LOCK_ID = 0x1D9_0002
 
 
 class Database:
@@ -62,6 +64,7 @@ class Database:
             alive = {"keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60000}
             self._conninfo = psycopg.conninfo.make_conninfo("", **{**alive, **timeout, **connect, **options})
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._sole_server = None  # ``claim_sole_server``'s lock, held while this lives
         self._compiled: dict = {}  # (statement, parameter names) -> its SQL (``_sql``)
         # Each event loop's PostgreSQL connections, for the queries inside ``idp.bridge.run``.
         self._loops = bridge.LoopLocal(lambda: _LoopConnections(self._conninfo, min(4, self.engine.pool.size())),
@@ -206,6 +209,32 @@ class Database:
                     yield
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def claim_sole_server(self) -> bool:
+        """Claim, for a server process that keeps login state in its own memory (no Redis),
+        to be the only one on this database; False when another process holds the claim.
+        Held until the process ends, however it ends: a PostgreSQL session's advisory lock,
+        or a lock on a file beside the SQLite one."""
+        if self.engine.dialect.name == "postgresql":
+            # Its own connection, never the pool's. Lost with it (a database restart), when
+            # another process could claim it too.
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+            if not conn.execute("SELECT pg_try_advisory_lock(%s)", (_SOLE_SERVER_LOCK_ID,)).fetchone()[0]:
+                conn.close()
+                return False
+            self._sole_server = conn
+            return True
+        path = make_url(self.url).database
+        if not path or path == ":memory:":
+            return True  # no other process can open this database
+        lock = open(path + ".serve-lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            return False
+        self._sole_server = lock
+        return True
 
     def ping(self) -> bool:
         try:

@@ -114,6 +114,9 @@ def test_kubernetes_provider_deployment():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["command"][:2] == ["idp", "serve"]
+    # A rolling update loses no request: the pod serves on while it leaves the endpoints.
+    sleep, seconds = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep == "sleep" and 0 < int(seconds) < pod["spec"]["terminationGracePeriodSeconds"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     [migrate] = pod["spec"]["initContainers"]
     assert migrate["command"] == ["idp", "migrate"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+from sqlalchemy import delete, select
+
 from idp.storage.models import AuditEvent
 
 log = logging.getLogger("idp.audit")
@@ -26,3 +28,16 @@ class Audit:
         })
         self.metrics.audited(event, method)
         log.info("%s account=%s user=%s client=%s ip=%s method=%s %s", event, account_id, username, client_id, ip, method, detail or "")
+
+    def prune(self, retention_days: int, batch: int = 10_000) -> int:
+        """Delete the events older than ``retention_days``, ``batch`` to a transaction, so no
+        lock is held long; returns how many. Several processes at once only find less to do."""
+        before = dt.datetime.fromtimestamp(self.clock() - retention_days * 86400, dt.timezone.utc)
+        oldest = select(AuditEvent.id).where(AuditEvent.time < before).order_by(AuditEvent.id).limit(batch)
+        deleted = 0
+        while True:
+            with self.db.session() as session:
+                count = session.execute(delete(AuditEvent).where(AuditEvent.id.in_(oldest.scalar_subquery()))).rowcount
+            deleted += count
+            if count < batch:
+                return deleted

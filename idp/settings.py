@@ -119,6 +119,11 @@ class Settings:
         "One log line per request (method, path without the query, status, time). Off by default: the proxy "
         "logs requests, with the same `X-Request-Id` (deploy/nginx/nginx.conf).", False
     )
+    audit_retention_days: int = _doc(
+        "Days the audit log (`audit_events`: the activity pages, SPEC M6) keeps an event; each process deletes "
+        "older ones at its start and then hourly, a batch at a time. 0: keeps them all. Check how long your "
+        "regulations ask you to keep them.", 0
+    )
     metrics_token: str = _doc("Bearer token required by /metrics; empty: open (block it at the proxy).", "")
     max_form_bytes: int = _doc("Largest request body accepted by any form or JSON endpoint.", 64 * 1024)
     smtp_host: str = _doc(

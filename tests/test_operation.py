@@ -291,3 +291,34 @@ def test_a_statement_stuck_on_a_lock_fails_its_request_within_the_timeout(make_p
     assert refused.status_code == 500 and "系統錯誤" in refused.text
     assert waited < 10
     assert "再錯" in browser.password(browser.authorize(client_id), password="wrong-password").text  # the table free again
+
+
+def test_audit_events_past_the_retention_are_gone_once_the_provider_has_started(make_provider):
+    provider = make_provider(audit_retention_days=180, password_max_age_days=0)
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    callback(browser.password(browser.password(browser.authorize(client_id), password="wrong-password")))
+    provider.clock.advance(181 * 86400)
+    browser = provider.browser()
+    callback(browser.password(browser.authorize(client_id)))
+    before = browser.go("/account/activity").text
+    assert before.count("登入成功") == 2 and "登入失敗" in before
+    with live.reserve() as (sock, url), live.serve(provider.app, sock, url):  # the app's lifespan runs
+        deadline = time.monotonic() + 30
+        while "登入失敗" in browser.go("/account/activity").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    after = browser.go("/account/activity").text
+    assert after.count("登入成功") == 1 and "登入失敗" not in after  # the 181-day-old two are gone
+
+
+def test_audit_pruning_goes_batch_by_batch_to_the_end(make_provider):
+    provider = make_provider()
+    for _ in range(5):
+        provider.svc.audit.record("login.failure", username="alice")
+    provider.clock.advance(11 * 86400)
+    provider.svc.audit.record("login.failure", username="bob")
+    assert provider.svc.audit.prune(10, batch=2) == 5  # three transactions: 2, 2 and the last 1
+    assert provider.svc.audit.prune(10, batch=2) == 0
+    with provider.svc.db.session() as session:
+        assert session.execute(text("SELECT username FROM audit_events")).scalars().all() == ["bob"]

@@ -62,6 +62,18 @@ async def healthz(request: Request):
     return PlainTextResponse("ok")
 
 
+async def _prune_audit(svc) -> None:
+    """Delete the audit events past ``audit_retention_days``: at the start, then hourly."""
+    while True:
+        try:
+            deleted = await run_in_threadpool(svc.audit.prune, svc.settings.audit_retention_days)
+            if deleted:
+                log.info("deleted %d audit events older than %d days", deleted, svc.settings.audit_retention_days)
+        except Exception:
+            log.exception("could not delete the old audit events")
+        await asyncio.sleep(3600)
+
+
 async def _keep_disabled_marks(svc) -> None:
     """Write the disabled accounts' marks again every ``disabled_marks_seconds``: marks lost
     with Redis data (a failover to a replica that lagged) come back within that time."""
@@ -151,12 +163,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     async def lifespan(app):
         # Back-channel logout jobs another process left unfinished are swept up from the start.
         svc.backchannel.start()
-        marking = asyncio.create_task(_keep_disabled_marks(svc)) if svc.store.shared else None
+        tasks = [asyncio.create_task(_keep_disabled_marks(svc))] if svc.store.shared else []
+        if svc.settings.audit_retention_days:
+            tasks.append(asyncio.create_task(_prune_audit(svc)))
         try:
             yield
         finally:
-            if marking is not None:
-                marking.cancel()
+            for task in tasks:
+                task.cancel()
             svc.backchannel.stop()
             await svc.store.aclose()
             await svc.db.aclose()

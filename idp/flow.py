@@ -136,14 +136,13 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
         if options:
             return Step("factor", factors=options)
         # Two factors asked for and none bound: binding OTP (M1) is the way there.
-        can_bind = acr.rank(tx["target_acr"]) <= acr.rank(acr.LOA2) and not any(f.possession and f.bound(account) for f in factors)
+        can_bind = acr.rank(tx["target_acr"]) <= acr.rank(acr.LOA2) and not holds_possession(svc, account)
         return Step("action", action="bind") if can_bind and client.allows("otp") else Step("unmet")
     if svc.settings.mfa and "mfa" not in tx["amr"]:
         # Two factors for everyone (seed 001): a second one if bound, else bind one first (M1).
-        bound = tuple(f for f in factors if f.possession and f.bound(account))
-        if not bound:
+        if not holds_possession(svc, account):
             return Step("action", action="bind")
-        options = tuple(f for f in bound if f.name not in tx["done"])
+        options = tuple(f for f in factors if f.possession and f.bound(account) and f.name not in tx["done"])
         return Step("factor", factors=options) if options else Step("unmet")
     if tx["reverify"] and not any(FACTORS[name].possession for name in tx["done"]):
         # M2: prove a bound second factor again; an account without one re-enters its password.
@@ -158,6 +157,13 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
     if await needs_consent(svc, tx, account, client):
         return Step("consent")
     return Step("done")
+
+
+def holds_possession(svc, account: Account) -> bool:
+    """Whether the account has a second factor bound, whichever clients allow it: binding one
+    at login (M1) is for an account that has none, or a password alone, through a client that
+    allows fewer factors, could add the attacker's own."""
+    return any(f.possession and f.enabled(svc) and f.bound(account) for f in FACTORS.values())
 
 
 def requested_scope(tx: dict) -> set[str]:

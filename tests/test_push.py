@@ -292,4 +292,7 @@ def test_client_policy_knows_the_push_app(provider):
     _push_page(provider, with_push)
     browser = provider.browser()
     page = browser.password(browser.authorize(without, acr_values=LOA2))
-    assert 'data-step="push"' not in page.text and "/login/bind/otp" in page.text  # OTP is this portal's way
+    # Not push, which this portal leaves out, nor binding OTP with the password alone: the
+    # account has a second factor, and OTP is added in the account area after a login with it.
+    assert 'data-step="push"' not in page.text and "/login/bind/otp" not in page.text
+    assert callback(page)["error"] == "unmet_authentication_requirements"

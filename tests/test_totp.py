@@ -313,3 +313,37 @@ def test_allowed_factors_are_validated(mfa_provider):
 
     with pytest.raises(ClientError):
         mfa_provider.client(allowed_factors=["carrier-pigeon"])
+
+
+def test_a_client_that_leaves_out_the_bound_factor_cannot_have_another_bound(mfa_provider):
+    """Binding at login (M1) is for an account with no second factor at all: through a client
+    whose allowed_factors leave out the bound one, a password alone must not add its own."""
+    provider = mfa_provider
+    portal, _ = provider.client()
+    _bind(provider, provider.browser(), portal)
+    narrow, _ = provider.client(allowed_factors=["password", "push"])
+    browser = provider.browser()
+    page = browser.password(browser.authorize(narrow))
+    assert "/login/bind/otp" not in page.text
+    assert callback(page)["error"] == "unmet_authentication_requirements"
+
+
+def test_the_steps_after_the_second_factor_refuse_a_login_that_has_only_the_password(mfa_provider):
+    provider = mfa_provider
+    portal, _ = provider.client()
+    _, secret = _bind(provider, provider.browser(), portal)
+    provider.clock.advance(30)
+    other, _ = provider.client(first_party=False, client_name="研究計畫系統")
+    browser = provider.browser()
+    page = browser.password(browser.authorize(other, scope="openid email"))
+    fields = next(f for f in forms(page.text) if "/login/factor/otp" in f["action"])["fields"]
+    new = "Another-Passw0rd!"
+    for path, data in [("/login/password-change", {"new_password": new, "new_password_again": new}),
+                       ("/login/consent", {"decision": "allow"}), ("/login/bind/otp", {"otp": _code(provider, secret)}),
+                       ("/login/bind/otp/rebuild", {})]:
+        answer = browser.go(path, "POST", {"tx": fields["tx"], "csrf": fields["csrf"], **data})
+        assert "登入已逾時" in answer.text, path
+    # Nothing changed: the password is the old one, and the login goes on from its OTP to its consent.
+    assert 'name="otp"' in (second := provider.browser()).password(second.authorize(portal)).text
+    page = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret))
+    assert "/login/consent" in page.text

@@ -92,6 +92,19 @@ async def _posted(request: Request, *, need_account: bool = True):
     return form, tx
 
 
+async def _posted_at(request: Request, kind: str, action: str | None = None):
+    """(form, tx, account) of a POST to the step ``kind`` (``action``: which one), only while
+    the login is at that step; else (None, None, None). No step is taken before those it
+    follows: a password alone neither changes the password nor consents for the account."""
+    form, tx = await _posted(request)
+    if tx is None:
+        return None, None, None
+    _, account, step = await load(request.app.state.svc, tx)
+    if step is None or step.kind != kind or step.action != action:
+        return None, None, None
+    return form, tx, account
+
+
 def _expired(request: Request):
     return error_page(request, "error.tx_expired.title", "error.tx_expired.detail")
 
@@ -197,7 +210,7 @@ def _bind_page(svc, account) -> dict:
 async def bind_otp(request: Request) -> Response:
     """Confirm the QR's secret with one code; then, as the seeds show, log in again with it."""
     svc = request.app.state.svc
-    form, tx = await _posted(request)
+    form, tx, _ = await _posted_at(request, "action", "bind")
     if tx is None:
         return _expired(request)
     error = await run_in_threadpool(Enrolment(svc).confirm, tx["account"], form.get("otp"))
@@ -215,10 +228,9 @@ async def bind_otp(request: Request) -> Response:
 async def rebuild_otp(request: Request) -> Response:
     """A new QR code: a new version; the previous pending secret stops working."""
     svc = request.app.state.svc
-    form, tx = await _posted(request)
+    _, tx, account = await _posted_at(request, "action", "bind")
     if tx is None:
         return _expired(request)
-    account = await run_in_threadpool(with_bindings, svc, account_id=tx["account"])
     await run_in_threadpool(Enrolment(svc).start, account, rebuild=True)  # the version's row is locked
     return _again(tx)
 
@@ -226,7 +238,7 @@ async def rebuild_otp(request: Request) -> Response:
 async def password_change(request: Request) -> Response:
     """The expired-password step: a new password that meets the policy, typed twice."""
     svc = request.app.state.svc
-    form, tx = await _posted(request)
+    form, tx, _ = await _posted_at(request, "action", "password_change")
     if tx is None:
         return _expired(request)
     new, again = form.get("new_password") or "", form.get("new_password_again") or ""
@@ -258,7 +270,7 @@ def _change_password(svc, account_id, new):
 
 async def consent(request: Request) -> Response:
     svc = request.app.state.svc
-    form, tx = await _posted(request)
+    form, tx, _ = await _posted_at(request, "consent")
     if tx is None:
         return _expired(request)
     if form.get("decision") != "allow":
@@ -314,8 +326,8 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     writes = Batch()
     # What the account area asks to be recent (M2): a bound second factor, or any factor
     # from an account that has none to offer (else it could never get in).
-    has_possession = any(f.possession and f.enabled(svc) and f.bound(account) for f in FACTORS.values())
-    verified = bool(tx["done"]) and (any(FACTORS[name].possession for name in tx["done"]) or not has_possession)
+    verified = bool(tx["done"]) and (any(FACTORS[name].possession for name in tx["done"])
+                                     or not flow.holds_possession(svc, account))
     session = await bridge.run(svc.sessions.get, request.cookies.get(SESSION_COOKIE))
     if session and session["account"] != account.id:
         await bridge.run(svc.sessions.end, session["sid"], svc.tokens)

@@ -174,9 +174,11 @@ class Lockout:
         """Count an attempt; returns its number (the caller locks past the threshold)."""
         return self.store.incr("fail:" + self._key(username), self.seconds)
 
-    def release(self, username: str) -> None:
-        """Give back a reserved attempt that turned out not to be a guess."""
-        self.store.incr("fail:" + self._key(username), self.seconds, by=-1)
+    def release(self, username: str, batch: Batch | None = None) -> None:
+        """Give back a reserved attempt that turned out not to be a guess (now, or with ``batch``).
+        A right answer only gives back its own: the count is cleared when a login ends (``clear``),
+        or a right password would wipe the wrong OTPs before it, and with them their limit."""
+        (batch or self.store).incr("fail:" + self._key(username), self.seconds, by=-1)
 
     def lock(self, username: str) -> float:
         """Lock the account, unless it is already; when the lock ends."""

@@ -59,7 +59,7 @@ class Settings:
         "When the login form shows an image captcha.", "always"
     )
     default_locale: Literal["zh-TW", "en"] = _doc("UI language when the browser asks for none.", "zh-TW")
-    lockout_threshold: int = _doc("Wrong passwords (or OTPs) in a row before the account locks.", 3)
+    lockout_threshold: int = _doc("Wrong answers (passwords, OTPs, ...) before the account locks, counted until a login succeeds.", 3)
     lockout_seconds: int = _doc("How long a locked account stays locked.", 900)
     mfa: bool = _doc(
         "Every login needs a second factor; an account without one must bind one first (SPEC M1).", True

@@ -347,3 +347,18 @@ def test_the_steps_after_the_second_factor_refuse_a_login_that_has_only_the_pass
     assert 'name="otp"' in (second := provider.browser()).password(second.authorize(portal)).text
     page = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret))
     assert "/login/consent" in page.text
+
+
+def test_the_right_password_again_does_not_give_wrong_codes_back(mfa_provider):
+    """The lockout counts the wrong answers until a login ends: someone who has the password
+    cannot log in with it again and again for three more OTP guesses each time."""
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, _ = _otp_page(provider, client_id)
+    for left in (2, 1):
+        page = browser.submit(page, "/login/factor/otp", otp="000000")
+        assert f"再錯 {left} 次" in _error(page)
+    again = provider.browser()
+    page = again.password(again.authorize(client_id))
+    assert 'name="otp"' in page.text
+    assert "帳號已暫時停用" in _error(again.submit(page, "/login/factor/otp", otp="000000"))

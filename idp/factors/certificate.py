@@ -29,7 +29,6 @@ from starlette.concurrency import run_in_threadpool
 from idp import bridge
 from idp.factors import Outcome, locked_out
 from idp.pki import PKIError, verify_signature
-from idp.storage.kv import Batch
 from idp.storage.models import Account, Binding
 from idp.web.pages import who
 
@@ -173,9 +172,7 @@ class CertificateFactor:
         if account.disabled:
             await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=account.username, **seen)
             return Outcome(error="login.disabled")
-        writes = Batch()  # sent with the login's next write
-        svc.lockout.clear(account.username, writes)
-        return Outcome(account_id=account.id, writes=writes)
+        return Outcome(account_id=account.id)  # nothing counted (a refusal only); the login's end clears the count
 
     # The lockout's store and the audit log are reached through ``svc.db.call``, never on the
     # event loop itself: a stream of refused certificates must not stall other requests.

@@ -197,7 +197,7 @@ class OneDayFactor:
                      "wrong": "one_day.wrong"}[problem]
             return Outcome(error=error, params=params, keep=keep)
         writes = Batch()  # sent with the login's next write
-        lockout.clear(username, writes)
+        lockout.release(username, writes)
         if tx.get("account") and not hmac.compare_digest(tx["account"], account.id):
             return Outcome(error="one_day.failed", params={"left": lockout.threshold}, keep=keep, writes=writes)
         if account.disabled:

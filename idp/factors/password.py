@@ -62,7 +62,7 @@ class PasswordFactor:
         if not correct:
             return await svc.db.call(failed, account.id if account else None, attempt)  # the owner sees it in their activity log
         writes = Batch()  # sent with the login's next write
-        lockout.clear(username, writes)
+        lockout.release(username, writes)
         if tx.get("account") and not hmac.compare_digest(tx["account"], account.id):
             return Outcome(error="login.failed", params={"left": lockout.threshold}, keep=keep, writes=writes)
         if account.disabled:

@@ -111,7 +111,7 @@ def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
     if claimed and claimed[0]:
         svc.db.write(_LAST_STEP, binding=binding.id, data={**binding.data, "last_step": step})
         writes = Batch()  # sent with the login's next write
-        lockout.clear(username, writes)
+        lockout.release(username, writes)
         return Outcome(account_id=tx["account"], writes=writes)
 
     if offset is not None and abs(offset) > WINDOW:

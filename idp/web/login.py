@@ -347,6 +347,7 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     if tx["done"]:  # before anything is written: a failure here leaves the login to retry
         await svc.db.call(svc.audit.record, "login.success", account_id=account.id, username=account.username,
                           client_id=client.client_id, **who(request), method="+".join(tx["done"]), acr=auth["acr"])
+        svc.lockout.clear(account.username, writes)  # the whole login answered right: counting starts again
     if tx["client_id"] is None:
         response = RedirectResponse(tx["return_to"], status_code=303)
     else:

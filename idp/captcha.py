@@ -1,8 +1,9 @@
 """The image captcha (``IDP_CAPTCHA``: always, after-failure, off, for the login form).
 
-On the login form the answer lives in the login transaction and is replaced
-every time the form is shown; other forms get a captcha record of their own
-(``new_form``), good for one answer. Answers are compared in constant time."""
+On the login form the answer lives in the login transaction, is replaced every
+time the form is shown and is good for one try (``take``); other forms get a
+captcha record of their own (``new_form``), good for one answer. Answers are
+compared in constant time."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def new_answer() -> str:
 def check(tx, answer) -> bool:
     expected = tx.get("captcha")
     return bool(expected and isinstance(answer, str) and hmac.compare_digest(expected.encode(), answer.strip().encode()))
+
+
+def take(svc, tx, answer) -> bool:
+    """The answer to a login form's image (``tx``'s), good for one try: right, and the first
+    use of that image, claimed in the store, so neither a replayed POST nor several sent at
+    once get more out of one solved image. The transaction forgets the image either way (its
+    next page shows another)."""
+    expected = tx.pop("captcha", None)
+    if not check({"captcha": expected}, answer):
+        return False
+    ttl = max(1, int(tx["exp"] - svc.clock())) + 60
+    return svc.store.set(f"captcha-used:{tx['id']}:{expected}", {}, ttl, only_new=True)
 
 
 def png(answer: str) -> bytes:

@@ -113,6 +113,30 @@ def test_captcha_always(make_provider):
     assert params["code"]
 
 
+def test_one_solved_captcha_is_one_try_replayed_or_sent_at_once(make_provider):
+    """An answer read off the image once is good for one try: posted again without the page
+    that draws a new image, or sent twice at once, the second is refused as a wrong answer."""
+    provider = make_provider(captcha="always")
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    fields = next(f for f in forms(browser.authorize(client_id).text) if "/login/factor/password" in f["action"])["fields"]
+    store, key = provider.svc.store, "tx:" + fields["tx"]
+    as_read = store.get(key)
+
+    def post(password) -> str:
+        """The error the login will show (its page is not fetched: that would draw a new image)."""
+        sent = {**fields, "username": "alice", "password": password, "captcha": as_read["captcha"]}
+        answer = browser.http.post("/login/factor/password", data=sent, follow_redirects=False)
+        assert answer.status_code == 303 and "code=" not in answer.headers["location"], answer.headers.get("location")
+        return store.get(key)["flash"]["error"]
+
+    assert post("wrong-password") == "login.failed"  # the answer was right: the password was checked
+    assert post(PASSWORD) == "captcha.wrong"  # replayed
+    store.set(key, as_read, 600)  # as a second request that read the login before the first one's write
+    assert post(PASSWORD) == "captcha.wrong"
+
+
 def test_wrong_captcha_does_not_count_towards_lockout(make_provider):
     provider = make_provider(captcha="always")
     provider.account("alice")

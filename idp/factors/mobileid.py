@@ -139,8 +139,7 @@ class MobileIdFactor:
             return Outcome()  # already waiting for this login: the page shows it
         raw = (form.get("national_id") or "")[:32]
         keep = {"national_id": raw.strip()}
-        expected, tx["captcha"] = tx.get("captcha"), None  # one answer per image
-        if not captcha.check({"captcha": expected}, form.get("captcha")):
+        if not await bridge.run(captcha.take, svc, tx, form.get("captcha")):
             return Outcome(error="captcha.wrong", keep=keep)
         try:
             nid = validate(raw)

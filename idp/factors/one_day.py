@@ -48,7 +48,7 @@ import secrets
 
 from starlette.concurrency import run_in_threadpool
 
-from idp import captcha
+from idp import bridge, captcha
 from idp.factors import TAIPEI, Outcome, locked_out
 from idp.factors.password import PASSWORD
 from idp.mail import MailError
@@ -158,7 +158,7 @@ class OneDayFactor:
         keep = {"username": username}
         if not username or not password or not code:
             return Outcome(error="one_day.missing", keep=keep)
-        if not captcha.check(tx, form.get("captcha")):
+        if not await bridge.run(captcha.take, svc, tx, form.get("captcha")):
             return Outcome(error="captcha.wrong", keep=keep)
         if not CODE.match(code):  # says nothing about the account: not counted
             return Outcome(error="one_day.malformed", params={"digits": DIGITS}, keep=keep)

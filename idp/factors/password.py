@@ -7,7 +7,7 @@ from functools import partial
 
 from starlette.concurrency import run_in_threadpool
 
-from idp import captcha
+from idp import bridge, captcha
 from idp.accounts import with_bindings
 from idp.factors import Outcome, locked_out
 from idp.storage.kv import Batch
@@ -39,7 +39,7 @@ class PasswordFactor:
         keep = {"username": username}
         if not username or not password:
             return Outcome(error="login.missing", keep=keep)
-        if captcha.wanted(svc, tx) and not captcha.check(tx, form.get("captcha")):
+        if captcha.wanted(svc, tx) and not await bridge.run(captcha.take, svc, tx, form.get("captcha")):
             return Outcome(error="captcha.wrong", keep=keep)
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         lockout = svc.lockout

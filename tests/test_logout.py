@@ -76,6 +76,16 @@ def test_logout_ends_the_session_for_every_client(provider):
     assert _tokens_alive(browser, other, other_secret, other_token) == (401, "invalid_grant")
 
 
+def test_a_code_from_before_the_logout_gets_no_tokens_after_it(provider):
+    """A code still unredeemed when the session ends (a portal slow to call back) is refused:
+    tokens from it would belong to an ended session, which no logout would reach again."""
+    browser, client_id, secret, token = _logged_in(provider)
+    late = callback(browser.authorize(client_id))["code"]
+    assert _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME).status_code == 303
+    answer = redeem(browser.http, client_id, secret, late)
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
+
+
 def test_tampered_hint_is_an_error_page_and_changes_nothing(provider):
     browser, client_id, secret, token = _logged_in(provider)
     _refused(_logout(browser, id_token_hint=_tamper(token["id_token"]), post_logout_redirect_uri=HOME, state="x"))

@@ -119,13 +119,14 @@ class S256Only(CodeChallenge):
 
 def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str, auth: dict | None,
            profile: dict | None = None, nonce=None, refresh=True, record: dict | None = None,
-           rotating: dict | None = None):
+           rotating: dict | None = None, sid: str | None = None):
     """Mint the token response of one grant: access token, refresh token, ID token.
     The client, account and login are the grant's (in its record); the tokens' own
     records hold the scope and whatever else ``record`` adds. Their store writes join
     those already in ``batch``, all sent in one round trip; so is the read of the
-    account's disabled mark and, when ``rotating`` (a refresh token's record), its claim.
-    A disabled account or a lost claim revokes the grant, the new tokens with it."""
+    account's disabled mark, when ``rotating`` (a refresh token's record) its claim, and with
+    ``sid`` the SSO session the grant joins. A disabled account, a lost claim or a session
+    that has ended (a logout since the code) revokes the grant, the new tokens with it."""
     svc, client = grant.server.svc, grant.request.client
     at_lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
     record = {"scope": scope, **(record or {})}
@@ -146,14 +147,19 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
                                             nonce=nonce, access_token=token["access_token"])
     if account_id is not None:
         batch.read(disabled_mark(account_id))  # checked in the write's own round trip
+    if sid is not None:
+        # In the round trip that adds the grant to the session's list: a logout that takes the
+        # session after this read finds the grant there and revokes it.
+        batch.read("sess:" + sid)
     found = svc.store.write(batch)
     taken, read = found[:len(batch.takes)], found[len(batch.takes):]
     reused = rotating is not None and taken[0] is None  # another request claimed the refresh token first
     disabled = account_id is not None and read[0] is not None
-    if reused or disabled:
+    ended = sid is not None and read[-1] is None
+    if reused or disabled or ended:
         svc.tokens.revoke_grant(gid)  # with the tokens just written: they were never handed out
-        raise InvalidGrantError("The account is disabled." if disabled else
-                                "The refresh token is invalid, expired, revoked or already used.")
+        raise InvalidGrantError("The account is disabled." if disabled else "The login's session has ended." if ended
+                                else "The refresh token is invalid, expired, revoked or already used.")
     return token
 
 
@@ -224,7 +230,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         )
         svc.sessions.add_grant(sid, code["client_id"], gid, batch)
         token = _issue(self, batch, account_id=code["account"], scope=code["scope"], gid=gid, auth=code["auth"],
-                       profile=profile, nonce=code.get("nonce"))
+                       profile=profile, nonce=code.get("nonce"), sid=sid)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 

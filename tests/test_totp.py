@@ -362,3 +362,17 @@ def test_the_right_password_again_does_not_give_wrong_codes_back(mfa_provider):
     page = again.password(again.authorize(client_id))
     assert 'name="otp"' in page.text
     assert "帳號已暫時停用" in _error(again.submit(page, "/login/factor/otp", otp="000000"))
+
+
+def test_a_code_from_a_fast_phone_is_spent_and_not_taken_when_its_time_comes(mfa_provider):
+    """The drift answer says a code matched a step still to come: sent again when that step
+    comes (a guess that hit it, read off the answer), it is refused as used."""
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser, page, secret = _otp_page(provider, client_id)
+    ahead = _code(provider, secret, steps=8)
+    assert "快了約 4 分鐘" in _error(browser.submit(page, "/login/factor/otp", otp=ahead))
+    provider.clock.advance(8 * 30)
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    assert "已使用過" in _error(browser.submit(page, "/login/factor/otp", otp=ahead))

@@ -116,6 +116,10 @@ def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
 
     if offset is not None and abs(offset) > WINDOW:
         lockout.release(username)  # a right code from a drifted clock is not a guess
+        if offset > 0:
+            # Its step is spent now: the answer says it matched, and a guess that hit a step
+            # still to come must not be sent again when that step comes.
+            svc.store.set(f"otp-used:{claim}:{step}", {}, STEP * (offset + 2 * WINDOW + 2), only_new=True)
         minutes = round(offset * STEP / 60)
         svc.audit.record("login.otp_drift", account_id=tx["account"], username=username, drift_minutes=minutes, **seen)
         return Outcome(error="otp.drift_ahead" if minutes > 0 else "otp.drift_behind", params={"minutes": abs(minutes)})

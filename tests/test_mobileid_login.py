@@ -272,3 +272,16 @@ def test_switched_off_without_a_service_url(make_provider):
     assert browser.go("/login/mobileid/start", "POST", {**fields, "national_id": CITIZEN}).status_code == 400
     # A bound national ID does not make it a second factor either: the password leads to OTP binding.
     assert "/login/bind/otp" in browser.password(page).text
+
+
+def test_a_locked_account_is_sent_no_request(provider, sim):
+    """Three wrong passwords lock the account (A1): mobile ID sends nothing to its phone until
+    the lock ends."""
+    client_id, _ = provider.client()
+    guesser = provider.browser()
+    page = guesser.authorize(client_id)
+    for _ in range(3):
+        page = guesser.password(page, password="wrong-Passw0rd!")
+    calls = len(sim.calls)
+    page, _ = start(provider, provider.browser(), client_id)
+    assert "帳號已暫時停用" in _error(page) and len(sim.calls) == calls

@@ -296,3 +296,20 @@ def test_client_policy_knows_the_push_app(provider):
     # account has a second factor, and OTP is added in the account area after a login with it.
     assert 'data-step="push"' not in page.text and "/login/bind/otp" not in page.text
     assert callback(page)["error"] == "unmet_authentication_requirements"
+
+
+def test_a_locked_account_gets_no_push_and_no_login_by_an_approval(provider):
+    """Three wrong answers lock the account (A1) whichever factor they came from: the push
+    button then sends nothing, and a push approved after the lock logs nobody in."""
+    client_id, _ = provider.client()
+    app = register(provider, provider.browser())
+    browser, page = _push_page(provider, client_id)
+    waiting = press_push(browser, page)
+    [request] = app.pending()
+    guesser = provider.browser()
+    for _ in range(3):
+        guesser.password(guesser.authorize(client_id, acr_values=LOA2), password="wrong-password")
+    assert app.approve(request, shown_number(waiting)) == "approved"
+    refused = browser.submit(waiting, "/login/factor/push")
+    assert "帳號已暫時停用" in _error(refused)
+    assert "帳號已暫時停用" in _error(press_push(browser, refused)) and app.pending() == []

@@ -57,6 +57,15 @@ def locked_out(svc, until: float, account_id: str | None, username: str, seen: d
     return Outcome.locked(until, **(keep or {}))
 
 
+def while_locked(svc, account_id: str, username: str, seen: dict, keep: dict | None = None) -> Outcome | None:
+    """``locked_out``'s answer while the account is locked, else None: every factor asks before
+    it sends anything to the user's phone and before it lets a login through, whichever factor
+    made the wrong answers that locked it."""
+    if until := svc.lockout.locked_until(username):
+        return locked_out(svc, until, account_id, username, seen, keep)
+    return None
+
+
 def methods(account) -> list[dict]:
     """The binding table of the seeds (method, bound ✓/✗, since when)."""
     bound = {b.factor: b for b in account.bindings}

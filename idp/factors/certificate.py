@@ -27,7 +27,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from idp import bridge
-from idp.factors import Outcome, locked_out
+from idp.factors import Outcome, locked_out, while_locked
 from idp.pki import PKIError, verify_signature
 from idp.storage.models import Account, Binding
 from idp.web.pages import who
@@ -148,7 +148,7 @@ class CertificateFactor:
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         known = tx.get("account")
         if known:
-            if (locked := await svc.db.call(self._locked, svc, known, tx["username"], seen)) is not None:
+            if (locked := await svc.db.call(while_locked, svc, known, tx["username"], seen)) is not None:
                 return locked
             kind = await run_in_threadpool(_kind_of, svc, known)
         else:
@@ -164,7 +164,7 @@ class CertificateFactor:
         if known and not hmac.compare_digest(known, account.id):
             return await svc.db.call(self._failed, svc, known, tx["username"],
                                      ("other_account", "certificate.error.other_account"), seen)
-        if (locked := await svc.db.call(self._locked, svc, account.id, account.username, seen)) is not None:
+        if (locked := await svc.db.call(while_locked, svc, account.id, account.username, seen)) is not None:
             return locked
         if account_kind(account) not in identity.kinds:
             return await svc.db.call(self._failed, svc, account.id, account.username,
@@ -176,13 +176,6 @@ class CertificateFactor:
 
     # The lockout's store and the audit log are reached through ``svc.db.call``, never on the
     # event loop itself: a stream of refused certificates must not stall other requests.
-    @staticmethod
-    def _locked(svc, account_id, username, seen) -> Outcome | None:
-        """The lockout's answer, audited, while the account is locked; else None."""
-        if until := svc.lockout.locked_until(username):
-            return locked_out(svc, until, account_id, username, seen)
-        return None
-
     @staticmethod
     def _failed(svc, account_id, username, error, seen) -> Outcome:
         code, key = error

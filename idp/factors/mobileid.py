@@ -52,7 +52,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from idp import bridge, captcha
-from idp.factors import Outcome
+from idp.factors import Outcome, while_locked
 from idp.factors.totp import qr_svg
 from idp.mobileid import MobileIdConfig, MobileIdConnector, MobileIdError, Ticket, Verified, checksum
 from idp.mobileid import errors as e
@@ -156,6 +156,8 @@ class MobileIdFactor:
         if account.disabled:
             await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=account.username, **seen)
             return Outcome(error="login.disabled", keep=keep)
+        if (locked := await svc.db.call(while_locked, svc, account.id, account.username, seen, keep)) is not None:
+            return locked
 
         connector = svc.mobileid
         tickets, errors = {}, []
@@ -260,6 +262,9 @@ class MobileIdFactor:
         account = await run_in_threadpool(_by_national_id, svc, state["national_id"])
         if account is None or account.id != won["account"]:  # unbound meanwhile
             return Outcome(error="mobileid.unbound", keep={"national_id": state["national_id"]})
+        keep = {"national_id": state["national_id"]}
+        if (locked := await svc.db.call(while_locked, svc, account.id, account.username, seen, keep)) is not None:
+            return locked
         return Outcome(account_id=account.id)
 
 

@@ -57,7 +57,7 @@ from joserfc.jwk import ECKey
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from idp.factors import TAIPEI, Outcome
+from idp.factors import TAIPEI, Outcome, while_locked
 from idp.factors.totp import STEP, binding_code, check_code
 from idp.storage.models import Binding
 from idp.web.pages import who
@@ -333,6 +333,9 @@ class PushFactor:
         binding = next((b for b in devices_of(account) if b.id == form.get("device")), None)
         if binding is None:
             return Outcome(error="push.error.choose")
+        seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
+        if (locked := while_locked(svc, account.id, account.username, seen, {"chosen": binding.id})) is not None:
+            return locked
         self.drop(svc, tx)
         if self._paused(svc, account.id):
             svc.audit.record("login.push_refused", account_id=account.id, username=account.username,
@@ -401,6 +404,9 @@ class PushFactor:
         """The phone's answer to this login's request, taken (it is used once); its store and
         audit calls awaited through ``svc.db.call``, not made on the event loop."""
         state = tx["push"]
+        if (locked := while_locked(svc, tx["account"], tx["username"], seen, {"chosen": state["device"]})) is not None:
+            self.drop(svc, tx)
+            return locked
         status = self.status(svc, tx)
         if status == "pending":
             return Outcome(error="push.error.waiting")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, func, select
+from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from idp.settings import SettingsError
@@ -328,3 +328,12 @@ def mark_disabled_accounts(svc) -> int:
         ids = session.execute(query).scalars().all()
         svc.store.set_many([(disabled_mark(i), {"disabled": True}, DISABLED_MARK_SECONDS) for i in ids])
     return len(ids)
+
+
+def reset_bindings(svc, account_id: str) -> int:
+    """Delete every binding (M5, M7), and end the account's sessions: the next login binds
+    anew (M1), and nobody stays logged in on the strength of the old ones. How many bindings."""
+    with svc.db.session() as session:
+        count = session.execute(delete(Binding).where(Binding.account_id == account_id)).rowcount
+    svc.sessions.end_all(account_id, svc.tokens)
+    return count

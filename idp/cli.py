@@ -203,17 +203,15 @@ def cmd_users_one_day_password(args) -> int:
 
 
 def cmd_users_reset_bindings(args) -> int:
-    """Delete every binding (OTP, certificate, Google): the next login goes through forced binding (M1)."""
-    from sqlalchemy import delete
-
-    from idp.storage.models import Binding
+    """Delete every binding (OTP, certificate, Google) and end the account's sessions: the next
+    login goes through forced binding (M1)."""
+    from idp.accounts import reset_bindings
 
     svc = _services()
     account_id, username = _account_id(svc, args.username)
     if account_id is None:
         return _fail(f"no account {args.username}")
-    with svc.db.session() as session:
-        count = session.execute(delete(Binding).where(Binding.account_id == account_id)).rowcount
+    count = reset_bindings(svc, account_id)
     svc.audit.record("bindings.reset", account_id=account_id, username=username, method="cli", deleted=count)
     print(f"deleted {count} binding(s) of {username}; the next login asks to bind again")
     return 0

@@ -54,6 +54,12 @@ class Sessions:
         live = [r for r in records if r is not None and r["exp"] >= self.clock()]
         return sorted(live, key=lambda r: r.get("created", 0), reverse=True)
 
+    def end_all(self, account_id: str, tokens, but: str | None = None) -> int:
+        """End the account's sessions (``but`` one), their grants revoked; how many ended. After a
+        password reset or a reset of the bindings nobody stays logged in with the old ones."""
+        return sum(1 for record in self.of_account(account_id)
+                   if record["sid"] != but and self.end(record["sid"], tokens))
+
     def get(self, sid: str | None) -> dict | None:
         if not sid:
             return None

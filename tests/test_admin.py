@@ -290,7 +290,7 @@ def test_unlock_a_locked_account(site):
 def test_reset_bindings_sends_the_user_to_forced_binding(site):
     provider = site
     client_id, _ = provider.client()
-    sign_in(provider, "alice", url="/account")  # alice binds OTP
+    alices, _, _ = sign_in(provider, "alice", url="/account")  # alice binds OTP
     alice = account_id(provider, "alice")
     browser, _, _ = sign_in(provider, "root")
     page = browser.go(f"/admin/accounts/{alice}")
@@ -306,6 +306,7 @@ def test_reset_bindings_sends_the_user_to_forced_binding(site):
     assert event.account_id == alice and event.detail == {"by": account_id(provider, "root"), "deleted": 1}
     _, page = logs_in(provider, client_id, "alice")
     assert "/login/bind/otp" in page.text and "<svg" in page.text
+    assert "/login/factor/password" in alices.go("/account").text  # her session ended with the bindings
 
 
 def test_actions_without_the_csrf_token_change_nothing(site):

@@ -12,6 +12,7 @@ import re
 import pytest
 from sqlalchemy import select
 
+from idp.accounts import set_password
 from idp.mail import SEPARATOR, MailError
 from idp.storage.models import Account, AuditEvent
 from idp.web.recovery import send_verification
@@ -137,6 +138,35 @@ def test_after_a_reset_the_old_password_fails_and_the_new_one_works(mailing, smt
     assert "code" in provider.browser().login(client_id, password=NEW)
     after = _account(provider)
     assert after.id == account_id and after.password_changed_at != before
+
+
+def test_a_reset_ends_every_session_of_the_account(mailing, smtp_server):
+    """Someone logged in with the old password (a stolen cookie, a shared computer) is logged
+    out when the owner resets it: the portals ask them to log in again."""
+    provider = mailing
+    provider.account("alice", email_verified=True)
+    client_id, _ = provider.client()
+    thief = provider.browser()
+    assert "code" in thief.login(client_id)
+    owner = provider.browser()
+    ask_reset(provider, owner, "alice@example.tw")
+    page = owner.go(reset_link(smtp_server.next_message()))
+    assert "密碼已重設" in owner.submit(page, "/password/reset", new_password=NEW, new_password_again=NEW).text
+    assert callback(thief.authorize(client_id, prompt="none"))["error"] == "login_required"
+
+
+def test_a_link_is_void_once_the_password_has_changed_since(mailing, smtp_server):
+    """A link kept by someone who once read the mailbox does not undo a change the owner made since."""
+    provider = mailing
+    provider.account("alice", email_verified=True)
+    ask_reset(provider, provider.browser(), "alice@example.tw")
+    kept = reset_link(smtp_server.next_message())
+    provider.clock.advance(60)
+    with provider.svc.db.session() as session:  # the owner changes it (the account area, or an expired password)
+        account = session.execute(select(Account).where(Account.username == "alice")).scalar_one()
+        set_password(account, provider.svc.passwords, "Owner-Chose-This-5#",
+                     now=dt.datetime.fromtimestamp(provider.clock(), dt.timezone.utc))
+    assert provider.browser().go(kept).status_code == 400
 
 
 def test_english_page_gets_the_mail_in_english_first(mailing, smtp_server):

@@ -123,16 +123,12 @@ async def settings_page(request: Request) -> Response:
 async def end_other_sessions(request: Request, account, form) -> Response:
     """Log out every other browser of this account (its clients are told, back-channel)."""
     svc = request.app.state.svc
-    ended = await bridge.run(_end_others, svc, account.id, request.cookies.get(SESSION_COOKIE))
+    ended = await bridge.run(svc.sessions.end_all, account.id, svc.tokens, request.cookies.get(SESSION_COOKIE))
     await svc.db.call(svc.audit.record, "sessions.ended_others", account_id=account.id, username=account.username,
                       count=ended, **who(request))
     return _back(notice="others_ended")
 
 
-def _end_others(svc, account_id: str, current: str | None) -> int:
-    """End the account's sessions but ``current``; how many were ended."""
-    return sum(1 for record in svc.sessions.of_account(account_id)
-               if record["sid"] != current and svc.sessions.end(record["sid"], svc.tokens))
 
 
 def error_key(request: Request, prefix: str) -> str | None:

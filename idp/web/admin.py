@@ -32,18 +32,18 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from idp import bridge
+from idp import accounts, bridge
 from idp.accounts import AccountError, create_account, password_expired, set_disabled
 from idp.factors import methods, one_day
 from idp.mail import MailError, masked
-from idp.storage.models import Account, Binding
+from idp.storage.models import Account
 from idp.web.account import activity, require_account
 from idp.web.forms import BadRequest, read_form
 from idp.web.i18n import translate
@@ -268,18 +268,13 @@ async def unlock(request: Request) -> Response:
     return _back(target.id, notice="unlocked")
 
 
-def _delete_bindings(svc, account_id: str) -> int:
-    with svc.db.session() as session:
-        return session.execute(delete(Binding).where(Binding.account_id == account_id)).rowcount
-
-
 async def reset_bindings(request: Request) -> Response:
     """Delete every binding: the user's next login goes through forced binding (M1)."""
     posted = await _posted_about(request)
     if isinstance(posted, Response):
         return posted
     role, target = posted
-    count = await run_in_threadpool(_delete_bindings, request.app.state.svc, target.id)
+    count = await run_in_threadpool(accounts.reset_bindings, request.app.state.svc, target.id)
     await _audit(request, role, "bindings.reset", target.id, target.username, deleted=count)
     return _back(target.id, notice="bindings_reset")
 

@@ -257,13 +257,20 @@ def _recoverable(svc, email: str) -> list[dict]:
             select(Account).where(func.lower(Account.email) == email.lower(), Account.email_verified.is_(True),
                                   Account.disabled.is_(False), Account.password_login_disabled.is_(False))
         ).scalars()
-        return [{"id": a.id, "username": a.username, "name": a.name, "email": a.email} for a in rows]
+        return [{"id": a.id, "username": a.username, "name": a.name, "email": a.email, "changed": _changed(a)}
+                for a in rows]
+
+
+def _changed(account: Account) -> str | None:
+    """When the password last changed: a reset link is good only while it has not since."""
+    return account.password_changed_at.isoformat() if account.password_changed_at else None
 
 
 def _issue_reset(svc, account: dict, tx_id: str | None) -> str:
     token = secrets.token_urlsafe(32)
     digest = _digest(token)
-    record = {"account": account["id"], "email": account["email"], "exp": svc.clock() + RESET_SECONDS, "tx": tx_id}
+    record = {"account": account["id"], "email": account["email"], "changed": account["changed"],
+              "exp": svc.clock() + RESET_SECONDS, "tx": tx_id}
     svc.store.set(_RESET + digest, record, RESET_SECONDS + 60)
     older = svc.store.get(_NEWEST + account["id"])
     svc.store.set(_NEWEST + account["id"], {"digest": digest}, RESET_SECONDS + 60)
@@ -304,9 +311,12 @@ def _reset_record(svc, token: str) -> dict | None:
 
 
 def _may_recover(account: Account | None, record: dict) -> bool:
-    """The link still fits the account: usable, and the address it went to is still its verified one."""
+    """The link still fits the account: usable, the address it went to is still its verified
+    one, and the password is the one it was sent to replace (a link kept by someone who once
+    read the mailbox does not undo a change the owner made since)."""
     return (account is not None and not account.disabled and not account.password_login_disabled
-            and account.email_verified and _same_address(account.email, record["email"]))
+            and account.email_verified and _same_address(account.email, record["email"])
+            and record.get("changed") == _changed(account))
 
 
 def _recoverable_account(svc, record) -> dict | None:
@@ -365,6 +375,7 @@ async def reset_submit(request: Request) -> Response:
     if username is None:
         return _invalid_link(request)
     await bridge.run(svc.lockout.clear, username)
+    await bridge.run(svc.sessions.end_all, account["id"], svc.tokens)  # a thief's session ends with the old password
     await svc.db.call(svc.audit.record, "password.reset", account_id=account["id"], username=username, **who(request),
                       method="email")
     target = "/password/reset/done" + (f"?{urlencode({'tx': record['tx']})}" if record.get("tx") else "")

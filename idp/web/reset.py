@@ -19,17 +19,15 @@ import hmac
 import secrets
 import string
 
-from sqlalchemy import delete
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp import bridge, captcha
-from idp.accounts import with_bindings
+from idp.accounts import reset_bindings, with_bindings
 from idp.mail import MailError, masked
 from idp.storage.kv import Batch
-from idp.storage.models import Binding
 from idp.web.login import _expired, _posted, _transaction
 from idp.web.pages import locale_of, render, who
 
@@ -147,17 +145,12 @@ async def verify(request: Request) -> Response:
     batch.delete(_tries(account.id))
     if (await bridge.run(svc.store.write, batch))[0] is None:  # used meanwhile
         return await _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
-    await run_in_threadpool(_delete_bindings, svc, account.id)
+    await run_in_threadpool(reset_bindings, svc, account.id)
     await svc.db.call(svc.audit.record, "bindings.reset", account_id=account.id, username=account.username,
                       client_id=tx["client_id"], method="emergency_code", **who(request))
     tx["flash"] = {"notice": "reset.done", "params": {}}
     await bridge.run(svc.transactions.save, tx)
     return RedirectResponse(f"/login?tx={tx['id']}", status_code=303)
-
-
-def _delete_bindings(svc, account_id: str) -> None:
-    with svc.db.session() as session:
-        session.execute(delete(Binding).where(Binding.account_id == account_id))
 
 
 routes = [

@@ -15,7 +15,10 @@ from tests.test_totp import _bind, _code, _error, _secret
 def user(make_provider, smtp_server):
     """A provider mailing through a real SMTP server, and alice with OTP bound;
     returns (provider, client_id, secret)."""
-    provider = make_provider(mfa=True, **smtp_server.settings())
+    return _with_alice(make_provider(mfa=True, **smtp_server.settings()))
+
+
+def _with_alice(provider):
     account_id = provider.account("alice")
     with provider.svc.db.session() as session:
         session.get(Account, account_id).email_verified = True
@@ -147,12 +150,13 @@ def test_lost_phone_reset_with_the_emergency_code(user, smtp_server):
     page = _send(provider, browser, page, captcha="00000")
     assert "驗證碼錯誤" in _error(page) and 'value="alice@example.tw"' in page.text
     page = _send(provider, browser, page)
+    assert "alice@example.tw" not in page.text  # masked: the password alone does not show the address
     mail = smtp_server.next_message()
     code = re.search(r"\b([A-Z]{2})-(\d{6})\b", mail.get_content())
     prefix = re.search(r"data-prefix>([A-Z]{2})-<", page.text).group(1)
     assert code.group(1) == prefix and "緊急驗證" in mail["subject"]
     wrong = browser.submit(page, "/login/reset/verify", code="000000")
-    assert "還可再試 4 次" in _error(wrong)
+    assert "還可再試 2 次" in _error(wrong)  # an answer like a password: the account's lockout counts it
     again = _send(provider, browser, wrong)
     assert "秒後再重新發送" in _error(again) and smtp_server.unread() == 0
     page = browser.submit(wrong, "/login/reset/verify", code=f"{code.group(1)}-{code.group(2)}")
@@ -177,8 +181,22 @@ def test_only_the_newest_emergency_code_works_and_it_expires(user, smtp_server):
     assert "已失效" in _error(browser.submit(page, "/login/reset/verify", code=second))
 
 
-def test_five_wrong_emergency_codes_burn_it(user, smtp_server):
+def test_wrong_emergency_codes_lock_the_account_as_wrong_passwords_do(user, smtp_server):
+    """Someone with the password cannot guess on, a new code whenever one burns."""
     provider, client_id, _ = user
+    browser, page = _reset_page(provider, client_id)
+    page = _send(provider, browser, page)
+    code = re.search(r"\b[A-Z]{2}-(\d{6})\b", smtp_server.next_message().get_content()).group(1)
+    wrong = "111111" if code != "111111" else "222222"
+    for left in (2, 1):
+        page = browser.submit(page, "/login/reset/verify", code=wrong)
+        assert f"還可再試 {left} 次" in _error(page)
+    assert "帳號已暫時停用" in _error(browser.submit(page, "/login/reset/verify", code=wrong))
+    assert "帳號已暫時停用" in _error(browser.submit(page, "/login/reset/verify", code=code))
+
+
+def test_five_wrong_emergency_codes_burn_it_and_another_waits_its_minute(make_provider, smtp_server):
+    provider, client_id, _ = _with_alice(make_provider(mfa=True, lockout_threshold=10, **smtp_server.settings()))
     browser, page = _reset_page(provider, client_id)
     page = _send(provider, browser, page)
     code = re.search(r"\b[A-Z]{2}-(\d{6})\b", smtp_server.next_message().get_content()).group(1)
@@ -189,6 +207,7 @@ def test_five_wrong_emergency_codes_burn_it(user, smtp_server):
     fields = forms(page.text)[0]["fields"]
     late = browser.go("/login/reset/verify", "POST", {"tx": fields["tx"], "csrf": fields["csrf"], "code": code})
     assert "已失效" in _error(late)
+    assert "秒後再重新發送" in _error(_send(provider, browser, late)) and smtp_server.unread() == 0
 
 
 def test_activity_log_shows_logins_with_address_and_browser(user):

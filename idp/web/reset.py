@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from idp import bridge, captcha
 from idp.accounts import reset_bindings, with_bindings
+from idp.factors import Outcome
 from idp.mail import MailError, masked
 from idp.storage.kv import Batch
 from idp.web.login import _expired, _posted, _transaction
@@ -72,10 +73,8 @@ async def page(request: Request) -> Response:
 async def _render(request, svc, tx, account, flash=None, email="", status=200) -> Response:
     record = await bridge.run(svc.store.get, _key(account.id))
     now = svc.clock()
-    if record and record["exp"] < now:
-        record = None
-    # Resending needs the address again; the user has proven the password, so it may be shown.
-    email = email or (record["email"] if record else "")
+    if record and (record["exp"] < now or record.get("burnt")):
+        record = None  # nothing to type a code into (a burnt one still holds back the next: ``send``)
     form_id = await bridge.run(captcha.new_form, svc)
     context = {"tx": tx, "flash": flash or {"params": {}}, "email": email, "form_id": form_id}
     if record:
@@ -129,20 +128,33 @@ async def verify(request: Request) -> Response:
         return _expired(request)
     svc, tx, account = found
     record = await bridge.run(svc.store.get, _key(account.id))
-    if record is None or record["exp"] < svc.clock():
+    if record is None or record["exp"] < svc.clock() or record.get("burnt"):
         return await _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
     typed = (form.get("code") or "").strip().upper().removeprefix(record["prefix"] + "-").replace(" ", "")
-    # A try is counted before the code is compared, so parallel guesses cannot exceed MAX_TRIES.
+    # A try is counted before the code is compared, so parallel guesses cannot exceed MAX_TRIES;
+    # and it is an answer like a password or an OTP, counted by the account's lockout too, or
+    # someone with the password could guess on, a new code whenever one burns.
+    until, attempt = await svc.db.call(svc.lockout.attempt, account.username)
+    if until:
+        locked = Outcome.locked(until)
+        return await _render(request, svc, tx, account, {"error": locked.error, "params": locked.params}, status=400)
     tries = await bridge.run(svc.store.incr, _tries(account.id), CODE_SECONDS + 60)
     right = typed.isdigit() and len(typed) == 6 and hmac.compare_digest(_digest(typed), record["digest"])
     if tries > MAX_TRIES or not right:
+        if attempt >= svc.lockout.threshold:
+            locked = Outcome.locked(await bridge.run(svc.lockout.lock, account.username))
+            return await _render(request, svc, tx, account, {"error": locked.error, "params": locked.params}, status=400)
         if tries >= MAX_TRIES:
-            await bridge.run(svc.store.delete, _key(account.id), _tries(account.id))
+            # Kept, burnt, until it would have expired: the wait before another is sent still holds.
+            ttl = max(1, int(record["exp"] - svc.clock())) + 60
+            await bridge.run(svc.store.set, _key(account.id), {**record, "burnt": True}, ttl)
             return await _render(request, svc, tx, account, {"error": "reset.code_burnt", "params": {}}, status=400)
-        return await _render(request, svc, tx, account, {"error": "reset.code_wrong", "params": {"left": MAX_TRIES - tries}}, status=400)
-    batch = Batch()  # the code taken (used once) and its tries forgotten, in one round trip
+        left = min(MAX_TRIES - tries, svc.lockout.threshold - attempt)
+        return await _render(request, svc, tx, account, {"error": "reset.code_wrong", "params": {"left": left}}, status=400)
+    batch = Batch()  # the code taken (used once), its tries forgotten, its attempt given back: one round trip
     batch.take(_key(account.id))
     batch.delete(_tries(account.id))
+    svc.lockout.release(account.username, batch)
     if (await bridge.run(svc.store.write, batch))[0] is None:  # used meanwhile
         return await _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
     await run_in_threadpool(reset_bindings, svc, account.id)

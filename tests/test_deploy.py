@@ -232,7 +232,8 @@ def test_nginx_in_front_of_a_provider(tmp_path, caplog):
         (tmp_path / "nginx/nginx.conf").write_text(local)
         with live.serve(app, sock, url):
             proc = subprocess.Popen([_nginx_binary(), "-c", str(tmp_path / "nginx/nginx.conf"), "-p",
-                                     str(tmp_path / "nginx"), "-g", "daemon off;"], stderr=subprocess.PIPE)
+                                     str(tmp_path / "nginx"), "-g", "daemon off;"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
             try:
                 base = f"https://127.0.0.1:{https_port}"
                 with httpx.Client(verify=False, timeout=10, headers={"Host": "login.example.tw"}) as http:
@@ -251,8 +252,10 @@ def test_nginx_in_front_of_a_provider(tmp_path, caplog):
                     assert http.get(base + "/metrics").status_code == 404
                     plain = http.get(f"http://127.0.0.1:{http_port}/healthz")
                     assert plain.status_code == 301 and plain.headers["location"] == "https://login.example.tw/healthz"
+                    http.get(base + "/password/reset?token=SECRET-RESET-TOKEN")
             finally:
                 proc.terminate()
-                proc.wait(30)
+                access_log = proc.communicate(timeout=30)[0].decode()
+    assert '"GET /password/reset HTTP/1.1"' in access_log and "SECRET" not in access_log  # the path, not the token
     [seen] = [r for r in caplog.records if r.name == "idp.access" and r.request_id == answer.headers["x-request-id"]]
     assert seen.ip == "127.0.0.1"  # nginx's own address: the X-Forwarded-For the client made up is dropped

@@ -154,6 +154,21 @@ def test_confirmation_needs_the_csrf_token(provider):
     assert _tokens_alive(browser, client_id, secret, token)[0] == 200
 
 
+def test_over_https_a_sibling_subdomain_cannot_plant_the_csrf_token(make_provider):
+    """Served over https the cookies are __Host- ones, which only this host can set: a page on a
+    sibling subdomain (another agency's, under the same site) that sets idp_csrf for the whole
+    site, to a value it then posts, does not pass the check."""
+    provider = make_provider(issuer="https://login.example.tw")
+    browser, client_id, secret, token = _logged_in(provider)
+    assert {"__Host-idp_session", "__Host-idp_csrf"} <= set(browser.http.cookies.keys())
+    page = _logout(browser, client_id=client_id, post_logout_redirect_uri=HOME)
+    fields = next(f for f in forms(page.text) if f["action"] == "/logout")["fields"]
+    browser.http.cookies.set("idp_csrf", "planted", domain=".example.tw")
+    response = browser.http.post("/logout", data={**fields, "csrf": "planted"}, follow_redirects=False)
+    assert response.status_code == 200 and "location" not in response.headers  # asked again
+    assert _has_session(browser, client_id)
+
+
 def test_hint_from_another_session_does_not_log_this_one_out(provider):
     """A logout link carrying someone else's ID token cannot end my session silently."""
     _, client_id, _, mallory_token = _logged_in(provider, "mallory")

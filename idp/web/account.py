@@ -25,7 +25,8 @@ from idp.storage.models import Account, AuditEvent
 from idp.web import i18n, recovery
 from idp.web.forms import BadRequest, read_form
 from idp.web.login import SESSION_COOKIE
-from idp.web.pages import CSRF_COOKIE, csrf_ok, csrf_token, error_page, locale_of, render, set_cookie, who
+from idp.web.pages import (CSRF_COOKIE, csrf_ok, csrf_token, error_page, get_cookie, locale_of, render, set_cookie,
+                            who)
 
 PAGE_SIZE = 20
 # Bindings that let an account log in without its password (M4's precondition).
@@ -45,7 +46,7 @@ async def require_account(request: Request, *, verified: bool = True, interactiv
     ``reverify_seconds``; otherwise the login asks for it again (M2). Only an
     ``interactive`` GET starts that login; a script's poll just gets the expired page."""
     svc = request.app.state.svc
-    session = await bridge.run(svc.sessions.get, request.cookies.get(SESSION_COOKIE))
+    session = await bridge.run(svc.sessions.get, get_cookie(request, SESSION_COOKIE))
     account = await run_in_threadpool(with_bindings, svc, account_id=session["account"]) if session else None
     if account is not None and account.disabled:
         return error_page(request, "error.disabled.title", "error.disabled.detail", status=403)
@@ -112,7 +113,7 @@ async def settings_page(request: Request) -> Response:
     can_disable = passwordless(account.bindings)
     svc = request.app.state.svc
     sessions = await bridge.run(svc.sessions.of_account, account.id)
-    current = request.cookies.get(SESSION_COOKIE)
+    current = get_cookie(request, SESSION_COOKIE)
     from idp.factors.federation import GOOGLE
 
     return render(request, "account.html", account=account, methods=methods(account), flash=flash,
@@ -123,7 +124,7 @@ async def settings_page(request: Request) -> Response:
 async def end_other_sessions(request: Request, account, form) -> Response:
     """Log out every other browser of this account (its clients are told, back-channel)."""
     svc = request.app.state.svc
-    ended = await bridge.run(svc.sessions.end_all, account.id, svc.tokens, request.cookies.get(SESSION_COOKIE))
+    ended = await bridge.run(svc.sessions.end_all, account.id, svc.tokens, get_cookie(request, SESSION_COOKIE))
     await svc.db.call(svc.audit.record, "sessions.ended_others", account_id=account.id, username=account.username,
                       count=ended, **who(request))
     return _back(notice="others_ended")

@@ -29,7 +29,7 @@ from idp.factors.federation import GOOGLE, STATE, STATE_SECONDS, UpstreamError, 
 from idp.storage.models import Account, Binding
 from idp.web import login
 from idp.web.account import require_account
-from idp.web.pages import CSRF_COOKIE, error_page, who
+from idp.web.pages import CSRF_COOKIE, error_page, get_cookie, who
 
 log = logging.getLogger("idp.federation")
 LOGIN_CALLBACK, BIND_CALLBACK = "/login/google/callback", "/account/google/callback"
@@ -50,7 +50,7 @@ async def _offered(svc, tx) -> bool:
 async def _redirect(request: Request, callback_path: str, pending: dict) -> Response:
     svc = request.app.state.svc
     url, secrets_ = await GOOGLE.upstream(svc).authorization_url(svc.settings.issuer + callback_path)
-    pending.update(secrets_, browser=request.cookies.get(CSRF_COOKIE) or "")
+    pending.update(secrets_, browser=get_cookie(request, CSRF_COOKIE) or "")
     await bridge.run(svc.store.set, STATE + secrets_["state"], pending, STATE_SECONDS)
     return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
 
@@ -62,7 +62,7 @@ async def _pending(request: Request, mode: str) -> dict | None:
     pending = await bridge.run(svc.store.take, STATE + state) if state else None
     if pending is None or pending.get("mode") != mode:
         return None
-    cookie = request.cookies.get(CSRF_COOKIE) or ""
+    cookie = get_cookie(request, CSRF_COOKIE) or ""
     if not pending.get("browser") or not hmac.compare_digest(cookie.encode(), pending["browser"].encode()):
         return None
     return pending

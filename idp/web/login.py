@@ -31,7 +31,7 @@ from idp.protocol.server import Request as OAuthRequest
 from idp.storage.kv import Batch
 from idp.storage.models import Account, Consent
 from idp.web.forms import BadRequest, read_form
-from idp.web.pages import csrf_ok, error_page, render, who, set_cookie
+from idp.web.pages import CSRF_COOKIE, csrf_ok, error_page, get_cookie, render, set_cookie, who
 
 SESSION_COOKIE = "idp_session"
 
@@ -67,7 +67,7 @@ async def load(svc, tx: dict):
 
 
 def _browser_matches(request: Request, tx: dict) -> bool:
-    cookie = request.cookies.get("idp_csrf") or ""
+    cookie = get_cookie(request, CSRF_COOKIE) or ""
     return hmac.compare_digest(cookie.encode(), tx["browser"].encode())
 
 
@@ -328,7 +328,7 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     # from an account that has none to offer (else it could never get in).
     verified = bool(tx["done"]) and (any(FACTORS[name].possession for name in tx["done"])
                                      or not flow.holds_possession(svc, account))
-    session = await bridge.run(svc.sessions.get, request.cookies.get(SESSION_COOKIE))
+    session = await bridge.run(svc.sessions.get, get_cookie(request, SESSION_COOKIE))
     if session and session["account"] != account.id:
         await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
         session = None

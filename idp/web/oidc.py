@@ -24,7 +24,7 @@ from idp.protocol.server import ALL_AUTH_METHODS, Request as OAuthRequest, accou
 from idp.storage.models import Account, Client, InitialAccessToken
 from idp.web import login
 from idp.web.forms import BadRequest, read_form, read_json, read_query
-from idp.web.pages import csrf_ok, csrf_token, error_page, render, who
+from idp.web.pages import csrf_ok, csrf_token, delete_cookie, error_page, get_cookie, render, who
 
 PROMPTS = {"none", "login", "consent", "select_account"}
 
@@ -160,7 +160,7 @@ async def authorize(request: Request) -> Response:
         return login.to_client(request, grant.redirect_uri, [("error", problem[0]), ("error_description", problem[1])], data)
 
     prompts = set(data.get("prompt", "").split())
-    session = await bridge.run(svc.sessions.get, request.cookies.get(login.SESSION_COOKIE))
+    session = await bridge.run(svc.sessions.get, get_cookie(request, login.SESSION_COOKIE))
     if session is not None:
         account_ok = await svc.db.call(account_active, svc, session["account"])
         if not account_ok:
@@ -339,7 +339,7 @@ async def logout(request: Request) -> Response:
     target = data.get("post_logout_redirect_uri")
     if target and (client is None or target not in client.post_logout_redirect_uris):
         return error_page(request, "error.logout.title", "error.logout.bad_redirect")
-    session = await bridge.run(svc.sessions.get, request.cookies.get(login.SESSION_COOKIE))
+    session = await bridge.run(svc.sessions.get, get_cookie(request, login.SESSION_COOKIE))
     confirmed = request.method == "POST" and data.get("confirm") == "yes" and csrf_ok(request, data)
     hint_matches = bool(hint and session and hint.get("sid") == claims.public_sid(svc, session["sid"]))
     if session and not (confirmed or hint_matches):
@@ -362,7 +362,7 @@ async def logout(request: Request) -> Response:
         response = RedirectResponse(target, status_code=303)
     else:
         response = render(request, "logged_out.html", client=client)
-    response.delete_cookie(login.SESSION_COOKIE, path="/")
+    delete_cookie(request, response, login.SESSION_COOKIE)
     return response
 
 

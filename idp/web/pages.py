@@ -63,19 +63,19 @@ def locale_of(request: Request, ui_locales: str | None = None) -> str:
     lang = request.query_params.get("lang")
     if lang in LOCALES:
         return lang
-    return negotiate(ui_locales, request.cookies.get(LANG_COOKIE), request.headers.get("accept-language"), svc.settings.default_locale)
+    return negotiate(ui_locales, get_cookie(request, LANG_COOKIE), request.headers.get("accept-language"), svc.settings.default_locale)
 
 
 def csrf_token(request: Request) -> str:
     """The browser's CSRF token (double-submit: a cookie and the same value in each form)."""
-    token = request.cookies.get(CSRF_COOKIE) or getattr(request.state, "new_csrf", None)
+    token = get_cookie(request, CSRF_COOKIE) or getattr(request.state, "new_csrf", None)
     if not token:
         token = request.state.new_csrf = secrets.token_urlsafe(24)
     return token
 
 
 def csrf_ok(request: Request, form) -> bool:
-    cookie = request.cookies.get(CSRF_COOKIE)
+    cookie = get_cookie(request, CSRF_COOKIE)
     sent = form.get("csrf")
     return bool(cookie and isinstance(sent, str) and hmac.compare_digest(cookie.encode(), sent.encode()))
 
@@ -110,12 +110,24 @@ def render(request: Request, template: str, status: int = 200, ui_locales: str |
     return response
 
 
+def cookie_name(request: Request, name: str) -> str:
+    """``name``, as a ``__Host-`` cookie where cookies are Secure: a cookie only this host can
+    set, never a sibling subdomain (which could plant a CSRF token it knows, or a session)."""
+    return "__Host-" + name if request.app.state.svc.settings.cookies_secure else name
+
+
+def get_cookie(request: Request, name: str) -> str | None:
+    return request.cookies.get(cookie_name(request, name))
+
+
 def set_cookie(request: Request, response, name: str, value: str, max_age: int | None = None) -> None:
-    svc = request.app.state.svc
-    response.set_cookie(
-        name, value, max_age=max_age, httponly=True, samesite="lax",
-        secure=svc.settings.cookies_secure, path="/",
-    )
+    response.set_cookie(cookie_name(request, name), value, max_age=max_age, httponly=True, samesite="lax",
+                        secure=request.app.state.svc.settings.cookies_secure, path="/")
+
+
+def delete_cookie(request: Request, response, name: str) -> None:
+    response.delete_cookie(cookie_name(request, name), path="/", httponly=True, samesite="lax",
+                           secure=request.app.state.svc.settings.cookies_secure)
 
 
 def error_page(request: Request, title_key: str, detail_key: str, status: int = 400, **params):

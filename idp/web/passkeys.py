@@ -23,7 +23,7 @@ from idp.factors import passkey
 from idp.web.account import account_post, error_key, passwordless, require_account
 from idp.web.i18n import translate
 from idp.web.login import SESSION_COOKIE
-from idp.web.pages import locale_of, render, who
+from idp.web.pages import get_cookie, locale_of, render, who
 
 PAGE = "/account/passkeys"
 NOTICES = {"passkey.added", "passkey.removed"}
@@ -32,7 +32,7 @@ MAX_LABEL = 60
 
 def _owner(request: Request, account) -> str:
     """Whose registration challenge it is: this account in this browser session."""
-    sid = request.cookies.get(SESSION_COOKIE) or ""
+    sid = get_cookie(request, SESSION_COOKIE) or ""
     return f"account:{account.id}:{hashlib.sha256(sid.encode()).hexdigest()}"
 
 

@@ -42,7 +42,8 @@ from idp.accounts import set_password
 from idp.mail import MailError
 from idp.storage.models import Account
 from idp.web.forms import BadRequest, read_form
-from idp.web.pages import CSRF_COOKIE, csrf_ok, csrf_token, error_page, locale_of, render, set_cookie, who
+from idp.web.pages import (CSRF_COOKIE, csrf_ok, csrf_token, error_page, get_cookie, locale_of, render, set_cookie,
+                            who)
 
 log = logging.getLogger("idp.recovery")
 
@@ -78,7 +79,7 @@ def _link(svc, path: str, **params) -> str:
 
 
 def _browser(request: Request) -> str:
-    return request.cookies.get(CSRF_COOKIE) or ""
+    return get_cookie(request, CSRF_COOKIE) or ""
 
 
 def _same_browser(request: Request, value: str | None) -> bool:

@@ -166,8 +166,11 @@ def holds_possession(svc, account: Account) -> bool:
     return any(f.possession and f.enabled(svc) and f.bound(account) for f in FACTORS.values())
 
 
-def requested_scope(tx: dict) -> set[str]:
-    return set(dict(tx["params"]).get("scope", "").split())
+def requested_scope(tx: dict, client) -> set[str]:
+    """The scope the code will carry, which consent is asked and checked for: what the request
+    names within the client's registration, or the registration's own where it names none
+    (authlib's ``get_allowed_scope``, which decides the code's)."""
+    return set((client.get_allowed_scope(dict(tx["params"]).get("scope", "")) or "").split())
 
 
 async def needs_consent(svc, tx: dict, account: Account, client) -> bool:
@@ -178,7 +181,7 @@ async def needs_consent(svc, tx: dict, account: Account, client) -> bool:
     if tx.get("consented"):
         return False
     scope = await run_in_threadpool(_consented_scope, svc, account.id, client.client_id)
-    return scope is None or not requested_scope(tx) <= set(scope.split())
+    return scope is None or not requested_scope(tx, client) <= set(scope.split())
 
 
 _CONSENTED = select(Consent.scope).where(Consent.account_id == bindparam("account"),

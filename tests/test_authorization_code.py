@@ -96,6 +96,21 @@ def test_third_party_client_asks_consent_once(provider):
     assert "code" in callback(browser.authorize(client_id))  # remembered
 
 
+def test_a_request_without_scope_is_asked_consent_for_the_registered_scope(provider):
+    """A request that names no scope gets the client's registered one: that is what the consent
+    page shows and what an earlier, narrower consent does not cover."""
+    provider.account("alice")
+    client_id, secret = provider.client(first_party=False, scope="openid profile email phone")
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id, scope="openid"))
+    callback(browser.submit(page, "/login/consent", button=("decision", "allow")))
+    assert callback(browser.authorize(client_id, scope=None, prompt="none"))["error"] == "consent_required"
+    page = browser.authorize(client_id, scope=None)
+    assert "電子郵件地址" in page.text and "電話號碼" in page.text
+    code = callback(browser.submit(page, "/login/consent", button=("decision", "allow")))["code"]
+    assert redeem(browser.http, client_id, secret, code).json()["scope"] == "openid profile email phone"
+
+
 def test_consent_denied_returns_access_denied(provider):
     provider.account("alice")
     client_id, _ = provider.client(first_party=False)

@@ -93,16 +93,16 @@ async def _posted(request: Request, *, need_account: bool = True):
 
 
 async def _posted_at(request: Request, kind: str, action: str | None = None):
-    """(form, tx, account) of a POST to the step ``kind`` (``action``: which one), only while
-    the login is at that step; else (None, None, None). No step is taken before those it
-    follows: a password alone neither changes the password nor consents for the account."""
+    """(form, tx, client, account) of a POST to the step ``kind`` (``action``: which one), only
+    while the login is at that step; else Nones. No step is taken before those it follows: a
+    password alone neither changes the password nor consents for the account."""
     form, tx = await _posted(request)
     if tx is None:
-        return None, None, None
-    _, account, step = await load(request.app.state.svc, tx)
+        return None, None, None, None
+    client, account, step = await load(request.app.state.svc, tx)
     if step is None or step.kind != kind or step.action != action:
-        return None, None, None
-    return form, tx, account
+        return None, None, None, None
+    return form, tx, client, account
 
 
 def _expired(request: Request):
@@ -165,7 +165,7 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
     if step.kind == "action":
         extra = await run_in_threadpool(_bind_page, svc, account) if step.action == "bind" else {}
         return render(request, f"action_{step.action}.html", **context, **extra)
-    return render(request, "consent.html", scopes=sorted(flow.requested_scope(tx)), **context)
+    return render(request, "consent.html", scopes=sorted(flow.requested_scope(tx, client)), **context)
 
 
 async def factor_submit(request: Request) -> Response:
@@ -210,7 +210,7 @@ def _bind_page(svc, account) -> dict:
 async def bind_otp(request: Request) -> Response:
     """Confirm the QR's secret with one code; then, as the seeds show, log in again with it."""
     svc = request.app.state.svc
-    form, tx, _ = await _posted_at(request, "action", "bind")
+    form, tx, _, _ = await _posted_at(request, "action", "bind")
     if tx is None:
         return _expired(request)
     error = await run_in_threadpool(Enrolment(svc).confirm, tx["account"], form.get("otp"))
@@ -228,7 +228,7 @@ async def bind_otp(request: Request) -> Response:
 async def rebuild_otp(request: Request) -> Response:
     """A new QR code: a new version; the previous pending secret stops working."""
     svc = request.app.state.svc
-    _, tx, account = await _posted_at(request, "action", "bind")
+    _, tx, _, account = await _posted_at(request, "action", "bind")
     if tx is None:
         return _expired(request)
     await run_in_threadpool(Enrolment(svc).start, account, rebuild=True)  # the version's row is locked
@@ -238,7 +238,7 @@ async def rebuild_otp(request: Request) -> Response:
 async def password_change(request: Request) -> Response:
     """The expired-password step: a new password that meets the policy, typed twice."""
     svc = request.app.state.svc
-    form, tx, _ = await _posted_at(request, "action", "password_change")
+    form, tx, _, _ = await _posted_at(request, "action", "password_change")
     if tx is None:
         return _expired(request)
     new, again = form.get("new_password") or "", form.get("new_password_again") or ""
@@ -270,12 +270,12 @@ def _change_password(svc, account_id, new):
 
 async def consent(request: Request) -> Response:
     svc = request.app.state.svc
-    form, tx, _ = await _posted_at(request, "consent")
+    form, tx, client, _ = await _posted_at(request, "consent")
     if tx is None:
         return _expired(request)
     if form.get("decision") != "allow":
         return await respond_error(request, tx, "access_denied", "The user declined.")
-    scope = " ".join(sorted(flow.requested_scope(tx)))
+    scope = " ".join(sorted(flow.requested_scope(tx, client)))
     await run_in_threadpool(_save_consent, svc, tx["account"], tx["client_id"], scope)
     tx["consented"] = True
     await bridge.run(svc.transactions.save, tx)

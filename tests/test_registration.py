@@ -157,6 +157,9 @@ def test_bad_metadata_values_are_invalid_client_metadata(provider):
         {"id_token_signed_response_alg": "none"},
         {"subject_type": "mine"},
         {"scope": "openid admin"},
+        # A pairwise sector chosen by the client would be another client's: its users' subs.
+        {"subject_type": "pairwise", "sector_identifier_uri": "https://portal.example.tw/sector.json"},
+        {"subject_type": "pairwise", "redirect_uris": [APP, "https://portal.example.tw/callback"]},
     ):
         _error(_register(http, token, {"redirect_uris": [APP], **meta}), 400, "invalid_client_metadata")
     assert _count_clients(provider) == 0

@@ -167,6 +167,15 @@ def validate_metadata(meta: dict) -> dict:
         raise ClientError("id_token_signed_response_alg must be ES256 or RS256")
     if meta.get("subject_type", "public") not in ("public", "pairwise"):
         raise ClientError("subject_type must be public or pairwise")
+    # The sector a pairwise sub is computed for is the redirect URIs' one host (OIDC Core 8.1).
+    # A sector_identifier_uri is not fetched, so not taken: named by the client alone, it would
+    # let any registration choose another client's sector and learn that client's subs.
+    if "sector_identifier_uri" in meta:
+        raise ClientError("sector_identifier_uri is not supported: a pairwise client's redirect_uris share one host",
+                          "invalid_client_metadata")
+    if meta.get("subject_type") == "pairwise" and len({urlsplit(u).hostname for u in meta.get("redirect_uris", [])}) > 1:
+        raise ClientError("a pairwise client's redirect_uris must share one host, its sector (OpenID Connect Core 8.1)",
+                          "invalid_client_metadata")
     allowed = meta.get("allowed_factors")
     if allowed is not None:
         from idp.factors import FACTORS  # the factors are the login's business; imported late

@@ -173,6 +173,7 @@ def test_bad_client_assertions_are_invalid_client(provider):
     for claims in (
         {"aud": "https://elsewhere.example.com/token"},
         {"exp": now - 3600},
+        {"exp": now + 2 * 365 * 86400},  # would outlive its jti's record: replayable a year on
         {"sub": other_id},  # iss and sub must both be the client
         {"iss": other_id, "sub": other_id},  # another client's id, signed with my key
     ):

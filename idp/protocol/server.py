@@ -20,7 +20,7 @@ from contextvars import ContextVar
 import orjson
 from authlib.oauth2 import rfc7009, rfc7523, rfc7662
 from authlib.oauth2.rfc6749 import AuthorizationServer, OAuth2Request, grants
-from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
+from authlib.oauth2.rfc6749.errors import InvalidClientError, InvalidGrantError, InvalidRequestError
 from authlib.oauth2.rfc6749.requests import OAuth2Payload
 from authlib.oauth2.rfc7636 import CodeChallenge
 from joserfc.jwk import KeySet
@@ -288,6 +288,9 @@ class ClientCredentialsGrant(grants.ClientCredentialsGrant):
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
+ASSERTION_SECONDS = 86400  # the longest a private_key_jwt client assertion may live
+
+
 class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
     CLIENT_AUTH_METHOD = "private_key_jwt"
 
@@ -305,9 +308,12 @@ class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
     def validate_jti(self, claims, jti):
         # Remember the jti for as long as authlib would accept the assertion (its
         # exp, checked on the wall clock, plus leeway): forgotten sooner, it could
-        # be replayed (RFC 7523 3). The cap keeps an absurd exp within what the
-        # store accepts as a TTL.
-        remaining = min(claims["exp"] - time.time(), 366 * 86400)
+        # be replayed (RFC 7523 3). So an assertion may not live longer than the
+        # store keeps a jti: a day, well above what client libraries make (authlib's
+        # own: an hour).
+        remaining = claims["exp"] - time.time()
+        if remaining > ASSERTION_SECONDS + self.leeway:
+            raise InvalidClientError(description=f"The client assertion must expire within {ASSERTION_SECONDS} seconds.")
         key = f"jti:{claims['iss']}:{jti}"
         return self.svc.store.set(key, {}, max(1, int(remaining)) + self.leeway, only_new=True)
 

@@ -147,13 +147,19 @@ def test_a_drifted_phone_is_told_how_to_fix_its_clock(mfa_provider):
     assert "不正確" in _error(far)
 
 
+def _two_wrong_codes(browser, page):
+    """Two wrong codes, each told how many tries are left; the page after them."""
+    for left in (2, 1):
+        page = browser.submit(page, "/login/factor/otp", otp="000000")
+        assert f"再錯 {left} 次" in _error(page)
+    return page
+
+
 def test_three_wrong_codes_lock_the_account(mfa_provider):
     provider = mfa_provider
     client_id, _ = provider.client()
     browser, page, secret = _otp_page(provider, client_id)
-    for left in (2, 1):
-        page = browser.submit(page, "/login/factor/otp", otp="000000")
-        assert f"再錯 {left} 次" in _error(page)
+    page = _two_wrong_codes(browser, page)
     page = browser.submit(page, "/login/factor/otp", otp="000000")
     assert "帳號已暫時停用" in _error(page)
     page = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret))
@@ -169,9 +175,7 @@ def test_a_right_code_starts_the_count_again(mfa_provider):
     browser, page, secret = _otp_page(provider, client_id)
     other = provider.browser()  # the same person's second login, waiting at its OTP page
     waiting = other.password(other.authorize(client_id))
-    for left in (2, 1):
-        page = browser.submit(page, "/login/factor/otp", otp="000000")
-        assert f"再錯 {left} 次" in _error(page)
+    page = _two_wrong_codes(browser, page)
     assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
     assert "再錯 2 次" in _error(other.submit(waiting, "/login/factor/otp", otp="000000"))
 
@@ -355,9 +359,7 @@ def test_the_right_password_again_does_not_give_wrong_codes_back(mfa_provider):
     provider = mfa_provider
     client_id, _ = provider.client()
     browser, page, _ = _otp_page(provider, client_id)
-    for left in (2, 1):
-        page = browser.submit(page, "/login/factor/otp", otp="000000")
-        assert f"再錯 {left} 次" in _error(page)
+    page = _two_wrong_codes(browser, page)
     again = provider.browser()
     page = again.password(again.authorize(client_id))
     assert 'name="otp"' in page.text

@@ -49,7 +49,7 @@ def cmd_serve(args) -> int:
                         proxy_headers=False, access_log=False)
     else:
         app = served_app()
-        if not app.state.svc.settings.redis_url and not app.state.svc.db.claim_sole_server():
+        if not app.state.svc.store.shared and not app.state.svc.db.claim_sole_server():
             return _fail("another provider process serves this database without IDP_REDIS_URL: each would keep "
                          "its own login state, and a login's next step, answered by the other, would find none. "
                          "Give every process the same IDP_REDIS_URL, or run one")

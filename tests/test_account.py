@@ -6,7 +6,7 @@ from urllib.parse import urlencode
 import pyotp
 import pytest
 
-from idp.storage.models import Account, Binding
+from idp.storage.models import Account, AuditEvent, Binding
 from tests.harness import callback, forms
 from tests.test_totp import _bind, _code, _error, _secret
 
@@ -193,6 +193,9 @@ def test_wrong_emergency_codes_lock_the_account_as_wrong_passwords_do(user, smtp
         assert f"還可再試 {left} 次" in _error(page)
     assert "帳號已暫時停用" in _error(browser.submit(page, "/login/reset/verify", code=wrong))
     assert "帳號已暫時停用" in _error(browser.submit(page, "/login/reset/verify", code=code))
+    with provider.svc.db.session() as session:  # in the owner's activity log, as wrong OTPs are
+        events = [(e.event, e.method) for e in session.query(AuditEvent).order_by(AuditEvent.id) if e.method == "emergency_code"]
+    assert events == [("login.failure", "emergency_code")] * 3 + [("login.locked", "emergency_code")] * 2
 
 
 def test_five_wrong_emergency_codes_burn_it_and_another_waits_its_minute(make_provider, smtp_server):

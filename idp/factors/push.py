@@ -338,8 +338,7 @@ class PushFactor:
             return locked
         self.drop(svc, tx)
         if self._paused(svc, account.id):
-            svc.audit.record("login.push_refused", account_id=account.id, username=account.username,
-                             client_id=tx["client_id"], method=self.name, **who(request))
+            svc.audit.record("login.push_refused", account_id=account.id, username=account.username, **seen)
             return Outcome(error="push.error.too_many", params={"n": svc.settings.push_max_unanswered},
                            keep={"chosen": binding.id})
         now = svc.clock()

@@ -130,8 +130,6 @@ async def end_other_sessions(request: Request, account, form) -> Response:
     return _back(notice="others_ended")
 
 
-
-
 def error_key(request: Request, prefix: str) -> str | None:
     """The message key a page was sent back with (``?error=``): one of ours under ``prefix``
     that needs no parameters, never text a crafted link makes up (an unknown key would be

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+from functools import partial
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -62,27 +63,23 @@ async def healthz(request: Request):
     return PlainTextResponse("ok")
 
 
-async def _prune_audit(svc) -> None:
-    """Delete the audit events past ``audit_retention_days``: at the start, then hourly."""
+async def _every(seconds: int, job, what: str, *, now: bool = False) -> None:
+    """Run ``job`` in the thread pool every ``seconds`` (``now``: first at once) while the app
+    runs; a failure is logged (``what`` failed) and the next turn tries again."""
+    if not now:
+        await asyncio.sleep(seconds)
     while True:
         try:
-            deleted = await run_in_threadpool(svc.audit.prune, svc.settings.audit_retention_days)
-            if deleted:
-                log.info("deleted %d audit events older than %d days", deleted, svc.settings.audit_retention_days)
+            await run_in_threadpool(job)
         except Exception:
-            log.exception("could not delete the old audit events")
-        await asyncio.sleep(3600)
+            log.exception("could not %s", what)
+        await asyncio.sleep(seconds)
 
 
-async def _keep_disabled_marks(svc) -> None:
-    """Write the disabled accounts' marks again every ``disabled_marks_seconds``: marks lost
-    with Redis data (a failover to a replica that lagged) come back within that time."""
-    while True:
-        await asyncio.sleep(svc.settings.disabled_marks_seconds)
-        try:
-            await run_in_threadpool(mark_disabled_accounts, svc)
-        except Exception:
-            log.exception("could not write the disabled accounts' marks")
+def _prune_audit(svc) -> None:
+    """Delete the audit events past ``audit_retention_days``."""
+    if deleted := svc.audit.prune(svc.settings.audit_retention_days):
+        log.info("deleted %d audit events older than %d days", deleted, svc.settings.audit_retention_days)
 
 
 def _ready(svc) -> dict:
@@ -163,9 +160,15 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     async def lifespan(app):
         # Back-channel logout jobs another process left unfinished are swept up from the start.
         svc.backchannel.start()
-        tasks = [asyncio.create_task(_keep_disabled_marks(svc))] if svc.store.shared else []
+        tasks = []
+        if svc.store.shared:
+            # Marks lost with Redis data (a failover to a replica that lagged) come back within this time.
+            marks = _every(svc.settings.disabled_marks_seconds, partial(mark_disabled_accounts, svc),
+                           "write the disabled accounts' marks")
+            tasks.append(asyncio.create_task(marks))
         if svc.settings.audit_retention_days:
-            tasks.append(asyncio.create_task(_prune_audit(svc)))
+            tasks.append(asyncio.create_task(_every(3600, partial(_prune_audit, svc), "delete the old audit events",
+                                                    now=True)))
         try:
             yield
         finally:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from idp import bridge, captcha
 from idp.accounts import reset_bindings, with_bindings
-from idp.factors import Outcome
+from idp.factors import locked_out
 from idp.mail import MailError, masked
 from idp.storage.kv import Batch
 from idp.web.login import _expired, _posted, _transaction
@@ -134,16 +134,22 @@ async def verify(request: Request) -> Response:
     # A try is counted before the code is compared, so parallel guesses cannot exceed MAX_TRIES;
     # and it is an answer like a password or an OTP, counted by the account's lockout too, or
     # someone with the password could guess on, a new code whenever one burns.
+    seen = {**who(request), "client_id": tx["client_id"], "method": "emergency_code"}
+
+    async def refused(outcome):
+        return await _render(request, svc, tx, account, {"error": outcome.error, "params": outcome.params}, status=400)
+
     until, attempt = await svc.db.call(svc.lockout.attempt, account.username)
     if until:
-        locked = Outcome.locked(until)
-        return await _render(request, svc, tx, account, {"error": locked.error, "params": locked.params}, status=400)
+        return await refused(await svc.db.call(locked_out, svc, until, account.id, account.username, seen))
     tries = await bridge.run(svc.store.incr, _tries(account.id), CODE_SECONDS + 60)
     right = typed.isdigit() and len(typed) == 6 and hmac.compare_digest(_digest(typed), record["digest"])
     if tries > MAX_TRIES or not right:
+        await svc.db.call(svc.audit.record, "login.failure", account_id=account.id, username=account.username,
+                          reason="emergency_code", **seen)  # in the owner's activity log, as a wrong OTP is
         if attempt >= svc.lockout.threshold:
-            locked = Outcome.locked(await bridge.run(svc.lockout.lock, account.username))
-            return await _render(request, svc, tx, account, {"error": locked.error, "params": locked.params}, status=400)
+            until = await bridge.run(svc.lockout.lock, account.username)
+            return await refused(await svc.db.call(locked_out, svc, until, account.id, account.username, seen))
         if tries >= MAX_TRIES:
             # Kept, burnt, until it would have expired: the wait before another is sent still holds.
             ttl = max(1, int(record["exp"] - svc.clock())) + 60
@@ -158,8 +164,7 @@ async def verify(request: Request) -> Response:
     if (await bridge.run(svc.store.write, batch))[0] is None:  # used meanwhile
         return await _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
     await run_in_threadpool(reset_bindings, svc, account.id)
-    await svc.db.call(svc.audit.record, "bindings.reset", account_id=account.id, username=account.username,
-                      client_id=tx["client_id"], method="emergency_code", **who(request))
+    await svc.db.call(svc.audit.record, "bindings.reset", account_id=account.id, username=account.username, **seen)
     tx["flash"] = {"notice": "reset.done", "params": {}}
     await bridge.run(svc.transactions.save, tx)
     return RedirectResponse(f"/login?tx={tx['id']}", status_code=303)

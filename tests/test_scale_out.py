@@ -375,6 +375,41 @@ def test_a_second_server_without_redis_on_one_database_stops_and_the_first_serve
         proc.terminate()
         proc.wait(30)
 
+def test_a_server_without_redis_claims_its_database_again_after_postgresql_lost_the_claim(cluster, tmp_path,
+                                                                                        postgres_server):
+    """A PostgreSQL restart ends the connection that holds the claim: the server claims it
+    again, so a second server started after that is still refused; and a server whose claim
+    another process took meanwhile stops rather than serve split login state."""
+    url = postgres_server.fresh_database()
+    env = {**cluster.env, "IDP_DATABASE_URL": url, "IDP_REDIS_URL": ""}
+    holder = ("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = 0 AND objid = %s"
+              " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+    port = servers.free_port()
+    log = tmp_path / "first.log"
+    proc = subprocess.Popen([sys.executable, "-m", "idp.cli", "serve", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as db:
+        try:
+            _ready(f"http://127.0.0.1:{port}", proc, log)
+            lock = 0x1D9_0002
+            first = db.execute(holder, (lock,)).fetchone()[0]
+            db.execute("SELECT pg_terminate_backend(%s)", (first,))  # as a restart does to it
+            again = _wait(lambda: (row := db.execute(holder, (lock,)).fetchone()) and row[0] != first and row[0],
+                          30, "the server claiming its database again")
+            refused = subprocess.run([sys.executable, "-m", "idp.cli", "serve", "--port", str(servers.free_port())],
+                                     env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert refused.returncode == 2
+
+            db.execute("SELECT pg_terminate_backend(%s)", (again,))
+            _wait(lambda: db.execute("SELECT pg_try_advisory_lock(%s)", (lock,)).fetchone()[0], 10,
+                  "another server's claim")  # before the server's next look
+            assert proc.wait(30) == -signal.SIGTERM  # stopped as by `kill`, after its requests
+            assert "another provider process now serves this database" in log.read_text()
+        finally:
+            proc.kill()
+            proc.wait(30)
+
+
 # -- Redis Sentinel and Cluster (IDP_REDIS_URL redis+sentinel:// and redis+cluster://) -----------
 def _redis_process(stack, tmp: Path, name: str, *args: str) -> tuple[int, subprocess.Popen]:
     """A redis-server in the foreground with ``args`` on a free port, stopped when ``stack`` closes."""

@@ -217,7 +217,7 @@ class Database:
         or a lock on a file beside the SQLite one."""
         if self.engine.dialect.name == "postgresql":
             # Its own connection, never the pool's. Lost with it (a database restart), when
-            # another process could claim it too.
+            # another process could claim it too: ``keep_sole_server`` claims it again.
             conn = psycopg.connect(self._conninfo, autocommit=True)
             if not conn.execute("SELECT pg_try_advisory_lock(%s)", (_SOLE_SERVER_LOCK_ID,)).fetchone()[0]:
                 conn.close()
@@ -235,6 +235,29 @@ class Database:
             return False
         self._sole_server = lock
         return True
+
+    @property
+    def claimed_sole_server(self) -> bool:
+        return self._sole_server is not None
+
+    def keep_sole_server(self) -> bool:
+        """Whether this process still holds its ``claim_sole_server`` claim: claimed again when
+        a database restart ended the connection that held it; False when another process
+        claimed it meanwhile. While the database is away nobody can claim it: True."""
+        conn = self._sole_server
+        if not isinstance(conn, psycopg.Connection):
+            return True  # a lock on a file: held while the process lives
+        try:
+            conn.execute("SELECT 1")
+            return True
+        except psycopg.OperationalError:
+            conn.close()
+        try:
+            self._sole_server = None
+            return self.claim_sole_server()
+        except psycopg.OperationalError:
+            self._sole_server = conn  # closed: the next turn tries to connect again
+            return True
 
     def ping(self) -> bool:
         try:

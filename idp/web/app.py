@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
+import signal
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from idp.web import proxies
 from idp.web.pages import error_page
 
 log = logging.getLogger("idp")
+SOLE_SERVER_CHECK_SECONDS = 10  # how soon a server without Redis notices that a PostgreSQL restart ended its claim
 
 
 class SecurityHeaders:
@@ -80,6 +83,15 @@ def _prune_audit(svc) -> None:
     """Delete the audit events past ``audit_retention_days``."""
     if deleted := svc.audit.prune(svc.settings.audit_retention_days):
         log.info("deleted %d audit events older than %d days", deleted, svc.settings.audit_retention_days)
+
+
+def _keep_sole_server(svc) -> None:
+    """Stop this server if another one claimed its database while a restart of PostgreSQL
+    had ended its claim: the two would keep split login state (``idp serve``'s claim)."""
+    if not svc.db.keep_sole_server():
+        log.error("another provider process now serves this database without IDP_REDIS_URL (it claimed the "
+                  "database while PostgreSQL restarted): stopping, so that one process keeps the login state")
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _ready(svc) -> dict:
@@ -166,6 +178,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
             marks = _every(svc.settings.disabled_marks_seconds, partial(mark_disabled_accounts, svc),
                            "write the disabled accounts' marks")
             tasks.append(asyncio.create_task(marks))
+        if svc.db.claimed_sole_server:
+            tasks.append(asyncio.create_task(_every(SOLE_SERVER_CHECK_SECONDS, partial(_keep_sole_server, svc),
+                                                    "check the claim on the database")))
         if svc.settings.audit_retention_days:
             tasks.append(asyncio.create_task(_every(3600, partial(_prune_audit, svc), "delete the old audit events",
                                                     now=True)))

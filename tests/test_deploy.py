@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -94,6 +95,25 @@ def test_compose_runs_two_providers_on_one_database_redis_and_key_volume():
     assert set(compose["volumes"]) >= {"keys", "pgdata"}
 
 
+def test_compose_providers_believe_proxy_headers_from_nginx_alone():
+    """Whatever may send X-Forwarded-For or the client certificate to a provider, and be
+    believed, can log in as any card holder: nginx alone, at its fixed address on the one
+    network the providers share with nothing else that takes requests."""
+    [compose] = _yaml("compose.yaml")
+    services = compose["services"]
+    nginx = services["nginx"]["networks"]
+    for name in ("idp-1", "idp-2"):
+        networks = set(services[name]["networks"])
+        for other, service in services.items():
+            if other not in ("idp-1", "idp-2", "nginx", "postgres", "redis"):
+                assert not networks & set(service.get("networks", ["default"])), f"{other} reaches {name}"
+        trusted = [ipaddress.ip_network(n.strip()) for n in services[name]["environment"]["IDP_TRUSTED_PROXIES"].split(",")]
+        [edge] = [n for n in networks & set(nginx) if (nginx[n] or {}).get("ipv4_address")]
+        address = ipaddress.ip_address(nginx[edge]["ipv4_address"])
+        assert trusted == [ipaddress.ip_network(address)]
+        assert address in ipaddress.ip_network(compose["networks"][edge]["ipam"]["config"][0]["subnet"])
+
+
 def test_dockerfile_installs_the_package_and_serves_it_unprivileged():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^USER 10001$", text, re.M)
@@ -163,6 +183,13 @@ def test_kubernetes_service_autoscaler_disruption_budget_and_ingress_fit_the_dep
     assert all(importlib.util.find_spec(module + ".__main__") for module in portals)
     kustomization = yaml.safe_load((DEPLOY / "kubernetes/kustomization.yaml").read_text())
     assert all((DEPLOY / "kubernetes" / r).is_file() for r in kustomization["resources"])
+    # The pods believe proxy headers from any pod address: only the controller (and the
+    # metrics scraper's namespace) may reach them, never the portals.
+    policy = objects[("NetworkPolicy", "idp")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items() and policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    assert {frozenset(peer["namespaceSelector"]["matchLabels"].values()) for peer in rule["from"]} == {
+        frozenset({"ingress-nginx"}), frozenset({"monitoring"})}
 
 
 # -- nginx and systemd, checked by the real programs ---------------------------------------------

@@ -61,6 +61,7 @@ class Transactions:
             "account": None,
             "username": "",
             "amr": [],
+            "proofs": {},  # factor name -> the amr it proved, which a session keeps (``within_policy``)
             "done": [],
             "auth_time": None,
             "failures": 0,
@@ -70,7 +71,7 @@ class Transactions:
         if session and not fresh:
             # Build on the session: step-up asks only for what is missing.
             tx.update(account=session["account"], username=session["username"], amr=list(session["amr"]),
-                      auth_time=session["auth_time"])
+                      proofs=dict(session.get("proofs") or {}), auth_time=session["auth_time"])
         return tx
 
     def get(self, tx_id: str | None) -> dict | None:
@@ -107,11 +108,26 @@ class Transactions:
 def record_factor(tx: dict, factor, account: Account, now: float, amr: list | None = None) -> None:
     """A factor succeeded: remember who and how (``amr``: when not the factor's own), and when."""
     if tx["account"] != account.id:
-        tx.update(amr=[], done=[])
+        tx.update(amr=[], proofs={}, done=[])
     tx["account"], tx["username"] = account.id, account.username
+    tx["proofs"][factor.name] = amr or factor.amr
     tx["amr"] = acr.with_mfa(tx["amr"] + [m for m in amr or factor.amr if m not in tx["amr"]])
     tx["done"].append(factor.name)
     tx["auth_time"] = now
+
+
+def within_policy(session: dict, client) -> dict | None:
+    """The SSO session as far as ``client`` may build on it: the proofs of the factors its
+    policy allows (``allowed_factors``), or None when there are none. A password given at
+    another portal proves nothing to a client that accepts only the certificate."""
+    proofs = session.get("proofs")
+    if all(client.allows(name) for name in (FACTORS if proofs is None else proofs)):
+        return session
+    kept = {name: amr for name, amr in (proofs or {}).items() if client.allows(name)}
+    if not kept:  # also a session from before sessions kept their proofs
+        return None
+    amr = [m for proven in kept.values() for m in proven]
+    return {**session, "proofs": kept, "amr": acr.with_mfa(list(dict.fromkeys(amr)))}
 
 
 def _raises(factor, amr: list[str]) -> bool:

@@ -22,8 +22,10 @@ class Sessions:
         self.listeners: list = []
 
     def create(self, account_id: str, username: str, amr: list[str], acr: str, auth_time: float,
-               seen: dict | None = None, verified_at: float = 0, batch: Batch | None = None) -> dict:
-        """A new session; ``seen`` (address, user agent) lets its owner recognise it in their list;
+               seen: dict | None = None, verified_at: float = 0, batch: Batch | None = None,
+               proofs: dict | None = None) -> dict:
+        """A new session; ``proofs``: which factor proved which ``amr`` (``flow.within_policy``);
+        ``seen`` (address, user agent) lets its owner recognise it in their list;
         ``verified_at``: when a bound second factor was last proven (SPEC M2). Written at once,
         or with ``batch``, when the caller writes it."""
         now = self.clock()
@@ -32,6 +34,7 @@ class Sessions:
             "account": account_id,
             "username": username,
             "amr": amr,
+            "proofs": proofs,
             "acr": acr,
             "auth_time": int(auth_time),
             "exp": now + self.lifetime,

@@ -160,6 +160,23 @@ def test_captcha_after_failure(make_provider):
     assert 'name="captcha"' in page.text
 
 
+def test_single_sign_on_counts_only_the_factors_the_client_allows(provider):
+    """A client's policy (``allowed_factors``) holds for single sign-on too: a password given
+    at another portal does not log in at one that takes only the certificate or the mobile
+    ID, which asks for one of those; a portal that takes the password signs in at once."""
+    provider.account("alice")
+    open_client, _ = provider.client()
+    strict, _ = provider.client(allowed_factors=["mobileid", "certificate"])
+    with_password, _ = provider.client(allowed_factors=["password", "otp"])
+    browser = provider.browser()
+    browser.login(open_client)
+    page = browser.authorize(strict)
+    assert page.status_code == 200 and "/login/factor/certificate" in page.text
+    assert "/login/factor/password" not in page.text
+    assert callback(browser.authorize(strict, prompt="none"))["error"] == "login_required"
+    assert "code" in callback(browser.authorize(with_password))
+
+
 def test_expired_password_must_be_changed(provider):
     provider.account("alice")
     client_id, _ = provider.client()

@@ -335,15 +335,17 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     new_session = session is None
     if new_session:
         session = svc.sessions.create(account.id, account.username, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"],
-                                      seen=who(request), verified_at=svc.clock() if verified else 0, batch=writes)
+                                      seen=who(request), verified_at=svc.clock() if verified else 0, batch=writes,
+                                      proofs=tx["proofs"])
     elif tx["done"]:
-        # New proof for the same person (step-up or a forced re-login); a step-up
-        # transaction started from the session's amr, so tx["amr"] is the whole story.
-        session.update(amr=tx["amr"], acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
+        # New proof for the same person (step-up or a forced re-login); a step-up transaction
+        # started from what the session proved to this client, so tx["amr"] is the story now.
+        session.update(amr=tx["amr"], proofs=tx["proofs"], acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
         if verified:
             session["verified_at"] = svc.clock()
         svc.sessions.save(session, writes)
-    auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": session["acr"], "amr": session["amr"]}
+    # What the transaction holds: the session's proofs that this client accepts, and the new ones.
+    auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": acr.earned(tx["amr"]), "amr": tx["amr"]}
     if tx["done"]:  # before anything is written: a failure here leaves the login to retry
         await svc.db.call(svc.audit.record, "login.success", account_id=account.id, username=account.username,
                           client_id=client.client_id, **who(request), method="+".join(tx["done"]), acr=auth["acr"])

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from idp import acr, bridge
+from idp import acr, bridge, flow
 from idp.protocol import claims, dpop, logout as logout_, par
 from idp.protocol.clients import (ClientError, OAuthClient, client_info, create_client, digest, find, new_secret,
                                   validate_metadata)
@@ -166,6 +166,8 @@ async def authorize(request: Request) -> Response:
         if not account_ok:
             await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
             session = None
+    if session is not None:
+        session = flow.within_policy(session, client)  # what this client accepts of it
     fresh = bool(prompts & {"login", "select_account"})
     if session and data.get("max_age") is not None:
         max_age = int(data["max_age"])

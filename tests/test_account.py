@@ -6,6 +6,7 @@ from urllib.parse import urlencode
 import pyotp
 import pytest
 
+from idp.accounts import reset_bindings
 from idp.storage.models import Account, AuditEvent, Binding
 from tests.harness import callback, forms
 from tests.test_totp import _bind, _code, _error, _secret
@@ -258,6 +259,33 @@ def test_log_out_other_sessions(user):
     # The laptop's session is gone: a silent login there needs a new login.
     assert callback(laptop.authorize(client_id, prompt="none"))["error"] == "login_required"
     assert "code" in callback(phone.authorize(client_id, prompt="none"))
+
+
+def test_a_qr_secret_seen_by_a_session_since_logged_out_is_not_the_owners_next(user):
+    """The QR of /account/otp belongs to its session (SPEC A2): a browser that read it, e.g.
+    a session left open on a shared computer, does not know the secret the owner binds after
+    logging that browser out."""
+    provider, client_id, secret = user
+    intruder = _signed_in(provider, client_id, secret)
+    seen = _secret(intruder.go("/account/otp"))  # read, not bound
+    owner = _signed_in(provider, client_id, secret)
+    page = owner.go("/account/otp")
+    new = _secret(page)
+    assert new != seen and _secret(owner.go("/account/otp")) == new  # a reload shows the same one
+    owner.submit(owner.go("/account"), "/account/sessions/end-others")
+    assert callback(intruder.authorize(client_id, prompt="none"))["error"] == "login_required"
+    page = owner.submit(owner.go("/account/otp"), "/account/otp", otp=_code(provider, new))
+    assert "舊的 OTP 已失效" in _notice(page)
+
+
+def test_a_qr_secret_seen_before_a_reset_of_the_bindings_is_not_shown_at_forced_binding(user):
+    provider, client_id, secret = user
+    intruder = _signed_in(provider, client_id, secret)
+    seen = _secret(intruder.go("/account/otp"))
+    reset_bindings(provider.svc, _account_id(provider))  # an administrator's or the emergency code's reset
+    owner = provider.browser()
+    page = owner.password(owner.authorize(client_id))
+    assert "/login/bind/otp" in page.text and _secret(page) != seen
 
 
 def test_the_otp_and_certificate_pages_show_only_their_own_error_messages(user):

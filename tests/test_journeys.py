@@ -188,10 +188,10 @@ def bound_otp(provider, account_id: str) -> str:
     with svc.db.session() as session:
         account = session.get(Account, account_id, options=[selectinload(Account.bindings)])
         session.expunge(account)
-    enrolment = Enrolment(svc)
-    secret = svc.box.open(enrolment.start(account)["secret"], account_id)
+    enrolment, owner = Enrolment(svc), "journey"  # the page's owner: none here, one made up
+    secret = svc.box.open(enrolment.start(account, owner)["secret"], account_id)
     for _ in range(2):  # a second try only if a step began between the code and its check
-        if (error := enrolment.confirm(account_id, otp(provider, secret, steps=-1))) is None:
+        if (error := enrolment.confirm(account_id, owner, otp(provider, secret, steps=-1))) is None:
             return secret
     raise AssertionError(error)
 

@@ -240,6 +240,24 @@ def test_rebuilt_qr_is_a_new_version_and_the_old_one_stops_working(mfa_provider)
     assert "重新登入" in page.text
 
 
+def test_each_login_at_forced_binding_has_its_own_qr(mfa_provider):
+    """The binding QR belongs to its login (SPEC A2, M1): another login of the account, in
+    another browser, gets another secret, and neither binds the other's."""
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    first, second = provider.browser(), provider.browser()
+    page = first.password(first.authorize(client_id))
+    mine = _secret(page)
+    tx = forms(page.text)[0]["fields"]["tx"]
+    assert _secret(first.go(f"/login?tx={tx}")) == mine  # a reload of the page shows the same QR
+    theirs = second.password(second.authorize(client_id))
+    assert _secret(theirs) != mine
+    page = first.submit(page, "/login/bind/otp", otp=_code(provider, _secret(theirs)))
+    assert "驗證碼不正確" in _error(page)
+    page = first.submit(page, "/login/bind/otp", otp=_code(provider, mine))
+    assert "重新登入" in page.text
+
+
 def test_binding_qr_expires_with_its_page(mfa_provider):
     provider = mfa_provider
     client_id, _ = provider.client()

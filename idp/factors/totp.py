@@ -9,9 +9,11 @@ Authenticator generate them.
   to correct it, instead of a bare "failed".
 - Wrong codes count towards the same lockout as wrong passwords (seed 001).
 - Binding shows a QR code that is good for that page only (a pending secret
-  with an expiry); rebuilding it makes a new version and the old pending
-  secret stops working; the binding counts only once the user proves a code.
-  The secret is stored encrypted (``SecretBox``), bound to the account id.
+  with an expiry, kept for the page's owner: the login transaction at forced
+  binding, the account and its SSO session in the login settings); rebuilding
+  it makes a new version and the old pending secret stops working; the binding
+  counts only once the user proves a code. The secret is stored encrypted
+  (``SecretBox``), bound to the account id.
 """
 
 from __future__ import annotations
@@ -132,30 +134,36 @@ def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
 
 # -- binding -------------------------------------------------------------------------
 class Enrolment:
-    """A pending OTP secret, shown as a QR code on one page, versioned."""
+    """A pending OTP secret, shown as a QR code on one page, versioned.
+
+    Kept per ``owner``, the page's (the login transaction at forced binding; in the login
+    settings the account in its SSO session, ``idp.web.account.session_owner``), never per
+    account alone: a browser that read the QR and was then logged out (other sessions ended,
+    bindings reset) must not know the secret the owner's next page shows and binds.
+    Another owner gets a new secret."""
 
     def __init__(self, svc):
         self.svc = svc
 
-    def _key(self, account_id: str) -> str:
-        return "otp-pending:" + account_id
+    def _key(self, account_id: str, owner: str) -> str:
+        return f"otp-pending:{account_id}:{owner}"
 
-    def current(self, account_id: str) -> dict | None:
-        pending = self.svc.store.get(self._key(account_id))
+    def current(self, account_id: str, owner: str) -> dict | None:
+        pending = self.svc.store.get(self._key(account_id, owner))
         if pending is None or pending["exp"] < self.svc.clock():
             return None
         return pending
 
-    def start(self, account, *, rebuild: bool = False) -> dict:
+    def start(self, account, owner: str, *, rebuild: bool = False) -> dict:
         """The pending secret for this page; ``rebuild`` replaces it with a new version."""
-        pending = None if rebuild else self.current(account.id)
+        pending = None if rebuild else self.current(account.id, owner)
         if pending is None:
             pending = {
                 "secret": self.svc.box.seal(pyotp.random_base32(), account.id),
                 "version": self._next_version(account.id),
                 "exp": self.svc.clock() + PENDING_SECONDS,
             }
-            self.svc.store.set(self._key(account.id), pending, PENDING_SECONDS + 60)
+            self.svc.store.set(self._key(account.id, owner), pending, PENDING_SECONDS + 60)
         return pending
 
     def _next_version(self, account_id: str) -> int:
@@ -170,15 +178,15 @@ class Enrolment:
         grouped = " ".join(secret[i:i + 4] for i in range(0, len(secret), 4))
         return {"qr": qr_svg(link), "secret": grouped, "version": pending["version"]}
 
-    def confirm(self, account_id: str, code: str) -> str | None:
-        """Bind the pending secret if ``code`` is right now; returns an error key or None."""
-        pending = self.current(account_id)
+    def confirm(self, account_id: str, owner: str, code: str) -> str | None:
+        """Bind ``owner``'s pending secret if ``code`` is right now; returns an error key or None."""
+        pending = self.current(account_id, owner)
         if pending is None:
             return "otp.qr_expired"
         error, step = binding_code(self.svc, self.svc.box.open(pending["secret"], account_id), code, "otp.wrong_binding")
         if error:
             return error
-        if self.svc.store.take(self._key(account_id)) is None:
+        if self.svc.store.take(self._key(account_id, owner)) is None:
             return "otp.qr_expired"  # confirmed meanwhile by another request
         with self.svc.db.session() as session:
             for old in session.execute(select(Binding).where(Binding.account_id == account_id, Binding.factor == TOTP.name)).scalars():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
@@ -64,6 +65,14 @@ async def require_account(request: Request, *, verified: bool = True, interactiv
     if getattr(request.state, "new_csrf", None):  # a browser new to us: the login is bound to this cookie
         set_cookie(request, response, CSRF_COOKIE, request.state.new_csrf)
     return response
+
+
+def session_owner(request: Request, account) -> str:
+    """Whose a pending registration is (a passkey's challenge, an OTP QR's secret): this
+    account in this browser session, so that a session since ended, or another one, never
+    gets it. The session id is hashed: it is stored as part of a key or a record."""
+    sid = get_cookie(request, SESSION_COOKIE) or ""
+    return f"account:{account.id}:{hashlib.sha256(sid.encode()).hexdigest()}"
 
 
 def account_post(handler):
@@ -146,8 +155,8 @@ async def otp_page(request: Request) -> Response:
         return account
     svc = request.app.state.svc
     flash = {"params": {}, "error": error_key(request, "otp.")}
-    enrolment = Enrolment(svc)
-    otp = await run_in_threadpool(lambda: enrolment.page(account, enrolment.start(account)))
+    enrolment, owner = Enrolment(svc), session_owner(request, account)
+    otp = await run_in_threadpool(lambda: enrolment.page(account, enrolment.start(account, owner)))
     return render(request, "account_otp.html", account=account, otp=otp, flash=flash, tab="settings",
                   enrol_action="/account/otp", rebuild_action="/account/otp/rebuild")
 
@@ -155,7 +164,8 @@ async def otp_page(request: Request) -> Response:
 @account_post
 async def otp_confirm(request: Request, account, form) -> Response:
     svc = request.app.state.svc
-    error = await run_in_threadpool(Enrolment(svc).confirm, account.id, form.get("otp"))
+    owner = session_owner(request, account)
+    error = await run_in_threadpool(Enrolment(svc).confirm, account.id, owner, form.get("otp"))
     if error:
         return RedirectResponse(f"/account/otp?error={error}", status_code=303)
     await svc.db.call(svc.audit.record,
@@ -166,7 +176,7 @@ async def otp_confirm(request: Request, account, form) -> Response:
 
 @account_post
 async def otp_rebuild(request: Request, account, form) -> Response:
-    Enrolment(request.app.state.svc).start(account, rebuild=True)
+    Enrolment(request.app.state.svc).start(account, session_owner(request, account), rebuild=True)
     return RedirectResponse("/account/otp", status_code=303)
 
 

@@ -163,7 +163,7 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
     svc.transactions.save(tx, writes)
     await bridge.run(svc.store.write, writes)
     if step.kind == "action":
-        extra = await run_in_threadpool(_bind_page, svc, account) if step.action == "bind" else {}
+        extra = await run_in_threadpool(_bind_page, svc, tx, account) if step.action == "bind" else {}
         return render(request, f"action_{step.action}.html", **context, **extra)
     return render(request, "consent.html", scopes=sorted(flow.requested_scope(tx, client)), **context)
 
@@ -202,9 +202,14 @@ async def proceed(request: Request, tx: dict, account: Account, client, writes: 
 
 
 # -- forced binding (SPEC M1) -------------------------------------------------------------
-def _bind_page(svc, account) -> dict:
+def _bind_page(svc, tx, account) -> dict:
     enrolment = Enrolment(svc)
-    return {"methods": methods(account), "otp": enrolment.page(account, enrolment.start(account))}
+    return {"methods": methods(account), "otp": enrolment.page(account, enrolment.start(account, _qr_owner(tx)))}
+
+
+def _qr_owner(tx: dict) -> str:
+    """The owner of the binding QR's pending secret: this login, not the account (SPEC A2)."""
+    return "tx:" + tx["id"]
 
 
 async def bind_otp(request: Request) -> Response:
@@ -213,7 +218,7 @@ async def bind_otp(request: Request) -> Response:
     form, tx, _, _ = await _posted_at(request, "action", "bind")
     if tx is None:
         return _expired(request)
-    error = await run_in_threadpool(Enrolment(svc).confirm, tx["account"], form.get("otp"))
+    error = await run_in_threadpool(Enrolment(svc).confirm, tx["account"], _qr_owner(tx), form.get("otp"))
     if error:
         tx["flash"] = {"error": error, "params": {}}
         await bridge.run(svc.transactions.save, tx)
@@ -231,7 +236,8 @@ async def rebuild_otp(request: Request) -> Response:
     _, tx, _, account = await _posted_at(request, "action", "bind")
     if tx is None:
         return _expired(request)
-    await run_in_threadpool(Enrolment(svc).start, account, rebuild=True)  # the version's row is locked
+    # The version's row is locked: off the event loop.
+    await run_in_threadpool(Enrolment(svc).start, account, _qr_owner(tx), rebuild=True)
     return _again(tx)
 
 

@@ -10,7 +10,6 @@ posted to ``/login/factor/passkey`` like every factor.
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 from starlette.concurrency import run_in_threadpool
@@ -20,20 +19,13 @@ from starlette.routing import Route
 
 from idp import bridge
 from idp.factors import passkey
-from idp.web.account import account_post, error_key, passwordless, require_account
+from idp.web.account import account_post, error_key, passwordless, require_account, session_owner
 from idp.web.i18n import translate
-from idp.web.login import SESSION_COOKIE
-from idp.web.pages import get_cookie, locale_of, render, who
+from idp.web.pages import locale_of, render, who
 
 PAGE = "/account/passkeys"
 NOTICES = {"passkey.added", "passkey.removed"}
 MAX_LABEL = 60
-
-
-def _owner(request: Request, account) -> str:
-    """Whose registration challenge it is: this account in this browser session."""
-    sid = get_cookie(request, SESSION_COOKIE) or ""
-    return f"account:{account.id}:{hashlib.sha256(sid.encode()).hexdigest()}"
 
 
 def _back(key: str, param: str = "notice") -> RedirectResponse:
@@ -52,8 +44,8 @@ async def page(request: Request) -> Response:
     options = None
     if enabled:
         rp_name = translate(locale_of(request), "app.name")
-        options = json.loads(await bridge.run(passkey.registration_options, svc, account, _owner(request, account),
-                                              rp_name))
+        options = json.loads(await bridge.run(passkey.registration_options, svc, account,
+                                              session_owner(request, account), rp_name))
     listed = sorted(passkey.passkeys(account), key=lambda b: b.created_at)
     return render(request, "account_passkeys.html", account=account, passkeys=listed, options=options,
                   enabled=enabled, flash=flash, tab="settings")
@@ -65,7 +57,7 @@ async def add(request: Request, account, form) -> Response:
     label = " ".join((form.get("label") or "").split())[:MAX_LABEL]
     if not label:
         return _back("passkey.error.label", "error")
-    error, binding = await run_in_threadpool(passkey.register, svc, account.id, _owner(request, account),
+    error, binding = await run_in_threadpool(passkey.register, svc, account.id, session_owner(request, account),
                                              form.get("credential") or "", label)
     seen = {**who(request), "method": passkey.PASSKEY.name}
     if error:

@@ -258,6 +258,22 @@ def test_update_replaces_redirect_uris(provider):
     assert _login(provider, info["client_id"], info["client_secret"], new)["id_token"]
 
 
+def test_update_cannot_move_a_client_into_another_sector(provider):
+    """A pairwise client's subjects are computed for its redirect URIs' host (OIDC Core 8.1):
+    one that moved there after its users logged in would name them, in its tokens' userinfo
+    and refreshes, by the subjects another client of that host knows them by."""
+    info = _registered(provider, subject_type="pairwise")
+    http = provider.http()
+    for moved in ({"redirect_uris": ["https://school.example.tw/cb"], "subject_type": "pairwise"},
+                  {"redirect_uris": [APP]}):  # public: its subjects would change too
+        _error(_manage(http, info, "PUT", json={"client_id": info["client_id"], **moved}), 400, "invalid_client_metadata")
+    same_host = {"client_id": info["client_id"], "redirect_uris": [APP + "/v2"], "subject_type": "pairwise"}
+    assert _manage(http, info, "PUT", json=same_host).status_code == 200
+    public = _registered(provider)
+    _error(_manage(http, public, "PUT", json={"client_id": public["client_id"], "redirect_uris": [APP],
+                                              "subject_type": "pairwise"}), 400, "invalid_client_metadata")
+
+
 def test_update_needs_the_client_id_and_valid_metadata(provider):
     info = _registered(provider)
     http = provider.http()

@@ -100,8 +100,7 @@ class OAuthClient(ClientMixin):
 
     def sector_identifier(self) -> str:
         """The host pairwise subjects are computed for (OIDC Core 8.1)."""
-        uri = self.metadata.get("sector_identifier_uri") or (self.redirect_uris or [""])[0]
-        return urlsplit(uri).hostname or self.client_id
+        return sector(self.metadata) or self.client_id
 
     # -- authlib's ClientMixin ---------------------------------------------------
     def get_client_id(self):
@@ -133,6 +132,13 @@ class OAuthClient(ClientMixin):
 
     def check_grant_type(self, grant_type):
         return grant_type in self.metadata.get("grant_types", ["authorization_code"])
+
+
+def sector(meta: dict) -> str | None:
+    """The host of a client's redirect URIs (or of the sector_identifier_uri it was stored
+    with before those were refused), for which its pairwise subjects are computed."""
+    uri = meta.get("sector_identifier_uri") or (meta.get("redirect_uris") or [""])[0]
+    return urlsplit(uri).hostname
 
 
 def validate_metadata(meta: dict) -> dict:

@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from idp import acr, bridge, flow
 from idp.protocol import claims, dpop, logout as logout_, par
 from idp.protocol.clients import (ClientError, OAuthClient, client_info, create_client, digest, find, new_secret,
-                                  validate_metadata)
+                                  sector, validate_metadata)
 from idp.protocol.server import ALL_AUTH_METHODS, Request as OAuthRequest, account_active
 from idp.storage.models import Account, Client, InitialAccessToken
 from idp.web import login
@@ -458,6 +458,12 @@ async def manage_client(request: Request) -> Response:
     return _json(result, status, {"Cache-Control": "no-store"})
 
 
+def _subjects(meta: dict) -> tuple:
+    """How a client's subjects are made: public, or pairwise for a sector."""
+    pairwise = meta.get("subject_type") == "pairwise"
+    return pairwise, sector(meta) if pairwise else None
+
+
 def _manage(svc, method, client_id, token, body):
     with svc.db.session() as session:
         row: Client | None = find(session, client_id)
@@ -477,7 +483,13 @@ def _manage(svc, method, client_id, token, body):
             # client_secret_basic, locking a public or private_key_jwt client out.
             if meta.setdefault("token_endpoint_auth_method", current) != current:
                 raise ClientError("token_endpoint_auth_method cannot change")
-            row.metadata_ = {**validate_metadata(meta), **{k: row.metadata_[k] for k in POLICY if k in row.metadata_}}
+            updated = {**validate_metadata(meta), **{k: row.metadata_[k] for k in POLICY if k in row.metadata_}}
+            # A client that could move its sector after its users logged in would get another
+            # client's pairwise subjects for them, its tokens' and refreshes' included.
+            if _subjects(row.metadata_) != _subjects(updated):
+                raise ClientError("subject_type, and a pairwise client's sector (the host of its redirect_uris), "
+                                  "cannot change")
+            row.metadata_ = updated
         # RFC 7592 3 requires the token in every response, and only its hash is
         # kept: each read or update hands out a new one (3: the client MUST then
         # discard the old one).

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from asn1crypto import x509 as ax509
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from deploy.dev import testpki
 from idp import pki
@@ -212,7 +213,6 @@ def test_responder_unreachable_hard_fail_refuses(tpki, trust):
 
 
 def test_ocsp_answer_from_an_undelegated_signer_is_not_believed(tpki):
-    from cryptography.hazmat.primitives import hashes
     from cryptography.x509 import ocsp
 
     leaf, (moica, _), (xca, xca_key) = tpki.cert("revoked_ocsp"), tpki.ca("moica"), tpki.ca("xca")
@@ -272,3 +272,89 @@ def test_real_anchors_pin_the_issuer_by_key_identifier(tpki):
     assert trust.candidates(leaf) == []
     with pytest.raises(pki.Untrusted):
         verify(tpki.make_signature("citizen", CHALLENGE), trust=trust)
+
+
+
+# -- a CRL's scope (RFC 5280 6.3.3) ----------------------------------------------
+# The CRL comes over plain HTTP: a network attacker who makes OCSP fail can answer the card's
+# CRL URL with another fresh CRL the same CA signed. Only one whose scope covers the card may
+# clear it.
+
+def _idp(*, url=None, user=False, ca=False, reasons=None):
+    return x509.IssuingDistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(url)] if url else None, relative_name=None,
+        only_contains_user_certs=user, only_contains_ca_certs=ca, only_some_reasons=reasons, indirect_crl=False,
+        only_contains_attribute_certs=False)
+
+
+def _moica_crl(tpki, idp, revoked=()):
+    """A fresh CRL signed by the test MOICA with the IssuingDistributionPoint ``idp``, listing ``revoked``."""
+    moica, key = tpki.ca("moica")
+    t = now()
+    b = (x509.CertificateRevocationListBuilder().issuer_name(moica.subject)
+         .last_update(t - timedelta(minutes=1)).next_update(t + timedelta(days=1))
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)
+         .add_extension(x509.CRLNumber(1), False).add_extension(idp, True))
+    for name in revoked:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(tpki.cert(name).serial_number)
+                                      .revocation_date(t - timedelta(days=1)).build())
+    return b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def _check_with_crls(tpki, name, crls, times, crl_dir=None):
+    """Check ``name`` at each of ``times`` under hard-fail, with OCSP down and the CRL URL answered
+    by ``crls`` in turn: the status or the refusal of each check."""
+    answers = iter(crls)
+    a = lambda c: ax509.Certificate.load(c.public_bytes(serialization.Encoding.DER))  # noqa: E731
+
+    def handler(request):
+        if "/ocsp/" in str(request.url):
+            return rev.httpx.Response(503)
+        return rev.httpx.Response(200, content=next(answers))
+
+    async def run():
+        checker = pki.RevocationChecker(pki.RevocationPolicy(), rev.httpx.AsyncClient(
+            transport=rev.httpx.MockTransport(handler)), crl_dir)
+        out = []
+        try:
+            for t in times:
+                try:
+                    out.append(await checker.check(a(tpki.cert(name)), a(tpki.ca("moica")[0]), t))
+                except pki.PKIError as exc:
+                    out.append(exc)
+            return out
+        finally:
+            await checker.aclose()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("scope", [
+    {"url": "/crl/moica-part-0002.crl", "user": True},  # another partition of the CA's CRL
+    {"ca": True},  # the CA's authority revocation list
+    {"reasons": frozenset({x509.ReasonFlags.ca_compromise})},  # a list for some reasons only
+], ids=["another-partition", "arl", "some-reasons"])
+def test_a_crl_whose_scope_does_not_cover_the_card_does_not_clear_it(tpki, scope):
+    if "url" in scope:
+        scope["url"] = tpki.manifest["base_url"] + scope["url"]
+    [refused] = _check_with_crls(tpki, "revoked_ocsp", [_moica_crl(tpki, _idp(**scope))], [now()])
+    assert isinstance(refused, pki.RevocationUnavailable) and "scope" in str(refused)
+
+
+def test_the_partition_the_card_names_is_believed(tpki):
+    url = tpki.manifest["base_url"] + "/crl/moica.crl"  # the test cards' CRL distribution point
+    mine = _moica_crl(tpki, _idp(url=url, user=True), revoked=["revoked_ocsp"])
+    [good] = _check_with_crls(tpki, "citizen", [mine], [now()])
+    assert good.status == "good" and good.source == "crl"
+    [refused] = _check_with_crls(tpki, "revoked_ocsp", [mine], [now()])
+    assert isinstance(refused, pki.Revoked)
+
+
+def test_an_out_of_scope_crl_is_not_kept_in_place_of_the_cards(tpki, tmp_path):
+    url = tpki.manifest["base_url"] + "/crl/moica.crl"
+    arl, mine = _moica_crl(tpki, _idp(ca=True)), _moica_crl(tpki, _idp(url=url))
+    t = now()
+    first, soon, later = _check_with_crls(tpki, "citizen", [arl, mine], [t, t + timedelta(seconds=1),
+                                                                         t + pki.RevocationPolicy().retry_after], tmp_path)
+    assert isinstance(first, pki.RevocationUnavailable) and isinstance(soon, pki.RevocationUnavailable)
+    assert later.source == "crl"  # as after a failed download: fetched again after retry_after

@@ -17,7 +17,9 @@ CRL is also kept on disk (one file per URL), so a restarted process reads it
 back instead of downloading it again; a file is believed only as a download
 is: after its signature verifies against the issuing CA, and while fresh. Responses (CRLs and OCSP) are only
 believed after their signature verifies against the issuing CA, or for OCSP
-a responder certificate that CA delegated with id-kp-OCSPSigning.
+a responder certificate that CA delegated with id-kp-OCSPSigning. A CRL clears a
+certificate only when its scope covers it (IssuingDistributionPoint, RFC 5280
+6.3.3): the one of the certificate's distribution point, for all reasons.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ class IndexedCRL:
     issuer: x509.Name
     this_update: datetime
     next_update: datetime | None
+    scope: crl.IssuingDistributionPoint | None  # None: a complete CRL
     entries: bytes = field(repr=False)
     index: dict[int, tuple[int, int]] = field(repr=False)
 
@@ -140,7 +143,45 @@ def parse_crl(der: bytes, issuer: x509.Certificate, url: str = "") -> IndexedCRL
     revoked = tbs["revoked_certificates"]
     entries = revoked.contents if revoked.contents is not None else b""
     next_update = tbs["next_update"].native if tbs["next_update"] else None
-    return IndexedCRL(url, tbs["issuer"], tbs["this_update"].native, next_update, entries, index_revoked(entries))
+    return IndexedCRL(url, tbs["issuer"], tbs["this_update"].native, next_update, idp, entries,
+                      index_revoked(entries))
+
+
+ALL_REASONS = frozenset({"key_compromise", "ca_compromise", "affiliation_changed", "superseded",
+                         "cessation_of_operation", "certificate_hold", "privilege_withdrawn", "aa_compromise"})
+
+
+def _reasons(flags: x509.ReasonFlags) -> set[str]:
+    """The reasons an optional ReasonFlags field names; absent, it names them all."""
+    return set(ALL_REASONS if flags.native is None else flags.native)
+
+
+def _names(point: x509.DistributionPointName) -> set[bytes]:
+    """The names of a distribution point, as DER. A name relative to the CRL issuer is none of the
+    URLs a CRL is fetched from, so it matches nothing here."""
+    return {n.dump() for n in point.chosen} if point.name == "full_name" else set()
+
+
+def out_of_scope(c: IndexedCRL, cert: x509.Certificate, dp: x509.DistributionPoint) -> str | None:
+    """Why ``c``, fetched for ``cert``'s distribution point ``dp``, does not cover ``cert`` (RFC 5280
+    6.3.3 (b)(2) and (d)), or None. A certificate missing from a CRL that leaves it out (another
+    partition, the CA's ARL, a list for some reasons) is not thereby good."""
+    reasons = _reasons(dp["reasons"])
+    idp = c.scope
+    if idp is not None:
+        if idp["distribution_point"].native is not None and not (
+                _names(idp["distribution_point"]) & _names(dp["distribution_point"])):
+            return "it is the CRL of another distribution point"
+        if idp["only_contains_attribute_certs"].native:
+            return "it lists attribute certificates only"
+        if idp["only_contains_ca_certs"].native and not cert.ca:
+            return "it lists CA certificates only"
+        if idp["only_contains_user_certs"].native and cert.ca:
+            return "it lists end-entity certificates only"
+        reasons &= _reasons(idp["only_some_reasons"])
+    if reasons != ALL_REASONS:  # one CRL per check: it must cover every reason alone
+        return f"it covers only the reasons {', '.join(sorted(reasons)) or 'none'}"
+    return None
 
 
 class CRLCache:
@@ -192,6 +233,17 @@ class CRLCache:
             if self.directory is not None:
                 await asyncio.to_thread(self.keep, url, resp.content)
             return c
+
+    def drop(self, url: str, now: datetime) -> None:
+        """Forget the CRL of ``url`` as after a failed download (fetched again after ``retry_after``):
+        one an attacker served once is not kept in place of the right one until its nextUpdate."""
+        self._crls.pop(url, None)
+        self._failed[url] = now
+        if self.directory is not None:
+            try:
+                self._file(url).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("CRL %s not removed from %s: %s", url, self.directory, exc)
 
     def _file(self, url: str) -> Path:
         return self.directory / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".crl")
@@ -351,8 +403,13 @@ class RevocationChecker:
                 raise Revoked(f"revoked {when:%Y-%m-%d} ({reason}), says OCSP {url}")
         return "ocsp"
 
-    async def _crl(self, url: str, cert, issuer, now):
+    async def _crl(self, dp: x509.DistributionPoint, cert, issuer, now):
+        url = dp.url
         c = await self.crls.get(url, issuer, now)
+        why = out_of_scope(c, cert, dp)
+        if why is not None:
+            self.crls.drop(url, now)
+            raise _Unavailable(f"CRL {url} out of scope: {why}")
         entry = c.lookup(cert.serial_number)
         if entry is not None:
             when = entry["revocation_date"].native
@@ -365,12 +422,12 @@ class RevocationChecker:
         if self.policy.mode == "off":
             return RevocationStatus("not_checked")
         ocsp_sources = [(self._ocsp, u) for u in cert.ocsp_urls if u.startswith("http")]
-        crl_sources = [(self._crl, u) for u in (dp.url for dp in cert.crl_distribution_points) if u and u.startswith("http")]
+        crl_sources = [(self._crl, dp) for dp in cert.crl_distribution_points if dp.url and dp.url.startswith("http")]
         sources = ocsp_sources + crl_sources if self.policy.prefer_ocsp else crl_sources + ocsp_sources
         failures = []
-        for method, url in sources:
+        for method, where in sources:
             try:
-                return RevocationStatus("good", await method(url, cert, issuer, now))
+                return RevocationStatus("good", await method(where, cert, issuer, now))
             except _Unavailable as exc:
                 failures.append(str(exc))
         detail = "; ".join(failures) or "certificate names no OCSP responder or CRL"

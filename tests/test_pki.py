@@ -226,6 +226,50 @@ def test_ocsp_answer_from_an_undelegated_signer_is_not_believed(tpki):
         rev.check_ocsp_response(forged, a(leaf), a(moica), t, pki.RevocationPolicy(), None)
 
 
+def _ocsp_good(tpki, leaf, this_update, nonce=None):
+    """A "good" answer for ``leaf`` signed by MOICA's delegated responder, with no nextUpdate."""
+    from cryptography.x509 import ocsp
+
+    signer, signer_key = tpki.ca("moica-ocsp")
+    b = (ocsp.OCSPResponseBuilder()
+         .add_response(leaf, tpki.ca("moica")[0], hashes.SHA1(), ocsp.OCSPCertStatus.GOOD, this_update, None, None, None)
+         .responder_id(ocsp.OCSPResponderEncoding.HASH, signer).certificates([signer]))
+    if nonce is not None:
+        b = b.add_extension(x509.OCSPNonce(nonce), critical=False)
+    return b.sign(signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def test_an_ocsp_answer_without_the_nonce_sent_is_not_believed(tpki):
+    """Anyone can get a nonce-less "good" answer from the responder while a card is good; one
+    replayed after the card's revocation (the CRL blocked too) must not clear it."""
+    leaf, moica = tpki.cert("revoked_ocsp"), tpki.ca("moica")[0]
+    a = lambda c: ax509.Certificate.load(c.public_bytes(serialization.Encoding.DER))  # noqa: E731
+    t = now()
+    old = _ocsp_good(tpki, leaf, t - timedelta(hours=20))
+
+    def handler(request):
+        if "/ocsp/" in str(request.url):
+            return rev.httpx.Response(200, content=old)
+        return rev.httpx.Response(503)
+
+    async def run():
+        checker = pki.RevocationChecker(pki.RevocationPolicy(), rev.httpx.AsyncClient(
+            transport=rev.httpx.MockTransport(handler)))
+        try:
+            return await checker.check(a(leaf), a(moica), t)
+        finally:
+            await checker.aclose()
+
+    with pytest.raises(pki.RevocationUnavailable, match="nonce"):
+        asyncio.run(run())
+    policy, sent = pki.RevocationPolicy(), bytes(range(16))
+    for answer in (_ocsp_good(tpki, leaf, t), _ocsp_good(tpki, leaf, t, nonce=bytes(16))):  # none, another
+        with pytest.raises(ValueError, match="nonce"):
+            rev.check_ocsp_response(answer, a(leaf), a(moica), t, policy, sent)
+    state, _ = rev.check_ocsp_response(_ocsp_good(tpki, leaf, t, nonce=sent), a(leaf), a(moica), t, policy, sent)
+    assert state == "good"
+
+
 def test_crl_of_100k_entries_is_indexed_by_serial(tpki):
     moica, key = tpki.ca("moica")
     t = now()

@@ -17,9 +17,10 @@ CRL is also kept on disk (one file per URL), so a restarted process reads it
 back instead of downloading it again; a file is believed only as a download
 is: after its signature verifies against the issuing CA, and while fresh. Responses (CRLs and OCSP) are only
 believed after their signature verifies against the issuing CA, or for OCSP
-a responder certificate that CA delegated with id-kp-OCSPSigning. A CRL clears a
-certificate only when its scope covers it (IssuingDistributionPoint, RFC 5280
-6.3.3): the one of the certificate's distribution point, for all reasons.
+a responder certificate that CA delegated with id-kp-OCSPSigning; an OCSP answer
+must also echo the request's nonce. A CRL clears a certificate only when its
+scope covers it (IssuingDistributionPoint, RFC 5280 6.3.3): the one of the
+certificate's distribution point, for all reasons.
 """
 
 from __future__ import annotations
@@ -331,7 +332,8 @@ def _responder_key(basic: ocsp.BasicOCSPResponse, issuer: x509.Certificate, now:
 
 def check_ocsp_response(der: bytes, cert: x509.Certificate, issuer: x509.Certificate, now: datetime,
                         policy: RevocationPolicy, nonce: bytes | None):
-    """('good'|'revoked', SingleResponse) from a verified response, else ValueError."""
+    """('good'|'revoked', SingleResponse) from a verified response, else ValueError.
+    ``nonce``: the one the request sent, which the response must echo."""
     resp = ocsp.OCSPResponse.load(der)
     status = resp["response_status"].native
     if status != "successful":
@@ -343,10 +345,13 @@ def check_ocsp_response(der: bytes, cert: x509.Certificate, issuer: x509.Certifi
     key = _responder_key(basic, issuer, now)
     if not sig.check(key, basic["signature_algorithm"], basic["signature"].native, tbs.dump()):
         raise ValueError("OCSP response signature invalid")
-    if nonce is not None:
-        for ext in tbs["response_extensions"] or []:
-            if ext["extn_id"].native == "nonce" and ext["extn_value"].parsed.native != nonce:
-                raise ValueError("OCSP nonce mismatch (replayed response)")
+    if nonce is not None:  # without it, a signed answer from before a revocation could be replayed
+        echoed = [ext["extn_value"].parsed.native for ext in tbs["response_extensions"] or []
+                  if ext["extn_id"].native == "nonce"]
+        if not echoed:
+            raise ValueError("OCSP response carries no nonce (replayed, or the responder does not echo it)")
+        if echoed != [nonce]:
+            raise ValueError("OCSP nonce mismatch (replayed response)")
     for single in tbs["responses"]:
         cid = single["cert_id"]
         if cid["serial_number"].native != cert.serial_number:

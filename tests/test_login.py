@@ -177,6 +177,15 @@ def test_single_sign_on_counts_only_the_factors_the_client_allows(provider):
     assert "code" in callback(browser.authorize(with_password))
 
 
+def test_a_client_is_shown_by_its_registered_name_never_as_the_providers_text(provider):
+    """A client named after one of the provider's messages does not pass as the provider's
+    own pages ("return to account settings"); those keep their name."""
+    client_id, _ = provider.client(client_name="account.console")
+    page = provider.browser().authorize(client_id)
+    assert "登入後將返回「account.console」" in page.text and "帳號設定" not in page.text
+    assert "登入後將返回「帳號設定」" in provider.browser().go("/account").text
+
+
 def test_expired_password_must_be_changed(provider):
     provider.account("alice")
     client_id, _ = provider.client()

@@ -66,6 +66,11 @@ class OAuthClient(ClientMixin):
     def name(self) -> str:
         return self.metadata.get("client_name") or self.client_id
 
+    def shown_name(self, _) -> str:
+        """The name the login pages show (``_``: their translation, which the provider's own
+        console needs): as registered, never looked up as one of the provider's messages."""
+        return self.name
+
     @property
     def auth_method(self) -> str:
         return self.metadata.get("token_endpoint_auth_method", "client_secret_basic")

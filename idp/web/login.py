@@ -56,6 +56,9 @@ class Console:
     def allows(self, factor: str) -> bool:
         return True
 
+    def shown_name(self, _) -> str:
+        return _(self.name)
+
 
 async def load(svc, tx: dict):
     """The client, the transaction's account (None before the first factor) and the next

@@ -58,8 +58,10 @@ class Sessions:
         return sorted(live, key=lambda r: r.get("created", 0), reverse=True)
 
     def end_all(self, account_id: str, tokens, but: str | None = None) -> int:
-        """End the account's sessions (``but`` one), their grants revoked; how many ended. After a
-        password reset or a reset of the bindings nobody stays logged in with the old ones."""
+        """End the account's sessions (``but`` one), their grants revoked, those of sessions that
+        have lapsed too; how many ended. After a password reset or a reset of the bindings
+        nobody stays logged in with the old ones, a refresh token included."""
+        tokens.end_account(account_id, but)
         return sum(1 for record in self.of_account(account_id)
                    if record["sid"] != but and self.end(record["sid"], tokens))
 

@@ -8,7 +8,7 @@ import pytest
 
 from idp.accounts import reset_bindings
 from idp.storage.models import Account, AuditEvent, Binding
-from tests.harness import callback, forms
+from tests.harness import callback, forms, redeem
 from tests.test_totp import _bind, _code, _error, _secret
 
 
@@ -259,6 +259,32 @@ def test_log_out_other_sessions(user):
     # The laptop's session is gone: a silent login there needs a new login.
     assert callback(laptop.authorize(client_id, prompt="none"))["error"] == "login_required"
     assert "code" in callback(phone.authorize(client_id, prompt="none"))
+
+
+def test_logging_out_the_other_sessions_ends_their_refresh_tokens_not_this_ones(user):
+    """A portal's refresh token outlives the SSO session it came from: one from a session that
+    has lapsed ends too when the owner logs out the other sessions; this browser's stays."""
+    provider, _, otp_secret = user
+    client_id, client_secret = provider.client()
+
+    def tokens_of(browser) -> dict:
+        page = browser.password(browser.authorize(client_id))
+        code = callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, otp_secret)))["code"]
+        provider.clock.advance(30)
+        return redeem(browser.http, client_id, client_secret, code).json()
+
+    def refresh(tokens):
+        return provider.http().post("/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+                                    auth=(client_id, client_secret))
+
+    kept_elsewhere = tokens_of(provider.browser())
+    provider.clock.advance(provider.svc.settings.session_seconds + 60)  # that session lapses
+    laptop = tokens_of(provider.browser())
+    phone = provider.browser()
+    mine = tokens_of(phone)
+    phone.submit(phone.go("/account"), "/account/sessions/end-others")
+    assert refresh(kept_elsewhere).json()["error"] == refresh(laptop).json()["error"] == "invalid_grant"
+    assert refresh(mine).status_code == 200
 
 
 def test_a_qr_secret_seen_by_a_session_since_logged_out_is_not_the_owners_next(user):

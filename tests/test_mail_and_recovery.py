@@ -16,7 +16,7 @@ from idp.accounts import set_password
 from idp.mail import SEPARATOR, MailError
 from idp.storage.models import Account, AuditEvent
 from idp.web.recovery import send_verification
-from tests.harness import PASSWORD, callback, forms
+from tests.harness import PASSWORD, callback, forms, redeem
 from tests.mailserver import MailServer
 
 NEW = "Brand-New-Pass-7?"
@@ -153,6 +153,34 @@ def test_a_reset_ends_every_session_of_the_account(mailing, smtp_server):
     page = owner.go(reset_link(smtp_server.next_message()))
     assert "密碼已重設" in owner.submit(page, "/password/reset", new_password=NEW, new_password_again=NEW).text
     assert callback(thief.authorize(client_id, prompt="none"))["error"] == "login_required"
+
+
+def test_a_reset_ends_the_refresh_tokens_of_sessions_that_had_lapsed(mailing, smtp_server):
+    """A refresh token outlives the SSO session it came from (8 hours against 30 days): one
+    kept from a session that has lapsed ends with the reset too, at the token endpoint, at
+    introspection and at UserInfo."""
+    provider = mailing
+    provider.account("alice", email_verified=True)
+    client_id, secret = provider.client()
+    thief = provider.browser()
+    tokens = redeem(thief.http, client_id, secret, thief.login(client_id)["code"]).json()
+    provider.clock.advance(provider.svc.settings.session_seconds + 60)
+    http = provider.http()
+
+    def refresh(token):
+        return http.post("/token", data={"grant_type": "refresh_token", "refresh_token": token}, auth=(client_id, secret))
+
+    tokens = refresh(tokens["refresh_token"]).json()  # its session lapsed, it did not end: still good
+    owner = provider.browser()
+    ask_reset(provider, owner, "alice@example.tw")
+    page = owner.go(reset_link(smtp_server.next_message()))
+    assert "密碼已重設" in owner.submit(page, "/password/reset", new_password=NEW, new_password_again=NEW).text
+    assert refresh(tokens["refresh_token"]).json()["error"] == "invalid_grant"
+    for token in (tokens["refresh_token"], tokens["access_token"]):
+        assert http.post("/introspect", data={"token": token}, auth=(client_id, secret)).json() == {"active": False}
+    assert http.get("/userinfo", headers={"Authorization": f"Bearer {tokens['access_token']}"}).status_code == 401
+    # Logging in after the reset is a new start.
+    assert "code" in provider.browser().login(client_id, password=NEW)
 
 
 def test_a_link_is_void_once_the_password_has_changed_since(mailing, smtp_server):

@@ -30,6 +30,7 @@ from starlette.responses import Response
 from idp.accounts import disabled_mark
 from idp.protocol import claims, dpop
 from idp.protocol.clients import OAuthClient, find
+from idp.protocol.tokens import ended_by_account, not_before_mark
 from idp.storage.kv import Batch
 from idp.storage.models import Account
 
@@ -145,17 +146,23 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     if account_id is not None and "openid" in scope.split():
         token["id_token"] = claims.id_token(svc, client, account_id, claims.narrowed(profile, scope), auth,
                                             nonce=nonce, access_token=token["access_token"])
+    # Checked in the write's own round trip: the account's disabled mark; for a refresh, whether
+    # the account's sessions were ended since its grant opened; with ``sid``, the session, read in
+    # the round trip that adds the grant to its list (a logout that takes the session after this
+    # read finds the grant there and revokes it).
+    reads = {}
     if account_id is not None:
-        batch.read(disabled_mark(account_id))  # checked in the write's own round trip
+        reads["disabled"] = batch.read(disabled_mark(account_id))
+    if account_id is not None and rotating is not None:
+        reads["not_before"] = batch.read(not_before_mark(account_id))
     if sid is not None:
-        # In the round trip that adds the grant to the session's list: a logout that takes the
-        # session after this read finds the grant there and revokes it.
-        batch.read("sess:" + sid)
+        reads["session"] = batch.read("sess:" + sid)
     found = svc.store.write(batch)
     taken, read = found[:len(batch.takes)], found[len(batch.takes):]
+    read = {name: read[i] for name, i in reads.items()}
     reused = rotating is not None and taken[0] is None  # another request claimed the refresh token first
-    disabled = account_id is not None and read[0] is not None
-    ended = sid is not None and read[-1] is None
+    disabled = read.get("disabled") is not None
+    ended = ("session" in read and read["session"] is None) or ended_by_account(rotating or {}, read.get("not_before"))
     if reused or disabled or ended:
         svc.tokens.revoke_grant(gid)  # with the tokens just written: they were never handed out
         raise InvalidGrantError("The account is disabled." if disabled else "The login's session has ended." if ended
@@ -370,7 +377,7 @@ class IntrospectionEndpoint(rfc7662.IntrospectionEndpoint):
 
     def introspect_token(self, token):
         svc, record = self.server.svc, token.record
-        if record.get("account") and not account_active(svc, record["account"]):
+        if record.get("account") and (not account_active(svc, record["account"]) or svc.tokens.ended(record)):
             return {"active": False}  # a disabled account's tokens are dead, as at UserInfo and refresh
         payload = {
             "active": True,

@@ -20,10 +20,25 @@ import hashlib
 import secrets
 
 USED_MARKER_SECONDS = 86400
+# An account's not-before mark (``Tokens.end_account``) must outlive every refresh token opened
+# before it, and a client's refresh_token_lifetime has no upper bound: as the disabled marks.
+NOT_BEFORE_SECONDS = 10 * 365 * 86400
 
 
 def _h(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def not_before_mark(account_id: str) -> str:
+    return "acct-not-before:" + account_id
+
+
+def ended_by_account(grant: dict, mark: dict | None) -> bool:
+    """Whether the account's sessions were ended (``Tokens.end_account``) after this grant was
+    opened, other than the one session that was kept. Grants from before grants kept their
+    time count as older."""
+    return (mark is not None and grant.get("created", 0) < mark["time"]
+            and (grant.get("auth") or {}).get("sid") != mark.get("but"))
 
 
 def _grant_of(token: str) -> str | None:
@@ -65,11 +80,20 @@ class Tokens:
     # -- grants ------------------------------------------------------------
     def open_grant(self, record: dict, lifetime: int, gid: str | None = None, batch=None) -> str:
         gid = gid or secrets.token_urlsafe(12)
-        self._write(batch, "grant:" + gid, record, lifetime)
+        self._write(batch, "grant:" + gid, {**record, "created": self.clock()}, lifetime)
         return gid
+
+    def end_account(self, account_id: str, but_sid: str | None = None) -> None:
+        """Every grant of the account opened until now is over, but those of session ``but_sid``:
+        refresh tokens outlive the session they came from, which its end no longer reaches."""
+        self.store.set(not_before_mark(account_id), {"time": self.clock(), "but": but_sid}, NOT_BEFORE_SECONDS)
 
     def revoke_grant(self, gid: str) -> None:
         self.store.delete("grant:" + gid)
+
+    def ended(self, record: dict) -> bool:
+        """``ended_by_account`` for a token's record (as ``lookup`` gives it)."""
+        return ended_by_account(record, self.store.get(not_before_mark(record["account"])))
 
     # -- access and refresh tokens ---------------------------------------------
     def issue(self, kind: str, gid: str, record: dict, lifetime: int, batch=None) -> str:

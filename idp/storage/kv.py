@@ -54,8 +54,10 @@ class Batch:
     def take(self, key: str) -> None:
         self.takes.append(key)
 
-    def read(self, key: str) -> None:
+    def read(self, key: str) -> int:
+        """Read ``key`` in the round trip; where it comes among the reads' results."""
         self.reads.append(key)
+        return len(self.reads) - 1
 
     def incr(self, key: str, ttl: int, by: int = 1) -> None:
         """As ``Store.incr``; ``write`` returns the count."""

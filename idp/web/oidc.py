@@ -306,7 +306,7 @@ async def userinfo(request: Request) -> Response:
                             {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="openid"'})
     info = await run_in_threadpool(_userinfo, svc, record)
     if info is None:
-        return _oauth_error("invalid_token", "The account is disabled.", 401, {"WWW-Authenticate": challenge})
+        return _oauth_error("invalid_token", "The token is no longer valid: the account is disabled or its sessions were ended.", 401, {"WWW-Authenticate": challenge})
     return _json(info, headers={"Cache-Control": "no-store"})
 
 
@@ -314,7 +314,7 @@ def _userinfo(svc, record):
     client = svc.server.query_client(record["client_id"])
     with svc.db.session() as session:
         account = session.get(Account, record["account"])
-        if account is None or account.disabled or client is None:
+        if account is None or account.disabled or client is None or svc.tokens.ended(record):
             return None
         return claims.userinfo(account, record["scope"], claims.subject(account.id, client, svc.pairwise_salt))
 

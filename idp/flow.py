@@ -118,13 +118,15 @@ def record_factor(tx: dict, factor, account: Account, now: float, amr: list | No
 
 def within_policy(session: dict, client) -> dict | None:
     """The SSO session as far as ``client`` may build on it: the proofs of the factors its
-    policy allows (``allowed_factors``), or None when there are none. A password given at
-    another portal proves nothing to a client that accepts only the certificate."""
+    policy allows (``allowed_factors``), or None when none of them found the account (a first
+    factor), and the login starts over. A password given at another portal proves nothing to
+    a client that accepts only the certificate; after Google and OTP, a client that does not
+    take Google asks for the password, then OTP again."""
     proofs = session.get("proofs")
     if all(client.allows(name) for name in (FACTORS if proofs is None else proofs)):
         return session
     kept = {name: amr for name, amr in (proofs or {}).items() if client.allows(name)}
-    if not kept:  # also a session from before sessions kept their proofs
+    if not any(FACTORS[name].first for name in kept if name in FACTORS):  # also a session from before proofs
         return None
     amr = [m for proven in kept.values() for m in proven]
     return {**session, "proofs": kept, "amr": acr.with_mfa(list(dict.fromkeys(amr)))}

@@ -6,6 +6,8 @@ import re
 import threading
 from urllib.parse import parse_qs, urlsplit
 
+from idp.acr import LOA2
+from idp.factors import FACTORS
 from tests.harness import PASSWORD, callback, forms
 
 
@@ -175,6 +177,20 @@ def test_single_sign_on_counts_only_the_factors_the_client_allows(provider):
     assert "/login/factor/password" not in page.text
     assert callback(browser.authorize(strict, prompt="none"))["error"] == "login_required"
     assert "code" in callback(browser.authorize(with_password))
+
+
+def test_after_google_and_otp_a_client_that_does_not_take_google_starts_with_the_password(make_provider):
+    """What is left of the session for such a client (the OTP) finds nobody: the login starts
+    over with a factor that does, not at a second factor for an account it never proved."""
+    provider = make_provider(mfa=True)
+    account_id = provider.account("alice")
+    client_id, _ = provider.client(allowed_factors=[name for name in FACTORS if name != "google"])
+    session = provider.svc.sessions.create(account_id, "alice", ["fed", "otp", "mfa"], LOA2, provider.clock(),
+                                           proofs={"google": ["fed"], "otp": ["otp"]})
+    browser = provider.browser()
+    browser.http.cookies.set("idp_session", session["sid"])
+    page = browser.authorize(client_id)
+    assert "/login/factor/password" in page.text and "/login/factor/otp" not in page.text
 
 
 def test_a_client_is_shown_by_its_registered_name_never_as_the_providers_text(provider):

@@ -61,7 +61,8 @@ class Transactions:
             "account": None,
             "username": "",
             "amr": [],
-            "proofs": {},  # factor name -> the amr it proved, which a session keeps (``within_policy``)
+            "proofs": {},  # factor name -> {amr it proved, time}, which a session keeps (``within_policy``)
+            "sid": None,  # the SSO session this login builds on, which must still be there at its end
             "done": [],
             "auth_time": None,
             "failures": 0,
@@ -71,7 +72,7 @@ class Transactions:
         if session and not fresh:
             # Build on the session: step-up asks only for what is missing.
             tx.update(account=session["account"], username=session["username"], amr=list(session["amr"]),
-                      proofs=dict(session.get("proofs") or {}), auth_time=session["auth_time"])
+                      proofs=dict(session.get("proofs") or {}), auth_time=session["auth_time"], sid=session["sid"])
         return tx
 
     def get(self, tx_id: str | None) -> dict | None:
@@ -108,9 +109,9 @@ class Transactions:
 def record_factor(tx: dict, factor, account: Account, now: float, amr: list | None = None) -> None:
     """A factor succeeded: remember who and how (``amr``: when not the factor's own), and when."""
     if tx["account"] != account.id:
-        tx.update(amr=[], proofs={}, done=[])
+        tx.update(amr=[], proofs={}, done=[], sid=None)
     tx["account"], tx["username"] = account.id, account.username
-    tx["proofs"][factor.name] = amr or factor.amr
+    tx.setdefault("proofs", {})[factor.name] = {"amr": amr or factor.amr, "time": now}  # (logins begun before proofs)
     tx["amr"] = acr.with_mfa(tx["amr"] + [m for m in amr or factor.amr if m not in tx["amr"]])
     tx["done"].append(factor.name)
     tx["auth_time"] = now
@@ -125,11 +126,18 @@ def within_policy(session: dict, client) -> dict | None:
     proofs = session.get("proofs")
     if all(client.allows(name) for name in (FACTORS if proofs is None else proofs)):
         return session
-    kept = {name: amr for name, amr in (proofs or {}).items() if client.allows(name)}
+    kept = {name: proof for name, proof in (proofs or {}).items() if client.allows(name)}
     if not any(FACTORS[name].first for name in kept if name in FACTORS):  # also a session from before proofs
         return None
-    amr = [m for proven in kept.values() for m in proven]
-    return {**session, "proofs": kept, "amr": acr.with_mfa(list(dict.fromkeys(amr)))}
+    amr = [m for proof in kept.values() for m in proof["amr"]]
+    # Its auth_time too is theirs (max_age): a step-up elsewhere does not make them recent.
+    return {**session, "proofs": kept, "amr": acr.with_mfa(list(dict.fromkeys(amr))),
+            "auth_time": int(max(proof["time"] for proof in kept.values()))}
+
+
+def proven_since(tx: dict) -> float:
+    """When the login's oldest proof was made (those it took over from its session's too)."""
+    return min((proof["time"] for proof in tx.get("proofs", {}).values()), default=tx["auth_time"] or 0)
 
 
 def _raises(factor, amr: list[str]) -> bool:

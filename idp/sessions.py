@@ -66,12 +66,14 @@ class Sessions:
                    if record["sid"] != but and self.end(record["sid"], tokens))
 
     def get(self, sid: str | None) -> dict | None:
-        if not sid:
-            return None
-        record = self.store.get("sess:" + sid)
-        if record is None or record["exp"] < self.clock():
-            return None
-        return record
+        return self.live(self.store.get(self.key(sid))) if sid else None
+
+    def key(self, sid: str) -> str:
+        """Where session ``sid`` is stored, for a caller that reads it with other keys at once."""
+        return "sess:" + sid
+
+    def live(self, record: dict | None) -> dict | None:
+        return None if record is None or record["exp"] < self.clock() else record
 
     def save(self, record: dict, batch: Batch | None = None) -> None:
         (batch or self.store).set("sess:" + record["sid"], record, max(1, int(record["exp"] - self.clock())))

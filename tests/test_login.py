@@ -6,8 +6,11 @@ import re
 import threading
 from urllib.parse import parse_qs, urlsplit
 
+import pyotp
+
 from idp.acr import LOA2
 from idp.factors import FACTORS
+from idp.storage.models import Binding
 from tests.harness import PASSWORD, callback, forms
 
 
@@ -186,11 +189,57 @@ def test_after_google_and_otp_a_client_that_does_not_take_google_starts_with_the
     account_id = provider.account("alice")
     client_id, _ = provider.client(allowed_factors=[name for name in FACTORS if name != "google"])
     session = provider.svc.sessions.create(account_id, "alice", ["fed", "otp", "mfa"], LOA2, provider.clock(),
-                                           proofs={"google": ["fed"], "otp": ["otp"]})
+                                           proofs={"google": {"amr": ["fed"], "time": provider.clock()},
+                                                   "otp": {"amr": ["otp"], "time": provider.clock()}})
     browser = provider.browser()
     browser.http.cookies.set("idp_session", session["sid"])
     page = browser.authorize(client_id)
     assert "/login/factor/password" in page.text and "/login/factor/otp" not in page.text
+
+
+def test_max_age_counts_the_age_of_the_factors_the_client_accepts(provider):
+    """A step-up elsewhere with a factor a client does not take makes nothing it takes recent:
+    a password client asking max_age=60 an hour after the password asks for it again."""
+    account_id = provider.account("alice")
+    secret = pyotp.random_base32()
+    with provider.svc.db.session() as session:
+        session.add(Binding(account_id=account_id, factor="otp", label="v1",
+                            data={"secret": provider.svc.box.seal(secret, account_id), "version": 1}))
+    open_client, _ = provider.client()
+    strict, _ = provider.client(allowed_factors=["password"])
+    browser = provider.browser()
+    browser.login(open_client)
+    provider.clock.advance(3600)
+    page = browser.authorize(open_client, acr_values=LOA2)  # an hour later, OTP elsewhere
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
+    provider.clock.advance(10)
+    assert "/login/factor/password" in browser.authorize(strict, max_age="60").text
+
+
+def test_a_login_paused_on_an_ended_session_proves_nothing(provider):
+    """A login that took over an SSO session (a consent page left open) ends with it: at a shared
+    computer, the next person pressing allow after the user logged out gets no code and no
+    session. Nor does a login whose factors were proven before the owner ended every session
+    (an intruder who knew the password, paused at consent while the owner reset it)."""
+    account_id = provider.account("alice")
+    portal, _ = provider.client()
+    third, _ = provider.client(first_party=False, client_name="Research Grants")
+    browser = provider.browser()
+    browser.login(portal)
+    paused = browser.authorize(third, prompt="consent")
+    browser.submit(browser.go("/logout"), "/logout")
+    after = browser.submit(paused, "/login/consent", button=("decision", "allow"))
+    assert "登入已逾時" in after.text and "location" not in after.headers
+    assert callback(browser.authorize(portal, prompt="none"))["error"] == "login_required"
+
+    intruder = provider.browser()
+    paused = intruder.password(intruder.authorize(third))
+    assert "/login/consent" in paused.text, paused.headers.get("location")
+    provider.clock.advance(1)
+    provider.svc.sessions.end_all(account_id, provider.svc.tokens)  # as a reset does
+    after = intruder.submit(paused, "/login/consent", button=("decision", "allow"))
+    assert "登入已逾時" in after.text and "location" not in after.headers
+    assert "code" in provider.browser().login(portal)  # a login after it is a new start
 
 
 def test_a_client_is_shown_by_its_registered_name_never_as_the_providers_text(provider):

@@ -30,7 +30,7 @@ from starlette.responses import Response
 from idp.accounts import disabled_mark
 from idp.protocol import claims, dpop
 from idp.protocol.clients import OAuthClient, find
-from idp.protocol.tokens import ended_by_account, not_before_mark
+from idp.protocol.tokens import grant_ended, not_before_mark
 from idp.storage.kv import Batch
 from idp.storage.models import Account
 
@@ -162,7 +162,7 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     read = {name: read[i] for name, i in reads.items()}
     reused = rotating is not None and taken[0] is None  # another request claimed the refresh token first
     disabled = read.get("disabled") is not None
-    ended = ("session" in read and read["session"] is None) or ended_by_account(rotating or {}, read.get("not_before"))
+    ended = ("session" in read and read["session"] is None) or grant_ended(rotating or {}, read.get("not_before"))
     if reused or disabled or ended:
         svc.tokens.revoke_grant(gid)  # with the tokens just written: they were never handed out
         raise InvalidGrantError("The account is disabled." if disabled else "The login's session has ended." if ended

@@ -33,12 +33,17 @@ def not_before_mark(account_id: str) -> str:
     return "acct-not-before:" + account_id
 
 
-def ended_by_account(grant: dict, mark: dict | None) -> bool:
-    """Whether the account's sessions were ended (``Tokens.end_account``) after this grant was
-    opened, other than the one session that was kept. Grants from before grants kept their
-    time count as older."""
-    return (mark is not None and grant.get("created", 0) < mark["time"]
-            and (grant.get("auth") or {}).get("sid") != mark.get("but"))
+def ended_by_account(mark: dict | None, since: float, sid: str | None) -> bool:
+    """Whether the account's sessions were ended (``Tokens.end_account``, its ``mark``) after
+    ``since`` (a grant's opening, a login's first proof), other than the session that was
+    kept; ``sid``: the session the grant or login belongs to."""
+    return mark is not None and since < mark["time"] and not (sid and sid == mark.get("but"))
+
+
+def grant_ended(grant: dict, mark: dict | None) -> bool:
+    """``ended_by_account`` for a grant (or a token's record with its grant's fields); grants
+    from before grants kept their time count as older."""
+    return ended_by_account(mark, grant.get("created", 0), (grant.get("auth") or {}).get("sid"))
 
 
 def _grant_of(token: str) -> str | None:
@@ -92,8 +97,8 @@ class Tokens:
         self.store.delete("grant:" + gid)
 
     def ended(self, record: dict) -> bool:
-        """``ended_by_account`` for a token's record (as ``lookup`` gives it)."""
-        return ended_by_account(record, self.store.get(not_before_mark(record["account"])))
+        """``grant_ended`` for a token's record (as ``lookup`` gives it)."""
+        return grant_ended(record, self.store.get(not_before_mark(record["account"])))
 
     # -- access and refresh tokens ---------------------------------------------
     def issue(self, kind: str, gid: str, record: dict, lifetime: int, batch=None) -> str:

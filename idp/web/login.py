@@ -28,6 +28,7 @@ from idp.factors import FACTORS, methods
 from idp.factors.totp import Enrolment
 from idp.protocol import claims
 from idp.protocol.server import Request as OAuthRequest
+from idp.protocol.tokens import ended_by_account, not_before_mark
 from idp.storage.kv import Batch
 from idp.storage.models import Account, Consent
 from idp.web.forms import BadRequest, read_form
@@ -228,7 +229,8 @@ async def bind_otp(request: Request) -> Response:
         return _again(tx)
     await svc.db.call(svc.audit.record, "binding.created", account_id=tx["account"], username=tx["username"],
                       client_id=tx["client_id"], method="otp", **who(request))
-    tx.update(account=None, amr=[], done=[], auth_time=None, flash={"notice": "otp.bound_relogin", "params": {}})
+    tx.update(account=None, amr=[], proofs={}, done=[], sid=None, auth_time=None,
+              flash={"notice": "otp.bound_relogin", "params": {}})
     await bridge.run(svc.transactions.save, tx)
     return _again(tx)
 
@@ -284,9 +286,9 @@ async def consent(request: Request) -> Response:
         return _expired(request)
     if form.get("decision") != "allow":
         return await respond_error(request, tx, "access_denied", "The user declined.")
-    scope = " ".join(sorted(flow.requested_scope(tx, client)))
-    await run_in_threadpool(_save_consent, svc, tx["account"], tx["client_id"], scope)
-    tx["consented"] = True
+    # Kept at the login's end (``finish``), with the code: a login that does not end well
+    # (its session ended meanwhile) leaves no consent behind either.
+    tx["consented"] = " ".join(sorted(flow.requested_scope(tx, client)))
     await bridge.run(svc.transactions.save, tx)
     return _again(tx)
 
@@ -337,7 +339,18 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     # from an account that has none to offer (else it could never get in).
     verified = bool(tx["done"]) and (any(FACTORS[name].possession for name in tx["done"])
                                      or not flow.holds_possession(svc, account))
-    session = await bridge.run(svc.sessions.get, get_cookie(request, SESSION_COOKIE))
+    cookie = get_cookie(request, SESSION_COOKIE)
+    keys = [not_before_mark(account.id)] + ([svc.sessions.key(cookie)] if cookie else [])
+    not_before, *found = await bridge.run(svc.store.get_many, keys)
+    session = svc.sessions.live(found[0]) if found else None
+    built_on = tx.get("sid")
+    if (built_on and (session is None or session["sid"] != built_on)) or \
+            ended_by_account(not_before, flow.proven_since(tx), built_on):
+        # The session this login built on has ended (a logout), or the account's sessions were
+        # ended after its first proof (a reset, log out other browsers): it proves nothing now.
+        svc.transactions.drop(tx, earlier)
+        await bridge.run(svc.store.write, earlier)
+        return _expired(request)
     if session and session["account"] != account.id:
         await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
         session = None
@@ -345,16 +358,18 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     if new_session:
         session = svc.sessions.create(account.id, account.username, tx["amr"], acr.earned(tx["amr"]), tx["auth_time"],
                                       seen=who(request), verified_at=svc.clock() if verified else 0, batch=writes,
-                                      proofs=tx["proofs"])
+                                      proofs=tx.get("proofs"))
     elif tx["done"]:
         # New proof for the same person (step-up or a forced re-login); a step-up transaction
         # started from what the session proved to this client, so tx["amr"] is the story now.
-        session.update(amr=tx["amr"], proofs=tx["proofs"], acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
+        session.update(amr=tx["amr"], proofs=tx.get("proofs"), acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
         if verified:
             session["verified_at"] = svc.clock()
         svc.sessions.save(session, writes)
     # What the transaction holds: the session's proofs that this client accepts, and the new ones.
-    auth = {"sid": session["sid"], "auth_time": session["auth_time"], "acr": acr.earned(tx["amr"]), "amr": tx["amr"]}
+    auth = {"sid": session["sid"], "auth_time": int(tx["auth_time"]), "acr": acr.earned(tx["amr"]), "amr": tx["amr"]}
+    if tx.get("consented"):
+        await run_in_threadpool(_save_consent, svc, account.id, client.client_id, tx["consented"])
     if tx["done"]:  # before anything is written: a failure here leaves the login to retry
         await svc.db.call(svc.audit.record, "login.success", account_id=account.id, username=account.username,
                           client_id=client.client_id, **who(request), method="+".join(tx["done"]), acr=auth["acr"])

@@ -198,8 +198,12 @@ async def login(request):
 
 async def callback(request):
     pending = request.app.state.actions.get(request.session.pop("pending_action", None))
+    idp = request.app.state.oauth.idp
     try:
-        token = await request.app.state.oauth.idp.authorize_access_token(request)
+        # authlib checks aud only when told to (OIDC Core 3.1.3.7: it must be this portal).
+        issuer = (await idp.load_server_metadata())["issuer"]
+        token = await idp.authorize_access_token(request, claims_options={
+            "iss": {"values": [issuer]}, "aud": {"essential": True, "value": idp.client_id}})
     except PROVIDER_ERRORS as exc:
         return provider_error(request, exc)
     if not token.get("userinfo"):

@@ -19,9 +19,16 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from clients import portal as portals
 from clients.commerce_portal import create_app as create_commerce
@@ -124,6 +131,39 @@ def expect_home(page, portal: str, name: str, acr: str) -> None:
 def provider_cookies(page, world) -> dict:
     host = urlsplit(world["provider"].issuer).hostname
     return {c["name"]: c["value"] for c in page.context.cookies() if c["domain"] == host and c["name"].startswith("idp_")}
+
+
+def test_a_portal_refuses_an_id_token_made_for_another_client():
+    """OIDC Core 3.1.3.7: an ID token whose aud is not the portal is refused, azp or not. The
+    token endpoint here is a stand-in that answers with one for the commerce portal."""
+    key = ECKey.generate_key("P-256", parameters={"kid": "k1"})
+    asked: dict = {}
+
+    async def discovery(request):
+        base = str(request.base_url).rstrip("/")
+        return JSONResponse({"issuer": base, "authorization_endpoint": base + "/authorize",
+                             "token_endpoint": base + "/token", "jwks_uri": base + "/jwks",
+                             "id_token_signing_alg_values_supported": ["ES256"]})
+
+    async def token(request):
+        now = int(time.time())
+        claims = {"iss": str(request.base_url).rstrip("/"), "sub": "alice", "aud": "commerce", "azp": "school",
+                  "iat": now, "exp": now + 300, "nonce": asked["nonce"]}
+        return JSONResponse({"access_token": "at", "token_type": "Bearer",
+                             "id_token": jwt.encode({"alg": "ES256", "kid": "k1"}, claims, key)})
+
+    op = Starlette(routes=[Route("/.well-known/openid-configuration", discovery),
+                           Route("/jwks", lambda request: JSONResponse({"keys": [key.as_dict(private=False)]})),
+                           Route("/token", token, methods=["POST"])])
+    with live.reserve() as (sock, url), live.serve(op, sock, url, health="/jwks"):
+        portal = create_school(issuer=url, client_id="school", client_secret="s", portal_url="https://school.example.tw",
+                               session_secret="x" * 32)
+        with TestClient(portal, base_url="https://school.example.tw") as browser:
+            query = dict(parse_qsl(urlsplit(browser.get("/login", follow_redirects=False).headers["location"]).query))
+            asked["nonce"] = query["nonce"]
+            answer = browser.get("/callback", params={"code": "c", "state": query["state"]}, follow_redirects=False)
+            assert answer.status_code == 400 and "aud" in answer.text
+            assert "alice" not in browser.get("/").text
 
 
 def test_sso_step_up_and_logout_everywhere(world, page):

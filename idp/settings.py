@@ -189,6 +189,10 @@ class Settings:
     mobileid_key: str = _doc(
         "This provider's AES-256 key at the mobile-ID service (64 hex digits or base64).", "", secret=True
     )
+    mobileid_max_unanswered: int = _doc(
+        "Mobile-ID requests in a row an account may leave unanswered or deny (only a login by mobile ID resets "
+        "the count); then requests to its phone pause for `IDP_LOCKOUT_SECONDS` (push fatigue).", 3
+    )
     mobileid_time_limit: int = _doc(
         "Seconds a mobile-ID request lives, 30 to 600 (the login page's countdown).", 180
     )

@@ -285,3 +285,27 @@ def test_a_locked_account_is_sent_no_request(provider, sim):
     calls = len(sim.calls)
     page, _ = start(provider, provider.browser(), client_id)
     assert "帳號已暫時停用" in _error(page) and len(sim.calls) == calls
+
+
+def test_requests_nobody_approves_pause_after_three(provider, sim):
+    """Starting needs only a person's ID number and a captcha (push fatigue): after three
+    requests in a row denied or left unanswered, the fourth sends nothing to the phone and
+    says why, until the lockout time has passed; a login by mobile ID counts again from zero."""
+    client_id, client_secret = provider.client()
+    for i in range(3):
+        stranger = provider.browser()  # nothing but the ID number, a new browser each time
+        page, tx = start(provider, stranger, client_id)
+        if i == 0:
+            phone(sim, "deny", sp_ticket_id=tickets(provider, tx)["push"]["sp_ticket_id"])
+    sent = _calls(sim, "requestAthOrSignPush")
+    page, _ = start(provider, provider.browser(), client_id)
+    assert "暫停傳送至手機" in _error(page) and _calls(sim, "requestAthOrSignPush") == sent
+    provider.clock.advance(provider.svc.settings.lockout_seconds + 1)
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id)
+    phone(sim, "approve", sp_ticket_id=tickets(provider, tx)["push"]["sp_ticket_id"])
+    assert status(browser, tx)["state"] == "done"
+    assert claims(browser, client_id, client_secret, browser.submit(page, "/login/factor/mobileid"))["acr"] == "urn:idp:loa:3"
+    for _ in range(3):  # approved: three more before a pause
+        page, _ = start(provider, provider.browser(), client_id)
+        assert 'id="mobileid-countdown"' in page.text

@@ -66,6 +66,34 @@ def while_locked(svc, account_id: str, username: str, seen: dict, keep: dict | N
     return None
 
 
+class Fatigue:
+    """Requests sent to a person's phone that nobody approved, in a row (push fatigue): past
+    ``limit`` of them, more are refused until ``lockout_seconds`` after the first; only an
+    approval starts the count again. A denial counts like no answer, or someone pushing for
+    ever would only need the user to keep saying no."""
+
+    def __init__(self, name: str):
+        self.unanswered = name + "-unanswered:"  # account -> requests in a row nobody approved
+        self.paused = name + "-paused:"          # account -> until when requests are refused
+
+    def refuses(self, svc, account_id: str, limit: int) -> bool:
+        """Count this request; whether too many in a row went unapproved (by the injected clock,
+        like every expiry that matters)."""
+        now, seconds = svc.clock(), svc.settings.lockout_seconds
+        paused = svc.store.get(self.paused + account_id)
+        if paused is not None and paused["until"] > now:
+            return True
+        if paused is not None:  # the pause is over: count again from zero
+            svc.store.delete(self.paused + account_id, self.unanswered + account_id)
+        if svc.store.incr(self.unanswered + account_id, seconds) <= limit:
+            return False
+        svc.store.set(self.paused + account_id, {"until": now + seconds}, seconds + 60, only_new=True)
+        return True
+
+    def approved(self, svc, account_id: str) -> None:
+        svc.store.delete(self.unanswered + account_id, self.paused + account_id)
+
+
 def methods(account) -> list[dict]:
     """The binding table of the seeds (method, bound ✓/✗, since when)."""
     bound = {b.factor: b for b in account.bindings}

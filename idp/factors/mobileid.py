@@ -36,6 +36,10 @@ Decisions:
 - **No later surprise logout** (the seed's known bug): the tickets live only
   in this login attempt; the SSO session is made by the flow with its own
   lifetime and nothing about the tickets touches it afterwards.
+- **Push fatigue**: starting needs only a person's ID number and a captcha, so
+  more than ``mobileid_max_unanswered`` requests in a row not approved pause
+  the requests to that account's phone for ``lockout_seconds`` (as the push
+  app's, ``idp.factors.Fatigue``); a login by mobile ID starts the count again.
 - **Failures** (denied on the phone, expired, an answer that does not
   verify) end the attempt: the page shows why and offers to try again with
   the number kept. A push that cannot be sent while the QR ticket can still
@@ -52,7 +56,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from idp import bridge, captcha
-from idp.factors import Outcome, while_locked
+from idp.factors import Fatigue, Outcome, while_locked
 from idp.factors.totp import qr_svg
 from idp.mobileid import MobileIdConfig, MobileIdConnector, MobileIdError, Ticket, Verified, checksum
 from idp.mobileid import errors as e
@@ -66,6 +70,7 @@ log = logging.getLogger("idp.mobileid")
 
 ATTEMPT = "mobileid:"         # the tickets of one attempt
 WON = "mobileid-won:"         # the one verified result of an attempt, claimed atomically
+FATIGUE = Fatigue("mobileid")  # a start needs only a national ID number and a captcha
 PENDING, DONE, NONE = "pending", "done", "none"
 FAILURES = {  # connector errors -> message keys
     e.Denied: "mobileid.denied",
@@ -158,6 +163,10 @@ class MobileIdFactor:
             return Outcome(error="login.disabled", keep=keep)
         if (locked := await svc.db.call(while_locked, svc, account.id, account.username, seen, keep)) is not None:
             return locked
+        if await bridge.run(FATIGUE.refuses, svc, account.id, svc.settings.mobileid_max_unanswered):
+            await svc.db.call(svc.audit.record, "login.push_refused", account_id=account.id, username=account.username,
+                              **seen)
+            return Outcome(error="mobileid.too_many", params={"n": svc.settings.mobileid_max_unanswered}, keep=keep)
 
         connector = svc.mobileid
         tickets, errors = {}, []
@@ -265,6 +274,7 @@ class MobileIdFactor:
         keep = {"national_id": state["national_id"]}
         if (locked := await svc.db.call(while_locked, svc, account.id, account.username, seen, keep)) is not None:
             return locked
+        await bridge.run(FATIGUE.approved, svc, account.id)
         return Outcome(account_id=account.id)
 
 

@@ -57,7 +57,7 @@ from joserfc.jwk import ECKey
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from idp.factors import TAIPEI, Outcome, while_locked
+from idp.factors import TAIPEI, Fatigue, Outcome, while_locked
 from idp.factors.totp import STEP, binding_code, check_code
 from idp.storage.models import Binding
 from idp.web.pages import who
@@ -73,8 +73,7 @@ REQUEST = "push-req:"            # request id -> the login request
 INBOX = "push-inbox:"            # device -> the request waiting for it
 ANSWER = "push-answer:"          # request id -> its one answer
 SEEN = "push-jti:"               # device:jti -> a device message already used
-UNANSWERED = "push-unanswered:"  # account -> pushes in a row nobody approved
-PAUSED = "push-paused:"          # account -> until when pushes are refused
+FATIGUE = Fatigue("push")
 
 APPROVED, DENIED, WRONG_NUMBER = "approved", "denied", "wrong_number"
 
@@ -294,10 +293,8 @@ def answer(svc, device: Binding, payload: dict) -> str:
     record = {"result": result, "account": request["account"], "device": device.external_id, "at": svc.clock()}
     if not svc.store.set(ANSWER + rid, record, ttl, only_new=True):
         raise DeviceError("already_answered", 409)
-    # Only an approval starts the fatigue count again: a denial counts like no answer, or an
-    # attacker with the password could push for ever while the user keeps saying no.
     if result == APPROVED:
-        svc.store.delete(UNANSWERED + request["account"], PAUSED + request["account"])
+        FATIGUE.approved(svc, request["account"])
     # In the account's activity log: a wrong number or a denial may be someone else's login.
     svc.audit.record("push." + result, account_id=request["account"], username=request["username"],
                      client_id=request["client_id"], method=NAME, device=device.label)
@@ -337,7 +334,7 @@ class PushFactor:
         if (locked := while_locked(svc, account.id, account.username, seen, {"chosen": binding.id})) is not None:
             return locked
         self.drop(svc, tx)
-        if self._paused(svc, account.id):
+        if FATIGUE.refuses(svc, account.id, svc.settings.push_max_unanswered):
             svc.audit.record("login.push_refused", account_id=account.id, username=account.username, **seen)
             return Outcome(error="push.error.too_many", params={"n": svc.settings.push_max_unanswered},
                            keep={"chosen": binding.id})
@@ -352,21 +349,6 @@ class PushFactor:
         svc.store.set_many([(REQUEST + rid, record, ttl), (INBOX + binding.external_id, {"request": rid}, ttl)])
         tx["push"] = {"request": rid, "device": binding.id, "number": number, "exp": exp}
         return Outcome()
-
-    @staticmethod
-    def _paused(svc, account_id: str) -> bool:
-        """Count this push; whether too many in a row went unapproved (then pause for
-        ``lockout_seconds``, by the injected clock like every expiry that matters)."""
-        now, seconds = svc.clock(), svc.settings.lockout_seconds
-        paused = svc.store.get(PAUSED + account_id)
-        if paused is not None and paused["until"] > now:
-            return True
-        if paused is not None:  # the pause is over: count again from zero
-            svc.store.delete(PAUSED + account_id, UNANSWERED + account_id)
-        if svc.store.incr(UNANSWERED + account_id, seconds) <= svc.settings.push_max_unanswered:
-            return False
-        svc.store.set(PAUSED + account_id, {"until": now + seconds}, seconds + 60, only_new=True)
-        return True
 
     def drop(self, svc, tx) -> None:
         """Forget this login's request: a later answer to it finds nothing."""

@@ -14,7 +14,7 @@ from joserfc.jwk import KeySet
 
 from clients.authenticator import AppError, Authenticator
 from idp.factors import push
-from idp.storage.models import Binding
+from idp.storage.models import AuditEvent, Binding
 from idp.factors.totp import STEP
 from tests.harness import callback, forms, redeem
 
@@ -296,6 +296,24 @@ def test_client_policy_knows_the_push_app(provider):
     # account has a second factor, and OTP is added in the account area after a login with it.
     assert 'data-step="push"' not in page.text and "/login/bind/otp" not in page.text
     assert callback(page)["error"] == "unmet_authentication_requirements"
+
+
+def test_a_cancelled_login_takes_its_push_with_it(provider):
+    """Cancelled at the login page (or ended another way, or expired), the login's request
+    leaves the phone, and an approval of it is refused: it neither shows in the activity log
+    as an approved login nor starts the fatigue count again."""
+    client_id, _ = provider.client()
+    app = register(provider, provider.browser())
+    browser, page = _push_page(provider, client_id)
+    waiting = press_push(browser, page)
+    [request] = app.pending()
+    assert "access_denied" in browser.submit(waiting, "/login/cancel").headers["location"]
+    assert app.pending() == []
+    with pytest.raises(AppError) as refused:
+        app.approve(request, shown_number(waiting))
+    assert refused.value.code == "request_expired"
+    with provider.svc.db.session() as session:
+        assert session.query(AuditEvent).filter_by(event="push.approved").count() == 0
 
 
 def test_a_locked_account_gets_no_push_and_no_login_by_an_approval(provider):

@@ -259,11 +259,18 @@ def _numbers() -> tuple[int, list[int]]:
     return choices[secrets.randbelow(3)], choices
 
 
+def _live(svc, request: dict | None) -> bool:
+    """Whether a request may still be answered: not expired, and its login still going (a
+    login cancelled, ended another way or expired takes its request with it)."""
+    return (request is not None and request["exp"] >= svc.clock()
+            and ("tx" not in request or svc.transactions.get(request["tx"]) is not None))
+
+
 def pending_request(svc, device_id: str) -> dict | None:
     """What the app shows: the request waiting for this device, if any (without the number)."""
     inbox = svc.store.get(INBOX + device_id)
     request = svc.store.get(REQUEST + inbox["request"]) if inbox else None
-    if request is None or request["exp"] < svc.clock() or svc.store.get(ANSWER + request["id"]) is not None:
+    if not _live(svc, request) or svc.store.get(ANSWER + request["id"]) is not None:
         return None
     return {"id": request["id"], "application": request["application"], "account": request["username"],
             "time": request["time"], "choices": request["choices"], "expires_in": int(request["exp"] - svc.clock())}
@@ -274,7 +281,7 @@ def answer(svc, device: Binding, payload: dict) -> str:
     shown = payload.get("request")
     rid = shown.get("id") if isinstance(shown, dict) else None
     request = svc.store.get(REQUEST + rid) if isinstance(rid, str) else None
-    if request is None or request["exp"] < svc.clock():
+    if not _live(svc, request):
         raise DeviceError("request_expired", 410)
     if request["device"] != device.external_id:
         raise DeviceError("unknown_request", 404)
@@ -343,7 +350,7 @@ class PushFactor:
         rid = secrets.token_urlsafe(18)
         exp = now + svc.settings.push_request_seconds
         local = dt.datetime.fromtimestamp(now, TAIPEI).strftime("%Y-%m-%d %H:%M:%S")
-        record = {"id": rid, "device": binding.external_id, "account": account.id, "username": account.username,
+        record = {"id": rid, "tx": tx["id"], "device": binding.external_id, "account": account.id, "username": account.username,
                   "client_id": tx["client_id"], "application": application, "time": local, "number": number, "choices": choices, "exp": exp}
         ttl = svc.settings.push_request_seconds + 60
         svc.store.set_many([(REQUEST + rid, record, ttl), (INBOX + binding.external_id, {"request": rid}, ttl)])

@@ -115,7 +115,7 @@ def _signed_in(provider, client_id, otp, username="alice"):
 
 
 def _bind_google(provider, browser, login: str):
-    return at_google(browser, browser.go("/account/google"), login)
+    return at_google(browser, browser.submit(browser.go("/account"), "/account/google"), login)
 
 
 def _notice(page) -> str:
@@ -132,7 +132,8 @@ def test_bind_then_log_in_with_google_and_otp(site):
     provider, client_id, client_secret, otp = site
     browser = _signed_in(provider, client_id, otp)
     page = browser.go("/account")
-    assert 'href="/account/google"' in page.text
+    assert 'action="/account/google"' in page.text
+    assert browser.go("/account/google").status_code == 405  # a link from elsewhere binds nothing
     page = _bind_google(provider, browser, "alice.g")
     assert page.status_code == 200 and "綁定成功" in _notice(page)
     assert re.search(r'<tr data-method="google">.*?✓', page.text, re.S)
@@ -186,8 +187,8 @@ def test_binding_needs_otp_or_a_certificate(make_provider, upstream):
     browser = provider.browser()
     callback(browser.password(browser.authorize(client_id), username="carol"))
     page = browser.go("/account")
-    assert "請先綁定OTP驗證" in page.text and 'href="/account/google"' not in page.text
-    page = browser.go("/account/google")
+    assert "請先綁定OTP驗證" in page.text and 'action="/account/google"' not in page.text
+    page = browser.go("/account/google", "POST", {"csrf": re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)})
     assert "須先綁定 OTP 驗證或自然人憑證" in _error(page)
 
 

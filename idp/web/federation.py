@@ -28,7 +28,7 @@ from idp import acr, bridge, flow
 from idp.factors.federation import GOOGLE, STATE, STATE_SECONDS, UpstreamError, external_id
 from idp.storage.models import Account, Binding
 from idp.web import login
-from idp.web.account import require_account
+from idp.web.account import account_post, require_account
 from idp.web.pages import CSRF_COOKIE, error_page, get_cookie, who
 
 log = logging.getLogger("idp.federation")
@@ -135,10 +135,8 @@ def _settings(error: str | None = None, notice: str | None = None) -> RedirectRe
     return RedirectResponse(f"/account?error={error}" if error else f"/account?notice={notice}", status_code=303)
 
 
-async def bind_start(request: Request) -> Response:
-    account = await require_account(request)
-    if isinstance(account, Response):
-        return account
+@account_post  # a POST with the CSRF token: a link from elsewhere binds nothing
+async def bind_start(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     if not GOOGLE.enabled(svc):
         return error_page(request, "error.not_found.title", "error.not_found.detail", status=404)
@@ -204,6 +202,6 @@ def _bind(svc, account_id: str, external: str, claims: dict):
 routes = [
     Route("/login/google", login_start),
     Route(LOGIN_CALLBACK, login_callback),
-    Route("/account/google", bind_start),
+    Route("/account/google", bind_start, methods=["POST"]),
     Route(BIND_CALLBACK, bind_callback),
 ]

@@ -129,10 +129,13 @@ def within_policy(session: dict, client) -> dict | None:
     kept = {name: proof for name, proof in (proofs or {}).items() if client.allows(name)}
     if not any(FACTORS[name].first for name in kept if name in FACTORS):  # also a session from before proofs
         return None
-    amr = [m for proof in kept.values() for m in proof["amr"]]
     # Its auth_time too is theirs (max_age): a step-up elsewhere does not make them recent.
-    return {**session, "proofs": kept, "amr": acr.with_mfa(list(dict.fromkeys(amr))),
-            "auth_time": int(max(proof["time"] for proof in kept.values()))}
+    return {**session, "proofs": kept, "amr": amr_of(kept), "auth_time": int(max(proof["time"] for proof in kept.values()))}
+
+
+def amr_of(proofs: dict) -> list[str]:
+    """The ``amr`` that these proofs make together."""
+    return acr.with_mfa(list(dict.fromkeys(m for proof in proofs.values() for m in proof["amr"])))
 
 
 def proven_since(tx: dict) -> float:

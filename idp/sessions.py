@@ -75,8 +75,10 @@ class Sessions:
     def live(self, record: dict | None) -> dict | None:
         return None if record is None or record["exp"] < self.clock() else record
 
-    def save(self, record: dict, batch: Batch | None = None) -> None:
-        (batch or self.store).set("sess:" + record["sid"], record, max(1, int(record["exp"] - self.clock())))
+    def save(self, record: dict, batch: Batch) -> None:
+        """Write back a session read before, with ``batch``: only where it is still there, so one
+        ended meanwhile (a logout, a reset) stays ended."""
+        batch.replace(self.key(record["sid"]), record, max(1, int(record["exp"] - self.clock())))
 
     def add_grant(self, sid: str, client_id: str, gid: str, batch=None) -> None:
         """Remember a grant issued under the session: one atomic set addition, no

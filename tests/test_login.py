@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pyotp
 
-from idp.acr import LOA2
+from idp.acr import LOA2, LOA3
 from idp.factors import FACTORS
 from idp.storage.models import Binding
 from tests.harness import PASSWORD, callback, forms
@@ -214,6 +214,39 @@ def test_max_age_counts_the_age_of_the_factors_the_client_accepts(provider):
     assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
     provider.clock.advance(10)
     assert "/login/factor/password" in browser.authorize(strict, max_age="60").text
+
+
+def test_a_step_up_at_a_client_with_a_policy_keeps_the_sessions_other_proofs(provider):
+    """The session is narrowed for the client's login only: a card proven for one portal still
+    counts there after OTP was added at a portal that does not take cards."""
+    account_id = provider.account("alice")
+    secret = pyotp.random_base32()
+    with provider.svc.db.session() as session:
+        session.add(Binding(account_id=account_id, factor="otp", label="v1",
+                            data={"secret": provider.svc.box.seal(secret, account_id), "version": 1}))
+    commerce, _ = provider.client()
+    research, _ = provider.client(allowed_factors=["password", "otp"])
+    now = provider.clock()
+    card = provider.svc.sessions.create(account_id, "alice", ["pwd", "sc", "pin", "mfa"], LOA3, now,
+                                        proofs={"password": {"amr": ["pwd"], "time": now},
+                                                "certificate": {"amr": ["sc", "pin"], "time": now}})
+    browser = provider.browser()
+    browser.http.cookies.set("idp_session", card["sid"])
+    provider.clock.advance(60)
+    page = browser.authorize(research, acr_values=LOA2)
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
+    assert "code" in callback(browser.authorize(commerce, acr_values=LOA3, prompt="none"))
+
+
+def test_allow_ends_the_login_though_nothing_asked_for_is_registered(provider):
+    """Consent to a request whose scope the client may not have at all (it gets openid
+    alone) is given once: allow does not show the consent page again."""
+    provider.account("alice")
+    third, _ = provider.client(first_party=False, client_name="Research Grants", scope="openid profile")
+    browser = provider.browser()
+    page = browser.password(browser.authorize(third, scope="phone"))
+    assert "/login/consent" in page.text
+    assert "code" in callback(browser.submit(page, "/login/consent", button=("decision", "allow")))
 
 
 def test_a_login_paused_on_an_ended_session_proves_nothing(provider):

@@ -288,7 +288,7 @@ async def consent(request: Request) -> Response:
         return await respond_error(request, tx, "access_denied", "The user declined.")
     # Kept at the login's end (``finish``), with the code: a login that does not end well
     # (its session ended meanwhile) leaves no consent behind either.
-    tx["consented"] = " ".join(sorted(flow.requested_scope(tx, client)))
+    tx["consented"] = {"scope": " ".join(sorted(flow.requested_scope(tx, client)))}
     await bridge.run(svc.transactions.save, tx)
     return _again(tx)
 
@@ -332,22 +332,19 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     the code and the transaction's end are written in one round trip (with ``earlier``, what
     the step before left), once the code's request has passed its checks again. A stored
     transaction is claimed in that round trip: of two requests ending one login (a double
-    submit), one answers with the code, the other as for a login that is over."""
+    submit), one answers with the code, the other as for a login that is over. So is the
+    account's not-before mark read there: a login whose first proof is older than the end of
+    the account's sessions (a reset, log out other browsers) is undone, and proves nothing."""
     svc = request.app.state.svc
     writes = Batch()
     # What the account area asks to be recent (M2): a bound second factor, or any factor
     # from an account that has none to offer (else it could never get in).
     verified = bool(tx["done"]) and (any(FACTORS[name].possession for name in tx["done"])
                                      or not flow.holds_possession(svc, account))
-    cookie = get_cookie(request, SESSION_COOKIE)
-    keys = [not_before_mark(account.id)] + ([svc.sessions.key(cookie)] if cookie else [])
-    not_before, *found = await bridge.run(svc.store.get_many, keys)
-    session = svc.sessions.live(found[0]) if found else None
+    session = await bridge.run(svc.sessions.get, get_cookie(request, SESSION_COOKIE))
     built_on = tx.get("sid")
-    if (built_on and (session is None or session["sid"] != built_on)) or \
-            ended_by_account(not_before, flow.proven_since(tx), built_on):
-        # The session this login built on has ended (a logout), or the account's sessions were
-        # ended after its first proof (a reset, log out other browsers): it proves nothing now.
+    if built_on and (session is None or session["sid"] != built_on):
+        # The session this login built on has ended (a logout): it proves nothing now.
         svc.transactions.drop(tx, earlier)
         await bridge.run(svc.store.write, earlier)
         return _expired(request)
@@ -360,19 +357,17 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
                                       seen=who(request), verified_at=svc.clock() if verified else 0, batch=writes,
                                       proofs=tx.get("proofs"))
     elif tx["done"]:
-        # New proof for the same person (step-up or a forced re-login); a step-up transaction
-        # started from what the session proved to this client, so tx["amr"] is the story now.
-        session.update(amr=tx["amr"], proofs=tx.get("proofs"), acr=acr.earned(tx["amr"]), auth_time=int(tx["auth_time"]))
+        # New proof for the same person (step-up or a forced re-login), added to what the
+        # session proved before, to other clients too (a client's login sees only its own).
+        proofs = {**(session.get("proofs") or {}), **tx.get("proofs", {})}
+        amr = flow.amr_of(proofs) if proofs else tx["amr"]
+        session.update(amr=amr, proofs=proofs, acr=acr.earned(amr), auth_time=int(tx["auth_time"]))
         if verified:
             session["verified_at"] = svc.clock()
         svc.sessions.save(session, writes)
     # What the transaction holds: the session's proofs that this client accepts, and the new ones.
     auth = {"sid": session["sid"], "auth_time": int(tx["auth_time"]), "acr": acr.earned(tx["amr"]), "amr": tx["amr"]}
-    if tx.get("consented"):
-        await run_in_threadpool(_save_consent, svc, account.id, client.client_id, tx["consented"])
-    if tx["done"]:  # before anything is written: a failure here leaves the login to retry
-        await svc.db.call(svc.audit.record, "login.success", account_id=account.id, username=account.username,
-                          client_id=client.client_id, **who(request), method="+".join(tx["done"]), acr=auth["acr"])
+    if tx["done"]:
         svc.lockout.clear(account.username, writes)  # the whole login answered right: counting starts again
     if tx["client_id"] is None:
         response = RedirectResponse(tx["return_to"], status_code=303)
@@ -385,14 +380,34 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
             return _expired(request)
     writes.extend(earlier)
     claim = svc.transactions.claim(tx, writes)
-    if (await bridge.run(svc.store.write, writes))[claim] is None and tx.get("stored"):
+    mark = writes.read(not_before_mark(account.id))
+    found = await bridge.run(svc.store.write, writes)
+    if found[claim] is None and tx.get("stored"):
         # Another request ended this login first. This one's code was never handed out (it
         # lapses within the minute); a session it made would show in the account's list.
-        if new_session:
-            await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
+        await _undo(svc, session, new_session)
         return _expired(request)
+    seen = {"account_id": account.id, "username": account.username, "client_id": client.client_id, **who(request)}
+    if ended_by_account(found[len(writes.takes) + mark], flow.proven_since(tx), session["sid"]):
+        await svc.db.call(svc.audit.record, "login.failure", **seen, method="+".join(tx["done"]), reason="sessions.ended")
+        await _undo(svc, session, new_session)
+        return _expired(request)
+    try:  # the login stands: in the activity log, and its consent kept, or nothing of it stays
+        if tx["done"]:
+            await svc.db.call(svc.audit.record, "login.success", **seen, method="+".join(tx["done"]), acr=auth["acr"])
+        if isinstance(tx.get("consented"), dict):  # (True: saved already, by a provider before this one)
+            await run_in_threadpool(_save_consent, svc, account.id, client.client_id, tx["consented"]["scope"])
+    except Exception:
+        await _undo(svc, session, new_session)
+        raise
     set_cookie(request, response, SESSION_COOKIE, session["sid"])
     return response
+
+
+async def _undo(svc, session: dict, new: bool) -> None:
+    """End the session ``finish`` made, if it made one; its code is never handed out, and lapses."""
+    if new:
+        await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
 
 
 async def _issue_code(request, svc, tx, account, auth, writes: Batch):

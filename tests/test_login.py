@@ -142,6 +142,23 @@ def test_one_solved_captcha_is_one_try_replayed_or_sent_at_once(make_provider):
     assert post(PASSWORD) == "captcha.wrong"
 
 
+def test_guesses_at_one_image_sent_at_once_are_one_try(make_provider):
+    """Wrong answers posted together, each request holding the login as it was before the
+    others saved it, are one guess between them: the right one after them is refused."""
+    provider = make_provider(captcha="always")
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    fields = next(f for f in forms(browser.authorize(client_id).text) if "/login/factor/password" in f["action"])["fields"]
+    store, key = provider.svc.store, "tx:" + fields["tx"]
+    as_read = store.get(key)
+    for guess in ("00000", "11111", as_read["captcha"]):
+        store.set(key, as_read, 600)
+        sent = {**fields, "username": "alice", "password": PASSWORD, "captcha": guess}
+        answer = browser.http.post("/login/factor/password", data=sent, follow_redirects=False)
+        assert "code=" not in answer.headers["location"] and store.get(key)["flash"]["error"] == "captcha.wrong"
+
+
 def test_wrong_captcha_does_not_count_towards_lockout(make_provider):
     provider = make_provider(captcha="always")
     provider.account("alice")

@@ -323,3 +323,22 @@ def test_the_otp_and_certificate_pages_show_only_their_own_error_messages(user):
         crafted = prefix + "Your account is locked: call +886 2 1234 5678"
         page = browser.go(path + "?" + urlencode({"error": crafted}))
         assert page.status_code == 200 and _error(page) == "" and "1234 5678" not in page.text
+
+
+def test_the_confirmation_mail_goes_once_a_minute(user, smtp_server):
+    """Asking again and again does not flood the address (nor the provider's mail relay)."""
+    provider, client_id, secret = user
+    with provider.svc.db.session() as session:
+        session.query(Account).filter_by(username="alice").one().email_verified = False
+    browser = _signed_in(provider, client_id, secret)
+    while smtp_server.unread():
+        smtp_server.next_message()
+    page = browser.submit(browser.go("/account"), "/account/email/verify")
+    assert "驗證信已寄出" in _notice(page)
+    for _ in range(5):
+        page = browser.submit(page, "/account/email/verify")
+        assert "請稍候一分鐘" in _error(page)
+    assert smtp_server.unread() == 1
+    provider.clock.advance(61)
+    browser.submit(browser.go("/account"), "/account/email/verify")
+    assert smtp_server.unread() == 2

@@ -104,7 +104,7 @@ def _back(notice: str | None = None, error: str | None = None) -> RedirectRespon
 # -- the settings page -------------------------------------------------------------------
 NOTICES = {"others_ended", "otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent",
            "google_bound"}
-ERRORS = {"needs_passwordless", "email_missing", "google_needs_otp", "google_elsewhere", "google_expired",
+ERRORS = {"needs_passwordless", "email_missing", "verification_wait", "google_needs_otp", "google_elsewhere", "google_expired",
           "google_denied", "google_error", "google_invalid", "google_unavailable"}
 
 
@@ -332,6 +332,8 @@ async def email_verify(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     if not account.email:
         return _back(error="email_missing")
+    if not await bridge.run(recovery.claim_send, svc, "verify-sent:" + account.id):  # a mail a minute at most
+        return _back(error="verification_wait")
     await recovery.send_verification_async(svc, account, locale_of(request))
     return _back(notice="verification_sent")
 

@@ -205,7 +205,7 @@ async def forgot_submit(request: Request) -> Response:
     if not captcha.check(record, form.get("captcha")):
         return await _forgot_again(request, tx, email, "captcha.wrong")
     background = None
-    if await bridge.run(_claim_send, svc, _RATE + _digest(email.lower())):
+    if await bridge.run(claim_send, svc, _RATE + _digest(email.lower())):
         locale = locale_of(request, tx.get("ui_locales") if tx else None)
         background = BackgroundTask(_send_reset_links, svc, email, locale, tx["id"] if tx else None, who(request))
     # The same answer whether the address is known, verified, rate-limited or not.
@@ -213,7 +213,7 @@ async def forgot_submit(request: Request) -> Response:
     return RedirectResponse(target, status_code=303, background=background)
 
 
-def _claim_send(svc, key: str) -> bool:
+def claim_send(svc, key: str) -> bool:
     """True for the one caller that may send now; at most one per ``RESEND_SECONDS``.
     The record's own time is what counts (the store's TTL only collects it)."""
     now = svc.clock()

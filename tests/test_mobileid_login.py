@@ -16,6 +16,7 @@ from deploy.dev.mobileid_sim import MobileIdSimulator
 from idp.clock import FrozenClock
 from idp.factors.totp import qr_svg
 from idp.mobileid import national_id
+from idp.mobileid.errors import ServiceUnavailable
 from tests import live
 from tests.harness import callback, forms, redeem
 
@@ -309,3 +310,23 @@ def test_requests_nobody_approves_pause_after_three(provider, sim):
     for _ in range(3):  # approved: three more before a pause
         page, _ = start(provider, provider.browser(), client_id)
         assert 'id="mobileid-countdown"' in page.text
+
+
+def test_requests_the_service_never_sent_do_not_count(provider, sim):
+    """Three starts while the mobile-ID service is down reached no phone: the fourth, once it
+    is back, goes out."""
+    client_id, _ = provider.client()
+    connector = provider.svc.mobileid
+    working = connector.request_push, connector.get_sp_ticket
+
+    async def down(*args, **kwargs):
+        raise ServiceUnavailable("the mobile-ID service is down")
+
+    connector.request_push = connector.get_sp_ticket = down
+    browser = provider.browser()
+    for _ in range(3):
+        page, _ = start(provider, browser, client_id)
+        assert 'id="mobileid-countdown"' not in page.text
+    connector.request_push, connector.get_sp_ticket = working
+    page, _ = start(provider, browser, client_id)
+    assert 'id="mobileid-countdown"' in page.text

@@ -90,6 +90,10 @@ class Fatigue:
         svc.store.set(self.paused + account_id, {"until": now + seconds}, seconds + 60, only_new=True)
         return True
 
+    def give_back(self, svc, account_id: str) -> None:
+        """Uncount a request that never reached the phone (the service was down)."""
+        svc.store.incr(self.unanswered + account_id, svc.settings.lockout_seconds, by=-1)
+
     def approved(self, svc, account_id: str) -> None:
         svc.store.delete(self.unanswered + account_id, self.paused + account_id)
 

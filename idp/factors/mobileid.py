@@ -177,6 +177,7 @@ class MobileIdFactor:
                 log.warning("mobile ID %s for %s could not start: %s", via, account.username, exc)
                 errors.append(exc)
         if not tickets:
+            await bridge.run(FATIGUE.give_back, svc, account.id)  # nothing reached the phone
             return Outcome(error=_message(errors[0]), keep=keep)
         attempt = secrets.token_urlsafe(18)
         expires_at = max(t["expires_at"] for t in tickets.values())

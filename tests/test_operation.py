@@ -322,3 +322,29 @@ def test_audit_pruning_goes_batch_by_batch_to_the_end(make_provider):
     assert provider.svc.audit.prune(10, batch=2) == 0
     with provider.svc.db.session() as session:
         assert session.execute(text("SELECT username FROM audit_events")).scalars().all() == ["bob"]
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_lost_claim_connection_the_database_still_holds_is_ended_and_claimed_again(settings_for):
+    """A break in the network loses the sole server's claim connection (``idp serve`` without
+    Redis), but the database may hold its lock for a long while yet: the server ends that
+    connection of its own and claims again, rather than stop as if another server had the
+    database. Another server's claim is left alone."""
+    import psycopg
+
+    db = create_app(settings_for()).state.svc.db
+    url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    assert db.claim_sole_server()
+    lost, db._sole_server = db._sole_server, None
+    lost.pgconn.finish()  # gone on this side; the lock goes with it, as on a restart
+    ghost = psycopg.connect(url, autocommit=True, application_name=db._claimant)  # as the database still has it
+    assert ghost.execute("SELECT pg_try_advisory_lock(%s)", (0x1D9_0002,)).fetchone()[0]
+    db._sole_server = lost
+    assert db.keep_sole_server() and ghost.closed is False  # this side does not know yet
+    with pytest.raises(psycopg.OperationalError):
+        ghost.execute("SELECT 1")  # ended by the server's claim
+    db._sole_server.close()
+    other = psycopg.connect(url, autocommit=True, application_name="idp sole server another")
+    assert other.execute("SELECT pg_try_advisory_lock(%s)", (0x1D9_0002,)).fetchone()[0]
+    assert not db.keep_sole_server()
+    other.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import uuid
 from functools import partial
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class Database:
             self._conninfo = psycopg.conninfo.make_conninfo("", **{**alive, **timeout, **connect, **options})
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._sole_server = None  # ``claim_sole_server``'s lock, held while this lives
+        self._claimant = f"idp sole server {uuid.uuid4().hex}"  # its connection's application_name
         self._compiled: dict = {}  # (statement, parameter names) -> its SQL (``_sql``)
         # Each event loop's PostgreSQL connections, for the queries inside ``idp.bridge.run``.
         self._loops = bridge.LoopLocal(lambda: _LoopConnections(self._conninfo, min(4, self.engine.pool.size())),
@@ -218,7 +220,7 @@ class Database:
         if self.engine.dialect.name == "postgresql":
             # Its own connection, never the pool's. Lost with it (a database restart), when
             # another process could claim it too: ``keep_sole_server`` claims it again.
-            conn = psycopg.connect(self._conninfo, autocommit=True)
+            conn = psycopg.connect(self._conninfo, autocommit=True, application_name=self._claimant)
             if not conn.execute("SELECT pg_try_advisory_lock(%s)", (_SOLE_SERVER_LOCK_ID,)).fetchone()[0]:
                 conn.close()
                 return False
@@ -242,8 +244,9 @@ class Database:
 
     def keep_sole_server(self) -> bool:
         """Whether this process still holds its ``claim_sole_server`` claim: claimed again when
-        a database restart ended the connection that held it; False when another process
-        claimed it meanwhile. While the database is away nobody can claim it: True."""
+        a database restart or a break in the network ended the connection that held it; False
+        when another process claimed it meanwhile. While the database is away nobody can
+        claim it: True."""
         conn = self._sole_server
         if not isinstance(conn, psycopg.Connection):
             return True  # a lock on a file: held while the process lives
@@ -254,10 +257,24 @@ class Database:
             conn.close()
         try:
             self._sole_server = None
-            return self.claim_sole_server()
+            return self.claim_sole_server() or (self._end_own_ghost() and self.claim_sole_server())
         except psycopg.OperationalError:
             self._sole_server = conn  # closed: the next turn tries to connect again
             return True
+
+    def _end_own_ghost(self) -> bool:
+        """After a break in the network the database may still hold the claim for this process's
+        lost connection, which it has not noticed is gone: end that one (whether any). Another
+        process's claim stays."""
+        with psycopg.connect(self._conninfo, autocommit=True) as conn:
+            ghosts = conn.execute(
+                "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory'"
+                " AND l.granted AND l.classid = 0 AND l.objid = %s AND a.application_name = %s"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                (_SOLE_SERVER_LOCK_ID, self._claimant)).fetchall()
+            for (pid,) in ghosts:
+                conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))  # waits for it to end
+        return bool(ghosts)
 
     def ping(self) -> bool:
         try:

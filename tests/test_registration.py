@@ -274,6 +274,18 @@ def test_update_cannot_move_a_client_into_another_sector(provider):
                                               "subject_type": "pairwise"}), 400, "invalid_client_metadata")
 
 
+def test_a_client_stored_with_a_sector_identifier_uri_keeps_its_sector_through_updates(provider):
+    """Stored before sector_identifier_uri was refused: its subjects stay, and it can still update."""
+    info = _registered(provider, subject_type="pairwise")
+    with provider.svc.db.session() as session:
+        row = session.get(Client, info["client_id"])
+        row.metadata_ = {**row.metadata_, "sector_identifier_uri": "https://sector.example.tw/uris.json"}
+    update = {"client_id": info["client_id"], "client_name": "v2", "redirect_uris": [APP], "subject_type": "pairwise"}
+    assert _manage(provider.http(), info, "PUT", json=update).status_code == 200
+    with provider.svc.db.session() as session:
+        assert session.get(Client, info["client_id"]).metadata_["sector_identifier_uri"] == "https://sector.example.tw/uris.json"
+
+
 def test_update_needs_the_client_id_and_valid_metadata(provider):
     info = _registered(provider)
     http = provider.http()

@@ -483,7 +483,10 @@ def _manage(svc, method, client_id, token, body):
             # client_secret_basic, locking a public or private_key_jwt client out.
             if meta.setdefault("token_endpoint_auth_method", current) != current:
                 raise ClientError("token_endpoint_auth_method cannot change")
-            updated = {**validate_metadata(meta), **{k: row.metadata_[k] for k in POLICY if k in row.metadata_}}
+            # The provider's own keys stay: the administrator's policy, and the sector a client stored
+            # before sector_identifier_uri was refused keeps (its subjects must not change).
+            kept = (*POLICY, "sector_identifier_uri")
+            updated = {**validate_metadata(meta), **{k: row.metadata_[k] for k in kept if k in row.metadata_}}
             # A client that could move its sector after its users logged in would get another
             # client's pairwise subjects for them, its tokens' and refreshes' included.
             if _subjects(row.metadata_) != _subjects(updated):

@@ -118,16 +118,22 @@ def test_captcha_always(make_provider):
     assert params["code"]
 
 
-def test_one_solved_captcha_is_one_try_replayed_or_sent_at_once(make_provider):
-    """An answer read off the image once is good for one try: posted again without the page
-    that draws a new image, or sent twice at once, the second is refused as a wrong answer."""
+def _captcha_login(make_provider):
+    """A browser at alice's password page with a captcha: (browser, the form's fields, the
+    store, the login's key there, the login as stored)."""
     provider = make_provider(captcha="always")
     provider.account("alice")
     client_id, _ = provider.client()
     browser = provider.browser()
     fields = next(f for f in forms(browser.authorize(client_id).text) if "/login/factor/password" in f["action"])["fields"]
     store, key = provider.svc.store, "tx:" + fields["tx"]
-    as_read = store.get(key)
+    return browser, fields, store, key, store.get(key)
+
+
+def test_one_solved_captcha_is_one_try_replayed_or_sent_at_once(make_provider):
+    """An answer read off the image once is good for one try: posted again without the page
+    that draws a new image, or sent twice at once, the second is refused as a wrong answer."""
+    browser, fields, store, key, as_read = _captcha_login(make_provider)
 
     def post(password) -> str:
         """The error the login will show (its page is not fetched: that would draw a new image)."""
@@ -145,13 +151,7 @@ def test_one_solved_captcha_is_one_try_replayed_or_sent_at_once(make_provider):
 def test_guesses_at_one_image_sent_at_once_are_one_try(make_provider):
     """Wrong answers posted together, each request holding the login as it was before the
     others saved it, are one guess between them: the right one after them is refused."""
-    provider = make_provider(captcha="always")
-    provider.account("alice")
-    client_id, _ = provider.client()
-    browser = provider.browser()
-    fields = next(f for f in forms(browser.authorize(client_id).text) if "/login/factor/password" in f["action"])["fields"]
-    store, key = provider.svc.store, "tx:" + fields["tx"]
-    as_read = store.get(key)
+    browser, fields, store, key, as_read = _captcha_login(make_provider)
     for guess in ("00000", "11111", as_read["captcha"]):
         store.set(key, as_read, 600)
         sent = {**fields, "username": "alice", "password": PASSWORD, "captcha": guess}
@@ -214,14 +214,20 @@ def test_after_google_and_otp_a_client_that_does_not_take_google_starts_with_the
     assert "/login/factor/password" in page.text and "/login/factor/otp" not in page.text
 
 
-def test_max_age_counts_the_age_of_the_factors_the_client_accepts(provider):
-    """A step-up elsewhere with a factor a client does not take makes nothing it takes recent:
-    a password client asking max_age=60 an hour after the password asks for it again."""
+def _alice_with_otp(provider) -> tuple[str, str]:
+    """alice, with an OTP secret bound: (her account id, the secret)."""
     account_id = provider.account("alice")
     secret = pyotp.random_base32()
     with provider.svc.db.session() as session:
         session.add(Binding(account_id=account_id, factor="otp", label="v1",
                             data={"secret": provider.svc.box.seal(secret, account_id), "version": 1}))
+    return account_id, secret
+
+
+def test_max_age_counts_the_age_of_the_factors_the_client_accepts(provider):
+    """A step-up elsewhere with a factor a client does not take makes nothing it takes recent:
+    a password client asking max_age=60 an hour after the password asks for it again."""
+    account_id, secret = _alice_with_otp(provider)
     open_client, _ = provider.client()
     strict, _ = provider.client(allowed_factors=["password"])
     browser = provider.browser()
@@ -236,11 +242,7 @@ def test_max_age_counts_the_age_of_the_factors_the_client_accepts(provider):
 def test_a_step_up_at_a_client_with_a_policy_keeps_the_sessions_other_proofs(provider):
     """The session is narrowed for the client's login only: a card proven for one portal still
     counts there after OTP was added at a portal that does not take cards."""
-    account_id = provider.account("alice")
-    secret = pyotp.random_base32()
-    with provider.svc.db.session() as session:
-        session.add(Binding(account_id=account_id, factor="otp", label="v1",
-                            data={"secret": provider.svc.box.seal(secret, account_id), "version": 1}))
+    account_id, secret = _alice_with_otp(provider)
     commerce, _ = provider.client()
     research, _ = provider.client(allowed_factors=["password", "otp"])
     now = provider.clock()

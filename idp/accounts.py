@@ -14,7 +14,7 @@ from typing import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, delete, func, select
+from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from idp.settings import SettingsError
@@ -332,8 +332,11 @@ def mark_disabled_accounts(svc) -> int:
 
 def reset_bindings(svc, account_id: str) -> int:
     """Delete every binding (M5, M7), and end the account's sessions: the next login binds
-    anew (M1), and nobody stays logged in on the strength of the old ones. How many bindings."""
+    anew (M1), and nobody stays logged in on the strength of the old ones. Password login is
+    turned back on: an account that had it off (passkeys only) would have no way in left.
+    How many bindings."""
     with svc.db.session() as session:
         count = session.execute(delete(Binding).where(Binding.account_id == account_id)).rowcount
+        session.execute(update(Account).where(Account.id == account_id).values(password_login_disabled=False))
     svc.sessions.end_all(account_id, svc.tokens)
     return count

@@ -287,6 +287,21 @@ def test_unlock_a_locked_account(site):
     assert "帳號已暫時停用" not in _error(page) and "/login/bind/otp" in page.text
 
 
+def test_a_reset_of_the_bindings_turns_password_login_back_on(site):
+    """An account that had password login off (passkeys only) would have no way in at all
+    once its bindings are gone: the reset turns password login on, and the next login binds."""
+    provider = site
+    client_id, _ = provider.client()
+    alice = account_id(provider, "alice")
+    with provider.svc.db.session() as session:
+        session.get(Account, alice).password_login_disabled = True
+    browser, _, _ = sign_in(provider, "root")
+    page = browser.go(f"/admin/accounts/{alice}")
+    browser.submit(page, f"/admin/accounts/{alice}/reset-bindings")
+    _, page = logs_in(provider, client_id, "alice")
+    assert "/login/bind/otp" in page.text
+
+
 def test_reset_bindings_sends_the_user_to_forced_binding(site):
     provider = site
     client_id, _ = provider.client()

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
 
+from idp.factors import FACTORS
 from idp.factors.federation import STATE, Upstream
 from idp.storage.models import Account, Binding
 from tests.harness import callback, forms, redeem
@@ -152,6 +153,10 @@ def test_bind_then_log_in_with_google_and_otp(site):
     claims = _claims(tokens["id_token"])
     assert {"fed", "otp", "mfa"} <= set(claims["amr"]) and "pwd" not in claims["amr"]
     assert claims["acr"] == "urn:idp:loa:2"
+    # A portal that does not take Google starts this session's login over, with the password.
+    no_google, _ = provider.client(allowed_factors=[name for name in FACTORS if name != "google"])
+    page = fresh.authorize(no_google)
+    assert 'name="password"' in page.text and 'name="otp"' not in page.text
 
 
 def test_unbound_google_account_is_refused_with_the_seeds_message(site):

@@ -5,6 +5,7 @@ where the page's own script polls and continues: tests/test_mobileid_journeys.py
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -16,8 +17,7 @@ from deploy.dev.mobileid_sim import MobileIdSimulator
 from idp.clock import FrozenClock
 from idp.factors.totp import qr_svg
 from idp.mobileid import national_id
-from idp.mobileid.errors import ServiceUnavailable
-from tests import live
+from tests import live, servers
 from tests.harness import callback, forms, redeem
 
 try:
@@ -317,16 +317,13 @@ def test_requests_the_service_never_sent_do_not_count(provider, sim):
     is back, goes out."""
     client_id, _ = provider.client()
     connector = provider.svc.mobileid
-    working = connector.request_push, connector.get_sp_ticket
-
-    async def down(*args, **kwargs):
-        raise ServiceUnavailable("the mobile-ID service is down")
-
-    connector.request_push = connector.get_sp_ticket = down
+    working = connector.config
+    # The service's address with nothing listening there: every start is refused a connection.
+    connector.config = dataclasses.replace(working, service_url=f"http://127.0.0.1:{servers.free_port()}/moise/sp/")
     browser = provider.browser()
     for _ in range(3):
         page, _ = start(provider, browser, client_id)
         assert 'id="mobileid-countdown"' not in page.text
-    connector.request_push, connector.get_sp_ticket = working
+    connector.config = working
     page, _ = start(provider, browser, client_id)
     assert 'id="mobileid-countdown"' in page.text

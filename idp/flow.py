@@ -130,7 +130,8 @@ def within_policy(session: dict, client) -> dict | None:
     if not any(FACTORS[name].first for name in kept if name in FACTORS):  # also a session from before proofs
         return None
     # Its auth_time too is theirs (max_age): a step-up elsewhere does not make them recent.
-    return {**session, "proofs": kept, "amr": amr_of(kept), "auth_time": int(max(proof["time"] for proof in kept.values()))}
+    return {**session, "proofs": kept, "amr": amr_of(kept),
+            "auth_time": int(max(proof["time"] for proof in kept.values()))}
 
 
 def amr_of(proofs: dict) -> list[str]:

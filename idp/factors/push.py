@@ -350,7 +350,8 @@ class PushFactor:
         rid = secrets.token_urlsafe(18)
         exp = now + svc.settings.push_request_seconds
         local = dt.datetime.fromtimestamp(now, TAIPEI).strftime("%Y-%m-%d %H:%M:%S")
-        record = {"id": rid, "tx": tx["id"], "device": binding.external_id, "account": account.id, "username": account.username,
+        record = {"id": rid, "tx": tx["id"], "device": binding.external_id, "account": account.id,
+                  "username": account.username,
                   "client_id": tx["client_id"], "application": application, "time": local, "number": number, "choices": choices, "exp": exp}
         ttl = svc.settings.push_request_seconds + 60
         svc.store.set_many([(REQUEST + rid, record, ttl), (INBOX + binding.external_id, {"request": rid}, ttl)])

@@ -104,8 +104,8 @@ def _back(notice: str | None = None, error: str | None = None) -> RedirectRespon
 # -- the settings page -------------------------------------------------------------------
 NOTICES = {"others_ended", "otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent",
            "google_bound"}
-ERRORS = {"needs_passwordless", "email_missing", "verification_wait", "google_needs_otp", "google_elsewhere", "google_expired",
-          "google_denied", "google_error", "google_invalid", "google_unavailable"}
+ERRORS = {"needs_passwordless", "email_missing", "verification_wait", "google_needs_otp", "google_elsewhere",
+          "google_expired", "google_denied", "google_error", "google_invalid", "google_unavailable"}
 
 
 async def settings_page(request: Request) -> Response:

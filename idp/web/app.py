@@ -33,7 +33,7 @@ from idp.web import proxies
 from idp.web.pages import error_page
 
 log = logging.getLogger("idp")
-SOLE_SERVER_CHECK_SECONDS = 10  # how soon a server without Redis notices that a PostgreSQL restart ended its claim
+SOLE_SERVER_CHECK_SECONDS = 10  # how soon a server without Redis notices that its claim on the database was lost
 
 
 class SecurityHeaders:
@@ -86,11 +86,11 @@ def _prune_audit(svc) -> None:
 
 
 def _keep_sole_server(svc) -> None:
-    """Stop this server if another one claimed its database while a restart of PostgreSQL
-    had ended its claim: the two would keep split login state (``idp serve``'s claim)."""
+    """Stop this server if another one claimed its database while this one's claim was lost
+    (a PostgreSQL restart, a break in the network): the two would keep split login state."""
     if not svc.db.keep_sole_server():
         log.error("another provider process now serves this database without IDP_REDIS_URL (it claimed the "
-                  "database while PostgreSQL restarted): stopping, so that one process keeps the login state")
+                  "database while this one's claim was lost): stopping, so that one process keeps the login state")
         os.kill(os.getpid(), signal.SIGTERM)
 
 

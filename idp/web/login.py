@@ -389,7 +389,8 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
         return _expired(request)
     seen = {"account_id": account.id, "username": account.username, "client_id": client.client_id, **who(request)}
     if ended_by_account(found[len(writes.takes) + mark], flow.proven_since(tx), session["sid"]):
-        await svc.db.call(svc.audit.record, "login.failure", **seen, method="+".join(tx["done"]), reason="sessions.ended")
+        await svc.db.call(svc.audit.record, "login.failure", **seen, method="+".join(tx["done"]),
+                          reason="sessions.ended")
         await _undo(svc, session, new_session)
         return _expired(request)
     try:  # the login stands: in the activity log, and its consent kept, or nothing of it stays

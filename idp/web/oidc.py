@@ -306,7 +306,8 @@ async def userinfo(request: Request) -> Response:
                             {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="openid"'})
     info = await run_in_threadpool(_userinfo, svc, record)
     if info is None:
-        return _oauth_error("invalid_token", "The token is no longer valid: the account is disabled or its sessions were ended.", 401, {"WWW-Authenticate": challenge})
+        return _oauth_error("invalid_token", "The token is no longer valid: the account is disabled or its sessions "
+                            "were ended.", 401, {"WWW-Authenticate": challenge})
     return _json(info, headers={"Cache-Control": "no-store"})
 
 

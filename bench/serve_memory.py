@@ -26,12 +26,13 @@ def main() -> int:
     import uvicorn
 
     from idp.cli import served_app
+    from idp.web.corked import UVICORN
 
     seed = run.Seed({"IDP_REDIS_URL": ""}, 0)
     seed.load_accounts()
     (out / "codes.txt").write_text("\n".join(seed.mint_codes(client_id, n_codes, seed.svc.store)) + "\n")
     (out / "refresh.txt").write_text("\n".join(seed.mint_refresh(client_id, n_refresh, seed.svc.store)) + "\n")
-    uvicorn.run(served_app(services=seed.svc), host="127.0.0.1", port=int(port), proxy_headers=False, access_log=False)
+    uvicorn.run(served_app(services=seed.svc), host="127.0.0.1", port=int(port), **UVICORN)
     return 0
 
 

@@ -36,7 +36,8 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
-    # X-Forwarded-* are the app's to apply (IDP_TRUSTED_PROXIES, idp.web.proxies): it must see the socket peer.
+    from idp.web.corked import UVICORN
+
     if args.workers > 1:
         if not Settings.from_env().redis_url:
             return _fail(f"--workers {args.workers} needs IDP_REDIS_URL: without it each worker keeps its own "
@@ -46,14 +47,14 @@ def cmd_serve(args) -> int:
         with tempfile.TemporaryDirectory(prefix="idp-metrics-") as metrics_dir:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             uvicorn.run("idp.cli:served_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                        proxy_headers=False, access_log=False)
+                        **UVICORN)
     else:
         app = served_app()
         if not app.state.svc.store.shared and not app.state.svc.db.claim_sole_server():
             return _fail("another provider process serves this database without IDP_REDIS_URL: each would keep "
                          "its own login state, and a login's next step, answered by the other, would find none. "
                          "Give every process the same IDP_REDIS_URL, or run one")
-        uvicorn.run(app, host=args.host, port=args.port, proxy_headers=False, access_log=False)
+        uvicorn.run(app, host=args.host, port=args.port, **UVICORN)
     return 0
 
 

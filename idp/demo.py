@@ -36,6 +36,7 @@ from idp.factors import FACTORS
 from idp.protocol.clients import create_client, find
 from idp.settings import Settings
 from idp.web.app import create_app
+from idp.web.corked import UVICORN
 from idp.web.pages import render
 
 PROVIDER, SCHOOL, COMMERCE = "http://localhost:8000", "http://localhost:8001", "http://localhost:8002"
@@ -197,7 +198,7 @@ def main() -> None:
               flush=True)
     elif upstream_said:
         print(f"  Google:    off: {upstream_said}\n", flush=True)
-    servers = [uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8000, log_level="warning"))]
+    servers = [uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8000, log_level="warning", **UVICORN))]
     servers += [uvicorn.Server(uvicorn.Config(portal_app, host="127.0.0.1", port=int(url.rsplit(":", 1)[1]),
                                               log_level="warning")) for url, portal_app in portals.items()]
     if sim is not None:

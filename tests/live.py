@@ -24,6 +24,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from idp.web.corked import CorkedHttpToolsProtocol
+
 try:  # the project depends on httpx2; plain httpx has the same API
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
@@ -38,7 +40,8 @@ class LiveServer:
 
     def __init__(self, app, sock: socket.socket, url: str, health: str | None = "/healthz"):
         self.app, self.sock, self.url, self.health = app, sock, url, health
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        # The provider's HTTP protocol (idp serve's), for every app: Chromium and httpx read its responses.
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=CorkedHttpToolsProtocol))
         self.thread = threading.Thread(target=self._run, name=f"uvicorn {url}", daemon=True)
         self.error: BaseException | None = None
 

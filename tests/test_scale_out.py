@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 180.0  # seconds for a process to import, migrate and answer /readyz (~2 on an idle machine)
 # uvicorn on the inherited listening socket: no gap in which another program could take the port.
 SERVE = ("import socket, sys, uvicorn; uvicorn.Server(uvicorn.Config('idp.cli:served_app', factory=True, "
-         "proxy_headers=True, access_log=False, log_level='warning')).run(sockets=[socket.socket(fileno=int(sys.argv[1]))])")
+         "http='idp.web.corked:CorkedHttpToolsProtocol', proxy_headers=True, access_log=False, log_level='warning'))"
+         ".run(sockets=[socket.socket(fileno=int(sys.argv[1]))])")
 
 # Every CREATE TABLE in the database, with the server process that ran it: proof of who migrated.
 DDL_LOG = """

@@ -57,6 +57,20 @@ def test_a_kept_crl_is_believed_only_with_the_cas_signature(tpki, tmp_path):
         _check(tpki, tmp_path, "citizen", online=False)
 
 
+def test_a_crl_without_next_update_is_believed_for_a_day(tpki, tmp_path):
+    """RFC 5280 requires nextUpdate in every CRL; one without it is believed as long as an
+    OCSP answer without one (24 h from its thisUpdate), not for ever."""
+    _check(tpki, tmp_path, "citizen", online=True)
+    kept = next(tmp_path.glob("*.crl"))
+    moica, key = tpki.ca("moica")
+    now = dt.datetime.now(dt.timezone.utc)
+    kept.write_bytes(testpki.big_crl(moica, key, 3, now=now, issued_ago=dt.timedelta(hours=1), valid_for=None))
+    assert _check(tpki, tmp_path, "citizen", online=False).status == "good"
+    kept.write_bytes(testpki.big_crl(moica, key, 3, now=now, issued_ago=dt.timedelta(days=2), valid_for=None))
+    with pytest.raises(RevocationUnavailable):  # too old: needs the network, which this restart lacks
+        _check(tpki, tmp_path, "citizen", online=False)
+
+
 def test_without_a_directory_nothing_is_kept(tpki, tmp_path):
     _check(tpki, None, "citizen", online=True)
     with pytest.raises(RevocationUnavailable):

@@ -265,8 +265,11 @@ def _utc(t: datetime) -> bytes:
     return _tlv(0x17, t.strftime("%y%m%d%H%M%SZ").encode())
 
 
-def big_crl(ca_cert: x509.Certificate, ca_key, n: int, *, now: datetime, include: list[int] = ()) -> bytes:
-    """A signed CRL with ``n`` revoked serials (plus ``include``), built as raw DER.
+def big_crl(ca_cert: x509.Certificate, ca_key, n: int, *, now: datetime, include: list[int] = (),
+            issued_ago: timedelta = timedelta(minutes=1), valid_for: timedelta | None = timedelta(days=1)) -> bytes:
+    """A signed CRL with ``n`` revoked serials (plus ``include``), built as raw DER: thisUpdate
+    ``issued_ago`` before ``now``, nextUpdate ``valid_for`` after it (None: no nextUpdate,
+    which cryptography's builder cannot leave out).
 
     cryptography's CRL builder takes seconds for 100k entries; MOICA's
     real CRL is that size, and the point is to time *our* parser on it."""
@@ -275,8 +278,9 @@ def big_crl(ca_cert: x509.Certificate, ca_key, n: int, *, now: datetime, include
     reason = _tlv(0x30, _tlv(0x30, bytes.fromhex("0603551d15") + _tlv(0x04, bytes.fromhex("0a0101"))))
     serials = [0x10_0000_0000 + i * 7919 for i in range(n)] + list(include)
     entries = b"".join(_tlv(0x30, _int(s) + when + (reason if i % 3 == 0 else b"")) for i, s in enumerate(serials))
-    tbs = _tlv(0x30, _int(1) + sha256_rsa + ca_cert.subject.public_bytes() + _utc(now - timedelta(minutes=1))
-               + _utc(now + timedelta(days=1)) + _tlv(0x30, entries))
+    next_update = _utc(now + valid_for) if valid_for is not None else b""
+    tbs = _tlv(0x30, _int(1) + sha256_rsa + ca_cert.subject.public_bytes() + _utc(now - issued_ago)
+               + next_update + _tlv(0x30, entries))
     signature = ca_key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
     return _tlv(0x30, tbs + sha256_rsa + _tlv(0x03, b"\x00" + signature))
 

@@ -53,7 +53,7 @@ class RevocationPolicy:
     prefer_ocsp: bool = True  # OCSP first when the certificate's AIA names a responder
     timeout: float = 5.0  # seconds per HTTP request
     skew: timedelta = timedelta(minutes=5)  # tolerated clock difference with responders
-    ocsp_max_age: timedelta = timedelta(hours=24)  # for OCSP answers without nextUpdate
+    max_age: timedelta = timedelta(hours=24)  # for OCSP answers and CRLs without nextUpdate
     retry_after: timedelta = timedelta(seconds=60)  # don't re-download a CRL that just failed
 
     def __post_init__(self):
@@ -197,7 +197,11 @@ class CRLCache:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def _fresh(self, c: IndexedCRL | None, now: datetime) -> bool:
-        return c is not None and (c.next_update is None or now <= c.next_update + self.policy.skew)
+        if c is None:
+            return False
+        if c.next_update is None:  # RFC 5280 requires it; without it, believed no longer than an OCSP answer
+            return now <= c.this_update + self.policy.max_age
+        return now <= c.next_update + self.policy.skew
 
     async def get(self, url: str, issuer: x509.Certificate, now: datetime) -> IndexedCRL:
         c = self._crls.get(url)
@@ -228,7 +232,7 @@ class CRLCache:
             if c.this_update > now + self.policy.skew:
                 raise _Unavailable(f"CRL {url} is not valid yet (thisUpdate {c.this_update})")
             if not self._fresh(c, now):
-                raise _Unavailable(f"CRL {url} is stale (nextUpdate {c.next_update})")
+                raise _Unavailable(f"CRL {url} is stale (thisUpdate {c.this_update}, nextUpdate {c.next_update})")
             self._crls[url] = c
             log.info("CRL %s loaded: %d entries, next update %s", url, len(c), c.next_update)
             if self.directory is not None:
@@ -367,7 +371,7 @@ def check_ocsp_response(der: bytes, cert: x509.Certificate, issuer: x509.Certifi
             raise ValueError("OCSP response from the future")
         if next_update is not None and next_update < now - policy.skew:
             raise ValueError("OCSP response expired")
-        if next_update is None and now - this_update > policy.ocsp_max_age:
+        if next_update is None and now - this_update > policy.max_age:
             raise ValueError("OCSP response too old")
         state = single["cert_status"].name
         if state == "unknown":

@@ -195,6 +195,26 @@ def test_crl_when_policy_prefers_it_and_the_cache_honours_next_update(tpki, trus
     asyncio.run(run())
 
 
+def test_a_stale_crl_is_not_downloaded_again_at_every_login(tpki, trust):
+    """A CA that stopped publishing serves a CRL past its nextUpdate: the card is refused
+    (hard-fail), and the list is fetched again only after ``retry_after``, as after a failed
+    download, not once per login (MOICA's is megabytes)."""
+    blob = tpki.make_signature("citizen", CHALLENGE)
+
+    async def run():
+        checker = pki.RevocationChecker(pki.RevocationPolicy(prefer_ocsp=False))
+        try:
+            later = now() + timedelta(days=3)  # the served CRL's nextUpdate is a day from now
+            for _ in range(3):
+                with pytest.raises(pki.RevocationUnavailable):
+                    await pki.verify_signature(blob, CHALLENGE, trust=trust, revocation=checker, now=later)
+            assert tpki.server.hits["/crl/moica.crl"] == 1
+        finally:
+            await checker.aclose()
+
+    asyncio.run(run())
+
+
 def test_responder_unreachable_soft_fail_accepts_and_logs(tpki, trust, caplog):
     caplog.set_level(logging.WARNING, logger="idp.pki")
     who = verify(tpki.make_signature("offline", CHALLENGE), trust=trust, mode="soft-fail")

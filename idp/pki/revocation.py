@@ -228,11 +228,15 @@ class CRLCache:
             except Exception as exc:  # network, HTTP status, parse, signature
                 self._failed[url] = now
                 raise _Unavailable(f"CRL {url}: {exc}") from exc
-            self._failed.pop(url, None)
+            problem = None
             if c.this_update > now + self.policy.skew:
-                raise _Unavailable(f"CRL {url} is not valid yet (thisUpdate {c.this_update})")
-            if not self._fresh(c, now):
-                raise _Unavailable(f"CRL {url} is stale (thisUpdate {c.this_update}, nextUpdate {c.next_update})")
+                problem = f"CRL {url} is not valid yet (thisUpdate {c.this_update})"
+            elif not self._fresh(c, now):
+                problem = f"CRL {url} is stale (thisUpdate {c.this_update}, nextUpdate {c.next_update})"
+            if problem:  # the same list again would not help: wait as after a failed download
+                self._failed[url] = now
+                raise _Unavailable(problem)
+            self._failed.pop(url, None)
             self._crls[url] = c
             log.info("CRL %s loaded: %d entries, next update %s", url, len(c), c.next_update)
             if self.directory is not None:

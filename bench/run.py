@@ -72,7 +72,6 @@ CHALLENGE = base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest())
 OWASP = {"time_cost": 2, "memory_kib": 19456}
 KEYCLOAK_ARGON2 = {"time_cost": 5, "memory_kib": 7168}
 LIGHT_ARGON2 = {"time_cost": 1, "memory_kib": 64}  # a hash of no cost: what a login costs besides it
-SMALL_KIB = 64  # the memory of a hash made as long as a default verify (small_argon2): no cache sweep
 # Keycloak 26 "Concepts for sizing CPU and memory resources" (per vCPU, argon2 t=5 m=7 MiB).
 KEYCLOAK = {"login": 15, "client_credentials": 120, "refresh": 120}
 WRK_THREADS = 2
@@ -668,12 +667,12 @@ def argon2_references(blocks: int = 5, per_block: int = 8) -> dict:
 
 
 def small_argon2(verify_ms: float) -> dict:
-    """Parameters of an argon2id verify that takes about ``verify_ms`` of CPU in only SMALL_KIB
-    of memory: a login beside it waits for its hash as long as beside a default one, but its
-    caches are not swept. Calibrated here, on a verify of 100 passes."""
+    """LIGHT_ARGON2 with as many passes as make a verify take about ``verify_ms`` of CPU: a
+    login beside it waits for its hash as long as beside a default one, but its caches are
+    not swept. Calibrated here, on a verify of 100 passes."""
     from argon2 import PasswordHasher
 
-    ph = PasswordHasher(time_cost=100, memory_cost=SMALL_KIB, parallelism=1)
+    ph = PasswordHasher(time_cost=100, memory_cost=LIGHT_ARGON2["memory_kib"], parallelism=1)
     hashed = ph.hash(PASSWORD)
     took = []
     for _ in range(9):
@@ -681,7 +680,7 @@ def small_argon2(verify_ms: float) -> dict:
         ph.verify(hashed, PASSWORD)
         took.append(time.thread_time() - t0)
     per_pass_ms = statistics.median(took) * 1000 / 100
-    return {"time_cost": max(1, round(verify_ms / per_pass_ms)), "memory_kib": SMALL_KIB}
+    return {**LIGHT_ARGON2, "time_cost": max(1, round(verify_ms / per_pass_ms))}
 
 
 # --------------------------------------------------------------------------- profile
@@ -986,7 +985,7 @@ def main() -> int:
                 results["logins_light_argon2"] = r = logins_at(1, LIGHT_ARGON2)
                 log(f"  {'login (t=1, 64 KiB)':20s} {fmt_rate(r)}")
                 small = small_argon2(argon["owasp_ms"])
-                log(f"  logins with a hash as long as the default in {SMALL_KIB} KiB (t={small['time_cost']}), "
+                log(f"  logins with a hash as long as the default in {small['memory_kib']} KiB (t={small['time_cost']}), "
                     "1 worker: the wait without the cache sweep")
                 results["logins_small_argon2"] = r = {**small, **logins_at(1, small)}
                 log(f"  {'login (small, long)':20s} {fmt_rate(r)}")
@@ -1078,7 +1077,7 @@ def main() -> int:
         cpu_md.append("| " + " | ".join(["password+TOTP login, argon2 t=1 64 KiB (next to nothing: the provider's own work)",
                                          per_core(light), *["—"] * 7]) + " |")
     if small.get("cpu_us"):
-        cpu_md.append("| " + " | ".join([f"password+TOTP login, argon2 t={small['time_cost']} {SMALL_KIB} KiB (as long as a "
+        cpu_md.append("| " + " | ".join([f"password+TOTP login, argon2 t={small['time_cost']} {small['memory_kib']} KiB (as long as a "
                                          "default verify, without its memory)", per_core(small), *["—"] * 7]) + " |")
     default = one.get("login") or {}
     if light.get("cpu_us") and small.get("hash_ms") and default.get("hash_ms"):
@@ -1086,7 +1085,7 @@ def main() -> int:
         limits = [f"- **What limits logins.** A login's own work (its four requests, their round trips to Redis "
                   f"and PostgreSQL, an ES256 signature) takes {own:.1f} ms of CPU beside a hash of no cost, "
                   f"{own / argon['owasp_ms'] * 100:.0f} % of a default verify. Beside a hash as long as the default "
-                  f"one but in {SMALL_KIB} KiB it takes {waited:.1f} ms: a worker waiting on its hashes is idle between "
+                  f"one but in {small['memory_kib']} KiB it takes {waited:.1f} ms: a worker waiting on its hashes is idle between "
                   "events, so every request and every reply from Redis or PostgreSQL wakes its event loop on its own, "
                   "where a busy loop takes several in one turn. Beside the default hash it takes "
                   f"{rest:.1f} ms: the rest is each verify sweeping 19 MiB through the caches of the core it runs on, "

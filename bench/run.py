@@ -382,6 +382,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def loop_thread(pid: int) -> tuple[float, int]:
+    """(CPU seconds, times it went to sleep) so far of the process's main thread: a worker's
+    event loop, apart from its hashing threads."""
+    task = Path(f"/proc/{pid}/task/{pid}")
+    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+    sleeps = re.search(r"^voluntary_ctxt_switches:\s*(\d+)", (task / "status").read_text(), re.M).group(1)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(sleeps)
+
+
 def wrk(url: str, seconds: float, *, method="GET", body="", auth="", items: list[str] | None = None,
         tmp: Path, pids: list[int] | None = None) -> dict:
     """wrk's rate and latencies; with ``pids`` (the server's processes) also the server's
@@ -528,7 +537,8 @@ async def logins(base: str, seconds: float, client_id: str, secret: str, seed: S
                  pids: list[int] | None = None, one_worker: bool = False) -> dict:
     """Full logins per second in the measured window; with ``pids``, the server's CPU time per
     login over every login of the run (the warm-up's too); with ``one_worker``, also the mean
-    CPU time of an argon2 verify inside the server over the same logins (``hash_ms``)."""
+    CPU time of an argon2 verify inside the server over the same logins (``hash_ms``), and its
+    event loop's CPU time and sleeps per login (``loop_ms``, ``loop_sleeps``)."""
     auth = basic(client_id, secret)
     completed = 0
     slots = OtpSlots(seed.usernames)
@@ -556,13 +566,17 @@ async def logins(base: str, seconds: float, client_id: str, secret: str, seed: S
                     latencies.append(time.perf_counter() - t0)
 
     hashed0 = hash_seconds(base) if one_worker else None
+    loop0 = loop_thread(pids[-1]) if one_worker and pids else None
     cpu0 = cpu_seconds(pids or [])
     await asyncio.gather(*(user() for _ in range(concurrency)))
     cpu = cpu_seconds(pids or []) - cpu0
-    hashed = None
+    hashed = {}
     if hashed0:
         took, count = (now - before for now, before in zip(hash_seconds(base), hashed0))
-        hashed = {"hash_ms": took / count * 1000} if count else None
+        hashed = {"hash_ms": took / count * 1000} if count else {}
+    if loop0 and completed:
+        loop_cpu, sleeps = (now - before for now, before in zip(loop_thread(pids[-1]), loop0))
+        hashed |= {"loop_ms": loop_cpu / completed * 1000, "loop_sleeps": sleeps / completed}
     elapsed = seconds
     latencies.sort()
 
@@ -574,7 +588,7 @@ async def logins(base: str, seconds: float, client_id: str, secret: str, seed: S
     return {"rate": len(latencies) / seconds, "ok": len(latencies), "errors": len(errors), "exhausted": 0,
             "p50_ms": pct(50), "p99_ms": pct(99), "seconds": elapsed, "tool": f"httpx async x{concurrency}",
             "otp_waits": slots.waits, **({"cpu_us": cpu / completed * 1e6} if pids and completed else {}),
-            **(hashed or {})}
+            **hashed}
 
 
 # --------------------------------------------------------------------------- memory
@@ -1082,15 +1096,19 @@ def main() -> int:
     default = one.get("login") or {}
     if light.get("cpu_us") and small.get("hash_ms") and default.get("hash_ms"):
         own, waited, rest = (r["cpu_us"] / 1000 - r.get("hash_ms", 0) for r in (light, small, default))
+        loop = [f"{r['loop_ms']:.1f} ms and {r['loop_sleeps']:.0f} sleeps" for r in (light, small, default) if "loop_ms" in r]
         limits = [f"- **What limits logins.** A login's own work (its four requests, their round trips to Redis "
                   f"and PostgreSQL, an ES256 signature) takes {own:.1f} ms of CPU beside a hash of no cost, "
                   f"{own / argon['owasp_ms'] * 100:.0f} % of a default verify. Beside a hash as long as the default "
-                  f"one but in {small['memory_kib']} KiB it takes {waited:.1f} ms: a worker waiting on its hashes is idle between "
-                  "events, so every request and every reply from Redis or PostgreSQL wakes its event loop on its own, "
-                  "where a busy loop takes several in one turn. Beside the default hash it takes "
+                  f"one but in {small['memory_kib']} KiB it takes {waited:.1f} ms: a worker waiting on its hashes is idle "
+                  "between requests, so its event loop sleeps, and each request (and each hash's end) wakes it with "
+                  "its code and data pushed out of the caches by the hashing thread and the other processes; a busy "
+                  "loop goes from one request to the next with them warm. Beside the default hash it takes "
                   f"{rest:.1f} ms: the rest is each verify sweeping 19 MiB through the caches of the core it runs on, "
                   "so the loop's next turns find their code and data gone (huge pages for the hash's memory did not "
-                  "change it)."]
+                  "change it)."
+                  + (f" The event loop's thread alone, per login, beside the three hashes: {', '.join(loop)}."
+                     if len(loop) == 3 else "")]
     h2h, h2h_md = results["head_to_head"], []
     if h2h:
         h2h_md = [f"**Head to head on Redis.** The single runs above are a few minutes apart, and on a shared VM one "

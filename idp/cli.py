@@ -212,6 +212,11 @@ def cmd_users_reset_bindings(args) -> int:
     account_id, username = _account_id(svc, args.username)
     if account_id is None:
         return _fail(f"no account {args.username}")
+    if not svc.store.shared and not svc.db.claim_sole_server():
+        # A provider serves this database on its in-process store: the account's sessions live
+        # in its memory, beyond this process's reach. With none running, there are none.
+        return _fail("without IDP_REDIS_URL the account's sessions live inside the running provider, which this "
+                     "command cannot end: reset the bindings on its admin page (/admin)")
     count = reset_bindings(svc, account_id)
     svc.audit.record("bindings.reset", account_id=account_id, username=username, method="cli", deleted=count)
     print(f"deleted {count} binding(s) of {username}; the next login asks to bind again")

@@ -473,6 +473,35 @@ def test_cli_resets_bindings(tmp_path):
     assert _idp(tmp_path, "users", "reset-bindings", "nobody").returncode == 2
 
 
+def test_cli_reset_bindings_ends_the_running_providers_sessions_or_refuses(provider, tmp_path):
+    """`idp users reset-bindings` ends the account's sessions and tokens on the running
+    provider through Redis. With the in-process store they live in the provider's memory, out
+    of the command's reach: while a provider serves the database, the command refuses and
+    changes nothing, rather than delete the bindings and leave the sessions open."""
+    alice = provider.account("alice")
+    with provider.svc.db.session() as session:
+        session.add(Binding(account_id=alice, factor="otp", data={"secret": "x", "version": 1}))
+    client_id, secret = provider.client()
+    settings = provider.svc.settings
+    same = {"IDP_DATABASE_URL": settings.database_url, "IDP_REDIS_URL": settings.redis_url,
+            "IDP_KEYS_DIR": settings.keys_dir}
+    http = provider.http()
+    tokens = _user_tokens(provider, client_id, secret)
+    if not provider.svc.store.shared:
+        assert provider.svc.db.claim_sole_server()  # as `idp serve` does
+    out = _idp(tmp_path, "users", "reset-bindings", "alice", **same)
+    refreshed = _refresh(http, client_id, secret, tokens["refresh_token"])
+    with provider.svc.db.session() as session:
+        kept = session.query(Binding).count()
+    if provider.svc.store.shared:
+        assert out.returncode == 0 and "deleted 1 binding(s)" in out.stdout
+        assert refreshed.status_code == 400 and refreshed.json()["error"] == "invalid_grant"
+        assert kept == 0
+    else:
+        assert out.returncode == 2 and "admin page (/admin)" in out.stderr
+        assert refreshed.status_code == 200 and kept == 1
+
+
 def test_cli_disable_and_enable_reach_the_running_provider(provider, tmp_path):
     """`idp users disable` runs in a process of its own, yet the running provider refuses the
     account's tokens at once: with Redis through the mark the command writes there, with the

@@ -225,17 +225,14 @@ class CRLCache:
                 resp = await self.http.get(url, timeout=self.policy.timeout)
                 resp.raise_for_status()
                 c = await asyncio.to_thread(parse_crl, resp.content, issuer, url)
-            except Exception as exc:  # network, HTTP status, parse, signature
+                # The same list again would not help: wait as after a failed download.
+                if c.this_update > now + self.policy.skew:
+                    raise ValueError(f"not valid yet (thisUpdate {c.this_update})")
+                if not self._fresh(c, now):
+                    raise ValueError(f"stale (thisUpdate {c.this_update}, nextUpdate {c.next_update})")
+            except Exception as exc:  # network, HTTP status, parse, signature, dates
                 self._failed[url] = now
                 raise _Unavailable(f"CRL {url}: {exc}") from exc
-            problem = None
-            if c.this_update > now + self.policy.skew:
-                problem = f"CRL {url} is not valid yet (thisUpdate {c.this_update})"
-            elif not self._fresh(c, now):
-                problem = f"CRL {url} is stale (thisUpdate {c.this_update}, nextUpdate {c.next_update})"
-            if problem:  # the same list again would not help: wait as after a failed download
-                self._failed[url] = now
-                raise _Unavailable(problem)
             self._failed.pop(url, None)
             self._crls[url] = c
             log.info("CRL %s loaded: %d entries, next update %s", url, len(c), c.next_update)

@@ -370,25 +370,29 @@ class Proc:
 # --------------------------------------------------------------------------- load: wrk
 
 
+def _cpu(stat: Path) -> float:
+    """User + system CPU seconds in a /proc ``stat`` file (a process's: all its threads; a task's: one)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15 of proc(5))
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time so far of these processes (all their threads)."""
-    total = 0
+    total = 0.0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += _cpu(Path(f"/proc/{pid}/stat"))
         except FileNotFoundError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
-    return total / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def loop_thread(pid: int) -> tuple[float, int]:
     """(CPU seconds, times it went to sleep) so far of the process's main thread: a worker's
     event loop, apart from its hashing threads."""
     task = Path(f"/proc/{pid}/task/{pid}")
-    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
     sleeps = re.search(r"^voluntary_ctxt_switches:\s*(\d+)", (task / "status").read_text(), re.M).group(1)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(sleeps)
+    return _cpu(task / "stat"), int(sleeps)
 
 
 def wrk(url: str, seconds: float, *, method="GET", body="", auth="", items: list[str] | None = None,

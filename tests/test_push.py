@@ -113,6 +113,44 @@ def test_registration_url_is_one_time_and_number_is_validated(provider):
     assert late.value.code == "registration_expired"
 
 
+@pytest.mark.parametrize("meanwhile", [push.cancel_registration, push.start_registration])
+def test_a_scan_that_ends_after_the_page_moved_on_brings_nothing_back(provider, meanwhile):
+    """The user presses 取消 (or 增加 again) while the app's registration is under way: when
+    the app's request ends, the older registration stays gone; it cannot be saved."""
+    browser = provider.browser()
+    page = browser.password(browser.go("/account/push"))
+    added = browser.submit(page, "/account/push/add")
+    url = re.search(r"data-registration-url>(.*?)</code>", added.text).group(1).replace("&amp;", "&")
+    store = provider.svc.store
+
+    class UserClicks:
+        """The store, but the page's click lands just after the app's request read the registration."""
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def get(self, key):
+            value = store.get(key)
+            if key.startswith(push.PENDING):
+                provider.svc.store = store
+                meanwhile(provider.svc, key.removeprefix(push.PENDING))
+            return value
+
+    provider.svc.store = UserClicks()
+    app = phone(provider)
+    app.register(url)  # the app scanned in time
+    assert provider.svc.store is store
+    if meanwhile is push.cancel_registration:
+        page = browser.go("/account/push/add")
+        assert "註冊已超過有效時間" in _error(page), page.text
+    else:  # the new QR code waits for its own scan
+        assert browser.go("/account/push/add/status").json() == {"state": "waiting"}
+        assert re.search(r"data-registration-url>(.*?)</code>", browser.go("/account/push/add").text).group(1) != url
+    # 儲存 on the page as it was before the click (another tab), with the app's code.
+    refused = browser.submit(added, "/account/push/save", name="公務手機", phone="0912345678", otp=app.otp())
+    with provider.svc.db.session() as session:
+        assert session.query(Binding).filter_by(factor="push").count() == 0, refused.text
+
+
 def test_saving_needs_the_code_of_the_app_that_scanned(provider):
     """Whoever reaches the one-time URL first does not get bound: 儲存 asks for the code the
     scanning app shows; another app's code binds nothing and the user can try again."""

@@ -68,7 +68,11 @@ SKEW = 300  # seconds a device's clock may be off
 REGISTER_PATH, POLL_PATH, ANSWER_PATH = "/push/register", "/push/device/poll", "/push/device/answer"
 
 REG = "push-reg:"                # sha256(one-time code) -> the account registering
-PENDING = "push-pending:"        # account -> the settings page's registration in progress
+# The settings page's registration in progress, and what its scan left. Each has one writer
+# (the page, the app), so a scan that ends after the page cancelled or started again
+# cannot bring the older registration back.
+PENDING = "push-pending:"        # account -> the registration's code (written by the page)
+SCANNED = "push-scanned:"        # account -> the key the app registered, for that code only
 REQUEST = "push-req:"            # request id -> the login request
 INBOX = "push-inbox:"            # device -> the request waiting for it
 ANSWER = "push-answer:"          # request id -> its one answer
@@ -162,21 +166,29 @@ def start_registration(svc, account_id: str) -> dict:
         svc.store.delete(REG + _digest(old["code"]))
     ttl = svc.settings.push_registration_seconds
     code = secrets.token_urlsafe(24)
-    pending = {"code": code, "exp": svc.clock() + ttl, "device": None}
+    pending = {"code": code, "exp": svc.clock() + ttl}
+    # Kept as long as a scan at the last moment plus the time that scan gives to save.
     svc.store.set_many([(REG + _digest(code), {"account": account_id}, ttl),
-                        (PENDING + account_id, pending, ttl + 60)])
-    return pending
+                        (PENDING + account_id, pending, 2 * ttl + 60)])
+    return {**pending, "device": None}
 
 
 def current_registration(svc, account_id: str) -> dict | None:
-    pending = svc.store.get(PENDING + account_id)
-    return pending if pending and pending["exp"] >= svc.clock() else None
+    """The registration in progress: its ``code``, the scanning app's ``device`` (None
+    before the scan) and its ``exp``; None when there is none or it expired."""
+    pending, scanned = svc.store.get_many([PENDING + account_id, SCANNED + account_id])
+    if pending is None:
+        return None
+    if scanned is None or not hmac.compare_digest(scanned["code"], _digest(pending["code"])):
+        scanned = {"device": None, "exp": pending["exp"]}  # not scanned, or a scan of an older code
+    current = {"code": pending["code"], "device": scanned["device"], "exp": scanned["exp"]}
+    return current if current["exp"] >= svc.clock() else None
 
 
 def cancel_registration(svc, account_id: str) -> None:
     pending = svc.store.take(PENDING + account_id)
     if pending:
-        svc.store.delete(REG + _digest(pending["code"]))
+        svc.store.delete(REG + _digest(pending["code"]), SCANNED + account_id)
 
 
 def registration_url(svc, code: str) -> str:
@@ -197,9 +209,9 @@ def register(svc, payload: dict, jwk: dict) -> dict:
     secret = pyotp.random_base32()
     channel = payload.get("channel") if isinstance(payload.get("channel"), str) else "poll"
     ttl = svc.settings.push_registration_seconds  # from the scan, as long again to type the name and number
-    pending.update(exp=svc.clock() + ttl, device={"id": device_id, "jwk": jwk, "channel": channel[:512],
-                                                  "secret": svc.box.seal(secret, claimed["account"])})
-    svc.store.set(PENDING + claimed["account"], pending, ttl + 60)
+    device = {"id": device_id, "jwk": jwk, "channel": channel[:512], "secret": svc.box.seal(secret, claimed["account"])}
+    svc.store.set(SCANNED + claimed["account"], {"code": _digest(code), "device": device, "exp": svc.clock() + ttl},
+                  ttl + 60)
     issuer = svc.settings.issuer
     return {"device": device_id, "issuer": issuer, "issuer_name": svc.settings.otp_issuer,
             "otp": {"secret": secret, "digits": 6, "period": STEP, "algorithm": "SHA1"},
@@ -224,8 +236,10 @@ def save_registration(svc, account_id: str, name: str, phone: str, code: str) ->
     error, step = binding_code(svc, svc.box.open(device["secret"], account_id), code, "push.error.code")
     if error:
         return error
-    if svc.store.take(PENDING + account_id) is None:
-        return "push.error.registration_expired"  # saved meanwhile by another request
+    taken = svc.store.take(PENDING + account_id)
+    if taken is None or taken["code"] != pending["code"]:
+        return "push.error.registration_expired"  # saved, cancelled or started again meanwhile
+    svc.store.delete(SCANNED + account_id)
     try:
         with svc.db.session() as session:
             session.add(Binding(account_id=account_id, factor=NAME, external_id=device["id"], label=name,

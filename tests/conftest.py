@@ -10,6 +10,11 @@ import pytest
 
 from tests import servers
 
+# Fixtures that several modules share, defined beside the helpers they go with: loaded here
+# as plugins, so a module uses them by name without importing them.
+pytest_plugins = ["tests.pki_fixtures", "tests.test_e2e", "tests.test_journeys", "tests.test_admin",
+                  "tests.test_backchannel"]
+
 
 def _start(start, tmp_path_factory, name):
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from html import unescape
 
-from tests.test_admin import events, sign_in, site  # noqa: F401 (fixture)
+from tests.test_admin import events, sign_in
 
 LOA2, LOA3 = "urn:idp:loa:2", "urn:idp:loa:3"
 

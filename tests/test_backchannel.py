@@ -29,7 +29,7 @@ from idp.protocol import logout as bcl
 from idp.storage.models import AuditEvent
 from tests import live
 from tests.harness import PASSWORD, redeem
-from tests.test_e2e import NAME, Agent, _is_login_page, _path, live_provider, make_live_provider  # noqa: F401 - fixtures
+from tests.test_e2e import NAME, Agent, _is_login_page, _path
 
 try:
     import httpx2 as httpx

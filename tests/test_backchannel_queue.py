@@ -16,7 +16,7 @@ from idp.clock import FrozenClock
 from idp.protocol import logout as bcl
 from idp.web.app import create_app
 from tests.harness import Provider
-from tests.test_backchannel import EVENT, _events, _wait, receiver  # noqa: F401 (fixture)
+from tests.test_backchannel import EVENT, _events, _wait
 
 # Two processes share state only through Redis: the in-process store cannot stand for that.
 pytestmark = pytest.mark.parametrize("backend", ["postgres+redis"])

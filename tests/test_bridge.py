@@ -117,7 +117,9 @@ def test_what_a_finished_thread_ran_is_freed_with_it():
     app = App()
     alive = weakref.ref(app)
     results = []
-    thread = threading.Thread(target=lambda: results.append(asyncio.run(bridge.run(app.handle))))
+    # Given as args, which the thread drops when it ends: the test's ``del`` is then the last reference.
+    thread = threading.Thread(target=lambda handle: results.append(asyncio.run(bridge.run(handle))),
+                              args=(app.handle,))
     thread.start()
     thread.join()
     del app, thread

@@ -18,7 +18,6 @@ from sqlalchemy import select
 
 from idp.storage.models import AuditEvent, Binding
 from tests.harness import callback, forms, redeem
-from tests.pki_fixtures import tpki  # noqa: F401 (the module's test PKI)
 from tests.test_account import _notice, _signed_in
 from tests.test_totp import _bind, _code, _error
 

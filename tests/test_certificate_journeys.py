@@ -35,8 +35,7 @@ from idp.web.app import create_app
 from tests import live, pki_fixtures  # noqa: F401 (a type)
 from tests.hipki_cards import PIN, CardReader, desk, signer
 from tests.test_e2e import NAME, LiveProvider
-from tests.test_journeys import (bound_otp, chromium, expect, otp, people, start_at_portal,  # noqa: F401 (fixtures)
-                                 type_otp, type_password)
+from tests.test_journeys import bound_otp, expect, otp, start_at_portal, type_otp, type_password
 
 LOA3 = "urn:idp:loa:3"
 INVALID = "憑證無效，請至內政部憑證管理中心網站查詢憑證狀態"

@@ -19,7 +19,6 @@ from idp.pki import RevocationChecker, RevocationPolicy, RevocationUnavailable, 
 from idp.pki.revocation import httpx
 from idp.settings import Settings
 from idp.web.app import create_app
-from tests.pki_fixtures import tpki  # noqa: F401 (the module's test PKI)
 
 POLICY = RevocationPolicy("hard-fail", prefer_ocsp=False)  # the CRL, not OCSP
 

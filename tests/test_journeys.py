@@ -34,8 +34,7 @@ from sqlalchemy.orm import selectinload
 from idp.factors.totp import Enrolment
 from idp.storage.models import Account, Binding
 from tests.harness import PASSWORD
-from tests.test_e2e import (CHROMIUM, CHROMIUM_ARGS, INSTALL_HINT, NAME, make_live_provider,  # noqa: F401 (fixtures)
-                            make_portal)
+from tests.test_e2e import CHROMIUM, CHROMIUM_ARGS, INSTALL_HINT, NAME
 
 try:
     from playwright.sync_api import expect

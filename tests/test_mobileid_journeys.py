@@ -33,7 +33,6 @@ from idp.storage.models import AuditEvent
 from idp.web.app import create_app
 from tests import live
 from tests.test_e2e import NAME, LiveProvider
-from tests.test_journeys import chromium  # noqa: F401 (the module's one browser)
 
 try:  # the project depends on httpx2; plain httpx has the same API
     import httpx2 as httpx

@@ -38,7 +38,7 @@ from idp.web.app import create_app
 from tests import live
 from tests.harness import callback, forms, redeem
 from tests.test_e2e import NAME, LiveProvider
-from tests.test_journeys import People, bound_otp, chromium, otp, type_otp, type_password  # noqa: F401 (fixture)
+from tests.test_journeys import People, bound_otp, otp, type_otp, type_password
 
 try:
     from playwright.sync_api import expect

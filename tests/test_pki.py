@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from deploy.dev import testpki
 from idp import pki
 from idp.pki import revocation as rev
-from tests.pki_fixtures import tpki  # noqa: F401 (the module's test PKI)
 
 CHALLENGE = b"idp-login:3f6c1d0e9a7b4e21"
 REPO = Path(__file__).resolve().parent.parent

@@ -40,7 +40,7 @@ from idp.web.app import create_app
 from tests import live
 from tests.harness import PASSWORD
 from tests.test_e2e import RP_REDIRECT, LiveProvider, run_rp
-from tests.test_journeys import bound_otp, chromium, otp  # noqa: F401 (fixture)
+from tests.test_journeys import bound_otp, otp
 
 try:
     from playwright.sync_api import expect

@@ -33,8 +33,8 @@ from idp.settings import Settings
 from idp.web.app import create_app
 from tests import live
 from tests.test_e2e import LiveProvider
-from tests.test_journeys import (alice, bound_otp, chromium, expect, expect_portal_home, otp, people,  # noqa: F401
-                                 start_at_portal, type_otp, type_password)
+from tests.test_journeys import (alice, bound_otp, expect, expect_portal_home, otp, start_at_portal, type_otp,
+                                 type_password)
 
 try:  # the project depends on httpx2; plain httpx has the same API
     import httpx2 as httpx

@@ -30,7 +30,6 @@ from idp.storage.models import AuditEvent
 from idp.web.app import create_app
 from tests import live, servers
 from tests.harness import PASSWORD, REDIRECT, callback, forms, redeem
-from tests.pki_fixtures import tpki  # noqa: F401 (the module's test PKI)
 from tests.test_e2e import INSTALL_HINT, LiveProvider
 
 try:  # the project depends on httpx2; plain httpx has the same API

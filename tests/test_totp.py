@@ -9,8 +9,10 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from idp.acr import LOA2
 from idp.factors.totp import match
 from tests.harness import PASSWORD, callback, forms, redeem
+from tests.test_journeys import bound_otp
 
 
 @pytest.fixture
@@ -382,6 +384,20 @@ def test_the_right_password_again_does_not_give_wrong_codes_back(mfa_provider):
     page = again.password(again.authorize(client_id))
     assert 'name="otp"' in page.text
     assert "帳號已暫時停用" in _error(again.submit(page, "/login/factor/otp", otp="000000"))
+
+
+def test_a_login_with_the_password_alone_does_not_give_wrong_codes_back(make_provider):
+    """Where a client lets the password alone in (two factors not required, LOA1), such a
+    login does not end the count of the wrong codes before it: else whoever has the password
+    could guess the OTP two codes at a time, with a password-only login between."""
+    provider = make_provider(mfa=False)
+    bound_otp(provider, provider.account("alice"))
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = _two_wrong_codes(browser, browser.password(browser.authorize(client_id, acr_values=LOA2)))
+    assert "code" in callback(browser.password(browser.authorize(client_id, prompt="login")))
+    page = browser.password(browser.authorize(client_id, acr_values=LOA2, prompt="login"))
+    assert "帳號已暫時停用" in _error(browser.submit(page, "/login/factor/otp", otp="000000"))
 
 
 def test_a_code_from_a_fast_phone_is_spent_and_not_taken_when_its_time_comes(mfa_provider):

@@ -367,8 +367,11 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
         svc.sessions.save(session, writes)
     # What the transaction holds: the session's proofs that this client accepts, and the new ones.
     auth = {"sid": session["sid"], "auth_time": int(tx["auth_time"]), "acr": acr.earned(tx["amr"]), "amr": tx["amr"]}
-    if tx["done"]:
-        svc.lockout.clear(account.username, writes)  # the whole login answered right: counting starts again
+    if verified:
+        # Counting starts again only after a login the count's guesses could not have made:
+        # one that proved a bound second factor. A password-only login (a client at LOA1)
+        # wiping earlier wrong OTPs would let the OTP be guessed two codes at a time.
+        svc.lockout.clear(account.username, writes)
     if tx["client_id"] is None:
         response = RedirectResponse(tx["return_to"], status_code=303)
     else:

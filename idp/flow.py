@@ -126,8 +126,23 @@ def within_policy(session: dict, client) -> dict | None:
     proofs = session.get("proofs")
     if all(client.allows(name) for name in (FACTORS if proofs is None else proofs)):
         return session
-    kept = {name: proof for name, proof in (proofs or {}).items() if client.allows(name)}
-    if not any(FACTORS[name].first for name in kept if name in FACTORS):  # also a session from before proofs
+    return _kept(session, {name: proof for name, proof in (proofs or {}).items() if client.allows(name)})
+
+
+def within_age(session: dict, max_age: int, now: float) -> dict | None:
+    """The SSO session as far as a request's ``max_age`` lets a login build on it: the proofs
+    made in its last ``max_age`` seconds, or None when none of them found the account, and the
+    login starts over. What the login earns is theirs alone: a card proven hours ago is not a
+    recent LOA3 because a password and OTP were typed since; step-up asks for it again."""
+    proofs = session.get("proofs")
+    if proofs is None:  # a session from before proofs: its last login as a whole
+        return session if now - session["auth_time"] <= max_age else None
+    return _kept(session, {name: proof for name, proof in proofs.items() if now - proof["time"] <= max_age})
+
+
+def _kept(session: dict, kept: dict) -> dict | None:
+    """``session`` with only the proofs ``kept``; None when none of them is a first factor."""
+    if not any(FACTORS[name].first for name in kept if name in FACTORS):
         return None
     # Its auth_time too is theirs (max_age): a step-up elsewhere does not make them recent.
     return {**session, "proofs": kept, "amr": amr_of(kept),

@@ -7,11 +7,13 @@ import threading
 from urllib.parse import parse_qs, urlsplit
 
 import pyotp
+from joserfc import jwt
+from joserfc.jwk import KeySet
 
 from idp.acr import LOA2, LOA3
 from idp.factors import FACTORS
 from idp.storage.models import Binding
-from tests.harness import PASSWORD, callback, forms
+from tests.harness import PASSWORD, callback, forms, redeem
 
 
 def _tx(page) -> str:
@@ -237,6 +239,26 @@ def test_max_age_counts_the_age_of_the_factors_the_client_accepts(provider):
     assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
     provider.clock.advance(10)
     assert "/login/factor/password" in browser.authorize(strict, max_age="60").text
+
+
+def test_max_age_counts_the_age_of_each_factor_the_login_builds_on(provider):
+    """A password typed since (at LOA1) does not make an OTP proven an hour ago recent: asked
+    for LOA2 within max_age, the login asks for the OTP again, and prompt=none cannot."""
+    _, secret = _alice_with_otp(provider)
+    client_id, client_secret = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id, acr_values=LOA2))
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
+    provider.clock.advance(3600)
+    assert "code" in callback(browser.password(browser.authorize(client_id, prompt="login")))
+    provider.clock.advance(10)
+    assert callback(browser.authorize(client_id, acr_values=LOA2, max_age="300", prompt="none"))["error"]
+    page = browser.authorize(client_id, acr_values=LOA2, max_age="300")
+    assert 'name="otp"' in page.text and 'name="password"' not in page.text  # the password is recent
+    params = callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
+    token = redeem(browser.http, client_id, client_secret, params["code"]).json()
+    claims = jwt.decode(token["id_token"], KeySet.import_key_set(browser.http.get("/jwks").json())).claims
+    assert claims["acr"] == LOA2 and claims["auth_time"] == int(provider.clock())
 
 
 def test_a_step_up_at_a_client_with_a_policy_keeps_the_sessions_other_proofs(provider):

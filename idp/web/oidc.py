@@ -171,7 +171,8 @@ async def authorize(request: Request) -> Response:
     fresh = bool(prompts & {"login", "select_account"})
     if session and data.get("max_age") is not None:
         max_age = int(data["max_age"])
-        fresh = fresh or max_age == 0 or svc.clock() - session["auth_time"] > max_age
+        fresh = fresh or max_age == 0
+        session = flow.within_age(session, max_age, svc.clock())
     if data.get("id_token_hint"):
         hint = _hint_subject(svc, data["id_token_hint"])
         if hint is None:

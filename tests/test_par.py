@@ -60,7 +60,8 @@ def test_only_the_pushed_parameters_count(provider):
 def test_push_needs_the_clients_authentication(provider):
     client_id, secret = provider.client()
     http = provider.http()
-    assert _push(http, client_id, "wrong").status_code == 401
+    refused = _push(http, client_id, "wrong")  # in the Authorization header: 401 and its challenge (RFC 6749 5.2)
+    assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic error=\"invalid_client\"")
     assert _push(http, client_id).status_code == 401  # a confidential client without its secret
     assert _push(http, "nobody", "x").json()["error"] == "invalid_client"
 

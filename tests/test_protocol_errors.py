@@ -46,6 +46,24 @@ def test_plain_pkce_is_refused(provider):
     assert params["error"] == "invalid_request"
 
 
+def test_pkce_without_its_method_is_refused(provider):
+    """Without code_challenge_method the method is plain (RFC 7636 4.3): refused at once, not
+    taken for S256 and then failing at the token endpoint."""
+    client_id, _ = provider.client(token_endpoint_auth_method="none")
+    _, challenge = pkce()
+    params = callback(provider.browser().authorize(client_id, code_challenge=challenge))
+    assert params["error"] == "invalid_request" and "code_challenge_method" in params["error_description"]
+
+
+def test_an_openid_request_needs_its_redirect_uri(provider):
+    """OpenID Connect requires redirect_uri (Core 3.1.2.1). Taken from the client's only
+    registration instead, the code would be bound to none and redeemed with any."""
+    provider.account("alice")
+    client_id, _ = provider.client()
+    params = callback(provider.browser().authorize(client_id, redirect_uri=None))  # to the one registered
+    assert params["error"] == "invalid_request" and "redirect_uri" in params["error_description"]
+
+
 def test_public_client_with_pkce_logs_in(provider):
     provider.account("alice")
     client_id, _ = provider.client(token_endpoint_auth_method="none")

@@ -452,6 +452,9 @@ def test_a_narrower_refresh_releases_only_its_scopes_claims(provider):
     claims = jwt.decode(narrower.json()["id_token"], keys).claims
     assert narrower.json()["scope"] == "openid profile"
     assert claims["name"] == "Alice" and "email" not in claims and "email_verified" not in claims
+    # The new refresh token keeps the scope of the one presented (RFC 6749 section 6).
+    wider = _refresh(http, client_id, secret, narrower.json()["refresh_token"])
+    assert wider.json()["scope"] == "openid profile email", wider.text
 
 
 def test_another_client_learns_nothing_about_a_token(provider):

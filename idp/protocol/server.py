@@ -113,17 +113,22 @@ class S256Only(CodeChallenge):
     DEFAULT_CODE_CHALLENGE_METHOD = "S256"
 
     def validate_code_challenge(self, grant, redirect_uri):
-        if grant.request.client.is_public and not grant.request.payload.data.get("code_challenge"):
+        data = grant.request.payload.data
+        if grant.request.client.is_public and not data.get("code_challenge"):
             raise InvalidRequestError("PKCE is required: send code_challenge with code_challenge_method=S256")
+        if data.get("code_challenge") and not data.get("code_challenge_method"):
+            # Without it the method is "plain" (RFC 7636 4.3), which protects nothing here.
+            raise InvalidRequestError("Send code_challenge_method=S256: plain, the default, is not supported.")
         super().validate_code_challenge(grant, redirect_uri)
 
 
 def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str, auth: dict | None,
            profile: dict | None = None, nonce=None, refresh=True, record: dict | None = None,
-           rotating: dict | None = None, sid: str | None = None):
+           rotating: dict | None = None, sid: str | None = None, refresh_scope: str | None = None):
     """Mint the token response of one grant: access token, refresh token, ID token.
     The client, account and login are the grant's (in its record); the tokens' own
-    records hold the scope and whatever else ``record`` adds. Their store writes join
+    records hold the scope (the refresh token's ``refresh_scope`` when given) and whatever
+    else ``record`` adds. Their store writes join
     those already in ``batch``, all sent in one round trip; so is the read of the
     account's disabled mark, when ``rotating`` (a refresh token's record) its claim, and with
     ``sid`` the SSO session the grant joins. A disabled account, a lost claim or a session
@@ -140,7 +145,8 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime, batch)
     if refresh and client.check_grant_type("refresh_token"):
         rt_lifetime = client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
-        token["refresh_token"] = svc.tokens.issue("rt", gid, record, rt_lifetime, batch)
+        token["refresh_token"] = svc.tokens.issue("rt", gid, {**record, "scope": refresh_scope or scope}, rt_lifetime,
+                                                  batch)
     # Everything that can fail comes before the write: once it is sent, a rotated refresh
     # token is spent, and a retry after a 500 would look like its reuse.
     if account_id is not None and "openid" in scope.split():
@@ -287,8 +293,11 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         carried = {"auth": record["auth"]} if "auth" not in refresh.grant and record.get("auth") else {}
         batch = Batch()
         svc.tokens.rotate_refresh(refresh.token, record, batch)
+        # A narrower access token leaves the new refresh token the scope of the one presented
+        # (RFC 6749 section 6): the next refresh may ask for all of it again.
         token = _issue(self, batch, account_id=record["account"], scope=scope, gid=record["grant"],
-                       auth=record.get("auth"), profile=profile, record=carried, rotating=record)
+                       auth=record.get("auth"), profile=profile, record=carried, rotating=record,
+                       refresh_scope=record["scope"])
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 

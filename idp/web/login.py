@@ -425,7 +425,7 @@ async def _issue_code(request, svc, tx, account, auth, writes: Batch):
         "scope": oauth_request.scope,
         "nonce": data.get("nonce"),
         "code_challenge": data.get("code_challenge"),
-        "code_challenge_method": data.get("code_challenge_method", "S256") if data.get("code_challenge") else None,
+        "code_challenge_method": data.get("code_challenge_method"),
         "auth": auth,
         # What the ID token says about the account, so the code exchange reads no database.
         "claims": claims.profile(account, oauth_request.scope or ""),

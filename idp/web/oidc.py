@@ -114,6 +114,10 @@ def _check_extras(data: dict) -> tuple[str, str] | None:
         return "invalid_request", "Unknown prompt value."
     if "none" in prompts and len(prompts) > 1:
         return "invalid_request", "prompt=none cannot be combined with other values."
+    if "openid" in data.get("scope", "").split() and not data.get("redirect_uri"):
+        # Required by OpenID Connect Core 3.1.2.1; authlib would take the client's only one, and
+        # the code, bound to none, would then be redeemed with any.
+        return "invalid_request", "redirect_uri is required."
     max_age = data.get("max_age")
     if max_age is not None and not (max_age.isdigit() and len(max_age) < 10):
         return "invalid_request", "max_age must be a non-negative integer."
@@ -204,8 +208,9 @@ async def pushed_authorization(request: Request) -> Response:
     try:
         client = await run_in_threadpool(svc.server.authenticate_client, _oauth_request(request, [], form),
                                          ALL_AUTH_METHODS, "par")
-    except OAuth2Error as error:
-        return _oauth_error(error.error, error.description or "Client authentication failed.", 401)
+    except OAuth2Error as error:  # 401 and its challenge for credentials in the Authorization header (RFC 6749 5.2)
+        return _oauth_error(error.error, error.description or "Client authentication failed.", error.status_code,
+                            dict(error.get_headers()))
     params = [(k, v) for k, v in form if k not in par.CLIENT_AUTH_PARAMS]
     if any(k == "request_uri" for k, _ in params):
         return _oauth_error("invalid_request", "request_uri cannot be pushed.")

@@ -182,6 +182,15 @@ def test_captcha_after_failure(make_provider):
     assert 'name="captcha"' not in page.text
     page = browser.password(page, password="wrong-password")
     assert 'name="captcha"' in page.text
+    # A new login (here another browser) is not the way around it: the username's last answer
+    # failed, so its password is taken only with the captcha, and the refusal is no guess.
+    other = provider.browser()
+    page = other.authorize(client_id)
+    assert 'name="captcha"' not in page.text
+    page = other.password(page)
+    assert "請輸入圖中的驗證碼" in page.text and 'name="captcha"' in page.text and 'value="alice"' in page.text
+    answer = provider.svc.transactions.get(_tx(page))["captcha"]
+    assert "code" in callback(other.password(page, captcha=answer))
 
 
 def test_single_sign_on_counts_only_the_factors_the_client_allows(provider):

@@ -55,6 +55,11 @@ class PasswordFactor:
         until, attempt = await svc.db.call(lockout.attempt, username)
         if until:
             return await svc.db.call(locked_out, svc, until, None, username, seen, keep)
+        if attempt > 1 and svc.settings.captcha == "after-failure" and not captcha.wanted(svc, tx):
+            # The username's last answers failed (in another login, another browser perhaps): a
+            # new login is not the way around the captcha. Not a guess: the attempt is given back.
+            await bridge.run(lockout.release, username)
+            return Outcome(error="captcha.needed", keep=keep)
 
         account, correct, rehash = await svc.passwords.check(partial(with_bindings, svc, username=username), password)
         if correct and rehash:  # made with older parameters: upgraded now that the password is known

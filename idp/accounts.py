@@ -330,13 +330,17 @@ def mark_disabled_accounts(svc) -> int:
     return len(ids)
 
 
-def reset_bindings(svc, account_id: str) -> int:
+def reset_bindings(svc, account_id: str) -> tuple[int, bool]:
     """Delete every binding (M5, M7), and end the account's sessions: the next login binds
     anew (M1), and nobody stays logged in on the strength of the old ones. Password login is
-    turned back on: an account that had it off (passkeys only) would have no way in left.
-    How many bindings."""
+    turned back on, or an account that had it off would have no way in left; but not with
+    the password it had then, which its owner may have turned off because it leaked (turning
+    it back on forces a new password, M4): that one is forgotten, and the owner sets a new
+    one through forgot-password. (How many bindings, whether the password was forgotten.)"""
     with svc.db.session() as session:
         count = session.execute(delete(Binding).where(Binding.account_id == account_id)).rowcount
-        session.execute(update(Account).where(Account.id == account_id).values(password_login_disabled=False))
+        forgotten = session.execute(
+            update(Account).where(Account.id == account_id, Account.password_login_disabled.is_(True))
+            .values(password_login_disabled=False, password_hash=None)).rowcount > 0
     svc.sessions.end_all(account_id, svc.tokens)
-    return count
+    return count, forgotten

@@ -217,9 +217,12 @@ def cmd_users_reset_bindings(args) -> int:
         # in its memory, beyond this process's reach. With none running, there are none.
         return _fail("without IDP_REDIS_URL the account's sessions live inside the running provider, which this "
                      "command cannot end: reset the bindings on its admin page (/admin)")
-    count = reset_bindings(svc, account_id)
-    svc.audit.record("bindings.reset", account_id=account_id, username=username, method="cli", deleted=count)
+    count, forgotten = reset_bindings(svc, account_id)
+    svc.audit.record("bindings.reset", account_id=account_id, username=username, method="cli", deleted=count,
+                     password_forgotten=forgotten)
     print(f"deleted {count} binding(s) of {username}; the next login asks to bind again")
+    if forgotten:
+        print("password login was off: its old password is void; the user sets a new one through forgot-password")
     return 0
 
 

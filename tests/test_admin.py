@@ -18,6 +18,7 @@ from idp.accounts import AccountError, by_username, create_account
 from idp.storage.models import Account, AuditEvent, Binding
 from idp.storage.db import Database
 from tests.harness import PASSWORD, callback, forms, redeem
+from tests.test_mail_and_recovery import ask_reset, reset_link
 from tests.test_token_endpoints import _introspect, _refresh, _user_tokens
 from tests.test_totp import _code, _error, _secret
 
@@ -287,18 +288,30 @@ def test_unlock_a_locked_account(site):
     assert "帳號已暫時停用" not in _error(page) and "/login/bind/otp" in page.text
 
 
-def test_a_reset_of_the_bindings_turns_password_login_back_on(site):
+def test_a_reset_of_the_bindings_turns_password_login_back_on_with_a_new_password(site, smtp_server):
     """An account that had password login off (passkeys only) would have no way in at all
-    once its bindings are gone: the reset turns password login on, and the next login binds."""
+    once its bindings are gone: the reset turns password login on. Not with the old password,
+    which the owner may have turned off because it leaked (M4: turning it back on forces a new
+    one): the owner sets a new one through forgot-password, and the next login binds."""
     provider = site
     client_id, _ = provider.client()
     alice = account_id(provider, "alice")
     with provider.svc.db.session() as session:
-        session.get(Account, alice).password_login_disabled = True
+        account = session.get(Account, alice)
+        account.password_login_disabled, account.email_verified = True, True
     browser, _, _ = sign_in(provider, "root")
     page = browser.go(f"/admin/accounts/{alice}")
-    browser.submit(page, f"/admin/accounts/{alice}/reset-bindings")
-    _, page = logs_in(provider, client_id, "alice")
+    page = browser.submit(page, f"/admin/accounts/{alice}/reset-bindings")
+    assert "舊密碼已一併作廢" in notice(page) and "忘記密碼" in notice(page)
+    assert events(provider, "bindings.reset")[-1].detail["password_forgotten"] is True
+
+    _, page = logs_in(provider, client_id, "alice")  # whoever knew the old password
+    assert page.status_code == 200 and "帳號或密碼錯誤" in _error(page)
+    owner = provider.browser()
+    ask_reset(provider, owner, "alice@example.tw")
+    form = owner.go(reset_link(smtp_server.next_message()))
+    assert "密碼已重設" in owner.submit(form, "/password/reset", new_password=NEW, new_password_again=NEW).text
+    _, page = logs_in(provider, client_id, "alice", password=NEW)
     assert "/login/bind/otp" in page.text
 
 
@@ -318,7 +331,8 @@ def test_reset_bindings_sends_the_user_to_forced_binding(site):
     with provider.svc.db.session() as session:
         assert session.query(Binding).filter_by(account_id=alice).count() == 0
     event = events(provider, "bindings.reset")[-1]
-    assert event.account_id == alice and event.detail == {"by": account_id(provider, "root"), "deleted": 1}
+    assert event.account_id == alice and event.detail == {"by": account_id(provider, "root"), "deleted": 1,
+                                                     "password_forgotten": False}
     _, page = logs_in(provider, client_id, "alice")
     assert "/login/bind/otp" in page.text and "<svg" in page.text
     assert "/login/factor/password" in alices.go("/account").text  # her session ended with the bindings
@@ -469,7 +483,7 @@ def test_cli_resets_bindings(tmp_path):
     assert out.returncode == 0 and "deleted 2 binding(s)" in out.stdout
     with db.session() as session:
         assert session.query(Binding).count() == 0
-    assert _cli_events(tmp_path, "bindings.reset") == [("alice", "cli", {"deleted": 2})]
+    assert _cli_events(tmp_path, "bindings.reset") == [("alice", "cli", {"deleted": 2, "password_forgotten": False})]
     assert _idp(tmp_path, "users", "reset-bindings", "nobody").returncode == 2
 
 

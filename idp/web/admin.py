@@ -190,7 +190,7 @@ async def index(request: Request) -> Response:
 
 
 # -- one account -------------------------------------------------------------------------------
-NOTICES = {"created", "disabled", "enabled", "unlocked", "bindings_reset", "one_day_sent"}
+NOTICES = {"created", "disabled", "enabled", "unlocked", "bindings_reset", "bindings_reset_new_password", "one_day_sent"}
 ERRORS = {"self", "mail_failed", "no_email", "disabled", "no_password"}
 
 
@@ -274,9 +274,9 @@ async def reset_bindings(request: Request) -> Response:
     if isinstance(posted, Response):
         return posted
     role, target = posted
-    count = await run_in_threadpool(accounts.reset_bindings, request.app.state.svc, target.id)
-    await _audit(request, role, "bindings.reset", target.id, target.username, deleted=count)
-    return _back(target.id, notice="bindings_reset")
+    count, forgotten = await run_in_threadpool(accounts.reset_bindings, request.app.state.svc, target.id)
+    await _audit(request, role, "bindings.reset", target.id, target.username, deleted=count, password_forgotten=forgotten)
+    return _back(target.id, notice="bindings_reset_new_password" if forgotten else "bindings_reset")
 
 
 async def one_day_password(request: Request) -> Response:

@@ -61,6 +61,14 @@ def masked(address: str) -> str:
     return f"{local[:1]}***@{domain}" if domain else "***"
 
 
+def _reason(error: Exception) -> str:
+    """What went wrong, for the log. A refused recipient's text quotes the full address:
+    only its reply codes are kept."""
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        return "replied " + ", ".join(str(code) for code, _ in error.recipients.values())
+    return str(error)[:200]
+
+
 class Mailer:
     def __init__(self, settings, clock=None):
         self.settings = settings
@@ -127,7 +135,7 @@ class Mailer:
                     smtp.login(s.smtp_username, s.smtp_password)
                 smtp.send_message(msg)
         except (smtplib.SMTPException, OSError) as e:
-            reason = f"{type(e).__name__}: {str(e)[:200]}"
+            reason = f"{type(e).__name__}: {_reason(e)}"
             log.warning("mail %s to %s not sent via %s (%s)", template, masked(to), where, reason)
             raise MailError(f"the mail server {where} did not take the mail ({type(e).__name__})") from e
         log.info("mail %s to %s sent via %s", template, masked(to), where)

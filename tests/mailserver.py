@@ -1,6 +1,8 @@
 """A real SMTP server for tests (aiosmtpd) on a free loopback port.
 
-It keeps every message it accepts, parsed as ``email.message.EmailMessage``.
+It keeps every message it accepts, parsed as ``email.message.EmailMessage``,
+and refuses every recipient at ``refused.test``, as a server refuses an
+unknown mailbox.
 ``next_message`` waits for the next one to be delivered: the provider may
 send after its response, so this polls with a short timeout; it waits for
 delivery and is never a timed assertion."""
@@ -16,6 +18,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from tests.servers import free_port
+
+REFUSED_DOMAIN = "refused.test"
 
 
 class MailServer:
@@ -48,6 +52,12 @@ class MailServer:
         ok = (isinstance(auth_data, LoginPassword)
               and (auth_data.login.decode(), auth_data.password.decode()) == self._credentials)
         return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535 itself
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.endswith("@" + REFUSED_DOMAIN):
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         message = email.message_from_bytes(envelope.original_content or envelope.content, policy=email.policy.default)

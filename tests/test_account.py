@@ -1,5 +1,6 @@
 """The login-settings pages and the lost-phone reset (SPEC M2-M6) as a user meets them."""
 
+import logging
 import re
 from urllib.parse import urlencode
 
@@ -9,6 +10,7 @@ import pytest
 from idp.accounts import reset_bindings
 from idp.storage.models import Account, AuditEvent, Binding
 from tests.harness import callback, forms, redeem
+from tests.mailserver import REFUSED_DOMAIN
 from tests.test_totp import _bind, _code, _error, _secret
 
 
@@ -342,3 +344,20 @@ def test_the_confirmation_mail_goes_once_a_minute(user, smtp_server):
     provider.clock.advance(61)
     browser.submit(browser.go("/account"), "/account/email/verify")
     assert smtp_server.unread() == 2
+
+
+def test_a_confirmation_mail_the_server_refuses_says_so_and_can_be_asked_again(user, smtp_server, caplog):
+    """The mail server refuses the address: the page says the mail was not sent (not an
+    error page), the minute's allowance is not used up by a mail that never went, and the
+    log names the address only masked."""
+    provider, client_id, secret = user
+    with provider.svc.db.session() as session:
+        alice = session.query(Account).filter_by(username="alice").one()
+        alice.email, alice.email_verified = "alice.wang@" + REFUSED_DOMAIN, False
+    browser = _signed_in(provider, client_id, secret)
+    caplog.set_level(logging.INFO, logger="idp.mail")
+    for _ in range(2):
+        page = browser.submit(browser.go("/account"), "/account/email/verify")
+        assert page.status_code == 200 and "驗證信寄送失敗" in _error(page)
+    assert "a***@" + REFUSED_DOMAIN in caplog.text and "alice.wang" not in caplog.text and "550" in caplog.text
+    assert smtp_server.unread() == 0

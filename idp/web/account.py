@@ -22,6 +22,7 @@ from idp import bridge, captcha
 from idp.accounts import AccountError, set_password, with_bindings
 from idp.factors import methods, passkey
 from idp.factors.totp import Enrolment
+from idp.mail import MailError
 from idp.storage.models import Account, AuditEvent
 from idp.web import i18n, recovery
 from idp.web.forms import BadRequest, read_form
@@ -104,7 +105,7 @@ def _back(notice: str | None = None, error: str | None = None) -> RedirectRespon
 # -- the settings page -------------------------------------------------------------------
 NOTICES = {"others_ended", "otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent",
            "google_bound"}
-ERRORS = {"needs_passwordless", "email_missing", "verification_wait", "google_needs_otp", "google_elsewhere",
+ERRORS = {"needs_passwordless", "email_missing", "verification_wait", "verification_failed", "google_needs_otp", "google_elsewhere",
           "google_expired", "google_denied", "google_error", "google_invalid", "google_unavailable"}
 
 
@@ -332,9 +333,14 @@ async def email_verify(request: Request, account, form) -> Response:
     svc = request.app.state.svc
     if not account.email:
         return _back(error="email_missing")
-    if not await bridge.run(recovery.claim_send, svc, "verify-sent:" + account.id):  # a mail a minute at most
+    claim = "verify-sent:" + account.id
+    if not await bridge.run(recovery.claim_send, svc, claim):  # a mail a minute at most
         return _back(error="verification_wait")
-    await recovery.send_verification_async(svc, account, locale_of(request))
+    try:
+        await recovery.send_verification_async(svc, account, locale_of(request))
+    except MailError:
+        await bridge.run(svc.store.delete, claim)  # no mail went: the user may try again at once
+        return _back(error="verification_failed")
     return _back(notice="verification_sent")
 
 

@@ -131,6 +131,23 @@ def test_disable_and_re_enable_password_login(user):
     assert "code" in callback(again.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
 
 
+def test_the_enable_form_changes_no_password_while_password_login_is_on(user):
+    """A hand-made POST (the form is not shown while password login is on) is no way to set a
+    new password without the old one."""
+    from idp import captcha
+
+    provider, client_id, secret = user
+    browser = _signed_in(provider, client_id, secret)
+    csrf = forms(browser.go("/account").text)[0]["fields"]["csrf"]
+    form_id = captcha.new_form(provider.svc)
+    answer = provider.svc.store.get("captcha:" + form_id)["captcha"]
+    browser.go("/account/password-login/enable", "POST", {"csrf": csrf, "form": form_id, "captcha": answer,
+                                                          "new_password": "Fresh-Start-55!",
+                                                          "new_password_again": "Fresh-Start-55!"})
+    other = provider.browser()
+    assert "帳號或密碼錯誤" in _error(other.password(other.authorize(client_id), password="Fresh-Start-55!"))
+
+
 def _reset_page(provider, client_id):
     browser = provider.browser()
     page = browser.password(browser.authorize(client_id))
@@ -168,6 +185,25 @@ def test_lost_phone_reset_with_the_emergency_code(user, smtp_server):
     assert "QR Code 版本 v2" in page.text  # never v1 again: the app would hold two "v1" entries
     with provider.svc.db.session() as session:
         assert session.query(Binding).count() == 0
+
+
+def test_the_emergency_code_page_speaks_the_logins_language(user, smtp_server):
+    provider, client_id, _ = user
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id, ui_locales="en"))
+    page = browser.go(f"/login/reset?tx={forms(page.text)[0]['fields']['tx']}")
+    assert "Reset login bindings" in page.text
+    page = _send(provider, browser, page, email="someone@else.tw")
+    assert "verified email address, or it is not verified yet" in _error(page)
+
+
+def test_an_account_disabled_during_its_login_gets_no_emergency_code(user, smtp_server):
+    provider, client_id, _ = user
+    browser, page = _reset_page(provider, client_id)
+    with provider.svc.db.session() as session:
+        session.query(Account).filter_by(username="alice").one().disabled = True
+    page = _send(provider, browser, page)
+    assert page.status_code == 400 and "已逾時" in page.text and smtp_server.unread() == 0
 
 
 def test_only_the_newest_emergency_code_works_and_it_expires(user, smtp_server):

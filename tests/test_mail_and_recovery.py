@@ -212,6 +212,27 @@ def test_english_page_gets_the_mail_in_english_first(mailing, smtp_server):
     assert "Choose a new password for the account alice" in english.text
 
 
+def test_a_link_asked_for_in_an_english_login_speaks_english_in_any_browser(mailing, smtp_server):
+    """The portal asked for English (ui_locales); the mail may be opened in a browser that
+    prefers Chinese: the reset form and its answers stay in English."""
+    provider = mailing
+    provider.account("alice", email_verified=True)
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    login = browser.authorize(client_id, ui_locales="en")
+    page = browser.go(f"/password/forgot?tx={_form(login, '/login/factor/password')['tx']}")
+    assert "Forgot password" in page.text
+    ask_reset(provider, browser, "alice@example.tw", page)
+    link = reset_link(smtp_server.next_message())
+
+    elsewhere = provider.browser()
+    elsewhere.http.headers["Accept-Language"] = "zh-TW,zh;q=0.9"
+    form = elsewhere.go(link)
+    assert "Choose a new password for the account alice" in form.text
+    done = elsewhere.submit(form, "/password/reset", new_password=NEW, new_password_again=NEW)
+    assert "Your new password is in effect" in done.text
+
+
 def reset_link_from(body) -> str:
     return RESET_LINK.search(body).group(0)
 

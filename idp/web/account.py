@@ -294,11 +294,16 @@ def _disable(svc, account_id) -> bool:
         return True
 
 
-def _enable(svc, account_id, new_password: str):
+def _enable(svc, account_id, new_password: str) -> bool:
+    """Turn password login back on with a new password; whether it was off. While it is on,
+    this form is no way to change the password without the old one."""
     with svc.db.session() as session:
-        account = session.get(Account, account_id)
+        account = session.get(Account, account_id, with_for_update=True)
+        if not account.password_login_disabled:
+            return False
         set_password(account, svc.passwords, new_password, now=dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc))
         account.password_login_disabled = False
+        return True
 
 
 async def _enable_page(request: Request, account, flash=None, status: int = 200) -> Response:
@@ -318,7 +323,8 @@ async def password_login_enable(request: Request, account, form) -> Response:
     if new != again:
         return await _enable_page(request, account, {"error": "password.mismatch", "params": {}}, 400)
     try:
-        await run_in_threadpool(_enable, svc, account.id, new)
+        if not await run_in_threadpool(_enable, svc, account.id, new):
+            return _back()
     except AccountError as e:
         return await _enable_page(request, account, {"error": e.key, "params": {}, "rules": e.params.get("rules", [])}, 400)
     await bridge.run(svc.lockout.clear, account.username)

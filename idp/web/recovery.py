@@ -95,10 +95,12 @@ async def _login_tx(request: Request, tx_id: str | None) -> dict | None:
     return tx if tx is not None and _same_browser(request, tx.get("browser")) else None
 
 
-def _notice(request: Request, title: str, detail: str, *, ok: bool = False, status: int = 200, links=(), tx=None, **params):
-    """A page that says what happened and where to go from here."""
+def _notice(request: Request, title: str, detail: str, *, ok: bool = False, status: int = 200, links=(), tx=None,
+            ui_locales: str | None = None, **params):
+    """A page that says what happened and where to go from here, in the login's language
+    (``tx``) or the one given."""
     return render(request, "recovery_notice.html", status=status, title_key=title, detail_key=detail, params=params,
-                  ok=ok, links=list(links), ui_locales=tx.get("ui_locales") if tx else None)
+                  ok=ok, links=list(links), ui_locales=tx.get("ui_locales") if tx else ui_locales)
 
 
 # -- email confirmation ------------------------------------------------------------------
@@ -238,7 +240,7 @@ def _send_reset_links(svc, email: str, locale: str, tx_id: str | None, seen: dic
         log.exception("password reset: could not look up the accounts of an address")
         return
     for account in accounts:
-        token = _issue_reset(svc, account, tx_id)
+        token = _issue_reset(svc, account, tx_id, locale)
         try:
             svc.mailer.send(account["email"], "password_reset", locale, name=account["name"] or account["username"],
                             username=account["username"], minutes=RESET_SECONDS // 60,
@@ -267,11 +269,13 @@ def _changed(account: Account) -> str | None:
     return account.password_changed_at.isoformat() if account.password_changed_at else None
 
 
-def _issue_reset(svc, account: dict, tx_id: str | None) -> str:
+def _issue_reset(svc, account: dict, tx_id: str | None, locale: str) -> str:
+    """The link's record keeps the language of the request: its pages speak it, in whatever
+    browser the mail is opened."""
     token = secrets.token_urlsafe(32)
     digest = _digest(token)
     record = {"account": account["id"], "email": account["email"], "changed": account["changed"],
-              "exp": svc.clock() + RESET_SECONDS, "tx": tx_id}
+              "exp": svc.clock() + RESET_SECONDS, "tx": tx_id, "locale": locale}
     svc.store.set(_RESET + digest, record, RESET_SECONDS + 60)
     older = svc.store.get(_NEWEST + account["id"])
     svc.store.set(_NEWEST + account["id"], {"digest": digest}, RESET_SECONDS + 60)
@@ -326,9 +330,9 @@ def _recoverable_account(svc, record) -> dict | None:
         return {"id": account.id, "username": account.username} if _may_recover(account, record) else None
 
 
-def _invalid_link(request: Request) -> Response:
+def _invalid_link(request: Request, record: dict | None) -> Response:
     return _notice(request, "recovery.reset.invalid.title", "recovery.reset.invalid.detail", status=400,
-                   links=[("/password/forgot", "recovery.reset.ask_again")])
+                   links=[("/password/forgot", "recovery.reset.ask_again")], ui_locales=record and record.get("locale"))
 
 
 async def reset(request: Request) -> Response:
@@ -339,9 +343,10 @@ async def reset(request: Request) -> Response:
     record = await bridge.run(_reset_record, svc, token)
     account = record and await run_in_threadpool(_recoverable_account, svc, record)
     if not account:
-        return _invalid_link(request)
+        return _invalid_link(request, record)
     flash = await bridge.run(svc.store.take, _RESET_FLASH + record["digest"]) or {}
-    return render(request, "recovery_reset.html", token=token, username=account["username"], flash=flash)
+    return render(request, "recovery_reset.html", token=token, username=account["username"], flash=flash,
+                  ui_locales=record.get("locale"))
 
 
 async def _reset_again(svc, token: str, digest: str, flash: dict) -> Response:
@@ -359,7 +364,7 @@ async def reset_submit(request: Request) -> Response:
     record = await bridge.run(_reset_record, svc, token)
     account = record and await run_in_threadpool(_recoverable_account, svc, record)
     if not account:
-        return _invalid_link(request)
+        return _invalid_link(request, record)
     digest = record["digest"]
     if not csrf_ok(request, form):
         return await _reset_again(svc, token, digest, {"error": "recovery.reset.retry", "params": {}})
@@ -370,17 +375,17 @@ async def reset_submit(request: Request) -> Response:
     if problems:
         return await _reset_again(svc, token, digest, {"error": "password.weak", "params": {}, "rules": problems})
     if await bridge.run(svc.store.take, _RESET + digest) is None:  # used meanwhile (another tab, a double click)
-        return _invalid_link(request)
+        return _invalid_link(request, record)
     await bridge.run(svc.store.delete, _NEWEST + account["id"])
     username = await run_in_threadpool(_set_new_password, svc, record, new)
     if username is None:
-        return _invalid_link(request)
+        return _invalid_link(request, record)
     await bridge.run(svc.lockout.clear, username)
     await bridge.run(svc.sessions.end_all, account["id"], svc.tokens)  # a thief's session ends with the old password
     await svc.db.call(svc.audit.record, "password.reset", account_id=account["id"], username=username, **who(request),
                       method="email")
-    target = "/password/reset/done" + (f"?{urlencode({'tx': record['tx']})}" if record.get("tx") else "")
-    return RedirectResponse(target, status_code=303)
+    done = {"tx": record.get("tx"), "ui_locales": record.get("locale")}
+    return RedirectResponse("/password/reset/done?" + urlencode({k: v for k, v in done.items() if v}), status_code=303)
 
 
 def _set_new_password(svc, record, new: str) -> str | None:
@@ -397,7 +402,8 @@ async def reset_done(request: Request) -> Response:
     if tx:
         return _notice(request, "recovery.done.title", "recovery.done.detail_login", ok=True, tx=tx,
                        links=[(f"/login?{urlencode({'tx': tx['id']})}", "recovery.back_to_login")])
-    return _notice(request, "recovery.done.title", "recovery.done.detail_portal", ok=True)
+    return _notice(request, "recovery.done.title", "recovery.done.detail_portal", ok=True,
+                   ui_locales=request.query_params.get("ui_locales"))
 
 
 routes = [

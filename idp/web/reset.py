@@ -51,7 +51,8 @@ def _digest(code: str) -> str:
 
 
 async def _context(request: Request):
-    """((svc, tx, account), form) for a login whose password is proven, or (None, form)."""
+    """((svc, tx, account), form) for a login whose password is proven, or (None, form).
+    An account disabled since its password was proven ends its login here as anywhere else."""
     svc = request.app.state.svc
     if request.method == "POST":
         form, tx = await _posted(request)
@@ -60,6 +61,9 @@ async def _context(request: Request):
     if tx is None or "password" not in tx["done"]:
         return None, form or {}
     account = await run_in_threadpool(with_bindings, svc, account_id=tx["account"])
+    if account is None or account.disabled:
+        await bridge.run(svc.transactions.drop, tx)
+        return None, form
     return (svc, tx, account), form
 
 
@@ -80,7 +84,7 @@ async def _render(request, svc, tx, account, flash=None, email="", status=200) -
     if record:
         context.update(prefix=record["prefix"], sent_to=masked(record["email"]),
                        expires_in=int(record["exp"] - now), resend_in=max(0, int(record["next"] - now)))
-    return render(request, "reset.html", **context, status=status)
+    return render(request, "reset.html", **context, status=status, ui_locales=tx.get("ui_locales"))
 
 
 async def send(request: Request) -> Response:

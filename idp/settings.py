@@ -91,7 +91,8 @@ class Settings:
     )
     access_token_seconds: int = _doc("Default access token lifetime (a client may set its own).", 600)
     id_token_seconds: int = _doc("ID token lifetime.", 600)
-    refresh_token_seconds: int = _doc("Default refresh token lifetime (a client may set its own).", 30 * 86400)
+    refresh_token_seconds: int = _doc("Default refresh token lifetime (a client may set its own), counted from the login's "
+                                     "code exchange: rotating the refresh token does not extend it.", 30 * 86400)
     signing_alg: Literal["ES256", "RS256"] = _doc(
         "Default ID token signing algorithm; a client may ask for the other.", "ES256"
     )

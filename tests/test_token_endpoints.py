@@ -226,6 +226,24 @@ def test_revoking_a_refresh_token_kills_its_access_tokens(provider):
     assert _introspect(http, client_id, secret, token["refresh_token"]).json() == {"active": False}
 
 
+def test_refresh_tokens_end_with_their_grant_however_often_they_rotate(provider):
+    """The refresh token lifetime counts from the login's code exchange: a rotated token says
+    when it really ends (introspection), and no refresh makes the grant last longer."""
+    provider.account("alice")
+    client_id, secret = provider.client(refresh_token_lifetime=3600, access_token_lifetime=900)
+    http = provider.http()
+    start = provider.clock()
+    token = _user_tokens(provider, client_id, secret)
+    provider.clock.advance(3000)
+    token = _refresh(http, client_id, secret, token["refresh_token"]).json()
+    assert token["expires_in"] == 600  # the access token too ends with the grant
+    for kind in ("refresh_token", "access_token"):
+        assert _introspect(http, client_id, secret, token[kind]).json()["exp"] == int(start + 3600)
+    provider.clock.advance(601)
+    _error(_refresh(http, client_id, secret, token["refresh_token"]), 400, "invalid_grant")
+    assert _introspect(http, client_id, secret, token["refresh_token"]).json() == {"active": False}
+
+
 def test_a_wrong_type_hint_does_not_stop_revocation(provider):
     """RFC 7009 2.1: a server that cannot find the token by its hint searches further."""
     provider.account("alice")

@@ -124,7 +124,8 @@ class S256Only(CodeChallenge):
 
 def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str, auth: dict | None,
            profile: dict | None = None, nonce=None, refresh=True, record: dict | None = None,
-           rotating: dict | None = None, sid: str | None = None, refresh_scope: str | None = None):
+           rotating: dict | None = None, sid: str | None = None, refresh_scope: str | None = None,
+           left: float = float("inf")):
     """Mint the token response of one grant: access token, refresh token, ID token.
     The client, account and login are the grant's (in its record); the tokens' own
     records hold the scope (the refresh token's ``refresh_scope`` when given) and whatever
@@ -132,9 +133,14 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     those already in ``batch``, all sent in one round trip; so is the read of the
     account's disabled mark, when ``rotating`` (a refresh token's record) its claim, and with
     ``sid`` the SSO session the grant joins. A disabled account, a lost claim or a session
-    that has ended (a logout since the code) revokes the grant, the new tokens with it."""
+    that has ended (a logout since the code) revokes the grant, the new tokens with it.
+    No token outlives the grant: ``left``, the seconds it has."""
     svc, client = grant.server.svc, grant.request.client
-    at_lifetime = client.lifetime("access_token", svc.settings.access_token_seconds)
+
+    def lifetime(kind: str, default: int) -> int:
+        return max(1, int(min(client.lifetime(kind, default), left)))
+
+    at_lifetime = lifetime("access_token", svc.settings.access_token_seconds)
     record = {"scope": scope, **(record or {})}
     token = {"token_type": "Bearer", "expires_in": at_lifetime, "scope": scope}
     jkt = grant.request.dpop_jkt
@@ -144,7 +150,7 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
         token["token_type"] = "DPoP"
     token["access_token"] = svc.tokens.issue("at", gid, record, at_lifetime, batch)
     if refresh and client.check_grant_type("refresh_token"):
-        rt_lifetime = client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
+        rt_lifetime = lifetime("refresh_token", svc.settings.refresh_token_seconds)
         token["refresh_token"] = svc.tokens.issue("rt", gid, {**record, "scope": refresh_scope or scope}, rt_lifetime,
                                                   batch)
     # Everything that can fail comes before the write: once it is sent, a rotated refresh
@@ -254,7 +260,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         )
         svc.sessions.add_grant(sid, code["client_id"], gid, batch)
         token = _issue(self, batch, account_id=code["account"], scope=code["scope"], gid=gid, auth=code["auth"],
-                       profile=profile, nonce=code.get("nonce"), sid=sid)
+                       profile=profile, nonce=code.get("nonce"), sid=sid, left=lifetime)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
@@ -297,7 +303,7 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         # (RFC 6749 section 6): the next refresh may ask for all of it again.
         token = _issue(self, batch, account_id=record["account"], scope=scope, gid=record["grant"],
                        auth=record.get("auth"), profile=profile, record=carried, rotating=record,
-                       refresh_scope=record["scope"])
+                       refresh_scope=record["scope"], left=svc.tokens.left(refresh.grant))
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 

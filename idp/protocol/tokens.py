@@ -46,6 +46,11 @@ def grant_ended(grant: dict, mark: dict | None) -> bool:
     return ended_by_account(mark, grant.get("created", 0), (grant.get("auth") or {}).get("sid"))
 
 
+def _expired(grant: dict | None, now: float) -> bool:
+    """Gone, or past its end (which the store's TTL only cleans up after)."""
+    return grant is None or grant.get("exp", now) < now
+
+
 def _grant_of(token: str) -> str | None:
     gid, dot, _ = token.partition(".")
     return gid if dot and gid else None
@@ -84,8 +89,11 @@ class Tokens:
 
     # -- grants ------------------------------------------------------------
     def open_grant(self, record: dict, lifetime: int, gid: str | None = None, batch=None) -> str:
+        """A grant that ends ``lifetime`` seconds from now, with every token of it: rotating
+        its refresh token does not make it last longer."""
         gid = gid or secrets.token_urlsafe(12)
-        self._write(batch, "grant:" + gid, {**record, "created": self.clock()}, lifetime)
+        now = self.clock()
+        self._write(batch, "grant:" + gid, {**record, "created": now, "exp": now + lifetime}, lifetime)
         return gid
 
     def end_account(self, account_id: str, but_sid: str | None = None) -> None:
@@ -103,10 +111,15 @@ class Tokens:
     # -- access and refresh tokens ---------------------------------------------
     def issue(self, kind: str, gid: str, record: dict, lifetime: int, batch=None) -> str:
         """A token of grant ``gid``. Its record holds only what differs from the grant's
-        (the scope, the expiry): a login leaves several tokens of one grant in the store."""
+        (the scope, the expiry): a login leaves several tokens of one grant in the store.
+        ``lifetime`` no longer than the grant has ``left``."""
         token = f"{gid}.{secrets.token_urlsafe(32)}"
         self._write(batch, f"{kind}:{_h(token)}", {**record, "exp": self.clock() + lifetime}, lifetime)
         return token
+
+    def left(self, grant: dict) -> float:
+        """Seconds until ``grant`` ends (unbounded for grants from before they kept their end)."""
+        return grant.get("exp", float("inf")) - self.clock()
 
     def _write(self, batch, key: str, value: dict, ttl: int) -> None:
         """Write now, or add to ``batch`` (``idp.storage.kv.Batch``) for the caller to send."""
@@ -122,7 +135,7 @@ class Tokens:
         if gid is None:
             return None
         record, grant = self.store.get_many([f"{kind}:{_h(token)}", "grant:" + gid])
-        if record is None or grant is None or record["exp"] < self.clock():
+        if record is None or _expired(grant, self.clock()) or record["exp"] < self.clock():
             return None
         return {**grant, **record, "grant": gid}
 
@@ -138,7 +151,7 @@ class Tokens:
             if used:
                 self.revoke_grant(used["grant"])
             return None, None
-        if grant is None or record["exp"] < self.clock():
+        if _expired(grant, self.clock()) or record["exp"] < self.clock():
             return None, None
         return {**grant, **record, "grant": gid}, grant
 

@@ -3,6 +3,8 @@ relying party and a user see it: a logout the provider can vouch for ends the
 session and every token issued under it; anything it cannot vouch for changes
 nothing and never redirects."""
 
+import pytest
+
 from tests.harness import REDIRECT, callback, forms, redeem
 
 HOME = "https://portal.example.tw/"
@@ -83,6 +85,29 @@ def test_a_code_from_before_the_logout_gets_no_tokens_after_it(provider):
     late = callback(browser.authorize(client_id))["code"]
     assert _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME).status_code == 303
     answer = redeem(browser.http, client_id, secret, late)
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
+
+
+def test_a_logout_during_the_code_exchange_ends_its_tokens_too(provider):
+    """The logout lands while the exchange writes its grant: between the grant's addition to
+    the session's list and the exchange's look at the session. Whichever comes first, the
+    tokens do not outlive the session. (The in-process store runs a batch step by step, so
+    the logout can be placed there; Redis runs the same order in one pipeline.)"""
+    if provider.svc.store.shared:
+        pytest.skip("places the logout between two steps of the in-process store's batch")
+    browser, client_id, secret, token = _logged_in(provider)
+    late = callback(browser.authorize(client_id))["code"]
+    store, add = provider.svc.store, provider.svc.store.add
+
+    def logout_first(key, member, ttl):
+        if key.startswith("sess-grants:"):
+            del store.add
+            provider.svc.sessions.end(key.removeprefix("sess-grants:"), provider.svc.tokens)
+        return add(key, member, ttl)
+
+    store.add = logout_first
+    answer = redeem(browser.http, client_id, secret, late)
+    assert "add" not in vars(store)  # the logout did land in the exchange
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
 
 

@@ -76,7 +76,7 @@ def _operations(call, store: RedisStore) -> None:
     from idp.storage.kv import Batch
     batch = Batch()
     batch.take("m1")
-    batch.read("m2")
+    batch.read("m2")  # after the batch's writes: it sees the replacement below
     batch.incr("n", 60, by=-1)
     batch.claim("c", 60)
     batch.claim("m2", 60)  # taken already
@@ -85,7 +85,7 @@ def _operations(call, store: RedisStore) -> None:
     batch.replace("m1", {"v": 11}, 60)  # taken above: stays gone
     batch.add("s2", "z", 60)
     batch.delete("k", "s")
-    assert call(store.write, batch) == [{"v": 1}, {"v": 2}, 5, True, False]
+    assert call(store.write, batch) == [{"v": 1}, {"v": 22}, 5, True, False]
     assert call(store.get_many, ["m1", "m2", "m3", "c"]) == [None, {"v": 22}, {"v": 3}, {}]
     assert call(store.members, "s2") == {"z"} and call(store.members, "s") == set()
     call(store.delete, "m2", "m3", "s2", "n", "c")

@@ -160,8 +160,8 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
                                             nonce=nonce, access_token=token["access_token"])
     # Checked in the write's own round trip: the account's disabled mark; for a refresh, whether
     # the account's sessions were ended since its grant opened; with ``sid``, the session, read in
-    # the round trip that adds the grant to its list (a logout that takes the session after this
-    # read finds the grant there and revokes it).
+    # the round trip that adds the grant to its list, after the addition (a logout that takes the
+    # session after this read finds the grant there and revokes it).
     reads = {}
     if account_id is not None:
         reads["disabled"] = batch.read(disabled_mark(account_id))

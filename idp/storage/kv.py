@@ -12,7 +12,11 @@ Cluster (see ``connect``). On a Cluster every key lives in the slot its name
 hashes to. Every command names one key, so a round trip of several
 (``get_many``, ``delete``, ``write``) is split by slot by the client
 (non-atomic across keys, which no caller relies on), and each MULTI
-transaction touches one key. A new
+transaction touches one key. Split by slot, a batch's reads may also run
+before its writes to other slots: the write-then-check order ``Batch``
+promises holds on a Cluster only where both keys share a slot. The session's
+grant list and the session (``sess-grants:SID``, ``sess:SID``) do not yet, so
+on a Cluster a logout at the very instant of a code exchange can miss its grant. A new
 operation that must be atomic over several keys (a transaction or a Lua
 script) must put them in one slot with a shared hash tag, the part of the
 name in braces, e.g. ``grant:{GID}`` and ``grant-tokens:{GID}``: Redis hashes
@@ -39,7 +43,9 @@ class Batch:
     deletion). Its ``take``s, ``read``s, ``incr``s and ``claim``s go first and
     ``write`` returns what they found (counted, claimed), so a request can claim a
     key, or check one, and write what that allows in the same round trip (and undo
-    it if not)."""
+    it if not). Its reads run after its writes, a check after what it guards: a
+    revocation that reads what this batch wrote after its reads (a logout reading a
+    session's grant list, after taking the session) cannot miss it."""
 
     def __init__(self):
         self.takes: list[str] = []
@@ -104,7 +110,7 @@ class Store(Protocol):
         """Store several (key, value, ttl) in one round trip."""
     def write(self, batch: Batch) -> list[dict | None]:
         """Apply a ``Batch`` in one round trip: its takes (each atomic, as ``take``), its
-        reads, its increments, its claims, its sets and replaces, its set additions, its deletions. Returns
+        increments, its claims, its sets and replaces, its set additions, its reads, its deletions. Returns
         what the takes took, what the reads read, the increments' counts, then whether each
         claim was won, in order."""
     def delete(self, *keys: str) -> None: ...
@@ -164,9 +170,9 @@ class MemoryStore:
         self.write(batch)
 
     def write(self, batch):
-        taken = [self.take(key) for key in batch.takes] + [self.get(key) for key in batch.reads]
-        taken += [self.incr(key, ttl, by) for key, ttl, by in batch.incrs]
-        taken += [self.set(key, {}, ttl, only_new=True) for key, ttl in batch.claims]
+        taken = [self.take(key) for key in batch.takes]
+        counted = [self.incr(key, ttl, by) for key, ttl, by in batch.incrs]
+        claimed = [self.set(key, {}, ttl, only_new=True) for key, ttl in batch.claims]
         for key, value, ttl in batch.sets:
             self.set(key, value, ttl)
         for key, value, ttl in batch.replaces:
@@ -175,8 +181,9 @@ class MemoryStore:
                     self._data[key] = (time.monotonic() + ttl, orjson.dumps(value))
         for key, member, ttl in batch.adds:
             self.add(key, member, ttl)
+        read = [self.get(key) for key in batch.reads]
         self.delete(*batch.deletes)
-        return taken
+        return taken + read + counted + claimed
 
     def delete(self, *keys):
         with self._lock:
@@ -264,7 +271,7 @@ class RedisStore:
         self.write(batch)
 
     def write(self, batch):
-        commands = [("GETDEL", self._k(key)) for key in batch.takes] + [("GET", self._k(key)) for key in batch.reads]
+        commands = [("GETDEL", self._k(key)) for key in batch.takes]
         for key, ttl, by in batch.incrs:  # as ``incr``, without its MULTI: sent in one write, both run
             commands += [("INCRBY", self._k(key), by), ("EXPIRE", self._k(key), ttl, "NX")]
         commands += [("SET", self._k(key), b"{}", "EX", ttl, "NX") for key, ttl in batch.claims]
@@ -272,11 +279,14 @@ class RedisStore:
         commands += [("SET", self._k(key), orjson.dumps(value), "EX", ttl, "XX") for key, value, ttl in batch.replaces]
         for key, member, ttl in batch.adds:
             commands += [("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)]
+        reads = len(commands)
+        commands += [("GET", self._k(key)) for key in batch.reads]
         commands += [("DEL", self._k(key)) for key in batch.deletes]
         replies = self._execute(commands)
-        found, counted = len(batch.takes) + len(batch.reads), 2 * len(batch.incrs)
-        claimed = replies[found + counted:found + counted + len(batch.claims)]
-        return [self._load(raw) for raw in replies[:found]] + replies[found:found + counted:2] + [bool(r) for r in claimed]
+        takes, counted = len(batch.takes), 2 * len(batch.incrs)
+        claimed = replies[takes + counted:takes + counted + len(batch.claims)]
+        return ([self._load(raw) for raw in replies[:takes] + replies[reads:reads + len(batch.reads)]]
+                + replies[takes:takes + counted:2] + [bool(r) for r in claimed])
 
     def delete(self, *keys):
         if keys:

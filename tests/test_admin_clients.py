@@ -75,3 +75,23 @@ def test_an_admin_changes_a_clients_policy_with_the_csrf_token(site):
     # No factor at all is refused with a message, and the policy stays.
     page = browser.go(form, "POST", {"csrf": csrf, "minimum_acr": LOA2})
     assert "未儲存" in page.text and row(page, client_id, "minimum_acr") == LOA3
+
+
+def test_an_admin_tightens_the_policy_of_a_client_stored_with_a_sector_identifier_uri(site):
+    """A client stored before sector_identifier_uri was refused keeps working (and its sector);
+    the policy form checks the policy alone, so such a client can still be tightened."""
+    from idp.storage.models import Client
+
+    client_id, _ = site.client(client_name="研究計畫系統", subject_type="pairwise",
+                               redirect_uris=["https://grants.example.tw/cb"])
+    with site.svc.db.session() as session:
+        row_ = session.get(Client, client_id)
+        row_.metadata_ = {**row_.metadata_, "sector_identifier_uri": "https://grants.example.tw/sector.json"}
+    browser, page, _ = sign_in(site, "root")
+    page = browser.go("/admin/clients")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    page = browser.go(f"/admin/clients/{client_id}/policy", "POST",
+                      {"csrf": csrf, "factor": ["password", "otp", "certificate"], "minimum_acr": LOA3})
+    assert "已儲存登入政策" in page.text
+    client = site.svc.server.query_client(client_id)
+    assert client.minimum_acr == LOA3 and client.metadata["sector_identifier_uri"].endswith("/sector.json")

@@ -259,9 +259,11 @@ def test_front_channel_page_frames_each_client_with_iss_and_sid(live_provider, r
     provider.account("alice", name=NAME)
     cb = receiver.url + "/cb"
     home = receiver.url + "/"
-    a = provider.client(client_name="A", redirect_uris=[cb], post_logout_redirect_uris=[home],
+    # Each front-channel URI on the origin of one of its client's redirect URIs (Front-Channel Logout 2).
+    a = provider.client(client_name="A", redirect_uris=[cb, "http://localhost:9/cb"], post_logout_redirect_uris=[home],
                         frontchannel_logout_uri="http://localhost:9/fc?x=1", frontchannel_logout_session_required=True)
-    b = provider.client(client_name="B", redirect_uris=[cb], frontchannel_logout_uri="http://127.0.0.1:9/plain")
+    b = provider.client(client_name="B", redirect_uris=[cb, "http://127.0.0.1:9/cb"],
+                        frontchannel_logout_uri="http://127.0.0.1:9/plain")
     c = provider.client(client_name="C", redirect_uris=[cb])
     agent = Agent()
     try:

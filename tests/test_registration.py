@@ -131,6 +131,8 @@ def test_bad_redirect_uris_are_refused_and_nothing_is_stored(provider):
         ["https://grants.example.tw/callback#frag"],
         ["grants.example.tw/callback"],
         ["javascript:alert(1)"],
+        ["https://user:pass@grants.example.tw/callback"],
+        ["https://*.example.tw/callback"],
         [],  # authorization_code needs somewhere to go
     ):
         _error(_register(http, token, {"redirect_uris": uris}), 400, "invalid_redirect_uri")
@@ -160,6 +162,22 @@ def test_bad_metadata_values_are_invalid_client_metadata(provider):
         # A pairwise sector chosen by the client would be another client's: its users' subs.
         {"subject_type": "pairwise", "sector_identifier_uri": "https://portal.example.tw/sector.json"},
         {"subject_type": "pairwise", "redirect_uris": [APP, "https://portal.example.tw/callback"]},
+        # What the provider would not honour is refused, never registered and then ignored.
+        {"id_token_encrypted_response_alg": "RSA-OAEP", "id_token_encrypted_response_enc": "A128CBC-HS256"},
+        {"userinfo_signed_response_alg": "ES256"},
+        {"jwks_uri": "https://grants.example.tw/jwks.json"},
+        {"request_uris": ["https://grants.example.tw/request.jwt"]},
+        {"default_acr_values": ["urn:idp:loa:9"]},
+        {"default_max_age": "300"},
+        {"require_auth_time": "yes"},
+        # Grant and response types that cannot work together (RFC 7591 2.1), or nothing at all.
+        {"response_types": ["code"], "grant_types": ["client_credentials"]},
+        {"grant_types": []},
+        {"client_name": {"zh-TW": "研究計畫系統"}},
+        {"client_name": "研" * 301},
+        # Framed by the provider's logged-out page: the client's own origin only (Front-Channel Logout 2).
+        {"frontchannel_logout_uri": "https://victim.example.org/settings/delete-account?confirm=yes"},
+        {"frontchannel_logout_uri": "https://grants.example.tw:8443/logout"},
     ):
         _error(_register(http, token, {"redirect_uris": [APP], **meta}), 400, "invalid_client_metadata")
     assert _count_clients(provider) == 0
@@ -179,6 +197,33 @@ def test_registration_cannot_grant_itself_provider_policy(provider):
     page = browser.submit(page, "/login/consent", button=("decision", "allow"))
     token = redeem(browser.http, info["client_id"], info["client_secret"], callback(page, APP)["code"], redirect_uri=APP).json()
     assert token["expires_in"] == 600
+
+
+def test_metadata_the_provider_does_not_know_is_not_registered(provider):
+    """RFC 7591 2: unknown metadata is ignored, so the response does not list it as registered."""
+    info = _registered(provider, frontchannel_logout_uri="https://grants.example.tw/logout", future_feature=True,
+                       initiate_login_uri="https://grants.example.tw/start", **{"client_name#en": "Research grants"})
+    assert "future_feature" not in info and "initiate_login_uri" not in info
+    assert info["client_name#en"] == "Research grants" and info["frontchannel_logout_uri"].endswith("/logout")
+    assert "future_feature" not in _manage(provider.http(), info).json()
+
+
+def test_the_clients_default_acr_and_max_age_stand_in_for_the_request(provider):
+    """OIDC Dynamic Registration 2: default_acr_values and default_max_age apply to requests
+    that leave acr_values and max_age out."""
+    provider.account("alice")
+    info = _registered(provider, default_acr_values=["urn:idp:loa:2"], default_max_age=300)
+    browser = provider.browser()
+    page = browser.password(browser.authorize(info["client_id"], APP))
+    assert page.status_code == 200 and 'name="otp"' in page.text  # LOA2: the password is not enough
+
+    first, second = _registered(provider), _registered(provider, default_max_age=300)
+    other = provider.browser()
+    page = other.password(other.authorize(first["client_id"], APP))  # an SSO session, password only
+    assert "code" in callback(other.submit(page, "/login/consent", button=("decision", "allow")), APP)
+    provider.clock.advance(301)
+    page = other.authorize(second["client_id"], APP)
+    assert page.status_code == 200 and "/login/factor/password" in page.text  # older than its max_age
 
 
 def test_registration_ignores_server_assigned_fields(provider):

@@ -7,9 +7,18 @@ names (``redirect_uris``, ``grant_types``, ``token_endpoint_auth_method``,
 Back-Channel and Front-Channel Logout 1.0: ``backchannel_logout_uri``,
 ``backchannel_logout_session_required``, ``frontchannel_logout_uri``,
 ``frontchannel_logout_session_required``, RFC 9126's
-``require_pushed_authorization_requests`` and RFC 9449's ``dpop_bound_access_tokens``) plus our own policy fields
+``require_pushed_authorization_requests`` and RFC 9449's ``dpop_bound_access_tokens``,
+``default_acr_values``, ``default_max_age``, ``require_auth_time``, the
+human-readable ``client_name``, ``client_uri``, ``logo_uri``, ``tos_uri``,
+``policy_uri`` (each also with a ``#language`` tag), ``contacts``,
+``software_id``, ``software_version``) plus our own policy fields
 (``first_party``, ``minimum_acr``, ``allowed_factors``,
 ``access_token_lifetime``, ``refresh_token_lifetime``).
+
+Metadata the provider does not understand is dropped, as RFC 7591 2 asks, so
+the registration response never lists it as registered; metadata it
+understands but cannot honour (encrypted ID tokens, signed UserInfo, request
+objects by reference, a ``jwks_uri`` it would have to fetch) is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +40,20 @@ from idp.storage.models import Client, InitialAccessToken
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
 SCOPES = ("openid", "profile", "email", "phone", "offline_access")
+HUMAN = ("client_name", "client_uri", "logo_uri", "tos_uri", "policy_uri")  # may carry a "#language" tag
+KNOWN = (
+    "redirect_uris", "post_logout_redirect_uris", "grant_types", "response_types", "token_endpoint_auth_method",
+    "token_endpoint_auth_signing_alg", "jwks", "scope", "subject_type", "sector_identifier_uri",
+    "id_token_signed_response_alg", "default_acr_values", "default_max_age", "require_auth_time",
+    "backchannel_logout_uri", "backchannel_logout_session_required", "frontchannel_logout_uri",
+    "frontchannel_logout_session_required", "require_pushed_authorization_requests", "dpop_bound_access_tokens",
+    "contacts", "software_id", "software_version", "application_type",
+    "first_party", "minimum_acr", "allowed_factors", "access_token_lifetime", "refresh_token_lifetime",
+)
+UNSUPPORTED = ("jwks_uri", "request_uris", "id_token_encrypted_response_alg", "id_token_encrypted_response_enc",
+               "userinfo_signed_response_alg", "userinfo_encrypted_response_alg", "userinfo_encrypted_response_enc",
+               "request_object_signing_alg", "request_object_encryption_alg", "request_object_encryption_enc",
+               "software_statement")
 
 
 class ClientError(ValueError):
@@ -148,7 +171,10 @@ def sector(meta: dict) -> str | None:
 
 def validate_metadata(meta: dict) -> dict:
     """Normalise and check client metadata; raises ``ClientError``."""
-    meta = {k: v for k, v in meta.items() if v is not None}
+    refused = sorted(k for k in UNSUPPORTED if meta.get(k) is not None)
+    if refused:
+        raise ClientError(f"not supported: {', '.join(refused)}")
+    meta = {k: v for k, v in meta.items() if v is not None and (k in KNOWN or k.partition("#")[0] in HUMAN)}
     for key in ("redirect_uris", "post_logout_redirect_uris", "grant_types", "response_types"):
         value = meta.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -160,6 +186,17 @@ def validate_metadata(meta: dict) -> dict:
     meta.setdefault("response_types", ["code"] if "authorization_code" in grant_types else [])
     if set(meta["response_types"]) - {"code"}:
         raise ClientError("only the response type 'code' is supported")
+    if ("code" in meta["response_types"]) != ("authorization_code" in grant_types):
+        raise ClientError("response_types 'code' and grant_types 'authorization_code' go together (RFC 7591 2.1)")
+    if not grant_types:
+        raise ClientError("grant_types must not be empty")
+    for key, value in meta.items():
+        if key.partition("#")[0] in HUMAN + ("software_id", "software_version") and not (
+                isinstance(value, str) and 0 < len(value) <= 300):
+            raise ClientError(f"{key} must be a string of at most 300 characters")
+    contacts = meta.get("contacts", [])
+    if not isinstance(contacts, list) or not all(isinstance(c, str) and len(c) <= 320 for c in contacts):
+        raise ClientError("contacts must be a list of email addresses")
     for key in ("redirect_uris", "post_logout_redirect_uris"):
         for uri in meta.get(key, []):
             _check_uri(uri, key)
@@ -187,6 +224,35 @@ def validate_metadata(meta: dict) -> dict:
     if meta.get("subject_type") == "pairwise" and len({urlsplit(u).hostname for u in meta.get("redirect_uris", [])}) > 1:
         raise ClientError("a pairwise client's redirect_uris must share one host, its sector (OpenID Connect Core 8.1)",
                           "invalid_client_metadata")
+    check_policy(meta)
+    for key in ("backchannel_logout_uri", "frontchannel_logout_uri"):
+        if key in meta:
+            if not isinstance(meta[key], str):
+                raise ClientError(f"{key} must be a string")
+            _check_uri(meta[key], key, "invalid_client_metadata")
+    # Front-Channel Logout 1.0 2: the provider's logged-out page frames this URI, so it must be
+    # the client's own origin, one of its redirect URIs', not any page a registrant names.
+    if "frontchannel_logout_uri" in meta and _origin(meta["frontchannel_logout_uri"]) not in {
+            _origin(uri) for uri in meta.get("redirect_uris", [])}:
+        raise ClientError("frontchannel_logout_uri must have the scheme, host and port of a redirect URI")
+    acr_values = meta.get("default_acr_values", [])
+    if not isinstance(acr_values, list) or set(acr_values) - set(LADDER):
+        raise ClientError(f"default_acr_values may only contain: {' '.join(LADDER)}")
+    max_age = meta.get("default_max_age", 0)
+    if not isinstance(max_age, int) or isinstance(max_age, bool) or not 0 <= max_age < 10**9:
+        raise ClientError("default_max_age must be a non-negative number of seconds")
+    for key in ("backchannel_logout_session_required", "frontchannel_logout_session_required",
+                "require_pushed_authorization_requests", "dpop_bound_access_tokens", "require_auth_time"):
+        if key in meta and not isinstance(meta[key], bool):
+            raise ClientError(f"{key} must be true or false")
+    scope = meta.get("scope")
+    if scope is not None and (not isinstance(scope, str) or set(scope.split()) - set(SCOPES)):
+        raise ClientError(f"scope may only contain: {' '.join(SCOPES)}")
+    return meta
+
+
+def check_policy(meta: dict) -> None:
+    """The login policy fields an administrator sets (``allowed_factors``, ``minimum_acr``)."""
     allowed = meta.get("allowed_factors")
     if allowed is not None:
         from idp.factors import FACTORS  # the factors are the login's business; imported late
@@ -195,19 +261,6 @@ def validate_metadata(meta: dict) -> dict:
             raise ClientError(f"allowed_factors must be a non-empty list of: {', '.join(FACTORS)}")
     if meta.get("minimum_acr") not in (None, *LADDER):
         raise ClientError(f"minimum_acr must be one of {' '.join(LADDER)}")
-    for key in ("backchannel_logout_uri", "frontchannel_logout_uri"):
-        if key in meta:
-            if not isinstance(meta[key], str):
-                raise ClientError(f"{key} must be a string")
-            _check_uri(meta[key], key, "invalid_client_metadata")
-    for key in ("backchannel_logout_session_required", "frontchannel_logout_session_required",
-                "require_pushed_authorization_requests", "dpop_bound_access_tokens"):
-        if key in meta and not isinstance(meta[key], bool):
-            raise ClientError(f"{key} must be true or false")
-    scope = meta.get("scope")
-    if scope is not None and (not isinstance(scope, str) or set(scope.split()) - set(SCOPES)):
-        raise ClientError(f"scope may only contain: {' '.join(SCOPES)}")
-    return meta
 
 
 def _check_jwks(jwks) -> None:
@@ -228,8 +281,15 @@ def _check_uri(uri: str, key: str, error: str = "invalid_redirect_uri") -> None:
     local = parts.hostname in ("localhost", "127.0.0.1", "::1")
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment:
         raise ClientError(f"{key}: {uri!r} is not an absolute http(s) URI without fragment", error)
+    if parts.username is not None or "*" in parts.hostname:
+        raise ClientError(f"{key}: {uri!r} may hold neither a user name nor a wildcard host", error)
     if parts.scheme == "http" and not local:
         raise ClientError(f"{key}: {uri!r} must use https", error)
+
+
+def _origin(uri: str) -> tuple:
+    parts = urlsplit(uri)
+    return parts.scheme, parts.hostname, parts.port or {"https": 443, "http": 80}.get(parts.scheme)
 
 
 def _new_client_id() -> str:

@@ -2,7 +2,7 @@
 clients"): each client's policy — allowed factors, minimum ``acr``, whether a
 login there needs two factors — and its redirect and logout URIs. The policy
 (allowed factors, minimum acr) can be changed here: a POST form with the CSRF
-token, checked by the same ``validate_metadata`` as the CLI and RFC 7591, then
+token, checked by the same ``check_policy`` as the CLI and RFC 7591, then
 back to the list (POST-redirect-GET), audited as ``client.policy_changed``.
 Registering clients and changing their URIs stays with the CLI
 (``idp clients``) and RFC 7591/7592. Only an admin account sees this: an AA
@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from idp import acr
 from idp.factors import FACTORS
-from idp.protocol.clients import ClientError, find, validate_metadata
+from idp.protocol.clients import ClientError, check_policy, find
 from idp.storage.models import Client
 from idp.web.admin import _admin
 from idp.web.forms import BadRequest, read_form
@@ -101,13 +101,17 @@ def _set_policy(svc, client_id: str, factors: list[str], minimum: str) -> dict |
         row = find(session, client_id)
         if row is None:
             return None
-        meta = {k: v for k, v in row.metadata_.items() if k not in ("allowed_factors", "minimum_acr")}
+        policy = {}
         # Every factor ticked is no restriction at all: a factor added later is then allowed too.
         if set(factors) != set(FACTORS):
-            meta["allowed_factors"] = factors
+            policy["allowed_factors"] = factors
         if minimum:
-            meta["minimum_acr"] = minimum
-        row.metadata_ = validate_metadata(meta)
+            policy["minimum_acr"] = minimum
+        check_policy(policy)
+        # Only the policy is checked: metadata a client was stored with before a rule refused
+        # it (a sector_identifier_uri) must not stop the administrator from tightening it.
+        meta = {k: v for k, v in row.metadata_.items() if k not in ("allowed_factors", "minimum_acr")}
+        row.metadata_ = {**meta, **policy}
         return {k: row.metadata_.get(k) for k in ("allowed_factors", "minimum_acr")}
 
 

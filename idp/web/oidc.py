@@ -173,8 +173,10 @@ async def authorize(request: Request) -> Response:
     if session is not None:
         session = flow.within_policy(session, client)  # what this client accepts of it
     fresh = bool(prompts & {"login", "select_account"})
-    if session and data.get("max_age") is not None:
-        max_age = int(data["max_age"])
+    # The client's registered defaults stand in for what its request leaves out.
+    max_age = data.get("max_age", client.metadata.get("default_max_age"))
+    if session and max_age is not None:
+        max_age = int(max_age)
         fresh = fresh or max_age == 0
         session = flow.within_age(session, max_age, svc.clock())
     if data.get("id_token_hint"):
@@ -188,7 +190,8 @@ async def authorize(request: Request) -> Response:
         client_id=client.client_id,
         browser=csrf_token(request),
         fresh=fresh,
-        target_acr=acr.required(data.get("acr_values"), client.minimum_acr),
+        target_acr=acr.required(data.get("acr_values") or " ".join(client.metadata.get("default_acr_values", [])),
+                                client.minimum_acr),
         session=session,
         locale_hint=data.get("ui_locales"),
     )

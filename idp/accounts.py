@@ -17,6 +17,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from idp.mobileid import national_id as national_ids
 from idp.settings import SettingsError
 from idp.storage.kv import Batch
 from idp.storage.models import Account, Binding
@@ -246,6 +247,11 @@ def create_account(session, passwords: Passwords, username: str, password: str |
     if by_username(session, username) is not None:
         raise AccountError("account.exists", username=username)
     national_id = fields.get("national_id")
+    if national_id:
+        try:  # as the mobile-ID login will look for it: upper case, its check digit right
+            national_id = fields["national_id"] = national_ids.validate(national_id, allow_resident=True)
+        except national_ids.InvalidNationalId:
+            raise AccountError("account.bad_national_id") from None
     if national_id and session.scalar(select(Account.id).where(Account.national_id == national_id)) is not None:
         raise AccountError("account.national_id_exists")
     account = Account(username=username, **fields)

@@ -31,10 +31,10 @@ def _with_alice(provider):
     return provider, client_id, secret
 
 
-def _signed_in(provider, client_id, secret):
+def _signed_in(provider, client_id, secret, username="alice"):
     """A browser with an SSO session from password + OTP."""
     browser = provider.browser()
-    page = browser.password(browser.authorize(client_id))
+    page = browser.password(browser.authorize(client_id), username=username)
     callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
     provider.clock.advance(30)
     return browser

@@ -308,6 +308,27 @@ def test_an_aa_account_binds_and_logs_in_with_its_organisation_certificate(make,
     assert "code" in callback(sign(tpki, fresh, cert_page(fresh, fresh.authorize(client_id)), "org"))
 
 
+def test_another_card_of_the_same_organisation_does_not_log_in_the_aa_account(make, tpki):
+    """Every card of a school carries its organisation id: the one the AA account bound logs in,
+    another of the school's cards (another holder, another office) does not, and can be bound
+    by a second AA account of the school."""
+    provider = make()
+    for username in ("alice", "bob"):
+        provider.account(username, kind="aa", org="臺北市立測試國民小學")
+    client_id, _ = provider.client()
+    secrets_ = {}
+    for username in ("alice", "bob"):
+        _, secrets_[username] = _bind(provider, provider.browser(), client_id, username=username)
+    provider.clock.advance(30)
+    alice = _signed_in(provider, client_id, secrets_["alice"])
+    assert "自然人憑證已綁定" in _notice(bind_with(tpki, alice, bind_page(alice), "org"))
+    stranger = provider.browser()
+    page = sign(tpki, stranger, cert_page(stranger, stranger.authorize(client_id)), "org_other")
+    assert page.status_code == 200 and "尚未綁定" in _error(page)
+    bob = _signed_in(provider, client_id, secrets_["bob"], username="bob")
+    assert "自然人憑證已綁定" in _notice(bind_with(tpki, bob, bind_page(bob), "org_other"))
+
+
 def test_rebinding_a_replaced_card_makes_the_old_one_useless(make, tpki):
     provider = make()
     provider.account("alice")  # no ID number on file: any citizen card may bind

@@ -48,8 +48,10 @@ def test_users_add_enforces_the_password_policy(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
     carol = _idp(tmp_path, "users", "add", "carol", "--national-id", "A123456789")
     assert carol.returncode == 0, carol.stderr
-    same_person = _idp(tmp_path, "users", "add", "dave", "--national-id", "A123456789")
+    same_person = _idp(tmp_path, "users", "add", "dave", "--national-id", "a123456789")
     assert same_person.returncode == 2 and "already has this national ID" in same_person.stderr
+    mistyped = _idp(tmp_path, "users", "add", "erin", "--national-id", "A123456788")
+    assert mistyped.returncode == 2 and "check digit" in mistyped.stderr
 
 
 def test_the_case_insensitive_username_migration_names_the_accounts_it_cannot_tell_apart(tmp_path):
@@ -67,6 +69,24 @@ def test_the_case_insensitive_username_migration_names_the_accounts_it_cannot_te
     db.commit()
     assert _idp(tmp_path, "migrate").returncode == 0
     assert _idp(tmp_path, "users", "add", "CAROL").returncode == 2
+
+
+def test_migration_0006_forgets_organisation_bindings_and_upper_cases_national_ids(tmp_path):
+    """A binding by organisation id would let any of the organisation's cards in: gone, to be
+    bound again by card. A national ID kept as typed becomes the one mobile-ID looks for."""
+    assert _idp(tmp_path, "users", "add", "school-aa", "--kind", "aa").returncode == 0
+    assert _idp(tmp_path, "users", "add", "carol", "--national-id", "A123456789").returncode == 0
+    db = sqlite3.connect(tmp_path / "cli.sqlite3")
+    db.executescript(
+        "UPDATE alembic_version SET version_num = '0005';"
+        "UPDATE accounts SET national_id = 'a123456789' WHERE username = 'carol';"
+        "INSERT INTO bindings (id, account_id, factor, external_id, label, data, created_at) SELECT 'b1', id, 'certificate', "
+        "'CN=XCA|org:379123456', '', '{}', CURRENT_TIMESTAMP FROM accounts WHERE username = 'school-aa';"
+        "INSERT INTO bindings (id, account_id, factor, external_id, label, data, created_at) SELECT 'b2', id, 'certificate', "
+        "'CN=MOICA|TP03000000000001', '', '{}', CURRENT_TIMESTAMP FROM accounts WHERE username = 'carol';")
+    assert _idp(tmp_path, "migrate").returncode == 0
+    assert db.execute("SELECT external_id FROM bindings").fetchall() == [("CN=MOICA|TP03000000000001",)]
+    assert db.execute("SELECT national_id FROM accounts WHERE username = 'carol'").fetchone() == ("A123456789",)
 
 
 def test_keys_rotate_promotes_the_published_next_key(tmp_path):

@@ -221,6 +221,29 @@ def test_unbound_id_is_told_clearly_and_sends_nothing(provider, sim):
     assert len(sim.calls) == calls
 
 
+def test_an_aa_account_is_sent_no_request(make_provider, sim):
+    """AA accounts log in with their organisation's card (A3), never with a personal certificate."""
+    provider = make_provider(mfa=True, mobileid_url=sim.url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
+                             mobileid_key=KEY.hex(), mobileid_trust=sim.trust)
+    sim.clock.target = provider.clock
+    provider.account("school-aa", kind="aa", org="臺北市立測試國民小學", national_id=CITIZEN)
+    client_id, _ = provider.client()
+    calls = len(sim.calls)
+    page, _ = start(provider, provider.browser(), client_id)
+    assert "AA" in _error(page) and "mobileid-countdown" not in page.text and len(sim.calls) == calls
+
+
+def test_a_national_id_kept_as_typed_in_lower_case_is_found(make_provider, sim):
+    """An account created with ``--national-id a123456789`` is stored as the login looks for it."""
+    provider = make_provider(mfa=True, mobileid_url=sim.url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
+                             mobileid_key=KEY.hex(), mobileid_trust=sim.trust)
+    sim.clock.target = provider.clock
+    provider.account("alice", national_id=CITIZEN.lower())
+    client_id, _ = provider.client()
+    page, _ = start(provider, provider.browser(), client_id, nid=CITIZEN.lower())
+    assert "mobileid-countdown" in page.text, _error(page)
+
+
 @pytest.mark.parametrize("raw, said", [("A123456788", "檢查碼不符"), ("A12345", "10 碼"), ("A323456789", "第 2 碼"),
                                        ("1123456789", "英文字母")])
 def test_malformed_id_says_why(provider, sim, raw, said):

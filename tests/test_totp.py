@@ -36,9 +36,9 @@ def _code(provider, secret, steps=0) -> str:
     return pyotp.TOTP(secret).at(provider.clock() + 30 * steps)
 
 
-def _bind(provider, browser, client_id):
+def _bind(provider, browser, client_id, username="alice"):
     """First login: password, then the binding page; returns (page after binding, secret)."""
-    page = browser.password(browser.authorize(client_id))
+    page = browser.password(browser.authorize(client_id), username=username)
     assert "<svg" in page.text and "/login/bind/otp" in page.text
     secret = _secret(page)
     page = browser.submit(page, "/login/bind/otp", otp=_code(provider, secret))

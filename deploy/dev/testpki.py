@@ -207,13 +207,15 @@ def generate(outdir: str | Path, base_url: str, *, offline_url: str = "http://12
     citizen("revoked_crl", person="張美玲", id_number="D245678902", urls=_revocation_urls(base_url, "moica", ocsp=False))
     citizen("offline", person="黃志明", id_number="E156789013", urls=_revocation_urls(offline_url, "moica"))
     citizen("forged", ca="fake-moica")
-    ok_org = _key()
-    org_cert = _cert(organisation_dn("臺北市立測試國民小學"), ok_org, cas["xca"], ku=sign_ku,
-                     extra=[(directory_attributes({OID_SUBJECT_TYPE: "2", OID_ORG_ID: "379123456"}), False)]
-                     + _revocation_urls(base_url, "xca"),
-                     not_before=now - timedelta(days=30), not_after=now + timedelta(days=3 * 365))
-    leaves["org"] = Issued("org", org_cert, ok_org)
-    manifest_leaves["org"] = {"ca": "xca", "serial": org_cert.serial_number, "org_id": "379123456"}
+    # Two cards of one school (its organisation id on both): each a card of its own to bind.
+    for name in ("org", "org_other"):
+        ok_org = _key()
+        org_cert = _cert(organisation_dn("臺北市立測試國民小學"), ok_org, cas["xca"], ku=sign_ku,
+                         extra=[(directory_attributes({OID_SUBJECT_TYPE: "2", OID_ORG_ID: "379123456"}), False)]
+                         + _revocation_urls(base_url, "xca"),
+                         not_before=now - timedelta(days=30), not_after=now + timedelta(days=3 * 365))
+        leaves[name] = Issued(name, org_cert, ok_org)
+        manifest_leaves[name] = {"ca": "xca", "serial": org_cert.serial_number, "org_id": "379123456"}
 
     revoked_at = (now - timedelta(days=2)).isoformat()
     revoked = {

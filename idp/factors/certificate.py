@@ -56,13 +56,13 @@ NOT_COUNTED = {"revocation_unavailable", "challenge_expired"}
 
 def binding_id(identity) -> str:
     """What a certificate binding stores in ``external_id``: issuer DN | subject serialNumber
-    (the MOICA card's). An organisation certificate without one binds by its organisation
-    id (the anchor set's ``org_id_oid``), else by the certificate's serial number."""
+    (the MOICA card's). An organisation certificate without one binds by the certificate's
+    own serial number: not by its organisation id, which every card of the organisation
+    shares, so that any of them would log in to the account that bound one. A renewed card
+    is bound again (M3), after a login with the account's OTP."""
     issuer, serial = identity.binding_key
     if serial:
         return f"{issuer}|{serial}"
-    if identity.org_id:
-        return f"{issuer}|org:{identity.org_id}"
     return f"{issuer}|cert:{identity.cert_serial:x}"
 
 

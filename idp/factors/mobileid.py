@@ -122,7 +122,8 @@ class MobileIdFactor:
         return bool(svc.settings.mobileid_url)
 
     def bound(self, account) -> bool:
-        return bool(account.national_id)
+        # A personal credential: AA accounts log in with their organisation's card (A3).
+        return bool(account.national_id) and account.kind != "aa"
 
     def context(self, svc, tx, account) -> dict:
         state = tx.get("mobileid")
@@ -158,6 +159,10 @@ class MobileIdFactor:
             return Outcome(error="mobileid.unbound", keep=keep)
         if tx.get("account") and tx["account"] != account.id:
             return Outcome(error="mobileid.other_person", keep=keep)
+        if not self.bound(account):
+            await svc.db.call(svc.audit.record, "login.failure", account_id=account.id, username=account.username,
+                              reason="wrong_kind", **seen)
+            return Outcome(error="mobileid.wrong_kind", keep=keep)
         if account.disabled:
             await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=account.username, **seen)
             return Outcome(error="login.disabled", keep=keep)
@@ -270,7 +275,7 @@ class MobileIdFactor:
                               username=mask(state["national_id"]), reason=error, **seen)
             return Outcome(error=error, keep={"national_id": state["national_id"]})
         account = await run_in_threadpool(_by_national_id, svc, state["national_id"])
-        if account is None or account.id != won["account"]:  # unbound meanwhile
+        if account is None or account.id != won["account"] or not self.bound(account):  # changed meanwhile
             return Outcome(error="mobileid.unbound", keep={"national_id": state["national_id"]})
         keep = {"national_id": state["national_id"]}
         if (locked := await svc.db.call(while_locked, svc, account.id, account.username, seen, keep)) is not None:

@@ -173,15 +173,19 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
         return Step("factor", factors=first) if first else Step("unmet")
     if account.disabled:
         return Step("disabled")
-    if acr.rank(acr.earned(tx["amr"])) < acr.rank(tx["target_acr"]):
-        # After a federated login the second factor must be one the user holds (seed: Google is
-        # always followed by OTP), never the password.
+    target = tx["target_acr"]
+    if "fed" in tx["amr"]:
+        # Google is always followed by OTP (seed 001), whatever IDP_MFA or the client asks, and
+        # however the proof came: from the upstream just now, or from the SSO session.
+        target = max((target, acr.LOA2), key=acr.rank)
+    if acr.rank(acr.earned(tx["amr"])) < acr.rank(target):
+        # After a federated login the second factor must be one the user holds, never the password.
         options = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"])
                         and (f.possession or "fed" not in tx["amr"]))
         if options:
             return Step("factor", factors=options)
         # Two factors asked for and none bound: binding OTP (M1) is the way there.
-        can_bind = acr.rank(tx["target_acr"]) <= acr.rank(acr.LOA2) and not holds_possession(svc, account)
+        can_bind = acr.rank(target) <= acr.rank(acr.LOA2) and not holds_possession(svc, account)
         return Step("action", action="bind") if can_bind and client.allows("otp") else Step("unmet")
     if svc.settings.mfa and "mfa" not in tx["amr"]:
         # Two factors for everyone (seed 001): a second one if bound, else bind one first (M1).

@@ -19,7 +19,7 @@ import pytest
 
 from idp.factors import FACTORS
 from idp.factors.federation import STATE, Upstream
-from idp.storage.models import Account, Binding
+from idp.storage.models import Account, AuditEvent, Binding
 from tests.harness import callback, forms, redeem
 from tests.servers import free_port
 from tests.test_totp import _bind, _code, _error
@@ -283,6 +283,24 @@ def test_google_is_followed_by_otp_without_the_two_factor_policy(make_provider, 
     page = at_google(fresh, fresh.go(_google_link(fresh.authorize(client_id))), "alice.g")
     assert 'name="otp"' in page.text
     assert "code" in callback(fresh.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+    # Nor through single sign-on: a portal that takes Google but not OTP gets no Google-alone
+    # login out of this Google+OTP session, as it gets none from a fresh Google login.
+    google_only, _ = provider.client(allowed_factors=["password", "google"])
+    assert callback(fresh.authorize(google_only))["error"] == "unmet_authentication_requirements"
+
+
+def test_a_disabled_accounts_google_login_is_in_its_activity_log(site):
+    provider, client_id, _, otp = site
+    _bind_google(provider, _signed_in(provider, client_id, otp), "alice.g")
+    with provider.svc.db.session() as session:
+        alice = session.query(Account).filter_by(username="alice").one()
+        alice.disabled = True
+    browser = provider.browser()
+    page = at_google(browser, browser.go(_google_link(browser.authorize(client_id))), "alice.g")
+    assert page.status_code == 403
+    with provider.svc.db.session() as session:
+        event = session.query(AuditEvent).filter_by(event="login.disabled").one()
+    assert (event.account_id, event.client_id, event.method) == (alice.id, client_id, "google")
 
 
 def test_upstream_down_is_a_clear_message(make_provider, upstream):

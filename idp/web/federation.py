@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from idp import acr, bridge, flow
+from idp import bridge, flow
 from idp.factors.federation import GOOGLE, STATE, STATE_SECONDS, UpstreamError, external_id
 from idp.storage.models import Account, Binding
 from idp.web import login
@@ -108,10 +108,8 @@ async def login_callback(request: Request) -> Response:
         response = _login_page(tx, "google.other_person")
     else:
         flow.record_factor(tx, GOOGLE, account, svc.clock())
-        # Always followed by the OTP step (seed 001), whatever IDP_MFA or the client asks:
-        # at least two factors, and the page shows the bound possession factor first
-        # (the flow would otherwise open a step-up with the password form).
-        tx["target_acr"] = max((tx["target_acr"], acr.LOA2), key=acr.rank)
+        # Always followed by the OTP step (``flow.next_step``): the page shows the bound
+        # possession factor first (the login page would otherwise open with another form).
         _, _, step = await login.load(svc, tx)
         second = next((f for f in step.factors if f.possession), None) if step and step.kind == "factor" else None
         response = _login_page(tx)

@@ -145,6 +145,10 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         return await respond_error(request, tx, "unmet_authentication_requirements",
                                    "The account has no factor that reaches the required assurance.")
     if step.kind == "disabled":
+        # A factor proven for an account disabled since (Google's callback, another tab): in its
+        # activity log (M6), as the factors that refuse it themselves record it.
+        await svc.db.call(svc.audit.record, "login.disabled", account_id=account.id, username=account.username,
+                          client_id=tx["client_id"], method="+".join(tx["done"]) or None, **who(request))
         await bridge.run(svc.transactions.drop, tx)
         return error_page(request, "error.disabled.title", "error.disabled.detail", status=403)
 

@@ -4,6 +4,8 @@ session and every token issued under it; anything it cannot vouch for changes
 nothing and never redirects."""
 
 import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
 
 from tests.harness import REDIRECT, callback, forms, redeem
 
@@ -109,6 +111,29 @@ def test_a_logout_during_the_code_exchange_ends_its_tokens_too(provider):
     answer = redeem(browser.http, client_id, secret, late)
     assert "add" not in vars(store)  # the logout did land in the exchange
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
+
+
+def test_pairwise_clients_get_a_sid_of_their_own_and_their_hint_still_logs_out(provider):
+    """Pairwise subjects keep two portals from linking a user (OIDC Core 8.1): a sid shared by
+    both would link them at once. Each pairwise sector sees its own sid; its hint still ends
+    the session without asking."""
+    provider.account("alice")
+    school, school_secret = provider.client(subject_type="pairwise", redirect_uris=["https://school.example.tw/cb"],
+                                            post_logout_redirect_uris=[HOME])
+    shop, shop_secret = provider.client(subject_type="pairwise", redirect_uris=["https://shop.example.tw/cb"])
+    browser = provider.browser()
+    tokens = {}
+    for client_id, secret, uri in ((school, school_secret, "https://school.example.tw/cb"),
+                                    (shop, shop_secret, "https://shop.example.tw/cb")):
+        code = browser.login(client_id, uri)["code"]
+        tokens[client_id] = redeem(browser.http, client_id, secret, code, redirect_uri=uri).json()
+    a, b = (jwt.decode(tokens[c]["id_token"], KeySet.import_key_set(browser.http.get("/jwks").json())).claims
+            for c in (school, shop))
+    assert a["sub"] != b["sub"] and a["sid"] != b["sid"]
+    response = _logout(browser, id_token_hint=tokens[school]["id_token"], post_logout_redirect_uri=HOME)
+    assert response.status_code == 303 and response.headers["location"] == HOME
+    after = browser.authorize(shop, "https://shop.example.tw/cb", prompt="none")
+    assert callback(after, "https://shop.example.tw/cb")["error"] == "login_required"
 
 
 def test_tampered_hint_is_an_error_page_and_changes_nothing(provider):

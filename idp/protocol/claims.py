@@ -25,12 +25,16 @@ def subject(account_id: str, client: OAuthClient, pairwise_salt: bytes) -> str:
     return _b64(mac.digest())
 
 
-def public_sid(svc, sid: str) -> str:
-    """The ``sid`` relying parties see (ID tokens, logout tokens, front-channel
-    URLs): stable per session but an HMAC of the session cookie's value, never
-    the value itself, which would let anyone holding an ID token take over the
-    single sign-on session."""
-    mac = hmac.new(svc.pairwise_salt, b"session-id\x00" + sid.encode(), hashlib.sha256)
+def public_sid(svc, sid: str, client: OAuthClient) -> str:
+    """The ``sid`` ``client`` sees (ID tokens, logout tokens, front-channel URLs): stable per
+    session but an HMAC of the session cookie's value, never the value itself, which would
+    let anyone holding an ID token take over the single sign-on session. A pairwise client's
+    is its sector's own: one sid for every client would link the subjects pairwise keeps
+    apart (OIDC Core 8.1)."""
+    context = b"session-id\x00"
+    if client.metadata.get("subject_type") == "pairwise":
+        context += client.sector_identifier().encode() + b"\x00"
+    mac = hmac.new(svc.pairwise_salt, context + sid.encode(), hashlib.sha256)
     return _b64(mac.digest()[:18])
 
 
@@ -97,7 +101,7 @@ def id_token(svc, client: OAuthClient, account_id: str, claims_: dict, auth: dic
         "auth_time": int(auth["auth_time"]),
         "acr": auth["acr"],
         "amr": auth["amr"],
-        "sid": public_sid(svc, auth["sid"]),
+        "sid": public_sid(svc, auth["sid"], client),
         "jti": secrets.token_urlsafe(12),
     }
     if nonce:

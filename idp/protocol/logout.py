@@ -12,7 +12,8 @@
 
 The ``sid`` relying parties see is not the session cookie's value: it is an
 HMAC of it under an instance secret (``claims.public_sid``), so an ID token, a logout
-token or a front-channel URL never carries a credential for the session.
+token or a front-channel URL never carries a credential for the session; a pairwise
+client's is its sector's own.
 
 Durability: every delivery is also a job in the short-lived store (Redis
 when several processes share it) until it succeeds or gives up: the logout
@@ -71,7 +72,7 @@ def logout_token(svc, client, account_id: str, sid: str) -> tuple[str, str]:
         "exp": now + TOKEN_SECONDS,
         "jti": jti,
         "sub": claims_.subject(account_id, client, svc.pairwise_salt),
-        "sid": public_sid(svc, sid),
+        "sid": public_sid(svc, sid, client),
         "events": {EVENT: {}},
     }
     alg = client.id_token_signed_response_alg or svc.settings.signing_alg
@@ -90,7 +91,7 @@ def frontchannel_urls(svc, record: dict) -> list[str]:
         if client.metadata.get("frontchannel_logout_session_required"):
             parts = urlsplit(uri)
             query = parse_qsl(parts.query, keep_blank_values=True)
-            query += [("iss", svc.settings.issuer), ("sid", public_sid(svc, record["sid"]))]
+            query += [("iss", svc.settings.issuer), ("sid", public_sid(svc, record["sid"], client))]
             uri = urlunsplit(parts._replace(query=urlencode(query)))
         urls.append(uri)
     return urls

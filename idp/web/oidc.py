@@ -353,7 +353,7 @@ async def logout(request: Request) -> Response:
         return error_page(request, "error.logout.title", "error.logout.bad_redirect")
     session = await bridge.run(svc.sessions.get, get_cookie(request, login.SESSION_COOKIE))
     confirmed = request.method == "POST" and data.get("confirm") == "yes" and csrf_ok(request, data)
-    hint_matches = bool(hint and session and hint.get("sid") == claims.public_sid(svc, session["sid"]))
+    hint_matches = bool(hint and session and client and hint.get("sid") == claims.public_sid(svc, session["sid"], client))
     if session and not (confirmed or hint_matches):
         return render(request, "logout_confirm.html", client=client, target=target or "", state=data.get("state", ""),
                       client_id=client.client_id if client else "")

@@ -172,6 +172,11 @@ def test_revoked_via_crl(tpki, trust):
     assert tpki.server.hits["/crl/moica.crl"] == 1 and tpki.server.hits["/ocsp/moica"] == 0
 
 
+def test_a_revocation_dated_ahead_of_our_clock_is_still_a_revocation(tpki, trust):
+    with pytest.raises(pki.Revoked):
+        verify(tpki.make_signature("revoked_ahead", CHALLENGE), trust=trust, mode="soft-fail")
+
+
 def test_crl_when_policy_prefers_it_and_the_cache_honours_next_update(tpki, trust):
     blob = tpki.make_signature("citizen", CHALLENGE)
 

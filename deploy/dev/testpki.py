@@ -205,6 +205,8 @@ def generate(outdir: str | Path, base_url: str, *, offline_url: str = "http://12
     citizen("citizen_ec", key=_key("ec"), person="陳小華", id_number="B223456780")
     citizen("revoked_ocsp", person="林大同", id_number="C134567891")
     citizen("revoked_crl", person="張美玲", id_number="D245678902", urls=_revocation_urls(base_url, "moica", ocsp=False))
+    # Its revocation dated ahead of the provider's clock, as by a CA whose clock runs ahead.
+    citizen("revoked_ahead", person="吳建國", id_number="F127654320", urls=_revocation_urls(base_url, "moica", ocsp=False))
     citizen("offline", person="黃志明", id_number="E156789013", urls=_revocation_urls(offline_url, "moica"))
     citizen("forged", ca="fake-moica")
     # Two cards of one school (its organisation id on both): each a card of its own to bind.
@@ -220,7 +222,9 @@ def generate(outdir: str | Path, base_url: str, *, offline_url: str = "http://12
     revoked_at = (now - timedelta(days=2)).isoformat()
     revoked = {
         "moica": [{"serial": leaves[n].cert.serial_number, "date": revoked_at, "reason": "key_compromise"}
-                  for n in ("revoked_ocsp", "revoked_crl")],
+                  for n in ("revoked_ocsp", "revoked_crl")]
+        + [{"serial": leaves["revoked_ahead"].cert.serial_number, "date": (now + timedelta(days=1)).isoformat(),
+            "reason": "key_compromise"}],
         "xca": [], "root": [],
     }
 

@@ -298,7 +298,9 @@ def set_disabled(svc, account_id: str, disabled: bool,
     The mark changes while the account's row is locked, so a disable and an enable at once
     leave it as they leave the flag. Failures end on the safe side: a disable whose commit
     fails leaves a mark (the account is refused until the disable is repeated or undone), and
-    an enable whose commit fails writes its mark back."""
+    an enable whose commit fails writes its mark back. A disable then ends the account's
+    sessions, which tells its portals (back-channel logout) to end theirs: the flag already
+    refuses its tokens and new logins, but not a portal's own session."""
     try:
         with svc.db.session() as session:
             account = session.get(Account, account_id, with_for_update=True)
@@ -315,6 +317,8 @@ def set_disabled(svc, account_id: str, disabled: bool,
         if not disabled:
             svc.store.set(disabled_mark(account_id), {"disabled": True}, DISABLED_MARK_SECONDS)
         raise
+    if disabled:
+        svc.sessions.end_all(account_id, svc.tokens)
     return account
 
 

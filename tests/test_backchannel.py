@@ -254,6 +254,24 @@ def test_a_session_ended_by_a_new_login_is_sent_too(live_provider, receiver):
     assert _claims(provider, receiver.tokens[0]).claims["sid"] == alice["sid"]
 
 
+def test_disabling_an_account_logs_it_out_of_its_portals(live_provider, receiver):
+    """The flag refuses the account's tokens and logins at once; its portals, which keep
+    sessions of their own, are told too."""
+    from idp.accounts import set_disabled
+
+    provider = live_provider
+    alice_id = provider.account("alice", name=NAME)
+    (a, a_secret), _, cb = _two_clients(provider, receiver)
+    agent = Agent()
+    try:
+        alice = _claims(provider, _login(agent, provider, a, a_secret, cb)["id_token"]).claims
+    finally:
+        agent.close()
+    set_disabled(provider.svc, alice_id, True)  # as the admin page and the CLI do
+    assert _wait(lambda: receiver.tokens)
+    assert _claims(provider, receiver.tokens[0]).claims["sid"] == alice["sid"]
+
+
 def test_front_channel_page_frames_each_client_with_iss_and_sid(live_provider, receiver):
     provider = live_provider
     provider.account("alice", name=NAME)

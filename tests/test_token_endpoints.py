@@ -366,15 +366,18 @@ def test_an_account_disabled_before_its_mark_existed_is_refused_once_the_app_sta
 
 @pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_a_mark_lost_with_the_redis_data_is_written_again_while_the_app_runs(make_provider):
-    from idp.accounts import disabled_mark, set_disabled
+    from idp.accounts import disabled_mark
+    from idp.storage.models import Account
     from tests import live
 
     provider = make_provider(disabled_marks_seconds=1)
     account_id = provider.account("alice")
     client_id, secret = provider.client()
     token = _user_tokens(provider, client_id, secret)
-    set_disabled(provider.svc, account_id, True)
-    provider.svc.store.delete(disabled_mark(account_id))  # as a failover to a replica that lagged loses it
+    # Disabled, and the mark lost, as a failover to a replica that lagged loses it (with the
+    # end of the account's sessions, which would revoke this token on its own).
+    with provider.svc.db.session() as session:
+        session.get(Account, account_id).disabled = True
     assert _introspect(provider.http(), client_id, secret, token["access_token"]).json()["active"] is True
     with live.reserve() as (sock, url), live.serve(provider.app, sock, url):  # the app's lifespan runs
         deadline = time.monotonic() + 30

@@ -31,7 +31,7 @@ class Services:
         self.store = open_store(settings.redis_url)
         self.keys = KeyRing(settings.keys_dir, settings.key_refresh_seconds, self.clock)
         self.tokens = Tokens(self.store, self.clock)
-        self.sessions = Sessions(self.store, self.clock, settings.session_seconds)
+        self.sessions = Sessions(self.store, self.clock, settings.session_seconds, settings.code_seconds)
         self.transactions = Transactions(self.store, self.clock, settings.login_timeout_seconds)
         self.metrics = Metrics()
         self.passwords = Passwords(settings, self.metrics)

@@ -15,9 +15,13 @@ from idp.storage.kv import Batch
 log = logging.getLogger("idp.sessions")
 
 
+ENDED = "ended"  # in a session's grant list once the session has ended
+
+
 class Sessions:
-    def __init__(self, store, clock, lifetime: int):
+    def __init__(self, store, clock, lifetime: int, code_seconds: int = 60):
         self.store, self.clock, self.lifetime = store, clock, lifetime
+        self.ended_seconds = code_seconds + 60  # while a code of an ended session can still be redeemed
         # Called with the ended record after ``end`` (back-channel logout, SPEC P6).
         self.listeners: list = []
 
@@ -86,6 +90,13 @@ class Sessions:
         with ``batch`` (``idp.storage.kv.Batch``), sent with the caller's other writes."""
         (batch or self.store).add("sess-grants:" + sid, f"{client_id} {gid}", self.lifetime)
 
+    def ended_mark(self, sid: str, batch) -> int:
+        """Ask in ``batch``, after its ``add_grant``, whether the session's end marked the grant
+        list (``end``); where the answer comes among the batch's ``has`` answers. One key for
+        both, so the order holds on a Redis Cluster too, where the session's key may sit in
+        another slot and be read before the addition is made."""
+        return batch.has("sess-grants:" + sid, ENDED)
+
     def end(self, sid: str, tokens) -> dict | None:
         """End a session, revoke every grant issued under it and tell the
         listeners (which notify the session's clients). Taking the record is
@@ -93,11 +104,14 @@ class Sessions:
         record = self.store.take("sess:" + sid) if sid else None
         if record is None:
             return None
-        for member in self.store.members("sess-grants:" + sid):
+        # Marked first: a code exchange that adds its grant after this sees the mark and revokes
+        # it itself; one that added it before is in the list read next. The list stays, with
+        # the mark, while a code of the session could still be redeemed.
+        self.store.add("sess-grants:" + sid, ENDED, self.ended_seconds)
+        for member in self.store.members("sess-grants:" + sid) - {ENDED}:
             client_id, gid = member.split(" ", 1)
             record["clients"].setdefault(client_id, []).append(gid)
             tokens.revoke_grant(gid)
-        self.store.delete("sess-grants:" + sid)
         for listener in self.listeners:
             try:
                 listener(record)

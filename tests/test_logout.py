@@ -113,6 +113,41 @@ def test_a_logout_during_the_code_exchange_ends_its_tokens_too(provider):
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
 
 
+def test_a_logout_during_the_code_exchange_ends_its_tokens_on_a_redis_cluster_too(provider):
+    """On a Redis Cluster the session and its grant list may sit on two nodes: the exchange's
+    look at the session can run before its grant is added. Here the store runs the reads
+    first, as such a Cluster may, and the logout lands between: the mark the logout leaves in
+    the grant list, the exchange's own key, tells the exchange."""
+    from idp.storage.kv import Batch
+
+    browser, client_id, secret, token = _logged_in(provider)
+    late = callback(browser.authorize(client_id))["code"]
+    svc = provider.svc
+    store = svc.store  # the sessions and the tokens keep using it directly
+
+    class ReadsFirst:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def write(self, batch):
+            sessions = [key for key in batch.reads if key.startswith("sess:")]
+            if not sessions:
+                return store.write(batch)
+            svc.store = store
+            early = Batch()
+            early.reads = batch.reads
+            read = store.write(early)
+            svc.sessions.end(sessions[0].removeprefix("sess:"), svc.tokens)  # the logout lands here
+            batch.reads = []
+            rest = store.write(batch)
+            return rest[:len(batch.takes)] + read + rest[len(batch.takes):]
+
+    svc.store = ReadsFirst()
+    answer = redeem(browser.http, client_id, secret, late)
+    assert svc.store is store  # the logout did land in the exchange
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
+
+
 def test_pairwise_clients_get_a_sid_of_their_own_and_their_hint_still_logs_out(provider):
     """Pairwise subjects keep two portals from linking a user (OIDC Core 8.1): a sid shared by
     both would link them at once. Each pairwise sector sees its own sid; its hint still ends

@@ -159,9 +159,9 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
         token["id_token"] = claims.id_token(svc, client, account_id, claims.narrowed(profile, scope), auth,
                                             nonce=nonce, access_token=token["access_token"])
     # Checked in the write's own round trip: the account's disabled mark; for a refresh, whether
-    # the account's sessions were ended since its grant opened; with ``sid``, the session, read in
-    # the round trip that adds the grant to its list, after the addition (a logout that takes the
-    # session after this read finds the grant there and revokes it).
+    # the account's sessions were ended since its grant opened; with ``sid``, the session, and
+    # whether its end marked the list the grant was added to (``Sessions.ended_mark``), both
+    # after the addition: a logout after them finds the grant in the list and revokes it.
     reads = {}
     if account_id is not None:
         reads["disabled"] = batch.read(disabled_mark(account_id))
@@ -169,12 +169,15 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
         reads["not_before"] = batch.read(not_before_mark(account_id))
     if sid is not None:
         reads["session"] = batch.read("sess:" + sid)
+        marked = svc.sessions.ended_mark(sid, batch)
     found = svc.store.write(batch)
     taken, read = found[:len(batch.takes)], found[len(batch.takes):]
+    held = found[len(found) - len(batch.has_members):]
     read = {name: read[i] for name, i in reads.items()}
     reused = rotating is not None and taken[0] is None  # another request claimed the refresh token first
     disabled = read.get("disabled") is not None
-    ended = ("session" in read and read["session"] is None) or grant_ended(rotating or {}, read.get("not_before"))
+    ended = ("session" in read and (read["session"] is None or held[marked])
+             or grant_ended(rotating or {}, read.get("not_before")))
     if reused or disabled or ended:
         svc.tokens.revoke_grant(gid)  # with the tokens just written: they were never handed out
         raise InvalidGrantError("The account is disabled." if disabled else "The login's session has ended." if ended

@@ -14,9 +14,8 @@ hashes to. Every command names one key, so a round trip of several
 (non-atomic across keys, which no caller relies on), and each MULTI
 transaction touches one key. Split by slot, a batch's reads may also run
 before its writes to other slots: the write-then-check order ``Batch``
-promises holds on a Cluster only where both keys share a slot. The session's
-grant list and the session (``sess-grants:SID``, ``sess:SID``) do not yet, so
-on a Cluster a logout at the very instant of a code exchange can miss its grant. A new
+promises holds on a Cluster only where both keys share a slot, or are one key
+(``idp.sessions``: a session's end marks the grant list the exchange adds to). A new
 operation that must be atomic over several keys (a transaction or a Lua
 script) must put them in one slot with a shared hash tag, the part of the
 name in braces, e.g. ``grant:{GID}`` and ``grant-tokens:{GID}``: Redis hashes
@@ -40,12 +39,12 @@ class Batch:
     """Writes gathered while handling one request, sent in one round trip by
     ``Store.write`` (the token endpoint's writes: markers, grant, tokens, the
     session's grant list; the end of a login: session, code, the transaction's
-    deletion). Its ``take``s, ``read``s, ``incr``s and ``claim``s go first and
-    ``write`` returns what they found (counted, claimed), so a request can claim a
-    key, or check one, and write what that allows in the same round trip (and undo
-    it if not). Its reads run after its writes, a check after what it guards: a
-    revocation that reads what this batch wrote after its reads (a logout reading a
-    session's grant list, after taking the session) cannot miss it."""
+    deletion). Its ``take``s, ``incr``s and ``claim``s go first, its ``read``s and
+    ``has`` questions after its writes, and ``write`` returns what they found
+    (counted, claimed), so a request can claim a key, or check one, and write what
+    that allows in the same round trip (and undo it if not). A check runs after what
+    it guards: a revocation that reads what this batch wrote after its reads (a logout
+    reading a session's grant list, after taking the session) cannot miss it."""
 
     def __init__(self):
         self.takes: list[str] = []
@@ -55,6 +54,7 @@ class Batch:
         self.sets: list[tuple[str, dict, int]] = []
         self.replaces: list[tuple[str, dict, int]] = []
         self.adds: list[tuple[str, str, int]] = []
+        self.has_members: list[tuple[str, str]] = []
         self.deletes: list[str] = []
 
     def take(self, key: str) -> None:
@@ -85,6 +85,12 @@ class Batch:
     def add(self, key: str, member: str, ttl: int) -> None:
         self.adds.append((key, member, ttl))
 
+    def has(self, key: str, member: str) -> int:
+        """Whether ``member`` is in the set at ``key``, asked with the reads; where the answer
+        comes among the answers of its kind (``write`` gives them last)."""
+        self.has_members.append((key, member))
+        return len(self.has_members) - 1
+
     def delete(self, *keys: str) -> None:
         self.deletes.extend(keys)
 
@@ -93,7 +99,7 @@ class Batch:
         for mine, theirs in ((self.takes, other.takes), (self.reads, other.reads), (self.incrs, other.incrs),
                              (self.claims, other.claims), (self.sets, other.sets),
                              (self.replaces, other.replaces), (self.adds, other.adds),
-                             (self.deletes, other.deletes)):
+                             (self.has_members, other.has_members), (self.deletes, other.deletes)):
             mine.extend(theirs)
 
 
@@ -110,9 +116,10 @@ class Store(Protocol):
         """Store several (key, value, ttl) in one round trip."""
     def write(self, batch: Batch) -> list[dict | None]:
         """Apply a ``Batch`` in one round trip: its takes (each atomic, as ``take``), its
-        increments, its claims, its sets and replaces, its set additions, its reads, its deletions. Returns
-        what the takes took, what the reads read, the increments' counts, then whether each
-        claim was won, in order."""
+        increments, its claims, its sets and replaces, its set additions, its reads and
+        membership questions, its deletions. Returns what the takes took, what the reads read,
+        the increments' counts, whether each claim was won, then each membership's answer,
+        in order."""
     def delete(self, *keys: str) -> None: ...
     def incr(self, key: str, ttl: int, by: int = 1) -> int:
         """Atomically add ``by``; the first increment starts the TTL."""
@@ -182,8 +189,9 @@ class MemoryStore:
         for key, member, ttl in batch.adds:
             self.add(key, member, ttl)
         read = [self.get(key) for key in batch.reads]
+        held = [member in self.members(key) for key, member in batch.has_members]
         self.delete(*batch.deletes)
-        return taken + read + counted + claimed
+        return taken + read + counted + claimed + held
 
     def delete(self, *keys):
         with self._lock:
@@ -281,12 +289,14 @@ class RedisStore:
             commands += [("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)]
         reads = len(commands)
         commands += [("GET", self._k(key)) for key in batch.reads]
+        commands += [("SISMEMBER", self._k(key), member) for key, member in batch.has_members]
         commands += [("DEL", self._k(key)) for key in batch.deletes]
         replies = self._execute(commands)
         takes, counted = len(batch.takes), 2 * len(batch.incrs)
         claimed = replies[takes + counted:takes + counted + len(batch.claims)]
+        held = replies[reads + len(batch.reads):reads + len(batch.reads) + len(batch.has_members)]
         return ([self._load(raw) for raw in replies[:takes] + replies[reads:reads + len(batch.reads)]]
-                + replies[takes:takes + counted:2] + [bool(r) for r in claimed])
+                + replies[takes:takes + counted:2] + [bool(r) for r in claimed] + [bool(r) for r in held])
 
     def delete(self, *keys):
         if keys:

@@ -39,15 +39,17 @@ class Ended:
 
     def __init__(self, clock=time.time):
         self.clock = clock
-        self._sids: dict[str, float] = {}
-        self._subs: dict[str, float] = {}
-        self._jtis: dict[str, float] = {}
+        self._sids: dict[str, float] = {}  # sid -> remembered until
+        self._subs: dict[str, tuple[float, float]] = {}  # sub -> (sessions begun before this ended, remembered until)
+        self._jtis: dict[str, float] = {}  # jti -> remembered until
         self._lock = threading.Lock()
 
     def _gc(self, now):
-        for table in (self._sids, self._subs, self._jtis):
+        for table in (self._sids, self._jtis):
             for key in [k for k, until in table.items() if until < now]:
                 del table[key]
+        for sub in [s for s, (_, until) in self._subs.items() if until < now]:
+            del self._subs[sub]
 
     def use_jti(self, jti: str) -> bool:
         """True the first time a jti is seen."""
@@ -65,14 +67,14 @@ class Ended:
             if sid:
                 self._sids[sid] = until
             elif sub:  # no sid: every session of sub that began before the token
-                self._subs[sub] = max(iat, self._subs.get(sub, 0))
+                self._subs[sub] = (max(iat, self._subs.get(sub, (0, 0))[0]), until)
 
     def has_ended(self, session: dict) -> bool:
         user = session.get("user") or {}
         with self._lock:
             if user.get("sid") and user["sid"] in self._sids:
                 return True
-            since = self._subs.get(user.get("sub"))
+            since, _ = self._subs.get(user.get("sub"), (None, None))
             return since is not None and session.get("logged_in_at", 0) <= since
 
 

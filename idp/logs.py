@@ -62,6 +62,18 @@ class JsonFormatter(logging.Formatter):
 
 
 TEXT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT``, its control characters escaped (``\\n``): a value from a request, a typed
+    username say, cannot begin a log line of its own. A traceback keeps its lines."""
+
+    def __init__(self):
+        super().__init__(TEXT)
+
+    def formatMessage(self, record):
+        return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), super().formatMessage(record))
 
 
 def configure(log_format: str, level: str) -> None:
@@ -71,7 +83,7 @@ def configure(log_format: str, level: str) -> None:
         logger.removeHandler(handler)
     handler = _Stderr()
     handler.addFilter(_WithRequestId())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logger.addHandler(handler)
     logger.setLevel(level)
 

@@ -15,6 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"})  # the request timer's own labels
 
 
 class Metrics:
@@ -112,5 +113,8 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", "unmatched")
-            labels = (name, scope["method"], str(status[0]))
+            # The methods the provider serves; any other a client sends (PROPFIND, made-up
+            # ones) is one label, not a new series for each.
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            labels = (name, method, str(status[0]))
             self.metrics.child(self.metrics.requests, *labels).observe(time.perf_counter() - start)

@@ -183,13 +183,16 @@ def test_kubernetes_service_autoscaler_disruption_budget_and_ingress_fit_the_dep
     assert all(importlib.util.find_spec(module + ".__main__") for module in portals)
     kustomization = yaml.safe_load((DEPLOY / "kubernetes/kustomization.yaml").read_text())
     assert all((DEPLOY / "kubernetes" / r).is_file() for r in kustomization["resources"])
-    # The pods believe proxy headers from any pod address: only the controller (and the
-    # metrics scraper's namespace) may reach them, never the portals.
+    # The pods believe proxy headers from any pod address: only the controller's pods and
+    # Prometheus's may reach them (each by its labels, never a whole namespace), not the portals.
     policy = objects[("NetworkPolicy", "idp")]["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= labels.items() and policy["policyTypes"] == ["Ingress"]
     [rule] = policy["ingress"]
-    assert {frozenset(peer["namespaceSelector"]["matchLabels"].values()) for peer in rule["from"]} == {
-        frozenset({"ingress-nginx"}), frozenset({"monitoring"})}
+    assert {(*peer["namespaceSelector"]["matchLabels"].values(), *peer["podSelector"]["matchLabels"].values())
+            for peer in rule["from"]} == {("ingress-nginx", "ingress-nginx"), ("monitoring", "prometheus")}
+    # ingress-nginx refuses snippet annotations by default (1.9 on): none may be needed.
+    assert not [name for (kind, _), obj in objects.items() if kind == "Ingress"
+                for name in obj["metadata"].get("annotations", {}) if name.endswith("-snippet")]
 
 
 # -- nginx and systemd, checked by the real programs ---------------------------------------------
@@ -286,3 +289,9 @@ def test_nginx_in_front_of_a_provider(tmp_path, caplog):
     assert '"GET /password/reset HTTP/1.1"' in access_log and "SECRET" not in access_log  # the path, not the token
     [seen] = [r for r in caplog.records if r.name == "idp.access" and r.request_id == answer.headers["x-request-id"]]
     assert seen.ip == "127.0.0.1"  # nginx's own address: the X-Forwarded-For the client made up is dropped
+
+
+@pytest.mark.parametrize("path", ["idp-keys/data.secret", "deploy/.env", "deploy/tls/server.key"])
+def test_the_secrets_deploy_readme_has_you_make_are_never_committed(path):
+    """Its steps write private keys and passwords into the checkout: git ignores them."""
+    assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, f"{path} is not ignored"

@@ -51,6 +51,23 @@ def test_metrics_count_logins_token_requests_lockouts_and_latency(provider):
     assert m[("idp_http_request_seconds_count", (("method", "POST"), ("route", "/token"), ("status", "200")))] >= 1
     assert ("idp_http_request_seconds_bucket", (("le", "0.1"), ("method", "POST"), ("route", "/token"),
                                                  ("status", "200"))) in m
+    # Methods nobody serves are one label, however many a client makes up: no new series each.
+    for method in ("PROPFIND", "MKCOL", "BREW"):
+        http.request(method, "/token")
+    methods = {dict(labels)["method"] for name, labels in _samples(provider) if name == "idp_http_request_seconds_count"}
+    assert methods == {"GET", "POST", "other"}
+
+
+def test_a_typed_username_cannot_begin_a_log_line_of_its_own(make_provider, capsys):
+    provider = make_provider()
+    client_id, _ = provider.client()
+    configure("text", "INFO")  # the default IDP_LOG_FORMAT
+    capsys.readouterr()
+    browser = provider.browser()
+    forged = "x\n2026-01-01 00:00:00,000 INFO idp.audit [a] logout user=root"
+    browser.password(browser.authorize(client_id), username=forged, password="wrong-password")
+    err = capsys.readouterr().err
+    assert "user=x\\n2026-01-01" in err and not any(line.startswith("2026-01-01") for line in err.splitlines())
 
 
 def test_log_lines_are_json_with_the_request_id(make_provider, capsys):

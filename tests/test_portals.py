@@ -133,6 +133,22 @@ def provider_cookies(page, world) -> dict:
     return {c["name"]: c["value"] for c in page.context.cookies() if c["domain"] == host and c["name"].startswith("idp_")}
 
 
+def test_a_logout_of_every_session_of_a_subject_outlasts_the_next_logout_token():
+    """A logout token with a sub and no sid (Back-Channel Logout 2.4: every session of the
+    user) stays in force for the portal session's lifetime, whatever other tokens come."""
+    from clients.backchannel import Ended
+
+    now = [1_000_000.0]
+    ended = Ended(clock=lambda: now[0])
+    ended.end(None, "alice-sub", iat=now[0])
+    alice = {"user": {"sub": "alice-sub"}, "logged_in_at": now[0] - 60}
+    now[0] += 10
+    assert ended.use_jti("bob-logout") and ended.has_ended(alice)  # another user's token came meanwhile
+    now[0] += 8 * 3600
+    ended.use_jti("later")
+    assert not ended.has_ended(alice)  # forgotten once no portal session of then can be left
+
+
 def test_a_portal_refuses_an_id_token_made_for_another_client():
     """OIDC Core 3.1.3.7: an ID token whose aud is not the portal is refused, azp or not. The
     token endpoint here is a stand-in that answers with one for the commerce portal."""

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from idp import bridge, flow
 from idp.factors.federation import GOOGLE, STATE, STATE_SECONDS, UpstreamError, external_id
+from idp.mail import masked
 from idp.storage.models import Account, Binding
 from idp.web import login
 from idp.web.account import account_post, require_account
@@ -101,8 +102,9 @@ async def login_callback(request: Request) -> Response:
         return response
     account = await run_in_threadpool(_bound_account, svc, external_id(upstream.issuer, claims["sub"]))
     if account is None:
-        await svc.db.call(svc.audit.record, "login.failure", username=claims.get("email") or claims["sub"],
-                          reason="google.unbound", **seen)
+        # Nobody's account: the address only masked, as the mail log shows addresses.
+        await svc.db.call(svc.audit.record, "login.failure", username=masked(claims["email"]) if claims.get("email")
+                          else claims["sub"], reason="google.unbound", **seen)
         response = _login_page(tx, "google.unbound")
     elif tx.get("account") and tx["account"] != account.id:
         response = _login_page(tx, "google.other_person")

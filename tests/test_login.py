@@ -446,3 +446,51 @@ def test_each_login_page_links_every_other_way_in_by_name(make_provider):
         assert set(links) == ways - {here}, here
         assert not [label for label in links.values() if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", label)], links
         assert links["password"] == "改用帳號密碼登入" and links["google"] == "使用 Google 帳號登入"
+
+
+# -- the activity log (M6) and id_token_hint --------------------------------------------------
+def _activity(provider, account_id) -> list[tuple[str, str | None, str | None]]:
+    from sqlalchemy import select
+
+    from idp.storage.models import AuditEvent
+
+    with provider.svc.db.session() as session:
+        rows = session.execute(select(AuditEvent).where(AuditEvent.account_id == account_id)
+                               .order_by(AuditEvent.id)).scalars().all()
+        return [(e.event, e.client_id, e.method) for e in rows]
+
+
+def test_each_portal_a_login_reaches_is_in_the_activity_log_single_sign_on_too(provider):
+    alice = provider.account("alice")
+    school, _ = provider.client(client_name="School")
+    shop, _ = provider.client(client_name="Shop")
+    browser = provider.browser()
+    assert "code" in browser.login(school)
+    assert "code" in callback(browser.authorize(shop))  # single sign-on: no page
+    assert _activity(provider, alice) == [("login.success", school, "password"), ("login.sso", shop, "sso")]
+
+
+def test_a_session_ended_by_another_accounts_login_is_in_its_activity_log(provider):
+    alice = provider.account("alice")
+    provider.account("bob")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    assert "code" in browser.login(client_id)
+    assert "code" in callback(browser.password(browser.authorize(client_id, prompt="login"), username="bob"))
+    assert provider.svc.sessions.of_account(alice) == []
+    assert _activity(provider, alice)[-1] == ("logout", client_id, "replaced")
+
+
+def test_id_token_hint_names_the_only_user_whose_login_answers(provider):
+    """OIDC Core 3.1.2.1: a portal re-authenticating bob (his ID token as the hint) gets no code
+    for whoever else logs in in that browser."""
+    provider.account("alice")
+    provider.account("bob")
+    client_id, secret = provider.client()
+    other = provider.browser()
+    hint = redeem(other.http, client_id, secret, other.login(client_id, username="bob")["code"]).json()["id_token"]
+    browser = provider.browser()
+    page = browser.authorize(client_id, id_token_hint=hint)
+    assert callback(browser.password(page, username="alice"))["error"] == "login_required"
+    page = browser.authorize(client_id, id_token_hint=hint)
+    assert "code" in callback(browser.password(page, username="bob"))

@@ -340,6 +340,12 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     account's not-before mark read there: a login whose first proof is older than the end of
     the account's sessions (a reset, log out other browsers) is undone, and proves nothing."""
     svc = request.app.state.svc
+    if tx.get("hint_sub") and claims.subject(account.id, client, svc.pairwise_salt) != tx["hint_sub"]:
+        # The client named its user (id_token_hint) and someone else logged in: no code for
+        # them, whom the client would take for the one it named (OIDC Core 3.1.2.1).
+        await bridge.run(svc.store.write, earlier)
+        return await respond_error(request, tx, "login_required",
+                                   "The user who logged in is not the one id_token_hint names.")
     writes = Batch()
     # What the account area asks to be recent (M2): a bound second factor, or any factor
     # from an account that has none to offer (else it could never get in).
@@ -353,7 +359,11 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
         await bridge.run(svc.store.write, earlier)
         return _expired(request)
     if session and session["account"] != account.id:
+        # Another account logs in in this browser: the first one's session ends (its portals
+        # are told), in its activity log as a logout (M6).
         await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
+        await svc.db.call(svc.audit.record, "logout", account_id=session["account"], username=session["username"],
+                          client_id=tx["client_id"], method="replaced", **who(request))
         session = None
     new_session = session is None
     if new_session:
@@ -401,8 +411,9 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
         await _undo(svc, session, new_session)
         return _expired(request)
     try:  # the login stands: in the activity log, and its consent kept, or nothing of it stays
-        if tx["done"]:
-            await svc.db.call(svc.audit.record, "login.success", **seen, method="+".join(tx["done"]), acr=auth["acr"])
+        # Each portal a login reaches is in the activity log (M6), by single sign-on too.
+        event, method = ("login.success", "+".join(tx["done"])) if tx["done"] else ("login.sso", "sso")
+        await svc.db.call(svc.audit.record, event, **seen, method=method, acr=auth["acr"])
         if isinstance(tx.get("consented"), dict):  # (True: saved already, by a provider before this one)
             await run_in_threadpool(_save_consent, svc, account.id, client.client_id, tx["consented"]["scope"])
     except Exception:

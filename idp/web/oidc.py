@@ -179,6 +179,7 @@ async def authorize(request: Request) -> Response:
         max_age = int(max_age)
         fresh = fresh or max_age == 0
         session = flow.within_age(session, max_age, svc.clock())
+    hint = None
     if data.get("id_token_hint"):
         hint = _hint_subject(svc, data["id_token_hint"])
         if hint is None:
@@ -195,6 +196,8 @@ async def authorize(request: Request) -> Response:
         session=session,
         locale_hint=data.get("ui_locales"),
     )
+    if hint is not None:
+        tx["hint_sub"] = hint["sub"]  # only that user's login answers (``login.finish``)
     if "none" in prompts and (session is None or fresh):
         return await login.respond_error(request, tx, "login_required")
     return await login.advance(request, tx, interactive="none" not in prompts)
@@ -339,6 +342,7 @@ async def logout(request: Request) -> Response:
         data = dict(read_query(request) + await read_form(request))
     except BadRequest as e:
         return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
+    hint = None
     hint = None
     if data.get("id_token_hint"):
         hint = _hint_subject(svc, data["id_token_hint"])

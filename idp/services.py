@@ -98,8 +98,9 @@ def instance_secret(path: Path) -> bytes:
     if path.exists():
         return bytes.fromhex(path.read_text().strip())
     value = secrets.token_bytes(32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A name of its own: processes in containers sharing the directory may all be PID 1.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value.hex())
     try:

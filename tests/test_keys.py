@@ -157,3 +157,26 @@ def test_a_rotation_makes_its_new_keys_before_it_locks_the_directory(provider, m
     provider.svc.keys.rotate(keep_retired_seconds=3600)
     assert _kids(_jwks(provider)) != before
     assert held == []
+
+
+def test_two_processes_making_an_instance_secret_at_once_agree_on_it(tmp_path, monkeypatch):
+    """Two providers start together on an empty key directory (compose: both are PID 1 in
+    their containers): the second makes the secret while the first is between writing its
+    copy and linking it. Both end with the one secret on disk."""
+    import os
+
+    from idp.services import instance_secret
+
+    path, link, values = tmp_path / "data.secret", os.link, []
+
+    def second_starts_meanwhile(src, dst):
+        monkeypatch.setattr(os, "link", link)
+        monkeypatch.setattr(os, "getpid", lambda: 1)
+        values.append(instance_secret(path))  # the other process, all the way through
+        return link(src, dst)
+
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    monkeypatch.setattr(os, "link", second_starts_meanwhile)
+    values.append(instance_secret(path))
+    assert values[0] == values[1] == bytes.fromhex(path.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["data.secret"]

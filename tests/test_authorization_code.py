@@ -38,6 +38,8 @@ def test_password_login_issues_verified_tokens(provider):
     assert claims["acr"] == "urn:idp:loa:1" and claims["amr"] == ["pwd"]
     assert claims["name"] == "Alice" and claims["account_kind"] == "personal"
     assert claims["sid"] and claims["auth_time"] == int(provider.clock())
+    supported = browser.http.get("/.well-known/openid-configuration").json()["claims_supported"]
+    assert set(claims) <= set(supported), set(claims) - set(supported)
     info = browser.http.get("/userinfo", headers={"Authorization": f"Bearer {token['access_token']}"}).json()
     assert info["sub"] == claims["sub"] and info["email"] == "alice@example.tw"
 

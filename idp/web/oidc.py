@@ -69,8 +69,9 @@ async def discovery(request: Request) -> Response:
         "acr_values_supported": list(acr.LADDER),
         "prompt_values_supported": sorted(PROMPTS),
         "claims_supported": [
-            "sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "sid", "azp", "at_hash",
-            "name", "preferred_username", "email", "email_verified", "phone_number", "account_kind", "org",
+            "sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "sid", "azp", "at_hash", "jti",
+            "name", "preferred_username", "email", "email_verified", "phone_number", "phone_number_verified",
+            "account_kind", "org",
         ],
         "claims_parameter_supported": False,
         "request_parameter_supported": False,

@@ -3,10 +3,18 @@
 A session is what the ``idp_session`` cookie names: who logged in, when, with
 which factors (``amr``) and at which level (``acr``), and the grants issued to
 each client under it, so that logging out can end them.
+
+The cookie is the session's id (``sid``) and a secret of the moment
+(``SID.SECRET``, ``cookie``): the secret changes whenever the session proves
+more (``renew``), so a cookie value learnt while the session was at a lower
+level (a shared computer, a sibling site) is not worth the higher one. The sid
+stays: the portals know the session by it (``claims.public_sid``), and its
+grants hang on it.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import secrets
 
@@ -45,6 +53,7 @@ class Sessions:
             "created": now,
             "clients": {},
             "verified_at": verified_at,
+            "secret": secrets.token_urlsafe(16),
             **(seen or {}),
         }
         writes = batch or Batch()
@@ -69,8 +78,31 @@ class Sessions:
         return sum(1 for record in self.of_account(account_id)
                    if record["sid"] != but and self.end(record["sid"], tokens))
 
-    def get(self, sid: str | None) -> dict | None:
-        return self.live(self.store.get(self.key(sid))) if sid else None
+    def get(self, cookie: str | None) -> dict | None:
+        """The live session a cookie value names, if its secret is the session's current one
+        (sessions from before secrets take their sid alone)."""
+        if not cookie:
+            return None
+        sid, _, secret = cookie.partition(".")
+        record = self.live(self.store.get(self.key(sid)))
+        if record is None or ("secret" in record and not hmac.compare_digest(secret, record["secret"])):
+            return None
+        return record
+
+    @staticmethod
+    def cookie(record: dict) -> str:
+        """The cookie value of session ``record``."""
+        return f"{record['sid']}.{record['secret']}" if "secret" in record else record["sid"]
+
+    @staticmethod
+    def sid_of(cookie: str | None) -> str:
+        """The session id in a cookie value (unchecked: to tell sessions apart, not to trust one)."""
+        return (cookie or "").partition(".")[0]
+
+    @staticmethod
+    def renew(record: dict) -> None:
+        """A new secret: the session proves more now, and the cookie it had is no longer it."""
+        record["secret"] = secrets.token_urlsafe(16)
 
     def key(self, sid: str) -> str:
         """Where session ``sid`` is stored, for a caller that reads it with other keys at once."""

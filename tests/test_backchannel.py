@@ -360,8 +360,8 @@ def test_the_portal_checks_the_logout_token(live_provider, make_bc_portal):
         page = agent.go(url + "/login")
         home = agent.submit(page, "/login/factor/password", username="alice", password=PASSWORD)
         assert NAME in home.text
-        sid = agent.http.cookies.get("idp_session")
-        account = svc.sessions.get(sid)["account"]
+        session = svc.sessions.get(agent.http.cookies.get("idp_session"))
+        account, sid = session["account"], session["sid"]
         client = svc.server.query_client(app.state.client_id)
         other = svc.server.query_client(provider.client(redirect_uris=[url + "/x"])[0])
 

@@ -220,7 +220,7 @@ def test_after_google_and_otp_a_client_that_does_not_take_google_starts_with_the
                                            proofs={"google": {"amr": ["fed"], "time": provider.clock()},
                                                    "otp": {"amr": ["otp"], "time": provider.clock()}})
     browser = provider.browser()
-    browser.http.cookies.set("idp_session", session["sid"])
+    browser.http.cookies.set("idp_session", provider.svc.sessions.cookie(session))
     page = browser.authorize(client_id)
     assert "/login/factor/password" in page.text and "/login/factor/otp" not in page.text
 
@@ -281,7 +281,7 @@ def test_a_step_up_at_a_client_with_a_policy_keeps_the_sessions_other_proofs(pro
                                         proofs={"password": {"amr": ["pwd"], "time": now},
                                                 "certificate": {"amr": ["sc", "pin"], "time": now}})
     browser = provider.browser()
-    browser.http.cookies.set("idp_session", card["sid"])
+    browser.http.cookies.set("idp_session", provider.svc.sessions.cookie(card))
     provider.clock.advance(60)
     page = browser.authorize(research, acr_values=LOA2)
     assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
@@ -494,3 +494,28 @@ def test_id_token_hint_names_the_only_user_whose_login_answers(provider):
     assert callback(browser.password(page, username="alice"))["error"] == "login_required"
     page = browser.authorize(client_id, id_token_hint=hint)
     assert "code" in callback(browser.password(page, username="bob"))
+
+
+def test_a_cookie_learnt_before_a_step_up_is_not_worth_the_stepped_up_session(provider):
+    """Session fixation: whoever learnt the session cookie while it proved a password alone
+    (a shared computer) does not hold the two-factor session it became. The portals keep
+    knowing the session by its sid."""
+    alice = provider.account("alice")
+    secret = pyotp.random_base32()
+    with provider.svc.db.session() as session:
+        session.add(Binding(account_id=alice, factor="otp", label="v1",
+                            data={"secret": provider.svc.box.seal(secret, alice), "version": 1}))
+    client_id, client_secret = provider.client()
+    browser = provider.browser()
+    first = redeem(browser.http, client_id, client_secret, browser.login(client_id)["code"]).json()  # LOA1
+    learnt = browser.http.cookies["idp_session"]
+    page = browser.authorize(client_id, acr_values=LOA2)
+    code = callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))["code"]
+    assert browser.http.cookies["idp_session"] != learnt
+    thief = provider.browser()
+    thief.http.cookies.set("idp_session", learnt)
+    assert callback(thief.authorize(client_id, prompt="none"))["error"] == "login_required"
+    second = redeem(browser.http, client_id, client_secret, code).json()
+    keys = KeySet.import_key_set(browser.http.get("/jwks").json())
+    sids = {jwt.decode(t["id_token"], keys).claims["sid"] for t in (first, second)}
+    assert len(sids) == 1  # one session to the portal, before and after

@@ -72,7 +72,7 @@ def session_owner(request: Request, account) -> str:
     """Whose a pending registration is (a passkey's challenge, an OTP QR's secret): this
     account in this browser session, so that a session since ended, or another one, never
     gets it. The session id is hashed: it is stored as part of a key or a record."""
-    sid = get_cookie(request, SESSION_COOKIE) or ""
+    sid = request.app.state.svc.sessions.sid_of(get_cookie(request, SESSION_COOKIE))
     return f"account:{account.id}:{hashlib.sha256(sid.encode()).hexdigest()}"
 
 
@@ -123,7 +123,7 @@ async def settings_page(request: Request) -> Response:
     can_disable = passwordless(account.bindings)
     svc = request.app.state.svc
     sessions = await bridge.run(svc.sessions.of_account, account.id)
-    current = get_cookie(request, SESSION_COOKIE)
+    current = svc.sessions.sid_of(get_cookie(request, SESSION_COOKIE))
     from idp.factors.federation import GOOGLE
 
     return render(request, "account.html", account=account, methods=methods(account), flash=flash,
@@ -134,7 +134,8 @@ async def settings_page(request: Request) -> Response:
 async def end_other_sessions(request: Request, account, form) -> Response:
     """Log out every other browser of this account (its clients are told, back-channel)."""
     svc = request.app.state.svc
-    ended = await bridge.run(svc.sessions.end_all, account.id, svc.tokens, get_cookie(request, SESSION_COOKIE))
+    ended = await bridge.run(svc.sessions.end_all, account.id, svc.tokens,
+                             svc.sessions.sid_of(get_cookie(request, SESSION_COOKIE)))
     await svc.db.call(svc.audit.record, "sessions.ended_others", account_id=account.id, username=account.username,
                       count=ended, **who(request))
     return _back(notice="others_ended")

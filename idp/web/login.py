@@ -378,6 +378,7 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
         session.update(amr=amr, proofs=proofs, acr=acr.earned(amr), auth_time=int(tx["auth_time"]))
         if verified:
             session["verified_at"] = svc.clock()
+        svc.sessions.renew(session)  # a new cookie: the one before proved less
         svc.sessions.save(session, writes)
     # What the transaction holds: the session's proofs that this client accepts, and the new ones.
     auth = {"sid": session["sid"], "auth_time": int(tx["auth_time"]), "acr": acr.earned(tx["amr"]), "amr": tx["amr"]}
@@ -419,7 +420,7 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     except Exception:
         await _undo(svc, session, new_session)
         raise
-    set_cookie(request, response, SESSION_COOKIE, session["sid"])
+    set_cookie(request, response, SESSION_COOKIE, svc.sessions.cookie(session))
     return response
 
 

@@ -85,9 +85,10 @@ class Sessions:
             return None
         sid, _, secret = cookie.partition(".")
         record = self.live(self.store.get(self.key(sid)))
-        if record is None or ("secret" in record and not hmac.compare_digest(secret, record["secret"])):
-            return None
-        return record
+        if record is None or "secret" not in record:
+            return record
+        # Bytes: a cookie may hold any character, which a comparison of str refuses.
+        return record if hmac.compare_digest(secret.encode(), record["secret"].encode()) else None
 
     @staticmethod
     def cookie(record: dict) -> str:

@@ -515,6 +515,9 @@ def test_a_cookie_learnt_before_a_step_up_is_not_worth_the_stepped_up_session(pr
     thief = provider.browser()
     thief.http.cookies.set("idp_session", learnt)
     assert callback(thief.authorize(client_id, prompt="none"))["error"] == "login_required"
+    # Nor is a made-up secret, whatever its characters: no session, not an error.
+    forged = (learnt.partition(".")[0] + ".\xe9t\xe9").encode("latin-1")
+    assert 'name="password"' in thief.http.get("/account", headers={"Cookie": b"idp_session=" + forged}).text
     second = redeem(browser.http, client_id, client_secret, code).json()
     keys = KeySet.import_key_set(browser.http.get("/jwks").json())
     sids = {jwt.decode(t["id_token"], keys).claims["sid"] for t in (first, second)}

@@ -344,7 +344,6 @@ async def logout(request: Request) -> Response:
     except BadRequest as e:
         return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
     hint = None
-    hint = None
     if data.get("id_token_hint"):
         hint = _hint_subject(svc, data["id_token_hint"])
         if hint is None:

@@ -164,6 +164,9 @@ def test_bad_metadata_values_are_invalid_client_metadata(provider):
         {"subject_type": "pairwise", "redirect_uris": [APP, "https://portal.example.tw/callback"]},
         # What the provider would not honour is refused, never registered and then ignored.
         {"id_token_encrypted_response_alg": "RSA-OAEP", "id_token_encrypted_response_enc": "A128CBC-HS256"},
+        {"token_endpoint_auth_method": "private_key_jwt", "token_endpoint_auth_signing_alg": "HS256",
+         "jwks": {"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}},
         {"userinfo_signed_response_alg": "ES256"},
         {"jwks_uri": "https://grants.example.tw/jwks.json"},
         {"request_uris": ["https://grants.example.tw/request.jwt"]},
@@ -202,8 +205,9 @@ def test_registration_cannot_grant_itself_provider_policy(provider):
 def test_metadata_the_provider_does_not_know_is_not_registered(provider):
     """RFC 7591 2: unknown metadata is ignored, so the response does not list it as registered."""
     info = _registered(provider, frontchannel_logout_uri="https://grants.example.tw/logout", future_feature=True,
-                       initiate_login_uri="https://grants.example.tw/start", **{"client_name#en": "Research grants"})
-    assert "future_feature" not in info and "initiate_login_uri" not in info
+                       initiate_login_uri="https://grants.example.tw/start", application_type="native",
+                       **{"client_name#en": "Research grants"})
+    assert "future_feature" not in info and "initiate_login_uri" not in info and "application_type" not in info
     assert info["client_name#en"] == "Research grants" and info["frontchannel_logout_uri"].endswith("/logout")
     assert "future_feature" not in _manage(provider.http(), info).json()
 

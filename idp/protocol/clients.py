@@ -47,7 +47,7 @@ KNOWN = (
     "id_token_signed_response_alg", "default_acr_values", "default_max_age", "require_auth_time",
     "backchannel_logout_uri", "backchannel_logout_session_required", "frontchannel_logout_uri",
     "frontchannel_logout_session_required", "require_pushed_authorization_requests", "dpop_bound_access_tokens",
-    "contacts", "software_id", "software_version", "application_type",
+    "contacts", "software_id", "software_version",
     "first_party", "minimum_acr", "allowed_factors", "access_token_lifetime", "refresh_token_lifetime",
 )
 UNSUPPORTED = ("jwks_uri", "request_uris", "id_token_encrypted_response_alg", "id_token_encrypted_response_enc",
@@ -211,8 +211,9 @@ def validate_metadata(meta: dict) -> dict:
         raise ClientError("private_key_jwt needs jwks")  # jwks_uri is never fetched
     if "jwks" in meta:
         _check_jwks(meta["jwks"])
-    if meta.get("id_token_signed_response_alg", "ES256") not in ("ES256", "RS256"):
-        raise ClientError("id_token_signed_response_alg must be ES256 or RS256")
+    for key in ("id_token_signed_response_alg", "token_endpoint_auth_signing_alg"):
+        if meta.get(key, "ES256") not in ("ES256", "RS256"):
+            raise ClientError(f"{key} must be ES256 or RS256")
     if meta.get("subject_type", "public") not in ("public", "pairwise"):
         raise ClientError("subject_type must be public or pairwise")
     # The sector a pairwise sub is computed for is the redirect URIs' one host (OIDC Core 8.1).

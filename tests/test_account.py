@@ -99,6 +99,25 @@ def test_disabling_password_login_needs_a_passwordless_binding(user):
     assert "須先綁定自然人憑證或 Google 帳號" in _error(page)
 
 
+def test_a_google_binding_is_no_way_in_while_google_login_is_off(user):
+    """Turning password login off on the strength of a Google binding, with Google login
+    switched off, would leave the account no way in."""
+    provider, client_id, secret = user
+    assert not provider.svc.settings.upstream_issuer
+    with provider.svc.db.session() as session:
+        account = session.query(Account).one()
+        session.add(Binding(account_id=account.id, factor="google", external_id="https://accounts.google.com|alice.g", data={}))
+    browser = _signed_in(provider, client_id, secret)
+    page = browser.go("/account/password-login")
+    assert "須先綁定自然人憑證或 Google 帳號" in _error(page)
+    # A hand-made POST (the page offers no such form) with the settings page's CSRF token.
+    token = next(f["fields"] for f in forms(browser.go("/account").text) if f["method"] == "post")
+    page = browser.go("/account/password-login/disable", "POST", token)
+    assert "須先綁定自然人憑證或 Google 帳號" in _error(page)
+    with provider.svc.db.session() as session:
+        assert not session.query(Account).one().password_login_disabled
+
+
 def test_disable_and_re_enable_password_login(user):
     provider, client_id, secret = user
     with provider.svc.db.session() as session:

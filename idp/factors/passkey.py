@@ -168,7 +168,7 @@ def register(svc, account_id: str, owner: str, credential: str, label: str) -> t
 def remove(svc, account_id: str, binding_id: str, passwordless) -> tuple[str | None, Binding | None]:
     """(error message key, None) or (None, the removed binding) for one of the account's passkeys.
 
-    ``passwordless(bindings)`` says whether bindings let the account in without its
+    ``passwordless(svc, bindings)`` says whether bindings let the account in without its
     password: with password login off, the passkey that is its last such way in stays
     (recovery refuses such accounts, so nothing else would let the owner back in)."""
     with svc.db.session() as session:
@@ -178,7 +178,7 @@ def remove(svc, account_id: str, binding_id: str, passwordless) -> tuple[str | N
         if binding is None:
             return "passkey.error.not_found", None
         others = [b for b in account.bindings if b is not binding]
-        if account.password_login_disabled and passwordless(account.bindings) and not passwordless(others):
+        if account.password_login_disabled and passwordless(svc, account.bindings) and not passwordless(svc, others):
             return "passkey.error.last_passwordless", None
         session.delete(binding)
         session.flush()

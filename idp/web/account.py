@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from idp import bridge, captcha
 from idp.accounts import AccountError, set_password, with_bindings
-from idp.factors import methods, passkey
+from idp.factors import FACTORS, methods, passkey
 from idp.factors.totp import Enrolment
 from idp.mail import MailError
 from idp.storage.models import Account, AuditEvent
@@ -35,10 +35,12 @@ PAGE_SIZE = 20
 PASSWORDLESS = ("certificate", "google", "passkey")
 
 
-def passwordless(bindings) -> bool:
-    """Whether these bindings let the account in without its password; a passkey
-    suspended as cloned does not (it is refused until removed)."""
-    return any(b.factor in PASSWORDLESS and (b.factor != passkey.PASSKEY.name or passkey.usable(b)) for b in bindings)
+def passwordless(svc, bindings) -> bool:
+    """Whether these bindings let the account in without its password: through a factor the
+    settings switch on (a Google binding is no way in while Google login is off), and not a
+    passkey suspended as cloned (it is refused until removed)."""
+    return any(b.factor in PASSWORDLESS and FACTORS[b.factor].enabled(svc)
+               and (b.factor != passkey.PASSKEY.name or passkey.usable(b)) for b in bindings)
 
 
 async def require_account(request: Request, *, verified: bool = True, interactive: bool = True):
@@ -120,8 +122,8 @@ async def settings_page(request: Request) -> Response:
         flash["notice"] = f"account.notice.{notice}"
     if error in ERRORS:
         flash["error"] = f"account.error.{error}"
-    can_disable = passwordless(account.bindings)
     svc = request.app.state.svc
+    can_disable = passwordless(svc, account.bindings)
     sessions = await bridge.run(svc.sessions.of_account, account.id)
     current = svc.sessions.sid_of(get_cookie(request, SESSION_COOKIE))
     from idp.factors.federation import GOOGLE
@@ -267,9 +269,11 @@ async def password_login_page(request: Request) -> Response:
         return account
     if account.password_login_disabled:
         return await _enable_page(request, account)
-    if not passwordless(account.bindings):
+    svc = request.app.state.svc
+    if not passwordless(svc, account.bindings):
         return _back(error="needs_passwordless")
-    remaining = [row for row in methods(account) if row["bound"] and row["factor"] in PASSWORDLESS]
+    remaining = [row for row in methods(account)
+                 if row["bound"] and row["factor"] in PASSWORDLESS and FACTORS[row["factor"]].enabled(svc)]
     return render(request, "account_password_login.html", account=account, remaining=remaining, tab="settings",
                   flash={"params": {}})
 
@@ -289,7 +293,7 @@ def _disable(svc, account_id) -> bool:
     with svc.db.session() as session:
         # Locked, as a passkey's removal locks it: between them they cannot leave no way in.
         account = session.execute(select(Account).where(Account.id == account_id).with_for_update()).scalar_one()
-        if not passwordless(account.bindings):
+        if not passwordless(svc, account.bindings):
             return False
         account.password_login_disabled = True
         return True

@@ -3,6 +3,7 @@ each case gets the exact error the specifications name, and never a redirect
 to an address the provider cannot vouch for."""
 
 import threading
+from urllib.parse import urlencode
 
 from tests.harness import REDIRECT, callback, pkce, redeem
 
@@ -225,6 +226,27 @@ def test_bad_authorization_parameters(provider):
     assert callback(browser.authorize(client_id, max_age="-1"))["error"] == "invalid_request"
     assert callback(browser.authorize(client_id, scope="openid admin"))["error"] == "invalid_scope"
     assert callback(browser.authorize(client_id, request="eyJ"))["error"] == "request_not_supported"
+
+
+def test_a_repeated_parameter_is_refused(provider):
+    """RFC 6749 3.1: a second prompt or max_age is no way to ask one part of the provider for
+    a fresh login while another reads the session's."""
+    provider.account("alice")
+    client_id, secret = provider.client()
+    browser = provider.browser()
+    browser.login(client_id)
+    base = f"/authorize?response_type=code&client_id={client_id}&redirect_uri={REDIRECT}&scope=openid&state=r"
+    for repeated in ("&prompt=none&prompt=login", "&max_age=0&max_age=3600", "&nonce=a&nonce=b"):
+        params = callback(browser.go(base + repeated))
+        assert params["error"] == "invalid_request" and "repeated" in params["error_description"], params
+        assert params["state"] == "r"
+    code = callback(browser.go(base + "&prompt=none"))["code"]
+    # RFC 6749 3.2: the token endpoint too, before it looks at the code.
+    twice = [("grant_type", "authorization_code"), ("code", "x"), ("code", code), ("redirect_uri", REDIRECT)]
+    refused = browser.http.post("/token", content=urlencode(twice), auth=(client_id, secret),
+                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_request", refused.text
+    assert redeem(browser.http, client_id, secret, code).status_code == 200  # refused before the code was looked at
 
 
 def test_unknown_grant_type(provider):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
+from collections import Counter
 from urllib.parse import urlencode, urlsplit
 
 import orjson
@@ -102,8 +103,18 @@ def _bad_authorization_page(request: Request, error: OAuth2Error) -> Response:
                       error=error.error, description=error.description or "")
 
 
-def _check_extras(data: dict) -> tuple[str, str] | None:
+def _repeated(pairs) -> str | None:
+    """RFC 6749 3.1 and 3.2: no parameter more than once (authlib checks five of them at the
+    authorization endpoint). Read first-wins in one place and last-wins in another, a repeated
+    prompt, max_age or code would be obeyed by one part of the provider and ignored by another."""
+    repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+    return f"Parameters must not be repeated: {', '.join(repeated)}." if repeated else None
+
+
+def _check_extras(data: dict, pairs) -> tuple[str, str] | None:
     """Authorization request parameters authlib leaves to us; returns (error, description)."""
+    if repeated := _repeated(pairs):
+        return "invalid_request", repeated
     if data.get("request"):
         return "request_not_supported", "Request objects are not supported."
     if data.get("request_uri"):
@@ -158,7 +169,7 @@ async def authorize(request: Request) -> Response:
         return login.to_client(request, error.redirect_uri, params, oauth_request.payload.data)
     data = oauth_request.payload.data
     client: OAuthClient = grant.request.client
-    problem = _check_extras(data)
+    problem = _check_extras(data, query + form)
     if problem is None and not pushed and par.required(svc, client):
         problem = "invalid_request", "This client must push its authorization requests to the PAR endpoint first."
     if problem:
@@ -212,6 +223,8 @@ async def pushed_authorization(request: Request) -> Response:
         form = await read_form(request)
     except BadRequest as e:
         return _oauth_error("invalid_request", e.description, e.status)
+    if repeated := _repeated(form):
+        return _oauth_error("invalid_request", repeated)
     try:
         client = await run_in_threadpool(svc.server.authenticate_client, _oauth_request(request, [], form),
                                          ALL_AUTH_METHODS, "par")
@@ -229,7 +242,7 @@ async def pushed_authorization(request: Request) -> Response:
         await svc.server.consent_grant(check)
     except OAuth2Error as error:
         return _oauth_error(error.error, error.description or "The authorization request is invalid.")
-    if problem := _check_extras(check.payload.data):
+    if problem := _check_extras(check.payload.data, params):
         return _oauth_error(*problem)
     request_uri, expires_in = await bridge.run(par.push, svc, client.client_id, params)
     return _json({"request_uri": request_uri, "expires_in": expires_in}, 201, {"Cache-Control": "no-store"})
@@ -241,6 +254,8 @@ async def _form_endpoint(request: Request, handler, dpop_jkt: str | None = None)
         form = await read_form(request)
     except BadRequest as e:
         return _oauth_error("invalid_request", e.description, e.status)
+    if repeated := _repeated(form):
+        return _oauth_error("invalid_request", repeated)
     oauth_request = _oauth_request(request, [], form)
     oauth_request.dpop_jkt = dpop_jkt
     return await bridge.run(handler, oauth_request)

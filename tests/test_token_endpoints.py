@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from joserfc import jwt
-from joserfc.jwk import ECKey, KeySet, OctKey
+from joserfc.jwk import ECKey, KeySet, OctKey, RSAKey
 
 from idp.protocol.clients import ClientError
 from idp.storage import kv
@@ -116,12 +116,12 @@ def _key_client(provider, key):
     return client_id
 
 
-def _assertion(provider, key, client_id, **claims):
+def _assertion(provider, key, client_id, alg="ES256", **claims):
     # authlib checks the assertion's exp against the wall clock, not the provider's.
     now = int(time.time())
     body = {"iss": client_id, "sub": client_id, "aud": provider.issuer + "/token", "iat": now, "exp": now + 120,
             "jti": secrets.token_urlsafe(16), **claims}
-    return jwt.encode({"alg": "ES256", "kid": key.kid}, body, key)
+    return jwt.encode({"alg": alg, "kid": key.kid}, body, key, algorithms=[alg])
 
 
 def _with_assertion(http, assertion, **data):
@@ -179,6 +179,21 @@ def test_bad_client_assertions_are_invalid_client(provider):
     ):
         _error(_with_assertion(http, _assertion(provider, key, client_id, **claims)), 400, "invalid_client")
     _error(_with_assertion(http, "not.a.jwt"), 400, "invalid_client")
+
+
+def test_client_assertions_are_signed_with_the_registered_algorithm(provider):
+    """OIDC Core 9: a client that registered token_endpoint_auth_signing_alg is refused
+    assertions signed otherwise; one that did not may use discovery's ES256 or RS256."""
+    ec, rsa = _key("ec"), RSAKey.generate_key(2048, parameters={"kid": "rsa"}, private=True)
+    client_id, _ = _service(provider, token_endpoint_auth_method="private_key_jwt", token_endpoint_auth_signing_alg="ES256",
+                            jwks={"keys": [ec.as_dict(private=False), rsa.as_dict(private=False)]})
+    http = provider.http()
+    _error(_with_assertion(http, _assertion(provider, rsa, client_id, alg="RS256")), 400, "invalid_client")
+    assert _with_assertion(http, _assertion(provider, ec, client_id)).status_code == 200
+    client_id, _ = _service(provider, token_endpoint_auth_method="private_key_jwt",
+                            jwks={"keys": [rsa.as_dict(private=False)]})
+    _error(_with_assertion(http, _assertion(provider, rsa, client_id, alg="PS256")), 400, "invalid_client")
+    assert _with_assertion(http, _assertion(provider, rsa, client_id, alg="RS256")).status_code == 200
 
 
 def test_private_key_jwt_needs_a_public_asymmetric_jwks(provider):

@@ -339,7 +339,12 @@ class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
         return [issuer, issuer + "/token", issuer + "/par"]  # RFC 9126 2: any of these at /par
 
     def resolve_client_public_key(self, client):
-        return KeySet.import_key_set(client.metadata.get("jwks") or {"keys": []})
+        # joserfc's default algorithms are discovery's ES256 and RS256 (HS256 needs a key these
+        # EC and RSA keys are not). OIDC Core 9: with an algorithm registered, only that one,
+        # which joserfc enforces for a key that names its "alg".
+        keys = (client.metadata.get("jwks") or {"keys": []})["keys"]
+        alg = client.metadata.get("token_endpoint_auth_signing_alg")
+        return KeySet.import_key_set({"keys": [{**key, "alg": alg} if alg else key for key in keys]})
 
     def validate_jti(self, claims, jti):
         # Remember the jti for as long as authlib would accept the assertion (its

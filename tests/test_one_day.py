@@ -122,10 +122,14 @@ def test_the_code_ends_at_midnight_taiwan_time(shop, smtp_server):
     provider, client_id, _ = shop
     code = enable(provider, smtp_server)
     provider.clock.advance(seconds_to_midnight(provider.clock()) - 1)  # 23:59:59 in Taipei
-    assert "code" in callback(login(provider, client_id, code)[1])
+    browser, page = login(provider, client_id, code)
+    assert "code" in callback(page)
     provider.clock.advance(1)  # 00:00:00
     _, page = login(provider, client_id, code)
     assert "當天有效" in _error(page)
+    # The login it made that day is over too: its SSO session gives the portal no code.
+    page = browser.authorize(client_id)
+    assert page.status_code == 200 and "/login/factor/password" in page.text
     with provider.svc.db.session() as session:
         reasons = [e.detail.get("reason") for e in session.execute(
             select(AuditEvent).where(AuditEvent.event == "login.failure")).scalars()]

@@ -10,7 +10,8 @@ Decisions:
 
 - **Good all that day, not once.** The seed names it a one-day password: the
   user may log in several times that day (another portal, a session that
-  ended). It ends at 24:00 Taiwan time. It is never useful alone: the
+  ended). It ends at 24:00 Taiwan time, and so does the single sign-on of
+  the sessions it made (``flow.within_day``). It is never useful alone: the
   password, the captcha and the lockout stand in front of it. Enabling it
   again mails a new code and the old one stops working.
 - **amr** ``["pwd", "otp"]`` (RFC 8176: a password and a one-time password);

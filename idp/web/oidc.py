@@ -184,6 +184,8 @@ async def authorize(request: Request) -> Response:
             session = None
     if session is not None:
         session = flow.within_policy(session, client)  # what this client accepts of it
+    if session is not None:
+        session = flow.within_day(session, svc.clock())
     fresh = bool(prompts & {"login", "select_account"})
     # The client's registered defaults stand in for what its request leaves out.
     max_age = data.get("max_age", client.metadata.get("default_max_age"))

@@ -15,9 +15,10 @@
                       way), or the mobile natural-person certificate
 ====================  =====================================================
 
-A client asks for a level with ``acr_values`` or sets ``minimum_acr`` in its
-registration; the login flow keeps asking for factors until the level is
-reached (step-up), and the ID token's ``acr`` says which level was.
+A client asks for a level with ``acr_values`` (several, in its order of preference: the
+login aims at the first one the account can reach) or sets ``minimum_acr`` in its
+registration; the login flow keeps asking for factors until the level is reached
+(step-up), and the ID token's ``acr`` says which level was.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ def earned(amr: list[str]) -> str:
     return LOA1
 
 
-def required(acr_values: str | None, minimum: str | None) -> str:
-    """The level a login must reach: the client's minimum or the first known
-    value the request asks for, whichever is higher."""
-    asked = next((v for v in (acr_values or "").split() if v in LADDER), None)
-    return max((LOA1, asked, minimum), key=rank)
+def requested(acr_values: str | None, minimum: str | None) -> list[str]:
+    """The levels a login may reach, in the client's order of preference (OIDC Core
+    3.1.2.1): the known values the request lists, each raised to the client's minimum.
+    The login aims at the first and falls back to the next where the account cannot
+    reach it (``idp.flow.next_step``); with none listed, the minimum alone."""
+    listed = [max((v, minimum), key=rank) for v in (acr_values or "").split() if v in LADDER]
+    return list(dict.fromkeys(listed)) or [max((LOA1, minimum), key=rank)]
 
 
 def with_mfa(amr: list[str]) -> list[str]:

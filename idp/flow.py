@@ -44,9 +44,10 @@ class Transactions:
         self.store, self.clock, self.lifetime = store, clock, lifetime
 
     def create(self, *, params, client_id, browser, fresh, target_acr, session, locale_hint=None,
-               return_to: str | None = None, reverify: bool = False) -> dict:
+               return_to: str | None = None, reverify: bool = False, fallback_acr=()) -> dict:
         """A login for a client's authorization request, or (``client_id`` None) for the
-        provider's own pages, which then ``return_to`` a local path. ``reverify`` asks
+        provider's own pages, which then ``return_to`` a local path. It aims at ``target_acr``,
+        or the first of ``fallback_acr`` the account can reach (``next_step``). ``reverify`` asks
         for a bound second factor again even within a session (SPEC M2). Not saved yet:
         what shows its first page saves it (``save``), or nothing if it ends at once."""
         now = self.clock()
@@ -58,6 +59,7 @@ class Transactions:
             "created": now,
             "exp": now + self.lifetime,
             "target_acr": target_acr,
+            "fallback_acr": list(fallback_acr),
             "ui_locales": locale_hint,
             "account": None,
             "username": "",
@@ -197,7 +199,13 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
             return Step("factor", factors=options)
         # Two factors asked for and none bound: binding OTP (M1) is the way there.
         can_bind = acr.rank(target) <= acr.rank(acr.LOA2) and not holds_possession(svc, account)
-        return Step("action", action="bind") if can_bind and client.allows("otp") else Step("unmet")
+        if can_bind and client.allows("otp"):
+            return Step("action", action="bind")
+        if tx.get("fallback_acr"):
+            # Out of this account's reach: the next level the client listed (its acr_values).
+            lower = {**tx, "target_acr": tx["fallback_acr"][0], "fallback_acr": tx["fallback_acr"][1:]}
+            return await next_step(svc, lower, account, client)
+        return Step("unmet")
     if svc.settings.mfa and "mfa" not in tx["amr"]:
         # Two factors for everyone (seed 001): a second one if bound, else bind one first (M1).
         if not holds_possession(svc, account):

@@ -288,6 +288,25 @@ def test_a_step_up_at_a_client_with_a_policy_keeps_the_sessions_other_proofs(pro
     assert "code" in callback(browser.authorize(commerce, acr_values=LOA3, prompt="none"))
 
 
+def test_acr_values_in_order_of_preference_fall_back_to_what_the_account_can_reach(provider):
+    """OIDC Core 3.1.2.1: "loa:3 loa:2" asks for the card where one is bound, and otherwise
+    for the OTP (not unmet_authentication_requirements); the ID token says which was reached."""
+    account_id, secret = _alice_with_otp(provider)
+    client_id, client_secret = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id, acr_values=f"{LOA3} {LOA2}"))
+    params = callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
+    token = redeem(browser.http, client_id, client_secret, params["code"]).json()
+    claims = jwt.decode(token["id_token"], KeySet.import_key_set(browser.http.get("/jwks").json())).claims
+    assert claims["acr"] == LOA2
+    with provider.svc.db.session() as session:
+        session.add(Binding(account_id=account_id, factor="certificate", external_id="MOICA|TEST0001", data={}))
+    other = provider.browser()
+    page = other.password(other.authorize(client_id, acr_values=f"{LOA3} {LOA2}"))
+    page = other.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock() + 30))
+    assert page.status_code == 200 and "/login/factor/certificate" in page.text  # the card, not a code at LOA2
+
+
 def test_allow_ends_the_login_though_nothing_asked_for_is_registered(provider):
     """Consent to a request whose scope the client may not have at all (it gets openid
     alone) is given once: allow does not show the consent page again."""

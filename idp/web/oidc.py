@@ -200,13 +200,15 @@ async def authorize(request: Request) -> Response:
             return login.to_client(request, grant.redirect_uri, [("error", "invalid_request"), ("error_description", "id_token_hint is not valid.")], data)
         if session is None or hint["sub"] != claims.subject(session["account"], client, svc.pairwise_salt):
             fresh = True
+    levels = acr.requested(data.get("acr_values") or " ".join(client.metadata.get("default_acr_values", [])),
+                           client.minimum_acr)
     tx = svc.transactions.create(
         params=query + form,
         client_id=client.client_id,
         browser=csrf_token(request),
         fresh=fresh,
-        target_acr=acr.required(data.get("acr_values") or " ".join(client.metadata.get("default_acr_values", [])),
-                                client.minimum_acr),
+        target_acr=levels[0],
+        fallback_acr=levels[1:],
         session=session,
         locale_hint=data.get("ui_locales"),
     )

@@ -440,6 +440,10 @@ def test_language_switch_is_remembered(provider):
     # Each page links to itself in the other language: its own address, ``lang`` set once.
     assert _language_link(page, "en") == {"tx": [_tx(page)], "factor": ["password"], "lang": ["en"]}
     assert _language_link(english, "zh-TW") == {"tx": [_tx(page)], "factor": ["password"], "lang": ["zh-TW"]}
+    # A path: another Host header (a proxy that passes any) puts no other host in the page.
+    spoofed = browser.http.get("/authorize?client_id=nobody", headers={"Host": "evil.example"})
+    assert spoofed.status_code == 400 and "evil.example" not in spoofed.text
+    assert '<a href="/authorize?client_id=nobody&amp;lang=zh-TW" lang="zh-TW">' in spoofed.text
 
 
 def _language_link(page, lang: str) -> dict:

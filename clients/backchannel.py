@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from starlette.responses import JSONResponse, Response
@@ -26,6 +26,7 @@ EVENT = "http://schemas.openid.net/event/backchannel-logout"
 ALGORITHMS = ["ES256", "RS256"]
 MAX_AGE = 300  # a logout token older than this (by iat) is refused
 LEEWAY = 60  # clock skew allowed between provider and portal
+REFETCH_SECONDS = 60  # the least time between two JWKS fetches that logout tokens cause
 REMEMBER = 8 * 3600  # as long as a portal session (its cookie's max_age)
 
 
@@ -110,6 +111,15 @@ def validate(token: str, keys: KeySet, issuer: str, client_id: str, now: float) 
     return c
 
 
+def _unknown_kid(token: str, keys: KeySet) -> bool:
+    """Whether the token names a key the set lacks (a malformed one names none)."""
+    try:
+        kid = jws.extract_compact(token.encode()).headers().get("kid")
+    except (JoseError, ValueError):
+        return False
+    return isinstance(kid, str) and all(key.kid != kid for key in keys)
+
+
 async def _keys(app, force=False) -> KeySet:
     return KeySet.import_key_set(await app.state.oauth.idp.fetch_jwk_set(force=force))
 
@@ -128,13 +138,14 @@ async def backchannel_logout(request):
         return _error("logout_token is missing")
     now = state.ended.clock()
     try:
-        try:
-            claims = validate(token, await _keys(request.app), state.issuer, state.client_id, now)
-        except LogoutTokenError as exc:
-            if not str(exc).startswith("signature"):
-                raise
-            # Perhaps a rotated key: fetch the provider's JWKS once more.
-            claims = validate(token, await _keys(request.app, force=True), state.issuer, state.client_id, now)
+        keys = await _keys(request.app)
+        if _unknown_kid(token, keys) and now - state.jwks_refetched >= REFETCH_SECONDS:
+            # Perhaps a key the provider rotated in since: its JWKS once more. At most once a
+            # minute, whatever tokens come: anyone may post here, and it would be the portal
+            # hammering the provider.
+            state.jwks_refetched = now
+            keys = await _keys(request.app, force=True)
+        claims = validate(token, keys, state.issuer, state.client_id, now)
     except LogoutTokenError as exc:
         log.warning("back-channel logout refused: %s", exc)
         return _error(str(exc))

@@ -321,6 +321,7 @@ def create_app(portal: Portal, issuer: str, client_id: str, client_secret: str,
     app.state.portal_url = portal_url
     app.state.issuer = issuer
     app.state.ended = ended
+    app.state.jwks_refetched = 0.0  # when a logout token with an unknown key last made it fetch the JWKS
     app.state.templates = _templates(portal)
     app.state.actions = {a.slug: a for a in portal.actions}
     return app

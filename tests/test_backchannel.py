@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from joserfc import jwt
-from joserfc.jwk import KeySet
+from joserfc.jwk import ECKey, KeySet
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -390,6 +390,19 @@ def test_the_portal_checks_the_logout_token(live_provider, make_bc_portal):
         ]
         assert [r.status_code for r in refused] == [400] * len(refused)
         assert NAME in agent.go(url + "/").text  # none of those logged anyone out
+
+        # Tokens naming a key the portal lacks make it fetch the provider's JWKS once, not
+        # once each (anyone may post here); garbage makes it fetch nothing.
+        def jwks_fetches():
+            return svc.metrics.registry.get_sample_value(
+                "idp_http_request_seconds_count", {"route": "/jwks", "method": "GET", "status": "200"}) or 0
+
+        before = jwks_fetches()
+        stranger = ECKey.generate_key("P-256", parameters={"kid": "stranger"}, private=True)
+        forged = jwt.encode({"alg": "ES256", "kid": "stranger", "typ": "logout+jwt"},
+                            jwt.decode(signed(), svc.keys.verification_keys()).claims, stranger)
+        assert [post(forged).status_code for _ in range(5)] + [post("x.y.z").status_code] == [400] * 6
+        assert jwks_fetches() - before == 1
 
         good = signed()
         ok = post(good)

@@ -165,7 +165,8 @@ class Settings:
     )
     revocation: Literal["hard-fail", "soft-fail"] = _doc(
         "Certificate login when no trustworthy OCSP/CRL answer can be had: refuse it (`hard-fail`) or "
-        "let it through with a warning in the log (`soft-fail`). A revoked certificate is always refused.",
+        "let it through with a warning in the log (`soft-fail`). A revoked certificate is always refused, and so "
+        "is one whose issuing CA its root's CRL lists (GRCA's CRL of the CAs it issued, checked by CRL only).",
         "hard-fail",
     )
     trusted_proxies: str = _doc(

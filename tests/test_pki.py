@@ -177,6 +177,23 @@ def test_a_revocation_dated_ahead_of_our_clock_is_still_a_revocation(tpki, trust
         verify(tpki.make_signature("revoked_ahead", CHALLENGE), trust=trust, mode="soft-fail")
 
 
+def test_a_card_of_a_revoked_issuing_ca_is_refused(tpki, trust):
+    """The root revoking the issuing CA (GRCA's CRL of the CAs it issued) revokes every card
+    that CA issued, whatever the card's own OCSP answer says."""
+    moica = tpki.ca("moica")[0]
+    blob = tpki.make_signature("citizen", CHALLENGE)
+    revoked = tpki.server.state.manifest["revoked"]["root"]
+    revoked.append({"serial": moica.serial_number, "date": now().isoformat(), "reason": "ca_compromise"})
+    try:
+        with pytest.raises(pki.Revoked) as e:
+            verify(blob, trust=trust, mode="soft-fail")
+        assert "root.crl" in str(e.value)
+        assert tpki.server.hits["/ocsp/moica"] == 1 and tpki.server.hits["/ocsp/root"] == 0  # the CA by CRL only
+    finally:
+        revoked.clear()
+    assert verify(blob, trust=trust).revocation.status == "good"
+
+
 def test_crl_when_policy_prefers_it_and_the_cache_honours_next_update(tpki, trust):
     blob = tpki.make_signature("citizen", CHALLENGE)
 

@@ -426,11 +426,13 @@ class RevocationChecker:
             raise Revoked(f"revoked {entry['revocation_date'].native:%Y-%m-%d}, listed in CRL {url}")
         return "crl"
 
-    async def check(self, cert: x509.Certificate, issuer: x509.Certificate, now: datetime) -> RevocationStatus:
-        """Good, or soft-failed; raises ``Revoked`` / ``RevocationUnavailable``."""
+    async def check(self, cert: x509.Certificate, issuer: x509.Certificate, now: datetime,
+                    ocsp: bool = True) -> RevocationStatus:
+        """Good, or soft-failed; raises ``Revoked`` / ``RevocationUnavailable``. Without
+        ``ocsp``, by the CRLs alone."""
         if self.policy.mode == "off":
             return RevocationStatus("not_checked")
-        ocsp_sources = [(self._ocsp, u) for u in cert.ocsp_urls if u.startswith("http")]
+        ocsp_sources = [(self._ocsp, u) for u in cert.ocsp_urls if u.startswith("http")] if ocsp else []
         crl_sources = [(self._crl, dp) for dp in cert.crl_distribution_points if dp.url and dp.url.startswith("http")]
         sources = ocsp_sources + crl_sources if self.policy.prefer_ocsp else crl_sources + ocsp_sources
         failures = []

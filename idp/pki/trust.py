@@ -57,13 +57,19 @@ class AnchorSet:
         """The pinned CA whose name and key identifier match the leaf's issuer.
 
         MOICA G2 and G3 share one DN: the key identifier tells them apart."""
-        aki = leaf.authority_key_identifier
-        for ca in self.issuers:
-            if not same_name(ca.subject, leaf.issuer):
-                continue
-            if aki is None or ca.key_identifier is None or ca.key_identifier == aki:
-                return ca
-        return None
+        return _signer(leaf, self.issuers)
+
+    def root_of(self, ca: x509.Certificate) -> x509.Certificate | None:
+        """The root that issued pinned CA ``ca`` (GRCA G2 or G3 for MOICA G2 or G3)."""
+        return _signer(ca, self.roots)
+
+
+def _signer(cert: x509.Certificate, among) -> x509.Certificate | None:
+    aki = cert.authority_key_identifier
+    for ca in among:
+        if same_name(ca.subject, cert.issuer) and (aki is None or ca.key_identifier is None or ca.key_identifier == aki):
+            return ca
+    return None
 
 
 @dataclass(frozen=True)

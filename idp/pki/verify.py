@@ -291,6 +291,11 @@ async def _check_certificate(leaf: x509.Certificate, trust: TrustStore, revocati
     aset, ca = await _validate_path(leaf, trust, kind, now)
     _check_key_usage(leaf)
     status = await revocation.check(leaf, ca, now)
+    root = aset.root_of(ca)
+    if root is not None and ca.crl_distribution_points:
+        # The issuing CA itself, revoked by its root (GRCA's CRL of the CAs it issued): by CRL
+        # alone, which is small and cached, where OCSP would be a round trip in every login.
+        await revocation.check(ca, root, now, ocsp=False)
     return _identity(leaf, aset, signing_time, form, status)
 
 

@@ -1,14 +1,20 @@
 """The login-settings pages and the lost-phone reset (SPEC M2-M6) as a user meets them."""
 
+import datetime as dt
 import logging
 import re
+import threading
+import time
+from types import SimpleNamespace
 from urllib.parse import urlencode
 
 import pyotp
 import pytest
+from sqlalchemy import text
 
 from idp.accounts import reset_bindings
 from idp.storage.models import Account, AuditEvent, Binding
+from idp.web import account as account_pages, federation
 from tests.harness import callback, forms, redeem
 from tests.mailserver import REFUSED_DOMAIN
 from tests.test_totp import _bind, _code, _error, _secret
@@ -416,3 +422,44 @@ def test_a_confirmation_mail_the_server_refuses_says_so_and_can_be_asked_again(u
         assert page.status_code == 200 and "驗證信寄送失敗" in _error(page)
     assert "a***@" + REFUSED_DOMAIN in caplog.text and "alice.wang" not in caplog.text and "550" in caplog.text
     assert smtp_server.unread() == 0
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_two_rebinds_at_once_leave_one_binding(provider):
+    """Two rebinds of one account at once (two tabs, each back from Google or from the card):
+    the second waits for the first and replaces its binding (M3), on PostgreSQL, where both
+    used to delete the same old one and each add their own."""
+    svc = provider.svc
+    account_id = provider.account("alice")
+
+    def card(serial):
+        return SimpleNamespace(binding_key=("CN=Test CA", serial), cert_serial=int(serial, 16), id_last4=None,
+                               subject_cn="alice", subject_serial_number=serial, issuer_dn="CN=Test CA",
+                               fingerprint_sha256="00", not_after=dt.datetime(2030, 1, 1), anchor_set="moica")
+
+    for factor, bind in (("google", lambda n: federation._bind(svc, account_id, f"https://upstream|{n}", {"sub": n})),
+                         ("certificate", lambda n: account_pages._bind_certificate(svc, account_id, card(n)))):
+        with svc.db.session() as session:
+            session.add(Binding(account_id=account_id, factor=factor, external_id=f"{factor}|old", data={}))
+        with svc.db.engine.connect() as holder, holder.begin():
+            # Holding the old binding's row, until both rebinds wait: to delete it, or for the
+            # account the other one holds.
+            holder.execute(text("SELECT 1 FROM bindings WHERE external_id = :e FOR UPDATE"), {"e": f"{factor}|old"})
+            threads = [threading.Thread(target=bind, args=(n,)) for n in ("A1", "B2")]
+            for thread in threads:
+                thread.start()
+            with svc.db.engine.connect() as watcher:
+                for _ in range(200):
+                    # Each poll in a transaction of its own: pg_stat_activity is read once per one.
+                    waiting = watcher.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                                   "AND datname = current_database()")).scalar()
+                    watcher.rollback()
+                    if waiting == 2:
+                        break
+                    time.sleep(0.05)
+            assert waiting == 2
+        for thread in threads:
+            thread.join()
+        with svc.db.session() as session:
+            bound = session.query(Binding).filter_by(account_id=account_id, factor=factor).all()
+        assert len(bound) == 1, [b.external_id for b in bound]

@@ -237,7 +237,7 @@ def _bind_certificate(svc, account_id: str, identity):
     elsewhere = ("bound_elsewhere", "certificate.bind.elsewhere")
     try:
         with svc.db.session() as session:
-            account = session.get(Account, account_id)
+            account = session.get(Account, account_id, with_for_update=True)  # one rebind at a time (as Google's)
             owner = session.execute(select(Binding.account_id).where(
                 Binding.factor == cert.CERTIFICATE.name, Binding.external_id == external_id)).scalar_one_or_none()
             if owner is not None and owner != account_id:

@@ -181,11 +181,13 @@ def _bind(svc, account_id: str, external: str, claims: dict):
     """(error or None, whether an older Google binding was replaced)."""
     try:
         with svc.db.session() as session:
+            # Locked: of two rebinds at once (two tabs), the second sees the first's binding and
+            # replaces it, where both would otherwise delete the same old one and add their own.
+            account = session.get(Account, account_id, options=[selectinload(Account.bindings)], with_for_update=True)
             owner = session.execute(select(Binding.account_id).where(
                 Binding.factor == GOOGLE.name, Binding.external_id == external)).scalar_one_or_none()
             if owner is not None and owner != account_id:
                 return "google_elsewhere", False
-            account = session.get(Account, account_id, options=[selectinload(Account.bindings)])
             old = [b for b in account.bindings if b.factor == GOOGLE.name]
             for binding in old:
                 session.delete(binding)  # rebinding replaces (M3: another Google account)

@@ -111,7 +111,10 @@ def test_compose_providers_believe_proxy_headers_from_nginx_alone():
         [edge] = [n for n in networks & set(nginx) if (nginx[n] or {}).get("ipv4_address")]
         address = ipaddress.ip_address(nginx[edge]["ipv4_address"])
         assert trusted == [ipaddress.ip_network(address)]
-        assert address in ipaddress.ip_network(compose["networks"][edge]["ipam"]["config"][0]["subnet"])
+        [pool] = compose["networks"][edge]["ipam"]["config"]
+        assert address in ipaddress.ip_network(pool["subnet"])
+        # Outside the range Docker hands out: a provider starting first cannot take it.
+        assert address not in ipaddress.ip_network(pool["ip_range"])
 
 
 def test_dockerfile_installs_the_package_and_serves_it_unprivileged():

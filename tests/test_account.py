@@ -291,6 +291,7 @@ def test_activity_log_shows_logins_with_address_and_browser(user):
         provider.svc.audit.record("login.failure", account_id=account_id, username="alice")
     assert "第 1 頁，共 2 頁" in browser.go("/account/activity").text
     assert "第 2 頁，共 2 頁" in browser.go("/account/activity?page=2").text
+    assert "第 1 頁，共 2 頁" in browser.go("/account/activity?page=%C2%B2").text  # ², a digit to str.isdigit
 
 
 def _account_id(provider) -> str:

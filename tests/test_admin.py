@@ -430,6 +430,7 @@ def test_admin_reads_an_accounts_activity_with_pages(site):
     assert "第 1 頁，共 2 頁" in page.text and 'href="?page=2"' in page.text
     page = browser.go(f"/admin/accounts/{alice}?page=2")
     assert "第 2 頁，共 2 頁" in page.text and 'href="?page=1"' in page.text
+    assert "第 1 頁，共 2 頁" in browser.go(f"/admin/accounts/{alice}?page=%C2%B2").text  # ², a digit to str.isdigit
 
 
 def test_pages_in_english(site):

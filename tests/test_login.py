@@ -444,6 +444,9 @@ def test_language_switch_is_remembered(provider):
     spoofed = browser.http.get("/authorize?client_id=nobody", headers={"Host": "evil.example"})
     assert spoofed.status_code == 400 and "evil.example" not in spoofed.text
     assert '<a href="/authorize?client_id=nobody&amp;lang=zh-TW" lang="zh-TW">' in spoofed.text
+    # A path of "//host/..." (the 404 page) links to that path here, not to that host.
+    page = browser.http.get(provider.issuer + "//evil.example/phish")
+    assert page.status_code == 404 and '<a href="/evil.example/phish?lang=zh-TW" lang="zh-TW">' in page.text
 
 
 def _language_link(page, lang: str) -> dict:

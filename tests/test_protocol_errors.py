@@ -224,8 +224,25 @@ def test_bad_authorization_parameters(provider):
     assert callback(browser.authorize(client_id, response_type="token"))["error"] == "unsupported_response_type"
     assert callback(browser.authorize(client_id, prompt="none login"))["error"] == "invalid_request"
     assert callback(browser.authorize(client_id, max_age="-1"))["error"] == "invalid_request"
+    assert callback(browser.authorize(client_id, max_age="%C2%B2"))["error"] == "invalid_request"  # ², a digit to str.isdigit
     assert callback(browser.authorize(client_id, scope="openid admin"))["error"] == "invalid_scope"
     assert callback(browser.authorize(client_id, request="eyJ"))["error"] == "request_not_supported"
+
+
+def test_a_nul_character_is_a_bad_request_on_every_back_end(provider):
+    """PostgreSQL's text refuses NUL: wherever such a value reached the database (a username, a
+    client_id, a registration) it was a 500 there; it is refused up front everywhere."""
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id), username="al\x00ice")
+    assert page.status_code == 400
+    http = provider.http()
+    for url in (f"/authorize?response_type=code&client_id=a%00b&redirect_uri={REDIRECT}&scope=openid",
+                "/logout?client_id=a%00b", "/register/a%00b", "/admin/accounts/a%00b"):
+        assert http.get(url).status_code == 400, url
+    token = http.post("/token", data={"grant_type": "client_credentials", "client_id": "a\x00b", "client_secret": "x"})
+    assert token.status_code == 400 and token.json()["error"] == "invalid_request"
 
 
 def test_a_repeated_parameter_is_refused(provider):

@@ -322,6 +322,18 @@ def test_device_api_refuses_unsigned_foreign_and_removed_devices(provider):
     assert gone.value.status == 401 and gone.value.code == "unknown_device"
 
 
+def test_the_phone_shows_the_clients_name_as_registered(provider):
+    """The approval prompt is the user's one clue to who asks: a client registered (RFC 7591:
+    by anyone with a registration token) as one of the provider's message keys is shown by
+    that name, not as the provider's own account console (帳號設定)."""
+    client_id, _ = provider.client(client_name="account.console")
+    app = register(provider, provider.browser())
+    browser, page = _push_page(provider, client_id)
+    press_push(browser, page, _devices(page)[0])
+    [request] = app.pending()
+    assert request["application"] == "account.console"
+
+
 def test_client_policy_knows_the_push_app(provider):
     """A portal's ``allowed_factors`` may name ``push``, or leave it out."""
     with_push, _ = provider.client(allowed_factors=["password", "push"])

@@ -114,7 +114,8 @@ def test_bad_bodies_are_invalid_client_metadata(provider):
     token = _initial_token(provider)
     http = provider.http()
     headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
-    for body in (b'{"redirect_uris": [', b'[{"redirect_uris": []}]', b'"text"', b"\xff\xfe"):
+    for body in (b'{"redirect_uris": [', b'[{"redirect_uris": []}]', b'"text"', b"\xff\xfe",
+                 b'{"redirect_uris": ["https://grants.example.tw/cb"], "client_name": "a\\u0000b"}'):  # NUL: PostgreSQL refuses it
         _error(http.post("/register", content=body, headers=headers), 400, "invalid_client_metadata")
     form = http.post("/register", data={"redirect_uris": APP}, headers={"Authorization": f"Bearer {token}"})
     _error(form, 400, "invalid_client_metadata")
@@ -133,6 +134,8 @@ def test_bad_redirect_uris_are_refused_and_nothing_is_stored(provider):
         ["javascript:alert(1)"],
         ["https://user:pass@grants.example.tw/callback"],
         ["https://*.example.tw/callback"],
+        ["https://[::1/callback"],  # no URI at all: urlsplit refuses it
+        ["https://grants.example.tw:port/callback"],
         [],  # authorization_code needs somewhere to go
     ):
         _error(_register(http, token, {"redirect_uris": uris}), 400, "invalid_redirect_uri")

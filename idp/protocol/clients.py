@@ -278,7 +278,11 @@ def _check_jwks(jwks) -> None:
 
 
 def _check_uri(uri: str, key: str, error: str = "invalid_redirect_uri") -> None:
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        parts.port  # a bad port raises here, not in a later look at it
+    except ValueError:
+        raise ClientError(f"{key}: {uri!r} is not a valid URI", error) from None
     local = parts.hostname in ("localhost", "127.0.0.1", "::1")
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment:
         raise ClientError(f"{key}: {uri!r} is not an absolute http(s) URI without fragment", error)

@@ -374,7 +374,7 @@ async def activity_page(request: Request) -> Response:
         return account
     svc = request.app.state.svc
     page = request.query_params.get("page", "1")
-    page = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
+    page = int(page) if page.isascii() and page.isdigit() and 0 < int(page) < 100_000 else 1
     rows, pages = await run_in_threadpool(activity, svc, account.id, page)
     return render(request, "account_activity.html", account=account, rows=rows, page=page, pages=pages, tab="activity",
                   flash={"params": {}})

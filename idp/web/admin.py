@@ -117,7 +117,7 @@ async def _posted(request: Request):
 
 def _page(request: Request) -> int:
     page = request.query_params.get("page", "1")
-    return int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
+    return int(page) if page.isascii() and page.isdigit() and 0 < int(page) < 100_000 else 1
 
 
 def _not_found(request: Request) -> Response:

@@ -30,6 +30,7 @@ from idp.web import mobileid as mobileid_pages
 from idp.web import passkeys as passkey_pages
 from idp.web import push as push_pages
 from idp.web import proxies
+from idp.web.forms import RefuseNul
 from idp.web.pages import error_page
 
 log = logging.getLogger("idp")
@@ -196,6 +197,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error}, lifespan=lifespan,
                     middleware=proxies.middleware(svc.settings.trusted_proxies))
     app.state.svc = svc
+    app.add_middleware(RefuseNul)
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
     app.add_middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))
     app.add_middleware(logs.RequestId, access=svc.settings.access_log)  # outermost: every line carries the id

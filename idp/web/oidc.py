@@ -131,7 +131,7 @@ def _check_extras(data: dict, pairs) -> tuple[str, str] | None:
         # the code, bound to none, would then be redeemed with any.
         return "invalid_request", "redirect_uri is required."
     max_age = data.get("max_age")
-    if max_age is not None and not (max_age.isdigit() and len(max_age) < 10):
+    if max_age is not None and not (max_age.isascii() and max_age.isdigit() and len(max_age) < 10):
         return "invalid_request", "max_age must be a non-negative integer."
     return None
 

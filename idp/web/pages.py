@@ -42,10 +42,10 @@ env.filters["taipei_epoch"] = lambda seconds: _taipei(dt.datetime.fromtimestamp(
 def with_lang(url: URL, lang: str) -> str:
     """A language link: ``url`` (the page's own address) with ``lang`` set, as a path: the
     host a request names (its Host header) is the sender's to choose, not a link's."""
+    path = "/" + url.path.lstrip("/")  # "//host/x" would be another host's address
     if "lang" in url.query:
-        url = url.include_query_params(lang=lang)
-        return f"{url.path}?{url.query}"
-    return f"{url.path}?{url.query + '&' if url.query else ''}lang={lang}"  # on every page: the cheap way
+        return f"{path}?{url.include_query_params(lang=lang).query}"
+    return f"{path}?{url.query + '&' if url.query else ''}lang={lang}"  # on every page: the cheap way
 
 
 env.globals["with_lang"] = with_lang

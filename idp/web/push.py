@@ -66,7 +66,8 @@ async def start(request: Request) -> Response:
     form, tx, client, account = await _offered(request)
     if tx is None:
         return login._expired(request)
-    application = translate(locale_of(request, tx.get("ui_locales")), client.name)
+    locale = locale_of(request, tx.get("ui_locales"))
+    application = client.shown_name(lambda key: translate(locale, key))  # a registered name is never a message key
     outcome = await bridge.run(PUSH.start, request, svc, tx, account, form, application)
     if outcome.error:
         tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}

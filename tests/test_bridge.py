@@ -141,7 +141,7 @@ def test_no_handler_calls_the_store_or_the_audit_log_without_awaiting():
 
     blocking = ("svc.store.", "svc.sessions.", "svc.transactions.", "svc.lockout.", "svc.audit.", "svc.db.rows",
                 "svc.db.write", "svc.db.scalar", "svc.db.session", "captcha.new_form", "captcha.check_form",
-                "captcha.form_answer", "self.status", "self.drop")
+                "captcha.form_answer", "self.status", "self.drop", "Enrolment(", "enrolment.")
     # Functions of the factors' modules that read or write the store themselves.
     stores = {"start_registration", "current_registration", "cancel_registration", "issue_challenge",
               "take_challenge", "registration_options", "par.pull", "par.push"}

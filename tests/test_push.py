@@ -17,6 +17,7 @@ from idp.factors import push
 from idp.storage.models import AuditEvent, Binding
 from idp.factors.totp import STEP
 from tests.harness import callback, forms, redeem
+from tests.test_totp import FULL_WIDTH
 
 LOA2 = "urn:idp:loa:2"
 
@@ -187,7 +188,8 @@ def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
     assert "驗證碼不正確" in _error(wrong)
     # A code counts only for the phone whose app made it.
     assert "驗證碼不正確" in _error(browser.submit(page, "/login/factor/push", device=_devices(page)[1], otp=app.otp()))
-    params = callback(browser.submit(wrong, "/login/factor/push", device=_devices(page)[0], otp=app.otp()))
+    full_width = app.otp().translate(FULL_WIDTH)  # as a zh-TW input method types it
+    params = callback(browser.submit(wrong, "/login/factor/push", device=_devices(page)[0], otp=full_width))
     assert _claims(browser, client_id, client_secret, params)["amr"] == ["pwd", "swk", "otp", "mfa"]
 
     browser, page = _push_page(provider, client_id)
@@ -302,6 +304,9 @@ def test_device_api_refuses_unsigned_foreign_and_removed_devices(provider):
     url = app.state["endpoints"]["poll"]
     http = provider.http()
     assert http.post(url, json={"jws": "not.a.jws"}).json()["error"] == "invalid_message"
+    # Not even JSON: refused in the phone's language as well.
+    form = http.post(url, data={"jws": "x"}, headers={"Accept-Language": "zh-TW"})
+    assert form.status_code == 400 and form.json() == {"error": "invalid_message", "message": "請求格式錯誤"}
     # Signed by another key under this phone's id: refused.
     stranger = phone(provider)
     stranger.register(_new_registration_url(provider))
@@ -364,6 +369,22 @@ def test_a_cancelled_login_takes_its_push_with_it(provider):
     assert refused.value.code == "request_expired"
     with provider.svc.db.session() as session:
         assert session.query(AuditEvent).filter_by(event="push.approved").count() == 0
+
+
+def test_a_login_passed_with_the_apps_code_takes_its_push_with_it(provider):
+    """The push step passed with the app's OTP (the form as it was before 推播通知, from the
+    back button or another tab): the push sent before is decided, and leaves the phone."""
+    third, _ = provider.client(first_party=False, client_name="研究計畫系統")  # a consent step follows
+    app = register(provider, provider.browser())
+    browser, page = _push_page(provider, third)
+    number = shown_number(press_push(browser, page))
+    [request] = app.pending()
+    page = browser.submit(page, "/login/factor/push", device=_devices(page)[0], otp=app.otp())
+    assert "/login/consent" in page.text
+    assert app.pending() == []
+    with pytest.raises(AppError) as refused:
+        app.approve(request, number)
+    assert refused.value.code == "request_expired"
 
 
 def test_a_locked_account_gets_no_push_and_no_login_by_an_approval(provider):

@@ -221,10 +221,28 @@ def test_malformed_code_is_explained_and_not_counted(mfa_provider):
     provider = mfa_provider
     client_id, _ = provider.client()
     browser, page, secret = _otp_page(provider, client_id)
-    for bad in ("12ab56", "12345", "1234567", ""):
+    for bad in ("12ab56", "12345", "1234567", "", "١٢٣٤٥٦"):  # Arabic-Indic digits are \\d, not our digits
         page = browser.submit(page, "/login/factor/otp", otp=bad)
         assert "6 位數字" in _error(page)
     assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
+
+
+FULL_WIDTH = str.maketrans("0123456789", "０１２３４５６７８９")  # what a zh-TW input method in full-width mode types
+
+
+def test_a_code_typed_in_full_width_digits_is_the_code(mfa_provider):
+    """At forced binding and at login alike (a 500 before: \\d took them, the comparison did not)."""
+    provider = mfa_provider
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    secret = _secret(page)
+    page = browser.submit(page, "/login/bind/otp", otp=_code(provider, secret).translate(FULL_WIDTH))
+    assert "重新登入" in page.text
+    provider.clock.advance(30)
+    page = browser.password(page)
+    code = " ".join([_code(provider, secret)[:3], _code(provider, secret)[3:]]).translate(FULL_WIDTH)
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=code))
 
 
 def test_rebuilt_qr_is_a_new_version_and_the_old_one_stops_working(mfa_provider):

@@ -21,11 +21,20 @@ adding a module here and listing it in ``FACTORS``.
 from __future__ import annotations
 
 import datetime as dt
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from idp.storage.kv import Batch
 
 TAIPEI = dt.timezone(dt.timedelta(hours=8))
+
+
+def plain(value: str | None) -> str:
+    """A code or number as the user typed it, made plain: a zh-TW input method in full-width
+    mode types "１２３", which NFKC makes "123"; spaces and the dashes a mail reader may add
+    are dropped. Codes are then matched as ASCII digits alone ([0-9], never \\d)."""
+    return re.sub(r"[\s-]", "", unicodedata.normalize("NFKC", value or ""))
 
 
 @dataclass

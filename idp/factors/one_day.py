@@ -50,7 +50,7 @@ import secrets
 from starlette.concurrency import run_in_threadpool
 
 from idp import bridge, captcha
-from idp.factors import TAIPEI, Outcome, locked_out
+from idp.factors import TAIPEI, Outcome, locked_out, plain
 from idp.factors.password import PASSWORD
 from idp.mail import MailError
 from idp.storage.kv import Batch
@@ -58,7 +58,7 @@ from idp.storage.models import Account
 from idp.web.pages import who
 
 DIGITS = 8
-CODE = re.compile(rf"^\d{{{DIGITS}}}$")
+CODE = re.compile(rf"[0-9]{{{DIGITS}}}")
 _NO_CODE = "0" * 64  # compared against when the account has no code, so the timing is the same
 
 
@@ -71,11 +71,6 @@ def digest(svc, account_id: str, code: str) -> str:
     """Keyed with an instance secret and the account: an 8-digit code's plain hash could be
     brute-forced from a database dump alone."""
     return hmac.new(svc.code_key, f"{account_id}:{code}".encode(), hashlib.sha256).hexdigest()
-
-
-def normalise(code: str | None) -> str:
-    """What the user typed, without the spaces or dashes a mail reader may add."""
-    return re.sub(r"[\s-]", "", code or "")
 
 
 def usable_today(account: Account, now: float) -> bool:
@@ -153,7 +148,7 @@ class OneDayFactor:
     async def verify(self, request, svc, tx, form, account) -> Outcome:
         username = (form.get("username") or "").strip()[:64]
         password = form.get("password") or ""
-        code = normalise(form.get("code"))
+        code = plain(form.get("code"))
         if tx.get("account"):  # stepping up: the account is known
             username = tx["username"]
         keep = {"username": username}
@@ -161,7 +156,7 @@ class OneDayFactor:
             return Outcome(error="one_day.missing", keep=keep)
         if not await bridge.run(captcha.take, svc, tx, form.get("captcha")):
             return Outcome(error="captcha.wrong", keep=keep)
-        if not CODE.match(code):  # says nothing about the account: not counted
+        if not CODE.fullmatch(code):  # says nothing about the account: not counted
             return Outcome(error="one_day.malformed", params={"digits": DIGITS}, keep=keep)
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         return await run_in_threadpool(self._verify, svc, tx, username, password, code, seen, keep)

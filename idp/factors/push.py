@@ -57,13 +57,14 @@ from joserfc.jwk import ECKey
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from idp.factors import TAIPEI, Fatigue, Outcome, while_locked
-from idp.factors.totp import STEP, binding_code, check_code
+from idp import bridge
+from idp.factors import TAIPEI, Fatigue, Outcome, plain, while_locked
+from idp.factors.totp import CODE, STEP, binding_code, check_code
 from idp.storage.models import Binding
 from idp.web.pages import who
 
 NAME = "push"
-PHONE = re.compile(r"^(09\d{8}|8869\d{8})$")
+PHONE = re.compile(r"09[0-9]{8}|8869[0-9]{8}")
 SKEW = 300  # seconds a device's clock may be off
 REGISTER_PATH, POLL_PATH, ANSWER_PATH = "/push/register", "/push/device/poll", "/push/device/answer"
 
@@ -221,10 +222,10 @@ def register(svc, payload: dict, jwk: dict) -> dict:
 def save_registration(svc, account_id: str, name: str, phone: str, code: str) -> str | None:
     """The page's 儲存: bind the scanned phone with its name and number once ``code``, the
     scanning app's current OTP, proves the user holds that app; an error key or None."""
-    name, phone = (name or "").strip(), re.sub(r"[\s-]", "", phone or "")
+    name, phone = (name or "").strip(), plain(phone)
     if not 1 <= len(name) <= 40:
         return "push.error.name"
-    if not PHONE.match(phone):
+    if not PHONE.fullmatch(phone):
         return "push.error.phone"
     pending = current_registration(svc, account_id)
     if pending is None:
@@ -391,13 +392,17 @@ class PushFactor:
     async def verify(self, request, svc, tx, form, account) -> Outcome:
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         if "otp" in form:  # the 【OTP 登入】 button: the chosen phone's app code
-            code = (form.get("otp") or "").strip().replace(" ", "")
-            if not re.fullmatch(r"\d{6}", code):
+            code = plain(form.get("otp"))
+            if not CODE.fullmatch(code):
                 return Outcome(error="otp.malformed", keep={"chosen": form.get("device")})
             binding_id = str(form.get("device") or "")
             binding = next((b for b in account.bindings if b.factor == self.name and b.id == binding_id), None)
             outcome = await svc.db.call(check_code, svc, tx, code, seen, binding, binding_id)
             outcome.amr, outcome.keep = ["swk", "otp"], {"chosen": binding_id}
+            if outcome.ok and tx.get("push"):
+                # A push sent earlier in this login (the form as it was before 推播通知) is
+                # decided now: the phone no longer asks about it, nor can approve it.
+                await bridge.run(self.drop, svc, tx)
             return outcome
         if not tx.get("push"):
             return Outcome(error="push.error.no_request")

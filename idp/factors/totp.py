@@ -25,7 +25,7 @@ import pyotp
 import segno
 from sqlalchemy import bindparam, select, update
 
-from idp.factors import Outcome, locked_out
+from idp.factors import Outcome, locked_out, plain
 from idp.storage.kv import Batch
 from idp.storage.models import Account, Binding
 from idp.web.pages import who
@@ -33,7 +33,7 @@ from idp.web.pages import who
 STEP = 30
 WINDOW = 1  # steps either side accepted
 PENDING_SECONDS = 600
-CODE = re.compile(r"^\d{6}$")
+CODE = re.compile(r"[0-9]{6}")
 
 
 def _at(secret: str, step: int) -> str:
@@ -77,8 +77,8 @@ class TotpFactor:
         return {"version": binding.data.get("version", 1) if binding else None}
 
     async def verify(self, request, svc, tx, form, account) -> Outcome:
-        code = (form.get("otp") or "").strip().replace(" ", "")
-        if not CODE.match(code):
+        code = plain(form.get("otp"))
+        if not CODE.fullmatch(code):
             return Outcome(error="otp.malformed")
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
         binding = next((b for b in account.bindings if b.factor == self.name), None)
@@ -201,8 +201,8 @@ class Enrolment:
 def binding_code(svc, secret: str, code: str, wrong: str) -> tuple[str | None, int | None]:
     """A code typed to prove a new binding's secret (an OTP app's, a push app's):
     (error key, None), ``wrong`` when it does not match, or (None, its TOTP step)."""
-    code = (code or "").strip().replace(" ", "")
-    if not CODE.match(code):
+    code = plain(code)
+    if not CODE.fullmatch(code):
         return "otp.malformed", None
     now = svc.clock()
     offset = match(secret, code, now, svc.settings.otp_drift_minutes)

@@ -180,7 +180,8 @@ async def otp_confirm(request: Request, account, form) -> Response:
 
 @account_post
 async def otp_rebuild(request: Request, account, form) -> Response:
-    Enrolment(request.app.state.svc).start(account, session_owner(request, account), rebuild=True)
+    # The version's row is locked: off the event loop, as at forced binding.
+    await run_in_threadpool(Enrolment(request.app.state.svc).start, account, session_owner(request, account), rebuild=True)
     return RedirectResponse("/account/otp", status_code=303)
 
 

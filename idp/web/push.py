@@ -104,14 +104,15 @@ async def _device_call(request: Request, path: str, handle) -> Response:
     """Verify the signed message, run ``handle(payload, jwk, device)``, answer in JSON."""
     svc = request.app.state.svc
     try:
-        body = await read_json(request)
+        try:
+            body = await read_json(request)
+        except BadRequest as exc:  # in the phone's language too, as every other refusal
+            raise push.DeviceError("invalid_message", exc.status) from None
         token = body.get("jws")
         if not isinstance(token, str):
             raise push.DeviceError("invalid_message")
         payload, jwk, device = await run_in_threadpool(push.read_message, svc, token, path)
         status, answer = await handle(svc, payload, jwk, device)
-    except BadRequest as exc:
-        return JSONResponse({"error": "invalid_request", "message": exc.description}, exc.status, NO_STORE)
     except push.DeviceError as exc:
         message = translate(locale_of(request), "push.device." + exc.code)
         return JSONResponse({"error": exc.code, "message": message}, exc.status, NO_STORE)

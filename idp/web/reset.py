@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import string
 
@@ -26,7 +27,7 @@ from starlette.routing import Route
 
 from idp import bridge, captcha
 from idp.accounts import reset_bindings, with_bindings
-from idp.factors import locked_out
+from idp.factors import locked_out, plain
 from idp.mail import MailError, masked
 from idp.storage.kv import Batch
 from idp.web.login import _expired, _posted, _transaction
@@ -134,7 +135,7 @@ async def verify(request: Request) -> Response:
     record = await bridge.run(svc.store.get, _key(account.id))
     if record is None or record["exp"] < svc.clock() or record.get("burnt"):
         return await _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
-    typed = (form.get("code") or "").strip().upper().removeprefix(record["prefix"] + "-").replace(" ", "")
+    typed = plain(form.get("code")).upper().removeprefix(record["prefix"])
     # A try is counted before the code is compared, so parallel guesses cannot exceed MAX_TRIES;
     # and it is an answer like a password or an OTP, counted by the account's lockout too, or
     # someone with the password could guess on, a new code whenever one burns.
@@ -147,7 +148,7 @@ async def verify(request: Request) -> Response:
     if until:
         return await refused(await svc.db.call(locked_out, svc, until, account.id, account.username, seen))
     tries = await bridge.run(svc.store.incr, _tries(account.id), CODE_SECONDS + 60)
-    right = typed.isdigit() and len(typed) == 6 and hmac.compare_digest(_digest(typed), record["digest"])
+    right = re.fullmatch("[0-9]{6}", typed) is not None and hmac.compare_digest(_digest(typed), record["digest"])
     if tries > MAX_TRIES or not right:
         await svc.db.call(svc.audit.record, "login.failure", account_id=account.id, username=account.username,
                           reason="emergency_code", **seen)  # in the owner's activity log, as a wrong OTP is

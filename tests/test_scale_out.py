@@ -17,6 +17,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +32,7 @@ from joserfc.jwk import KeySet
 from idp import bridge
 from idp.settings import Settings
 from idp.web.app import create_app
-from idp.storage.kv import open_store
+from idp.storage.kv import Batch, open_store
 from tests import live, servers
 from tests.harness import PASSWORD, Provider, pkce, redeem
 from tests.test_backchannel import serving_receiver
@@ -540,4 +541,25 @@ def test_redis_cluster_of_three_masters(tmp_path):
         store.set_many([(f"spread:{i}", {"n": i}, 60) for i in range(20)])
         assert all(redis.Redis(port=p).dbsize() > 0 for p in ports)
         assert store.get_many([f"spread:{i}" for i in range(20)]) == [{"n": i} for i in range(20)]
+        _reads_after_writes(store, ports)
         _full_login(tmp_path, url)
+
+
+def _reads_after_writes(store, ports) -> None:
+    """A batch's read comes after its write though the two keys live on two nodes (a login's
+    session list and the mark a password reset leaves): the written key's node slow to write
+    (CLIENT PAUSE), a mark set meanwhile on the other is what the batch reads."""
+    from redis.cluster import RedisCluster
+
+    cluster = RedisCluster(host="127.0.0.1", port=ports[0])
+    node = lambda key: cluster.get_node_from_key("idp:" + key).port  # noqa: E731
+    written = "acct-sess:order"
+    mark = next(f"acct-not-before:order{i}" for i in range(100) if node(f"acct-not-before:order{i}") != node(written))
+    redis.Redis(port=node(written)).execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+    reset = threading.Timer(0.3, store.set, (mark, {"time": 1}, 60))
+    reset.start()
+    batch = Batch()
+    batch.add(written, "sid", 60)
+    found = batch.read(mark)
+    assert store.write(batch)[found] == {"time": 1}
+    reset.join()

@@ -12,10 +12,9 @@ Cluster (see ``connect``). On a Cluster every key lives in the slot its name
 hashes to. Every command names one key, so a round trip of several
 (``get_many``, ``delete``, ``write``) is split by slot by the client
 (non-atomic across keys, which no caller relies on), and each MULTI
-transaction touches one key. Split by slot, a batch's reads may also run
-before its writes to other slots: the write-then-check order ``Batch``
-promises holds on a Cluster only where both keys share a slot, or are one key
-(``idp.sessions``: a session's end marks the grant list the exchange adds to). A new
+transaction touches one key. Its nodes run their commands in no order across
+nodes, so a batch with writes and reads (``Batch``: reads after writes) is two
+round trips there: the reads are sent once the writes are answered. A new
 operation that must be atomic over several keys (a transaction or a Lua
 script) must put them in one slot with a shared hash tag, the part of the
 name in braces, e.g. ``grant:{GID}`` and ``grant-tokens:{GID}``: Redis hashes
@@ -239,6 +238,7 @@ class RedisStore:
         self._sync = connect(url)
         self._async = bridge.LoopLocal(lambda: connect(self._url, asynchronous=True))  # a client serves one loop
         self._prefix = prefix
+        self._cluster = getattr(self._sync, "cluster", False)
 
     def _execute(self, commands: list[tuple], transaction: bool = False) -> list:
         if not bridge.inside():
@@ -287,15 +287,21 @@ class RedisStore:
         commands += [("SET", self._k(key), orjson.dumps(value), "EX", ttl, "XX") for key, value, ttl in batch.replaces]
         for key, member, ttl in batch.adds:
             commands += [("SADD", self._k(key), member), ("EXPIRE", self._k(key), ttl)]
-        reads = len(commands)
-        commands += [("GET", self._k(key)) for key in batch.reads]
-        commands += [("SISMEMBER", self._k(key), member) for key, member in batch.has_members]
-        commands += [("DEL", self._k(key)) for key in batch.deletes]
-        replies = self._execute(commands)
+        written = len(commands)
+        after = [("GET", self._k(key)) for key in batch.reads]
+        after += [("SISMEMBER", self._k(key), member) for key, member in batch.has_members]
+        checked = len(after)
+        after += [("DEL", self._k(key)) for key in batch.deletes]
+        if self._cluster and written and checked:
+            # A Cluster's nodes run their commands in no order across nodes: a check on one
+            # could run before a write on another. It waits for the writes' replies instead.
+            replies = self._execute(commands) + self._execute(after)
+        else:
+            replies = self._execute(commands + after)
         takes, counted = len(batch.takes), 2 * len(batch.incrs)
         claimed = replies[takes + counted:takes + counted + len(batch.claims)]
-        held = replies[reads + len(batch.reads):reads + len(batch.reads) + len(batch.has_members)]
-        return ([self._load(raw) for raw in replies[:takes] + replies[reads:reads + len(batch.reads)]]
+        held = replies[written + len(batch.reads):written + checked]
+        return ([self._load(raw) for raw in replies[:takes] + replies[written:written + len(batch.reads)]]
                 + replies[takes:takes + counted:2] + [bool(r) for r in claimed] + [bool(r) for r in held])
 
     def delete(self, *keys):
@@ -325,8 +331,9 @@ class _RedisPy:
     redis-py turns some replies into Python values (SET's into True, SMEMBERS' into a
     set); the store reads both forms alike."""
 
-    def __init__(self, client):
+    def __init__(self, client, cluster: bool = False):
         self._client = client
+        self.cluster = cluster  # each node runs its slots' commands, in no order across nodes
 
     def execute(self, commands: list[tuple], transaction: bool = False):
         pipe = self._client.pipeline(transaction=transaction)
@@ -378,7 +385,7 @@ def connect(url: str, asynchronous: bool = False):
         sentinel_auth = {"ssl": auth["ssl"], **({"password": own} if own else {})}
         db = int(path[1]) if len(path) > 1 else 0
         return _RedisPy(Sentinel(nodes, sentinel_kwargs=sentinel_auth, db=db, **auth).master_for(path[0]))
-    return _RedisPy(RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes], **auth))
+    return _RedisPy(RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes], **auth), cluster=True)
 
 
 def _address(text: str, default_port: int) -> tuple[str, int]:

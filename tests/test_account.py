@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from idp.accounts import reset_bindings
 from idp.storage.models import Account, AuditEvent, Binding
-from idp.web import account as account_pages, federation
+from idp.web import account as account_pages, federation, reset
 from tests.harness import callback, forms, redeem
 from tests.mailserver import REFUSED_DOMAIN
 from tests.test_totp import _bind, _code, _error, _secret
@@ -243,6 +243,33 @@ def test_only_the_newest_emergency_code_works_and_it_expires(user, smtp_server):
         assert "錯誤" in _error(browser.submit(page, "/login/reset/verify", code=first))
     provider.clock.advance(301)
     assert "已失效" in _error(browser.submit(page, "/login/reset/verify", code=second))
+
+
+def test_a_code_superseded_while_it_is_checked_resets_nothing(user, smtp_server, monkeypatch):
+    """A new code sent (another tab) while the older one is being checked: the older one does
+    nothing (M5: only the newest works), and the newest still does."""
+    provider, client_id, _ = user
+    svc = provider.svc
+    browser, page = _reset_page(provider, client_id)
+    page = _send(provider, browser, page)
+    first = re.search(r"\b[A-Z]{2}-(\d{6})\b", smtp_server.next_message().get_content()).group(1)
+    account_id = _account_id(provider)
+    newest = "000000" if first != "000000" else "111111"
+    count = svc.store.incr
+
+    def incr(key, ttl, by=1):  # the check's count of tries: after its read of the code, before its take
+        if key == reset._tries(account_id):  # as reset.send writes a new code
+            svc.store.set(reset._key(account_id), {**svc.store.get(reset._key(account_id)), "digest": reset._digest(newest)}, 360)
+        return count(key, ttl, by)
+
+    monkeypatch.setattr(svc.store, "incr", incr)
+    page = browser.submit(page, "/login/reset/verify", code=first)
+    monkeypatch.undo()
+    assert "已失效" in _error(page)
+    with svc.db.session() as session:
+        assert session.query(Binding).count() > 0
+    page = browser.submit(page, "/login/reset/verify", code=newest)
+    assert "已刪除所有登入綁定" in _notice(page)
 
 
 def test_wrong_emergency_codes_lock_the_account_as_wrong_passwords_do(user, smtp_server):

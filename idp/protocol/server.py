@@ -12,6 +12,7 @@ are single indexed rows, read blocking.
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import time
 from collections import defaultdict
@@ -356,7 +357,8 @@ class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
         if remaining > ASSERTION_SECONDS + self.leeway:
             raise InvalidClientError(description=f"The client assertion must expire within {ASSERTION_SECONDS} seconds.")
         key = f"jti:{claims['iss']}:{jti}"
-        return self.svc.store.set(key, {}, max(1, int(remaining)) + self.leeway, only_new=True)
+        # joserfc compares exp with the clock's whole seconds: good until exp + leeway + 1.
+        return self.svc.store.set(key, {}, max(1, math.ceil(remaining)) + self.leeway + 1, only_new=True)
 
 
 class _TokenLookup:

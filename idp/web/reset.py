@@ -166,7 +166,11 @@ async def verify(request: Request) -> Response:
     batch.take(_key(account.id))
     batch.delete(_tries(account.id))
     svc.lockout.release(account.username, batch)
-    if (await bridge.run(svc.store.write, batch))[0] is None:  # used meanwhile
+    taken = (await bridge.run(svc.store.write, batch))[0]
+    if taken is None or not hmac.compare_digest(taken["digest"], record["digest"]):
+        # Used meanwhile, or a newer code sent meanwhile, which alone works (M5): it is put back.
+        if taken is not None:
+            await bridge.run(svc.store.set, _key(account.id), taken, max(1, int(taken["exp"] - svc.clock())) + 60)
         return await _render(request, svc, tx, account, {"error": "reset.code_expired", "params": {}}, status=400)
     await run_in_threadpool(reset_bindings, svc, account.id)
     await svc.db.call(svc.audit.record, "bindings.reset", account_id=account.id, username=account.username, **seen)

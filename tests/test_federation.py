@@ -259,6 +259,19 @@ def test_a_callback_in_another_browser_or_replayed_is_refused(site):
     assert stolen.status_code == 400 and "登入已逾時" in stolen.text
 
 
+def test_a_callback_after_its_state_expired_is_refused(site):
+    """The upstream redirect's state is good for STATE_SECONDS on the provider's clock, not for
+    as long as the store happens to keep it."""
+    from idp.factors.federation import STATE_SECONDS
+
+    provider, client_id, _, otp = site
+    _bind_google(provider, _signed_in(provider, client_id, otp), "alice.g")
+    browser = provider.browser()
+    page = at_google(browser, browser.go(_google_link(browser.authorize(client_id))), "alice.g",
+                     before_callback=lambda location: provider.clock.advance(STATE_SECONDS + 1))
+    assert page.status_code == 400 and "登入已逾時" in page.text
+
+
 def test_google_is_followed_by_otp_even_when_the_client_asks_for_two_factors(site):
     provider, client_id, _, otp = site
     _bind_google(provider, _signed_in(provider, client_id, otp), "alice.g")

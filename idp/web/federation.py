@@ -51,7 +51,7 @@ async def _offered(svc, tx) -> bool:
 async def _redirect(request: Request, callback_path: str, pending: dict) -> Response:
     svc = request.app.state.svc
     url, secrets_ = await GOOGLE.upstream(svc).authorization_url(svc.settings.issuer + callback_path)
-    pending.update(secrets_, browser=get_cookie(request, CSRF_COOKIE) or "")
+    pending.update(secrets_, browser=get_cookie(request, CSRF_COOKIE) or "", exp=svc.clock() + STATE_SECONDS)
     await bridge.run(svc.store.set, STATE + secrets_["state"], pending, STATE_SECONDS)
     return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
 
@@ -61,7 +61,8 @@ async def _pending(request: Request, mode: str) -> dict | None:
     svc = request.app.state.svc
     state = request.query_params.get("state") or ""
     pending = await bridge.run(svc.store.take, STATE + state) if state else None
-    if pending is None or pending.get("mode") != mode:
+    # Its own expiry, on the provider's clock: the store's TTL only collects garbage.
+    if pending is None or pending.get("mode") != mode or pending.get("exp", 0) < svc.clock():
         return None
     cookie = get_cookie(request, CSRF_COOKIE) or ""
     if not pending.get("browser") or not hmac.compare_digest(cookie.encode(), pending["browser"].encode()):

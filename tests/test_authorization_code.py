@@ -16,6 +16,9 @@ def test_discovery_points_at_working_endpoints(provider):
     doc = http.get("/.well-known/openid-configuration").json()
     assert doc["issuer"] == provider.issuer
     assert doc["code_challenge_methods_supported"] == ["S256"]
+    for endpoint in ("token", "revocation", "introspection"):  # RFC 8414 2: named wherever private_key_jwt is
+        assert "private_key_jwt" in doc[f"{endpoint}_endpoint_auth_methods_supported"]
+        assert doc[f"{endpoint}_endpoint_auth_signing_alg_values_supported"] == ["ES256", "RS256"]
     assert "ES256" in doc["id_token_signing_alg_values_supported"]
     keys = http.get("/jwks").json()["keys"]
     assert {k["alg"] for k in keys} == {"ES256", "RS256"}

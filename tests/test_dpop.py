@@ -5,19 +5,19 @@ import hashlib
 import secrets
 
 from joserfc import jwt
-from joserfc.jwk import ECKey, OctKey
+from joserfc.jwk import ECKey, OctKey, RSAKey
 
 from tests.harness import pkce, redeem
 
 
-def _proof(provider, key, htm, path, *, access_token=None, jti=None, iat=None, typ="dpop+jwt", public=True):
-    header = {"typ": typ, "alg": "ES256", "jwk": key.as_dict(private=not public)}
+def _proof(provider, key, htm, path, *, access_token=None, jti=None, iat=None, typ="dpop+jwt", public=True, alg="ES256"):
+    header = {"typ": typ, "alg": alg, "jwk": key.as_dict(private=not public)}
     claims = {"htm": htm, "htu": provider.issuer + path, "iat": int(provider.clock() if iat is None else iat),
               "jti": jti or secrets.token_urlsafe(12)}
     if access_token:
         # RFC 9449 4.2, computed here rather than with the provider's own helper
         claims["ath"] = base64.urlsafe_b64encode(hashlib.sha256(access_token.encode()).digest()).rstrip(b"=").decode()
-    return jwt.encode(header, claims, key)
+    return jwt.encode(header, claims, key, algorithms=[alg])
 
 
 def _signed(provider, key, **claims):
@@ -72,6 +72,36 @@ def test_a_dpop_bound_access_token_works_only_with_a_proof_of_its_key(provider):
     # The client's resource servers learn the binding by introspection.
     seen = provider.http().post("/introspect", data={"token": at}, auth=(client_id, secret)).json()
     assert seen["active"] and seen["token_type"] == "DPoP" and seen["cnf"] == {"jkt": key.thumbprint()}
+
+
+def test_rsa_proofs_are_taken_as_discovery_promises(provider):
+    """RS256 and PS256 are advertised: an RSA key's JWK in the proof's header (some 400 bytes
+    for 2048 bits, 750 for 4096) was past joserfc's default header limit, refused every time."""
+    provider.account("alice")
+    client_id, secret = provider.client()
+    assert {"RS256", "PS256"} <= set(provider.http().get("/.well-known/openid-configuration").json()["dpop_signing_alg_values_supported"])
+    for alg, bits in (("RS256", 2048), ("PS256", 4096)):
+        key = RSAKey.generate_key(bits)
+        verifier, challenge = pkce()
+        browser = provider.browser()
+        code = browser.login(client_id, code_challenge=challenge, code_challenge_method="S256")["code"]
+        browser.http.headers["DPoP"] = _proof(provider, key, "POST", "/token", alg=alg)
+        response = redeem(browser.http, client_id, secret, code, verifier)
+        assert response.status_code == 200 and response.json()["token_type"] == "DPoP", (alg, response.text)
+
+
+def test_a_token_without_openid_is_refused_at_userinfo_in_its_own_scheme(provider):
+    """RFC 9449 7.1: the challenge names the scheme the token is presented with."""
+    provider.account("alice")
+    key = ECKey.generate_key("P-256")
+    client_id, secret = provider.client()
+    verifier, challenge = pkce()
+    browser = provider.browser()
+    code = browser.login(client_id, scope="profile", code_challenge=challenge, code_challenge_method="S256")["code"]
+    browser.http.headers["DPoP"] = _proof(provider, key, "POST", "/token")
+    at = redeem(browser.http, client_id, secret, code, verifier).json()["access_token"]
+    refused = _userinfo(provider, at, proof=_proof(provider, key, "GET", "/userinfo", access_token=at))
+    assert refused.status_code == 403 and refused.headers["www-authenticate"].startswith('DPoP error="insufficient_scope"')
 
 
 def test_a_bearer_token_stays_a_bearer_token(provider):

@@ -245,6 +245,21 @@ def test_a_nul_character_is_a_bad_request_on_every_back_end(provider):
     assert token.status_code == 400 and token.json()["error"] == "invalid_request"
 
 
+def test_a_parameter_without_a_value_is_as_if_omitted(provider):
+    """RFC 6749 3.1: max_age= or response_mode= with nothing after it is no invalid request."""
+    provider.account("alice")
+    client_id, _ = provider.client()
+    for param in ("max_age", "response_mode", "prompt", "acr_values"):
+        page = provider.browser().authorize(client_id, **{param: ""})
+        assert page.status_code == 200 and "/login/factor/password" in page.text, (param, page.headers.get("location"))
+
+
+def test_userinfo_without_credentials_has_no_error_code(provider):
+    """RFC 6750 3.1: a request with no authentication gets the challenge alone."""
+    response = provider.http().get("/userinfo")
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+
+
 def test_a_repeated_parameter_is_refused(provider):
     """RFC 6749 3.1: a second prompt or max_age is no way to ask one part of the provider for
     a fresh login while another reads the session's."""

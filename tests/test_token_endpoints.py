@@ -69,6 +69,7 @@ def test_client_credentials_gives_an_access_token_only(provider):
     token = response.json()
     assert token["token_type"] == "Bearer" and token["expires_in"] == 600 and token["access_token"]
     assert "refresh_token" not in token and "id_token" not in token
+    assert "scope" not in token  # none asked, none registered: no empty scope (RFC 6749 3.3)
     # A machine's token names no user: it is live, but there is no UserInfo for it.
     info = _introspect(http, client_id, secret, token["access_token"]).json()
     assert info["active"] is True and info["client_id"] == client_id and "sub" not in info
@@ -330,6 +331,7 @@ def test_introspection_describes_an_active_token(provider):
     assert info["token_type"] == "Bearer" and info["iss"] == provider.issuer
     refresh = _introspect(http, client_id, secret, token["refresh_token"], token_type_hint="refresh_token").json()
     assert refresh["active"] is True and refresh["sub"] == sub
+    assert "token_type" not in refresh  # RFC 7662 2.2: an access token's type; a refresh token has none
 
 
 def test_a_disabled_accounts_tokens_introspect_inactive_and_cannot_refresh(provider):

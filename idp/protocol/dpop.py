@@ -20,8 +20,13 @@ from authlib.oauth2.base import OAuth2Error
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
+from joserfc.jws import JWSRegistry
 
 ALGORITHMS = ["ES256", "ES384", "PS256", "RS256"]  # asymmetric only (section 4.3, check 5)
+# The proof's header carries its public key: a 4096-bit RSA key's JWK is some 750 bytes, past
+# joserfc's default limit of 512, which refused every RSA proof.
+_REGISTRY = JWSRegistry(algorithms=ALGORITHMS)
+_REGISTRY.max_header_length = 2048
 WINDOW = 60  # seconds a proof's iat may be off from our clock, either way
 MAX_PROOF = 8192  # bytes: a proof carries one public key, never more
 
@@ -83,7 +88,7 @@ def proof_key(svc, headers, method: str, uri: str, access_token: str | None = No
         key = JWKRegistry.import_key(header["jwk"])
         if key.is_private:
             raise InvalidProof("The DPoP proof's jwk must not hold a private key.")
-        claims = jwt.decode(value, key, algorithms=ALGORITHMS).claims
+        claims = jwt.decode(value, key, registry=_REGISTRY).claims
     except InvalidProof:
         raise
     except (JoseError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):

@@ -143,7 +143,9 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
 
     at_lifetime = lifetime("access_token", svc.settings.access_token_seconds)
     record = {"scope": scope, **(record or {})}
-    token = {"token_type": "Bearer", "expires_in": at_lifetime, "scope": scope}
+    token = {"token_type": "Bearer", "expires_in": at_lifetime}
+    if scope:  # RFC 6749 3.3: a scope is one or more scope-tokens; none, and there is nothing to say
+        token["scope"] = scope
     jkt = grant.request.dpop_jkt
     _require_dpop(grant.request, client)
     if jkt:
@@ -415,14 +417,11 @@ class IntrospectionEndpoint(rfc7662.IntrospectionEndpoint):
         svc, record = self.server.svc, token.record
         if record.get("account") and not token_active(svc, record):
             return {"active": False}  # a disabled account's tokens are dead, as at UserInfo and refresh
-        payload = {
-            "active": True,
-            "client_id": record["client_id"],
-            "scope": record["scope"],
-            "token_type": ("DPoP" if record.get("cnf") else "Bearer") if token.kind == "at" else "refresh_token",
-            "exp": int(record["exp"]),
-            "iss": svc.settings.issuer,
-        }
+        payload = {"active": True, "client_id": record["client_id"], "exp": int(record["exp"]), "iss": svc.settings.issuer}
+        if record["scope"]:
+            payload["scope"] = record["scope"]
+        if token.kind == "at":  # RFC 7662 2.2: an access token's type (RFC 6749 7.1); a refresh token has none
+            payload["token_type"] = "DPoP" if record.get("cnf") else "Bearer"
         if record.get("cnf"):
             payload["cnf"] = record["cnf"]  # RFC 9449 6.2: the resource server checks proofs against it
         if record.get("account"):

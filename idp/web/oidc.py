@@ -64,7 +64,9 @@ async def discovery(request: Request) -> Response:
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["ES256", "RS256"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
+        "revocation_endpoint_auth_signing_alg_values_supported": ["ES256", "RS256"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "introspection_endpoint_auth_signing_alg_values_supported": ["ES256", "RS256"],
         "code_challenge_methods_supported": ["S256"],
         "dpop_signing_alg_values_supported": dpop.ALGORITHMS,
         "acr_values_supported": list(acr.LADDER),
@@ -101,6 +103,11 @@ def _bad_authorization_page(request: Request, error: OAuth2Error) -> Response:
     """Errors we must not send to the redirect URI: unknown client, unregistered URI."""
     return error_page(request, "error.authorize.title", "error.authorize.detail", status=400,
                       error=error.error, description=error.description or "")
+
+
+def _given(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """RFC 6749 3.1: a parameter sent without a value is treated as if it were omitted."""
+    return [(key, value) for key, value in pairs if value]
 
 
 def _repeated(pairs) -> str | None:
@@ -148,8 +155,7 @@ def _hint_subject(svc, hint: str) -> dict | None:
 async def authorize(request: Request) -> Response:
     svc = request.app.state.svc
     try:
-        query = read_query(request)
-        form = await read_form(request)
+        query, form = _given(read_query(request)), _given(await read_form(request))
     except BadRequest as e:
         return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
     pushed = any(key == "request_uri" for key, _ in query + form)
@@ -235,7 +241,7 @@ async def pushed_authorization(request: Request) -> Response:
     except OAuth2Error as error:  # 401 and its challenge for credentials in the Authorization header (RFC 6749 5.2)
         return _oauth_error(error.error, error.description or "Client authentication failed.", error.status_code,
                             dict(error.get_headers()))
-    params = [(k, v) for k, v in form if k not in par.CLIENT_AUTH_PARAMS]
+    params = [(k, v) for k, v in _given(form) if k not in par.CLIENT_AUTH_PARAMS]
     if any(k == "request_uri" for k, _ in params):
         return _oauth_error("invalid_request", "request_uri cannot be pushed.")
     if dict(params).setdefault("client_id", client.client_id) != client.client_id:
@@ -321,7 +327,9 @@ async def userinfo(request: Request) -> Response:
     except BadRequest as e:
         return _oauth_error("invalid_request", e.description, e.status)
     scheme, token = _access_token(request, form)
-    record = await bridge.run(svc.tokens.lookup, "at", token) if token else None
+    if not token:  # RFC 6750 3.1: no credentials, no error code
+        return Response(status_code=401, headers={"WWW-Authenticate": "Bearer", "Cache-Control": "no-store"})
+    record = await bridge.run(svc.tokens.lookup, "at", token)
     bound = (record or {}).get("cnf", {}).get("jkt")
     challenge = ("DPoP" if bound else "Bearer") + ' error="invalid_token"'
     if record is None or not record.get("account") or scheme != ("dpop" if bound else "bearer"):
@@ -335,7 +343,7 @@ async def userinfo(request: Request) -> Response:
             return _oauth_error(e.error, e.description, 401, {"WWW-Authenticate": dpop.challenge(e.description)})
     if "openid" not in record["scope"].split():
         return _oauth_error("insufficient_scope", "The token lacks the openid scope.", 403,
-                            {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="openid"'})
+                            {"WWW-Authenticate": ("DPoP" if bound else "Bearer") + ' error="insufficient_scope", scope="openid"'})
     info = await run_in_threadpool(_userinfo, svc, record)
     if info is None:
         return _oauth_error("invalid_token", "The token is no longer valid: the account is disabled or its sessions "

@@ -627,7 +627,7 @@ def redis_memory(r) -> dict:
     real = _sample(r, "idp:sess:*", lambda rec: "user_agent" in rec)  # from the HTTP logins, not minted
     gids = set()
     for _, rec in real:
-        gids |= {m.decode().split(" ", 1)[1] for m in r.smembers("idp:sess-grants:" + rec["sid"])}
+        gids |= {m.decode().split(" ")[1] for m in r.smembers("idp:sess-grants:" + rec["sid"])}
     families = {
         "session (sess:)": usage([k for k, _ in real]),
         "session's grant list (sess-grants:, 1 grant)": usage([f"idp:sess-grants:{rec['sid']}" for _, rec in real

@@ -117,11 +117,13 @@ class Sessions:
         ended meanwhile (a logout, a reset) stays ended."""
         batch.replace(self.key(record["sid"]), record, max(1, int(record["exp"] - self.clock())))
 
-    def add_grant(self, sid: str, client_id: str, gid: str, batch=None) -> None:
+    def add_grant(self, sid: str, client_id: str, gid: str, batch=None, offline: bool = False) -> None:
         """Remember a grant issued under the session: one atomic set addition, no
         read-modify-write of the session (two clients redeeming at once lose nothing);
-        with ``batch`` (``idp.storage.kv.Batch``), sent with the caller's other writes."""
-        (batch or self.store).add("sess-grants:" + sid, f"{client_id} {gid}", self.lifetime)
+        with ``batch`` (``idp.storage.kv.Batch``), sent with the caller's other writes.
+        An ``offline`` grant (scope offline_access) outlives the session's end."""
+        member = f"{client_id} {gid}" + (" offline" if offline else "")
+        (batch or self.store).add("sess-grants:" + sid, member, self.lifetime)
 
     def ended_mark(self, sid: str, batch) -> int:
         """Ask in ``batch``, after its ``add_grant``, whether the session's end marked the grant
@@ -131,9 +133,11 @@ class Sessions:
         return batch.has("sess-grants:" + sid, ENDED)
 
     def end(self, sid: str, tokens) -> dict | None:
-        """End a session, revoke every grant issued under it and tell the
-        listeners (which notify the session's clients). Taking the record is
-        atomic, so of two concurrent ends only one notifies."""
+        """End a session, revoke the grants issued under it and tell the listeners (which
+        notify the session's clients). Taking the record is atomic, so of two concurrent
+        ends only one notifies. Offline grants stay (Back-Channel Logout 2.7, OIDC Core 11:
+        offline access is for when the user is not logged in); what must end every grant of
+        the account (a password reset, a disabled account) marks the account instead."""
         record = self.store.take("sess:" + sid) if sid else None
         if record is None:
             return None
@@ -142,9 +146,10 @@ class Sessions:
         # the mark, while a code of the session could still be redeemed.
         self.store.add("sess-grants:" + sid, ENDED, self.ended_seconds)
         for member in self.store.members("sess-grants:" + sid) - {ENDED}:
-            client_id, gid = member.split(" ", 1)
+            client_id, gid, *offline = member.split(" ")
             record["clients"].setdefault(client_id, []).append(gid)
-            tokens.revoke_grant(gid)
+            if not offline:
+                tokens.revoke_grant(gid)
         for listener in self.listeners:
             try:
                 listener(record)

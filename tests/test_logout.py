@@ -7,6 +7,7 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from idp.storage.models import Account
 from tests.harness import REDIRECT, callback, forms, redeem
 
 HOME = "https://portal.example.tw/"
@@ -69,6 +70,26 @@ def test_valid_hint_logs_out_at_once_and_returns_with_state(provider):
     replay = provider.browser()
     replay.http.cookies.set("idp_session", stolen_cookie, domain="idp.test")
     assert not _has_session(replay, client_id)
+
+
+def test_offline_access_outlives_the_logout_but_not_a_reset(provider):
+    """Back-Channel Logout 2.7, OIDC Core 11: a refresh token asked for with offline_access is
+    for when the user is not logged in, and a logout leaves it; one without is revoked with
+    the session. Ending every session of the account (a password reset) ends it too."""
+    browser, client_id, secret, token = _logged_in(provider)
+    code = browser.login(client_id, scope="openid offline_access")["code"]
+    offline = redeem(browser.http, client_id, secret, code).json()
+    assert "offline_access" in offline["scope"].split()
+    assert _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME).status_code == 303
+    assert _tokens_alive(browser, client_id, secret, token) == (401, "invalid_grant")
+    refreshed = browser.http.post("/token", data={"grant_type": "refresh_token", "refresh_token": offline["refresh_token"]},
+                                  auth=(client_id, secret))
+    assert refreshed.status_code == 200, refreshed.text
+    provider.clock.advance(1)
+    with provider.svc.db.session() as session:
+        account_id = session.query(Account).filter_by(username="alice").one().id
+    provider.svc.sessions.end_all(account_id, provider.svc.tokens)
+    assert _tokens_alive(browser, client_id, secret, refreshed.json()) == (401, "invalid_grant")
 
 
 def test_logout_ends_the_session_for_every_client(provider):

@@ -264,7 +264,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
             gid=code["grant"],
             batch=batch,
         )
-        svc.sessions.add_grant(sid, code["client_id"], gid, batch)
+        svc.sessions.add_grant(sid, code["client_id"], gid, batch, offline="offline_access" in code["scope"].split())
         token = _issue(self, batch, account_id=code["account"], scope=code["scope"], gid=gid, auth=code["auth"],
                        profile=profile, nonce=code.get("nonce"), sid=sid, left=lifetime)
         return 200, token, self.TOKEN_RESPONSE_HEADER

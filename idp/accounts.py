@@ -274,6 +274,18 @@ def set_password(account: Account, passwords: Passwords, password: str, *, now: 
     account.password_changed_at = now
 
 
+def change_password(account: Account, passwords: Passwords, password: str, *, now: dt.datetime) -> None:
+    """A new password in place of the current one, never the current one again: a password
+    that expired (A1), or was switched off because it leaked (M4), does not come back."""
+    if is_current_password(account, passwords, password):
+        raise AccountError("password.same")
+    set_password(account, passwords, password, now=now)
+
+
+def is_current_password(account: Account, passwords: Passwords, password: str) -> bool:
+    return bool(account.password_hash) and passwords.verify(account.password_hash, password)[0]
+
+
 # -- disabling ---------------------------------------------------------------------------------
 # ``accounts.disabled`` is the truth; the store holds a mark per disabled account that mirrors
 # it, so that with a shared store (Redis) the token endpoint checks an account with one GET next

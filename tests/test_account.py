@@ -15,7 +15,7 @@ from sqlalchemy import text
 from idp.accounts import reset_bindings
 from idp.storage.models import Account, AuditEvent, Binding
 from idp.web import account as account_pages, federation, reset
-from tests.harness import callback, forms, redeem
+from tests.harness import PASSWORD, callback, forms, redeem
 from tests.mailserver import REFUSED_DOMAIN
 from tests.test_totp import _bind, _code, _error, _secret
 
@@ -138,11 +138,13 @@ def test_disable_and_re_enable_password_login(user):
     assert "已停用帳號密碼登入" in _error(other.password(other.authorize(client_id)))
 
     page = browser.go("/account/password-login")
-    form = forms(page.text)[0]["fields"]
-    answer = provider.svc.store.get("captcha:" + form["form"])["captcha"]
+    answer = provider.svc.store.get("captcha:" + forms(page.text)[0]["fields"]["form"])["captcha"]
+    # M4: a new password; the one switched off (perhaps because it leaked) does not come back.
+    page = browser.submit(page, "/password-login/enable", new_password=PASSWORD, new_password_again=PASSWORD, captcha=answer)
+    assert "不可與目前的密碼相同" in _error(page)
+    answer = provider.svc.store.get("captcha:" + forms(page.text)[0]["fields"]["form"])["captcha"]
     weak = browser.submit(page, "/password-login/enable", new_password="short", new_password_again="short", captcha=answer)
     assert "不符合規則" in _error(weak) and "大寫英文字母" in weak.text
-    form = forms(weak.text)[0]["fields"]
     wrong = browser.submit(weak, "/password-login/enable", new_password="Fresh-Start-55!", new_password_again="Fresh-Start-55!",
                            captcha="00000")
     assert "驗證碼錯誤" in _error(wrong)

@@ -349,6 +349,9 @@ def test_a_weak_or_mistyped_new_password_shows_what_is_wrong_and_changes_nothing
     assert "不可包含帳號" in page.text
     page = browser.submit(page, "/password/reset", new_password=NEW, new_password_again=NEW + "x")
     assert "不一致" in _error(page)
+    # The current password again would make one that expired fresh (A1) without a change.
+    page = browser.submit(page, "/password/reset", new_password=PASSWORD, new_password_again=PASSWORD)
+    assert "不可與目前的密碼相同" in _error(page)
     assert _logs_in(provider, client_id, PASSWORD)
     # The link still works after the mistakes.
     done = browser.submit(page, "/password/reset", new_password=NEW, new_password_again=NEW)

@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp import bridge, captcha
-from idp.accounts import AccountError, set_password, with_bindings
+from idp.accounts import AccountError, change_password, with_bindings
 from idp.factors import FACTORS, methods, passkey
 from idp.factors.totp import Enrolment
 from idp.mail import MailError
@@ -307,7 +307,7 @@ def _enable(svc, account_id, new_password: str) -> bool:
         account = session.get(Account, account_id, with_for_update=True)
         if not account.password_login_disabled:
             return False
-        set_password(account, svc.passwords, new_password, now=dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc))
+        change_password(account, svc.passwords, new_password, now=dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc))
         account.password_login_disabled = False
         return True
 

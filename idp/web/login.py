@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from idp import acr, bridge, captcha, flow
-from idp.accounts import AccountError, set_password, with_bindings
+from idp.accounts import AccountError, change_password, with_bindings
 from idp.factors import FACTORS, methods
 from idp.factors.totp import Enrolment
 from idp.protocol import claims
@@ -277,10 +277,7 @@ async def password_change(request: Request) -> Response:
 def _change_password(svc, account_id, new):
     with svc.db.session() as session:
         account = session.get(Account, account_id)
-        ok, _ = svc.passwords.verify(account.password_hash, new)
-        if ok:
-            raise AccountError("password.same")
-        set_password(account, svc.passwords, new, now=dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc))
+        change_password(account, svc.passwords, new, now=dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc))
 
 
 async def consent(request: Request) -> Response:

@@ -38,7 +38,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from idp import bridge, captcha
-from idp.accounts import set_password
+from idp.accounts import is_current_password, set_password
 from idp.mail import MailError
 from idp.storage.models import Account
 from idp.web.forms import BadRequest, read_form
@@ -374,6 +374,8 @@ async def reset_submit(request: Request) -> Response:
     problems = svc.passwords.problems(new, account["username"])
     if problems:
         return await _reset_again(svc, token, digest, {"error": "password.weak", "params": {}, "rules": problems})
+    if await run_in_threadpool(_is_current, svc, account["id"], new):  # an expired one made fresh again (A1)
+        return await _reset_again(svc, token, digest, {"error": "password.same", "params": {}})
     if await bridge.run(svc.store.take, _RESET + digest) is None:  # used meanwhile (another tab, a double click)
         return _invalid_link(request, record)
     await bridge.run(svc.store.delete, _NEWEST + account["id"])
@@ -386,6 +388,11 @@ async def reset_submit(request: Request) -> Response:
                       method="email")
     done = {"tx": record.get("tx"), "ui_locales": record.get("locale")}
     return RedirectResponse("/password/reset/done?" + urlencode({k: v for k, v in done.items() if v}), status_code=303)
+
+
+def _is_current(svc, account_id: str, password: str) -> bool:
+    with svc.db.session() as session:
+        return is_current_password(session.get(Account, account_id), svc.passwords, password)
 
 
 def _set_new_password(svc, record, new: str) -> str | None:

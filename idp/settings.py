@@ -242,6 +242,11 @@ class Settings:
             if raw is not None:
                 values[f.name] = _parse(f.name, hints[f.name], raw)
         values.update(overrides)
+        for name, value in values.items():
+            # No count, size or time here means anything below zero; a negative one would turn
+            # a rule upside down (a retention of -1 days deletes the whole audit log).
+            if hints[name] is int and value < 0:
+                raise SettingsError(f"IDP_{name.upper()} must not be negative, not {value}")
         return cls(**values)
 
     @classmethod

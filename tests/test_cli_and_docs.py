@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from idp.settings import Settings
+import pytest
+
+from idp.settings import Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,6 +21,15 @@ def _idp(tmp_path, *args, stdin=""):
 
 def test_configuration_reference_matches_settings():
     assert Settings.markdown_table() in (ROOT / "docs/configuration.md").read_text()
+
+
+def test_a_negative_number_in_the_settings_stops_the_start():
+    """A retention of -1 days put the prune's cut-off in the future, deleting the whole audit
+    log within the hour; a password age of -1 expired every password."""
+    for name in ("IDP_AUDIT_RETENTION_DAYS", "IDP_PASSWORD_MAX_AGE_DAYS", "IDP_SESSION_SECONDS"):
+        with pytest.raises(SettingsError, match=f"{name} must not be negative"):
+            Settings.from_env({name: "-1"})
+    assert Settings.from_env({"IDP_AUDIT_RETENTION_DAYS": "0"}).audit_retention_days == 0
 
 
 def test_clients_add_prints_json_with_secret_once(tmp_path):

@@ -24,6 +24,8 @@ from idp.storage.models import Account, Binding
 
 KINDS = ("personal", "aa")
 USERNAME = re.compile(r"^[A-Za-z0-9._@-]{3,64}$")
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+LIMITS = {"name": 200, "email": 320, "org": 200}  # the columns' lengths
 
 
 class AccountError(ValueError):
@@ -244,6 +246,13 @@ def create_account(session, passwords: Passwords, username: str, password: str |
         raise AccountError("account.bad_username")
     if fields.get("kind", "personal") not in KINDS:
         raise AccountError("account.bad_kind")
+    for key, limit in LIMITS.items():
+        if len(fields.get(key) or "") > limit:
+            raise AccountError("admin.error.too_long", field=key, limit=limit)
+    if fields.get("email") and not EMAIL.match(fields["email"]):
+        raise AccountError("admin.error.email")
+    if fields.get("kind") == "aa" and not fields.get("org"):
+        raise AccountError("admin.error.org_required")  # it would administer nothing
     if by_username(session, username) is not None:
         raise AccountError("account.exists", username=username)
     national_id = fields.get("national_id")

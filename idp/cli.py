@@ -168,8 +168,11 @@ def cmd_users_unlock(args) -> int:
     if not svc.settings.redis_url:
         return _fail("without IDP_REDIS_URL the lockout counters live inside the running provider: unlock the "
                      "account on its admin page (/admin), or wait IDP_LOCKOUT_SECONDS")
+    account_id, _ = _account_id(svc, args.username)
+    if account_id is None:
+        return _fail(f"no account {args.username}")
     svc.lockout.clear(args.username)
-    svc.audit.record("account.unlocked", username=args.username, method="cli")
+    svc.audit.record("account.unlocked", account_id=account_id, username=args.username, method="cli")  # in its activity log
     return 0
 
 
@@ -259,8 +262,11 @@ def cmd_clients_add(args) -> int:
     if args.frontchannel_logout_uri:
         meta.update(frontchannel_logout_uri=args.frontchannel_logout_uri, frontchannel_logout_session_required=True)
     if args.jwks:
-        with open(args.jwks) as f:
-            meta["jwks"] = json.load(f)
+        try:
+            with open(args.jwks) as f:
+                meta["jwks"] = json.load(f)
+        except (OSError, ValueError) as e:
+            return _fail(f"--jwks {args.jwks}: {e}")
     try:
         with svc.db.session() as session:
             row, secret, _ = create_client(session, meta, first_party=args.first_party)
@@ -396,8 +402,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sqlalchemy.exc import StatementError
+
     args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except StatementError as e:
+        # The database's own reason, not SQLAlchemy's message, which names every parameter of
+        # the statement: a password's hash, a national ID.
+        return _fail(f"the database refused it: {e.orig}")
 
 
 if __name__ == "__main__":

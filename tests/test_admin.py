@@ -408,7 +408,9 @@ def test_aa_account_manages_its_organisations_personal_accounts_only(site):
 
 def test_an_aa_account_without_an_organisation_administers_nothing(site):
     provider = site
-    provider.account("lost-aa", kind="aa")
+    lost = provider.account("lost-aa", kind="aa", org="臺北市立測試國民小學")
+    with provider.svc.db.session() as session:
+        session.get(Account, lost).org = None  # made before an organisation was required
     _, page, _ = sign_in(provider, "lost-aa")
     assert page.status_code == 403
 
@@ -549,3 +551,15 @@ def test_cli_disable_and_enable_reach_the_running_provider(provider, tmp_path):
 def test_cli_help_lists_the_new_commands(tmp_path):
     out = _idp(tmp_path, "users", "--help")
     assert all(name in out.stdout for name in ("one-day-password", "reset-bindings", "admin"))
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])  # the CLI unlocks where the counters are shared
+def test_cli_unlock_is_in_the_accounts_activity_and_knows_its_accounts(provider, tmp_path):
+    alice = provider.account("alice")
+    settings = provider.svc.settings
+    same = {"IDP_DATABASE_URL": settings.database_url, "IDP_REDIS_URL": settings.redis_url, "IDP_KEYS_DIR": settings.keys_dir}
+    assert _idp(tmp_path, "users", "unlock", "alice", **same).returncode == 0
+    assert [e.account_id for e in events(provider, "account.unlocked")] == [alice]
+    nobody = _idp(tmp_path, "users", "unlock", "nobody", **same)
+    assert nobody.returncode == 2 and "no account nobody" in nobody.stderr
+    assert len(events(provider, "account.unlocked")) == 1

@@ -85,7 +85,7 @@ def test_the_case_insensitive_username_migration_names_the_accounts_it_cannot_te
 def test_migration_0006_forgets_organisation_bindings_and_upper_cases_national_ids(tmp_path):
     """A binding by organisation id would let any of the organisation's cards in: gone, to be
     bound again by card. A national ID kept as typed becomes the one mobile-ID looks for."""
-    assert _idp(tmp_path, "users", "add", "school-aa", "--kind", "aa").returncode == 0
+    assert _idp(tmp_path, "users", "add", "school-aa", "--kind", "aa", "--org", "臺北市立測試國民小學").returncode == 0
     assert _idp(tmp_path, "users", "add", "carol", "--national-id", "A123456789").returncode == 0
     db = sqlite3.connect(tmp_path / "cli.sqlite3")
     db.executescript(
@@ -110,3 +110,19 @@ def test_keys_rotate_promotes_the_published_next_key(tmp_path):
             assert kid in after_rotate and after[kid] == "current"
         if status == "current":
             assert after[kid] == "retired"
+
+
+def test_bad_input_to_the_cli_is_a_clear_error_and_creates_nothing(tmp_path):
+    """As the admin form would say it: no traceback, nothing half made."""
+    missing = _idp(tmp_path, "clients", "add", "--name", "x", "--redirect-uri", "https://a.example.tw/cb",
+                   "--auth-method", "private_key_jwt", "--jwks", str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text("{bad")
+    bad = _idp(tmp_path, "clients", "add", "--name", "x", "--redirect-uri", "https://a.example.tw/cb",
+               "--auth-method", "private_key_jwt", "--jwks", str(tmp_path / "bad.json"))
+    aa = _idp(tmp_path, "users", "add", "school-aa", "--kind", "aa")  # an AA account of no organisation
+    address = _idp(tmp_path, "users", "add", "erin", "--email", "not-an-address")
+    long_name = _idp(tmp_path, "users", "add", "frank", "--name", "x" * 201)
+    for out, says in ((missing, "nope.json"), (bad, "bad.json"), (aa, "organisation"), (address, "email"),
+                      (long_name, "at most 200")):
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr[-300:]
+    assert _idp(tmp_path, "users", "list").stdout == ""

@@ -91,10 +91,21 @@ def cmd_settings(args) -> int:
 
 
 # -- keys ----------------------------------------------------------------------------
+PUBLISHED_AHEAD = 86400  # how long relying parties commonly keep a JWKS they fetched
+
+
 def cmd_keys_rotate(args) -> int:
+    from idp.protocol.keys import TooSoon
+
     svc = _services()
     keep = max(svc.settings.id_token_seconds, svc.settings.access_token_seconds) + 86400
-    for kid in svc.keys.rotate(keep):
+    try:
+        kids = svc.keys.rotate(keep, published_for=0 if args.now else PUBLISHED_AHEAD)
+    except TooSoon as e:
+        when = dt.datetime.fromtimestamp(e.ready_at, dt.timezone.utc).isoformat(timespec="minutes")
+        return _fail(f"the next keys have been published for less than a day, and relying parties may not have them "
+                     f"yet: rotate after {when}, or at once with --now (a key that leaked)")
+    for kid in kids:
         print(f"now signing with {kid}")
     return 0
 
@@ -342,7 +353,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("settings", help="print the settings table (Markdown)").set_defaults(func=cmd_settings)
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
-    keys.add_parser("rotate", help="publish-ahead rotation of the signing keys").set_defaults(func=cmd_keys_rotate)
+    rotate = keys.add_parser("rotate", help="publish-ahead rotation of the signing keys (the next keys published a day)")
+    rotate.add_argument("--now", action="store_true", help="rotate however recently the next keys were published")
+    rotate.set_defaults(func=cmd_keys_rotate)
     keys.add_parser("list").set_defaults(func=cmd_keys_list)
 
     users = sub.add_parser("users", help="accounts").add_subparsers(dest="users_command", required=True)

@@ -43,6 +43,14 @@ def _import(jwk: dict):
     return ECKey.import_key(jwk) if jwk["kty"] == "EC" else RSAKey.import_key(jwk)
 
 
+class TooSoon(Exception):
+    """The next keys have not been published for long enough; ``ready_at``: when they will."""
+
+    def __init__(self, ready_at: float):
+        super().__init__(ready_at)
+        self.ready_at = ready_at
+
+
 class KeyRing:
     def __init__(self, keys_dir: str, refresh_seconds: int = 1, clock=time.time):
         self.dir = Path(keys_dir)
@@ -107,12 +115,18 @@ class KeyRing:
         have = {(r["alg"], r["status"]) for r in records}
         return [(alg, status) for alg in ALGORITHMS for status in ("current", "next") if (alg, status) not in have]
 
-    def rotate(self, keep_retired_seconds: int) -> list[str]:
-        """Promote next to current, retire current; returns the new current kids."""
+    def rotate(self, keep_retired_seconds: int, published_for: int = 0) -> list[str]:
+        """Promote next to current, retire current; returns the new current kids. With
+        ``published_for``, only next keys published at least that long ago are promoted
+        (``TooSoon`` otherwise): relying parties have had the time to cache them."""
         # The new next keys are made before the lock: every serving process that reloads
         # waits on it, and an RSA key takes up to a second to generate.
         fresh = {alg: _generate(alg, "next") for alg in ALGORITHMS}
         with self._exclusive():
+            if published_for:  # (``created_at`` is the wall clock's)
+                ready_at = max((r["created_at"] for r in self._records() if r["status"] == "next"), default=0) + published_for
+                if ready_at > time.time():
+                    raise TooSoon(ready_at)
             return self._rotate(keep_retired_seconds, fresh)
 
     def _rotate(self, keep_retired_seconds: int, fresh: dict[str, dict]) -> list[str]:

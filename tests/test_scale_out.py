@@ -296,7 +296,7 @@ def test_one_refresh_token_raced_at_both_processes_rotates_once_and_ends_the_fam
 def test_key_rotation_reaches_every_process_without_a_restart(cluster, receiver):
     client_id, secret = _client(cluster, receiver)
     cb = receiver.url + "/cb"
-    rotated = cluster.idp("keys", "rotate")
+    rotated = cluster.idp("keys", "rotate", "--now")  # the next keys are minutes old here
     assert rotated.returncode == 0, rotated.stderr
     new_kids = {line.split()[-1] for line in rotated.stdout.splitlines() if line.startswith("now signing with")}
     [es256] = [kid for kid in new_kids if kid.startswith("es256-")]

@@ -24,6 +24,13 @@ def _now(svc) -> dt.datetime:
     return dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
 
 
+def _seconds(text: str) -> int:
+    """A count of seconds for argparse: a whole number above zero."""
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above zero")
+    return int(text)
+
+
 def _fail(message: str) -> int:
     print(f"idp: {message}", file=sys.stderr)
     return 2
@@ -409,7 +416,7 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("client_id")
         c.set_defaults(func=func)
     t = clients.add_parser("token", help="issue an RFC 7591 initial access token")
-    t.add_argument("--expires-in", type=int, default=86400)
+    t.add_argument("--expires-in", type=_seconds, default=86400, help="seconds the token is good for")
     t.set_defaults(func=cmd_clients_token)
     return p
 

@@ -130,3 +130,5 @@ def test_bad_input_to_the_cli_is_a_clear_error_and_creates_nothing(tmp_path):
                       (long_name, "at most 200")):
         assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr[-300:]
     assert _idp(tmp_path, "users", "list").stdout == ""
+    expired = _idp(tmp_path, "clients", "token", "--expires-in", "-100")  # a token dead on arrival
+    assert expired.returncode == 2 and "above zero" in expired.stderr and "Traceback" not in expired.stderr

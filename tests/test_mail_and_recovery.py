@@ -197,6 +197,24 @@ def test_a_link_is_void_once_the_password_has_changed_since(mailing, smtp_server
     assert provider.browser().go(kept).status_code == 400
 
 
+def test_a_link_mailed_before_the_account_was_disabled_is_void_once_it_is_enabled(mailing, smtp_server):
+    """Disabling an account ends its sessions and tokens, and the reset links mailed before."""
+    from idp.accounts import set_disabled
+
+    provider = mailing
+    alice = provider.account("alice", email_verified=True)
+    ask_reset(provider, provider.browser(), "alice@example.tw")
+    kept = reset_link(smtp_server.next_message())
+    provider.clock.advance(60)
+    set_disabled(provider.svc, alice, True)
+    provider.clock.advance(60)
+    set_disabled(provider.svc, alice, False)
+    assert provider.browser().go(kept).status_code == 400
+    # A link asked for after it is enabled works.
+    ask_reset(provider, provider.browser(), "alice@example.tw")
+    assert provider.browser().go(reset_link(smtp_server.next_message())).status_code == 200
+
+
 def test_english_page_gets_the_mail_in_english_first(mailing, smtp_server):
     provider = mailing
     provider.account("alice", email_verified=True)

@@ -40,6 +40,7 @@ from starlette.routing import Route
 from idp import bridge, captcha
 from idp.accounts import is_current_password, set_password
 from idp.mail import MailError
+from idp.protocol.tokens import not_before_mark
 from idp.storage.models import Account
 from idp.web.forms import BadRequest, read_form
 from idp.web.pages import (CSRF_COOKIE, csrf_ok, csrf_token, error_page, get_cookie, locale_of, render, set_cookie,
@@ -309,8 +310,12 @@ def _reset_record(svc, token: str) -> dict | None:
     record = svc.store.get(_RESET + digest)
     if record is None or record["exp"] < svc.clock():
         return None
-    newest = svc.store.get(_NEWEST + record["account"])
+    newest, ended = svc.store.get_many([_NEWEST + record["account"], not_before_mark(record["account"])])
     if newest is None or not hmac.compare_digest(newest["digest"], digest):
+        return None
+    if ended and ended["time"] >= record["exp"] - RESET_SECONDS:
+        # Every session of the account was ended since it was mailed (it was disabled, or
+        # logged out everywhere): a link kept from before does not outlive that either.
         return None
     return {**record, "digest": digest}
 

@@ -313,7 +313,7 @@ def _reset_record(svc, token: str) -> dict | None:
     newest, ended = svc.store.get_many([_NEWEST + record["account"], not_before_mark(record["account"])])
     if newest is None or not hmac.compare_digest(newest["digest"], digest):
         return None
-    if ended and ended["time"] >= record["exp"] - RESET_SECONDS:
+    if ended and ended["time"] > record["exp"] - RESET_SECONDS:
         # Every session of the account was ended since it was mailed (it was disabled, or
         # logged out everywhere): a link kept from before does not outlive that either.
         return None

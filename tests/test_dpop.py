@@ -157,6 +157,23 @@ def test_bad_proofs_are_refused_at_the_token_endpoint(provider):
         assert response.status_code == 400 and response.json()["error"] == "invalid_dpop_proof", why
 
 
+def test_htu_is_compared_as_a_uri(provider):
+    """RFC 9449 4.3 with RFC 3986 6.2.2-6.2.3: scheme and host in any case, the default port
+    or none, a query or fragment left out; another scheme, port or path is another target."""
+    provider.account("alice")
+    key = ECKey.generate_key("P-256")
+    client_id, secret = provider.client()
+    for htu, taken in (("HTTP://IDP.Test:80/token", True), ("http://idp.test/token?x=1#f", True),
+                       ("https://idp.test/token", False), ("http://idp.test:8080/token", False),
+                       ("http://idp.test/Token", False)):
+        verifier, challenge = pkce()
+        browser = provider.browser()
+        code = browser.login(client_id, code_challenge=challenge, code_challenge_method="S256")["code"]
+        browser.http.headers["DPoP"] = _signed(provider, key, iat=int(provider.clock()), htu=htu)
+        response = redeem(browser.http, client_id, secret, code, verifier)
+        assert (response.status_code == 200) is taken, (htu, response.text)
+
+
 def test_a_client_registered_for_dpop_must_send_a_proof(provider):
     provider.account("alice")
     _, _, response = _tokens(provider, None, dpop_bound_access_tokens=True)

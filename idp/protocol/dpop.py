@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import math
+from urllib.parse import urlsplit
 
 import orjson
 from authlib.oauth2.base import OAuth2Error
@@ -67,8 +68,17 @@ def _time(value) -> bool:
 
 
 def _target(uri) -> str:
-    """``htu`` compared as section 4.3 says: without query and fragment."""
-    return uri.split("#", 1)[0].split("?", 1)[0] if isinstance(uri, str) else ""
+    """A URI as section 4.3 compares ``htu``: without query and fragment, normalised as RFC
+    3986 6.2.2-6.2.3 say (scheme and host in lower case, no default port)."""
+    try:
+        parts = urlsplit(uri if isinstance(uri, str) else "")
+        port = parts.port
+    except ValueError:
+        return ""
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = "" if port in (None, {"http": 80, "https": 443}.get(scheme)) else f":{port}"
+    return f"{scheme}://{host}{port}{parts.path or '/'}"
 
 
 def proof_key(svc, headers, method: str, uri: str, access_token: str | None = None) -> str | None:
@@ -93,7 +103,7 @@ def proof_key(svc, headers, method: str, uri: str, access_token: str | None = No
         raise
     except (JoseError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
         raise InvalidProof("The DPoP proof is not a JWT signed by its jwk.") from None
-    if claims.get("htm") != method or _target(claims.get("htu")) != uri:
+    if claims.get("htm") != method or _target(claims.get("htu")) != _target(uri):
         raise InvalidProof("The DPoP proof was made for another request (htm, htu).")
     iat, now = claims.get("iat"), svc.clock()
     if not _time(iat) or abs(now - iat) > WINDOW:

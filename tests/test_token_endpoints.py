@@ -142,6 +142,11 @@ def test_private_key_jwt_client_gets_a_token(provider):
     # The issuer itself is an audience RFC 7523 allows too.
     response = _with_assertion(provider.http(), _assertion(provider, key, client_id, aud=provider.issuer))
     assert response.status_code == 200, response.text
+    # So is the endpoint a client calls, as client libraries sign for it.
+    token = response.json()["access_token"]
+    seen = provider.http().post("/introspect", data={"token": token, "client_assertion_type": ASSERTION_TYPE,
+                                                     "client_assertion": _assertion(provider, key, client_id, aud=provider.issuer + "/introspect")})
+    assert seen.status_code == 200 and seen.json()["active"], seen.text
 
 
 def test_replayed_client_assertion_is_invalid_client(provider):

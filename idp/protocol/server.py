@@ -339,7 +339,9 @@ class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
 
     def get_audiences(self):
         issuer = self.svc.settings.issuer
-        return [issuer, issuer + "/token", issuer + "/par"]  # RFC 9126 2: any of these at /par
+        # RFC 7523 3: anything that names this server; clients commonly sign for the endpoint
+        # they call (RFC 9126 2 allows any of these at /par).
+        return [issuer] + [issuer + path for path in ("/token", "/par", "/revoke", "/introspect")]
 
     def resolve_client_public_key(self, client):
         # joserfc's default algorithms are discovery's ES256 and RS256 (HS256 needs a key these

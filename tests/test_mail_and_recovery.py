@@ -479,6 +479,14 @@ def test_a_confirmation_link_for_an_old_address_or_too_late_confirms_nothing(mai
     assert provider.browser().go("/email/confirm?token=made-up").status_code == 400
     assert provider.browser().go("/email/confirm").status_code == 400
 
+    # An account disabled since the link was mailed: it confirms nothing, as its other links.
+    send_verification(provider.svc, _account(provider), "zh-TW")
+    disabled_link = CONFIRM_LINK.search(smtp_server.next_message().get_content()).group(0)
+    with provider.svc.db.session() as session:
+        session.execute(select(Account)).scalar_one().disabled = True
+    assert provider.browser().go(disabled_link).status_code == 400
+    assert not _account(provider).email_verified
+
 
 # -- transports --------------------------------------------------------------------------------
 def test_without_smtp_mails_go_to_the_outbox(make_provider, tmp_path, caplog):

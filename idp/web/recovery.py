@@ -131,8 +131,10 @@ async def email_confirm(request: Request) -> Response:
     record = await bridge.run(svc.store.take, _VERIFY + _digest(token)) if 0 < len(token) <= MAX_TOKEN else None
     if record is None or record["exp"] < svc.clock():
         return _notice(request, "recovery.email.invalid.title", "recovery.email.invalid.detail", status=400)
-    username = await run_in_threadpool(_mark_verified, svc, record)
-    if username is None:
+    username, problem = await run_in_threadpool(_mark_verified, svc, record)
+    if problem == "disabled":
+        return _notice(request, "recovery.email.invalid.title", "recovery.email.invalid.detail", status=400)
+    if problem:
         return _notice(request, "recovery.email.changed.title", "recovery.email.changed.detail", status=409)
     await svc.db.call(svc.audit.record, "email.verified", account_id=record["account"], username=username,
                       **who(request), method="email")
@@ -140,13 +142,17 @@ async def email_confirm(request: Request) -> Response:
                    email=record["email"])
 
 
-def _mark_verified(svc, record) -> str | None:
+def _mark_verified(svc, record) -> tuple[str | None, str | None]:
+    """(the account's username, None) once its address is confirmed, or (None, why not):
+    ``changed`` (it is no longer the account's address) or ``disabled`` (as its other links)."""
     with svc.db.session() as session:
         account = session.get(Account, record["account"])
         if account is None or not _same_address(account.email, record["email"]):
-            return None
+            return None, "changed"
+        if account.disabled:
+            return None, "disabled"
         account.email_verified = True
-        return account.username
+        return account.username, None
 
 
 # -- forgot password: the request form ---------------------------------------------------

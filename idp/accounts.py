@@ -169,13 +169,20 @@ class Lockout:
                 return lock["until"], 0
             self.store.delete("lock:" + key, "fail:" + key)  # the lock is over: counting starts again
             attempt = self.reserve(username)
+        attempt = self._owed(key, attempt)
         if attempt > self.threshold:
             return self.lock(username), 0
         return None, attempt
 
     def reserve(self, username: str) -> int:
         """Count an attempt; returns its number (the caller locks past the threshold)."""
-        return self.store.incr("fail:" + self._key(username), self.seconds)
+        key = self._key(username)
+        return self._owed(key, self.store.incr("fail:" + key, self.seconds))
+
+    def _owed(self, key: str, attempt: int) -> int:
+        """``attempt``, unless a give-back (``release``) came after its count's window had ended
+        and left the new count below one: then that count starts again at one, no try for free."""
+        return attempt if attempt >= 1 else self.store.incr("fail:" + key, self.seconds, by=1 - attempt)
 
     def release(self, username: str, batch: Batch | None = None) -> None:
         """Give back a reserved attempt that turned out not to be a guess (now, or with ``batch``).

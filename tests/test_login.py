@@ -48,6 +48,18 @@ def test_three_wrong_passwords_lock_for_fifteen_minutes(provider):
     assert "code" in callback(browser.password(page))
 
 
+def test_a_give_back_after_the_count_lapsed_is_no_free_try(provider):
+    """An answer's attempt is given back once it proves right; when the count's window ended
+    while it was checked, the give-back left the next count at -1: one more guess."""
+    lockout = provider.svc.lockout
+    lockout.reserve("alice")
+    provider.svc.store.delete("fail:alice")  # the window ends while the answer is checked
+    lockout.release("alice")
+    attempts = [lockout.attempt("alice") for _ in range(lockout.threshold + 1)]
+    assert [n for _, n in attempts[:-1]] == list(range(1, lockout.threshold + 1))
+    assert attempts[-1][0] is not None  # the one past the threshold locks
+
+
 def test_lockout_does_not_reveal_whether_an_account_exists(provider):
     provider.account("alice")
     client_id, _ = provider.client()

@@ -72,7 +72,7 @@ def test_the_image_carries_pkcs11info_for_any_page(setup):
     assert body == http.get("/pkcs11info", headers={"Origin": SITE}).json()
 
 
-@pytest.mark.parametrize("origin", [None, "https://evil.example", "http://localhost"])
+@pytest.mark.parametrize("origin", [None, "https://evil.example", "http://localhost", "http://localhost:99999"])
 def test_an_unauthorised_site_gets_the_components_code(setup, origin):
     http, _, _ = setup
     headers = {"Origin": origin} if origin else {}
@@ -82,6 +82,37 @@ def test_an_unauthorised_site_gets_the_components_code(setup, origin):
     assert sign(http, origin)["ret_code"] == NOT_AUTHORISED
     if origin:  # only the popup's own requests may name the page it works for
         assert sign(http, origin, headers={"X-HiPKI-Opener": SITE})["ret_code"] == NOT_AUTHORISED
+
+
+def test_a_site_is_refused_before_its_body_is_read_and_no_body_is_read_past_its_limit():
+    """Any page can post to the component on the user's PC: one that may not is answered from
+    its headers, without reading what it sends; one that may is refused past MAX_BODY."""
+    from clients.hipki_signer.app import MAX_BODY, create_app
+
+    app = create_app(reader=None, allowed_origins=[SITE])  # no card is reached either way
+
+    def post(origin, size):
+        chunks, read, sent = [b"tbsPackage=" + b"x" * size], [0], []
+
+        async def receive():
+            body = chunks.pop() if chunks else b""
+            read[0] += len(body)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/sign", "raw_path": b"/sign", "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 61161), "headers": [(b"host", b"localhost:61161"), (b"origin", origin.encode()),
+                                                              (b"content-type", b"application/x-www-form-urlencoded")]}
+        asyncio.run(app(scope, receive, send))
+        body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+        return sent[0]["status"], body["ret_code"], read[0]
+
+    assert post("https://evil.example", 4 * MAX_BODY) == (200, NOT_AUTHORISED, 0)
+    status, code, _ = post(SITE, MAX_BODY + 1)
+    assert (status, code) == (413, FAILED)
 
 
 def test_a_site_rebinding_its_name_to_loopback_is_refused(setup):

@@ -20,7 +20,7 @@ import binascii
 import json
 import logging
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -37,6 +37,7 @@ LOOPBACK = ("localhost", "127.0.0.1")
 OPENER_HEADER = "x-hipki-opener"  # set by popupForm: the origin of the page it works for
 SIGNATURE_TYPES = {"PKCS7": cms.pkcs7, "PKCS1": cms.pkcs1}
 POPUP = (Path(__file__).parent / "popup.html").read_text("utf-8")
+MAX_BODY = 256 * 1024  # a tbsPackage: a challenge, a PIN and a few fields (a document to sign is far less)
 
 
 def create_app(reader: Reader, allowed_origins: list[str]) -> Starlette:
@@ -46,8 +47,12 @@ def create_app(reader: Reader, allowed_origins: list[str]) -> Starlette:
         if request.url.hostname not in LOOPBACK:  # a name rebound to 127.0.0.1 by another site's DNS
             return None
         origin = request.headers.get("origin")
-        parts = urlsplit(origin or "")
-        if origin is None or (parts.hostname in LOOPBACK and parts.port == request.url.port):
+        try:
+            parts = urlsplit(origin or "")
+            own = parts.hostname in LOOPBACK and parts.port == request.url.port
+        except ValueError:  # not an origin at all (a port past 65535, say): no site's
+            return None
+        if origin is None or own:
             return request.headers.get(OPENER_HEADER)  # the popup's own request
         return origin
 
@@ -67,9 +72,16 @@ def create_app(reader: Reader, allowed_origins: list[str]) -> Starlette:
                         headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "no-store"})
 
     async def sign(request: Request) -> Response:
-        form = await request.form()
+        # Who asks is known from the headers: a site that may not is refused before its body
+        # is read, and no body is read past MAX_BODY (any page can post here).
         if not authorised(request):
             return JSONResponse(answer("sign", NOT_AUTHORISED, "site not authorised"))
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return JSONResponse(answer("sign", FAILED, "request too large"), status_code=413)
+        form = dict(parse_qsl(body.decode("utf-8", "replace")))
         try:
             result = await _run_sign(reader, form.get("tbsPackage") or "")
         except HiPKIError as exc:

@@ -96,9 +96,9 @@ def validate(token: str, keys: KeySet, issuer: str, client_id: str, now: float) 
     iat = c.get("iat")
     if not isinstance(iat, (int, float)) or iat > now + LEEWAY or iat < now - MAX_AGE:
         raise LogoutTokenError("iat missing or out of range")
-    exp = c.get("exp")
-    if exp is not None and (not isinstance(exp, (int, float)) or exp < now - LEEWAY):
-        raise LogoutTokenError("expired")
+    exp = c.get("exp")  # required (section 2.4)
+    if not isinstance(exp, (int, float)) or exp < now - LEEWAY:
+        raise LogoutTokenError("exp missing or passed")
     events = c.get("events")
     if not isinstance(events, dict) or not isinstance(events.get(EVENT), dict):
         raise LogoutTokenError("no back-channel logout event")

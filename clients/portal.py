@@ -163,12 +163,12 @@ def error_page(request, status_code, error, description=""):
 
 
 def provider_error(request, exc):
-    log.warning("provider error: %r", exc)
+    log.warning("provider error: %r", exc)  # with its description, for whoever looks into it
     if isinstance(exc, httpx.HTTPError):
         return error_page(request, 502, "provider_unreachable", str(exc))
-    error = getattr(exc, "error", None) or type(exc).__name__
-    description = getattr(exc, "description", None) or str(exc)
-    return error_page(request, 400, error, description)
+    # The error code alone: an error response's description comes in the callback's URL, which
+    # anyone can write and send, and would read as the portal's own words on its page.
+    return error_page(request, 400, getattr(exc, "error", None) or type(exc).__name__)
 
 
 def _csrf_ok(request, form) -> bool:

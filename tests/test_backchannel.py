@@ -386,10 +386,15 @@ def test_the_portal_checks_the_logout_token(live_provider, make_bc_portal):
             post(signed({"events": {EVENT: {}}, "nonce": "n"})),
             post(signed({"sid": None, "sub": None})),
             post(signed({"iat": now - 3600, "exp": now + 60})),
+            post(signed({"exp": None})),  # required (section 2.4)
             post(signed({"jti": None})),
         ]
         assert [r.status_code for r in refused] == [400] * len(refused)
         assert NAME in agent.go(url + "/").text  # none of those logged anyone out
+        # An error response's description is the sender's text: the portal shows the code alone.
+        lure = "帳號異常，請立即撥打客服專線"
+        page = httpx.get(url + "/callback", params={"error": "access_denied", "error_description": lure})
+        assert page.status_code == 400 and "access_denied" in page.text and lure not in page.text
 
         # Tokens naming a key the portal lacks make it fetch the provider's JWKS once, not
         # once each (anyone may post here); garbage makes it fetch nothing.

@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass
@@ -163,12 +164,16 @@ def error_page(request, status_code, error, description=""):
 
 
 def provider_error(request, exc):
-    log.warning("provider error: %r", exc)  # with its description, for whoever looks into it
+    log.warning("provider error: %r", exc)
     if isinstance(exc, httpx.HTTPError):
         return error_page(request, 502, "provider_unreachable", str(exc))
-    # The error code alone: an error response's description comes in the callback's URL, which
-    # anyone can write and send, and would read as the portal's own words on its page.
-    return error_page(request, 400, getattr(exc, "error", None) or type(exc).__name__)
+    error = getattr(exc, "error", None) or type(exc).__name__
+    if "error" in request.query_params:
+        # An error response: its text comes in the callback's URL, which anyone can write and
+        # send, and would read as the portal's own words. A code as OAuth spells one, alone.
+        return error_page(request, 400, error if re.fullmatch("[a-z_]{1,64}", error) else "invalid_response")
+    description = getattr(exc, "description", None) or str(exc)
+    return error_page(request, 400, error, description)
 
 
 def _csrf_ok(request, form) -> bool:

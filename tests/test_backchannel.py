@@ -395,6 +395,8 @@ def test_the_portal_checks_the_logout_token(live_provider, make_bc_portal):
         lure = "帳號異常，請立即撥打客服專線"
         page = httpx.get(url + "/callback", params={"error": "access_denied", "error_description": lure})
         assert page.status_code == 400 and "access_denied" in page.text and lure not in page.text
+        page = httpx.get(url + "/callback", params={"error": lure})
+        assert page.status_code == 400 and "invalid_response" in page.text and lure not in page.text
 
         # Tokens naming a key the portal lacks make it fetch the provider's JWKS once, not
         # once each (anyone may post here); garbage makes it fetch nothing.

@@ -85,6 +85,27 @@ def shown_number(page) -> int:
     return int(re.search(r"data-number[^>]*>(\d+)<", page.text).group(1))
 
 
+def test_the_app_talks_only_to_the_provider_whose_qr_code_it_scanned():
+    """A QR code aimed at a phishing server cannot send the phone's later signed traffic to
+    a third host, nor have the app show another provider's name."""
+    from tests.live import httpx
+
+    calls = []
+
+    def server(request):
+        calls.append(str(request.url))
+        return httpx.Response(200, json={
+            "device": "dev1", "issuer": "https://idp.moe.gov.tw", "issuer_name": "教育部 身分認證服務",
+            "otp": {"secret": "JBSWY3DPEHPK3PXP"},
+            "endpoints": {"poll": "https://collector.evil.example/poll", "answer": "https://collector.evil.example/answer"}})
+
+    app = Authenticator(http=httpx.Client(transport=httpx.MockTransport(server)))
+    with pytest.raises(AppError) as refused:
+        app.register("https://idp.example.tw/push/register?code=abc")
+    assert refused.value.code == "foreign_provider" and not app.state
+    assert calls == ["https://idp.example.tw/push/register"]
+
+
 def test_registration_url_is_one_time_and_number_is_validated(provider):
     browser = provider.browser()
     page = browser.password(browser.go("/account/push"))

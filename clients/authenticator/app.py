@@ -87,6 +87,12 @@ class Authenticator:
         endpoint = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
         key = ECKey.generate_key("P-256", private=True)
         answer = self.post(endpoint, self.sign(endpoint, {"code": code, "channel": channel}, key))
+        # The provider the QR code named is the one the phone talks to and names, whatever the
+        # reply says: its issuer is where the code came from, its endpoints under that issuer.
+        base = str(answer.get("issuer") or "").rstrip("/") + "/"
+        urls = [endpoint, *(answer.get("endpoints") or {}).values()]
+        if base == "/" or len(urls) != 3 or not all(isinstance(u, str) and u.startswith(base) for u in urls):
+            raise AppError("foreign_provider", "The reply names another provider than the QR code's.", 200)
         self.state = {"key": key.as_dict(private=True), "device": answer["device"], "issuer": answer["issuer"],
                       "issuer_name": answer["issuer_name"], "otp": answer["otp"], "endpoints": answer["endpoints"]}
         self._save()

@@ -27,7 +27,6 @@ from starlette.concurrency import run_in_threadpool
 from idp import acr
 from idp.accounts import password_expired
 from idp.factors import FACTORS, one_day
-from idp.factors.one_day import ONE_DAY
 from idp.storage.kv import Batch
 from idp.storage.models import Account, Consent
 
@@ -147,10 +146,10 @@ def within_day(session: dict, now: float) -> dict | None:
     """The SSO session without a one-day password proven on an earlier day: the code is good
     on its day alone (SPEC A7), so after midnight in Taiwan the login it made is over, and a
     session it alone found the account for starts the login over."""
-    proof = (session.get("proofs") or {}).get(ONE_DAY.name)
+    proof = (session.get("proofs") or {}).get(one_day.ONE_DAY.name)
     if proof is None or one_day.today(proof["time"]) == one_day.today(now):
         return session
-    return _kept(session, {name: proof for name, proof in session["proofs"].items() if name != ONE_DAY.name})
+    return _kept(session, {name: proof for name, proof in session["proofs"].items() if name != one_day.ONE_DAY.name})
 
 
 def _kept(session: dict, kept: dict) -> dict | None:

@@ -119,15 +119,21 @@ class KeyRing:
         """Promote next to current, retire current; returns the new current kids. With
         ``published_for``, only next keys published at least that long ago are promoted
         (``TooSoon`` otherwise): relying parties have had the time to cache them."""
+        self._published(published_for)  # before the keys are made: a refusal costs nothing
         # The new next keys are made before the lock: every serving process that reloads
         # waits on it, and an RSA key takes up to a second to generate.
         fresh = {alg: _generate(alg, "next") for alg in ALGORITHMS}
         with self._exclusive():
-            if published_for:  # (``created_at`` is the wall clock's)
-                ready_at = max((r["created_at"] for r in self._records() if r["status"] == "next"), default=0) + published_for
-                if ready_at > time.time():
-                    raise TooSoon(ready_at)
+            self._published(published_for)  # and again under it: another rotation may have run
             return self._rotate(keep_retired_seconds, fresh)
+
+    def _published(self, seconds: int) -> None:
+        """Raise ``TooSoon`` unless the next keys were published ``seconds`` ago (wall clock,
+        as their ``created_at``)."""
+        if seconds:
+            ready_at = max((r["created_at"] for r in self._records() if r["status"] == "next"), default=0) + seconds
+            if ready_at > time.time():
+                raise TooSoon(ready_at)
 
     def _rotate(self, keep_retired_seconds: int, fresh: dict[str, dict]) -> list[str]:
         now = int(self._clock())

@@ -114,8 +114,11 @@ def _repeated(pairs) -> str | None:
     """RFC 6749 3.1 and 3.2: no parameter more than once (authlib checks five of them at the
     authorization endpoint). Read first-wins in one place and last-wins in another, a repeated
     prompt, max_age or code would be obeyed by one part of the provider and ignored by another."""
-    repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
-    return f"Parameters must not be repeated: {', '.join(repeated)}." if repeated else None
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) == len(keys):  # every request but a bad one: no counting
+        return None
+    repeated = sorted(key for key, count in Counter(keys).items() if count > 1)
+    return f"Parameters must not be repeated: {', '.join(repeated)}."
 
 
 def _check_extras(data: dict, pairs) -> tuple[str, str] | None:

@@ -1,5 +1,9 @@
 """The authorization code flow (SPEC P2, P3, P4) as a relying party sees it."""
 
+import html
+import re
+
+import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
@@ -130,3 +134,24 @@ def test_english_by_ui_locales(provider):
     assert "Password" in page.text and 'lang="en"' in page.text
     page = provider.browser().authorize(client_id)
     assert "密碼" in page.text
+
+
+def test_the_language_the_user_picks_holds_over_the_portals_hint(provider):
+    """The portal asked for English; the user pressed 繁體中文: the rest of the login (here the
+    page after a wrong password) stays in the user's choice."""
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id, ui_locales="en")
+    chinese = browser.go(html.unescape(re.search(r'<a href="([^"]+)" lang="zh-TW">', page.text)[1]))
+    again = browser.password(chinese, password="wrong-password")
+    assert '<html lang="zh-TW">' in again.text and "密碼" in again.text
+
+
+@pytest.mark.parametrize("header", ["en;q=0, zh-TW", "en;q=0.1, zh-TW;q=0.9", "fr, en;q=0.5, zh-TW;q=0.8"])
+def test_accept_language_is_read_by_weight(provider, header):
+    """RFC 9110 12.5.4: the most wanted language we have; q=0 means not that one."""
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    browser.http.headers["Accept-Language"] = header
+    assert '<html lang="zh-TW">' in browser.authorize(client_id).text

@@ -1,14 +1,17 @@
 """Translations: JSON catalogs in ``i18n/<locale>/<area>.json``, keyed by message
 id; each area of the provider keeps its own file, merged at start.
 
-Language choice, first match wins: the login's ``ui_locales``, the ``lang``
-switch (remembered in a cookie), the browser's Accept-Language, the default
-(Traditional Chinese).
+Language choice, first match wins: the ``lang`` switch the user pressed
+(remembered in a cookie), the login's ``ui_locales`` (the portal's hint), the
+browser's Accept-Language by weight, the default (Traditional Chinese). The
+user's own choice comes first, as in Keycloak: a portal that asked for English
+must not undo the switch at the next page of the same login.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 LOCALES = ("zh-TW", "en")
@@ -34,14 +37,25 @@ def _match(tag: str) -> str | None:
     return None
 
 
+# RFC 9110 12.5.4: a language range, then its weight (three decimals at most).
+_RANGE = re.compile(r"\s*([A-Za-z*][A-Za-z0-9-]*)\s*(?:;\s*q\s*=\s*(0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?))?\s*$", re.I)
+
+
+def _by_weight(accept_language: str) -> list[str]:
+    """The header's ranges, most wanted first (equal weights in the header's order); ``q=0``
+    means "not this one", and a range we cannot read is left out."""
+    weighted = []
+    for part in accept_language.split(","):
+        if (found := _RANGE.match(part)) and (weight := float(found[2] or 1)) > 0:
+            weighted.append((weight, found[1]))
+    return [tag for _, tag in sorted(weighted, key=lambda item: -item[0])]
+
+
 def negotiate(ui_locales: str | None, cookie: str | None, accept_language: str | None, default: str) -> str:
-    for tag in (ui_locales or "").split():
-        if found := _match(tag):
-            return found
     if cookie in LOCALES:
         return cookie
-    for part in (accept_language or "").split(","):
-        if found := _match(part.split(";")[0]):
+    for tag in (ui_locales or "").split() + _by_weight(accept_language or ""):
+        if found := _match(tag):
             return found
     return default
 

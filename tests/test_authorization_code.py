@@ -148,6 +148,13 @@ def test_the_language_the_user_picks_holds_over_the_portals_hint(provider):
     assert '<html lang="zh-TW">' in again.text and "密碼" in again.text
 
 
+
+def test_an_error_the_provider_shows_itself_speaks_the_portals_language(provider):
+    """OIDC Core 3.1.2.1: ui_locales holds for a redirect_uri that may not be answered too."""
+    client_id, _ = provider.client()
+    page = provider.browser().authorize(client_id, redirect_uri="https://elsewhere.example/cb", ui_locales="en")
+    assert page.status_code == 400 and '<html lang="en">' in page.text
+
 @pytest.mark.parametrize("header", ["en;q=0, zh-TW", "en;q=0.1, zh-TW;q=0.9", "fr, en;q=0.5, zh-TW;q=0.8"])
 def test_accept_language_is_read_by_weight(provider, header):
     """RFC 9110 12.5.4: the most wanted language we have; q=0 means not that one."""

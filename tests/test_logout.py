@@ -244,6 +244,16 @@ def test_logout_without_hint_or_redirect_shows_logged_out_page(provider):
     assert not _has_session(browser, client_id)
 
 
+
+def test_logout_speaks_the_language_the_portal_asked_for(provider):
+    """RP-Initiated Logout 1.0 2: ui_locales, for the question, the page after it and an error."""
+    browser, client_id, _, _ = _logged_in(provider)
+    page = _logout(browser, client_id=client_id, ui_locales="en")
+    assert '<html lang="en">' in page.text and "Log out" in page.text
+    done = browser.submit(page, "/logout")
+    assert '<html lang="en">' in done.text
+    assert '<html lang="en">' in _logout(browser, client_id=client_id, ui_locales="en", post_logout_redirect_uri="https://evil.example/").text
+
 def test_confirmation_needs_the_csrf_token(provider):
     browser, client_id, secret, token = _logged_in(provider)
     page = _logout(browser, client_id=client_id, post_logout_redirect_uri=HOME)

@@ -99,9 +99,9 @@ def _oauth_request(request: Request, query, form) -> OAuthRequest:
     return OAuthRequest(request.method, svc.settings.issuer + request.scope["path"], request.headers, query, form)
 
 
-def _bad_authorization_page(request: Request, error: OAuth2Error) -> Response:
+def _bad_authorization_page(request: Request, error: OAuth2Error, ui_locales: str | None) -> Response:
     """Errors we must not send to the redirect URI: unknown client, unregistered URI."""
-    return error_page(request, "error.authorize.title", "error.authorize.detail", status=400,
+    return error_page(request, "error.authorize.title", "error.authorize.detail", status=400, ui_locales=ui_locales,
                       error=error.error, description=error.description or "")
 
 
@@ -167,13 +167,14 @@ async def authorize(request: Request) -> Response:
         query, form = await bridge.run(par.pull, svc, sent.get("client_id"), sent.get("request_uri")) or [], []
         if not query:
             return _bad_authorization_page(request, OAuth2Error(
-                "The request_uri is unknown, expired, already used or another client's.", error="invalid_request_uri"))
+                "The request_uri is unknown, expired, already used or another client's.", error="invalid_request_uri"),
+                sent.get("ui_locales"))
     oauth_request = _oauth_request(request, query, form)
     try:
         grant = await svc.server.consent_grant(oauth_request)
     except OAuth2Error as error:
         if not error.redirect_uri:
-            return _bad_authorization_page(request, error)
+            return _bad_authorization_page(request, error, dict(query + form).get("ui_locales"))
         params = [("error", error.error)] + ([("error_description", error.description)] if error.description else [])
         return login.to_client(request, error.redirect_uri, params, oauth_request.payload.data)
     data = oauth_request.payload.data
@@ -373,24 +374,25 @@ async def logout(request: Request) -> Response:
         data = dict(read_query(request) + await read_form(request))
     except BadRequest as e:
         return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
+    ui = data.get("ui_locales")  # RP-Initiated Logout 1.0 2: the portal's user's language
     hint = None
     if data.get("id_token_hint"):
         hint = _hint_subject(svc, data["id_token_hint"])
         if hint is None:
-            return error_page(request, "error.logout.title", "error.logout.bad_hint")
+            return error_page(request, "error.logout.title", "error.logout.bad_hint", ui_locales=ui)
     client_id = data.get("client_id") or (hint or {}).get("aud")
     if hint and data.get("client_id") and data["client_id"] != hint.get("aud"):
-        return error_page(request, "error.logout.title", "error.logout.client_mismatch")
+        return error_page(request, "error.logout.title", "error.logout.client_mismatch", ui_locales=ui)
     client = await svc.server.client(client_id) if isinstance(client_id, str) else None
     target = data.get("post_logout_redirect_uri")
     if target and (client is None or target not in client.post_logout_redirect_uris):
-        return error_page(request, "error.logout.title", "error.logout.bad_redirect")
+        return error_page(request, "error.logout.title", "error.logout.bad_redirect", ui_locales=ui)
     session = await bridge.run(svc.sessions.get, get_cookie(request, login.SESSION_COOKIE))
     confirmed = request.method == "POST" and data.get("confirm") == "yes" and csrf_ok(request, data)
     hint_matches = bool(hint and session and client and hint.get("sid") == claims.public_sid(svc, session["sid"], client))
     if session and not (confirmed or hint_matches):
-        return render(request, "logout_confirm.html", client=client, target=target or "", state=data.get("state", ""),
-                      client_id=client.client_id if client else "")
+        return render(request, "logout_confirm.html", ui_locales=ui, client=client, target=target or "",
+                      state=data.get("state", ""), client_id=client.client_id if client else "")
     frames = []
     if session:
         # Ending the session also sends the back-channel logout tokens, in the background.
@@ -403,21 +405,21 @@ async def logout(request: Request) -> Response:
         params = {"state": data["state"]} if data.get("state") else {}
         target = target + (("&" if "?" in target else "?") + urlencode(params) if params else "")
     if frames:
-        response = _frontchannel_page(request, frames, target, client)
+        response = _frontchannel_page(request, frames, target, client, ui)
     elif target:
         response = RedirectResponse(target, status_code=303)
     else:
-        response = render(request, "logged_out.html", client=client)
+        response = render(request, "logged_out.html", ui_locales=ui, client=client)
     delete_cookie(request, response, login.SESSION_COOKIE)
     return response
 
 
-def _frontchannel_page(request: Request, frames: list[str], target: str | None, client) -> Response:
+def _frontchannel_page(request: Request, frames: list[str], target: str | None, client, ui_locales: str | None) -> Response:
     """Front-Channel Logout 1.0: the logged-out page loads each client's logout
     URI in an invisible iframe, then (with a post-logout target) moves on once
     they have loaded, or after a few seconds, or when the user follows the link.
     Only this page may frame those origins."""
-    response = render(request, "logged_out.html", client=client, frames=frames, target=target or "")
+    response = render(request, "logged_out.html", ui_locales=ui_locales, client=client, frames=frames, target=target or "")
     origins = sorted({"{0.scheme}://{0.netloc}".format(urlsplit(uri)) for uri in frames})
     response.headers["Content-Security-Policy"] += "; frame-src " + " ".join(origins)
     return response

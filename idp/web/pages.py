@@ -132,8 +132,10 @@ def delete_cookie(request: Request, response, name: str) -> None:
                            secure=request.app.state.svc.settings.cookies_secure)
 
 
-def error_page(request: Request, title_key: str, detail_key: str, status: int = 400, **params):
-    return render(request, "error.html", status=status, title_key=title_key, detail_key=detail_key, params=params)
+def error_page(request: Request, title_key: str, detail_key: str, status: int = 400, ui_locales: str | None = None,
+               **params):
+    return render(request, "error.html", status=status, ui_locales=ui_locales, title_key=title_key,
+                  detail_key=detail_key, params=params)
 
 
 def who(request: Request) -> dict:

@@ -155,6 +155,16 @@ def test_an_error_the_provider_shows_itself_speaks_the_portals_language(provider
     page = provider.browser().authorize(client_id, redirect_uri="https://elsewhere.example/cb", ui_locales="en")
     assert page.status_code == 400 and '<html lang="en">' in page.text
 
+
+def test_a_client_name_is_shown_in_the_pages_language(provider):
+    """RFC 7591 2.2: client_name#<language>; the untagged name where the language has none."""
+    tagged, _ = provider.client(**{"client_name": None, "client_name#en": "School Records", "client_name#zh-TW": "學籍系統"})
+    assert "學籍系統" in provider.browser().authorize(tagged).text
+    assert "School Records" in provider.browser().authorize(tagged, ui_locales="en").text
+    plain, _ = provider.client(**{"client_name": "校務系統", "client_name#en-US": "School Affairs"})
+    assert "校務系統" in provider.browser().authorize(plain).text
+    assert "School Affairs" in provider.browser().authorize(plain, ui_locales="en").text
+
 @pytest.mark.parametrize("header", ["en;q=0, zh-TW", "en;q=0.1, zh-TW;q=0.9", "fr, en;q=0.5, zh-TW;q=0.8"])
 def test_accept_language_is_read_by_weight(provider, header):
     """RFC 9110 12.5.4: the most wanted language we have; q=0 means not that one."""

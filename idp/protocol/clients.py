@@ -87,12 +87,18 @@ class OAuthClient(ClientMixin):
     # -- metadata shortcuts --------------------------------------------------
     @property
     def name(self) -> str:
-        return self.metadata.get("client_name") or self.client_id
+        return self.shown_name("")
 
-    def shown_name(self, _) -> str:
-        """The name the login pages show (``_``: their translation, which the provider's own
-        console needs): as registered, never looked up as one of the provider's messages."""
-        return self.name
+    def shown_name(self, locale: str) -> str:
+        """The name the pages show in ``locale``, as registered (never looked up as one of the
+        provider's messages): ``client_name#<tag>`` for that language, the same language in
+        another region, the untagged name, any name, the client_id (RFC 7591 2.2)."""
+        names = {key.partition("#")[2].lower(): value for key, value in self.metadata.items()
+                 if key.partition("#")[0] == "client_name" and value}
+        language = locale.lower().partition("-")[0]
+        return (names.get(locale.lower())
+                or next((value for tag, value in names.items() if tag and tag.partition("-")[0] == language), None)
+                or names.get("") or next(iter(names.values()), None) or self.client_id)
 
     @property
     def auth_method(self) -> str:

@@ -32,6 +32,7 @@ from idp.protocol.tokens import ended_by_account, not_before_mark
 from idp.storage.kv import Batch
 from idp.storage.models import Account, Consent
 from idp.web.forms import BadRequest, read_form
+from idp.web.i18n import translate
 from idp.web.pages import CSRF_COOKIE, csrf_ok, error_page, get_cookie, render, set_cookie, who
 
 SESSION_COOKIE = "idp_session"
@@ -57,8 +58,8 @@ class Console:
     def allows(self, factor: str) -> bool:
         return True
 
-    def shown_name(self, _) -> str:
-        return _(self.name)
+    def shown_name(self, locale: str) -> str:
+        return translate(locale, self.name)
 
 
 async def load(svc, tx: dict):

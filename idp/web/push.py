@@ -67,7 +67,7 @@ async def start(request: Request) -> Response:
     if tx is None:
         return login._expired(request)
     locale = locale_of(request, tx.get("ui_locales"))
-    application = client.shown_name(lambda key: translate(locale, key))  # a registered name is never a message key
+    application = client.shown_name(locale)
     outcome = await bridge.run(PUSH.start, request, svc, tx, account, form, application)
     if outcome.error:
         tx["flash"] = {"error": outcome.error, "params": outcome.params, "keep": outcome.keep}

@@ -461,6 +461,12 @@ def test_language_switch_is_remembered(provider):
     assert page.status_code == 404 and '<a href="/evil.example/phish?lang=zh-TW" lang="zh-TW">' in page.text
 
 
+
+def test_a_form_address_opened_from_the_address_bar_gets_a_page_in_the_users_language(provider):
+    page = provider.browser().http.get("/login/consent?lang=en")
+    assert page.status_code == 405 and page.headers["allow"] == "POST"
+    assert '<html lang="en">' in page.text and "cannot be opened directly" in page.text
+
 def _language_link(page, lang: str) -> dict:
     href = re.search(rf'<a href="([^"]+)" lang="{lang}">', page.text).group(1)
     return parse_qs(urlsplit(html.unescape(href)).query)

@@ -119,6 +119,13 @@ async def not_found(request: Request, exc):
     return error_page(request, "error.not_found.title", "error.not_found.detail", status=404)
 
 
+async def method_not_allowed(request: Request, exc):
+    """A form's address opened from the address bar, a bookmark or the history."""
+    response = error_page(request, "error.method.title", "error.method.detail", status=405)
+    response.headers.update(exc.headers or {})  # Allow
+    return response
+
+
 async def server_error(request: Request, exc):
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_page(request, "error.server.title", "error.server.detail", status=500)
@@ -194,7 +201,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
             await svc.store.aclose()
             await svc.db.aclose()
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error}, lifespan=lifespan,
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error}, lifespan=lifespan,
                     middleware=proxies.middleware(svc.settings.trusted_proxies))
     app.state.svc = svc
     app.add_middleware(RefuseNul)

@@ -280,7 +280,9 @@ def test_another_browser_cannot_poll_or_continue(provider, sim):
     client_id, _ = provider.client()
     page, tx = start(provider, provider.browser(), client_id)
     other = provider.browser()
-    assert other.http.get(f"/login/mobileid/status?tx={tx}").status_code == 404
+    answer = other.http.get(f"/login/mobileid/status?tx={tx}", headers={"Accept-Language": "en"})
+    assert answer.status_code == 404 and answer.json()["state"] == "failed"
+    assert "no longer valid" in answer.json()["message"]  # what the waiting page shows
 
 
 def test_switched_off_without_a_service_url(make_provider):

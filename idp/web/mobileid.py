@@ -49,7 +49,8 @@ async def status(request: Request) -> Response:
     tx = await login._transaction(request, request.query_params.get("tx"))
     headers = {"Cache-Control": "no-store"}
     if tx is None:
-        return JSONResponse({"state": "failed", "error": "error.tx_expired.title", "next": None}, 404, headers)
+        return JSONResponse({"state": "failed", "error": "error.tx_expired.title", "next": None,
+                             "message": translate(locale_of(request), "error.tx_expired.detail")}, 404, headers)
     state = await MOBILEID.poll(svc, tx)
     if state in (PENDING, DONE):  # the tickets are kept apart from the transaction: nothing to save
         remaining = seconds_left(svc, tx["mobileid"])

@@ -281,10 +281,13 @@ class SoftAuthenticator:
     def _auth_data(self, flags: int, rest: bytes = b"") -> bytes:
         return hashlib.sha256(self.rp_id.encode()).digest() + bytes([flags]) + self.count.to_bytes(4, "big") + rest
 
+    def cose_key(self) -> dict:
+        public = self.key.public_key().public_numbers()
+        return {1: 2, 3: -7, -1: 1, -2: public.x.to_bytes(32, "big"), -3: public.y.to_bytes(32, "big")}
+
     def create(self, options: dict) -> str:
         self.handle = options["user"]["id"]
-        public = self.key.public_key().public_numbers()
-        cose = cbor2.dumps({1: 2, 3: -7, -1: 1, -2: public.x.to_bytes(32, "big"), -3: public.y.to_bytes(32, "big")})
+        cose = cbor2.dumps(self.cose_key())
         auth_data = self._auth_data(0x45, bytes(16) + len(self.id).to_bytes(2, "big") + self.id + cose)  # UP UV AT
         attestation = cbor2.dumps({"fmt": "none", "attStmt": {}, "authData": auth_data})
         return self._answer("webauthn.create", options, auth_data, {"attestationObject": b64(attestation)})
@@ -377,6 +380,41 @@ def test_forged_answers_are_refused_and_a_challenge_is_used_once(make_provider):
     page = browser.submit(page, "/login/factor/passkey", credential=elsewhere.get(page_options(page)))
     assert "無法驗證" in error_shown(page)
 
+
+
+def test_deeply_nested_answers_get_the_pages_error(make_provider):
+    """JSON nested thousands deep, within the size limit: a clear error, at login (where anyone
+    may post) and at registration, not a server error."""
+    provider = make_provider(issuer=ISSUER)
+    registered(provider)
+    provider.account("bob")
+    browser = provider.browser()
+    settings = browser.password(browser.go("/account/passkeys"), username="bob")
+    answer = json.loads(SoftAuthenticator().create(page_options(settings)))
+    answer["response"]["clientDataJSON"] = b64(("[" * 2500 + "]" * 2500).encode())
+    page = browser.submit(settings, "/account/passkeys", label="Phone", credential=json.dumps(answer))
+    assert "error=passkey.error.invalid" in str(page.url)
+    client_id, _ = provider.client()
+    stranger, page = passkey_page(provider, client_id)
+    page = stranger.submit(page, "/login/factor/passkey", credential="[" * 4000 + "]" * 4000)
+    assert page.status_code == 200 and error_shown(page)
+
+
+def test_a_public_key_no_signature_can_match_is_not_registered(make_provider):
+    """An authenticator's key that is no point on its curve would never verify, yet count as a
+    way in without the password (M4)."""
+    class Broken(SoftAuthenticator):
+        def cose_key(self):
+            return {**super().cose_key(), -2: bytes(32), -3: bytes(32)}  # the point (0, 0)
+
+    provider = make_provider(issuer=ISSUER)
+    provider.account("alice")
+    browser = provider.browser()
+    page = browser.password(browser.go("/account/passkeys"))
+    page = browser.submit(page, "/account/passkeys", label="Laptop", credential=Broken().create(page_options(page)))
+    assert "error=passkey.error.invalid" in str(page.url)
+    with provider.svc.db.session() as session:
+        assert session.query(Binding).filter_by(factor="passkey").count() == 0
 
 def test_a_client_that_does_not_allow_passkeys_never_gets_one(make_provider):
     provider = make_provider(issuer=ISSUER)

@@ -48,7 +48,8 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from webauthn import (generate_authentication_options, generate_registration_options, options_to_json,
                       verify_authentication_response, verify_registration_response)
-from webauthn.helpers import (bytes_to_base64url, base64url_to_bytes, parse_authentication_credential_json,
+from webauthn.helpers import (bytes_to_base64url, base64url_to_bytes, decode_credential_public_key,
+                              decoded_public_key_to_cryptography, parse_authentication_credential_json,
                               parse_client_data_json, parse_registration_credential_json)
 from webauthn.helpers.exceptions import WebAuthnException
 from webauthn.helpers.structs import (AuthenticatorSelectionCriteria, PublicKeyCredentialDescriptor,
@@ -62,7 +63,9 @@ CHALLENGE_SECONDS = 300
 CHALLENGE_KEY = "passkey-challenge:"
 MAX_CREDENTIAL_CHARS = 16 * 1024
 TIMEOUT_MS = CHALLENGE_SECONDS * 1000
-NOT_JSON = (WebAuthnException, ValueError, TypeError, KeyError, AttributeError)
+# What a malformed answer raises; py_webauthn reads JSON with ``json``, which deep nesting
+# ("[[[[…") overflows into a RecursionError.
+NOT_JSON = (WebAuthnException, ValueError, TypeError, KeyError, AttributeError, RecursionError)
 
 
 def b64(data: bytes) -> str:
@@ -140,6 +143,9 @@ def register(svc, account_id: str, owner: str, credential: str, label: str) -> t
         challenge, record = taken
         verified = verify_registration_response(credential=parsed, expected_challenge=challenge, expected_rp_id=rp_id(svc),
                                                 expected_origin=origin(svc), require_user_verification=True)
+        # With attestation "none" nothing has read the key yet: one no signature can match (a point
+        # off the curve, an RSA modulus of 0) would count as a way in (M4) and never let anyone in.
+        decoded_public_key_to_cryptography(decode_credential_public_key(verified.credential_public_key))
     except NOT_JSON:
         return "passkey.error.invalid", None
     now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)

@@ -95,6 +95,15 @@ def test_a_database_pool_of_no_connections_stops_the_start(settings_for):
         create_app(settings_for(database_pool=0))
 
 
+def test_an_in_memory_sqlite_database_stops_the_start(settings_for):
+    """Each pooled connection would open a database of its own, without the tables."""
+    from idp.settings import SettingsError
+
+    for url in ("sqlite:///:memory:", "sqlite://"):
+        with pytest.raises(SettingsError, match="must name a SQLite file"):
+            create_app(settings_for(database_url=url))
+
+
 @pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_a_postgresql_url_without_psycopg_stops_the_start(settings_for):
     from idp.settings import SettingsError
@@ -292,6 +301,28 @@ def test_a_statement_stuck_on_a_lock_fails_its_request_within_the_timeout(make_p
     assert waited < 10
     assert "再錯" in browser.password(browser.authorize(client_id), password="wrong-password").text  # the table free again
 
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_failed_statement_is_logged_without_its_values(make_provider, caplog):
+    """The error's log line names the statement, never its values: here a new password's hash
+    (the accounts table locked past the statement timeout, as by a long migration)."""
+    from starlette.testclient import TestClient
+
+    provider = make_provider(database_statement_timeout=1)
+    provider.account("alice")
+    client_id, _ = provider.client()
+    provider.clock.advance(91 * 86400)  # the password expired: the change form
+    browser = provider.browser()
+    browser.http = TestClient(provider.app, base_url=provider.issuer, raise_server_exceptions=False)
+    page = browser.password(browser.authorize(client_id))
+    with create_engine(provider.svc.settings.database_url).connect() as locker:
+        locker.execute(text("LOCK TABLE accounts IN EXCLUSIVE MODE"))  # reads go on, writes wait
+        refused = browser.submit(page, "/login/password-change", new_password="New-Password-2!",
+                                 new_password_again="New-Password-2!")
+        locker.rollback()
+    assert refused.status_code == 500 and "UPDATE accounts" in caplog.text
+    assert "$argon2" not in caplog.text
 
 def test_audit_events_past_the_retention_are_gone_once_the_provider_has_started(make_provider):
     provider = make_provider(audit_retention_days=180, password_max_age_days=0)

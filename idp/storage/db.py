@@ -32,10 +32,14 @@ class Database:
     def __init__(self, url: str, pool: int = 20, statement_timeout: int = 30):
         self.url = url
         if url.startswith("sqlite"):
-            path = url.split("///", 1)[-1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            path = make_url(url).database
+            if not path or path == ":memory:":  # each pooled connection (thread) would get its own, empty one
+                raise SettingsError("IDP_DATABASE_URL must name a SQLite file (sqlite:///var/idp.db), not an in-memory database")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # hide_parameters: a failed statement's text (logged with its traceback) never
+            # carries its values, a new password's hash or a national ID.
+            self.engine: Engine = create_engine(url, hide_parameters=True,
+                                                connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             if pool < 1:
@@ -55,7 +59,7 @@ class Database:
             # uses, so connections are reused rather than opened per request; no pre-ping round
             # trip per checkout (a dead connection fails one request and is replaced;
             # pool_recycle retires idle ones first).
-            self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300,
+            self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, hide_parameters=True,
                                         connect_args={**timeout, **options})
             # From the parsed URL, not its rendering, which would turn a space into "+".
             _, connect = self.engine.dialect.create_connect_args(make_url(url))
@@ -203,9 +207,7 @@ class Database:
                 conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _MIGRATION_LOCK_ID})
                 conn.commit()
         else:
-            path = self.url.split("///", 1)[-1]
-            lock_path = (path if path and path != ":memory:" else "/tmp/idp-sqlite") + ".migrate-lock"
-            with open(lock_path, "w") as lock:
+            with open(make_url(self.url).database + ".migrate-lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 try:
                     yield
@@ -226,10 +228,7 @@ class Database:
                 return False
             self._sole_server = conn
             return True
-        path = make_url(self.url).database
-        if not path or path == ":memory:":
-            return True  # no other process can open this database
-        lock = open(path + ".serve-lock", "w")
+        lock = open(make_url(self.url).database + ".serve-lock", "w")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

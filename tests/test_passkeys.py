@@ -21,6 +21,7 @@ import html
 import json
 import re
 import secrets
+import threading
 from urllib.parse import parse_qs, urlencode
 
 import cbor2
@@ -415,6 +416,38 @@ def test_a_public_key_no_signature_can_match_is_not_registered(make_provider):
     assert "error=passkey.error.invalid" in str(page.url)
     with provider.svc.db.session() as session:
         assert session.query(Binding).filter_by(factor="passkey").count() == 0
+
+
+def test_a_refused_passkey_holds_one_database_connection_at_a_time(make_provider):
+    """A refusal is audited after its session gave its connection back. Holding one while asking
+    the pool for another, as many refusals at once as the pool's connections waited for each
+    other until the pool's timeout (30 s): anyone may post them at a login page."""
+    from sqlalchemy import event
+
+    provider = make_provider(issuer=ISSUER)
+    _, _, authenticator = registered(provider)
+    client_id, _ = provider.client()
+    held, most = {}, []
+
+    def checkout(*_):
+        me = threading.get_ident()
+        held[me] = held.get(me, 0) + 1
+        most.append(held[me])
+
+    def checkin(*_):
+        held[threading.get_ident()] -= 1
+
+    event.listen(provider.svc.db.engine, "checkout", checkout)
+    event.listen(provider.svc.db.engine, "checkin", checkin)
+    browser, page = passkey_page(provider, client_id)
+    page = browser.submit(page, "/login/factor/passkey", credential=SoftAuthenticator().get(page_options(page)))
+    assert "未在本服務登記" in error_shown(page)
+    with provider.svc.db.session() as session:
+        binding = session.query(Binding).filter_by(factor="passkey").one()
+        binding.data = {**binding.data, "sign_count": 10}
+    page = browser.submit(page, "/login/factor/passkey", credential=authenticator.get(page_options(page), count=3))
+    assert error_shown(page)  # its counter went back: refused as cloned
+    assert most and max(most) == 1
 
 def test_a_client_that_does_not_allow_passkeys_never_gets_one(make_provider):
     provider = make_provider(issuer=ISSUER)

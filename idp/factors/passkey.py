@@ -41,6 +41,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from functools import partial
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
@@ -231,42 +232,54 @@ class PasskeyFactor:
             return self._failed(svc, known, tx.get("username"), "invalid", seen)
         if taken is None:
             return self._failed(svc, known, tx.get("username"), "challenge", seen)
-        with svc.db.session() as session:
-            binding = session.execute(
-                select(Binding).where(Binding.factor == self.name, Binding.external_id == external_id(parsed.raw_id))
-                .with_for_update()).scalar_one_or_none()
-            if binding is None:
-                return self._failed(svc, known, tx.get("username"), "unknown", seen)
-            account = session.get(Account, binding.account_id)
-            if known and not hmac.compare_digest(known, account.id):
-                return self._failed(svc, known, tx["username"], "other_account", seen)
-            # A discoverable credential names its user: it must be the handle registered with it.
-            returned = parsed.response.user_handle
-            if not known and (not returned or not hmac.compare_digest(b64(returned), binding.data["user_handle"])):
-                return self._failed(svc, account.id, account.username, "user_handle", seen)
-            if not usable(binding):
-                return self._failed(svc, account.id, account.username, "suspended", seen)
-            try:
-                # The counter is compared below, after the signature is known to be good.
-                verified = verify_authentication_response(
-                    credential=parsed, expected_challenge=taken[0], expected_rp_id=rp_id(svc),
-                    expected_origin=origin(svc), credential_public_key=base64url_to_bytes(binding.data["public_key"]),
-                    credential_current_sign_count=0, require_user_verification=True)
-            except NOT_JSON:
-                return self._failed(svc, account.id, account.username, "invalid", seen)
-            stored, now = binding.data.get("sign_count", 0), svc.clock()
-            if (stored or verified.new_sign_count) and verified.new_sign_count <= stored:
-                binding.data = {**binding.data, "cloned_at": now}
+        with svc.db.session() as session:  # the binding's row locked until its counter is written
+            answer = self._judge(svc, session, tx, parsed, taken[0], seen)
+        return answer()  # audited once the session's connection is back: never two from the pool at once
+
+    def _judge(self, svc, session, tx, parsed, challenge: bytes, seen: dict):
+        """The answer to give once the session has ended, as a function that audits it."""
+        known = tx.get("account")
+        binding = session.execute(
+            select(Binding).where(Binding.factor == self.name, Binding.external_id == external_id(parsed.raw_id))
+            .with_for_update()).scalar_one_or_none()
+        if binding is None:
+            return partial(self._failed, svc, known, tx.get("username"), "unknown", seen)
+        account = session.get(Account, binding.account_id)
+        if known and not hmac.compare_digest(known, account.id):
+            return partial(self._failed, svc, known, tx["username"], "other_account", seen)
+        failed = partial(self._failed, svc, account.id, account.username)
+        # A discoverable credential names its user: it must be the handle registered with it.
+        returned = parsed.response.user_handle
+        if not known and (not returned or not hmac.compare_digest(b64(returned), binding.data["user_handle"])):
+            return partial(failed, "user_handle", seen)
+        if not usable(binding):
+            return partial(failed, "suspended", seen)
+        try:
+            # The counter is compared below, after the signature is known to be good.
+            verified = verify_authentication_response(
+                credential=parsed, expected_challenge=challenge, expected_rp_id=rp_id(svc),
+                expected_origin=origin(svc), credential_public_key=base64url_to_bytes(binding.data["public_key"]),
+                credential_current_sign_count=0, require_user_verification=True)
+        except NOT_JSON:
+            return partial(failed, "invalid", seen)
+        stored, now = binding.data.get("sign_count", 0), svc.clock()
+        if (stored or verified.new_sign_count) and verified.new_sign_count <= stored:
+            binding.data = {**binding.data, "cloned_at": now}
+
+            def cloned():
                 svc.audit.record("passkey.cloned", account_id=account.id, username=account.username, **seen,
                                  passkey=binding.label, stored_count=stored, sent_count=verified.new_sign_count)
-                return self._failed(svc, account.id, account.username, "cloned", seen)
-            binding.data = {**binding.data, "sign_count": verified.new_sign_count, "last_used": now}
-            if until := svc.lockout.locked_until(account.username):
-                return locked_out(svc, until, account.id, account.username, seen)
-            if account.disabled:
+                return failed("cloned", seen)
+            return cloned
+        binding.data = {**binding.data, "sign_count": verified.new_sign_count, "last_used": now}
+        if until := svc.lockout.locked_until(account.username):
+            return partial(locked_out, svc, until, account.id, account.username, seen)
+        if account.disabled:
+            def disabled():
                 svc.audit.record("login.disabled", account_id=account.id, username=account.username, **seen)
                 return Outcome(error="login.disabled")
-            return Outcome(account_id=account.id)
+            return disabled
+        return partial(Outcome, account_id=account.id)
 
     @staticmethod
     def _failed(svc, account_id, username, reason: str, seen: dict) -> Outcome:

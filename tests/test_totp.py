@@ -430,3 +430,40 @@ def test_a_code_from_a_fast_phone_is_spent_and_not_taken_when_its_time_comes(mfa
     browser = provider.browser()
     page = browser.password(browser.authorize(client_id))
     assert "已使用過" in _error(browser.submit(page, "/login/factor/otp", otp=ahead))
+
+
+def test_two_qr_codes_confirmed_at_once_leave_one_secret(provider):
+    """Two pages (a laptop's and a phone's browser) confirm their QR codes at the same moment:
+    each deleted the bindings it had read (none) and added its own, leaving two secrets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import event
+
+    from idp.factors.totp import Enrolment
+    from idp.storage.models import Account, Binding
+
+    svc = provider.svc
+    account_id = provider.account("alice")
+    with svc.db.session() as session:
+        account = session.get(Account, account_id)
+    enrolment = Enrolment(svc)
+    secrets = {owner: svc.box.open(enrolment.start(account, owner)["secret"], account_id) for owner in ("laptop", "phone")}
+    both = threading.Barrier(2, timeout=3)  # both about to add their binding; or 3 s, when one waits for the other
+
+    def hold(conn, cursor, statement, *_):
+        if statement.lstrip().upper().startswith("INSERT INTO BINDINGS"):
+            try:
+                both.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    event.listen(svc.db.engine, "before_cursor_execute", hold)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            confirms = [pool.submit(enrolment.confirm, account_id, owner, pyotp.TOTP(secret).at(svc.clock()))
+                        for owner, secret in secrets.items()]
+            assert [c.result(timeout=60) for c in confirms] == [None, None]
+    finally:
+        event.remove(svc.db.engine, "before_cursor_execute", hold)
+    with svc.db.session() as session:
+        assert session.query(Binding).filter_by(account_id=account_id, factor="otp").count() == 1

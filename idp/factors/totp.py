@@ -23,7 +23,7 @@ import re
 
 import pyotp
 import segno
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, delete, update
 
 from idp.factors import Outcome, locked_out, plain
 from idp.storage.kv import Batch
@@ -189,9 +189,11 @@ class Enrolment:
         if self.svc.store.take(self._key(account_id, owner)) is None:
             return "otp.qr_expired"  # confirmed meanwhile by another request
         with self.svc.db.session() as session:
-            for old in session.execute(select(Binding).where(Binding.account_id == account_id, Binding.factor == TOTP.name)).scalars():
-                session.delete(old)  # the old secret stops working
-            session.flush()
+            # The old secret stops working. Of two pages' QR codes confirmed at once, the second
+            # waits for the account's row, then its DELETE (one statement, not a read and a
+            # delete: SQLite has no row locks) removes the first one's binding.
+            session.get(Account, account_id, with_for_update=True)
+            session.execute(delete(Binding).where(Binding.account_id == account_id, Binding.factor == TOTP.name))
             session.add(Binding(account_id=account_id, factor=TOTP.name, label=f"v{pending['version']}",
                                 data={"secret": pending["secret"], "version": pending["version"], "last_step": step}))
         self.svc.store.set(f"otp-used:{account_id}:{step}", {}, STEP * (2 * WINDOW + 2))

@@ -4,13 +4,16 @@ fills the provider's HTML forms the way a person would."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import html
 import re
 import secrets
+import threading
 from urllib.parse import parse_qs, urljoin, urlsplit
 
+from sqlalchemy import event
 from starlette.testclient import TestClient
 
 from idp.accounts import create_account
@@ -134,3 +137,24 @@ def redeem(http, client_id, secret, code, verifier=None, redirect_uri=REDIRECT, 
     if not secret:
         data["client_id"] = client_id
     return http.post("/token", data=data, auth=auth)
+
+
+@contextlib.contextmanager
+def both_reach(engine, statement: str, timeout: float = 3):
+    """Two threads' statements that begin with ``statement`` (upper case) wait for each other
+    before they run, or ``timeout`` seconds when one of them waits for the other (a lock): two
+    requests that have both read before either writes."""
+    both = threading.Barrier(2, timeout=timeout)
+
+    def hold(conn, cursor, sql, *_):
+        if sql.lstrip().upper().startswith(statement):
+            try:
+                both.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    event.listen(engine, "before_cursor_execute", hold)
+    try:
+        yield
+    finally:
+        event.remove(engine, "before_cursor_execute", hold)

@@ -13,7 +13,7 @@ from joserfc.jwk import KeySet
 from idp.acr import LOA2, LOA3
 from idp.factors import FACTORS
 from idp.storage.models import Binding
-from tests.harness import PASSWORD, callback, forms, redeem
+from tests.harness import PASSWORD, both_reach, callback, forms, redeem
 
 
 def _tx(page) -> str:
@@ -566,3 +566,19 @@ def test_a_cookie_learnt_before_a_step_up_is_not_worth_the_stepped_up_session(pr
     keys = KeySet.import_key_set(browser.http.get("/jwks").json())
     sids = {jwt.decode(t["id_token"], keys).claims["sid"] for t in (first, second)}
     assert len(sids) == 1  # one session to the portal, before and after
+
+
+def test_two_tabs_consenting_at_once_both_log_in(provider):
+    """Each login read "no consent yet" and added one; the second broke the key: a server error,
+    and that login's new session ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    provider.account("alice")
+    client_id, _ = provider.client(first_party=False, client_name="Research Grants")
+    pages = []
+    for browser in (provider.browser(), provider.browser()):
+        page = browser.password(browser.authorize(client_id))
+        pages.append((browser, page))
+    with both_reach(provider.svc.db.engine, "INSERT INTO CONSENTS"), ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(b.submit, p, "/login/consent", button=("decision", "allow")) for b, p in pages]
+        assert all("code" in callback(answer.result(timeout=60)) for answer in answers)

@@ -11,7 +11,7 @@ from joserfc.jwk import KeySet
 
 from idp.acr import LOA2
 from idp.factors.totp import match
-from tests.harness import PASSWORD, callback, forms, redeem
+from tests.harness import PASSWORD, both_reach, callback, forms, redeem
 from tests.test_journeys import bound_otp
 
 
@@ -437,8 +437,6 @@ def test_two_qr_codes_confirmed_at_once_leave_one_secret(provider):
     each deleted the bindings it had read (none) and added its own, leaving two secrets."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from sqlalchemy import event
-
     from idp.factors.totp import Enrolment
     from idp.storage.models import Account, Binding
 
@@ -448,22 +446,9 @@ def test_two_qr_codes_confirmed_at_once_leave_one_secret(provider):
         account = session.get(Account, account_id)
     enrolment = Enrolment(svc)
     secrets = {owner: svc.box.open(enrolment.start(account, owner)["secret"], account_id) for owner in ("laptop", "phone")}
-    both = threading.Barrier(2, timeout=3)  # both about to add their binding; or 3 s, when one waits for the other
-
-    def hold(conn, cursor, statement, *_):
-        if statement.lstrip().upper().startswith("INSERT INTO BINDINGS"):
-            try:
-                both.wait()
-            except threading.BrokenBarrierError:
-                pass
-
-    event.listen(svc.db.engine, "before_cursor_execute", hold)
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            confirms = [pool.submit(enrolment.confirm, account_id, owner, pyotp.TOTP(secret).at(svc.clock()))
-                        for owner, secret in secrets.items()]
-            assert [c.result(timeout=60) for c in confirms] == [None, None]
-    finally:
-        event.remove(svc.db.engine, "before_cursor_execute", hold)
+    with both_reach(svc.db.engine, "INSERT INTO BINDINGS"), ThreadPoolExecutor(2) as pool:
+        confirms = [pool.submit(enrolment.confirm, account_id, owner, pyotp.TOTP(secret).at(svc.clock()))
+                    for owner, secret in secrets.items()]
+        assert [c.result(timeout=60) for c in confirms] == [None, None]
     with svc.db.session() as session:
         assert session.query(Binding).filter_by(account_id=account_id, factor="otp").count() == 1

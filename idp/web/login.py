@@ -17,6 +17,7 @@ import hmac
 from urllib.parse import urlencode
 
 from authlib.oauth2.rfc6749.errors import OAuth2Error
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import URL
 from starlette.requests import Request
@@ -296,12 +297,18 @@ async def consent(request: Request) -> Response:
 
 
 def _save_consent(svc, account_id, client_id, scope):
-    with svc.db.session() as session:
-        row = session.get(Consent, (account_id, client_id))
-        if row is None:
-            session.add(Consent(account_id=account_id, client_id=client_id, scope=scope))
-        else:
-            row.scope = " ".join(sorted(set(row.scope.split()) | set(scope.split())))
+    for retry in (False, True):
+        try:
+            with svc.db.session() as session:
+                row = session.get(Consent, (account_id, client_id), with_for_update=True)
+                if row is None:
+                    session.add(Consent(account_id=account_id, client_id=client_id, scope=scope))
+                else:
+                    row.scope = " ".join(sorted(set(row.scope.split()) | set(scope.split())))
+            return
+        except IntegrityError:  # another login (a second tab) added it meanwhile: add to that one
+            if retry:
+                raise
 
 
 async def cancel(request: Request) -> Response:

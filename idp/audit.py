@@ -21,10 +21,12 @@ class Audit:
     def record(self, event: str, *, account_id=None, username=None, client_id=None, ip=None, method=None,
                user_agent=None, **detail):
         when = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
+        # Cut to the columns' lengths: what a request or an upstream sends (a browser's name, a
+        # Google login's long address) must not make PostgreSQL refuse the row, and the login.
         self.db.write(_INSERT, **{
-            "time": when, "event": event, "account_id": account_id, "username": username,
-            "client_id": client_id, "ip": ip, "method": method,
-            "user_agent": (user_agent or None) and user_agent[:300], "detail": detail,
+            "time": when, "event": event, "account_id": account_id, "username": _cut(username, 64),
+            "client_id": _cut(client_id, 64), "ip": _cut(ip, 64), "method": _cut(method, 64),
+            "user_agent": _cut(user_agent, 300), "detail": detail,
         })
         self.metrics.audited(event, method)
         log.info("%s account=%s user=%s client=%s ip=%s method=%s %s", event, account_id, username, client_id, ip, method, detail or "")
@@ -41,3 +43,7 @@ class Audit:
             deleted += count
             if count < batch:
                 return deleted
+
+
+def _cut(value: str | None, length: int) -> str | None:
+    return (value or None) and value[:length]

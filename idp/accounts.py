@@ -208,10 +208,7 @@ class Lockout:
 def password_expired(account: Account, max_age_days: int, now: dt.datetime) -> bool:
     if not max_age_days or account.password_login_disabled or account.password_changed_at is None:
         return False
-    changed = account.password_changed_at
-    if changed.tzinfo is None:  # SQLite drops the zone
-        changed = changed.replace(tzinfo=dt.timezone.utc)
-    return now - changed > dt.timedelta(days=max_age_days)
+    return now - account.password_changed_at > dt.timedelta(days=max_age_days)
 
 
 def by_username(session, username: str) -> Account | None:

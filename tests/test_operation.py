@@ -67,6 +67,21 @@ def test_processes_starting_together_migrate_once(settings_for, tmp_path):
     assert len(keys) == 4  # current + next for ES256 and RS256, not one set per process
 
 
+
+@pytest.mark.filterwarnings("ignore:.*expression-based index")  # SQLite's are compared on PostgreSQL
+def test_the_migrations_build_the_schema_the_models_describe(settings_for):
+    """A model changed without its migration (a column, an index, a type) shows here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from idp.storage.db import Database
+    from idp.storage.models import Base
+
+    db = Database(settings_for().database_url)
+    db.migrate()
+    with db.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata) == []
+
 @pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_a_store_that_does_not_answer_fails_readiness_while_other_requests_are_served(settings_for, redis_server):
     """A readiness probe waits on a stalled Redis off the event loop: the process goes

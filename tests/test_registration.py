@@ -3,6 +3,7 @@ access token, and RFC 7592 management with the registration access token, as
 an integrator's tooling sees it."""
 
 import datetime as dt
+import time
 
 from sqlalchemy import func, select
 
@@ -241,6 +242,18 @@ def test_registration_ignores_server_assigned_fields(provider):
     read = _manage(provider.http(), info).json()
     assert read["client_id"] == info["client_id"] and read["client_id_issued_at"] != 1
     assert "client_secret" not in read and read.get("registration_access_token") != "mine"
+
+
+def test_a_clients_issue_time_reads_back_the_same_on_a_machine_in_taiwan_time(provider, monkeypatch):
+    """SQLite keeps no zone: the time read back was taken for local time, 8 hours off."""
+    monkeypatch.setenv("TZ", "Asia/Taipei")
+    time.tzset()
+    try:
+        info = _registered(provider)
+        assert _manage(provider.http(), info).json()["client_id_issued_at"] == info["client_id_issued_at"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_public_client_registers_without_a_secret(provider):

@@ -470,14 +470,10 @@ def _register(svc, token, meta):
         claimed = session.execute(
             delete(InitialAccessToken).where(InitialAccessToken.token_hash == digest(token)).returning(InitialAccessToken.expires_at)
         ).scalar_one_or_none()
-        if claimed is None or _aware(claimed) < now:
+        if claimed is None or claimed < now:
             return None
         row, secret, reg = create_client(session, meta, with_registration_token=True)
         return client_info(row, secret, reg, svc.settings.issuer)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 async def manage_client(request: Request) -> Response:

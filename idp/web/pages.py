@@ -30,8 +30,6 @@ def _taipei(value) -> str:
     """Times are stored in UTC and shown in Taiwan time."""
     if value is None:
         return ""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
     return value.astimezone(TAIPEI).strftime("%Y-%m-%d %H:%M:%S")
 
 

@@ -258,3 +258,15 @@ _CONSENTED = select(Consent.scope).where(Consent.account_id == bindparam("accoun
 def _consented_scope(svc, account_id: str, client_id: str) -> str | None:
     rows = svc.db.rows(_CONSENTED, account=account_id, client=client_id)
     return rows[0]["scope"] if rows else None
+
+
+def lost_phone(tx: dict, account) -> str | None:
+    """What the OTP and push pages offer a user whose phone is lost (M5): ``"reset"``, the
+    emergency code, once this login's first factor (the password, or Google as seed 001 shows)
+    proved who it is; ``"helpdesk"`` to an account that cannot use password login; else
+    nothing (the settings' re-verification, where no first factor was asked)."""
+    if account is None:
+        return None
+    if account.password_login_disabled or not account.password_hash:
+        return "helpdesk"
+    return "reset" if {"password", "google"} & set(tx["done"]) else None

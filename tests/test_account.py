@@ -57,6 +57,7 @@ def test_entering_settings_asks_for_the_bound_factor_again(user):
     provider.clock.advance(600)  # the OTP of the login is now too old for the settings (M2)
     page = browser.go("/account")
     assert 'name="otp"' in page.text and 'name="password"' not in page.text
+    assert "/login/reset" not in page.text and "無法使用帳號密碼登入" not in page.text  # nothing to reset from here
     page = browser.submit(page, "/login/factor/otp", otp=_code(provider, secret))
     assert page.status_code == 200 and "登入設定" in page.text
     row = re.search(r'<tr data-method="otp">(.*?)</tr>', page.text, re.S).group(1)

@@ -147,6 +147,9 @@ def test_bind_then_log_in_with_google_and_otp(site):
     assert "使用 Google 帳號登入" in page.text
     page = at_google(fresh, fresh.go(_google_link(page)), "alice.g")
     assert page.status_code == 200 and 'name="otp"' in page.text and 'name="password"' not in page.text
+    # The lost-phone reset, as after the password (seed 001: "輸入【帳號密碼】或點選【Google 帳號登入】").
+    tx = forms(page.text)[0]["fields"]["tx"]
+    assert f"/login/reset?tx={tx}" in page.text and "/login/reset/send" in fresh.go(f"/login/reset?tx={tx}").text
     provider.clock.advance(30)
     params = callback(fresh.submit(page, "/login/factor/otp", otp=_code(provider, otp)))
     tokens = redeem(provider.http(), client_id, client_secret, params["code"]).json()

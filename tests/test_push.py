@@ -205,6 +205,7 @@ def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
 
     browser, page = _push_page(provider, client_id)
     assert "0912***678" in page.text and "0987***321" in page.text
+    assert "/login/reset?tx=" in page.text  # seed 000: 無法使用二因子驗證登入，請按下方【重新設定】
     wrong = browser.submit(page, "/login/factor/push", device=_devices(page)[0], otp="000000")
     assert "驗證碼不正確" in _error(wrong)
     # A code counts only for the phone whose app made it.

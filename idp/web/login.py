@@ -169,7 +169,7 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         await bridge.run(svc.store.write, writes)
         page = {**context, **shown, **flash.get("keep", {})}
         return render(request, factor.template, factor=factor, factors=step.factors,
-                      offered={f.name for f in step.factors}, **page)
+                      offered={f.name for f in step.factors}, lost_phone=flow.lost_phone(tx, account), **page)
     svc.transactions.save(tx, writes)
     await bridge.run(svc.store.write, writes)
     if step.kind == "action":

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from idp import bridge, captcha
+from idp import bridge, captcha, flow
 from idp.accounts import reset_bindings, with_bindings
 from idp.factors import locked_out, plain
 from idp.mail import MailError, masked
@@ -52,18 +52,20 @@ def _digest(code: str) -> str:
 
 
 async def _context(request: Request):
-    """((svc, tx, account), form) for a login whose password is proven, or (None, form).
-    An account disabled since its password was proven ends its login here as anywhere else."""
+    """((svc, tx, account), form) for a login that may reset its bindings (``flow.lost_phone``),
+    or (None, form). An account disabled since its first factor ends its login here as anywhere else."""
     svc = request.app.state.svc
     if request.method == "POST":
         form, tx = await _posted(request)
     else:
         form, tx = {}, await _transaction(request, request.query_params.get("tx"))
-    if tx is None or "password" not in tx["done"]:
+    if tx is None or not tx.get("account"):
         return None, form or {}
     account = await run_in_threadpool(with_bindings, svc, account_id=tx["account"])
     if account is None or account.disabled:
         await bridge.run(svc.transactions.drop, tx)
+        return None, form
+    if flow.lost_phone(tx, account) != "reset":
         return None, form
     return (svc, tx, account), form
 

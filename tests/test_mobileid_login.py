@@ -352,3 +352,22 @@ def test_requests_the_service_never_sent_do_not_count(provider, sim):
     connector.config = working
     page, _ = start(provider, browser, client_id)
     assert 'id="mobileid-countdown"' in page.text
+
+
+def test_with_otp_bound_too_each_page_offers_the_other(provider):
+    """An account with an authenticator app and a mobile certificate: the OTP page leads to the
+    mobile certificate (a user without the phone's app at hand), and back."""
+    import pyotp
+
+    from idp.storage.models import Account, Binding
+
+    svc = provider.svc
+    with svc.db.session() as session:
+        account = session.query(Account).filter_by(username="alice").one()
+        session.add(Binding(account_id=account.id, factor="otp", label="v1",
+                            data={"secret": svc.box.seal(pyotp.random_base32(), account.id), "version": 1}))
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    tx = _tx(browser.password(browser.authorize(client_id)))
+    assert f"/login?tx={tx}&amp;factor=mobileid" in browser.go(f"/login?tx={tx}&factor=otp").text
+    assert f"/login?tx={tx}&amp;factor=otp" in browser.go(f"/login?tx={tx}&factor=mobileid").text

@@ -64,6 +64,16 @@ def test_entering_settings_asks_for_the_bound_factor_again(user):
     assert "✓" in row and "重新綁定" in row
 
 
+
+def test_binding_dates_are_taiwan_dates(user):
+    """Bound at 01:30 in Taipei (17:30 the day before in UTC): that is the date shown."""
+    provider, client_id, secret = user
+    with provider.svc.db.session() as session:
+        session.query(Binding).filter_by(factor="otp").one().created_at = dt.datetime(2026, 12, 3, 17, 30, tzinfo=dt.timezone.utc)
+    page = _signed_in(provider, client_id, secret).go("/account")
+    row = re.search(r'<tr data-method="otp">(.*?)</tr>', page.text, re.S).group(1)
+    assert "2026-12-04" in row and "2026-12-03" not in row
+
 def test_settings_without_a_session_starts_a_login(user):
     provider, _, secret = user
     browser = provider.browser()

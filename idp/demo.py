@@ -72,8 +72,9 @@ def _register(session, saved: Path, url: str, policy: dict) -> dict:
     portal = json.loads(saved.read_text()) if saved.exists() else None
     row = find(session, portal["client_id"]) if portal else None
     if row is not None:
-        # A registration from an older demo (before back-channel logout or policies): bring it up to date.
-        row.metadata_ = {**row.metadata_, **_registration(url, policy)}
+        # A registration from an older demo: its addresses brought up to date. Its policy is left as
+        # it is: an administrator's change at /admin/clients outlives a restart.
+        row.metadata_ = {**row.metadata_, **_registration(url, {})}
         return portal
     row, secret, _ = create_client(session, _registration(url, policy), first_party=True)
     portal = {"client_id": row.client_id, "client_secret": secret}
@@ -186,7 +187,8 @@ def main() -> None:
                                    公司變更登記 asks for the mobile certificate (step-up)
   Mails:     {PROVIDER}/demo/outbox   (no SMTP server configured: mails stay here)
   Account:   {DEMO_USER}
-  Password:  {DEMO_PASSWORD}   (then bind OTP with an authenticator app, as the page asks)
+  Password:  {DEMO_PASSWORD}   (then {"the mobile certificate below; OTP can be bound at /account"
+                                   if sim else "bind OTP with an authenticator app, as the page asks"})
   Stop with Ctrl-C.
 """, flush=True)
     if sim is not None:

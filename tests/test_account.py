@@ -98,6 +98,16 @@ def test_rebinding_otp_makes_the_old_phone_useless(user):
     assert "code" in callback(other.submit(page, "/login/factor/otp", otp=_code(provider, new)))
 
 
+
+def test_a_first_otp_binding_in_the_settings_is_not_called_a_rebinding(provider):
+    """No old phone to warn about (an account that logs in with the password alone, no MFA)."""
+    provider.account("alice")
+    browser = provider.browser()
+    page = browser.password(browser.go("/account/otp"))
+    assert "<h1>OTP 驗證綁定</h1>" in page.text and "重新綁定" not in page.text and "舊手機" not in page.text
+    page = browser.submit(page, "/account/otp", otp=_code(provider, _secret(page)))
+    assert "OTP 驗證已綁定" in _notice(page)
+
 def test_a_stale_qr_version_is_refused(user):
     provider, client_id, secret = user
     browser = _signed_in(provider, client_id, secret)

@@ -105,7 +105,7 @@ def _back(notice: str | None = None, error: str | None = None) -> RedirectRespon
 
 
 # -- the settings page -------------------------------------------------------------------
-NOTICES = {"others_ended", "otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent",
+NOTICES = {"others_ended", "otp_bound", "otp_rebound", "certificate_bound", "password_login_disabled", "password_login_enabled", "verification_sent",
            "google_bound"}
 ERRORS = {"needs_passwordless", "email_missing", "verification_wait", "verification_failed", "google_needs_otp", "google_elsewhere",
           "google_expired", "google_denied", "google_error", "google_invalid", "google_unavailable"}
@@ -162,6 +162,7 @@ async def otp_page(request: Request) -> Response:
     enrolment, owner = Enrolment(svc), session_owner(request, account)
     otp = await run_in_threadpool(lambda: enrolment.page(account, enrolment.start(account, owner)))
     return render(request, "account_otp.html", account=account, otp=otp, flash=flash, tab="settings",
+                  rebinding=any(b.factor == "otp" for b in account.bindings),
                   enrol_action="/account/otp", rebuild_action="/account/otp/rebuild")
 
 
@@ -172,10 +173,10 @@ async def otp_confirm(request: Request, account, form) -> Response:
     error = await run_in_threadpool(Enrolment(svc).confirm, account.id, owner, form.get("otp"))
     if error:
         return RedirectResponse(f"/account/otp?error={error}", status_code=303)
-    await svc.db.call(svc.audit.record,
-                      "binding.replaced" if any(b.factor == "otp" for b in account.bindings) else "binding.created",
+    rebound = any(b.factor == "otp" for b in account.bindings)
+    await svc.db.call(svc.audit.record, "binding.replaced" if rebound else "binding.created",
                       account_id=account.id, username=account.username, method="otp", **who(request))
-    return _back(notice="otp_rebound")
+    return _back(notice="otp_rebound" if rebound else "otp_bound")
 
 
 @account_post

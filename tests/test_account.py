@@ -449,6 +449,9 @@ def test_the_confirmation_mail_goes_once_a_minute(user, smtp_server):
         smtp_server.next_message()
     page = browser.submit(browser.go("/account"), "/account/email/verify")
     assert "驗證信已寄出" in _notice(page)
+    # In the activity log, named, with the address and browser that asked (M6).
+    row = re.search(r"<tr>(?:(?!</tr>).)*寄出 E-Mail 驗證信.*?</tr>", browser.go("/account/activity").text, re.S).group(0)
+    assert "testclient" in row
     for _ in range(5):
         page = browser.submit(page, "/account/email/verify")
         assert "請稍候一分鐘" in _error(page)

@@ -350,7 +350,7 @@ async def email_verify(request: Request, account, form) -> Response:
     if not await bridge.run(recovery.claim_send, svc, claim):  # a mail a minute at most
         return _back(error="verification_wait")
     try:
-        await recovery.send_verification_async(svc, account, locale_of(request))
+        await recovery.send_verification_async(svc, account, locale_of(request), who(request))
     except MailError:
         await bridge.run(svc.store.delete, claim)  # no mail went: the user may try again at once
         return _back(error="verification_failed")

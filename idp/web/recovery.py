@@ -1,7 +1,7 @@
 """Getting back into an account by email (SPEC A1): email confirmation and
 forgot-password.
 
-Email confirmation. ``send_verification(svc, account, locale)`` mails a
+Email confirmation. ``send_verification(svc, account, locale, seen)`` mails a
 single-use link ``/email/confirm?token=...`` (24 hours); opening it marks the
 address verified, if it is still the account's address. A verified address
 is the precondition for forgot-password and for the emergency code (M5).
@@ -105,9 +105,9 @@ def _notice(request: Request, title: str, detail: str, *, ok: bool = False, stat
 
 
 # -- email confirmation ------------------------------------------------------------------
-def send_verification(svc, account, locale: str) -> None:
+def send_verification(svc, account, locale: str, seen: dict | None = None) -> None:
     """Mail ``account`` a single-use link that confirms its current email address
-    (24 hours). Blocks while the mail is sent: call it from a thread, or
+    (24 hours); ``seen``: who asked (``who``), for the audit log. Blocks while the mail is sent: call it from a thread, or
     ``await send_verification_async``. Raises ``MailError`` when SMTP fails and
     ``ValueError`` when the account has no address."""
     if not account.email:
@@ -118,11 +118,12 @@ def send_verification(svc, account, locale: str) -> None:
     svc.mailer.send(account.email, "email_verify", locale, name=account.name or account.username,
                     username=account.username, email=account.email, hours=VERIFY_SECONDS // 3600,
                     link=_link(svc, "/email/confirm", token=token))
-    svc.audit.record("email.verification_sent", account_id=account.id, username=account.username, method="email")
+    svc.audit.record("email.verification_sent", account_id=account.id, username=account.username, method="email",
+                     **(seen or {}))
 
 
-async def send_verification_async(svc, account, locale: str) -> None:
-    await run_in_threadpool(send_verification, svc, account, locale)
+async def send_verification_async(svc, account, locale: str, seen: dict) -> None:
+    await run_in_threadpool(send_verification, svc, account, locale, seen)
 
 
 async def email_confirm(request: Request) -> Response:

@@ -101,18 +101,21 @@ def test_every_attempt_is_in_the_audit_log(provider):
 
     from idp.storage.models import AuditEvent
 
-    provider.account("alice")
+    alice = provider.account("alice")
     client_id, _ = provider.client()
     browser = provider.browser()
     page = browser.authorize(client_id)
-    for _ in range(3):
+    for _ in range(4):  # the last one while the account is locked
         page = browser.password(page, password="wrong-password")
     provider.clock.advance(901)
     callback(browser.password(browser.authorize(client_id)))
     with provider.svc.db.session() as session:
-        events = [(e.event, e.username, e.client_id) for e in session.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars()]
-    kinds = [e for e, user, client in events if user == "alice" and client == client_id]
-    assert kinds == ["login.failure", "login.failure", "login.failure", "login.locked", "login.success"]
+        events = [(e.event, e.username, e.client_id, e.account_id)
+                  for e in session.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars()]
+    kinds = [e for e, user, client, _ in events if user == "alice" and client == client_id]
+    assert kinds == ["login.failure"] * 3 + ["login.locked"] * 2 + ["login.success"]
+    # Each in the owner's activity log, the tries while locked too: an attack that goes on shows.
+    assert all(account == alice for _, user, _, account in events if user == "alice")
 
 
 def test_captcha_always(make_provider):

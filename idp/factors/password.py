@@ -54,7 +54,7 @@ class PasswordFactor:
 
         until, attempt = await svc.db.call(lockout.attempt, username)
         if until:
-            return await svc.db.call(locked_out, svc, until, None, username, seen, keep)
+            return await svc.db.call(self._locked, svc, until, tx.get("account"), username, seen, keep)
         if attempt > 1 and svc.settings.captcha == "after-failure" and not captcha.wanted(svc, tx):
             # The username's last answers failed (in another login, another browser perhaps): a
             # new login is not the way around the captcha. Not a guess: the attempt is given back.
@@ -76,6 +76,15 @@ class PasswordFactor:
         if account.password_login_disabled:
             return Outcome(error="login.password_disabled", keep=keep, writes=writes)
         return Outcome(account_id=account.id, account=account, writes=writes)
+
+    @staticmethod
+    def _locked(svc, until, account_id, username, seen, keep):
+        """Refused while locked; in the owner's activity log too (one indexed read, no hash), where
+        an attack that goes on past the lock shows."""
+        if account_id is None:
+            account = with_bindings(svc, username=username)
+            account_id = account.id if account else None
+        return locked_out(svc, until, account_id, username, seen, keep)
 
     @classmethod
     def _verify(cls, svc, username, password):

@@ -336,6 +336,8 @@ def test_activity_log_shows_logins_with_address_and_browser(user):
     page = browser.go("/account/activity")
     assert "登入成功" in page.text and "登入失敗" in page.text and "綁定" in page.text
     assert "testclient" in page.text  # the user agent
+    # The portal by its name and the factors in words, not a client_id and "password+otp".
+    assert "<td>帳號密碼 + OTP 驗證</td>" in page.text and "<td>Portal</td>" in page.text and client_id not in page.text
     account_id = _account_id(provider)
     for _ in range(25):
         provider.svc.audit.record("login.failure", account_id=account_id, username="alice")

@@ -1,5 +1,6 @@
 """Every message exists in both languages (SPEC O2); every page compiles."""
 
+from idp.factors import FACTORS
 from idp.web.i18n import CATALOGS
 from idp.web.pages import compile_templates, env
 
@@ -16,9 +17,9 @@ def test_every_template_compiles():
     assert len(env.cache) == len(env.list_templates())
 
 
-def test_every_audited_event_has_a_name_in_both_languages():
-    """The activity log shows ``event.<name>`` (SPEC M6): an event without that message
-    would show its raw key. Every literal event name the provider records is checked."""
+def test_every_audited_event_and_method_has_a_name_in_both_languages():
+    """The activity log shows ``event.<name>`` and ``method.<name>`` (SPEC M6): one without its
+    message would show its raw key. Every literal name the provider records is checked."""
     import ast
     import pathlib
 
@@ -36,11 +37,13 @@ def test_every_audited_event_has_a_name_in_both_languages():
                 event = args[2]
             else:
                 continue
-            names = [event]
+            names = [("event.", event)] + [("method.", k.value) for k in node.keywords if k.arg == "method"]
             while names:  # a literal, or either side of ``a if ... else b``
-                name = names.pop()
+                prefix, name = names.pop()
                 if isinstance(name, ast.IfExp):
-                    names += [name.body, name.orelse]
-                elif isinstance(name, ast.Constant):
-                    missing |= {(locale, name.value) for locale in CATALOGS if "event." + name.value not in CATALOGS[locale]}
+                    names += [(prefix, name.body), (prefix, name.orelse)]
+                elif isinstance(name, ast.Constant) and name.value:
+                    missing |= {(locale, prefix + name.value) for locale in CATALOGS if prefix + name.value not in CATALOGS[locale]}
+    # A login's method is its factors' names, joined by "+".
+    missing |= {(locale, "method." + name) for name in FACTORS for locale in CATALOGS if "method." + name not in CATALOGS[locale]}
     assert sorted(missing) == []

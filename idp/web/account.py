@@ -23,7 +23,8 @@ from idp.accounts import AccountError, change_password, with_bindings
 from idp.factors import FACTORS, methods, passkey
 from idp.factors.totp import Enrolment
 from idp.mail import MailError
-from idp.storage.models import Account, AuditEvent
+from idp.protocol.clients import OAuthClient
+from idp.storage.models import Account, AuditEvent, Client
 from idp.web import i18n, recovery
 from idp.web.forms import BadRequest, read_form
 from idp.web.login import SESSION_COOKIE
@@ -358,16 +359,19 @@ async def email_verify(request: Request, account, form) -> Response:
 
 
 # -- activity log (M6) -------------------------------------------------------------------------------
-def activity(svc, account_id: str, page: int) -> tuple[list[AuditEvent], int]:
-    """One page of an account's audit events, newest first, and the page count."""
+def activity(svc, account_id: str, page: int) -> dict:
+    """One page of an account's audit events, newest first (``rows``), the page count
+    (``pages``), and the clients they name, by client_id (``clients``: a deleted one is missing)."""
     with svc.db.session() as session:
         total = session.execute(select(func.count()).select_from(AuditEvent).where(AuditEvent.account_id == account_id)).scalar_one()
         rows = session.execute(
             select(AuditEvent).where(AuditEvent.account_id == account_id)
             .order_by(AuditEvent.time.desc(), AuditEvent.id.desc()).offset((page - 1) * PAGE_SIZE).limit(PAGE_SIZE)
         ).scalars().all()
+        named = {row.client_id for row in rows if row.client_id}
+        clients = {c.client_id: OAuthClient(c) for c in session.scalars(select(Client).where(Client.client_id.in_(named)))}
         session.expunge_all()
-    return rows, max(1, -(-total // PAGE_SIZE))
+    return {"rows": rows, "pages": max(1, -(-total // PAGE_SIZE)), "clients": clients}
 
 
 async def activity_page(request: Request) -> Response:
@@ -377,9 +381,9 @@ async def activity_page(request: Request) -> Response:
     svc = request.app.state.svc
     page = request.query_params.get("page", "1")
     page = int(page) if page.isascii() and page.isdigit() and 0 < int(page) < 100_000 else 1
-    rows, pages = await run_in_threadpool(activity, svc, account.id, page)
-    return render(request, "account_activity.html", account=account, rows=rows, page=page, pages=pages, tab="activity",
-                  flash={"params": {}})
+    found = await run_in_threadpool(activity, svc, account.id, page)
+    return render(request, "account_activity.html", account=account, page=page, tab="activity", flash={"params": {}},
+                  **found)
 
 
 routes = [

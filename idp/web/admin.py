@@ -210,7 +210,7 @@ async def account_page(request: Request) -> Response:
     if target is None:
         return _not_found(request)
     page = _page(request)
-    rows, pages = await run_in_threadpool(activity, svc, target.id, page)
+    found = await run_in_threadpool(activity, svc, target.id, page)
     now = svc.clock()
     flash = {"params": {}}
     notice, error = request.query_params.get("notice"), request.query_params.get("error")
@@ -226,7 +226,7 @@ async def account_page(request: Request) -> Response:
     return render(
         request, "admin_account.html", role=role, account=role.account, target=target, methods=methods(target),
         locked_until=_taipei_time(locked_until), password_expired=expired,
-        one_day_today=one_day.usable_today(target, now), rows=rows, page=page, pages=pages, flash=flash,
+        one_day_today=one_day.usable_today(target, now), page=page, flash=flash, **found,
     )
 
 

@@ -585,3 +585,13 @@ def test_two_tabs_consenting_at_once_both_log_in(provider):
     with both_reach(provider.svc.db.engine, "INSERT INTO CONSENTS"), ThreadPoolExecutor(2) as pool:
         answers = [pool.submit(b.submit, p, "/login/consent", button=("decision", "allow")) for b, p in pages]
         assert all("code" in callback(answer.result(timeout=60)) for answer in answers)
+
+
+def test_the_lockout_messages_say_the_configured_limits(make_provider):
+    provider = make_provider(lockout_threshold=5, lockout_seconds=3600)
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id)
+    assert "密碼輸入錯誤達 5 次，將導致帳號鎖定 60 分鐘" in page.text
+    assert "再錯 4 次，帳號將鎖定 60 分鐘" in browser.password(page, password="wrong-password").text

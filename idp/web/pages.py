@@ -88,9 +88,11 @@ def render(request: Request, template: str, status: int = 200, ui_locales: str |
     svc = request.app.state.svc
     locale = locale_of(request, ui_locales)
     nonce = secrets.token_urlsafe(16)
+    # What the lockout messages say: the configured limits, not the defaults' "3" and "15".
+    lockout = {"lock_threshold": svc.settings.lockout_threshold, "lock_minutes": -(-svc.settings.lockout_seconds // 60)}
 
     def _(key, **params):
-        return translate(locale, key, **params)
+        return translate(locale, key, **lockout, **params)
 
     html = env.get_template(template).render(
         _=_, locale=locale, csrf=csrf_token(request), nonce=nonce, request=request,

@@ -149,6 +149,40 @@ def test_denied_on_the_phone_says_so_and_offers_a_retry(provider, sim):
     assert 'id="mobileid-countdown"' in page.text  # a new request went out
 
 
+
+def test_approved_by_qr_the_late_push_dismissed_still_logs_in(provider, sim):
+    """The approval came first; the push that arrived late was then dismissed on the phone."""
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id)
+    both = tickets(provider, tx)
+    assert phone(sim, "approve", sp_ticket=both["qr"]["sp_ticket"]).status_code == 200
+    assert phone(sim, "deny", sp_ticket_id=both["push"]["sp_ticket_id"]).status_code == 200
+    assert status(browser, tx)["state"] == "done"
+
+
+def test_a_poll_the_service_does_not_answer_loses_no_approval(provider, sim, monkeypatch):
+    """A network failure while the tickets still live is asked again, not a failed attempt."""
+    from idp.mobileid.connector import httpx as connector_httpx
+
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id)
+    assert phone(sim, "approve", sp_ticket_id=tickets(provider, tx)["push"]["sp_ticket_id"]).status_code == 200
+    http, lost = provider.svc.mobileid.http, []
+    post = http.post
+
+    async def once_lost(url, **kwargs):
+        if url.endswith("getAthOrSignResult") and not lost:
+            lost.append(url)
+            raise connector_httpx.ConnectTimeout("a lost packet")
+        return await post(url, **kwargs)
+
+    monkeypatch.setattr(http, "post", once_lost)
+    first = status(browser, tx)
+    provider.clock.advance(4)
+    assert lost and first["state"] == "pending" and status(browser, tx)["state"] == "done"
+
 def test_expired_request_is_refused_even_if_approved_later(provider, sim):
     client_id, _ = provider.client()
     browser = provider.browser()

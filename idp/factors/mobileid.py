@@ -42,8 +42,10 @@ Decisions:
   app's, ``idp.factors.Fatigue``); a login by mobile ID starts the count again.
 - **Failures** (denied on the phone, expired, an answer that does not
   verify) end the attempt: the page shows why and offers to try again with
-  the number kept. A push that cannot be sent while the QR ticket can still
-  lets the user scan.
+  the number kept. An approval wins over a failure seen in the same poll
+  (approved by QR, the late push then dismissed). A service that does not
+  answer is asked again at the next poll, until the tickets' deadline. A push
+  that cannot be sent while the QR ticket can still lets the user scan.
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ class MobileIdFactor:
             return DONE
         if record is None or svc.clock() > state["expires_at"]:
             return "mobileid.expired"
-        outcome = PENDING
+        outcome, failed = PENDING, None
         for via in ("push", "qr"):
             data = record["tickets"].get(via)
             if data is None:
@@ -215,16 +217,20 @@ class MobileIdFactor:
             except e.AlreadyUsed:  # redeemed by another poll that did not get to claim it
                 record["tickets"].pop(via)
                 continue
-            except MobileIdError as exc:
+            except e.ServiceUnavailable as exc:  # no answer is not a failure: asked again at the next poll
+                log.warning("mobile ID %s for %s not polled: %s", via, state["national_id"][-4:], exc)
+                record["tickets"][via] = ticket.to_dict()  # when it was last asked
+                continue
+            except MobileIdError as exc:  # the other ticket may hold an approval: it wins
                 log.warning("mobile ID %s for %s failed: %s", via, state["national_id"][-4:], exc)
-                outcome = _message(exc)
-                break
+                failed = failed or _message(exc)
+                continue
             record["tickets"][via] = ticket.to_dict()  # when it was last polled
             if isinstance(result, Verified):
                 outcome = await bridge.run(self._claim, svc, state, record, via, result)
                 break
-        if not record["tickets"] and outcome == PENDING:
-            outcome = "mobileid.expired"
+        if outcome == PENDING and (failed or not record["tickets"]):
+            outcome = failed or "mobileid.expired"
         ttl = int(state["expires_at"] - svc.clock()) + 120
         if outcome == PENDING:
             await bridge.run(svc.store.set, ATTEMPT + attempt, record, max(ttl, 1))

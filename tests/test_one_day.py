@@ -154,6 +154,9 @@ def test_wrong_codes_count_towards_the_lockout(shop, smtp_server):
     # One lockout for every form, as the seeds say.
     other = provider.browser()
     assert "帳號已暫時停用" in _error(other.password(other.authorize(client_id)))
+    with provider.svc.db.session() as session:  # each try while locked in the owner's activity log too
+        locked = session.execute(select(AuditEvent).where(AuditEvent.event == "login.locked")).scalars().all()
+    assert len(locked) == 3 and all(event.account_id for event in locked)
 
 
 def test_password_and_code_failures_share_the_counter(shop, smtp_server):

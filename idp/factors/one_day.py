@@ -165,7 +165,7 @@ class OneDayFactor:
         lockout = svc.lockout
         until, attempt = lockout.attempt(username)
         if until:
-            return locked_out(svc, until, None, username, seen, keep)
+            return PASSWORD._locked(svc, until, None, username, seen, keep)
 
         account, correct = PASSWORD._verify(svc, username, password)
         now = svc.clock()

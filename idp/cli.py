@@ -175,7 +175,12 @@ def cmd_users_disable(args, disabled=True) -> int:
 
     svc = _services()
     account_id, _ = _account_id(svc, args.username)
-    if account_id is None or set_disabled(svc, account_id, disabled) is None:
+    if account_id is None:
+        return _fail(f"no account {args.username}")
+    if disabled and not _sessions_reachable(svc):
+        return _fail("without IDP_REDIS_URL the account's sessions and tokens live inside the running provider, which "
+                     "this command cannot end (nor tell the portals): disable the account on its admin page (/admin)")
+    if set_disabled(svc, account_id, disabled) is None:
         return _fail(f"no account {args.username}")
     svc.audit.record("account.disabled" if disabled else "account.enabled", account_id=account_id, username=args.username, method="cli")
     return 0
@@ -192,6 +197,13 @@ def cmd_users_unlock(args) -> int:
     svc.lockout.clear(args.username)
     svc.audit.record("account.unlocked", account_id=account_id, username=args.username, method="cli")  # in its activity log
     return 0
+
+
+def _sessions_reachable(svc) -> bool:
+    """Whether this process can end an account's sessions: they are in Redis, or no provider
+    serves this database on its in-process store (where they would live in its memory; with
+    none running, there are none)."""
+    return svc.store.shared or svc.db.claim_sole_server()
 
 
 def _account_id(svc, username):
@@ -233,9 +245,7 @@ def cmd_users_reset_bindings(args) -> int:
     account_id, username = _account_id(svc, args.username)
     if account_id is None:
         return _fail(f"no account {args.username}")
-    if not svc.store.shared and not svc.db.claim_sole_server():
-        # A provider serves this database on its in-process store: the account's sessions live
-        # in its memory, beyond this process's reach. With none running, there are none.
+    if not _sessions_reachable(svc):
         return _fail("without IDP_REDIS_URL the account's sessions live inside the running provider, which this "
                      "command cannot end: reset the bindings on its admin page (/admin)")
     count, forgotten = reset_bindings(svc, account_id)

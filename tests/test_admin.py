@@ -491,7 +491,7 @@ def test_cli_resets_bindings(tmp_path):
 
 
 def test_cli_reset_bindings_ends_the_running_providers_sessions_or_refuses(provider, tmp_path):
-    """`idp users reset-bindings` ends the account's sessions and tokens on the running
+    """`idp users reset-bindings` (and `disable`) ends the account's sessions and tokens on the running
     provider through Redis. With the in-process store they live in the provider's memory, out
     of the command's reach: while a provider serves the database, the command refuses and
     changes nothing, rather than delete the bindings and leave the sessions open."""
@@ -517,12 +517,17 @@ def test_cli_reset_bindings_ends_the_running_providers_sessions_or_refuses(provi
     else:
         assert out.returncode == 2 and "admin page (/admin)" in out.stderr
         assert refreshed.status_code == 200 and kept == 1
+        # Nor is the account disabled there, its sessions and tokens left to come back with `enable`.
+        out = _idp(tmp_path, "users", "disable", "alice", **same)
+        assert out.returncode == 2 and "admin page (/admin)" in out.stderr
+        assert _refresh(http, client_id, secret, refreshed.json()["refresh_token"]).status_code == 200
 
 
+@pytest.mark.parametrize("backend", ["postgres+redis"])  # the in-process store's case: the test above
 def test_cli_disable_and_enable_reach_the_running_provider(provider, tmp_path):
     """`idp users disable` runs in a process of its own, yet the running provider refuses the
-    account's tokens at once: with Redis through the mark the command writes there, with the
-    in-process store by reading the database. `enable` lets a fresh login's tokens refresh."""
+    account's tokens at once, through the mark the command writes in Redis. `enable` lets a
+    fresh login's tokens refresh."""
     provider.account("alice")
     client_id, secret = provider.client()
     settings = provider.svc.settings

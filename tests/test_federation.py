@@ -289,6 +289,17 @@ def test_google_is_followed_by_otp_even_when_the_client_asks_for_two_factors(sit
     assert 'name="otp"' in page.text and 'name="password"' not in page.text
 
 
+
+def test_a_client_that_takes_google_alone_shows_its_button_and_no_password_form(site):
+    provider, client_id, _, otp = site
+    _bind_google(provider, _signed_in(provider, client_id, otp), "alice.g")
+    google_only, _ = provider.client(allowed_factors=["google", "otp"])
+    browser = provider.browser()
+    page = browser.authorize(google_only)
+    assert 'name="password"' not in page.text and "/password/forgot" not in page.text
+    page = at_google(browser, browser.go(_google_link(page)), "alice.g")
+    assert 'name="otp"' in page.text
+
 def test_google_is_followed_by_otp_without_the_two_factor_policy(make_provider, upstream):
     provider = make_provider(mfa=False, issuer=ISSUER, **upstream)
     provider.account("alice")

@@ -179,7 +179,7 @@ class FederationFactor:
     amr = ["fed"]
     first = True
     possession = False
-    template = "factor_password.html"  # never shown: the login page links to /login/google
+    template = "factor_password.html"  # the first step's page: with the password, or alone, its button
 
     def __init__(self):
         self._upstream: Upstream | None = None

@@ -185,6 +185,22 @@ def test_a_failure_counts_towards_the_lockout_only_for_a_known_account(make, tpk
     callback(sign(tpki, browser, page))
 
 
+
+def test_the_owners_expired_card_does_not_lock_the_account(make, tpki):
+    """Tried again and again after 憑證無效, as users do: no guess, and it can never succeed.
+    Three tries locked the account out of password and OTP too."""
+    provider = make(mfa=False)
+    provider.clock.now = tpki.cert("citizen").not_valid_after_utc.timestamp() + 86400
+    bind(provider, tpki, provider.account("alice"))
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    callback(browser.password(browser.authorize(client_id)))  # the account known: a portal's step-up
+    page = browser.authorize(client_id, acr_values="urn:idp:loa:3")
+    for _ in range(3):
+        page = sign(tpki, browser, page)
+        assert INVALID in _error(page)
+    assert provider.svc.lockout.locked_until("alice") is None
+
 # -- step-up -------------------------------------------------------------------------------
 def test_step_up_from_password_and_otp_asks_only_for_the_certificate(make, tpki):
     provider = make()

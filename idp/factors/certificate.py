@@ -50,8 +50,10 @@ ERRORS = {
     "key_usage": "certificate.error.key_usage",
     "revocation_unavailable": "certificate.error.revocation_unavailable",
 }
-# Not the user's doing: does not count towards the lockout.
-NOT_COUNTED = {"revocation_unavailable", "challenge_expired"}
+# What counts towards the lockout: a card shown for another account, an answer that does not sign
+# this login's challenge (someone trying). An expired, revoked or untrusted card can never
+# succeed: its owner trying it again must not lock the account out of its other factors.
+COUNTED = {"other_account", "signature_invalid", "challenge_mismatch"}
 
 
 def binding_id(identity) -> str:
@@ -181,7 +183,7 @@ class CertificateFactor:
         code, key = error
         svc.audit.record("login.failure", account_id=account_id, username=username or None, **seen,
                          reason=code)
-        if not account_id or code in NOT_COUNTED:
+        if not account_id or code not in COUNTED:
             return Outcome(error=key)
         lockout = svc.lockout
         attempt = lockout.reserve(username)

@@ -26,7 +26,9 @@ from .trust import AnchorSet, TrustStore, same_name
 
 OID_ID_LAST4 = "2.16.886.1.100.2.51"  # last four digits of the national ID (MOICA)
 OID_SUBJECT_TYPE = "2.16.886.1.100.2.1"
-SIGNING_USAGES = frozenset({"digital_signature", "non_repudiation"})
+# An extended key usage names what a key is for: these purposes alone are no person's login (a
+# CA's OCSP responder, a server, a time-stamping unit). Cards name none, or email/client auth.
+NOT_A_LOGIN = frozenset({"server_auth", "ocsp_signing", "time_stamping", "code_signing"})
 
 
 @dataclass(frozen=True)
@@ -230,9 +232,14 @@ async def _validate_path(leaf: x509.Certificate, trust: TrustStore, kind: str | 
 
 
 def _check_key_usage(leaf: x509.Certificate):
+    """digitalSignature, entity authentication (PROTOCOLS 1; nonRepudiation alone is for
+    signing documents), and no extended key usage for something else only (RFC 5280 4.2.1.12)."""
     ku = leaf.key_usage_value
-    if ku is None or not (set(ku.native) & SIGNING_USAGES):
+    if ku is None or "digital_signature" not in ku.native:
         raise errors.KeyUsage("certificate is not for signatures (the card's encryption certificate?)")
+    eku = leaf.extended_key_usage_value
+    if eku is not None and set(eku.native) <= NOT_A_LOGIN:
+        raise errors.KeyUsage(f"certificate is for {', '.join(sorted(eku.native))}, not a person's login")
 
 
 def _identity(leaf: x509.Certificate, aset: AnchorSet, signing_time, form: str,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import secrets
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -18,6 +19,9 @@ import pytest
 from asn1crypto import x509 as ax509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deploy.dev import testpki
 from idp import pki
@@ -154,6 +158,39 @@ def test_encryption_certificate_is_not_for_login(tpki, trust):
     with pytest.raises(pki.KeyUsage) as e:
         verify(tpki.make_signature("citizen_enc", CHALLENGE), trust=trust)
     assert e.value.code == "key_usage"
+
+
+
+def _card(tpki, ku, *extensions):
+    """A CMS signature over CHALLENGE by a card the test MOICA issued with key usage ``ku`` and
+    ``extensions`` (revocation by CRL, so that it is really checked)."""
+    moica, moica_key = tpki.ca("moica")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    b = (x509.CertificateBuilder().subject_name(testpki.citizen_dn("王小明", "TEST" + secrets.token_hex(6).upper()))
+         .issuer_name(moica.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now() - timedelta(days=1)).not_valid_after(now() + timedelta(days=365))
+         .add_extension(ku, critical=True)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(moica_key.public_key()), critical=False))
+    for extension, critical in [*extensions, *testpki._revocation_urls(tpki.server.url, "moica", ocsp=False)]:
+        b = b.add_extension(extension, critical=critical)
+    cert = b.sign(moica_key, hashes.SHA256())
+    der = (pkcs7.PKCS7SignatureBuilder().set_data(CHALLENGE).add_signer(cert, key, hashes.SHA256())
+           .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.NoCapabilities, pkcs7.PKCS7Options.Binary]))
+    return base64.b64encode(der).decode()
+
+
+@pytest.mark.parametrize("purpose", [ExtendedKeyUsageOID.OCSP_SIGNING, ExtendedKeyUsageOID.SERVER_AUTH,
+                                     ExtendedKeyUsageOID.TIME_STAMPING])
+def test_a_certificate_for_another_purpose_or_for_documents_only_is_no_login(tpki, trust, purpose):
+    """RFC 5280 4.2.1.12: an OCSP responder's, a server's, a time stamper's certificate of a
+    trusted CA; 4.2.1.3 (PROTOCOLS 1): nonRepudiation alone signs documents, not logins."""
+    signing = testpki._ku(digital_signature=True, content_commitment=True)
+    with pytest.raises(pki.KeyUsage):
+        verify(_card(tpki, signing, (x509.ExtendedKeyUsage([purpose]), True)), trust=trust, kind="personal")
+    with pytest.raises(pki.KeyUsage):
+        verify(_card(tpki, testpki._ku(content_commitment=True)), trust=trust, kind="personal")
+    verify(_card(tpki, signing, (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)),
+           trust=trust, kind="personal")
 
 
 # -- revocation ----------------------------------------------------------------
@@ -385,6 +422,19 @@ def _moica_crl(tpki, idp, revoked=()):
                                       .revocation_date(t - timedelta(days=1)).build())
     return b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
+
+
+def test_a_crl_with_a_critical_extension_it_does_not_know_is_not_used(tpki):
+    """RFC 5280 5.2: such an extension may narrow what the CRL covers; believing it could clear
+    a revoked card."""
+    unknown = (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"), True)
+    moica, key = tpki.ca("moica")
+    der = (x509.CertificateRevocationListBuilder().issuer_name(moica.subject)
+           .last_update(now() - timedelta(minutes=1)).next_update(now() + timedelta(days=1))
+           .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)
+           .add_extension(*unknown).sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    with pytest.raises(ValueError, match="critical extensions"):
+        rev.parse_crl(der, ax509.Certificate.load(moica.public_bytes(serialization.Encoding.DER)))
 
 def _check_with_crls(tpki, name, crls, times, crl_dir=None):
     """Check ``name`` at each of ``times`` under hard-fail, with OCSP down and the CRL URL answered

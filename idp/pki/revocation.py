@@ -125,6 +125,10 @@ class IndexedCRL:
         return len(self.index)
 
 
+# The CRL extensions ``parse_crl`` processes (a critical one of any other kind makes it unusable).
+UNDERSTOOD = frozenset({"authority_key_identifier", "crl_number", "issuing_distribution_point"})
+
+
 def parse_crl(der: bytes, issuer: x509.Certificate, url: str = "") -> IndexedCRL:
     """Verify a CRL's signature against ``issuer`` and index it (CPU-bound: run in a thread)."""
     cl = crl.CertificateList.load(der)
@@ -136,6 +140,8 @@ def parse_crl(der: bytes, issuer: x509.Certificate, url: str = "") -> IndexedCRL
         raise ValueError("CRL signed by another key of that CA")
     if cl.delta_crl_indicator_value is not None:
         raise ValueError("delta CRLs are not supported")
+    if unknown := cl.critical_extensions - UNDERSTOOD:  # RFC 5280 5.2: it may narrow what the CRL covers
+        raise ValueError(f"CRL has critical extensions this checker does not process: {', '.join(sorted(unknown))}")
     idp = cl.issuing_distribution_point_value
     if idp is not None and idp["indirect_crl"].native:
         raise ValueError("indirect CRLs are not supported")

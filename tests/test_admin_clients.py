@@ -72,9 +72,12 @@ def test_an_admin_changes_a_clients_policy_with_the_csrf_token(site):
     [event] = [e for e in events(site, "client.policy_changed")]
     assert event.client_id == client_id and event.detail["minimum_acr"] == LOA3
 
-    # No factor at all is refused with a message, and the policy stays.
-    page = browser.go(form, "POST", {"csrf": csrf, "minimum_acr": LOA2})
-    assert "未儲存" in page.text and row(page, client_id, "minimum_acr") == LOA3
+    # No factor at all is refused with a message, and the policy stays; so is a policy no login can
+    # meet: no way to begin one, or a level the factors allowed cannot reach.
+    for policy in ({}, {"factor": ["otp", "push"]}, {"factor": ["password", "otp"], "minimum_acr": LOA3}):
+        page = browser.go(form, "POST", {"csrf": csrf, "minimum_acr": LOA2, **policy})
+        assert "未儲存：此登入政策沒有任何登入方式能夠達成" in page.text
+        assert row(page, client_id, "minimum_acr") == LOA3 and row(page, client_id, "allowed_factors") == "password otp mobileid"
 
 
 def test_an_admin_tightens_the_policy_of_a_client_stored_with_a_sector_identifier_uri(site):

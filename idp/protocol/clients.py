@@ -34,7 +34,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from sqlalchemy import select
 
-from idp.acr import LADDER
+from idp.acr import LADDER, earned, rank, with_mfa
 from idp.storage.models import Client, InitialAccessToken
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
@@ -259,15 +259,26 @@ def validate_metadata(meta: dict) -> dict:
 
 
 def check_policy(meta: dict) -> None:
-    """The login policy fields an administrator sets (``allowed_factors``, ``minimum_acr``)."""
-    allowed = meta.get("allowed_factors")
-    if allowed is not None:
-        from idp.factors import FACTORS  # the factors are the login's business; imported late
+    """The login policy fields an administrator sets (``allowed_factors``, ``minimum_acr``),
+    and that some login can meet them: a policy none can would send every user of the client
+    back with an error before any page."""
+    from idp.factors import FACTORS  # the factors are the login's business; imported late
 
-        if not isinstance(allowed, list) or not allowed or set(allowed) - set(FACTORS):
-            raise ClientError(f"allowed_factors must be a non-empty list of: {', '.join(FACTORS)}")
-    if meta.get("minimum_acr") not in (None, *LADDER):
+    allowed = meta.get("allowed_factors")
+    if allowed is not None and (not isinstance(allowed, list) or not allowed or set(allowed) - set(FACTORS)):
+        raise ClientError(f"allowed_factors must be a non-empty list of: {', '.join(FACTORS)}")
+    minimum = meta.get("minimum_acr")
+    if minimum not in (None, *LADDER):
         raise ClientError(f"minimum_acr must be one of {' '.join(LADDER)}")
+    factors = [FACTORS[name] for name in (allowed or FACTORS)]
+    if not any(f.first for f in factors):
+        raise ClientError("allowed_factors must include a way to begin a login: "
+                          + ", ".join(name for name, f in FACTORS.items() if f.first))
+    # A first factor, alone or followed by one more: the best level the allowed factors reach.
+    best = max(rank(earned(with_mfa(first.amr + (then.amr if then is not first else []))))
+               for first in factors if first.first for then in factors)
+    if rank(minimum) > best:
+        raise ClientError(f"minimum_acr {minimum} is beyond what the allowed factors can reach ({LADDER[best - 1]})")
 
 
 def _check_jwks(jwks) -> None:

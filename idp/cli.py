@@ -9,6 +9,7 @@ import sys
 
 from sqlalchemy import select
 
+from idp import logs
 from idp.settings import Settings
 
 
@@ -46,7 +47,9 @@ def cmd_serve(args) -> int:
     from idp.web.corked import UVICORN
 
     if args.workers > 1:
-        if not Settings.from_env().redis_url:
+        settings = Settings.from_env()
+        logs.configure(settings.log_format, settings.log_level)  # the supervising process's lines too
+        if not settings.redis_url:
             return _fail(f"--workers {args.workers} needs IDP_REDIS_URL: without it each worker keeps its own "
                          "login state, and a login's next step, answered by another worker, would find none")
         # Each worker migrates on start; the migration lock makes that safe. The workers count their

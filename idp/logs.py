@@ -21,6 +21,7 @@ import time
 import orjson
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+LOGGED = "idp.error_logged"  # in a request's scope: its unhandled error is logged, with its id
 access = logging.getLogger("idp.access")
 
 _ACCEPTED_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
@@ -77,15 +78,17 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(log_format: str, level: str) -> None:
-    """Give the ``idp`` loggers one stderr handler in ``log_format`` (idempotent)."""
-    logger = logging.getLogger("idp")
-    for handler in [h for h in logger.handlers if isinstance(h, _Stderr)]:
-        logger.removeHandler(handler)
+    """Give the ``idp`` loggers, and the server's (``uvicorn``), one stderr handler in
+    ``log_format`` (idempotent): every line a log collector reads is of one kind."""
     handler = _Stderr()
     handler.addFilter(_WithRequestId())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    logger.addHandler(handler)
-    logger.setLevel(level)
+    for name in ("idp", "uvicorn"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, _Stderr)]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level)
 
 
 class RequestId:
@@ -111,6 +114,11 @@ class RequestId:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Starlette raises a handled error again for the server to log: it is logged already,
+            # with this id, so not twice (once more without it, in the server's own format).
+            if not scope.get(LOGGED):
+                raise
         finally:
             if self.access:
                 self._log(scope, rid, status[0], start)

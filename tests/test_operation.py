@@ -294,7 +294,7 @@ def test_the_event_loops_own_connections_too_cost_one_failed_query_after_a_resta
 
 
 @pytest.mark.parametrize("backend", ["postgres+redis"])
-def test_a_statement_stuck_on_a_lock_fails_its_request_within_the_timeout(make_provider):
+def test_a_statement_stuck_on_a_lock_fails_its_request_within_the_timeout(make_provider, caplog):
     """IDP_DATABASE_STATEMENT_TIMEOUT: PostgreSQL cancels a statement that waits too long (here
     the audit row of a wrong password, its table locked by another connection), so the login
     step ends with the error page instead of holding the request and a connection for ever."""
@@ -314,6 +314,11 @@ def test_a_statement_stuck_on_a_lock_fails_its_request_within_the_timeout(make_p
         locker.rollback()
     assert refused.status_code == 500 and "系統錯誤" in refused.text
     assert waited < 10
+    # The error page carries the request's id and the headers every response has; so does the
+    # traceback's log line, which support finds by that id.
+    rid = refused.headers["x-request-id"]
+    assert refused.headers["x-frame-options"] == "DENY"
+    assert [r.request_id for r in caplog.records if r.exc_info] == [rid]
     assert "再錯" in browser.password(browser.authorize(client_id), password="wrong-password").text  # the table free again
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -317,7 +318,7 @@ def test_key_rotation_reaches_every_process_without_a_restart(cluster, receiver)
 def test_idp_serve_workers_answer_metrics_with_the_sum_of_all_of_them(cluster, tmp_path):
     port = servers.free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**cluster.env, "TMPDIR": str(tmp_path)}
+    env = {**cluster.env, "TMPDIR": str(tmp_path), "IDP_LOG_FORMAT": "json"}
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "idp.cli", "serve", "--port", str(port), "--workers", "2"],
                             env=env, cwd=tmp_path, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
@@ -335,6 +336,10 @@ def test_idp_serve_workers_answer_metrics_with_the_sum_of_all_of_them(cluster, t
         proc.wait(30)
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert list(tmp_path.glob("idp-metrics-*")) == []  # the workers' counts go with them
+    # IDP_LOG_FORMAT=json: every line is one JSON object, the server's (uvicorn's) own included.
+    lines = log.read_text().splitlines()
+    assert lines and all(json.loads(line)["level"] for line in lines)
+    assert any(json.loads(line)["logger"].startswith("uvicorn") for line in lines)
 
 
 def test_idp_serve_workers_without_redis_stops_with_the_reason(cluster):

@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -128,7 +129,23 @@ async def method_not_allowed(request: Request, exc):
 
 async def server_error(request: Request, exc):
     log.exception("unhandled error on %s %s", request.method, request.url.path)
+    request.scope[logs.LOGGED] = True  # not again by the server (``logs.RequestId``)
     return error_page(request, "error.server.title", "error.server.detail", status=500)
+
+
+class Provider(Starlette):
+    """Starlette, with ``outermost`` outside its error handler, which Starlette puts first:
+    the request id and the security headers reach a 500's page and its log line too."""
+
+    def __init__(self, *args, outermost: list[Middleware], **kwargs):
+        self.outermost = outermost
+        super().__init__(*args, **kwargs)
+
+    def build_middleware_stack(self):
+        app = super().build_middleware_stack()
+        for cls, args, kwargs in reversed(self.outermost):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None, services: Services | None = None) -> Starlette:
@@ -201,11 +218,11 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
             await svc.store.aclose()
             await svc.db.aclose()
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error}, lifespan=lifespan,
-                    middleware=proxies.middleware(svc.settings.trusted_proxies))
+    app = Provider(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+                   lifespan=lifespan, middleware=proxies.middleware(svc.settings.trusted_proxies),
+                   outermost=[Middleware(logs.RequestId, access=svc.settings.access_log),  # every line carries the id
+                              Middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))])
     app.state.svc = svc
     app.add_middleware(RefuseNul)
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
-    app.add_middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))
-    app.add_middleware(logs.RequestId, access=svc.settings.access_log)  # outermost: every line carries the id
     return app

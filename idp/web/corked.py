@@ -54,5 +54,6 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
 
 # The uvicorn options of every provider process: X-Forwarded-* are the app's to apply
 # (IDP_TRUSTED_PROXIES, idp.web.proxies), so it must see the socket peer; its own
-# access log is RequestId's.
-UVICORN = {"http": CorkedHttpToolsProtocol, "proxy_headers": False, "access_log": False}
+# access log is RequestId's; no log_config: its lines go through the provider's handler
+# (``idp.logs.configure``), in IDP_LOG_FORMAT.
+UVICORN = {"http": CorkedHttpToolsProtocol, "proxy_headers": False, "access_log": False, "log_config": None}

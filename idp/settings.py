@@ -60,9 +60,10 @@ class Settings:
         "and at the password of a username whose last answers failed (in any login).", "always"
     )
     default_locale: Literal["zh-TW", "en"] = _doc("UI language when the browser asks for none.", "zh-TW")
-    lockout_threshold: int = _doc("Wrong answers (passwords, OTPs, ...) before the account locks, counted until a login "
-                                    "with a bound second factor succeeds (any login, for an account that has none).", 3)
-    lockout_seconds: int = _doc("How long a locked account stays locked.", 900)
+    lockout_threshold: int = _doc("Wrong answers (passwords, OTPs, ...) before the account locks, counted from the first "
+                                    "for IDP_LOCKOUT_SECONDS, or until a login with a bound second factor succeeds (any "
+                                    "login, for an account that has none).", 3)
+    lockout_seconds: int = _doc("How long a locked account stays locked, and how long its wrong answers are counted.", 900)
     mfa: bool = _doc(
         "Every login needs a second factor; an account without one must bind one first (SPEC M1).", True
     )

@@ -13,8 +13,9 @@ import pytest
 from sqlalchemy import text
 
 from idp.accounts import reset_bindings
+from idp.factors import certificate
 from idp.storage.models import Account, AuditEvent, Binding
-from idp.web import account as account_pages, federation, reset
+from idp.web import federation, reset
 from tests.harness import PASSWORD, callback, forms, redeem
 from tests.mailserver import REFUSED_DOMAIN
 from tests.test_totp import _bind, _code, _error, _secret
@@ -494,7 +495,7 @@ def test_two_rebinds_at_once_leave_one_binding(provider):
                                fingerprint_sha256="00", not_after=dt.datetime(2030, 1, 1), anchor_set="moica")
 
     for factor, bind in (("google", lambda n: federation._bind(svc, account_id, f"https://upstream|{n}", {"sub": n})),
-                         ("certificate", lambda n: account_pages._bind_certificate(svc, account_id, card(n)))):
+                         ("certificate", lambda n: certificate.bind(svc, account_id, card(n)))):
         with svc.db.session() as session:
             session.add(Binding(account_id=account_id, factor=factor, external_id=f"{factor}|old", data={}))
         with svc.db.engine.connect() as holder, holder.begin():

@@ -24,6 +24,7 @@ import logging
 import secrets
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from idp import bridge
@@ -211,3 +212,46 @@ def _bound_account(svc, external_id: str) -> Account | None:
 
 
 CERTIFICATE = CertificateFactor()
+
+
+# -- binding (M1 at login, M3 in the settings) ------------------------------------------------
+async def bind_card(svc, form, owner: str, account):
+    """Bind the card that signed ``owner``'s challenge (``form``: the posted MakeSignature
+    result) to ``account``: (identity, error or None, whether an older card was replaced)."""
+    identity, error = await check_signature(svc, form, owner, None)
+    if error is None and account_kind(account) not in identity.kinds:
+        error = ("wrong_kind", "certificate.error.wrong_kind")
+    if error is not None:
+        return identity, error, False
+    error, replaced = await run_in_threadpool(bind, svc, account.id, identity)
+    return identity, error, replaced
+
+
+def bind(svc, account_id: str, identity):
+    """(error or None, whether an older certificate was replaced)."""
+    external_id = binding_id(identity)
+    elsewhere = ("bound_elsewhere", "certificate.bind.elsewhere")
+    try:
+        with svc.db.session() as session:
+            account = session.get(Account, account_id, with_for_update=True)  # one rebind at a time (as Google's)
+            owner = session.execute(select(Binding.account_id).where(
+                Binding.factor == CERTIFICATE.name, Binding.external_id == external_id)).scalar_one_or_none()
+            if owner is not None and owner != account_id:
+                return elsewhere, False
+            if account.national_id and identity.id_last4 and account.national_id[-4:] != identity.id_last4:
+                return ("id_mismatch", "certificate.bind.id_mismatch"), False
+            old = session.execute(select(Binding).where(
+                Binding.account_id == account_id, Binding.factor == CERTIFICATE.name)).scalars().all()
+            for binding in old:
+                session.delete(binding)  # the old card stops working (rebind after a card is replaced)
+            session.flush()
+            session.add(Binding(
+                account_id=account_id, factor=CERTIFICATE.name, external_id=external_id,
+                label=f"{identity.subject_cn or ''} {identity.subject_serial_number}".strip(),
+                data={"issuer": identity.issuer_dn, "serial_number": identity.subject_serial_number,
+                      "cert_serial": str(identity.cert_serial), "fingerprint": identity.fingerprint_sha256,
+                      "not_after": identity.not_after.isoformat(), "anchor_set": identity.anchor_set},
+            ))
+            return None, bool(old)
+    except IntegrityError:  # bound elsewhere meanwhile (uq_binding_external)
+        return elsewhere, False

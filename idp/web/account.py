@@ -212,11 +212,7 @@ async def certificate_bind(request: Request, account, form) -> Response:
     from idp.factors import certificate as cert
 
     svc = request.app.state.svc
-    identity, error = await cert.check_signature(svc, form, "account:" + account.id, None)
-    if error is None and cert.account_kind(account) not in identity.kinds:
-        error = ("wrong_kind", "certificate.error.wrong_kind")
-    if error is None:
-        error, replaced = await run_in_threadpool(_bind_certificate, svc, account.id, identity)
+    identity, error, replaced = await cert.bind_card(svc, form, "account:" + account.id, account)
     seen = {**who(request), "method": cert.CERTIFICATE.name}
     if error is not None:
         code, key = error
@@ -227,41 +223,6 @@ async def certificate_bind(request: Request, account, form) -> Response:
                       username=account.username, **seen, certificate=cert.binding_id(identity),
                       fingerprint=identity.fingerprint_sha256)
     return _back(notice="certificate_bound")
-
-
-def _bind_certificate(svc, account_id: str, identity):
-    """(error or None, whether an older certificate was replaced)."""
-    from sqlalchemy.exc import IntegrityError
-
-    from idp.factors import certificate as cert
-    from idp.storage.models import Binding
-
-    external_id = cert.binding_id(identity)
-    elsewhere = ("bound_elsewhere", "certificate.bind.elsewhere")
-    try:
-        with svc.db.session() as session:
-            account = session.get(Account, account_id, with_for_update=True)  # one rebind at a time (as Google's)
-            owner = session.execute(select(Binding.account_id).where(
-                Binding.factor == cert.CERTIFICATE.name, Binding.external_id == external_id)).scalar_one_or_none()
-            if owner is not None and owner != account_id:
-                return elsewhere, False
-            if account.national_id and identity.id_last4 and account.national_id[-4:] != identity.id_last4:
-                return ("id_mismatch", "certificate.bind.id_mismatch"), False
-            old = session.execute(select(Binding).where(
-                Binding.account_id == account_id, Binding.factor == cert.CERTIFICATE.name)).scalars().all()
-            for binding in old:
-                session.delete(binding)  # the old card stops working (rebind after a card is replaced)
-            session.flush()
-            session.add(Binding(
-                account_id=account_id, factor=cert.CERTIFICATE.name, external_id=external_id,
-                label=f"{identity.subject_cn or ''} {identity.subject_serial_number}".strip(),
-                data={"issuer": identity.issuer_dn, "serial_number": identity.subject_serial_number,
-                      "cert_serial": str(identity.cert_serial), "fingerprint": identity.fingerprint_sha256,
-                      "not_after": identity.not_after.isoformat(), "anchor_set": identity.anchor_set},
-            ))
-            return None, bool(old)
-    except IntegrityError:  # bound elsewhere meanwhile (uq_binding_external)
-        return elsewhere, False
 
 
 # -- disabling password login (M4) --------------------------------------------------------------

@@ -259,6 +259,26 @@ def user(make):
     return provider, client_id, secret
 
 
+
+def test_forced_binding_offers_the_card_to_a_personal_account_then_logs_in_again_with_it(make, tpki):
+    """M1, seed 001 (系統將強制擇一方式進行綁定): OTP or the card; an AA account binds OTP only."""
+    provider = make()
+    provider.account("alice")
+    provider.account("admin", kind="aa", org="臺北市立測試國民小學")
+    client_id, client_secret = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id))
+    assert 'action="/login/bind/otp"' in page.text and 'action="/login/bind/certificate"' in page.text
+    assert "http://localhost:61161" in page.headers["content-security-policy"]  # the component's image
+    page = browser.submit(page, "/login/bind/certificate", signature=tpki.make_signature("citizen", challenge(page).encode()))
+    assert "自然人憑證綁定完成" in page.text and 'action="/login/factor/password"' in page.text
+    page = browser.password(page)
+    claims = id_token(browser, client_id, client_secret, sign(tpki, browser, page))
+    assert claims["acr"] == LOA3
+    aa = provider.browser()
+    page = aa.password(aa.authorize(client_id), username="admin")
+    assert 'action="/login/bind/otp"' in page.text and "/login/bind/certificate" not in page.text
+
 def bind_page(browser):
     page = browser.go("/account/certificate")
     assert page.status_code == 200 and 'action="/account/certificate"' in page.text

@@ -207,7 +207,7 @@ def test_first_login_forces_binding_then_otp_login(live, people):
 
     # M1: nowhere to go but the binding page; the seed's table says nothing is bound yet.
     expect(page.get_by_role("heading", name="綁定雙因子認證")).to_be_visible()
-    methods = page.locator("table.methods")
+    methods = page.get_by_role("table", name="授權方式")
     expect(methods.locator("tr[data-method=otp]")).to_contain_text("✗")
     expect(methods).not_to_contain_text("✓")
     people.shot(page, "bind")

@@ -183,6 +183,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         *recovery.routes,
         Route("/login/bind/otp", login.bind_otp, methods=["POST"]),
         Route("/login/bind/otp/rebuild", login.rebuild_otp, methods=["POST"]),
+        Route("/login/bind/certificate", login.bind_certificate, methods=["POST"]),
         *account.routes,
         *passkey_pages.routes,
         *admin.routes,

@@ -25,7 +25,7 @@ from starlette.responses import RedirectResponse, Response
 
 from idp import acr, bridge, captcha, flow
 from idp.accounts import AccountError, change_password, with_bindings
-from idp.factors import FACTORS, methods
+from idp.factors import FACTORS, certificate, methods
 from idp.factors.totp import Enrolment
 from idp.protocol import claims
 from idp.protocol.server import Request as OAuthRequest
@@ -173,7 +173,7 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
     svc.transactions.save(tx, writes)
     await bridge.run(svc.store.write, writes)
     if step.kind == "action":
-        extra = await run_in_threadpool(_bind_page, svc, tx, account) if step.action == "bind" else {}
+        extra = await run_in_threadpool(_bind_page, svc, tx, account, client) if step.action == "bind" else {}
         return render(request, f"action_{step.action}.html", **context, **extra)
     return render(request, "consent.html", scopes=sorted(flow.requested_scope(tx, client)), **context)
 
@@ -212,9 +212,18 @@ async def proceed(request: Request, tx: dict, account: Account, client, writes: 
 
 
 # -- forced binding (SPEC M1) -------------------------------------------------------------
-def _bind_page(svc, tx, account) -> dict:
+def _bind_page(svc, tx, account, client) -> dict:
     enrolment = Enrolment(svc)
-    return {"methods": methods(account), "otp": enrolment.page(account, enrolment.start(account, _qr_owner(tx)))}
+    page = {"methods": methods(account), "otp": enrolment.page(account, enrolment.start(account, _qr_owner(tx)))}
+    if _card_binds(account, client):  # or the card (seed 001: 強制擇一方式進行綁定)
+        page.update(challenge=certificate.issue_challenge(svc, "tx:" + tx["id"]), **certificate.component(svc))
+    return page
+
+
+def _card_binds(account, client) -> bool:
+    """Whether the forced binding offers the card too: to a personal account (an AA account binds
+    OTP only, M1) of a client that takes card logins."""
+    return certificate.account_kind(account) == "personal" and client.allows(certificate.CERTIFICATE.name)
 
 
 def _qr_owner(tx: dict) -> str:
@@ -237,6 +246,31 @@ async def bind_otp(request: Request) -> Response:
                       client_id=tx["client_id"], method="otp", **who(request))
     tx.update(account=None, amr=[], proofs={}, done=[], sid=None, auth_time=None,
               flash={"notice": "otp.bound_relogin", "params": {}})
+    await bridge.run(svc.transactions.save, tx)
+    return _again(tx)
+
+
+async def bind_certificate(request: Request) -> Response:
+    """Bind the card that signed this page's challenge instead of OTP; then, as after OTP, log
+    in again with it."""
+    svc = request.app.state.svc
+    form, tx, client, account = await _posted_at(request, "action", "bind")
+    if tx is None:
+        return _expired(request)
+    if not _card_binds(account, client):
+        return _again(tx)
+    identity, error, _ = await certificate.bind_card(svc, form, "tx:" + tx["id"], account)
+    seen = {**who(request), "client_id": tx["client_id"], "method": certificate.CERTIFICATE.name}
+    if error is not None:
+        await svc.db.call(svc.audit.record, "binding.refused", account_id=account.id, username=account.username,
+                          **seen, reason=error[0])
+        tx["flash"] = {"error": error[1], "params": {}}
+        await bridge.run(svc.transactions.save, tx)
+        return _again(tx)
+    await svc.db.call(svc.audit.record, "binding.created", account_id=account.id, username=account.username, **seen,
+                      certificate=certificate.binding_id(identity), fingerprint=identity.fingerprint_sha256)
+    tx.update(account=None, amr=[], proofs={}, done=[], sid=None, auth_time=None,
+              flash={"notice": "certificate.bound_relogin", "params": {}})
     await bridge.run(svc.transactions.save, tx)
     return _again(tx)
 

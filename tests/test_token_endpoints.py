@@ -2,6 +2,7 @@
 calls (SPEC P3, P8): client_credentials, private_key_jwt, revocation (RFC 7009)
 and introspection (RFC 7662), each with the exact error a client gets."""
 
+import base64
 import contextlib
 import secrets
 import threading
@@ -104,6 +105,21 @@ def test_client_credentials_with_wrong_secret_is_invalid_client(provider):
     client_id, _ = _service(provider)
     _error(_client_credentials(provider.http(), client_id, "wrong"), 401, "invalid_client")
 
+
+
+@pytest.mark.parametrize("path", ["/token", "/revoke", "/introspect", "/par"])
+def test_unreadable_client_credentials_are_invalid_client(provider, path):
+    """Basic credentials that are no UTF-8 text, or name a client id with a NUL (which
+    PostgreSQL refuses), and an assertion naming one: invalid_client, not a server error."""
+    http, data = provider.http(), {"grant_type": "client_credentials", "token": "x", "response_type": "code"}
+    for credentials in (b"\xff\xfe:secret", b"%00:secret", b"a\x00b:secret"):
+        response = http.post(path, data=data, headers={"Authorization": "Basic " + base64.b64encode(credentials).decode()})
+        assert response.status_code == 401 and response.json()["error"] == "invalid_client"
+        assert response.headers["www-authenticate"].startswith("Basic")
+    nul = ".".join(base64.urlsafe_b64encode(part).decode().rstrip("=")
+                   for part in (b'{"alg":"ES256"}', b'{"iss":"a\\u0000b","sub":"a\\u0000b"}', b"x" * 64))
+    response = http.post(path, data={**data, "client_assertion_type": ASSERTION_TYPE, "client_assertion": nul})
+    assert response.status_code in (400, 401) and response.json()["error"] == "invalid_client"
 
 # -- private_key_jwt (RFC 7523 client authentication) ------------------------------------
 def _key(kid="k1"):

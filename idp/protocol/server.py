@@ -450,6 +450,8 @@ class Server(AuthorizationServer):
         database round trip per request was most of the token endpoint's time. Changes
         made through this process are seen at once (``forget_client``); changes made
         elsewhere (the CLI, other processes) within ``client_cache_seconds``."""
+        if not isinstance(client_id, str) or not 0 < len(client_id) <= 64 or "\x00" in client_id:
+            return None  # no client's id (a Basic header's, an assertion's sub): the database is not asked
         resolved = _RESOLVED.get()
         if resolved is not None and resolved.client_id == client_id:
             return resolved

@@ -3,6 +3,8 @@ revocation, introspection, RP-initiated logout and client registration."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import hmac
 from collections import Counter
@@ -103,6 +105,20 @@ def _bad_authorization_page(request: Request, error: OAuth2Error, ui_locales: st
     """Errors we must not send to the redirect URI: unknown client, unregistered URI."""
     return error_page(request, "error.authorize.title", "error.authorize.detail", status=400, ui_locales=ui_locales,
                       error=error.error, description=error.description or "")
+
+
+def _unreadable_basic(request: Request) -> Response | None:
+    """The answer to HTTP Basic credentials that are no base64 of UTF-8 text (RFC 6749 2.3.1,
+    5.2: invalid_client, 401 with its challenge), which authlib's reading would raise on."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        base64.b64decode(value.strip()).decode()  # as authlib reads it
+        return None
+    except (binascii.Error, UnicodeDecodeError):
+        return _oauth_error("invalid_client", "The Basic credentials cannot be read.", 401,
+                            {"WWW-Authenticate": 'Basic error="invalid_client"'})
 
 
 def _given(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -239,6 +255,8 @@ async def pushed_authorization(request: Request) -> Response:
         return _oauth_error("invalid_request", e.description, e.status)
     if repeated := _repeated(form):
         return _oauth_error("invalid_request", repeated)
+    if unreadable := _unreadable_basic(request):
+        return unreadable
     try:
         client = await run_in_threadpool(svc.server.authenticate_client, _oauth_request(request, [], form),
                                          ALL_AUTH_METHODS, "par")
@@ -270,6 +288,8 @@ async def _form_endpoint(request: Request, handler, dpop_jkt: str | None = None)
         return _oauth_error("invalid_request", e.description, e.status)
     if repeated := _repeated(form):
         return _oauth_error("invalid_request", repeated)
+    if unreadable := _unreadable_basic(request):
+        return unreadable
     oauth_request = _oauth_request(request, [], form)
     oauth_request.dpop_jkt = dpop_jkt
     return await bridge.run(handler, oauth_request)

@@ -260,6 +260,19 @@ def test_userinfo_without_credentials_has_no_error_code(provider):
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
 
 
+def test_userinfo_by_post_with_the_token_in_the_header(provider):
+    """OIDC Core 5.3.1: GET or POST; with the token in the header the body may be empty, or
+    anything else (a JSON content type)."""
+    provider.account("alice")
+    client_id, secret = provider.client()
+    token = _tokens(provider, client_id, secret)[2]["access_token"]
+    http = provider.http()
+    for extra in ({}, {"Content-Type": "application/json"}):
+        response = http.post("/userinfo", headers={"Authorization": f"Bearer {token}", **extra})
+        assert response.status_code == 200 and response.json()["preferred_username"] == "alice"
+    assert http.post("/userinfo", data={"access_token": token}).status_code == 200  # or in the form (RFC 6750 2.2)
+
+
 def test_a_repeated_parameter_is_refused(provider):
     """RFC 6749 3.1: a second prompt or max_age is no way to ask one part of the provider for
     a fresh login while another reads the session's."""

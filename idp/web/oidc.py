@@ -346,11 +346,12 @@ def _access_token(request: Request, form) -> tuple[str, str | None]:
 
 async def userinfo(request: Request) -> Response:
     svc = request.app.state.svc
-    try:
-        form = await read_form(request)
-    except BadRequest as e:
-        return _oauth_error("invalid_request", e.description, e.status)
-    scheme, token = _access_token(request, form)
+    scheme, token = _access_token(request, [])
+    if not token and request.method == "POST":  # in the body (RFC 6750 2.2); with the header, a body is none of ours
+        try:
+            scheme, token = _access_token(request, await read_form(request))
+        except BadRequest as e:
+            return _oauth_error("invalid_request", e.description, e.status)
     if not token:  # RFC 6750 3.1: no credentials, no error code
         return Response(status_code=401, headers={"WWW-Authenticate": "Bearer", "Cache-Control": "no-store"})
     record = await bridge.run(svc.tokens.lookup, "at", token)

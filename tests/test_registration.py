@@ -131,6 +131,11 @@ def test_bad_redirect_uris_are_refused_and_nothing_is_stored(provider):
     for uris in (
         ["http://grants.example.tw/callback"],  # plain http off localhost
         ["https://grants.example.tw/callback#frag"],
+        ["https://grants.example.tw/callback#"],  # an empty fragment is one too: the code would travel in it
+        ["https://grants example.tw/callback"],  # no host name: pages and headers would repeat it
+        ["https://grants.example.tw;frame-src */callback"],
+        ["https://grants.example.tw/callback\n"],
+        ["https://grants.example.tw:0/callback"],
         ["grants.example.tw/callback"],
         ["javascript:alert(1)"],
         ["https://user:pass@grants.example.tw/callback"],
@@ -175,6 +180,11 @@ def test_bad_metadata_values_are_invalid_client_metadata(provider):
         {"jwks_uri": "https://grants.example.tw/jwks.json"},
         {"request_uris": ["https://grants.example.tw/request.jwt"]},
         {"default_acr_values": ["urn:idp:loa:9"]},
+        {"default_acr_values": [["urn:idp:loa:2"]]},
+        # An algorithm none of its keys can make: a client that could never authenticate.
+        {"token_endpoint_auth_method": "private_key_jwt", "token_endpoint_auth_signing_alg": "RS256",
+         "jwks": {"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}},
         {"default_max_age": "300"},
         {"require_auth_time": "yes"},
         # Grant and response types that cannot work together (RFC 7591 2.1), or nothing at all.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import re
 import secrets
 from urllib.parse import urlsplit
 
@@ -220,6 +221,11 @@ def validate_metadata(meta: dict) -> dict:
     for key in ("id_token_signed_response_alg", "token_endpoint_auth_signing_alg"):
         if meta.get(key, "ES256") not in ("ES256", "RS256"):
             raise ClientError(f"{key} must be ES256 or RS256")
+    alg = meta.get("token_endpoint_auth_signing_alg")
+    if method == "private_key_jwt" and alg and not any(
+            (k.get("kty"), k.get("crv")) in ((("EC", "P-256"),) if alg == "ES256" else (("RSA", None),))
+            and k.get("alg", alg) == alg for k in meta["jwks"]["keys"]):
+        raise ClientError(f"jwks has no key that can make the {alg} assertions token_endpoint_auth_signing_alg names")
     if meta.get("subject_type", "public") not in ("public", "pairwise"):
         raise ClientError("subject_type must be public or pairwise")
     # The sector a pairwise sub is computed for is the redirect URIs' one host (OIDC Core 8.1).
@@ -243,7 +249,7 @@ def validate_metadata(meta: dict) -> dict:
             _origin(uri) for uri in meta.get("redirect_uris", [])}:
         raise ClientError("frontchannel_logout_uri must have the scheme, host and port of a redirect URI")
     acr_values = meta.get("default_acr_values", [])
-    if not isinstance(acr_values, list) or set(acr_values) - set(LADDER):
+    if not isinstance(acr_values, list) or not all(isinstance(v, str) for v in acr_values) or set(acr_values) - set(LADDER):
         raise ClientError(f"default_acr_values may only contain: {' '.join(LADDER)}")
     max_age = meta.get("default_max_age", 0)
     if not isinstance(max_age, int) or isinstance(max_age, bool) or not 0 <= max_age < 10**9:
@@ -297,16 +303,24 @@ def _check_jwks(jwks) -> None:
 def _check_uri(uri: str, key: str, error: str = "invalid_redirect_uri") -> None:
     try:
         parts = urlsplit(uri)
-        parts.port  # a bad port raises here, not in a later look at it
+        port = parts.port  # a bad port raises here, not in a later look at it
     except ValueError:
         raise ClientError(f"{key}: {uri!r} is not a valid URI", error) from None
+    # A host name or an address, and no character a URI may not hold (RFC 3986 2): urlsplit takes
+    # "portal example.tw" or "host;frame-src *" as a host, which pages and headers repeat.
+    if not _HOST.fullmatch(parts.hostname or "") or not _URI_CHARS.fullmatch(uri) or port == 0:
+        raise ClientError(f"{key}: {uri!r} is not a valid URI", error)
     local = parts.hostname in ("localhost", "127.0.0.1", "::1")
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment:
+    if parts.scheme not in ("https", "http") or not parts.hostname or "#" in uri:
         raise ClientError(f"{key}: {uri!r} is not an absolute http(s) URI without fragment", error)
     if parts.username is not None or "*" in parts.hostname:
         raise ClientError(f"{key}: {uri!r} may hold neither a user name nor a wildcard host", error)
     if parts.scheme == "http" and not local:
         raise ClientError(f"{key}: {uri!r} must use https", error)
+
+
+_HOST = re.compile(r"[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 address, an IPv6 one (urlsplit unbrackets it)
+_URI_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
 
 
 def _origin(uri: str) -> tuple:

@@ -254,6 +254,23 @@ def test_logout_speaks_the_language_the_portal_asked_for(provider):
     assert '<html lang="en">' in done.text
     assert '<html lang="en">' in _logout(browser, client_id=client_id, ui_locales="en", post_logout_redirect_uri="https://evil.example/").text
 
+
+def test_a_login_left_half_done_in_another_tab_does_not_outlive_the_logout(provider):
+    """A shared computer: alice typed her password for a third-party portal in one tab and left
+    it at the consent page; in another tab she logged in at a portal and out again. The next
+    person cannot finish her login from the first tab."""
+    provider.account("alice")
+    research, _ = provider.client(first_party=False, client_name="Research Grants")
+    school, secret = provider.client(post_logout_redirect_uris=[HOME])
+    browser = provider.browser()
+    consent = browser.password(browser.authorize(research))
+    assert 'value="allow"' in consent.text
+    token = redeem(browser.http, school, secret, browser.login(school)["code"]).json()
+    assert _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME).status_code == 303
+    answer = browser.submit(consent, "/login/consent", button=("decision", "allow"))
+    assert "location" not in answer.headers and "已逾時" in answer.text
+
+
 def test_confirmation_needs_the_csrf_token(provider):
     browser, client_id, secret, token = _logged_in(provider)
     page = _logout(browser, client_id=client_id, post_logout_redirect_uri=HOME)

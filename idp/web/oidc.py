@@ -7,6 +7,7 @@ import base64
 import binascii
 import datetime as dt
 import hmac
+import secrets
 from collections import Counter
 from urllib.parse import urlencode, urlsplit
 
@@ -27,7 +28,8 @@ from idp.protocol.server import ALL_AUTH_METHODS, Request as OAuthRequest, accou
 from idp.storage.models import Account, Client, InitialAccessToken
 from idp.web import login
 from idp.web.forms import BadRequest, read_form, read_json, read_query
-from idp.web.pages import csrf_ok, csrf_token, delete_cookie, error_page, get_cookie, render, who
+from idp.web.pages import (CSRF_COOKIE, csrf_ok, csrf_token, delete_cookie, error_page, get_cookie, render,
+                           set_cookie, who)
 
 PROMPTS = {"none", "login", "consent", "select_account"}
 
@@ -432,6 +434,8 @@ async def logout(request: Request) -> Response:
     else:
         response = render(request, "logged_out.html", ui_locales=ui, client=client)
     delete_cookie(request, response, login.SESSION_COOKIE)
+    if session:  # a new browser token: a login left half done in another tab (a shared PC) ends here too
+        set_cookie(request, response, CSRF_COOKIE, secrets.token_urlsafe(24))
     return response
 
 

@@ -286,6 +286,20 @@ def test_a_logout_after_the_browser_restarted_ends_the_session_its_hint_names(pr
     assert done.status_code == 303 and done.headers["location"] == HOME
     assert _tokens_alive(browser, other, other_secret, other_tokens) == (401, "invalid_grant")
 
+
+def test_a_session_another_users_login_replaces_logs_out_its_front_channel_portals(provider):
+    """A shared PC: bob logs in where alice's session was; her front-channel portal loads its
+    logout URI before bob's portal gets its code, as at a logout."""
+    provider.account("alice")
+    provider.account("bob")
+    school, secret = provider.client(frontchannel_logout_uri="https://portal.example.tw/fc-logout")
+    commerce, _ = provider.client(redirect_uris=["https://shop.example.tw/cb"])
+    browser = provider.browser()
+    redeem(browser.http, school, secret, browser.login(school)["code"])
+    page = browser.password(browser.authorize(commerce, "https://shop.example.tw/cb", prompt="login"), username="bob")
+    assert page.status_code == 200 and "https://portal.example.tw/fc-logout" in page.text
+    assert "https://shop.example.tw/cb?code=" in page.text  # where the page then goes
+
 def test_confirmation_needs_the_csrf_token(provider):
     browser, client_id, secret, token = _logged_in(provider)
     page = _logout(browser, client_id=client_id, post_logout_redirect_uri=HOME)

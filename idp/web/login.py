@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from authlib.oauth2.rfc6749.errors import OAuth2Error
 from sqlalchemy.exc import IntegrityError
@@ -27,7 +27,7 @@ from idp import acr, bridge, captcha, flow
 from idp.accounts import AccountError, change_password, with_bindings
 from idp.factors import FACTORS, certificate, methods
 from idp.factors.totp import Enrolment
-from idp.protocol import claims
+from idp.protocol import claims, logout as logout_
 from idp.protocol.server import Request as OAuthRequest
 from idp.protocol.tokens import ended_by_account, not_before_mark
 from idp.storage.kv import Batch
@@ -397,12 +397,14 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
         svc.transactions.drop(tx, earlier)
         await bridge.run(svc.store.write, earlier)
         return _expired(request)
+    frames = []  # the front-channel logout URIs of a session this login replaces
     if session and session["account"] != account.id:
         # Another account logs in in this browser: the first one's session ends (its portals
         # are told), in its activity log as a logout (M6).
-        await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
+        ended = await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
         await svc.db.call(svc.audit.record, "logout", account_id=session["account"], username=session["username"],
                           client_id=tx["client_id"], method="replaced", **who(request))
+        frames = await run_in_threadpool(logout_.frontchannel_urls, svc, ended) if ended else []
         session = None
     new_session = session is None
     if new_session:
@@ -459,6 +461,8 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     except Exception:
         await _undo(svc, session, new_session)
         raise
+    if frames and response.status_code in (302, 303):  # the replaced session's portals load their logout first
+        response = frontchannel_page(request, frames, response.headers["location"], client, tx.get("ui_locales"))
     set_cookie(request, response, SESSION_COOKIE, svc.sessions.cookie(session))
     return response
 
@@ -501,6 +505,17 @@ async def respond_error(request: Request, tx: dict, error: str, description: str
         return _expired(request)
     params = [("error", error)] + ([("error_description", description)] if description else [])
     return to_client(request, grant.redirect_uri, params, oauth_request.payload.data)
+
+
+def frontchannel_page(request: Request, frames: list[str], target: str | None, client, ui_locales: str | None) -> Response:
+    """Front-Channel Logout 1.0: the logged-out page loads each client's logout
+    URI in an invisible iframe, then (with a post-logout target) moves on once
+    they have loaded, or after a few seconds, or when the user follows the link.
+    Only this page may frame those origins."""
+    response = render(request, "logged_out.html", ui_locales=ui_locales, client=client, frames=frames, target=target or "")
+    origins = sorted({"{0.scheme}://{0.netloc}".format(urlsplit(uri)) for uri in frames})
+    response.headers["Content-Security-Policy"] += "; frame-src " + " ".join(origins)
+    return response
 
 
 def to_client(request: Request, redirect_uri: str, params: list, data) -> Response:

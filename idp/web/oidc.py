@@ -9,7 +9,7 @@ import datetime as dt
 import hmac
 import secrets
 from collections import Counter
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import orjson
 from authlib.oauth2.rfc6749.errors import OAuth2Error
@@ -433,7 +433,7 @@ async def logout(request: Request) -> Response:
         params = {"state": data["state"]} if data.get("state") else {}
         target = target + (("&" if "?" in target else "?") + urlencode(params) if params else "")
     if frames:
-        response = _frontchannel_page(request, frames, target, client, ui)
+        response = login.frontchannel_page(request, frames, target, client, ui)
     elif target:
         response = RedirectResponse(target, status_code=303)
     else:
@@ -451,17 +451,6 @@ def _hinted_session(svc, hint: dict, client) -> dict | None:
         return None
     return next((s for s in svc.sessions.of_account(hint["sub"])
                  if hmac.compare_digest(claims.public_sid(svc, s["sid"], client), hint["sid"])), None)
-
-
-def _frontchannel_page(request: Request, frames: list[str], target: str | None, client, ui_locales: str | None) -> Response:
-    """Front-Channel Logout 1.0: the logged-out page loads each client's logout
-    URI in an invisible iframe, then (with a post-logout target) moves on once
-    they have loaded, or after a few seconds, or when the user follows the link.
-    Only this page may frame those origins."""
-    response = render(request, "logged_out.html", ui_locales=ui_locales, client=client, frames=frames, target=target or "")
-    origins = sorted({"{0.scheme}://{0.netloc}".format(urlsplit(uri)) for uri in frames})
-    response.headers["Content-Security-Policy"] += "; frame-src " + " ".join(origins)
-    return response
 
 
 # -- dynamic client registration (RFC 7591) and management (RFC 7592) ----------------------------

@@ -7,7 +7,7 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from idp.storage.models import Account
+from idp.storage.models import Account, AuditEvent
 from tests.harness import REDIRECT, callback, forms, redeem
 
 HOME = "https://portal.example.tw/"
@@ -70,6 +70,9 @@ def test_valid_hint_logs_out_at_once_and_returns_with_state(provider):
     replay = provider.browser()
     replay.http.cookies.set("idp_session", stolen_cookie, domain="idp.test")
     assert not _has_session(replay, client_id)
+    with provider.svc.db.session() as session:  # in alice's activity log, named
+        logout = session.query(AuditEvent).filter_by(event="logout").one()
+    assert (logout.username, logout.method) == ("alice", "rp-initiated")
 
 
 def test_offline_access_outlives_the_logout_but_not_a_reset(provider):

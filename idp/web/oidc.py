@@ -425,7 +425,7 @@ async def logout(request: Request) -> Response:
     if session:
         # Ending the session also sends the back-channel logout tokens, in the background.
         ended = await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
-        await svc.db.call(svc.audit.record, "logout", account_id=session["account"],
+        await svc.db.call(svc.audit.record, "logout", account_id=session["account"], username=session.get("username"),
                           client_id=client.client_id if client else None, **who(request), method="rp-initiated")
         if ended:
             frames = await run_in_threadpool(logout_.frontchannel_urls, svc, ended)

@@ -371,11 +371,15 @@ def test_log_out_other_sessions(user):
     page = phone.go("/account")
     assert "登入中的裝置" in page.text and page.text.count("pwd + otp + mfa") == 2
     assert laptop.http.cookies["idp_session"] not in page.text  # never another browser's session id
+    copied = phone.http.cookies["idp_session"]  # this browser's cookie, copied (the others were logged out)
     page = phone.submit(page, "/account/sessions/end-others")
     assert "已登出其他所有裝置" in _notice(page) and page.text.count("pwd + otp + mfa") == 1
     # The laptop's session is gone: a silent login there needs a new login.
     assert callback(laptop.authorize(client_id, prompt="none"))["error"] == "login_required"
     assert "code" in callback(phone.authorize(client_id, prompt="none"))
+    # So is a copy of this browser's cookie: it was given a new secret.
+    laptop.http.cookies.set("idp_session", copied, domain="idp.test")
+    assert callback(laptop.authorize(client_id, prompt="none"))["error"] == "login_required"
 
 
 def test_logging_out_the_other_sessions_ends_their_refresh_tokens_not_this_ones(user):

@@ -24,6 +24,7 @@ from idp.factors import FACTORS, methods, passkey
 from idp.factors.totp import Enrolment
 from idp.mail import MailError
 from idp.protocol.clients import OAuthClient
+from idp.storage.kv import Batch
 from idp.storage.models import Account, AuditEvent, Client
 from idp.web import i18n, recovery
 from idp.web.forms import BadRequest, read_form
@@ -137,11 +138,18 @@ async def settings_page(request: Request) -> Response:
 async def end_other_sessions(request: Request, account, form) -> Response:
     """Log out every other browser of this account (its clients are told, back-channel)."""
     svc = request.app.state.svc
-    ended = await bridge.run(svc.sessions.end_all, account.id, svc.tokens,
-                             svc.sessions.sid_of(get_cookie(request, SESSION_COOKIE)))
+    current = await bridge.run(svc.sessions.get, get_cookie(request, SESSION_COOKIE))
+    ended = await bridge.run(svc.sessions.end_all, account.id, svc.tokens, current["sid"] if current else None)
     await svc.db.call(svc.audit.record, "sessions.ended_others", account_id=account.id, username=account.username,
                       count=ended, **who(request))
-    return _back(notice="others_ended")
+    response = _back(notice="others_ended")
+    if current:  # a new secret too: a copy of this browser's cookie is one of the others
+        svc.sessions.renew(current)
+        writes = Batch()
+        svc.sessions.save(current, writes)
+        await bridge.run(svc.store.write, writes)
+        set_cookie(request, response, SESSION_COOKIE, svc.sessions.cookie(current))
+    return response
 
 
 def error_key(request: Request, prefix: str) -> str | None:

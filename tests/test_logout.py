@@ -274,22 +274,6 @@ def test_a_login_left_half_done_in_another_tab_does_not_outlive_the_logout(provi
     assert "location" not in answer.headers and "已逾時" in answer.text
 
 
-
-def test_a_logout_after_the_browser_restarted_ends_the_session_its_hint_names(provider):
-    """The provider's cookie went with the browser; the portals' outlived it. The user logs out
-    at one portal: once confirmed, the session its ID token names ends, the other portal's
-    tokens with it."""
-    browser, client_id, secret, token = _logged_in(provider)
-    other, other_secret = provider.client()
-    other_tokens = redeem(browser.http, other, other_secret, callback(browser.authorize(other))["code"]).json()
-    browser.http.cookies.delete("idp_session")  # the browser restarts
-    page = _logout(browser, id_token_hint=token["id_token"], post_logout_redirect_uri=HOME)
-    assert page.status_code == 200 and 'action="/logout"' in page.text  # asked first: no session here vouches
-    done = browser.submit(page, "/logout")
-    assert done.status_code == 303 and done.headers["location"] == HOME
-    assert _tokens_alive(browser, other, other_secret, other_tokens) == (401, "invalid_grant")
-
-
 def test_a_session_another_users_login_replaces_logs_out_its_front_channel_portals(provider):
     """A shared PC: bob logs in where alice's session was; her front-channel portal loads its
     logout URI before bob's portal gets its code, as at a logout."""
@@ -302,6 +286,7 @@ def test_a_session_another_users_login_replaces_logs_out_its_front_channel_porta
     page = browser.password(browser.authorize(commerce, "https://shop.example.tw/cb", prompt="login"), username="bob")
     assert page.status_code == 200 and "https://portal.example.tw/fc-logout" in page.text
     assert "https://shop.example.tw/cb?code=" in page.text  # where the page then goes
+
 
 def test_confirmation_needs_the_csrf_token(provider):
     browser, client_id, secret, token = _logged_in(provider)

@@ -413,14 +413,9 @@ async def logout(request: Request) -> Response:
     session = await bridge.run(svc.sessions.get, get_cookie(request, login.SESSION_COOKIE))
     confirmed = request.method == "POST" and data.get("confirm") == "yes" and csrf_ok(request, data)
     hint_matches = bool(hint and session and client and hint.get("sid") == claims.public_sid(svc, session["sid"], client))
-    if session is None and hint and client:
-        # No session cookie (the browser was restarted, the portals' cookies outlived it): the
-        # session the hint names ends too, the portals with it, once the user confirms.
-        session = await bridge.run(_hinted_session, svc, hint, client)
     if session and not (confirmed or hint_matches):
         return render(request, "logout_confirm.html", ui_locales=ui, client=client, target=target or "",
-                      state=data.get("state", ""), client_id=client.client_id if client else "",
-                      id_token_hint=data["id_token_hint"] if hint and not hint_matches else "")
+                      state=data.get("state", ""), client_id=client.client_id if client else "")
     frames = []
     if session:
         # Ending the session also sends the back-channel logout tokens, in the background.
@@ -442,15 +437,6 @@ async def logout(request: Request) -> Response:
     if session:  # a new browser token: a login left half done in another tab (a shared PC) ends here too
         set_cookie(request, response, CSRF_COOKIE, secrets.token_urlsafe(24))
     return response
-
-
-def _hinted_session(svc, hint: dict, client) -> dict | None:
-    """The live session an ID token names (its ``sid``), for a client whose ``sub`` is the
-    account's id; a pairwise one's cannot be traced back to its account."""
-    if client.metadata.get("subject_type") == "pairwise" or not hint.get("sid"):
-        return None
-    return next((s for s in svc.sessions.of_account(hint["sub"])
-                 if hmac.compare_digest(claims.public_sid(svc, s["sid"], client), hint["sid"])), None)
 
 
 # -- dynamic client registration (RFC 7591) and management (RFC 7592) ----------------------------

@@ -116,6 +116,8 @@ def test_unreadable_client_credentials_are_invalid_client(provider, path):
         response = http.post(path, data=data, headers={"Authorization": "Basic " + base64.b64encode(credentials).decode()})
         assert response.status_code == 401 and response.json()["error"] == "invalid_client"
         assert response.headers["www-authenticate"].startswith("Basic")
+    response = http.post(path, data=data, headers={"Authorization": b"Basic \xe9t\xe9"})  # a byte past ASCII
+    assert response.status_code == 401 and response.json()["error"] == "invalid_client"
     nul = ".".join(base64.urlsafe_b64encode(part).decode().rstrip("=")
                    for part in (b'{"alg":"ES256"}', b'{"iss":"a\\u0000b","sub":"a\\u0000b"}', b"x" * 64))
     response = http.post(path, data={**data, "client_assertion_type": ASSERTION_TYPE, "client_assertion": nul})

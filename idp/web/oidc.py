@@ -4,7 +4,6 @@ revocation, introspection, RP-initiated logout and client registration."""
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import hmac
 import secrets
@@ -118,7 +117,7 @@ def _unreadable_basic(request: Request) -> Response | None:
     try:
         base64.b64decode(value.strip()).decode()  # as authlib reads it
         return None
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), a header byte past ASCII, not UTF-8 text
         return _oauth_error("invalid_client", "The Basic credentials cannot be read.", 401,
                             {"WWW-Authenticate": 'Basic error="invalid_client"'})
 

@@ -201,10 +201,12 @@ def main() -> None:
     elif upstream_said:
         print(f"  Google:    off: {upstream_said}\n", flush=True)
     servers = [uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8000, log_level="warning", **UVICORN))]
+    # No log_config: uvicorn's own would replace the provider's log handler (``idp.logs``).
     servers += [uvicorn.Server(uvicorn.Config(portal_app, host="127.0.0.1", port=int(url.rsplit(":", 1)[1]),
-                                              log_level="warning")) for url, portal_app in portals.items()]
+                                              log_level="warning", log_config=None)) for url, portal_app in portals.items()]
     if sim is not None:
-        servers.append(uvicorn.Server(uvicorn.Config(sim.app(), host="127.0.0.1", port=8010, log_level="warning")))
+        servers.append(uvicorn.Server(uvicorn.Config(sim.app(), host="127.0.0.1", port=8010, log_level="warning",
+                                                     log_config=None)))
     asyncio.run(_serve(*servers))
 
 

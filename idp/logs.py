@@ -26,7 +26,8 @@ access = logging.getLogger("idp.access")
 
 _ACCEPTED_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 # Attributes every LogRecord has; anything else came from ``extra=`` and is logged as a field.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id",
+                                                                          "color_message"}  # uvicorn's, for a terminal
 
 
 class _Stderr(logging.StreamHandler):

@@ -149,9 +149,10 @@ def test_bad_redirect_uris_are_refused_and_nothing_is_stored(provider):
     _error(_register(http, token, {"redirect_uris": [APP], "post_logout_redirect_uris": ["http://grants.example.tw/"]}),
            400, "invalid_redirect_uri")
     assert _count_clients(provider) == 0
-    # Loopback http is fine (native apps, RFC 8252).
+    # Loopback http is fine (native apps, RFC 8252); so is a container's name, "_" and all.
     assert _register(http, token, {"redirect_uris": ["http://127.0.0.1:8080/cb"]}).status_code == 201
-    assert _count_clients(provider) == 1
+    assert _register(http, _initial_token(provider), {"redirect_uris": ["https://school_portal:8443/cb"]}).status_code == 201
+    assert _count_clients(provider) == 2
 
 
 def test_bad_metadata_values_are_invalid_client_metadata(provider):

@@ -338,7 +338,7 @@ def test_idp_serve_workers_answer_metrics_with_the_sum_of_all_of_them(cluster, t
     assert list(tmp_path.glob("idp-metrics-*")) == []  # the workers' counts go with them
     # IDP_LOG_FORMAT=json: every line is one JSON object, the server's (uvicorn's) own included.
     lines = log.read_text().splitlines()
-    assert lines and all(json.loads(line)["level"] for line in lines)
+    assert lines and all(json.loads(line)["level"] and "color_message" not in json.loads(line) for line in lines)
     assert any(json.loads(line)["logger"].startswith("uvicorn") for line in lines)
 
 

@@ -319,7 +319,7 @@ def _check_uri(uri: str, key: str, error: str = "invalid_redirect_uri") -> None:
         raise ClientError(f"{key}: {uri!r} must use https", error)
 
 
-_HOST = re.compile(r"[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 address, an IPv6 one (urlsplit unbrackets it)
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a name (a container's, with "_"), an IP address
 _URI_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
 
 

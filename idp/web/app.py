@@ -129,8 +129,9 @@ async def method_not_allowed(request: Request, exc):
 
 async def server_error(request: Request, exc):
     log.exception("unhandled error on %s %s", request.method, request.url.path)
+    response = error_page(request, "error.server.title", "error.server.detail", status=500)
     request.scope[logs.LOGGED] = True  # not again by the server (``logs.RequestId``)
-    return error_page(request, "error.server.title", "error.server.detail", status=500)
+    return response
 
 
 class Provider(Starlette):

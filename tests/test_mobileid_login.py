@@ -183,6 +183,23 @@ def test_a_poll_the_service_does_not_answer_loses_no_approval(provider, sim, mon
     provider.clock.advance(4)
     assert lost and first["state"] == "pending" and status(browser, tx)["state"] == "done"
 
+
+def test_a_service_that_never_answers_is_named_at_the_deadline_not_the_users_slowness(provider, sim, monkeypatch):
+    from idp.mobileid.connector import httpx as connector_httpx
+
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page, tx = start(provider, browser, client_id)
+
+    async def down(url, **kwargs):
+        raise connector_httpx.ConnectError("connection refused")
+
+    monkeypatch.setattr(provider.svc.mobileid.http, "post", down)
+    assert status(browser, tx)["state"] == "pending"
+    provider.clock.advance(181)
+    answer = status(browser, tx)
+    assert answer["state"] == "failed" and answer["error"] == "mobileid.unavailable"
+
 def test_expired_request_is_refused_even_if_approved_later(provider, sim):
     client_id, _ = provider.client()
     browser = provider.browser()

@@ -205,7 +205,8 @@ class MobileIdFactor:
         if won is not None:
             return DONE
         if record is None or svc.clock() > state["expires_at"]:
-            return "mobileid.expired"
+            # The service's silence, if it never answered since, not the user's slowness.
+            return "mobileid.unavailable" if record and record.get("unanswered") else "mobileid.expired"
         outcome, failed = PENDING, None
         for via in ("push", "qr"):
             data = record["tickets"].get(via)
@@ -220,12 +221,14 @@ class MobileIdFactor:
             except e.ServiceUnavailable as exc:  # no answer is not a failure: asked again at the next poll
                 log.warning("mobile ID %s for %s not polled: %s", via, state["national_id"][-4:], exc)
                 record["tickets"][via] = ticket.to_dict()  # when it was last asked
+                record["unanswered"] = True
                 continue
             except MobileIdError as exc:  # the other ticket may hold an approval: it wins
                 log.warning("mobile ID %s for %s failed: %s", via, state["national_id"][-4:], exc)
                 failed = failed or _message(exc)
                 continue
             record["tickets"][via] = ticket.to_dict()  # when it was last polled
+            record.pop("unanswered", None)
             if isinstance(result, Verified):
                 outcome = await bridge.run(self._claim, svc, state, record, via, result)
                 break

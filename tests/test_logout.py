@@ -286,6 +286,13 @@ def test_a_session_another_users_login_replaces_logs_out_its_front_channel_porta
     page = browser.password(browser.authorize(commerce, "https://shop.example.tw/cb", prompt="login"), username="bob")
     assert page.status_code == 200 and "https://portal.example.tw/fc-logout" in page.text
     assert "https://shop.example.tw/cb?code=" in page.text  # where the page then goes
+    # Answered by form_post too: the frames load before the form goes.
+    browser = provider.browser()
+    redeem(browser.http, school, secret, browser.login(school)["code"])
+    page = browser.password(browser.authorize(commerce, "https://shop.example.tw/cb", prompt="login",
+                                              response_mode="form_post"), username="bob")
+    assert "https://portal.example.tw/fc-logout" in page.text and 'action="https://shop.example.tw/cb"' in page.text
+    assert "frame-src https://portal.example.tw" in page.headers["content-security-policy"]
 
 
 def test_confirmation_needs_the_csrf_token(provider):

@@ -429,10 +429,11 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
         # wiping earlier wrong OTPs would let the OTP be guessed two codes at a time.
         svc.lockout.clear(account.username, writes)
     if tx["client_id"] is None:
-        response = RedirectResponse(tx["return_to"], status_code=303)
+        response = (frontchannel_page(request, frames, tx["return_to"], client, tx.get("ui_locales")) if frames
+                    else RedirectResponse(tx["return_to"], status_code=303))
     else:
-        try:
-            response = await _issue_code(request, svc, tx, account, auth, writes)
+        try:  # the replaced session's front-channel portals (``frames``) load their logout first
+            response = await _issue_code(request, svc, tx, account, auth, writes, frames)
         except OAuth2Error:  # the client or its redirect URI went away meanwhile: no session, no code
             svc.transactions.drop(tx, earlier)
             await bridge.run(svc.store.write, earlier)
@@ -461,8 +462,6 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
     except Exception:
         await _undo(svc, session, new_session)
         raise
-    if frames and response.status_code in (302, 303):  # the replaced session's portals load their logout first
-        response = frontchannel_page(request, frames, response.headers["location"], client, tx.get("ui_locales"))
     set_cookie(request, response, SESSION_COOKIE, svc.sessions.cookie(session))
     return response
 
@@ -473,7 +472,7 @@ async def _undo(svc, session: dict, new: bool) -> None:
         await bridge.run(svc.sessions.end, session["sid"], svc.tokens)
 
 
-async def _issue_code(request, svc, tx, account, auth, writes: Batch):
+async def _issue_code(request, svc, tx, account, auth, writes: Batch, frames: list[str]):
     oauth_request = _authorization_request(svc, tx)
     grant = await svc.server.consent_grant(oauth_request, account)  # validated again: the client may have changed
     data = oauth_request.payload.data
@@ -490,7 +489,7 @@ async def _issue_code(request, svc, tx, account, auth, writes: Batch):
         "claims": claims.profile(account, oauth_request.scope or ""),
     }
     code = svc.tokens.save_code(record, svc.settings.code_seconds, writes)
-    return to_client(request, grant.redirect_uri, [("code", code)], data)
+    return to_client(request, grant.redirect_uri, [("code", code)], data, frames)
 
 
 async def respond_error(request: Request, tx: dict, error: str, description: str | None = None) -> Response:
@@ -513,20 +512,29 @@ def frontchannel_page(request: Request, frames: list[str], target: str | None, c
     they have loaded, or after a few seconds, or when the user follows the link.
     Only this page may frame those origins."""
     response = render(request, "logged_out.html", ui_locales=ui_locales, client=client, frames=frames, target=target or "")
+    return _framing(response, frames)
+
+
+def _framing(response: Response, frames: list[str]) -> Response:
+    """Let ``response``, and only it, frame the origins of ``frames``."""
     origins = sorted({"{0.scheme}://{0.netloc}".format(urlsplit(uri)) for uri in frames})
     response.headers["Content-Security-Policy"] += "; frame-src " + " ".join(origins)
     return response
 
 
-def to_client(request: Request, redirect_uri: str, params: list, data) -> Response:
+def to_client(request: Request, redirect_uri: str, params: list, data, frames: list[str] = ()) -> Response:
     """The authorization response (RFC 6749 4.1.2), in the requested response mode,
-    with ``state`` and ``iss`` (RFC 9207) so the client can tell which server answered."""
+    with ``state`` and ``iss`` (RFC 9207) so the client can tell which server answered;
+    after the front-channel logout ``frames`` have loaded, where there are any."""
     svc = request.app.state.svc
     params = list(params)
     if data.get("state"):
         params.append(("state", data["state"]))
     params.append(("iss", svc.settings.issuer))
     if data.get("response_mode") == "form_post":
-        return render(request, "form_post.html", action=redirect_uri, fields=params)
-    sep = "&" if "?" in redirect_uri else "?"
-    return RedirectResponse(redirect_uri + sep + urlencode(params), status_code=302, headers={"Cache-Control": "no-store"})
+        response = render(request, "form_post.html", action=redirect_uri, fields=params, frames=frames)
+        return _framing(response, frames) if frames else response
+    url = redirect_uri + ("&" if "?" in redirect_uri else "?") + urlencode(params)
+    if frames:
+        return frontchannel_page(request, frames, url, None, data.get("ui_locales"))
+    return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})

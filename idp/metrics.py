@@ -27,7 +27,8 @@ class Metrics:
         )
         self.events = Counter("idp_audit_events", "Audit events by kind", ["event"], registry=self.registry)
         self.logins = Counter("idp_logins", "Login attempts by factor method and outcome (success, failure, "
-                              "locked, disabled)", ["method", "outcome"], registry=self.registry)
+                              "locked, disabled); a portal's login by single sign-on is method sso, success",
+                              ["method", "outcome"], registry=self.registry)
         self.token_requests = Counter("idp_token_requests", "Token endpoint requests by grant type and outcome "
                                       "(issued, or the OAuth error)", ["grant_type", "outcome"], registry=self.registry)
         self.lockouts = Counter("idp_lockouts", "Accounts locked after too many wrong answers", registry=self.registry)
@@ -57,8 +58,8 @@ class Metrics:
 
     def audited(self, event: str, method: str | None) -> None:
         self.child(self.events, event).inc()
-        if event in _LOGIN_OUTCOMES:
-            self.child(self.logins, method or "unknown", event.removeprefix("login.")).inc()
+        if outcome := _LOGIN_OUTCOMES.get(event):
+            self.child(self.logins, method or "unknown", outcome).inc()
 
     def password_hash(self, waited: float, took: float, cpu: float) -> None:
         self.hash_wait.observe(waited)
@@ -85,7 +86,8 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-_LOGIN_OUTCOMES = {"login.success", "login.failure", "login.locked", "login.disabled"}
+_LOGIN_OUTCOMES = {"login.success": "success", "login.sso": "success", "login.failure": "failure",
+                   "login.locked": "locked", "login.disabled": "disabled"}
 _GRANTS = {"authorization_code", "refresh_token", "client_credentials"}
 _TOKEN_ERRORS = {"invalid_request", "invalid_client", "invalid_grant", "unauthorized_client",
                  "unsupported_grant_type", "invalid_scope", "invalid_dpop_proof"}

@@ -38,8 +38,11 @@ def test_metrics_count_logins_token_requests_lockouts_and_latency(provider):
     for _ in range(4):  # three wrong answers lock; the fourth try meets the lock
         page = other.password(page, username="bob", password="wrong-password")
 
+    callback(browser.authorize(client_id))  # alice again, by single sign-on
+
     m = _samples(provider)
     assert m[("idp_logins_total", (("method", "password"), ("outcome", "success")))] == 1
+    assert m[("idp_logins_total", (("method", "sso"), ("outcome", "success")))] == 1
     assert m[("idp_logins_total", (("method", "password"), ("outcome", "failure")))] == 4  # alice once, bob 3 times
     # Refused as locked: the answer that locked, and the try after it; but one account locked once.
     assert m[("idp_logins_total", (("method", "password"), ("outcome", "locked")))] == 2

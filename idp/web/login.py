@@ -516,9 +516,10 @@ def frontchannel_page(request: Request, frames: list[str], target: str | None, c
 
 
 def _framing(response: Response, frames: list[str]) -> Response:
-    """Let ``response``, and only it, frame the origins of ``frames``."""
-    origins = sorted({"{0.scheme}://{0.netloc}".format(urlsplit(uri)) for uri in frames})
-    response.headers["Content-Security-Policy"] += "; frame-src " + " ".join(origins)
+    """Let ``response``, and only it, frame the origins of ``frames`` (if any)."""
+    if frames:
+        origins = sorted({"{0.scheme}://{0.netloc}".format(urlsplit(uri)) for uri in frames})
+        response.headers["Content-Security-Policy"] += "; frame-src " + " ".join(origins)
     return response
 
 
@@ -532,8 +533,7 @@ def to_client(request: Request, redirect_uri: str, params: list, data, frames: l
         params.append(("state", data["state"]))
     params.append(("iss", svc.settings.issuer))
     if data.get("response_mode") == "form_post":
-        response = render(request, "form_post.html", action=redirect_uri, fields=params, frames=frames)
-        return _framing(response, frames) if frames else response
+        return _framing(render(request, "form_post.html", action=redirect_uri, fields=params, frames=frames), frames)
     url = redirect_uri + ("&" if "?" in redirect_uri else "?") + urlencode(params)
     if frames:
         return frontchannel_page(request, frames, url, None, data.get("ui_locales"))

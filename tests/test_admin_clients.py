@@ -18,6 +18,13 @@ def row(page, client_id: str, policy: str) -> str:
     return re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", " ", found.group(1)))).strip()
 
 
+def ticked(page, client_id: str) -> tuple[list[str], str]:
+    """The factors ticked and the minimum level chosen in a client's policy form."""
+    form = re.search(rf'<form [^>]*data-for="{re.escape(client_id)}">(.*?)</form>', page.text, re.S).group(1)
+    return (re.findall(r'name="factor" value="([^"]+)" checked', form),
+            re.search(r'<option value="([^"]*)" selected>', form).group(1))
+
+
 def test_an_admin_reads_each_clients_policy_and_uris(site):
     commerce, _ = site.client(client_name="商工行政服務入口網", minimum_acr=LOA3,
                               allowed_factors=["password", "otp", "mobileid"],
@@ -73,11 +80,14 @@ def test_an_admin_changes_a_clients_policy_with_the_csrf_token(site):
     assert event.client_id == client_id and event.detail["minimum_acr"] == LOA3
 
     # No factor at all is refused with a message, and the policy stays; so is a policy no login can
-    # meet: no way to begin one, or a level the factors allowed cannot reach.
-    for policy in ({}, {"factor": ["otp", "push"]}, {"factor": ["password", "otp"], "minimum_acr": LOA3}):
-        page = browser.go(form, "POST", {"csrf": csrf, "minimum_acr": LOA2, **policy})
+    # meet: no way to begin one, or a level the factors allowed cannot reach. The form shows what
+    # the administrator ticked, to mend rather than tick again.
+    for policy in ({}, {"factor": ["otp", "push"]}, {"factor": ["password", "otp"]}):
+        page = browser.go(form, "POST", {"csrf": csrf, "minimum_acr": LOA3 if policy else LOA2, **policy})
+        assert page.status_code == 400
         assert "未儲存：此登入政策沒有任何登入方式能夠達成" in page.text
         assert row(page, client_id, "minimum_acr") == LOA3 and row(page, client_id, "allowed_factors") == "password otp mobileid"
+        assert ticked(page, client_id) == (policy.get("factor", []), LOA3 if policy else LOA2)
 
 
 def test_an_admin_tightens_the_policy_of_a_client_stored_with_a_sector_identifier_uri(site):

@@ -85,14 +85,17 @@ async def clients(request: Request) -> Response:
     role = await _administrator(request)
     if isinstance(role, Response):
         return role
-    rows = await run_in_threadpool(_clients, request.app.state.svc)
     flash = {"params": {}}
     if request.query_params.get("notice") == "saved":
         flash["notice"] = "admin_clients.saved"
-    if request.query_params.get("error") == "invalid":
-        flash["error"] = "admin_clients.invalid"
-    return render(request, "admin_clients.html", role=role, account=role.account, clients=rows, flash=flash,
-                  factors=list(FACTORS), ladder=acr.LADDER)
+    return await _page(request, role, flash)
+
+
+async def _page(request: Request, role, flash: dict, status: int = 200, tried: dict | None = None) -> Response:
+    """``tried``: a refused policy, which its client's form shows again as it was ticked."""
+    rows = await run_in_threadpool(_clients, request.app.state.svc)
+    return render(request, "admin_clients.html", status=status, role=role, account=role.account, clients=rows,
+                  flash=flash, factors=list(FACTORS), ladder=acr.LADDER, tried=tried)
 
 
 def _set_policy(svc, client_id: str, factors: list[str], minimum: str) -> dict | None:
@@ -131,7 +134,8 @@ async def set_policy(request: Request) -> Response:
     try:
         policy_now = await run_in_threadpool(_set_policy, svc, client_id, factors, minimum)
     except ClientError:
-        return RedirectResponse("/admin/clients?error=invalid", status_code=303)
+        tried = {"client_id": client_id, "factors": factors, "minimum_acr": minimum}
+        return await _page(request, role, {"params": {}, "error": "admin_clients.invalid"}, status=400, tried=tried)
     if policy_now is None:
         return error_page(request, "admin.not_found.title", "admin_clients.not_found", status=404)
     svc.server.forget_client(client_id)

@@ -355,6 +355,9 @@ def test_introspection_describes_an_active_token(provider):
     refresh = _introspect(http, client_id, secret, token["refresh_token"], token_type_hint="refresh_token").json()
     assert refresh["active"] is True and refresh["sub"] == sub
     assert "token_type" not in refresh  # RFC 7662 2.2: an access token's type; a refresh token has none
+    # RFC 7662 2.1: a hint the provider does not know widens the search, it is no error.
+    other = _introspect(http, client_id, secret, token["refresh_token"], token_type_hint="urn:example:other").json()
+    assert other["active"] is True and other["sub"] == sub
 
 
 def test_a_disabled_accounts_tokens_introspect_inactive_and_cannot_refresh(provider):

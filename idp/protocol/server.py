@@ -409,6 +409,11 @@ class IntrospectionEndpoint(rfc7662.IntrospectionEndpoint):
     def check_permission(self, token, client, request):
         return True  # any confidential client may ask; it only learns about its own tokens
 
+    def check_params(self, request, client):
+        # RFC 7662 2.1: a hint the server does not know is no error; the search just takes every type.
+        if "token" not in request.form:
+            raise InvalidRequestError()
+
     def authenticate_token(self, request, client):
         self.check_params(request, client)
         token = self.query_token(request.form["token"], request.form.get("token_type_hint"))

@@ -35,6 +35,26 @@ def test_redirect_uri_must_match_exactly(provider):
     assert response.status_code == 400 and "location" not in response.headers
 
 
+def test_a_native_apps_loopback_redirect_uri_matches_on_any_port(provider):
+    """RFC 8252 7.3: a native app gets its loopback port from the system at the time of the
+    request. The port may differ from the registered one; the address, scheme and path may not."""
+    provider.account("alice")
+    registered = "http://127.0.0.1/callback"
+    client_id, _ = provider.client(token_endpoint_auth_method="none", redirect_uris=[registered, "http://[::1]:8080/cb"])
+    verifier, challenge = pkce()
+    browser = provider.browser()
+    code = browser.login(client_id, "http://127.0.0.1:51004/callback", code_challenge=challenge,
+                         code_challenge_method="S256")["code"]
+    response = redeem(browser.http, client_id, None, code, verifier, redirect_uri="http://127.0.0.1:51004/callback")
+    assert response.status_code == 200, response.text
+    again = browser.authorize(client_id, "http://[::1]:49152/cb", code_challenge=challenge, code_challenge_method="S256")
+    assert callback(again, "http://[::1]:49152/cb")["code"]  # the session's single sign-on
+    for wrong in ("http://127.0.0.1:51004/other", "https://127.0.0.1:51004/callback", "http://localhost:51004/callback",
+                  "http://127.0.0.2:51004/callback", "http://u@127.0.0.1:51004/callback", "http://[::1]:49152/cb/"):
+        page = browser.authorize(client_id, wrong, code_challenge=challenge, code_challenge_method="S256")
+        assert page.status_code == 400 and "location" not in page.headers, wrong
+
+
 def test_public_client_without_pkce_is_refused(provider):
     client_id, _ = provider.client(token_endpoint_auth_method="none")
     params = callback(provider.browser().authorize(client_id))

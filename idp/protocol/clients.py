@@ -152,7 +152,12 @@ class OAuthClient(ClientMixin):
         return " ".join(s for s in scope.split() if s in allowed)
 
     def check_redirect_uri(self, redirect_uri):
-        return redirect_uri in self.redirect_uris  # exact match, no prefixes
+        if redirect_uri in self.redirect_uris:  # exact match, no prefixes
+            return True
+        # RFC 8252 7.3: a native app listens on a loopback port the system gives it at the time of
+        # the request, so a registered loopback IP address matches on any port (but nothing else).
+        loopback = _loopback_portless(redirect_uri)
+        return loopback is not None and loopback in map(_loopback_portless, self.redirect_uris)
 
     def check_client_secret(self, client_secret):
         if not self.secret_hash:
@@ -321,6 +326,19 @@ def _check_uri(uri: str, key: str, error: str = "invalid_redirect_uri") -> None:
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a name (a container's, with "_"), an IP address
 _URI_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+
+
+def _loopback_portless(uri: str) -> str | None:
+    """An http URI at 127.0.0.1 or [::1] without its port; None for any other URI."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - a bad port raises here
+    except ValueError:
+        return None
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "::1") or parts.username is not None:
+        return None
+    host = "[::1]" if parts.hostname == "::1" else parts.hostname
+    return parts._replace(netloc=host).geturl()
 
 
 def _origin(uri: str) -> tuple:

@@ -637,7 +637,7 @@ def redis_memory(r) -> dict:
         "access token, user (at:)": usage([k for k, _ in _sample(r, "idp:at:*", lambda rec: "openid" in rec["scope"].split())]),
         "refresh token (rt:)": usage([k for k, _ in _sample(r, "idp:rt:*", lambda rec: True)]),
         "access token, client_credentials (at:)": usage([k for k, _ in _sample(r, "idp:at:*", lambda rec: "openid" not in rec["scope"].split())]),
-        "used-code marker, 24 h (code-used:)": usage([k for k, _ in _sample(r, "idp:code-used:*", lambda rec: True)]),
+        "used-code marker, 24 h (code:, used)": usage([k for k, _ in _sample(r, "idp:code:*", lambda rec: rec.get("used"))]),
         "rotated-refresh marker (rt-used:)": usage([k for k, _ in _sample(r, "idp:rt-used:*", lambda rec: True)]),
     }
     # An account's session set with one member (one session per account: the worst case per session).
@@ -648,7 +648,7 @@ def redis_memory(r) -> dict:
     per_session = sum(families[k][0] for k in ("session (sess:)", "session's grant list (sess-grants:, 1 grant)",
                                                 "account's session set (acct-sess:, 1 member)"))
     per_login = sum(families[k][0] for k in ("grant (grant:)", "access token, user (at:)", "refresh token (rt:)",
-                                             "used-code marker, 24 h (code-used:)"))
+                                             "used-code marker, 24 h (code:, used)"))
     return {"families": {k: {"bytes": round(v[0]), "sampled": v[1]} for k, v in families.items()},
             "per_session": round(per_session), "per_login": round(per_login),
             "million_sessions_gib": (per_session + per_login) * 1e6 / 2**30}

@@ -134,6 +134,54 @@ def test_a_code_is_redeemed_once_under_concurrency(provider):
     assert sorted(results) == [200] + [400] * 7
 
 
+def _hold_first_write_with(store, marker: str):
+    """Calls of ``store.write`` whose batch sets a key starting with ``marker`` wait, the first
+    one, until released; returns (reached, release, restore)."""
+    reached, release, original = threading.Event(), threading.Event(), store.write
+    first = []
+
+    def held(batch):
+        if not first and any(key.startswith(marker) for key, _, _ in batch.sets):
+            first.append(True)
+            reached.set()
+            release.wait(10)
+        return original(batch)
+
+    store.write = held
+    return reached, release, lambda: setattr(store, "write", original)
+
+
+def test_a_code_replayed_while_its_first_redemption_is_in_flight_revokes_what_that_issued(provider):
+    """RFC 6749 4.1.2 / SPEC P3: a replayed code revokes what it issued. A thief who redeems a
+    stolen code a few milliseconds before (or after) the client does is the case this is for: the
+    second redemption must end the family whichever of the two is answered first."""
+    provider.account("alice")
+    client_id, secret = provider.client()
+    code = provider.browser().login(client_id)["code"]
+    reached, release, restore = _hold_first_write_with(provider.svc.store, "grant:")
+    results = {}
+    try:
+        first = threading.Thread(target=lambda: results.setdefault(
+            "first", redeem(provider.http(), client_id, secret, code)))
+        first.start()
+        assert reached.wait(10)  # the first redemption took the code; its tokens are not written yet
+        results["replay"] = redeem(provider.http(), client_id, secret, code)
+        release.set()
+        first.join(10)
+    finally:
+        release.set()
+        restore()
+    assert results["replay"].status_code == 400 and results["replay"].json()["error"] == "invalid_grant"
+    token = results["first"].json()
+    assert results["first"].status_code == 200, results["first"].text
+    http = provider.http()
+    # The code was used twice: what its first use issued must not stand.
+    assert http.get("/userinfo", headers={"Authorization": f"Bearer {token['access_token']}"}).status_code == 401
+    refresh = http.post("/token", data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]},
+                        auth=(client_id, secret))
+    assert refresh.status_code == 400
+
+
 def test_expired_code_is_invalid_grant(provider):
     provider.account("alice")
     client_id, secret = provider.client()

@@ -448,6 +448,10 @@ def _store_works(store):
     assert store.get_many(keys + ["sess:absent"]) == [{"n": i} for i in range(20)] + [None]
     assert store.set("code:x", {"v": 1}, 60, only_new=True) and not store.set("code:x", {"v": 2}, 60, only_new=True)
     assert store.take("code:x") == {"v": 1} and store.take("code:x") is None
+    assert store.swap("code:x", {"used": True}, 60) is None and store.get("code:x") is None  # absent stays absent
+    store.set("code:x", {"v": 1}, 60)
+    assert store.swap("code:x", {"used": True}, 60) == {"v": 1} and store.swap("code:x", {"used": True}, 60) == {"used": True}
+    store.delete("code:x")
     assert [store.incr("fail:alice", 60) for _ in range(3)] == [1, 2, 3]
     store.add("acct-sess:alice", "s1", 60)
     store.add("acct-sess:alice", "s2", 60)

@@ -31,7 +31,7 @@ from starlette.responses import Response
 from idp.accounts import disabled_mark
 from idp.protocol import claims, dpop
 from idp.protocol.clients import OAuthClient, find
-from idp.protocol.tokens import grant_ended, not_before_mark
+from idp.protocol.tokens import REPLAYED, grant_ended, not_before_mark
 from idp.storage.kv import Batch
 from idp.storage.models import Account
 
@@ -84,11 +84,10 @@ class Request(OAuth2Request):
 
 
 class AuthCode:
-    """A claimed authorization code, in the shape authlib's grant expects; ``batch``
-    holds its used-marker, written with the tokens."""
+    """A claimed authorization code, in the shape authlib's grant expects."""
 
-    def __init__(self, record: dict, batch: Batch):
-        self.record, self.batch = record, batch
+    def __init__(self, record: dict):
+        self.record = record
         self.code_challenge = record.get("code_challenge")
         self.code_challenge_method = record.get("code_challenge_method")
 
@@ -126,15 +125,16 @@ class S256Only(CodeChallenge):
 def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str, auth: dict | None,
            profile: dict | None = None, nonce=None, refresh=True, record: dict | None = None,
            rotating: dict | None = None, sid: str | None = None, refresh_scope: str | None = None,
-           left: float = float("inf")):
+           left: float = float("inf"), from_code: bool = False):
     """Mint the token response of one grant: access token, refresh token, ID token.
     The client, account and login are the grant's (in its record); the tokens' own
     records hold the scope (the refresh token's ``refresh_scope`` when given) and whatever
     else ``record`` adds. Their store writes join
     those already in ``batch``, all sent in one round trip; so is the read of the
     account's disabled mark, when ``rotating`` (a refresh token's record) its claim, and with
-    ``sid`` the SSO session the grant joins. A disabled account, a lost claim or a session
-    that has ended (a logout since the code) revokes the grant, the new tokens with it.
+    ``sid`` the SSO session the grant joins, and ``from_code`` whether its code was used again
+    meanwhile. A disabled account, a lost claim or a session that has ended (a logout since the
+    code) revokes the grant, the new tokens with it; so does a replayed code, after the answer.
     No token outlives the grant: ``left``, the seconds it has."""
     svc, client = grant.server.svc, grant.request.client
 
@@ -173,6 +173,8 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
     if sid is not None:
         reads["session"] = batch.read("sess:" + sid)
         marked = svc.sessions.ended_mark(sid, batch)
+    if from_code:
+        reads["replayed"] = batch.read(REPLAYED + gid)
     found = svc.store.write(batch)
     taken, read = found[:len(batch.takes)], found[len(batch.takes):]
     held = found[len(found) - len(batch.has_members):]
@@ -185,6 +187,10 @@ def _issue(grant, batch: Batch, *, account_id: str | None, scope: str, gid: str,
         svc.tokens.revoke_grant(gid)  # with the tokens just written: they were never handed out
         raise InvalidGrantError("The account is disabled." if disabled else "The login's session has ended." if ended
                                 else "The refresh token is invalid, expired, revoked or already used.")
+    if read.get("replayed") is not None:
+        # The code's second use came while these were written; it revokes them as if it came after
+        # (the first use is answered, as the winner of a raced refresh token is).
+        svc.tokens.revoke_grant(gid)
     return token
 
 
@@ -240,11 +246,10 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
 
     def query_authorization_code(self, code, client):
         _require_dpop(self.request, client)  # before the claim, which spends the code
-        batch = Batch()
-        record = self.server.svc.tokens.claim_code(code, batch)
+        record = self.server.svc.tokens.claim_code(code)
         if record is None or record["client_id"] != client.client_id:
             return None
-        return AuthCode(record, batch)
+        return AuthCode(record)
 
     def delete_authorization_code(self, authorization_code):
         pass  # claimed (and so deleted) atomically in query_authorization_code
@@ -254,7 +259,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         stored the claims the ID token needs in the code (one disabled since is refused
         by ``_issue``)."""
         svc = self.server.svc
-        code, batch = self.request.authorization_code.record, self.request.authorization_code.batch
+        code, batch = self.request.authorization_code.record, Batch()
         sid = code["auth"]["sid"]
         profile = _profile(svc, code, code["account"], code["scope"])
         lifetime = self.request.client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
@@ -266,7 +271,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         )
         svc.sessions.add_grant(sid, code["client_id"], gid, batch, offline="offline_access" in code["scope"].split())
         token = _issue(self, batch, account_id=code["account"], scope=code["scope"], gid=gid, auth=code["auth"],
-                       profile=profile, nonce=code.get("nonce"), sid=sid, left=lifetime)
+                       profile=profile, nonce=code.get("nonce"), sid=sid, left=lifetime, from_code=True)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 

@@ -16,10 +16,14 @@ cleans up.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 
 USED_MARKER_SECONDS = 86400
+# A code's second use marks its grant for the first use's issuance, which checks it after writing
+# (``Tokens.claim_code``): seconds at most between the two, kept far longer.
+REPLAYED, REPLAYED_SECONDS = "grant-replayed:", 600
 # An account's not-before mark (``Tokens.end_account``) must outlive every refresh token opened
 # before it, and a client's refresh_token_lifetime has no upper bound: as the disabled marks.
 NOT_BEFORE_SECONDS = 10 * 365 * 86400
@@ -51,6 +55,11 @@ def _expired(grant: dict | None, now: float) -> bool:
     return grant is None or grant.get("exp", now) < now
 
 
+def code_grant(code: str) -> str:
+    """The id of the grant a code opens: its tokens' visible prefix, which says nothing of the code."""
+    return base64.urlsafe_b64encode(hashlib.sha256(b"grant:" + code.encode()).digest()[:12]).decode()
+
+
 def _grant_of(token: str) -> str | None:
     gid, dot, _ = token.partition(".")
     return gid if dot and gid else None
@@ -68,22 +77,25 @@ class Tokens:
         (batch or self.store).set("code:" + _h(code), {**record, "exp": self.clock() + lifetime}, lifetime + 60)
         return code
 
-    def claim_code(self, code: str, batch) -> dict | None:
+    def claim_code(self, code: str) -> dict | None:
         """Take a code exactly once. A second use revokes what the first issued.
 
-        The marker that lets a second use find the grant goes in ``batch``, with the
-        grant's own writes: until they are written nothing was issued to revoke."""
-        key = _h(code)
-        record = self.store.take("code:" + key)
+        The code's record is swapped for a used marker in one atomic step, so a second use
+        finds the marker from the first moment on, even while the first use is still
+        writing its tokens (``replayed`` tells that use). The grant's id is the code's
+        digest: the marker needs nothing of the first use to name it."""
+        gid = code_grant(code)
+        record = self.store.swap("code:" + _h(code), {"used": True}, USED_MARKER_SECONDS)
         if record is None:
-            used = self.store.get("code-used:" + key)
-            if used:
-                self.revoke_grant(used["grant"])
+            return None
+        if record.get("used"):
+            # First the mark that an issuance still writing the grant reads after its writes,
+            # then the grant (a Cluster keeps no order between two keys' nodes in one round trip).
+            self.store.set(REPLAYED + gid, {}, REPLAYED_SECONDS)
+            self.revoke_grant(gid)
             return None
         if record["exp"] < self.clock():
             return None
-        gid = secrets.token_urlsafe(12)
-        batch.set("code-used:" + key, {"grant": gid}, USED_MARKER_SECONDS)
         record["grant"] = gid
         return record
 

@@ -111,6 +111,9 @@ class Store(Protocol):
         """Store ``value``; with ``only_new`` only when the key is absent (and say so)."""
     def take(self, key: str) -> dict | None:
         """Get and delete in one atomic step: whoever takes a key gets it alone."""
+    def swap(self, key: str, value: dict, ttl: int) -> dict | None:
+        """Get and replace in one atomic step, where the key is there (an absent one stays
+        absent): whoever swaps first gets the old value, later ones get ``value``."""
     def set_many(self, items: list[tuple[str, dict, int]]) -> None:
         """Store several (key, value, ttl) in one round trip."""
     def write(self, batch: Batch) -> list[dict | None]:
@@ -170,6 +173,14 @@ class MemoryStore:
             del self._data[key]
         return orjson.loads(item[1])
 
+    def swap(self, key, value, ttl):
+        with self._lock:
+            item = self._live(key)
+            if item is None:
+                return None
+            self._data[key] = (time.monotonic() + ttl, orjson.dumps(value))
+        return orjson.loads(item[1])
+
     def set_many(self, items):
         batch = Batch()
         batch.sets = list(items)
@@ -226,6 +237,9 @@ class MemoryStore:
         pass
 
 
+_SWAP = "return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'XX', 'GET')"
+
+
 class RedisStore:
     """Each operation is one round trip of commands (``execute``). Blocking, except inside
     ``idp.bridge.run`` (the token endpoint), where it is awaited on the event loop through
@@ -272,6 +286,10 @@ class RedisStore:
 
     def take(self, key):
         return self._load(self._execute([("GETDEL", self._k(key))])[0])
+
+    def swap(self, key, value, ttl):
+        # ``SET ... XX GET`` in one command, but as a script: redis-py turns SET's reply into a bool.
+        return self._load(self._execute([("EVAL", _SWAP, 1, self._k(key), orjson.dumps(value), ttl)])[0])
 
     def set_many(self, items):
         batch = Batch()

@@ -116,7 +116,8 @@ def test_bad_bodies_are_invalid_client_metadata(provider):
     http = provider.http()
     headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
     for body in (b'{"redirect_uris": [', b'[{"redirect_uris": []}]', b'"text"', b"\xff\xfe",
-                 b'{"redirect_uris": ["https://grants.example.tw/cb"], "client_name": "a\\u0000b"}'):  # NUL: PostgreSQL refuses it
+                 b'{"redirect_uris": ["https://grants.example.tw/cb"], "client_name": "a\\u0000b"}',  # NUL: PostgreSQL refuses it
+                 b'{"jwks": ' + b"[" * 900 + b"]" * 900 + b"}"):  # nested past what recursion takes
         _error(http.post("/register", content=body, headers=headers), 400, "invalid_client_metadata")
     form = http.post("/register", data={"redirect_uris": APP}, headers={"Authorization": f"Bearer {token}"})
     _error(form, 400, "invalid_client_metadata")

@@ -82,14 +82,26 @@ async def read_json(request: Request) -> dict:
         raise BadRequest("the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
-    if _has_nul(data):
-        raise BadRequest(NUL)
+    _check_json(data)
     return data
 
 
-def _has_nul(value) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    return isinstance(value, list) and any(map(_has_nul, value))
+MAX_JSON_DEPTH = 32  # no body the provider reads nests deeper; orjson allows 1024, recursion does not
+
+
+def _check_json(data: dict) -> None:
+    """No NUL in any key or string, and no nesting past ``MAX_JSON_DEPTH`` (walked with a
+    stack of its own: a body nested hundreds deep must not recurse)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise BadRequest(NUL)
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest("the body is nested too deep")
+        if isinstance(value, dict):
+            stack += [(k, depth) for k in value] + [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]

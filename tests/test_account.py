@@ -269,6 +269,44 @@ def test_only_the_newest_emergency_code_works_and_it_expires(user, smtp_server):
     assert "已失效" in _error(browser.submit(page, "/login/reset/verify", code=second))
 
 
+def test_two_tabs_sending_an_emergency_code_at_once_send_one_mail(user, smtp_server, monkeypatch):
+    """M5: a resend waits its minute, for two tabs whose sends both read the last code before
+    either writes the new one too: one mail, and the other tab is told to wait."""
+    provider, client_id, _ = user
+    svc = provider.svc
+    browser, page = _reset_page(provider, client_id)
+    tabs = []
+    for _ in range(2):  # a captcha each
+        shown = browser.go(str(page.url))
+        fields = next(f for f in forms(shown.text) if f["action"] == "/login/reset/send")["fields"]
+        tabs.append({**fields, "email": "alice@example.tw", "captcha": svc.store.get("captcha:" + fields["form"])["captcha"]})
+    account_id = _account_id(provider)
+    both, get = threading.Barrier(2, timeout=10), svc.store.get
+
+    def held(key):
+        found = get(key)
+        if key == reset._key(account_id):
+            try:
+                both.wait()  # both have read the last code before either writes
+            except threading.BrokenBarrierError:
+                pass
+        return found
+
+    monkeypatch.setattr(svc.store, "get", held)
+    statuses = []
+
+    def send(fields):
+        http = provider.http()
+        http.cookies = dict(browser.http.cookies)
+        statuses.append(http.post("/login/reset/send", data=fields, follow_redirects=False).status_code)
+
+    threads = [threading.Thread(target=send, args=(fields,)) for fields in tabs]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    monkeypatch.undo()
+    assert sorted(statuses) == [303, 400] and smtp_server.unread() == 1
+
+
 def test_a_code_superseded_while_it_is_checked_resets_nothing(user, smtp_server, monkeypatch):
     """A new code sent (another tab) while the older one is being checked: the older one does
     nothing (M5: only the newest works), and the newest still does."""

@@ -32,6 +32,7 @@ from idp.mail import MailError, masked
 from idp.storage.kv import Batch
 from idp.web.login import _expired, _posted, _transaction
 from idp.web.pages import locale_of, render, who
+from idp.web.recovery import claim_send
 
 CODE_SECONDS = 300
 RESEND_SECONDS = 60
@@ -41,6 +42,10 @@ PREFIX_LETTERS = "".join(c for c in string.ascii_uppercase if c not in "IO")  # 
 
 def _key(account_id: str) -> str:
     return "emergency:" + account_id
+
+
+def _sent(account_id: str) -> str:
+    return "emergency-sent:" + account_id
 
 
 def _tries(account_id: str) -> str:
@@ -108,6 +113,8 @@ async def send(request: Request) -> Response:
     previous = await bridge.run(svc.store.get, _key(account.id))
     if previous and previous["next"] > now:
         return await again("reset.wait", seconds=int(previous["next"] - now))
+    if not await bridge.run(claim_send, svc, _sent(account.id)):  # two tabs sent at once: one mail
+        return await again("reset.wait", seconds=RESEND_SECONDS)
     prefix = "".join(secrets.choice(PREFIX_LETTERS) for _ in range(2))
     code = f"{secrets.randbelow(10**6):06d}"
     record = {"prefix": prefix, "digest": _digest(code), "exp": now + CODE_SECONDS, "next": now + RESEND_SECONDS,
@@ -122,7 +129,7 @@ async def send(request: Request) -> Response:
                                     name=account.name or account.username, username=account.username,
                                     code=f"{prefix}-{code}", prefix=prefix, minutes=CODE_SECONDS // 60)
     except MailError:
-        await bridge.run(svc.store.delete, _key(account.id))
+        await bridge.run(svc.store.delete, _key(account.id), _sent(account.id))
         return await again("reset.mail_failed")
     await svc.db.call(svc.audit.record, "bindings.reset_requested", account_id=account.id, username=account.username,
                       client_id=tx["client_id"], method="email", **who(request))

@@ -2,6 +2,7 @@
 each case gets the exact error the specifications name, and never a redirect
 to an address the provider cannot vouch for."""
 
+import re
 import threading
 from urllib.parse import urlencode
 
@@ -53,6 +54,21 @@ def test_a_native_apps_loopback_redirect_uri_matches_on_any_port(provider):
                   "http://127.0.0.2:51004/callback", "http://u@127.0.0.1:51004/callback", "http://[::1]:49152/cb/"):
         page = browser.authorize(client_id, wrong, code_challenge=challenge, code_challenge_method="S256")
         assert page.status_code == 400 and "location" not in page.headers, wrong
+
+
+def test_parameters_the_provider_does_not_read_are_not_kept_with_the_login(provider):
+    """RFC 6749 3.1: unknown parameters are ignored, so an anonymous request cannot park its own
+    bytes in the store for the login's 15 minutes; a parameter past 4,096 characters is refused."""
+    client_id, _ = provider.client()
+    http = provider.http()
+    form = {"response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT, "scope": "openid",
+            "state": "s", "nonce": "n"}
+    page = http.post("/authorize", data={**form, **{f"x{i}": "A" * 8000 for i in range(7)}, "x0": ["1", "2"]})
+    assert page.status_code == 200 and "/login/factor/password" in page.text  # a repeated unknown one too
+    tx = provider.svc.store.get("tx:" + re.search(r'name="tx" value="([^"]+)"', page.text).group(1))
+    assert sorted(k for k, _ in tx["params"]) == sorted(form)
+    refused = callback(http.post("/authorize", data={**form, "state": "s" * 4097}, follow_redirects=False))
+    assert refused["error"] == "invalid_request" and "state" in refused["error_description"]
 
 
 def test_public_client_without_pkce_is_refused(provider):

@@ -13,8 +13,6 @@ import secrets
 
 REQUEST_URI_PREFIX = "urn:ietf:params:oauth:request_uri:"
 _KEY = "par:"  # + client_id:reference -> {client_id, params, exp}
-# Client authentication travels with the pushed request but is not part of it.
-CLIENT_AUTH_PARAMS = ("client_secret", "client_assertion", "client_assertion_type")
 
 
 def push(svc, client_id: str, params: list[tuple[str, str]]) -> tuple[str, int]:

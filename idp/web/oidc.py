@@ -127,6 +127,21 @@ def _given(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(key, value) for key, value in pairs if value]
 
 
+# The authorization request parameters the provider reads (``request`` and ``request_uri`` to
+# refuse them). RFC 6749 3.1: any other is ignored, and so not kept with the login either: an
+# anonymous request would park up to a body's 64 KB of its own in the store.
+AUTHORIZATION_PARAMS = frozenset({
+    "response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge",
+    "code_challenge_method", "response_mode", "prompt", "max_age", "acr_values", "ui_locales",
+    "id_token_hint", "request", "request_uri"})
+MAX_PARAM_CHARS = 4096  # an ID token hint, a client's state: far below; nginx's request line is 8 KB
+
+
+def _known(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The authorization request parameters of ``pairs`` (``_given``, ``AUTHORIZATION_PARAMS``)."""
+    return [(key, value) for key, value in pairs if value and key in AUTHORIZATION_PARAMS]
+
+
 def _repeated(pairs) -> str | None:
     """RFC 6749 3.1 and 3.2: no parameter more than once (authlib checks five of them at the
     authorization endpoint). Read first-wins in one place and last-wins in another, a repeated
@@ -142,6 +157,8 @@ def _check_extras(data: dict, pairs) -> tuple[str, str] | None:
     """Authorization request parameters authlib leaves to us; returns (error, description)."""
     if repeated := _repeated(pairs):
         return "invalid_request", repeated
+    if long := sorted(key for key, value in pairs if len(value) > MAX_PARAM_CHARS):
+        return "invalid_request", f"Longer than {MAX_PARAM_CHARS} characters: {', '.join(long)}."
     if data.get("request"):
         return "request_not_supported", "Request objects are not supported."
     if data.get("request_uri"):
@@ -175,7 +192,7 @@ def _hint_subject(svc, hint: str) -> dict | None:
 async def authorize(request: Request) -> Response:
     svc = request.app.state.svc
     try:
-        query, form = _given(read_query(request)), _given(await read_form(request))
+        query, form = _known(read_query(request)), _known(await read_form(request))
     except BadRequest as e:
         return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
     pushed = any(key == "request_uri" for key, _ in query + form)
@@ -264,7 +281,7 @@ async def pushed_authorization(request: Request) -> Response:
     except OAuth2Error as error:  # 401 and its challenge for credentials in the Authorization header (RFC 6749 5.2)
         return _oauth_error(error.error, error.description or "Client authentication failed.", error.status_code,
                             dict(error.get_headers()))
-    params = [(k, v) for k, v in _given(form) if k not in par.CLIENT_AUTH_PARAMS]
+    params = _known(form)  # not the client's authentication, nor what the authorization ignores
     if any(k == "request_uri" for k, _ in params):
         return _oauth_error("invalid_request", "request_uri cannot be pushed.")
     if dict(params).setdefault("client_id", client.client_id) != client.client_id:

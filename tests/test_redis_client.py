@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -98,6 +99,23 @@ def _direct(fn, *args, **kwargs):
 
 def test_the_in_process_store_answers_every_operation_as_redis_does():
     _operations(_direct, MemoryStore())
+
+
+def test_the_in_process_store_lets_go_of_what_expired_though_nobody_reads_it(monkeypatch):
+    """As Redis does: a login page opened and left, a form never sent, leave their keys behind,
+    which no request reads again; the process's memory must not keep them."""
+    from idp.storage import kv
+
+    store, now = MemoryStore(), [1000.0]
+    monkeypatch.setattr(kv, "time", SimpleNamespace(monotonic=lambda: now[0]))  # this module's clock alone
+    store._next_sweep = now[0] + store.SWEEP_SECONDS
+    for i in range(100):
+        store.set(f"tx:{i}", {"n": i}, 900)
+        store.add(f"acct-sess:{i}", "s", 900)
+    store.set("kept", {"n": 1}, 86400 * 2)
+    now[0] += 86400
+    store.set("tx:new", {"n": 0}, 900)  # any write in the next minute
+    assert set(store._data) == {"kept", "tx:new"} and not store._sets
 
 
 @pytest.mark.parametrize("way", ["tls", "unix"])

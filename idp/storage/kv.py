@@ -134,12 +134,27 @@ class Store(Protocol):
 
 
 class MemoryStore:
+    """Expired keys go when read, and every ``SWEEP_SECONDS`` all at once: most are never read
+    again (a login page opened and left), and this process's memory is all there is."""
+
     shared = False
+    SWEEP_SECONDS = 60
 
     def __init__(self):
         self._data: dict[str, tuple[float, bytes]] = {}
         self._sets: dict[str, tuple[float, set[str]]] = {}
         self._lock = threading.Lock()
+        self._next_sweep = time.monotonic() + self.SWEEP_SECONDS
+
+    def _sweep(self):
+        """Drop what has expired, at most once in ``SWEEP_SECONDS`` (called holding the lock)."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.SWEEP_SECONDS
+        for table in (self._data, self._sets):
+            for key in [key for key, (expires, _) in table.items() if expires <= now]:
+                del table[key]
 
     def _live(self, key):
         item = self._data.get(key)
@@ -160,6 +175,7 @@ class MemoryStore:
 
     def set(self, key, value, ttl, *, only_new=False):
         with self._lock:
+            self._sweep()
             if only_new and self._live(key) is not None:
                 return False
             self._data[key] = (time.monotonic() + ttl, orjson.dumps(value))
@@ -211,6 +227,7 @@ class MemoryStore:
 
     def add(self, key, member, ttl):
         with self._lock:
+            self._sweep()
             expires, members = self._sets.get(key, (0, set()))
             if expires <= time.monotonic():
                 members = set()
@@ -224,6 +241,7 @@ class MemoryStore:
 
     def incr(self, key, ttl, by=1):
         with self._lock:
+            self._sweep()
             item = self._live(key)
             count = by if item is None else orjson.loads(item[1]) + by
             expires = time.monotonic() + ttl if item is None else item[0]

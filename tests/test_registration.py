@@ -4,12 +4,13 @@ an integrator's tooling sees it."""
 
 import datetime as dt
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import func, select
 
 from idp.protocol.clients import create_client, new_initial_access_token
 from idp.storage.models import Client
-from tests.harness import REDIRECT, callback, pkce, redeem
+from tests.harness import REDIRECT, both_reach, callback, pkce, redeem
 
 APP = "https://grants.example.tw/callback"
 
@@ -317,6 +318,22 @@ def test_management_needs_this_clients_registration_token(provider):
     _error(_manage(http, {**info, "registration_client_uri": f"{provider.issuer}/register/{admin_client}"}), 401,
            "invalid_token")
     assert _manage(http, info).status_code == 200
+
+
+def test_one_registration_token_is_spent_once_by_requests_at_once(provider):
+    """RFC 7592 3: each answer hands out a new token and spends the old one. Two reads at once
+    with one token (two copies of an integrator's tool, a retry) must not both succeed: the
+    token answered first would already be dead when its client got it."""
+    from idp.protocol.clients import digest
+
+    info = _registered(provider)
+    with both_reach(provider.svc.db.engine, "SELECT CLIENTS"), ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: _manage(provider.http(), info), range(2)))
+    assert sorted(a.status_code for a in answers) == [200, 401]
+    [ok] = [a for a in answers if a.status_code == 200]
+    with provider.svc.db.session() as session:
+        stored = session.get(Client, info["client_id"]).registration_token_hash
+    assert digest(ok.json()["registration_access_token"]) == stored
 
 
 def test_update_replaces_redirect_uris(provider):

@@ -14,7 +14,7 @@ import orjson
 from authlib.oauth2.rfc6749.errors import OAuth2Error
 from joserfc import jwt
 from joserfc.errors import JoseError
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -541,6 +541,15 @@ def _manage(svc, method, client_id, token, body):
         row: Client | None = find(session, client_id)
         if row is None or not token or not row.registration_token_hash or not hmac.compare_digest(digest(token), row.registration_token_hash):
             return 401, None
+        # RFC 7592 3 requires the token in every response, and only its hash is kept: each
+        # request spends the token and hands out a new one (the client MUST discard the old).
+        # Spent where it is still the one stored: of two requests with one token, one goes on.
+        reg_token = new_secret()
+        spent = session.execute(update(Client).where(Client.client_id == client_id,
+                                                     Client.registration_token_hash == row.registration_token_hash)
+                                .values(registration_token_hash=digest(reg_token)))
+        if spent.rowcount != 1:
+            return 401, None
         if method == "DELETE":
             session.delete(row)
             return 204, None
@@ -565,9 +574,4 @@ def _manage(svc, method, client_id, token, body):
                 raise ClientError("subject_type, and a pairwise client's sector (the host of its redirect_uris), "
                                   "cannot change")
             row.metadata_ = updated
-        # RFC 7592 3 requires the token in every response, and only its hash is
-        # kept: each read or update hands out a new one (3: the client MUST then
-        # discard the old one).
-        reg_token = new_secret()
-        row.registration_token_hash = digest(reg_token)
         return 200, client_info(row, reg_token=reg_token, issuer=svc.settings.issuer)

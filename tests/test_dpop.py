@@ -186,3 +186,64 @@ def test_a_client_registered_for_dpop_must_send_a_proof(provider):
     assert redeem(browser.http, client_id, secret, code, verifier).json()["error"] == "invalid_dpop_proof"
     browser.http.headers["DPoP"] = _proof(provider, ECKey.generate_key("P-256"), "POST", "/token")
     assert redeem(browser.http, client_id, secret, code, verifier).json()["token_type"] == "DPoP"
+
+
+# -- the code bound to the client's key (RFC 9449 10) -----------------------------------------
+def _bound_code(provider, client_id, secret, *, proof_key=None, dpop_jkt=None, pushed=True):
+    """Log alice in through an authorization request bound to a key (a proof at /par, or
+    ``dpop_jkt`` pushed or in the front-channel request); returns (code, verifier)."""
+    from tests.harness import PASSWORD, REDIRECT, callback
+
+    verifier, challenge = pkce()
+    params = {"response_type": "code", "redirect_uri": REDIRECT, "scope": "openid", "state": "st", "nonce": "n",
+              "code_challenge": challenge, "code_challenge_method": "S256", "client_id": client_id}
+    if dpop_jkt:
+        params["dpop_jkt"] = dpop_jkt
+    browser = provider.browser()
+    if pushed:
+        headers = {"DPoP": _proof(provider, proof_key, "POST", "/par")} if proof_key else {}
+        answer = provider.http().post("/par", data=params, auth=(client_id, secret), headers=headers)
+        assert answer.status_code == 201, answer.text
+        page = browser.go(f"/authorize?client_id={client_id}&request_uri={answer.json()['request_uri']}")
+    else:
+        page = browser.authorize(**params)
+    return callback(browser.password(page, "alice", PASSWORD))["code"], verifier
+
+
+def _redeem_with(provider, client_id, secret, code, verifier, key):
+    http = provider.http()
+    http.headers["DPoP"] = _proof(provider, key, "POST", "/token")
+    return redeem(http, client_id, secret, code, verifier)
+
+
+def test_a_code_requested_for_a_key_is_redeemed_with_that_key_only(provider):
+    """RFC 9449 10 and 10.1: a DPoP proof at /par, or dpop_jkt (pushed or sent through the browser),
+    binds the code: another key, or none, cannot redeem it; the key it names gets DPoP tokens."""
+    provider.account("alice")
+    client_id, secret = provider.client()
+    mine, other = ECKey.generate_key("P-256"), ECKey.generate_key("P-256")
+    for binding in ({"proof_key": mine}, {"dpop_jkt": mine.thumbprint()}, {"dpop_jkt": mine.thumbprint(), "pushed": False}):
+        code, verifier = _bound_code(provider, client_id, secret, **binding)
+        refused = _redeem_with(provider, client_id, secret, code, verifier, other)
+        assert refused.status_code == 400 and refused.json()["error"] == "invalid_dpop_proof", binding
+        code, verifier = _bound_code(provider, client_id, secret, **binding)
+        assert redeem(provider.http(), client_id, secret, code, verifier).json()["error"] == "invalid_dpop_proof"
+        code, verifier = _bound_code(provider, client_id, secret, **binding)
+        token = _redeem_with(provider, client_id, secret, code, verifier, mine)
+        assert token.status_code == 200 and token.json()["token_type"] == "DPoP", binding
+
+
+def test_a_pushed_proof_and_dpop_jkt_must_name_one_key(provider):
+    from tests.harness import REDIRECT
+
+    client_id, secret = provider.client()
+    mine, other = ECKey.generate_key("P-256"), ECKey.generate_key("P-256")
+    data = {"response_type": "code", "redirect_uri": REDIRECT, "scope": "openid",
+            "code_challenge": pkce()[1], "code_challenge_method": "S256", "dpop_jkt": other.thumbprint()}
+    answer = provider.http().post("/par", data=data, auth=(client_id, secret),
+                                  headers={"DPoP": _proof(provider, mine, "POST", "/par")})
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_dpop_proof"
+    answer = provider.http().post("/par", data={**data, "dpop_jkt": "not-a-thumbprint"}, auth=(client_id, secret))
+    assert answer.status_code == 400 and "dpop_jkt" in answer.json()["error_description"]
+    assert provider.http().post("/par", data={**data, "dpop_jkt": mine.thumbprint()}, auth=(client_id, secret),
+                                headers={"DPoP": _proof(provider, mine, "POST", "/par")}).status_code == 201

@@ -249,6 +249,9 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         record = self.server.svc.tokens.claim_code(code)
         if record is None or record["client_id"] != client.client_id:
             return None
+        bound = record.get("dpop_jkt")
+        if bound and not hmac.compare_digest(bound, self.request.dpop_jkt or ""):
+            raise dpop.InvalidProof("This code was requested for another DPoP key (dpop_jkt): send a proof by that key.")
         return AuthCode(record)
 
     def delete_authorization_code(self, authorization_code):

@@ -484,6 +484,7 @@ async def _issue_code(request, svc, tx, account, auth, writes: Batch, frames: li
         "nonce": data.get("nonce"),
         "code_challenge": data.get("code_challenge"),
         "code_challenge_method": data.get("code_challenge_method"),
+        "dpop_jkt": data.get("dpop_jkt"),  # RFC 9449 10: redeemed only with a proof by this key
         "auth": auth,
         # What the ID token says about the account, so the code exchange reads no database.
         "claims": claims.profile(account, oauth_request.scope or ""),

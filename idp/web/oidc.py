@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hmac
+import re
 import secrets
 from collections import Counter
 from urllib.parse import urlencode
@@ -133,7 +134,7 @@ def _given(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
 AUTHORIZATION_PARAMS = frozenset({
     "response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge",
     "code_challenge_method", "response_mode", "prompt", "max_age", "acr_values", "ui_locales",
-    "id_token_hint", "request", "request_uri"})
+    "id_token_hint", "dpop_jkt", "request", "request_uri"})
 MAX_PARAM_CHARS = 4096  # an ID token hint, a client's state: far below; nginx's request line is 8 KB
 
 
@@ -177,7 +178,12 @@ def _check_extras(data: dict, pairs) -> tuple[str, str] | None:
     max_age = data.get("max_age")
     if max_age is not None and not (max_age.isascii() and max_age.isdigit() and len(max_age) < 10):
         return "invalid_request", "max_age must be a non-negative integer."
+    if data.get("dpop_jkt") is not None and not _THUMBPRINT.fullmatch(data["dpop_jkt"]):
+        return "invalid_request", "dpop_jkt must be a JWK SHA-256 thumbprint (RFC 7638), base64url."
     return None
+
+
+_THUMBPRINT = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def _hint_subject(svc, hint: str) -> dict | None:
@@ -282,6 +288,14 @@ async def pushed_authorization(request: Request) -> Response:
         return _oauth_error(error.error, error.description or "Client authentication failed.", error.status_code,
                             dict(error.get_headers()))
     params = _known(form)  # not the client's authentication, nor what the authorization ignores
+    try:  # RFC 9449 10.1: a proof here binds the code to its key, as dpop_jkt does
+        jkt = await _proof_key(request, svc.settings.issuer + "/par")
+    except dpop.InvalidProof as e:
+        return _oauth_error(e.error, e.description)
+    if jkt:
+        if dict(params).setdefault("dpop_jkt", jkt) != jkt:
+            return _oauth_error("invalid_dpop_proof", "dpop_jkt is not the thumbprint of the DPoP proof's key.")
+        params = [(k, v) for k, v in params if k != "dpop_jkt"] + [("dpop_jkt", jkt)]
     if any(k == "request_uri" for k, _ in params):
         return _oauth_error("invalid_request", "request_uri cannot be pushed.")
     if dict(params).setdefault("client_id", client.client_id) != client.client_id:

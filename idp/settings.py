@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Literal, get_args, get_type_hints
+from urllib.parse import urlsplit
 
 
 def _doc(text: str, default, *, secret: bool = False):
@@ -21,7 +22,8 @@ def _doc(text: str, default, *, secret: bool = False):
 @dataclass(frozen=True)
 class Settings:
     issuer: str = _doc(
-        "Public URL of the provider; every endpoint URL and the `iss` claim derive from it.",
+        "Public URL of the provider, with no query, fragment or trailing slash; every endpoint URL and the `iss` "
+        "claim derive from it.",
         "http://localhost:8000",
     )
     database_url: str = _doc(
@@ -227,6 +229,9 @@ class Settings:
     upstream_scopes: str = _doc("Scopes asked of the upstream OpenID provider.", "openid email profile")
     upstream_label: str = _doc("The label of the upstream login button and binding row.", "Google 帳號")
 
+    def __post_init__(self):
+        _check_issuer(self.issuer)
+
     @property
     def cookies_secure(self) -> bool:
         if self.secure_cookies is None:
@@ -261,6 +266,22 @@ class Settings:
 
 class SettingsError(ValueError):
     pass
+
+
+def _check_issuer(issuer: str) -> None:
+    # Every endpoint URL is the issuer plus a path, and it is the `iss` relying parties compare
+    # exactly (OpenID Connect Discovery 1.0 section 3): a trailing slash made them `//token`.
+    try:
+        url = urlsplit(issuer)
+    except ValueError:
+        url = None
+    if not url or url.scheme not in ("http", "https") or not url.hostname:
+        raise SettingsError(f"IDP_ISSUER must be an http:// or https:// URL with a host, not {issuer!r}")
+    if "?" in issuer or "#" in issuer:
+        raise SettingsError(f"IDP_ISSUER must have no query or fragment, not {issuer!r}")
+    if issuer.endswith("/"):
+        raise SettingsError(f"IDP_ISSUER must not end in a slash (the endpoints' paths are added to it): "
+                            f"{issuer.rstrip('/')!r}, not {issuer!r}")
 
 
 def _parse(name: str, hint, raw: str):

@@ -32,6 +32,20 @@ def test_a_negative_number_in_the_settings_stops_the_start():
     assert Settings.from_env({"IDP_AUDIT_RETENTION_DAYS": "0"}).audit_retention_days == 0
 
 
+@pytest.mark.parametrize("issuer, says", [
+    ("https://login.example.tw/", "must not end in a slash"), ("", "http:// or https:// URL with a host"),
+    ("login.example.tw", "with a host"), ("ftp://login.example.tw", "with a host"),
+    ("https://login.example.tw?tenant=1", "no query or fragment"), ("https://login.example.tw#top", "no query")])
+def test_an_issuer_no_endpoint_could_be_built_on_stops_the_start(issuer, says):
+    """The issuer is the `iss` of every token and the base of every endpoint URL: a trailing
+    slash advertised https://login.example.tw//authorize (a 404), a query or fragment no
+    relying party may accept (OpenID Connect Discovery 1.0 section 3)."""
+    with pytest.raises(SettingsError, match="IDP_ISSUER") as refused:
+        Settings.from_env({"IDP_ISSUER": issuer})
+    assert says in str(refused.value)
+    assert Settings.from_env({"IDP_ISSUER": "https://login.example.tw/idp"}).issuer == "https://login.example.tw/idp"
+
+
 def test_clients_add_prints_json_with_secret_once(tmp_path):
     out = _idp(tmp_path, "clients", "add", "--name", "校務", "--redirect-uri", "https://school.example.tw/cb", "--json")
     assert out.returncode == 0, out.stderr

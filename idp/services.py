@@ -18,7 +18,7 @@ from idp.secretbox import SecretBox
 from idp.protocol.server import Server
 from idp.protocol.tokens import Tokens
 from idp.sessions import Sessions
-from idp.settings import Settings
+from idp.settings import Settings, SettingsError
 from idp.storage.db import Database
 from idp.storage.kv import open_store
 
@@ -57,9 +57,16 @@ class Services:
     def load_trust(self) -> None:
         """Read the trust anchors now: the web app does at start, so that a missing or empty
         trust directory stops it with a clear error rather than failing the first card login."""
+        self._pki_trust = self.trust_of("trust_dir")
+
+    def trust_of(self, setting: str):
+        """The trust anchors of the directory the setting names; an error names the setting."""
         from idp.pki import load_trust
 
-        self._pki_trust = load_trust(self.settings.trust_dir)
+        try:
+            return load_trust(getattr(self.settings, setting))
+        except ValueError as exc:
+            raise SettingsError(f"IDP_{setting.upper()}: {exc}") from None
 
     @property
     def revocation(self):

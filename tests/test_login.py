@@ -480,7 +480,8 @@ def test_each_login_page_links_every_other_way_in_by_name(make_provider):
     pages each link to all the others, each link named in the user's language (a missing
     message would show its key)."""
     provider = make_provider(issuer="http://localhost", client_cert_header="X-SSL-Client-Cert",
-                             mobileid_url="http://127.0.0.1:9/moise/sp/", upstream_issuer="http://127.0.0.1:9")
+                             mobileid_url="http://127.0.0.1:9/moise/sp/", mobileid_sp_service_id="sp",
+                             mobileid_key="00" * 32, upstream_issuer="http://127.0.0.1:9")
     client_id, _ = provider.client()
     browser = provider.browser()
     tx = _tx(browser.authorize(client_id))

@@ -17,6 +17,7 @@ from deploy.dev.mobileid_sim import MobileIdSimulator
 from idp.clock import FrozenClock
 from idp.factors.totp import qr_svg
 from idp.mobileid import national_id
+from idp.settings import SettingsError
 from tests import live, servers
 from tests.harness import callback, forms, redeem
 
@@ -349,6 +350,25 @@ def test_switched_off_without_a_service_url(make_provider):
     assert browser.go("/login/mobileid/start", "POST", {**fields, "national_id": CITIZEN}).status_code == 400
     # A bound national ID does not make it a second factor either: the password leads to OTP binding.
     assert "/login/bind/otp" in browser.password(page).text
+
+
+@pytest.mark.parametrize("backend", ["sqlite+memory"])
+@pytest.mark.parametrize("bad, says", [
+    ({"mobileid_key": ""}, "IDP_MOBILEID_KEY: the mobile-ID key must be 32 bytes"),
+    ({"mobileid_key": "abcd"}, "IDP_MOBILEID_KEY: the mobile-ID key must be 32 bytes"),
+    ({"mobileid_sp_service_id": ""}, "IDP_MOBILEID_SP_SERVICE_ID must be set"),
+    ({"mobileid_time_limit": 29}, "IDP_MOBILEID_TIME_LIMIT must be 30 to 600 seconds, not 29"),
+    ({"mobileid_time_limit": 601}, "IDP_MOBILEID_TIME_LIMIT must be 30 to 600 seconds, not 601"),
+    ({"mobileid_trust": "/nonexistent/trust"}, "IDP_MOBILEID_TRUST: trust directory /nonexistent/trust has no anchors.toml"),
+])
+def test_a_setting_that_cannot_work_stops_the_start_not_the_first_login(make_provider, sim, bad, says):
+    """The connector was built at the first mobile-ID login: the provider started, and every
+    user who chose 行動自然人憑證 got the error page."""
+    settings = dict(mfa=True, mobileid_url=sim.url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
+                    mobileid_key=KEY.hex(), mobileid_trust=sim.trust)
+    with pytest.raises(SettingsError) as refused:
+        make_provider(**{**settings, **bad})
+    assert says in str(refused.value)
 
 
 def test_a_locked_account_is_sent_no_request(provider, sim):

@@ -62,9 +62,10 @@ from idp.factors import Fatigue, Outcome, while_locked
 from idp.factors.totp import qr_svg
 from idp.mobileid import MobileIdConfig, MobileIdConnector, MobileIdError, Ticket, Verified, checksum
 from idp.mobileid import errors as e
+from idp.mobileid.config import TIME_LIMIT_RANGE
 from idp.mobileid.national_id import InvalidNationalId, validate
-from idp.pki import load_trust
 from idp.storage.kv import Batch
+from idp.settings import SettingsError
 from idp.storage.models import Account
 from idp.web.pages import who
 
@@ -90,15 +91,23 @@ except ImportError:  # pragma: no cover
 
 def build_connector(svc) -> MobileIdConnector | None:
     """The connector of ``IDP_MOBILEID_*``; None when the URL is empty (the factor is off).
-    The holder's certificate is checked by the card login's validator and revocation checker."""
+    The holder's certificate is checked by the card login's validator and revocation checker.
+    A setting that cannot work is a SettingsError naming it (the web app builds this at start)."""
     settings = svc.settings
     if not settings.mobileid_url:
         return None
-    config = MobileIdConfig(
-        service_url=settings.mobileid_url, sp_service_id=settings.mobileid_sp_service_id,
-        key=checksum.parse_key(settings.mobileid_key), time_limit=settings.mobileid_time_limit,
-    )
-    trust = load_trust(settings.mobileid_trust) if settings.mobileid_trust else svc.pki_trust
+    if not settings.mobileid_sp_service_id:
+        raise SettingsError("IDP_MOBILEID_SP_SERVICE_ID must be set with IDP_MOBILEID_URL")
+    try:
+        key = checksum.parse_key(settings.mobileid_key)
+    except ValueError as exc:
+        raise SettingsError(f"IDP_MOBILEID_KEY: {exc}") from None
+    low, high = TIME_LIMIT_RANGE
+    if not low <= settings.mobileid_time_limit <= high:
+        raise SettingsError(f"IDP_MOBILEID_TIME_LIMIT must be {low} to {high} seconds, not {settings.mobileid_time_limit}")
+    config = MobileIdConfig(service_url=settings.mobileid_url, sp_service_id=settings.mobileid_sp_service_id,
+                            key=key, time_limit=settings.mobileid_time_limit)
+    trust = svc.trust_of("mobileid_trust") if settings.mobileid_trust else svc.pki_trust
     # No kept-alive connections: a pooled connection belongs to one event loop.
     http = httpx.AsyncClient(timeout=config.timeout, limits=httpx.Limits(max_keepalive_connections=0))
     return MobileIdConnector(config, trust=trust, revocation=svc.revocation, http=http, clock=svc.clock)

@@ -119,8 +119,8 @@ def load_trust(directory: str | Path) -> TrustStore:
     try:
         config = tomllib.loads((directory / "anchors.toml").read_text("utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{where} has no anchors.toml (IDP_TRUST_DIR; the repository's keys/trust holds "
-                         "the real GRCA/MOICA set)") from None
+        raise ValueError(f"{where} has no anchors.toml (the repository's keys/trust holds the real GRCA/MOICA "
+                         "set)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{where}: anchors.toml: {exc}") from None
     if not config.get("anchor_set"):

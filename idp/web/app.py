@@ -154,6 +154,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
     logs.configure(svc.settings.log_format, svc.settings.log_level)
     svc.start()
     svc.load_trust()
+    svc.mobileid  # built now, so that a mobile-ID setting that cannot work stops the start, not the first login
     try:  # before serving: accounts disabled before their marks existed
         mark_disabled_accounts(svc)
     except Exception:  # Redis down: /readyz says so, and the lifespan's loop writes them later

@@ -18,7 +18,6 @@ from sqlalchemy import LABEL_STYLE_TABLENAME_PLUS_COL, bindparam, delete, func, 
 from sqlalchemy.exc import IntegrityError
 
 from idp.mobileid import national_id as national_ids
-from idp.settings import SettingsError
 from idp.storage.kv import Batch
 from idp.storage.models import Account, Binding
 
@@ -56,8 +55,6 @@ class Passwords:
             parallelism=settings.argon2_parallelism,
         )
         self.min_length = settings.password_min_length
-        if settings.hash_threads < 1:
-            raise SettingsError(f"IDP_HASH_THREADS must be at least 1, not {settings.hash_threads}")
         self._slots = threading.BoundedSemaphore(settings.hash_threads)
         self._pool = ThreadPoolExecutor(settings.hash_threads, thread_name_prefix="argon2")
         self._metrics = metrics

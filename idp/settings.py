@@ -14,9 +14,10 @@ from typing import Literal, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 
-def _doc(text: str, default, *, secret: bool = False):
+def _doc(text: str, default, *, secret: bool = False, minimum: int = 1):
     # A secret stays out of repr(settings), so a logged settings object shows no password.
-    return field(default=default, metadata={"doc": text}, repr=not secret)
+    # ``minimum`` is a whole number's least: 0 only where the text gives 0 a meaning.
+    return field(default=default, metadata={"doc": text, "minimum": minimum}, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Settings:
     database_statement_timeout: int = _doc(
         "Seconds a PostgreSQL statement may run, or wait for a lock, before the server cancels it and the "
         "request fails with an error page; without it a stuck query would hold one of the process's few "
-        "connections, and its request, for ever. 0: no limit. Migrations run without one.", 30
+        "connections, and its request, for ever. 0: no limit. Migrations run without one.", 30, minimum=0
     )
     redis_url: str = _doc(
         "Redis for short-lived state (login transactions, codes, sessions, tokens, counters). "
@@ -76,10 +77,11 @@ class Settings:
     reverify_seconds: int = _doc(
         "The login-settings pages ask for a bound second factor again when the last one is older (SPEC M2).", 600
     )
-    password_max_age_days: int = _doc("A password older than this must be changed at next login (0: never).", 90)
+    password_max_age_days: int = _doc("A password older than this must be changed at next login (0: never).", 90,
+                                      minimum=0)
     password_min_length: int = _doc("Minimum password length of the complexity policy.", 10)
     argon2_time_cost: int = _doc("Argon2id iterations (OWASP 2024: 2 with 19 MiB).", 2)
-    argon2_memory_kib: int = _doc("Argon2id memory in KiB.", 19456)
+    argon2_memory_kib: int = _doc("Argon2id memory in KiB, at least 8 a lane.", 19456)
     argon2_parallelism: int = _doc("Argon2id lanes.", 1)
     hash_threads: int = _doc(
         "Password hashes run at once per process; more wait their turn. One per core the process has to itself "
@@ -101,11 +103,11 @@ class Settings:
     )
     key_refresh_seconds: int = _doc(
         "How often a process looks for rotated keys on disk (one `stat` of `IDP_KEYS_DIR`; the keys are "
-        "read again only when it changed).", 1
+        "read again only when it changed). 0: at every request.", 1, minimum=0
     )
     client_cache_seconds: int = _doc(
         "How long a process keeps a client registration in memory; changes made by other processes "
-        "(the CLI, other workers) take effect within this time.", 5
+        "(the CLI, other workers) take effect within this time. 0: not kept, read at every request.", 5, minimum=0
     )
     disabled_marks_seconds: int = _doc(
         "With Redis: how often each process writes the store marks of the disabled accounts again "
@@ -128,7 +130,7 @@ class Settings:
     audit_retention_days: int = _doc(
         "Days the audit log (`audit_events`: the activity pages, SPEC M6) keeps an event; each process deletes "
         "older ones at its start and then hourly, a batch at a time. 0: keeps them all. Check how long your "
-        "regulations ask you to keep them.", 0
+        "regulations ask you to keep them.", 0, minimum=0
     )
     metrics_token: str = _doc("Bearer token required by /metrics; empty: open (block it at the proxy).", "")
     max_form_bytes: int = _doc("Largest request body accepted by any form or JSON endpoint.", 64 * 1024)
@@ -231,6 +233,17 @@ class Settings:
 
     def __post_init__(self):
         _check_issuer(self.issuer)
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            # Below its least a number turns a rule upside down: a retention of -1 days deletes the
+            # whole audit log, a session of 0 s ends before the code exchange, an interval of 0 s
+            # is a busy loop, a lockout threshold of 0 locks at the first right password.
+            value = getattr(self, f.name)
+            if hints[f.name] is int and value < f.metadata["minimum"]:
+                raise SettingsError(f"IDP_{f.name.upper()} must be at least {f.metadata['minimum']}, not {value}")
+        if self.argon2_memory_kib < 8 * self.argon2_parallelism:  # Argon2's own least, which argon2-cffi refuses
+            raise SettingsError(f"IDP_ARGON2_MEMORY_KIB must be at least 8 × IDP_ARGON2_PARALLELISM "
+                                f"({8 * self.argon2_parallelism}), not {self.argon2_memory_kib}")
 
     @property
     def cookies_secure(self) -> bool:
@@ -248,11 +261,6 @@ class Settings:
             if raw is not None:
                 values[f.name] = _parse(f.name, hints[f.name], raw)
         values.update(overrides)
-        for name, value in values.items():
-            # No count, size or time here means anything below zero; a negative one would turn
-            # a rule upside down (a retention of -1 days deletes the whole audit log).
-            if hints[name] is int and value < 0:
-                raise SettingsError(f"IDP_{name.upper()} must not be negative, not {value}")
         return cls(**values)
 
     @classmethod

@@ -26,10 +26,31 @@ def test_configuration_reference_matches_settings():
 def test_a_negative_number_in_the_settings_stops_the_start():
     """A retention of -1 days put the prune's cut-off in the future, deleting the whole audit
     log within the hour; a password age of -1 expired every password."""
-    for name in ("IDP_AUDIT_RETENTION_DAYS", "IDP_PASSWORD_MAX_AGE_DAYS", "IDP_SESSION_SECONDS"):
-        with pytest.raises(SettingsError, match=f"{name} must not be negative"):
+    for name in ("IDP_AUDIT_RETENTION_DAYS", "IDP_PASSWORD_MAX_AGE_DAYS", "IDP_DATABASE_STATEMENT_TIMEOUT"):
+        with pytest.raises(SettingsError, match=f"{name} must be at least 0, not -1"):
             Settings.from_env({name: "-1"})
-    assert Settings.from_env({"IDP_AUDIT_RETENTION_DAYS": "0"}).audit_retention_days == 0
+        assert Settings.from_env({name: "0"})  # documented: keep them all, never, no limit
+
+
+@pytest.mark.parametrize("name", ["IDP_SESSION_SECONDS", "IDP_MAX_FORM_BYTES", "IDP_LOCKOUT_THRESHOLD",
+                                  "IDP_DISABLED_MARKS_SECONDS", "IDP_SMTP_TIMEOUT_SECONDS", "IDP_CODE_SECONDS",
+                                  "IDP_HASH_THREADS", "IDP_ARGON2_TIME_COST", "IDP_ARGON2_PARALLELISM"])
+def test_a_zero_that_means_nothing_stops_the_start(name):
+    """Zero started, and broke what it sized: a session of 0 s ended before the code exchange
+    (with Redis the password step was a 500), IDP_MAX_FORM_BYTES=0 refused every form, a
+    threshold of 0 locked the account at its first right password, IDP_DISABLED_MARKS_SECONDS=0
+    rewrote the marks in a busy loop, IDP_SMTP_TIMEOUT_SECONDS=0 sent no mail, and the hasher
+    refused an Argon2 cost of 0 with a message that named no variable."""
+    with pytest.raises(SettingsError, match=f"{name} must be at least 1, not 0"):
+        Settings.from_env({name: "0"})
+
+
+def test_argon2_memory_below_what_its_lanes_need_stops_the_start():
+    for memory, lanes in (("7", "1"), ("15", "2")):
+        with pytest.raises(SettingsError, match=f"IDP_ARGON2_MEMORY_KIB must be at least 8 × IDP_ARGON2_PARALLELISM "
+                                                f"\\({8 * int(lanes)}\\), not {memory}"):
+            Settings.from_env({"IDP_ARGON2_MEMORY_KIB": memory, "IDP_ARGON2_PARALLELISM": lanes})
+    assert Settings.from_env({"IDP_ARGON2_MEMORY_KIB": "16", "IDP_ARGON2_PARALLELISM": "2"})
 
 
 @pytest.mark.parametrize("issuer, says", [

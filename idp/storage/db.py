@@ -42,8 +42,6 @@ class Database:
                                                 connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            if pool < 1:
-                raise SettingsError(f"IDP_DATABASE_POOL must be at least 1, not {pool}")
             if make_url(url).drivername != "postgresql+psycopg":  # the hot reads talk to psycopg itself (``_driver``)
                 raise SettingsError(f"IDP_DATABASE_URL must be postgresql+psycopg://... or sqlite:///..., not {make_url(url).drivername}://...")
             # A server that does not answer fails a connection in 10 s, not libpq's never

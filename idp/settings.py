@@ -14,10 +14,12 @@ from typing import Literal, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 
-def _doc(text: str, default, *, secret: bool = False, minimum: int = 1):
+def _doc(text: str, default, *, secret: bool = False, minimum: int = 1, required: bool = False):
     # A secret stays out of repr(settings), so a logged settings object shows no password.
     # ``minimum`` is a whole number's least: 0 only where the text gives 0 a meaning.
-    return field(default=default, metadata={"doc": text, "minimum": minimum}, repr=not secret)
+    # ``required``: a directory that must not be empty, which would be the working directory.
+    return field(default=default, metadata={"doc": text, "minimum": minimum, "required": required},
+                 repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Settings:
     )
     keys_dir: str = _doc(
         "Directory of the signing keys (private, mode 0600) and other generated secrets.",
-        "keys/signing",
+        "keys/signing", required=True,
     )
     captcha: Literal["always", "after-failure", "off"] = _doc(
         "When the login form shows an image captcha: `after-failure` after a wrong answer in the same login, "
@@ -150,12 +152,13 @@ class Settings:
     smtp_timeout_seconds: int = _doc("How long to wait for the SMTP server before giving up on a mail.", 20)
     mail_from: str = _doc("Sender address of the provider's mails.", "no-reply@localhost")
     outbox_dir: str = _doc(
-        "Where mails go as .eml files when no SMTP host is set (the single-machine default).", "var/outbox"
+        "Where mails go as .eml files when no SMTP host is set (the single-machine default).", "var/outbox",
+        required=True,
     )
     trust_dir: str = _doc(
         "Directory of the certificate-login trust anchors (`anchors.toml` and its PEMs; SPEC A3). "
         "The default holds the real GRCA/MOICA G2 and G3 certificates.",
-        "keys/trust",
+        "keys/trust", required=True,
     )
     hipki_url: str = _doc(
         "Where the certificate pages find the HiPKI local signing component on the user's PC (MOICA's "
@@ -241,6 +244,8 @@ class Settings:
             value = getattr(self, f.name)
             if hints[f.name] is int and value < f.metadata["minimum"]:
                 raise SettingsError(f"IDP_{f.name.upper()} must be at least {f.metadata['minimum']}, not {value}")
+            if f.metadata["required"] and not value.strip():
+                raise SettingsError(f"IDP_{f.name.upper()} must name a directory, not be empty")
         if self.argon2_memory_kib < 8 * self.argon2_parallelism:  # Argon2's own least, which argon2-cffi refuses
             raise SettingsError(f"IDP_ARGON2_MEMORY_KIB must be at least 8 × IDP_ARGON2_PARALLELISM "
                                 f"({8 * self.argon2_parallelism}), not {self.argon2_memory_kib}")

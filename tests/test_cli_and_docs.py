@@ -45,6 +45,17 @@ def test_a_zero_that_means_nothing_stops_the_start(name):
         Settings.from_env({name: "0"})
 
 
+@pytest.mark.parametrize("name", ["IDP_KEYS_DIR", "IDP_TRUST_DIR", "IDP_OUTBOX_DIR"])
+def test_an_empty_directory_setting_stops_the_start(name):
+    """`IDP_KEYS_DIR=` (a line of an env file left empty) started, and wrote the private signing
+    keys and instance secrets into the working directory; two processes started in different
+    directories then signed with different keys."""
+    for empty in ("", " "):
+        with pytest.raises(SettingsError, match=f"{name} must name a directory, not be empty"):
+            Settings.from_env({name: empty})
+    assert Settings.from_env({"IDP_CRL_CACHE_DIR": "", "IDP_MOBILEID_TRUST": ""})  # documented: in memory, IDP_TRUST_DIR
+
+
 def test_argon2_memory_below_what_its_lanes_need_stops_the_start():
     for memory, lanes in (("7", "1"), ("15", "2")):
         with pytest.raises(SettingsError, match=f"IDP_ARGON2_MEMORY_KIB must be at least 8 × IDP_ARGON2_PARALLELISM "

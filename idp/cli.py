@@ -10,7 +10,7 @@ import sys
 from sqlalchemy import select
 
 from idp import logs
-from idp.settings import Settings
+from idp.settings import Settings, SettingsError
 
 
 def _services():
@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except SettingsError as e:  # a setting that cannot work: what to change, not a traceback
+        return _fail(str(e))
     except StatementError as e:
         # The database's own reason, not SQLAlchemy's message, which names every parameter of
         # the statement: a password's hash, a national ID.

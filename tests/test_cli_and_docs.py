@@ -14,9 +14,12 @@ from idp.settings import Settings, SettingsError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _idp(tmp_path, *args, stdin=""):
-    env = {**os.environ, "IDP_DATABASE_URL": f"sqlite:///{tmp_path}/cli.sqlite3", "IDP_KEYS_DIR": str(tmp_path / "keys")}
-    return subprocess.run([sys.executable, "-m", "idp.cli", *args], input=stdin, capture_output=True, text=True, env=env, cwd=tmp_path)
+def _idp(tmp_path, *args, stdin="", **settings):
+    # PYTHONPATH: this checkout's code, whichever one the environment has installed.
+    env = {**os.environ, "IDP_DATABASE_URL": f"sqlite:///{tmp_path}/cli.sqlite3", "IDP_KEYS_DIR": str(tmp_path / "keys"),
+           "PYTHONPATH": str(ROOT), **settings}
+    return subprocess.run([sys.executable, "-m", "idp.cli", *args], input=stdin, capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
 
 
 def test_configuration_reference_matches_settings():
@@ -178,3 +181,20 @@ def test_bad_input_to_the_cli_is_a_clear_error_and_creates_nothing(tmp_path):
     assert _idp(tmp_path, "users", "list").stdout == ""
     expired = _idp(tmp_path, "clients", "token", "--expires-in", "-100")  # a token dead on arrival
     assert expired.returncode == 2 and "above zero" in expired.stderr and "Traceback" not in expired.stderr
+
+
+@pytest.mark.parametrize("command, settings, says", [
+    (["migrate"], {"IDP_CAPTCHA": "sometimes"}, "IDP_CAPTCHA must be one of always, after-failure, off, not 'sometimes'"),
+    (["users", "list"], {"IDP_LOCKOUT_THRESHOLD": "0"}, "IDP_LOCKOUT_THRESHOLD must be at least 1, not 0"),
+    (["migrate"], {"IDP_DATABASE_URL": "postgres//idp:secret@db/idp"}, "IDP_DATABASE_URL is not a database URL"),
+    (["migrate"], {"IDP_REDIS_URL": "redis//cache:6379"}, "IDP_REDIS_URL: Redis URL must specify one of"),
+    (["serve", "--port", "1"], {"IDP_TRUSTED_PROXIES": "10.0.0.0/33", "IDP_TRUST_DIR": str(ROOT / "keys/trust")},
+     "IDP_TRUSTED_PROXIES: '10.0.0.0/33' is not an address or CIDR network"),
+    (["serve", "--port", "1"], {}, "IDP_TRUST_DIR: trust directory"),  # the working directory has no keys/trust
+])
+def test_a_setting_that_cannot_work_is_one_line_from_the_cli(tmp_path, command, settings, says):
+    """As bad arguments are: `idp: ...` naming the variable, exit status 2, no traceback; a
+    database URL's password is not repeated."""
+    out = _idp(tmp_path, *command, **settings)
+    assert out.returncode == 2 and out.stderr == f"idp: {says}" + out.stderr[len(says) + 5:], out.stderr[-600:]
+    assert "Traceback" not in out.stderr and "secret" not in out.stderr and out.stderr.count("\n") == 1

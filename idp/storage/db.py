@@ -15,6 +15,7 @@ import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -31,8 +32,13 @@ _SOLE_SERVER_LOCK_ID = 0x1D9_0002
 class Database:
     def __init__(self, url: str, pool: int = 20, statement_timeout: int = 30):
         self.url = url
+        try:
+            parsed = make_url(url)
+        except ArgumentError:  # SQLAlchemy's message names no setting; the URL may hold a password
+            raise SettingsError("IDP_DATABASE_URL is not a database URL: write postgresql+psycopg://user@host/db "
+                                "or sqlite:///path") from None
         if url.startswith("sqlite"):
-            path = make_url(url).database
+            path = parsed.database
             if not path or path == ":memory:":  # each pooled connection (thread) would get its own, empty one
                 raise SettingsError("IDP_DATABASE_URL must name a SQLite file (sqlite:///var/idp.db), not an in-memory database")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -42,14 +48,14 @@ class Database:
                                                 connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            if make_url(url).drivername != "postgresql+psycopg":  # the hot reads talk to psycopg itself (``_driver``)
-                raise SettingsError(f"IDP_DATABASE_URL must be postgresql+psycopg://... or sqlite:///..., not {make_url(url).drivername}://...")
+            if parsed.drivername != "postgresql+psycopg":  # the hot reads talk to psycopg itself (``_driver``)
+                raise SettingsError(f"IDP_DATABASE_URL must be postgresql+psycopg://... or sqlite:///..., not {parsed.drivername}://...")
             # A server that does not answer fails a connection in 10 s, not libpq's never
             # (``?connect_timeout=`` in the URL says otherwise).
             timeout = {"connect_timeout": 10} if "connect_timeout=" not in url else {}
             # The server cancels a statement that runs (or waits for a lock) too long; options the
             # URL gives come after, so a statement_timeout of its own wins.
-            given = make_url(url).query.get("options", "")
+            given = parsed.query.get("options", "")
             given = " ".join(given) if isinstance(given, tuple) else given  # ?options=...&options=...
             limit = f"-c statement_timeout={statement_timeout * 1000}" if statement_timeout else ""
             options = {"options": f"{limit} {given}".strip()} if limit else {}
@@ -60,7 +66,7 @@ class Database:
             self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, hide_parameters=True,
                                         connect_args={**timeout, **options})
             # From the parsed URL, not its rendering, which would turn a space into "+".
-            _, connect = self.engine.dialect.create_connect_args(make_url(url))
+            _, connect = self.engine.dialect.create_connect_args(parsed)
             connect.pop("context", None)  # SQLAlchemy's type adapters, not a libpq option
             # The loop's connections live as long as the process: a peer that vanished (a
             # NAT's idle timeout, a failover) is noticed in about a minute, not TCP's fifteen.

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 
 from idp import bridge
+from idp.settings import SettingsError
 from idp.storage import resp
 
 
@@ -407,7 +408,7 @@ def connect(url: str, asynchronous: bool = False):
         from redis.sentinel import Sentinel
 
     if base not in ("redis", "rediss") or mode not in ("sentinel", "cluster"):
-        raise ValueError(f"IDP_REDIS_URL: unknown scheme {scheme}://")
+        raise ValueError(f"unknown scheme {scheme}://")
     parts = urlsplit(f"{base}://{rest}")
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
@@ -416,7 +417,7 @@ def connect(url: str, asynchronous: bool = False):
     path = [unquote(p) for p in parts.path.split("/") if p]
     if mode == "sentinel":
         if not path:
-            raise ValueError("IDP_REDIS_URL: a redis+sentinel:// URL names the master: .../MASTER[/db]")
+            raise ValueError("a redis+sentinel:// URL names the master: .../MASTER[/db]")
         own = parse_qs(parts.query).get("sentinel_password", [""])[0]
         sentinel_auth = {"ssl": auth["ssl"], **({"password": own} if own else {})}
         db = int(path[1]) if len(path) > 1 else 0
@@ -434,4 +435,9 @@ def _address(text: str, default_port: int) -> tuple[str, int]:
 
 
 def open_store(redis_url: str) -> Store:
-    return RedisStore(redis_url) if redis_url else MemoryStore()
+    if not redis_url:
+        return MemoryStore()
+    try:
+        return RedisStore(redis_url)
+    except ValueError as exc:  # a URL that does not parse; the client's message names no setting
+        raise SettingsError(f"IDP_REDIS_URL: {exc}") from None

@@ -19,6 +19,8 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from idp.settings import SettingsError
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -29,7 +31,7 @@ def networks(setting: str) -> tuple[Network, ...]:
         try:
             out.append(ipaddress.ip_network(entry, strict=False))
         except ValueError:
-            raise ValueError(f"IDP_TRUSTED_PROXIES: {entry!r} is not an address or CIDR network") from None
+            raise SettingsError(f"IDP_TRUSTED_PROXIES: {entry!r} is not an address or CIDR network") from None
     return tuple(out)
 
 

@@ -158,6 +158,18 @@ def test_kubernetes_provider_deployment():
     assert "idp-keys" in (DEPLOY / "README.md").read_text()  # made from files, as the README says
 
 
+def test_kubernetes_provider_keeps_its_crl_cache_on_a_volume():
+    """The pod's root filesystem is read-only: IDP_CRL_CACHE_DIR at its default (var/crl under
+    the image's WORKDIR) kept no CRL ("not kept" in the log), and every new pod downloaded
+    MOICA's 100k-entry CRL again, which the setting is there to avoid."""
+    objects = _k8s()
+    [container] = objects[("Deployment", "idp")]["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    crl = Path(objects[("ConfigMap", "idp-config")]["data"]["IDP_CRL_CACHE_DIR"])
+    writable = [Path(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")]
+    assert crl.is_absolute() and any(crl == w or w in crl.parents for w in writable), crl
+
+
 def test_kubernetes_service_autoscaler_disruption_budget_and_ingress_fit_the_deployment():
     objects = _k8s()
     labels = objects[("Deployment", "idp")]["spec"]["template"]["metadata"]["labels"]

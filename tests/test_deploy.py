@@ -236,6 +236,17 @@ def test_nginx_accepts_the_configuration(tmp_path):
     assert "test is successful" in result.stderr
 
 
+def test_systemd_steps_give_the_provider_its_trust_anchors():
+    """A pip install holds the package, not keys/, and the unit's working directory is
+    /var/lib/idp: IDP_TRUST_DIR's relative default (keys/trust) was not there, so `idp serve`
+    stopped ("has no anchors.toml") and no step said where the anchors go."""
+    unit = (DEPLOY / "systemd/idp@.service").read_text()
+    [trust] = re.findall(r"^Environment=IDP_TRUST_DIR=(/\S+)$", unit, re.M)
+    readme = (DEPLOY / "README.md").read_text()
+    steps = readme[readme.index("## systemd"):readme.index("## Watching it")]
+    assert re.findall(r"cp -r \S*/keys/trust (\S+)", steps) == [trust]
+
+
 def test_systemd_accepts_the_unit(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

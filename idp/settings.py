@@ -2,7 +2,7 @@
 
 Every setting is read from an ``IDP_<NAME>`` environment variable. The
 table in ``docs/configuration.md`` is generated from this file
-(``idp settings --markdown``), so the documentation cannot drift from it.
+(``idp settings``), so the documentation cannot drift from it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The admin CLI as an operator uses it, and the docs that must match the code."""
 
+import argparse
+import dataclasses
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +27,28 @@ def _idp(tmp_path, *args, stdin="", **settings):
 
 def test_configuration_reference_matches_settings():
     assert Settings.markdown_table() in (ROOT / "docs/configuration.md").read_text()
+
+
+def _options(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        yield from action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _options(sub)
+
+
+def test_the_code_names_only_settings_and_options_that_exist():
+    """idp/mobileid/config.py named IDP_MOBILEID_HINT and IDP_MOBILEID_POLL_INTERVAL, which
+    nothing read, and settings.py `idp settings --markdown`, a flag the command does not have."""
+    from idp.cli import parser
+
+    settings = {"IDP_" + f.name.upper() for f in dataclasses.fields(Settings)}
+    options = set(_options(parser()))
+    for path in (ROOT / "idp").rglob("*.py"):
+        text = path.read_text()
+        assert set(re.findall(r"\bIDP_[A-Z0-9_]*[A-Z0-9]\b", text)) <= settings, path
+        for command in re.findall(r"`idp ([^`]+)`", text):
+            assert set(re.findall(r"--[a-z-]+", command)) <= options, (path, command)
 
 
 def test_a_negative_number_in_the_settings_stops_the_start():

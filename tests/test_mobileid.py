@@ -130,10 +130,7 @@ def test_config_refuses_fast_polling_and_bad_time_limits():
         MobileIdConfig("http://x/", SP_ID, KEY, poll_interval=3.9)
     with pytest.raises(ValueError):
         MobileIdConfig("http://x/", SP_ID, KEY, time_limit=601)
-    env = {"IDP_MOBILEID_URL": "http://x/moise/sp", "IDP_MOBILEID_SP_SERVICE_ID": SP_ID,
-           "IDP_MOBILEID_KEY": KEY.hex(), "IDP_MOBILEID_TIME_LIMIT": "120"}
-    loaded = MobileIdConfig.from_env(env)
-    assert (loaded.service_url, loaded.time_limit, loaded.key) == ("http://x/moise/sp/", 120, KEY)
+    assert MobileIdConfig("http://x/moise/sp", SP_ID, KEY).service_url == "http://x/moise/sp/"
 
 
 # -- the connector against the simulator -----------------------------------------------------------

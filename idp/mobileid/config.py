@@ -1,22 +1,9 @@
-"""Settings of the mobile-ID connector.
-
-``from_env`` reads these (``idp/settings.py`` has the same names, and
-``IDP_MOBILEID_TRUST`` for the anchors the holder's certificate must chain to)::
-
-    IDP_MOBILEID_URL            service base URL, path prefix included, e.g.
-                                https://fidoapi-test.moi.gov.tw/moise/sp/
-    IDP_MOBILEID_SP_SERVICE_ID  this provider's sp_service_id
-    IDP_MOBILEID_KEY            the SP's AES-256 key: 64 hex digits or base64
-    IDP_MOBILEID_TIME_LIMIT     seconds a request lives, 30..600 (default 180: the
-                                seed's 3-minute countdown)
-    IDP_MOBILEID_HINT           text the app shows with the request
-    IDP_MOBILEID_POLL_INTERVAL  seconds between result polls, never below 4
-"""
+"""Settings of the mobile-ID connector. The provider makes them from its ``IDP_MOBILEID_*``
+settings (``idp.factors.mobileid.build_connector``); the text the app shows (``hint``) and the
+polling interval (never below the service's 4 s) keep their defaults there."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from idp.mobileid import checksum
@@ -46,15 +33,3 @@ class MobileIdConfig:
             raise ValueError(f"the service must not be polled more often than every {MIN_POLL_INTERVAL:g} s")
         if not self.service_url.endswith("/"):
             object.__setattr__(self, "service_url", self.service_url + "/")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "MobileIdConfig":
-        env = os.environ if env is None else env
-        return cls(
-            service_url=env["IDP_MOBILEID_URL"],
-            sp_service_id=env["IDP_MOBILEID_SP_SERVICE_ID"],
-            key=checksum.parse_key(env["IDP_MOBILEID_KEY"]),
-            time_limit=int(env.get("IDP_MOBILEID_TIME_LIMIT", "180")),
-            hint=env.get("IDP_MOBILEID_HINT", cls.hint),
-            poll_interval=float(env.get("IDP_MOBILEID_POLL_INTERVAL", MIN_POLL_INTERVAL)),
-        )

@@ -79,6 +79,17 @@ def forms(page: str) -> list[dict]:
     return found
 
 
+def takes(page, name: str, typed: str) -> bool:
+    """Whether a browser sends ``typed`` in the page's input ``name`` as it was typed: the
+    input's maxlength leaves room for all of it, and its pattern, if any, matches it."""
+    for tag in re.findall(r"<input\b[^>]*>", page.text):
+        attrs = {k: html.unescape(v) for k, v in _ATTR.findall(tag)}
+        if attrs.get("name") == name:
+            fits = len(typed) <= int(attrs.get("maxlength", len(typed)))
+            return fits and re.fullmatch(attrs.get("pattern", ".*"), typed) is not None
+    raise AssertionError(f"the page has no input {name}")
+
+
 class Browser:
     """One user agent: its own cookies, following the provider's redirects."""
 

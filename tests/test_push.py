@@ -16,8 +16,8 @@ from clients.authenticator import AppError, Authenticator
 from idp.factors import push
 from idp.storage.models import AuditEvent, Binding
 from idp.factors.totp import STEP
-from tests.harness import callback, forms, redeem
-from tests.test_totp import FULL_WIDTH
+from tests.harness import callback, forms, redeem, takes
+from tests.test_totp import as_typed
 
 LOA2 = "urn:idp:loa:2"
 
@@ -188,7 +188,9 @@ def test_saving_needs_the_code_of_the_app_that_scanned(provider):
     assert refused.status_code == 400 and "數字不正確" in _error(refused)
     with provider.svc.db.session() as session:
         assert session.query(Binding).filter_by(factor="push").count() == 0
-    page = browser.submit(refused, "/account/push/save", name="公務手機", phone="0912345678", otp=app.otp())
+    typed = as_typed(app.otp())
+    assert takes(refused, "otp", typed)
+    page = browser.submit(refused, "/account/push/save", name="公務手機", phone="0912345678", otp=typed)
     assert "手機設定完成" in page.text
     # The code typed at 儲存 is spent: it does not log in as well.
     client_id, _ = provider.client()
@@ -210,8 +212,9 @@ def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
     assert "驗證碼不正確" in _error(wrong)
     # A code counts only for the phone whose app made it.
     assert "驗證碼不正確" in _error(browser.submit(page, "/login/factor/push", device=_devices(page)[1], otp=app.otp()))
-    full_width = app.otp().translate(FULL_WIDTH)  # as a zh-TW input method types it
-    params = callback(browser.submit(wrong, "/login/factor/push", device=_devices(page)[0], otp=full_width))
+    typed = as_typed(app.otp())
+    assert takes(wrong, "otp", typed)
+    params = callback(browser.submit(wrong, "/login/factor/push", device=_devices(page)[0], otp=typed))
     assert _claims(browser, client_id, client_secret, params)["amr"] == ["pwd", "swk", "otp", "mfa"]
 
     browser, page = _push_page(provider, client_id)

@@ -11,7 +11,7 @@ from joserfc.jwk import KeySet
 
 from idp.acr import LOA2
 from idp.factors.totp import match
-from tests.harness import PASSWORD, both_reach, callback, forms, redeem
+from tests.harness import PASSWORD, both_reach, callback, forms, redeem, takes
 from tests.test_journeys import bound_otp
 
 
@@ -230,19 +230,28 @@ def test_malformed_code_is_explained_and_not_counted(mfa_provider):
 FULL_WIDTH = str.maketrans("0123456789", "０１２３４５６７８９")  # what a zh-TW input method in full-width mode types
 
 
+def as_typed(code: str) -> str:
+    """A code as a zh-TW input method in full-width mode types it, spaced as the apps show it."""
+    return f"{code[:3]} {code[3:]}".translate(FULL_WIDTH)
+
+
 def test_a_code_typed_in_full_width_digits_is_the_code(mfa_provider):
-    """At forced binding and at login alike (a 500 before: \\d took them, the comparison did not)."""
+    """At forced binding and at login alike (a 500 before: \\d took them, the comparison did not);
+    and the browser sends it (a pattern="[0-9]{6}" and maxlength="6" stopped it before)."""
     provider = mfa_provider
     client_id, _ = provider.client()
     browser = provider.browser()
     page = browser.password(browser.authorize(client_id))
     secret = _secret(page)
-    page = browser.submit(page, "/login/bind/otp", otp=_code(provider, secret).translate(FULL_WIDTH))
+    typed = as_typed(_code(provider, secret))
+    assert takes(page, "otp", typed)
+    page = browser.submit(page, "/login/bind/otp", otp=typed)
     assert "重新登入" in page.text
     provider.clock.advance(30)
     page = browser.password(page)
-    code = " ".join([_code(provider, secret)[:3], _code(provider, secret)[3:]]).translate(FULL_WIDTH)
-    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=code))
+    typed = as_typed(_code(provider, secret))
+    assert takes(page, "otp", typed)
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=typed))
 
 
 def test_rebuilt_qr_is_a_new_version_and_the_old_one_stops_working(mfa_provider):

@@ -12,6 +12,8 @@ import secrets
 
 from captcha.image import ImageCaptcha
 
+from idp.factors import plain
+
 _image = ImageCaptcha(width=160, height=60)
 FORM_SECONDS = 900
 DIGITS = "23456789"  # no 0/1: too easily read as O/l
@@ -27,8 +29,9 @@ def new_answer() -> str:
 
 
 def check(tx, answer) -> bool:
+    """Read as every code is (``plain``): "２３４５６", typed in full width, is 23456."""
     expected = tx.get("captcha")
-    return bool(expected and isinstance(answer, str) and hmac.compare_digest(expected.encode(), answer.strip().encode()))
+    return bool(expected and isinstance(answer, str) and hmac.compare_digest(expected.encode(), plain(answer).encode()))
 
 
 def take(svc, tx, answer) -> bool:

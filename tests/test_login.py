@@ -13,7 +13,8 @@ from joserfc.jwk import KeySet
 from idp.acr import LOA2, LOA3
 from idp.factors import FACTORS
 from idp.storage.models import Binding
-from tests.harness import PASSWORD, both_reach, callback, forms, redeem
+from tests.harness import PASSWORD, both_reach, callback, forms, redeem, takes
+from tests.test_totp import FULL_WIDTH
 
 
 def _tx(page) -> str:
@@ -131,7 +132,9 @@ def test_captcha_always(make_provider):
     assert "驗證碼錯誤" in _error(page)
     assert 'value="alice"' in page.text  # what the user typed is kept
     answer = provider.svc.transactions.get(tx)["captcha"]
-    params = callback(browser.password(page, captcha=answer))
+    typed = answer.translate(FULL_WIDTH)  # as a zh-TW input method in full-width mode types it
+    assert takes(page, "captcha", typed)
+    params = callback(browser.password(page, captcha=typed))
     assert params["code"]
 
 

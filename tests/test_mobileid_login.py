@@ -296,6 +296,15 @@ def test_a_national_id_kept_as_typed_in_lower_case_is_found(make_provider, sim):
     assert "mobileid-countdown" in page.text, _error(page)
 
 
+def test_a_national_id_typed_in_full_width_is_found(provider, sim):
+    """A zh-TW input method in full-width mode types "Ａ１２３４５６７８９": the number, as the
+    provider reads every code (it was refused: "the first character must be a letter")."""
+    client_id, _ = provider.client()
+    typed = "".join(chr(ord(c) + 0xFEE0) for c in CITIZEN)  # the full-width forms of ASCII
+    page, _ = start(provider, provider.browser(), client_id, nid=typed)
+    assert "mobileid-countdown" in page.text and "A12****789" in page.text, _error(page)
+
+
 @pytest.mark.parametrize("raw, said", [("A123456788", "檢查碼不符"), ("A12345", "10 碼"), ("A323456789", "第 2 碼"),
                                        ("1123456789", "英文字母")])
 def test_malformed_id_says_why(provider, sim, raw, said):

@@ -13,6 +13,7 @@ since the mobile natural-person certificate is issued to citizens.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 LETTER_CODES = {
     "A": 10, "B": 11, "C": 12, "D": 13, "E": 14, "F": 15, "G": 16, "H": 17, "I": 34,
@@ -41,11 +42,12 @@ class InvalidNationalId(ValueError):
 
 
 def normalize(raw: str) -> str:
-    return re.sub(r"\s+", "", raw or "").upper()
+    # NFKC: a zh-TW input method in full-width mode types "Ａ１２３４５６７８９".
+    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", raw or "")).upper()
 
 
 def validate(raw: str, *, allow_resident: bool = False) -> str:
-    """The normalized number (upper case, no spaces), or InvalidNationalId."""
+    """The normalized number (half width, upper case, no spaces), or InvalidNationalId."""
     value = normalize(raw)
     if not value:
         raise InvalidNationalId("empty")

@@ -18,6 +18,11 @@ def row(page, client_id: str, policy: str) -> str:
     return re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", " ", found.group(1)))).strip()
 
 
+def error(page) -> str:
+    found = re.search(r'<div class="error" role="alert">\s*<p>(.*?)</p>', page.text, re.S)
+    return unescape(found.group(1)) if found else ""
+
+
 def ticked(page, client_id: str) -> tuple[list[str], str]:
     """The factors ticked and the minimum level chosen in a client's policy form."""
     form = re.search(rf'<form [^>]*data-for="{re.escape(client_id)}">(.*?)</form>', page.text, re.S).group(1)
@@ -79,15 +84,23 @@ def test_an_admin_changes_a_clients_policy_with_the_csrf_token(site):
     [event] = [e for e in events(site, "client.policy_changed")]
     assert event.client_id == client_id and event.detail["minimum_acr"] == LOA3
 
-    # No factor at all is refused with a message, and the policy stays; so is a policy no login can
-    # meet: no way to begin one, or a level the factors allowed cannot reach. The form shows what
-    # the administrator ticked, to mend rather than tick again.
-    for policy in ({}, {"factor": ["otp", "push"]}, {"factor": ["password", "otp"]}):
+    # No factor at all is refused, and the policy stays; so is a policy no login can meet: no way
+    # to begin one, or a level the factors allowed cannot reach. The message names the client and
+    # why; the form shows what the administrator ticked, to mend rather than tick again.
+    begin = "未儲存「商工行政服務入口網」的登入政策：勾選的驗證方式都無法開始登入。請至少勾選下列一種：password, "
+    level = f"未儲存「商工行政服務入口網」的登入政策：勾選的驗證方式最高只能達到 {LOA2}，未達最低驗證等級 {LOA3}。"
+    for policy, said in (({}, begin), ({"factor": ["otp", "push"]}, begin), ({"factor": ["password", "otp"]}, level)):
         page = browser.go(form, "POST", {"csrf": csrf, "minimum_acr": LOA3 if policy else LOA2, **policy})
         assert page.status_code == 400
-        assert "未儲存：此登入政策沒有任何登入方式能夠達成" in page.text
+        assert error(page).startswith(said), error(page)
         assert row(page, client_id, "minimum_acr") == LOA3 and row(page, client_id, "allowed_factors") == "password otp mobileid"
         assert ticked(page, client_id) == (policy.get("factor", []), LOA3 if policy else LOA2)
+    # A factor the form does not offer was not ticked there: refused, as no factor the provider has.
+    page = browser.go(form, "POST", {"csrf": csrf, "factor": ["password", "sms"], "minimum_acr": ""})
+    assert page.status_code == 400 and "「商工行政服務入口網」的登入政策：其中有本服務沒有的驗證方式" in error(page)
+    page = browser.go("/admin/clients?lang=en")
+    page = browser.go(form, "POST", {"csrf": csrf, "factor": ["otp"], "minimum_acr": ""})
+    assert error(page).startswith("Not saved: at “商工行政服務入口網”, none of the factors ticked can begin a login.")
 
 
 def test_an_admin_tightens_the_policy_of_a_client_stored_with_a_sector_identifier_uri(site):

@@ -58,12 +58,14 @@ UNSUPPORTED = ("jwks_uri", "request_uris", "id_token_encrypted_response_alg", "i
 
 
 class ClientError(ValueError):
-    """Invalid client metadata; ``error`` is the RFC 7591 error code."""
+    """Invalid client metadata; ``error`` is the RFC 7591 error code. A login policy no login
+    can meet has a ``reason`` too, and the ``params`` that say it to an administrator."""
 
-    def __init__(self, description: str, error: str = "invalid_client_metadata"):
+    def __init__(self, description: str, error: str = "invalid_client_metadata", reason: str | None = None, **params):
         super().__init__(description)
         self.error = error
         self.description = description
+        self.reason, self.params = reason, params
 
 
 def digest(secret: str) -> str:
@@ -276,20 +278,22 @@ def check_policy(meta: dict) -> None:
     from idp.factors import FACTORS  # the factors are the login's business; imported late
 
     allowed = meta.get("allowed_factors")
-    if allowed is not None and (not isinstance(allowed, list) or not allowed or set(allowed) - set(FACTORS)):
-        raise ClientError(f"allowed_factors must be a non-empty list of: {', '.join(FACTORS)}")
+    if allowed is not None and (not isinstance(allowed, list) or set(allowed) - set(FACTORS)):
+        raise ClientError(f"allowed_factors must be a list of: {', '.join(FACTORS)}")
     minimum = meta.get("minimum_acr")
     if minimum not in (None, *LADDER):
         raise ClientError(f"minimum_acr must be one of {' '.join(LADDER)}")
-    factors = [FACTORS[name] for name in (allowed or FACTORS)]
-    if not any(f.first for f in factors):
-        raise ClientError("allowed_factors must include a way to begin a login: "
-                          + ", ".join(name for name, f in FACTORS.items() if f.first))
+    factors = [FACTORS[name] for name in (FACTORS if allowed is None else allowed)]
+    if not any(f.first for f in factors):  # an empty list has none either
+        first = ", ".join(name for name, f in FACTORS.items() if f.first)
+        raise ClientError(f"allowed_factors must include a way to begin a login: {first}", reason="no_first_factor",
+                          first=first)
     # A first factor, alone or followed by one more: the best level the allowed factors reach.
     best = max(rank(earned(with_mfa(first.amr + (then.amr if then is not first else []))))
                for first in factors if first.first for then in factors)
     if rank(minimum) > best:
-        raise ClientError(f"minimum_acr {minimum} is beyond what the allowed factors can reach ({LADDER[best - 1]})")
+        raise ClientError(f"minimum_acr {minimum} is beyond what the allowed factors can reach ({LADDER[best - 1]})",
+                          reason="unreachable", minimum=minimum, best=LADDER[best - 1])
 
 
 def _check_jwks(jwks) -> None:

@@ -92,8 +92,12 @@ async def clients(request: Request) -> Response:
 
 
 async def _page(request: Request, role, flash: dict, status: int = 200, tried: dict | None = None) -> Response:
-    """``tried``: a refused policy, which its client's form shows again as it was ticked."""
+    """``tried``: a refused policy, which its client's form shows again as it was ticked, and
+    whose client the message names (``{name}``)."""
     rows = await run_in_threadpool(_clients, request.app.state.svc)
+    if tried:
+        name = next((c.name for c in rows if c.client_id == tried["client_id"]), tried["client_id"])
+        flash = {**flash, "params": {**flash["params"], "name": name}}
     return render(request, "admin_clients.html", status=status, role=role, account=role.account, clients=rows,
                   flash=flash, factors=list(FACTORS), ladder=acr.LADDER, tried=tried)
 
@@ -133,9 +137,12 @@ async def set_policy(request: Request) -> Response:
     minimum = dict(form).get("minimum_acr", "")
     try:
         policy_now = await run_in_threadpool(_set_policy, svc, client_id, factors, minimum)
-    except ClientError:
+    except ClientError as e:
+        # Why no login could meet it; a reason the form cannot make (a factor or level it does not
+        # offer) was crafted, and gets the plain refusal.
+        flash = {"params": e.params, "error": f"admin_clients.refused.{e.reason}" if e.reason else "admin_clients.invalid"}
         tried = {"client_id": client_id, "factors": factors, "minimum_acr": minimum}
-        return await _page(request, role, {"params": {}, "error": "admin_clients.invalid"}, status=400, tried=tried)
+        return await _page(request, role, flash, status=400, tried=tried)
     if policy_now is None:
         return error_page(request, "admin.not_found.title", "admin_clients.not_found", status=404)
     svc.server.forget_client(client_id)

@@ -66,6 +66,25 @@ def test_entering_settings_asks_for_the_bound_factor_again(user):
 
 
 
+def test_a_settings_form_sent_after_the_reverification_window_comes_back_to_its_page(user):
+    """M2's 10 minutes count from the login: a form opened just before they end and sent just
+    after changes nothing, asks for the factor again and comes back to its page, which says to
+    send it again (it was the login's "登入已逾時…請回到原系統重新點選登入", a dead end)."""
+    provider, client_id, secret = user
+    laptop = _signed_in(provider, client_id, secret)
+    phone = _signed_in(provider, client_id, secret)
+    provider.clock.advance(540)
+    page = phone.go("/account")
+    provider.clock.advance(120)
+    page = phone.submit(page, "/account/sessions/end-others")
+    assert 'name="otp"' in page.text and "原系統" not in page.text
+    page = phone.submit(page, "/login/factor/otp", otp=_code(provider, secret))
+    assert page.url.path == "/account" and "尚未變更任何資料" in _notice(page)
+    assert "code" in callback(laptop.authorize(client_id, prompt="none"))  # still logged in
+    page = phone.submit(page, "/account/sessions/end-others")
+    assert "已登出其他所有裝置" in _notice(page)
+
+
 def test_binding_dates_are_taiwan_dates(user):
     """Bound at 01:30 in Taipei (17:30 the day before in UTC): that is the date shown."""
     provider, client_id, secret = user

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from idp import bridge, captcha
 from idp.accounts import AccountError, change_password, with_bindings
@@ -50,7 +50,9 @@ async def require_account(request: Request, *, verified: bool = True, interactiv
 
     With ``verified``, a bound second factor must have been proven within
     ``reverify_seconds``; otherwise the login asks for it again (M2). Only an
-    ``interactive`` GET starts that login; a script's poll just gets the expired page."""
+    ``interactive`` request starts that login; a script's poll just gets the expired page.
+    A form's POST does nothing then: the login comes back to the form's page (GET), which
+    says so (``?unsent=1``), to send it again."""
     svc = request.app.state.svc
     session = await bridge.run(svc.sessions.get, get_cookie(request, SESSION_COOKIE))
     account = await run_in_threadpool(with_bindings, svc, account_id=session["account"]) if session else None
@@ -59,17 +61,33 @@ async def require_account(request: Request, *, verified: bool = True, interactiv
     fresh = session is not None and svc.clock() - session.get("verified_at", 0) <= svc.settings.reverify_seconds
     if account is not None and (fresh or not verified):
         return account
-    if request.method != "GET" or not interactive:
+    if not interactive:
         return error_page(request, "error.tx_expired.title", "error.tx_expired.detail")
+    return_to = request.url.path if request.method == "GET" else _form_page(request) + "?unsent=1"
     tx = svc.transactions.create(
         params=[], client_id=None, browser=csrf_token(request), fresh=account is None, target_acr=None,
-        session=session if account else None, return_to=request.url.path, reverify=account is not None,
+        session=session if account else None, return_to=return_to, reverify=account is not None,
     )
     await bridge.run(svc.transactions.save, tx)
     response = RedirectResponse(f"/login?tx={tx['id']}", status_code=303)
     if getattr(request.state, "new_csrf", None):  # a browser new to us: the login is bound to this cookie
         set_cookie(request, response, CSRF_COOKIE, request.state.new_csrf)
     return response
+
+
+def _form_page(request: Request) -> str:
+    """The page a form posted here is on, as routing tells it: this path, or the nearest one
+    above it that the provider shows ("/admin/clients" for "/admin/clients/{id}/policy").
+    Cut from the path our own routes matched, so always one of our pages."""
+    path = request.url.path
+    while path.count("/") > 1 and not _shown(request.app, path):
+        path = path.rpartition("/")[0]
+    return path
+
+
+def _shown(app, path: str) -> bool:
+    scope = {"type": "http", "path": path, "method": "GET"}
+    return any(route.matches(scope)[0] == Match.FULL for route in app.routes)
 
 
 def session_owner(request: Request, account) -> str:

@@ -90,6 +90,12 @@ def takes(page, name: str, typed: str) -> bool:
     raise AssertionError(f"the page has no input {name}")
 
 
+def language_link(page, lang: str) -> str | None:
+    """Where the page's switch to ``lang`` leads, or None: the page has none."""
+    found = re.search(rf'<a href="([^"]+)" lang="{lang}">', page.text)
+    return html.unescape(found.group(1)) if found else None
+
+
 class Browser:
     """One user agent: its own cookies, following the provider's redirects."""
 

@@ -16,7 +16,7 @@ from idp.accounts import reset_bindings
 from idp.factors import certificate
 from idp.storage.models import Account, AuditEvent, Binding
 from idp.web import federation, reset
-from tests.harness import PASSWORD, callback, forms, redeem, takes
+from tests.harness import PASSWORD, callback, forms, language_link, redeem, takes
 from tests.mailserver import REFUSED_DOMAIN
 from tests.test_totp import _bind, _code, _error, _secret, as_typed
 
@@ -188,7 +188,7 @@ def test_disable_and_re_enable_password_login(user):
     assert "不符合規則" in _error(weak) and "大寫英文字母" in weak.text
     wrong = browser.submit(weak, "/password-login/enable", new_password="Fresh-Start-55!", new_password_again="Fresh-Start-55!",
                            captcha="00000")
-    assert "驗證碼錯誤" in _error(wrong)
+    assert "驗證碼錯誤" in _error(wrong) and language_link(wrong, "en") == "/account/password-login?lang=en"
     answer = provider.svc.store.get("captcha:" + forms(wrong.text)[0]["fields"]["form"])["captcha"]
     page = browser.submit(wrong, "/password-login/enable", new_password="Fresh-Start-55!", new_password_again="Fresh-Start-55!",
                           captcha=answer)
@@ -245,6 +245,7 @@ def test_lost_phone_reset_with_the_emergency_code(user, smtp_server):
     assert code.group(1) == prefix and "緊急驗證" in mail["subject"]
     wrong = browser.submit(page, "/login/reset/verify", code="000000")
     assert "還可再試 2 次" in _error(wrong)  # an answer like a password: the account's lockout counts it
+    assert language_link(wrong, "en") == f"/login/reset?tx={forms(wrong.text)[0]['fields']['tx']}&lang=en"
     again = _send(provider, browser, wrong)
     assert "秒後再重新發送" in _error(again) and smtp_server.unread() == 0
     typed = f"{code.group(1)}-{as_typed(code.group(2))}"

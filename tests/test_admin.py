@@ -17,7 +17,7 @@ from sqlalchemy import select
 from idp.accounts import AccountError, by_username, create_account
 from idp.storage.models import Account, AuditEvent, Binding
 from idp.storage.db import Database
-from tests.harness import PASSWORD, callback, forms, redeem
+from tests.harness import PASSWORD, callback, language_link, redeem
 from tests.test_mail_and_recovery import ask_reset, reset_link
 from tests.test_token_endpoints import _introspect, _refresh, _user_tokens
 from tests.test_totp import _code, _error, _secret
@@ -206,6 +206,7 @@ def test_created_account_must_change_its_initial_password_at_first_login(site, s
                           org=SCHOOL, password="short", password_again="short")
     assert weak.status_code == 400 and "不符合規則" in _error(weak) and "大寫英文字母" in weak.text
     assert 'value="carol"' in weak.text and 'value="short"' not in weak.text  # input kept, never the password
+    assert language_link(weak, "en") == "/admin/new?lang=en"  # the form's page, where the answer to a POST had none
     mismatch = browser.submit(weak, "/admin/new", username="carol", kind="personal", password=PASSWORD, password_again=NEW)
     assert "不一致" in _error(mismatch)
     taken = browser.submit(weak, "/admin/new", username="alice", kind="personal", password=PASSWORD, password_again=PASSWORD)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from html import unescape
 
+from tests.harness import language_link
 from tests.test_admin import events, sign_in
 
 LOA2, LOA3 = "urn:idp:loa:2", "urn:idp:loa:3"
@@ -98,7 +99,7 @@ def test_an_admin_changes_a_clients_policy_with_the_csrf_token(site):
     # A factor the form does not offer was not ticked there: refused, as no factor the provider has.
     page = browser.go(form, "POST", {"csrf": csrf, "factor": ["password", "sms"], "minimum_acr": ""})
     assert page.status_code == 400 and "「商工行政服務入口網」的登入政策：其中有本服務沒有的驗證方式" in error(page)
-    page = browser.go("/admin/clients?lang=en")
+    page = browser.go(language_link(page, "en"))
     page = browser.go(form, "POST", {"csrf": csrf, "factor": ["otp"], "minimum_acr": ""})
     assert error(page).startswith("Not saved: at “商工行政服務入口網”, none of the factors ticked can begin a login.")
 

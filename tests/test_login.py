@@ -1,7 +1,6 @@
 """Password login as a user meets it (SPEC A1, O2, O4): captcha, lockout,
 expiry, and messages that say what to do."""
 
-import html
 import re
 import threading
 from urllib.parse import parse_qs, urlsplit
@@ -13,7 +12,7 @@ from joserfc.jwk import KeySet
 from idp.acr import LOA2, LOA3
 from idp.factors import FACTORS
 from idp.storage.models import Binding
-from tests.harness import PASSWORD, both_reach, callback, forms, redeem, takes
+from tests.harness import PASSWORD, both_reach, callback, forms, language_link, redeem, takes
 from tests.test_totp import FULL_WIDTH
 
 
@@ -474,8 +473,7 @@ def test_a_form_address_opened_from_the_address_bar_gets_a_page_in_the_users_lan
     assert '<html lang="en">' in page.text and "cannot be opened directly" in page.text
 
 def _language_link(page, lang: str) -> dict:
-    href = re.search(rf'<a href="([^"]+)" lang="{lang}">', page.text).group(1)
-    return parse_qs(urlsplit(html.unescape(href)).query)
+    return parse_qs(urlsplit(language_link(page, lang)).query)
 
 
 def test_each_login_page_links_every_other_way_in_by_name(make_provider):

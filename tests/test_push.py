@@ -16,7 +16,7 @@ from clients.authenticator import AppError, Authenticator
 from idp.factors import push
 from idp.storage.models import AuditEvent, Binding
 from idp.factors.totp import STEP
-from tests.harness import callback, forms, redeem, takes
+from tests.harness import callback, forms, language_link, redeem, takes
 from tests.test_totp import as_typed
 
 LOA2 = "urn:idp:loa:2"
@@ -186,6 +186,7 @@ def test_saving_needs_the_code_of_the_app_that_scanned(provider):
     another.register(_new_registration_url(provider))
     refused = browser.submit(page, "/account/push/save", name="公務手機", phone="0912345678", otp=another.otp())
     assert refused.status_code == 400 and "數字不正確" in _error(refused)
+    assert language_link(refused, "en") == "/account/push/add?lang=en"
     with provider.svc.db.session() as session:
         assert session.query(Binding).filter_by(factor="push").count() == 0
     typed = as_typed(app.otp())

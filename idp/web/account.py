@@ -14,6 +14,7 @@ import hashlib
 
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Match, Route
@@ -306,7 +307,7 @@ async def _enable_page(request: Request, account, flash=None, status: int = 200)
     svc = request.app.state.svc
     form_id = await bridge.run(captcha.new_form, svc)
     return render(request, "account_password_enable.html", account=account, form_id=form_id, tab="settings",
-                  flash=flash or {"params": {}}, status=status)
+                  flash=flash or {"params": {}}, status=status, here=URL("/account/password-login"))
 
 
 @account_post

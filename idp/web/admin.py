@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -297,7 +298,7 @@ async def one_day_password(request: Request) -> Response:
 def _new_page(request: Request, role: Role, values: dict | None = None, flash: dict | None = None, status: int = 200):
     values = {"username": "", "name": "", "email": "", "kind": "personal", "org": "", **(values or {})}
     return render(request, "admin_new.html", status=status, role=role, account=role.account, values=values,
-                  flash=flash or {"params": {}})
+                  flash=flash or {"params": {}}, here=URL("/admin/new"))
 
 
 async def new_page(request: Request) -> Response:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -99,7 +100,7 @@ async def _page(request: Request, role, flash: dict, status: int = 200, tried: d
         name = next((c.name for c in rows if c.client_id == tried["client_id"]), tried["client_id"])
         flash = {**flash, "params": {**flash["params"], "name": name}}
     return render(request, "admin_clients.html", status=status, role=role, account=role.account, clients=rows,
-                  flash=flash, factors=list(FACTORS), ladder=acr.LADDER, tried=tried)
+                  flash=flash, factors=list(FACTORS), ladder=acr.LADDER, tried=tried, here=URL("/admin/clients"))
 
 
 def _set_policy(svc, client_id: str, factors: list[str], minimum: str) -> dict | None:

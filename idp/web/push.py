@@ -25,6 +25,7 @@ import asyncio
 import time
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -181,7 +182,7 @@ async def _add_page(request: Request, account, flash=None, keep=None, status: in
     url = push.registration_url(svc, pending["code"])
     return render(request, "account_push_add.html", account=account, tab="settings", flash=flash or {"params": {}},
                   qr=qr_svg(url), url=url, scanned=bool(pending["device"]), keep=keep or {}, status=status,
-                  remaining=max(0, int(pending["exp"] - svc.clock())))
+                  remaining=max(0, int(pending["exp"] - svc.clock())), here=URL("/account/push/add"))
 
 
 async def add_page(request: Request) -> Response:

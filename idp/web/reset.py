@@ -21,6 +21,7 @@ import secrets
 import string
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -92,7 +93,8 @@ async def _render(request, svc, tx, account, flash=None, email="", status=200) -
     if record:
         context.update(prefix=record["prefix"], sent_to=masked(record["email"]),
                        expires_in=int(record["exp"] - now), resend_in=max(0, int(record["next"] - now)))
-    return render(request, "reset.html", **context, status=status, ui_locales=tx.get("ui_locales"))
+    return render(request, "reset.html", **context, status=status, ui_locales=tx.get("ui_locales"),
+                  here=URL(f"/login/reset?tx={tx['id']}"))
 
 
 async def send(request: Request) -> Response:

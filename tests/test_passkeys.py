@@ -412,8 +412,10 @@ def test_a_public_key_no_signature_can_match_is_not_registered(make_provider):
     provider.account("alice")
     browser = provider.browser()
     page = browser.password(browser.go("/account/passkeys"))
-    page = browser.submit(page, "/account/passkeys", label="Laptop", credential=Broken().create(page_options(page)))
+    page = browser.submit(page, "/account/passkeys", label="辦公室 筆電", credential=Broken().create(page_options(page)))
     assert "error=passkey.error.invalid" in str(page.url)
+    add = next(f for f in forms(page.text) if f["action"] == "/account/passkeys")
+    assert add["fields"]["label"] == "辦公室 筆電"  # kept, to try again
     with provider.svc.db.session() as session:
         assert session.query(Binding).filter_by(factor="passkey").count() == 0
 

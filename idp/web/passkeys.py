@@ -11,6 +11,7 @@ posted to ``/login/factor/passkey`` like every factor.
 from __future__ import annotations
 
 import json
+from urllib.parse import urlencode
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -28,8 +29,10 @@ NOTICES = {"passkey.added", "passkey.removed"}
 MAX_LABEL = 60
 
 
-def _back(key: str, param: str = "notice") -> RedirectResponse:
-    return RedirectResponse(f"{PAGE}?{param}={key}", status_code=303)
+def _back(key: str, param: str = "notice", label: str = "") -> RedirectResponse:
+    """Back to the page; ``label``: the name typed for a passkey refused, to try again with."""
+    query = {param: key, **({"label": label} if label else {})}
+    return RedirectResponse(f"{PAGE}?{urlencode(query)}", status_code=303)
 
 
 async def page(request: Request) -> Response:
@@ -48,7 +51,7 @@ async def page(request: Request) -> Response:
                                               session_owner(request, account), rp_name))
     listed = sorted(passkey.passkeys(account), key=lambda b: b.created_at)
     return render(request, "account_passkeys.html", account=account, passkeys=listed, options=options,
-                  enabled=enabled, flash=flash, tab="settings")
+                  enabled=enabled, flash=flash, tab="settings", label=request.query_params.get("label", "")[:MAX_LABEL])
 
 
 @account_post
@@ -63,7 +66,7 @@ async def add(request: Request, account, form) -> Response:
     if error:
         await svc.db.call(svc.audit.record, "binding.refused", account_id=account.id, username=account.username,
                           **seen, reason=error.rsplit(".", 1)[-1])
-        return _back(error, "error")
+        return _back(error, "error", label)
     await svc.db.call(svc.audit.record, "binding.created", account_id=account.id, username=account.username, **seen,
                       passkey=label, aaguid=binding.data["aaguid"])
     return _back("passkey.added")

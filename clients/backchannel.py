@@ -5,8 +5,11 @@ session ends (logged out at another portal, at the provider, or by an
 administrator). The portal keeps its sessions in a signed cookie it cannot
 reach from here, so it remembers which provider sessions (``sid``) ended, and
 ``EndedSessions`` clears a portal session belonging to one on its next request.
-In memory: right for these one-process demos; a portal with several processes
-would keep these records in a shared store.
+The same record holds the portal sessions logged out at the portal itself (by
+the id each gets at login): clearing the browser's cookie leaves any copy of
+it valid, and the provider may send no logout token at all (its own session
+over already, or not reachable). In memory: right for these one-process demos;
+a portal with several processes would keep these records in a shared store.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ ALGORITHMS = ["ES256", "RS256"]
 MAX_AGE = 300  # a logout token older than this (by iat) is refused
 LEEWAY = 60  # clock skew allowed between provider and portal
 REFETCH_SECONDS = 60  # the least time between two JWKS fetches that logout tokens cause
-REMEMBER = 8 * 3600  # as long as a portal session (its cookie's max_age)
+SESSION_SECONDS = 8 * 3600  # a portal session's life from its login, however used; a record outlives it
 
 
 class LogoutTokenError(ValueError):
@@ -36,17 +39,19 @@ class LogoutTokenError(ValueError):
 
 class Ended:
     """Ended provider sessions (by sid), subjects logged out everywhere (by sub,
-    with the time), and the logout tokens already used (by jti)."""
+    with the time), portal sessions logged out here (by their id), and the
+    logout tokens already used (by jti)."""
 
     def __init__(self, clock=time.time):
         self.clock = clock
         self._sids: dict[str, float] = {}  # sid -> remembered until
+        self._ids: dict[str, float] = {}  # portal session id -> remembered until
         self._subs: dict[str, tuple[float, float]] = {}  # sub -> (sessions begun before this ended, remembered until)
         self._jtis: dict[str, float] = {}  # jti -> remembered until
         self._lock = threading.Lock()
 
     def _gc(self, now):
-        for table in (self._sids, self._jtis):
+        for table in (self._sids, self._ids, self._jtis):
             for key in [k for k, until in table.items() if until < now]:
                 del table[key]
         for sub in [s for s, (_, until) in self._subs.items() if until < now]:
@@ -64,16 +69,30 @@ class Ended:
 
     def end(self, sid: str | None, sub: str | None, iat: float) -> None:
         with self._lock:
-            until = self.clock() + REMEMBER
+            until = self.clock() + SESSION_SECONDS
             if sid:
                 self._sids[sid] = until
             elif sub:  # no sid: every session of sub that began before the token
                 self._subs[sub] = (max(iat, self._subs.get(sub, (0, 0))[0]), until)
 
-    def has_ended(self, session: dict) -> bool:
-        user = session.get("user") or {}
+    def log_out(self, session_id: str) -> None:
+        """A portal session logged out at the portal. Its provider sid is not recorded: a
+        later login by single sign-on at this portal gets the same one."""
         with self._lock:
-            if user.get("sid") and user["sid"] in self._sids:
+            now = self.clock()
+            self._gc(now)
+            self._ids[session_id] = now + SESSION_SECONDS
+
+    def has_ended(self, session: dict) -> bool:
+        """Whether a logged-in portal session is over (a session without a login is not)."""
+        if "user" not in session:
+            return False
+        user = session["user"]
+        with self._lock:
+            # Its cookie slides with each answer; its login does not. So no session outlives a record.
+            if self.clock() - session.get("logged_in_at", 0) > SESSION_SECONDS:
+                return True
+            if session.get("id") in self._ids or (user.get("sid") and user["sid"] in self._sids):
                 return True
             since, _ = self._subs.get(user.get("sub"), (None, None))
             return since is not None and session.get("logged_in_at", 0) <= since
@@ -160,8 +179,8 @@ async def backchannel_logout(request):
 
 
 class EndedSessions:
-    """ASGI middleware (inside ``SessionMiddleware``): a portal session whose
-    provider session has ended is cleared before any route sees it."""
+    """ASGI middleware (inside ``SessionMiddleware``): a portal session that is
+    over (see ``Ended.has_ended``) is cleared before any route sees it."""
 
     def __init__(self, app, ended: Ended):
         self.app, self.ended = app, ended

@@ -43,7 +43,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from .backchannel import Ended, EndedSessions, backchannel_logout
+from .backchannel import SESSION_SECONDS, Ended, EndedSessions, backchannel_logout
 
 try:  # authlib uses httpx2 when installed, else httpx; catch whichever it raises
     import httpx2 as httpx
@@ -216,6 +216,7 @@ async def callback(request):
     user = dict(token["userinfo"])
     request.session.clear()  # a fresh session for the new login
     request.session.update(
+        id=secrets.token_urlsafe(16),  # what the portal's own logout names
         user=user,  # its sid is what a back-channel logout names
         id_token=token["id_token"],
         csrf=secrets.token_urlsafe(32),
@@ -265,9 +266,11 @@ async def logout(request):
     async with request.form() as form:
         if not _csrf_ok(request, form):
             return error_page(request, 403, "csrf")
-    id_token = request.session.get("id_token")
+    id_token, session_id = request.session.get("id_token"), request.session.get("id")
     request.session.clear()
     state = request.app.state
+    if session_id:  # a copy of the cookie is logged out too, whatever happens at the provider
+        state.ended.log_out(session_id)
     try:
         metadata = await state.oauth.idp.load_server_metadata()
     except PROVIDER_ERRORS as exc:
@@ -285,7 +288,7 @@ async def logout(request):
 def create_app(portal: Portal, issuer: str, client_id: str, client_secret: str,
                portal_url: str, session_secret: str) -> Starlette:
     issuer, portal_url = issuer.rstrip("/"), portal_url.rstrip("/")
-    ended = Ended()  # provider sessions ended by back-channel logout
+    ended = Ended()  # sessions logged out here or ended by back-channel logout
     oauth = OAuth()
     oauth.register(
         "idp",
@@ -316,7 +319,7 @@ def create_app(portal: Portal, issuer: str, client_id: str, client_secret: str,
                 session_cookie=portal.cookie,
                 same_site="lax",
                 https_only=portal_url.startswith("https://"),
-                max_age=8 * 3600,
+                max_age=SESSION_SECONDS,
             ),
             Middleware(EndedSessions, ended=ended),
         ],

@@ -28,7 +28,7 @@ from clients.school_portal import create_app as create_portal
 from idp.protocol import logout as bcl
 from idp.storage.models import AuditEvent
 from tests import live
-from tests.harness import PASSWORD, redeem
+from tests.harness import PASSWORD, forms, redeem
 from tests.test_e2e import NAME, Agent, _is_login_page, _path
 
 try:
@@ -346,6 +346,53 @@ def test_log_out_once_and_you_are_out_of_both_portals(live_provider, make_bc_por
         assert 'href="/login"' in agent.go(first + "/").text
         page = agent.go(first + "/login")
         assert _is_login_page(page, provider)  # and the provider asks for the password again
+    finally:
+        agent.close()
+
+
+def test_a_logout_at_the_portal_ends_its_session_for_every_copy_of_its_cookie(make_live_provider, make_bc_portal):
+    """The portal's own 登出 ends its session, not just this browser's cookie: a copy taken
+    before (a shared PC, malware, a proxy log) is no login after it, though no logout token
+    comes. Here the provider's session has lapsed (it does not slide; the portal's does), so
+    the provider has nothing to end."""
+    provider = make_live_provider(session_seconds=2)
+    provider.account("alice", name=NAME)
+    url, app = make_bc_portal(provider)
+    agent = Agent()
+    try:
+        page = agent.go(url + "/login")
+        assert NAME in agent.submit(page, "/login/factor/password", username="alice", password=PASSWORD).text
+        copy = dict(agent.http.cookies.items())
+        time.sleep(3)  # the provider's session lapses; the portal's goes on
+        assert NAME in agent.go(url + "/").text
+        out = agent.submit(agent.go(url + "/"), "/logout")
+        assert _path(out) == url + "/" and NAME not in out.text
+        assert NAME not in httpx.get(url + "/", cookies=copy).text, "a copy of the cookie is still logged in"
+    finally:
+        agent.close()
+
+
+def test_a_portal_login_lasts_eight_hours_and_logging_out_leaves_single_sign_on_alone(live_provider, make_bc_portal):
+    """The cookie slides, the login does not: 8 hours after it, however used since. A user
+    who logs out at the portal but never reaches the provider's logout (closed the tab) is
+    still signed in there: logging in again at the portal is single sign-on, and holds."""
+    provider = live_provider
+    provider.account("alice", name=NAME)
+    url, app = make_bc_portal(provider)
+    agent = Agent()
+    try:
+        page = agent.go(url + "/login")
+        home = agent.submit(page, "/login/factor/password", username="alice", password=PASSWORD)
+        assert NAME in home.text
+        csrf = next(f for f in forms(home.text) if f["action"] == "/logout")["fields"]["csrf"]
+        out = agent.http.post(url + "/logout", data={"csrf": csrf})  # not followed to the provider
+        assert out.headers["location"].startswith(provider.issuer + "/")
+        again = agent.go(url + "/login")
+        assert _path(again) == url + "/" and NAME in again.text  # no login page: single sign-on
+        assert NAME in agent.go(url + "/").text
+
+        app.state.ended.clock = lambda: time.time() + 8 * 3600 + 1  # the portal's clock
+        assert NAME not in agent.go(url + "/").text
     finally:
         agent.close()
 

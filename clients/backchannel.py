@@ -29,7 +29,6 @@ EVENT = "http://schemas.openid.net/event/backchannel-logout"
 ALGORITHMS = ["ES256", "RS256"]
 MAX_AGE = 300  # a logout token older than this (by iat) is refused
 LEEWAY = 60  # clock skew allowed between provider and portal
-REFETCH_SECONDS = 60  # the least time between two JWKS fetches that logout tokens cause
 SESSION_SECONDS = 8 * 3600  # a portal session's life from its login, however used; a record outlives it
 
 
@@ -130,17 +129,13 @@ def validate(token: str, keys: KeySet, issuer: str, client_id: str, now: float) 
     return c
 
 
-def _unknown_kid(token: str, keys: KeySet) -> bool:
-    """Whether the token names a key the set lacks (a malformed one names none)."""
+def _kid(token: str) -> str | None:
+    """The key the token names (a malformed one names none)."""
     try:
         kid = jws.extract_compact(token.encode()).headers().get("kid")
     except (JoseError, ValueError):
-        return False
-    return isinstance(kid, str) and all(key.kid != kid for key in keys)
-
-
-async def _keys(app, force=False) -> KeySet:
-    return KeySet.import_key_set(await app.state.oauth.idp.fetch_jwk_set(force=force))
+        return None
+    return kid if isinstance(kid, str) else None
 
 
 def _error(description: str, status=400) -> Response:
@@ -157,13 +152,7 @@ async def backchannel_logout(request):
         return _error("logout_token is missing")
     now = state.ended.clock()
     try:
-        keys = await _keys(request.app)
-        if _unknown_kid(token, keys) and now - state.jwks_refetched >= REFETCH_SECONDS:
-            # Perhaps a key the provider rotated in since: its JWKS once more. At most once a
-            # minute, whatever tokens come: anyone may post here, and it would be the portal
-            # hammering the provider.
-            state.jwks_refetched = now
-            keys = await _keys(request.app, force=True)
+        keys = await state.provider_keys.get(now, _kid(token))
         claims = validate(token, keys, state.issuer, state.client_id, now)
     except LogoutTokenError as exc:
         log.warning("back-channel logout refused: %s", exc)

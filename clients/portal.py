@@ -44,6 +44,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from .backchannel import SESSION_SECONDS, Ended, EndedSessions, backchannel_logout
+from .jwks import ProviderKeys
 
 try:  # authlib uses httpx2 when installed, else httpx; catch whichever it raises
     import httpx2 as httpx
@@ -205,6 +206,8 @@ async def callback(request):
     pending = request.app.state.actions.get(request.session.pop("pending_action", None))
     idp = request.app.state.oauth.idp
     try:
+        # authlib checks the ID token with the copy of the provider's keys this keeps fresh.
+        await request.app.state.provider_keys.get(request.app.state.ended.clock())
         # authlib checks aud only when told to (OIDC Core 3.1.3.7: it must be this portal).
         issuer = (await idp.load_server_metadata())["issuer"]
         token = await idp.authorize_access_token(request, claims_options={
@@ -329,7 +332,7 @@ def create_app(portal: Portal, issuer: str, client_id: str, client_secret: str,
     app.state.portal_url = portal_url
     app.state.issuer = issuer
     app.state.ended = ended
-    app.state.jwks_refetched = 0.0  # when a logout token with an unknown key last made it fetch the JWKS
+    app.state.provider_keys = ProviderKeys(oauth.idp)
     app.state.templates = _templates(portal)
     app.state.actions = {a.slug: a for a in portal.actions}
     return app

@@ -397,6 +397,38 @@ def test_a_portal_login_lasts_eight_hours_and_logging_out_leaves_single_sign_on_
         agent.close()
 
 
+def test_a_key_the_provider_withdrew_no_longer_signs_logout_tokens(live_provider, make_bc_portal):
+    """SPEC P1: a retired key leaves /jwks at its time (say after a compromise), and /jwks
+    says ``max-age=300``. Once the portal's copy is older, a logout token signed with the
+    withdrawn key ends no session (anyone may post one)."""
+    provider, svc = live_provider, live_provider.svc
+    provider.account("alice", name=NAME)
+    url, app = make_bc_portal(provider)
+    agent = Agent()
+    try:
+        page = agent.go(url + "/login")
+        assert NAME in agent.submit(page, "/login/factor/password", username="alice", password=PASSWORD).text
+        session = svc.sessions.get(agent.http.cookies.get("idp_session"))
+        token, _ = bcl.logout_token(svc, svc.server.query_client(app.state.client_id), session["account"],
+                                    session["sid"])
+        claims = jwt.decode(token, svc.keys.verification_keys()).claims
+        withdrawn = svc.keys.signing_key("ES256")  # the key that signed alice's ID token
+        svc.keys.rotate(keep_retired_seconds=0)  # ... withdrawn at once
+        published = httpx.get(provider.issuer + "/jwks")
+        assert withdrawn.kid not in {k["kid"] for k in published.json()["keys"]}
+        assert "max-age=300" in published.headers["cache-control"]
+
+        later = time.time() + 301
+        app.state.ended.clock = lambda: time.time() + 301  # the portal's clock: its copy is stale
+        claims.update(iat=int(later), exp=int(later) + 120, jti="signed-with-a-withdrawn-key")
+        forged = jwt.encode({"alg": "ES256", "kid": withdrawn.kid, "typ": "logout+jwt"}, claims, withdrawn)
+        answer = httpx.post(url + "/backchannel-logout", data={"logout_token": forged})
+        assert answer.status_code == 400, "a logout token signed with a withdrawn key was taken"
+        assert NAME in agent.go(url + "/").text
+    finally:
+        agent.close()
+
+
 def test_the_portal_checks_the_logout_token(live_provider, make_bc_portal):
     provider = live_provider
     svc = provider.svc

@@ -148,37 +148,73 @@ def test_a_logout_of_every_session_of_a_subject_outlasts_the_next_logout_token()
     assert ended.has_ended(alice)  # and its login is too old by then anyway
 
 
+class StandIn:
+    """A provider over HTTP for what the real one never sends: its token endpoint answers
+    with an ID token of ``claims`` (and iss, iat, exp, the nonce asked for) signed by
+    ``key``, and its /jwks publishes ``published``, which a test may change."""
+
+    def __init__(self, **claims):
+        self.key = ECKey.generate_key("P-256", parameters={"kid": "k1"})
+        self.published = [self.key]
+        self.claims = {"sub": "alice", "aud": "school", **claims}
+        self.nonce = ""
+
+    def app(self) -> Starlette:
+        async def discovery(request):
+            base = str(request.base_url).rstrip("/")
+            return JSONResponse({"issuer": base, "authorization_endpoint": base + "/authorize",
+                                 "token_endpoint": base + "/token", "jwks_uri": base + "/jwks",
+                                 "id_token_signing_alg_values_supported": ["ES256"]})
+
+        async def jwks(request):
+            return JSONResponse({"keys": [key.as_dict(private=False) for key in self.published]})
+
+        async def token(request):
+            now = int(time.time())
+            claims = {"iss": str(request.base_url).rstrip("/"), "iat": now, "exp": now + 300, "nonce": self.nonce,
+                      **self.claims}
+            return JSONResponse({"access_token": "at", "token_type": "Bearer",
+                                 "id_token": jwt.encode({"alg": "ES256", "kid": self.key.kid}, claims, self.key)})
+
+        return Starlette(routes=[Route("/.well-known/openid-configuration", discovery), Route("/jwks", jwks),
+                                 Route("/token", token, methods=["POST"])])
+
+    @contextlib.contextmanager
+    def school_portal(self):
+        """The school portal (client ``school``) of this provider, and a browser at it."""
+        with live.reserve() as (sock, url), live.serve(self.app(), sock, url, health="/jwks"):
+            portal = create_school(issuer=url, client_id="school", client_secret="s",
+                                   portal_url="https://school.example.tw", session_secret="x" * 32)
+            with TestClient(portal, base_url="https://school.example.tw") as browser:
+                yield portal, browser
+
+    def log_in(self, browser):
+        """登入 at the portal: its /callback's answer, given the token endpoint's ID token."""
+        query = dict(parse_qsl(urlsplit(browser.get("/login", follow_redirects=False).headers["location"]).query))
+        self.nonce = query["nonce"]
+        return browser.get("/callback", params={"code": "c", "state": query["state"]}, follow_redirects=False)
+
+
 def test_a_portal_refuses_an_id_token_made_for_another_client():
-    """OIDC Core 3.1.3.7: an ID token whose aud is not the portal is refused, azp or not. The
-    token endpoint here is a stand-in that answers with one for the commerce portal."""
-    key = ECKey.generate_key("P-256", parameters={"kid": "k1"})
-    asked: dict = {}
+    """OIDC Core 3.1.3.7: an ID token whose aud is not the portal is refused, azp or not."""
+    provider = StandIn(aud="commerce", azp="school")
+    with provider.school_portal() as (_, browser):
+        answer = provider.log_in(browser)
+        assert answer.status_code == 400 and "aud" in answer.text
+        assert "alice" not in browser.get("/").text
 
-    async def discovery(request):
-        base = str(request.base_url).rstrip("/")
-        return JSONResponse({"issuer": base, "authorization_endpoint": base + "/authorize",
-                             "token_endpoint": base + "/token", "jwks_uri": base + "/jwks",
-                             "id_token_signing_alg_values_supported": ["ES256"]})
 
-    async def token(request):
-        now = int(time.time())
-        claims = {"iss": str(request.base_url).rstrip("/"), "sub": "alice", "aud": "commerce", "azp": "school",
-                  "iat": now, "exp": now + 300, "nonce": asked["nonce"]}
-        return JSONResponse({"access_token": "at", "token_type": "Bearer",
-                             "id_token": jwt.encode({"alg": "ES256", "kid": "k1"}, claims, key)})
-
-    op = Starlette(routes=[Route("/.well-known/openid-configuration", discovery),
-                           Route("/jwks", lambda request: JSONResponse({"keys": [key.as_dict(private=False)]})),
-                           Route("/token", token, methods=["POST"])])
-    with live.reserve() as (sock, url), live.serve(op, sock, url, health="/jwks"):
-        portal = create_school(issuer=url, client_id="school", client_secret="s", portal_url="https://school.example.tw",
-                               session_secret="x" * 32)
-        with TestClient(portal, base_url="https://school.example.tw") as browser:
-            query = dict(parse_qsl(urlsplit(browser.get("/login", follow_redirects=False).headers["location"]).query))
-            asked["nonce"] = query["nonce"]
-            answer = browser.get("/callback", params={"code": "c", "state": query["state"]}, follow_redirects=False)
-            assert answer.status_code == 400 and "aud" in answer.text
-            assert "alice" not in browser.get("/").text
+def test_a_key_the_provider_withdrew_no_longer_signs_id_tokens():
+    """A key leaves the provider's JWKS (after a compromise, say): once the portal's copy is
+    older than the provider lets it keep one (5 minutes: this /jwks says nothing), an ID
+    token signed with the withdrawn key is refused."""
+    provider = StandIn()
+    with provider.school_portal() as (portal, browser):
+        assert provider.log_in(browser).status_code == 303  # the portal holds a copy with k1 now
+        provider.published = [ECKey.generate_key("P-256", parameters={"kid": "k2"})]
+        portal.state.ended.clock = lambda: time.time() + 301  # the portal's clock: its copy is stale
+        answer = provider.log_in(browser)
+        assert answer.status_code == 400, "an ID token signed with a withdrawn key was taken"
 
 
 def test_sso_step_up_and_logout_everywhere(world, page):

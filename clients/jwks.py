@@ -1,0 +1,57 @@
+"""The provider's keys (its JWKS) as a portal trusts them, for ID tokens and logout tokens.
+
+authlib keeps the JWKS it fetched first for good (``server_metadata["jwks"]``, fetched
+again only for a key it lacks), so a key the provider withdrew (after a compromise, say)
+would go on verifying tokens until the portal restarts. Here the copy lasts as long as
+the provider's ``Cache-Control: max-age`` says (5 minutes if it says nothing) and is then
+fetched again, whole, before the next token is checked with it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from joserfc.jwk import KeySet
+
+DEFAULT_MAX_AGE = 300  # the copy's life when /jwks does not say
+REFETCH_SECONDS = 60  # the least a copy lasts, and between two fetches for keys tokens name and it lacks
+
+
+def max_age(cache_control: str) -> int:
+    found = re.search(r"(?:^|,)\s*max-age=(\d+)", cache_control)
+    return int(found.group(1)) if found else DEFAULT_MAX_AGE
+
+
+class ProviderKeys:
+    """The portal's copy of the provider's JWKS. It is kept in authlib's
+    ``server_metadata["jwks"]``, which is where authlib checks ID tokens."""
+
+    def __init__(self, idp):
+        self.idp = idp
+        self.until = float("-inf")  # the copy is trusted until then
+        self.refetched = float("-inf")  # when a token naming a key the copy lacks last made it fetch
+
+    async def get(self, now: float, kid: str | None = None) -> KeySet:
+        """The keys to check a token with at ``now``; ``kid``, the key the token names."""
+        if now >= self.until:
+            await self._fetch(now)
+        elif kid is not None and kid not in self._kids() and now - self.refetched >= REFETCH_SECONDS:
+            # Perhaps a key the provider rotated in since: its JWKS once more. At most once a
+            # minute, whatever tokens come: anyone may post a logout token, and it would be the
+            # portal hammering the provider.
+            self.refetched = now
+            await self._fetch(now)
+        return KeySet.import_key_set(self.idp.server_metadata["jwks"])
+
+    def _kids(self) -> set:
+        return {key.get("kid") for key in self.idp.server_metadata["jwks"].get("keys", [])}
+
+    async def _fetch(self, now: float) -> None:
+        uri = (await self.idp.load_server_metadata()).get("jwks_uri")
+        if not uri:
+            raise RuntimeError('Missing "jwks_uri" in metadata')
+        response = await self.idp.get(uri, withhold_token=True)
+        response.raise_for_status()
+        self.idp.server_metadata["jwks"] = response.json()
+        # Not sooner than a minute: "max-age=0" would be a fetch for every token.
+        self.until = now + max(REFETCH_SECONDS, max_age(response.headers.get("cache-control", "")))

@@ -208,10 +208,12 @@ async def callback(request):
     try:
         # authlib checks the ID token with the copy of the provider's keys this keeps fresh.
         await request.app.state.provider_keys.get(request.app.state.ended.clock())
-        # authlib checks aud only when told to (OIDC Core 3.1.3.7: it must be this portal).
+        # authlib checks aud only when told to (OIDC Core 3.1.3.7: it must be this portal), and
+        # takes a list holding it: the portal must be the only audience too (step 3: it trusts no other).
         issuer = (await idp.load_server_metadata())["issuer"]
         token = await idp.authorize_access_token(request, claims_options={
-            "iss": {"values": [issuer]}, "aud": {"essential": True, "value": idp.client_id}})
+            "iss": {"values": [issuer]},
+            "aud": {"essential": True, "validate": lambda _, aud: aud in (idp.client_id, [idp.client_id])}})
     except PROVIDER_ERRORS as exc:
         return provider_error(request, exc)
     if not token.get("userinfo"):

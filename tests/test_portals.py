@@ -204,6 +204,19 @@ def test_a_portal_refuses_an_id_token_made_for_another_client():
         assert "alice" not in browser.get("/").text
 
 
+def test_a_portal_refuses_an_id_token_also_made_for_another_client():
+    """OIDC Core 3.1.3.7 step 3: an ID token with audiences the portal does not trust (it
+    trusts none but itself) is refused, though the portal is among them and is its azp."""
+    provider = StandIn(aud=["school", "commerce"], azp="school")
+    with provider.school_portal() as (_, browser):
+        answer = provider.log_in(browser)
+        assert answer.status_code == 400 and "aud" in answer.text
+        assert "alice" not in browser.get("/").text
+    provider = StandIn(aud=["school"])  # the portal alone, as a list: fine
+    with provider.school_portal() as (_, browser):
+        assert provider.log_in(browser).status_code == 303 and "alice" in browser.get("/").text
+
+
 def test_a_key_the_provider_withdrew_no_longer_signs_id_tokens():
     """A key leaves the provider's JWKS (after a compromise, say): once the portal's copy is
     older than the provider lets it keep one (5 minutes: this /jwks says nothing), an ID

@@ -20,11 +20,12 @@ from tests.harness import callback, forms, language_link, redeem, takes
 from tests.test_totp import as_typed
 
 LOA2 = "urn:idp:loa:2"
+ISSUER = "https://idp.test"  # the app takes a provider on plain http only on this computer
 
 
 @pytest.fixture
 def provider(make_provider):
-    provider = make_provider()  # mfa off: the account area lets a password-only account in
+    provider = make_provider(issuer=ISSUER)  # mfa off: the account area lets a password-only account in
     provider.account("alice")
     return provider
 
@@ -85,7 +86,14 @@ def shown_number(page) -> int:
     return int(re.search(r"data-number[^>]*>(\d+)<", page.text).group(1))
 
 
-def test_the_app_talks_only_to_the_provider_whose_qr_code_it_scanned():
+@pytest.mark.parametrize("qr, issuer, endpoints", [
+    ("https://idp.example.tw", "https://idp.moe.gov.tw", "https://collector.evil.example"),
+    ("https://idp.example.tw", "https://idp.example.tw", "https://collector.evil.example"),
+    ("https://idp.example.tw", "https:", "https://collector.evil.example"),  # the start of every https URL
+    ("https://idp.example.tw", "https://idp.example.tw/a", "https://idp.example.tw/b"),
+    ("http://idp.example.tw", "http://idp.example.tw", "http://idp.example.tw"),  # plain http, not on this computer
+])
+def test_the_app_talks_only_to_the_provider_whose_qr_code_it_scanned(qr, issuer, endpoints):
     """A QR code aimed at a phishing server cannot send the phone's later signed traffic to
     a third host, nor have the app show another provider's name."""
     from tests.live import httpx
@@ -95,15 +103,15 @@ def test_the_app_talks_only_to_the_provider_whose_qr_code_it_scanned():
     def server(request):
         calls.append(str(request.url))
         return httpx.Response(200, json={
-            "device": "dev1", "issuer": "https://idp.moe.gov.tw", "issuer_name": "教育部 身分認證服務",
+            "device": "dev1", "issuer": issuer, "issuer_name": "教育部 身分認證服務",
             "otp": {"secret": "JBSWY3DPEHPK3PXP"},
-            "endpoints": {"poll": "https://collector.evil.example/poll", "answer": "https://collector.evil.example/answer"}})
+            "endpoints": {"poll": endpoints + "/poll", "answer": endpoints + "/answer"}})
 
     app = Authenticator(http=httpx.Client(transport=httpx.MockTransport(server)))
     with pytest.raises(AppError) as refused:
-        app.register("https://idp.example.tw/push/register?code=abc")
+        app.register(qr + "/push/register?code=abc")
     assert refused.value.code == "foreign_provider" and not app.state
-    assert calls == ["https://idp.example.tw/push/register"]
+    assert calls == [qr + "/push/register"]
 
 
 def test_registration_url_is_one_time_and_number_is_validated(provider):
@@ -235,7 +243,7 @@ def test_login_with_the_apps_otp_then_by_push_with_number_matching(provider):
 
 
 def test_wrong_number_denied_expired_and_replayed_answers_fail(make_provider):
-    provider = make_provider(push_max_unanswered=4)  # the three failed pushes in a row below do not pause the fourth
+    provider = make_provider(issuer=ISSUER, push_max_unanswered=4)  # the three failed pushes in a row below do not pause the fourth
     provider.account("alice")
     client_id, _ = provider.client()
     settings = provider.browser()

@@ -28,6 +28,29 @@ except ImportError:  # pragma: no cover
     import httpx
 
 LONG_POLL = 25  # seconds the provider holds a poll at most
+LOOPBACK = ("localhost", "127.0.0.1", "::1")  # a provider on this computer may be plain http
+
+
+def _origin(parts) -> tuple:
+    return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+def _under(issuer, urls: list) -> bool:
+    """Whether ``issuer`` is an absolute https URL (http only on this computer) and every one
+    of ``urls`` has its origin (scheme, host, port) and a path under its path. A prefix of the
+    text is no test: "https:" begins every https URL."""
+    if not isinstance(issuer, str) or not all(isinstance(url, str) for url in urls):
+        return False
+    try:
+        base = urlsplit(issuer)
+        secure = base.scheme == "https" or (base.scheme == "http" and base.hostname in LOOPBACK)
+        if not secure or not base.hostname or base.query or base.fragment:
+            return False
+        path = base.path.rstrip("/") + "/"
+        return all(_origin(parts) == _origin(base) and parts.path.startswith(path)
+                   for parts in map(urlsplit, urls))
+    except ValueError:  # a port out of range or not a number, a broken IPv6 address
+        return False
 
 
 class AppError(Exception):
@@ -89,9 +112,8 @@ class Authenticator:
         answer = self.post(endpoint, self.sign(endpoint, {"code": code, "channel": channel}, key))
         # The provider the QR code named is the one the phone talks to and names, whatever the
         # reply says: its issuer is where the code came from, its endpoints under that issuer.
-        base = str(answer.get("issuer") or "").rstrip("/") + "/"
         urls = [endpoint, *(answer.get("endpoints") or {}).values()]
-        if base == "/" or len(urls) != 3 or not all(isinstance(u, str) and u.startswith(base) for u in urls):
+        if len(urls) != 3 or not _under(answer.get("issuer"), urls):
             raise AppError("foreign_provider", "The reply names another provider than the QR code's.", 200)
         self.state = {"key": key.as_dict(private=True), "device": answer["device"], "issuer": answer["issuer"],
                       "issuer_name": answer["issuer_name"], "otp": answer["otp"], "endpoints": answer["endpoints"]}

@@ -329,6 +329,19 @@ def test_two_tabs_sending_an_emergency_code_at_once_send_one_mail(user, smtp_ser
     assert sorted(statuses) == [303, 400] and smtp_server.unread() == 1
 
 
+def test_the_resend_countdown_never_ends_before_a_resend_is_taken(user, smtp_server):
+    """M5: with half a second of the minute left the page still counts down, and a resend then
+    is told to wait 1 second, never "0 seconds"."""
+    provider, client_id, _ = user
+    browser, page = _reset_page(provider, client_id)
+    page = _send(provider, browser, page)
+    smtp_server.next_message()
+    provider.clock.advance(59.5)
+    page = browser.go(str(page.url))
+    assert "disabled data-wait" in page.text
+    assert "請於 1 秒後再重新發送" in _error(_send(provider, browser, page))
+
+
 def test_a_code_superseded_while_it_is_checked_resets_nothing(user, smtp_server, monkeypatch):
     """A new code sent (another tab) while the older one is being checked: the older one does
     nothing (M5: only the newest works), and the newest still does."""

@@ -597,3 +597,21 @@ def test_the_lockout_messages_say_the_configured_limits(make_provider):
     page = browser.authorize(client_id)
     assert "密碼輸入錯誤達 5 次，將導致帳號鎖定 60 分鐘" in page.text
     assert "再錯 4 次，帳號將鎖定 60 分鐘" in browser.password(page, password="wrong-password").text
+
+
+def test_the_lockout_ends_at_the_minute_the_page_gives(provider):
+    """A1: "請於 {until} 後再登入", to the minute: locked at 23:50:40 (Taiwan) for 15 minutes, the
+    page says 00:06, not 00:05, when the lock would still hold."""
+    import datetime as dt
+
+    taipei = dt.timezone(dt.timedelta(hours=8))
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    provider.clock.now = dt.datetime(2024, 12, 31, 23, 50, 40, tzinfo=taipei).timestamp()
+    page = browser.authorize(client_id)
+    for n in range(3):
+        page = browser.password(page, password=f"wrong-{n}")
+    assert "請於 00:06 後再登入" in _error(page)
+    provider.clock.now = dt.datetime(2025, 1, 1, 0, 6, tzinfo=taipei).timestamp()
+    assert callback(browser.password(browser.authorize(client_id)))["code"]

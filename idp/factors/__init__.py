@@ -54,8 +54,13 @@ class Outcome:
     @classmethod
     def locked(cls, until: float, **keep) -> "Outcome":
         """The lockout message, with the time it ends in Taiwan time."""
-        local = dt.datetime.fromtimestamp(until, TAIPEI)
-        return cls(error="login.locked", params={"until": local.strftime("%H:%M")}, keep=keep)
+        return cls(error="login.locked", params={"until": lock_ends(until).strftime("%H:%M")}, keep=keep)
+
+
+def lock_ends(until: float) -> dt.datetime:
+    """When a lock ends, in Taiwan time, rounded up to its minute: shown to the minute, a time
+    rounded down would send the user back while the lock still holds."""
+    return dt.datetime.fromtimestamp(-(-until // 60) * 60, TAIPEI)
 
 
 def locked_out(svc, until: float, account_id: str | None, username: str, seen: dict, keep: dict | None = None) -> Outcome:

@@ -41,13 +41,13 @@ from starlette.routing import Route
 
 from idp import accounts, bridge
 from idp.accounts import AccountError, create_account, password_expired, set_disabled
-from idp.factors import methods, one_day
+from idp.factors import lock_ends, methods, one_day
 from idp.mail import MailError, masked
 from idp.storage.models import Account
 from idp.web.account import activity, require_account
 from idp.web.forms import BadRequest, read_form
 from idp.web.i18n import translate
-from idp.web.pages import TAIPEI, csrf_ok, error_page, locale_of, render, who
+from idp.web.pages import csrf_ok, error_page, locale_of, render, who
 
 PAGE_SIZE = 20
 MAX_QUERY = 100
@@ -157,7 +157,7 @@ async def _posted_about(request: Request):
 
 
 def _taipei_time(until: float | None) -> str | None:
-    return dt.datetime.fromtimestamp(until, TAIPEI).strftime("%Y-%m-%d %H:%M") if until else None
+    return lock_ends(until).strftime("%Y-%m-%d %H:%M") if until else None
 
 
 # -- the account list ----------------------------------------------------------------------

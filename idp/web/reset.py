@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import string
@@ -92,7 +93,7 @@ async def _render(request, svc, tx, account, flash=None, email="", status=200) -
     context = {"tx": tx, "flash": flash or {"params": {}}, "email": email, "form_id": form_id}
     if record:
         context.update(prefix=record["prefix"], sent_to=masked(record["email"]),
-                       expires_in=int(record["exp"] - now), resend_in=max(0, int(record["next"] - now)))
+                       expires_in=int(record["exp"] - now), resend_in=max(0, math.ceil(record["next"] - now)))
     return render(request, "reset.html", **context, status=status, ui_locales=tx.get("ui_locales"),
                   here=URL(f"/login/reset?tx={tx['id']}"))
 
@@ -114,7 +115,7 @@ async def send(request: Request) -> Response:
     now = svc.clock()
     previous = await bridge.run(svc.store.get, _key(account.id))
     if previous and previous["next"] > now:
-        return await again("reset.wait", seconds=int(previous["next"] - now))
+        return await again("reset.wait", seconds=math.ceil(previous["next"] - now))  # never "0 seconds"
     if not await bridge.run(claim_send, svc, _sent(account.id)):  # two tabs sent at once: one mail
         return await again("reset.wait", seconds=RESEND_SECONDS)
     prefix = "".join(secrets.choice(PREFIX_LETTERS) for _ in range(2))

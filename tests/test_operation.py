@@ -82,6 +82,38 @@ def test_the_migrations_build_the_schema_the_models_describe(settings_for):
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata) == []
 
+def test_migrating_a_database_of_the_first_release_keeps_its_bindings_and_consents(settings_for):
+    """Migration 0002 rebuilds the accounts table on SQLite (copy, DROP, rename): the DROP must
+    not take every binding and consent with it (ON DELETE CASCADE)."""
+    from alembic import command
+    from alembic.config import Config
+
+    from idp.storage.db import MIGRATIONS, Database
+
+    db = Database(settings_for().database_url)
+    with db.engine.connect() as conn:  # the first release's schema, and what it kept
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.commit()
+    with db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO accounts (id, username, name, email_verified, kind, password_login_disabled,"
+                          " disabled, created_at) VALUES ('a1', 'alice', 'Alice', false, 'personal', false, false,"
+                          " CURRENT_TIMESTAMP)"))
+        conn.execute(text("INSERT INTO clients (client_id, metadata, first_party, created_at)"
+                          " VALUES ('c1', '{}', false, CURRENT_TIMESTAMP)"))
+        conn.execute(text("INSERT INTO bindings (id, account_id, factor, external_id, label, data, created_at)"
+                          " VALUES ('b1', 'a1', 'totp', NULL, 'phone', '{}', CURRENT_TIMESTAMP)"))
+        conn.execute(text("INSERT INTO consents (account_id, client_id, scope, granted_at)"
+                          " VALUES ('a1', 'c1', 'openid', CURRENT_TIMESTAMP)"))
+    db.migrate()
+    with db.engine.connect() as conn:
+        assert [conn.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in ("accounts", "bindings", "consents")] == [1, 1, 1]
+        if db.engine.dialect.name == "sqlite":  # the pool's connections keep their foreign keys
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
 @pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_a_store_that_does_not_answer_fails_readiness_while_other_requests_are_served(settings_for, redis_server):
     """A readiness probe waits on a stalled Redis off the event loop: the process goes

@@ -189,16 +189,22 @@ class Database:
         with self.engine.connect() as conn:
             if postgresql:  # no time limit: a migration, or waiting for another process's, may be long
                 conn.execute(text("SET statement_timeout = 0"))
-                conn.commit()
+            else:
+                # A migration rebuilds a SQLite table as copy, DROP, rename: with foreign keys on,
+                # the DROP would delete every row that references it ON DELETE CASCADE (each
+                # binding and consent of accounts). Checked once the migration is done instead.
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
             with self._migration_lock(conn):
                 cfg = Config()
                 cfg.set_main_option("script_location", str(MIGRATIONS))
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
+                if not postgresql and (broken := conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()):
+                    raise RuntimeError(f"the migration left rows whose references are gone: {broken[:5]}")
                 conn.commit()
-            if postgresql:
-                conn.execute(text("RESET statement_timeout"))  # back to the limit, for the pool
-                conn.commit()
+            conn.execute(text("RESET statement_timeout") if postgresql else text("PRAGMA foreign_keys=ON"))
+            conn.commit()  # back as the pool's connections are
 
     @contextlib.contextmanager
     def _migration_lock(self, conn):

@@ -198,6 +198,23 @@ def test_a_code_replayed_while_its_first_redemption_is_in_flight_revokes_what_th
     assert refresh.status_code == 400
 
 
+def test_a_code_the_release_before_redeemed_revokes_its_tokens_when_replayed(provider):
+    """A rolling update: the release before took a redeemed code and named its grant in a
+    ``code-used:`` marker, kept a day; its replay at this release revokes that grant too."""
+    from idp.protocol.tokens import USED_MARKER_SECONDS, _h, code_grant
+
+    provider.account("alice")
+    client_id, secret = provider.client()
+    browser, code, token = _tokens(provider, client_id, secret)
+    store = provider.svc.store  # as that release left it
+    store.delete("code:" + _h(code))
+    store.set("code-used:" + _h(code), {"grant": code_grant(code)}, USED_MARKER_SECONDS)
+    assert redeem(browser.http, client_id, secret, code).status_code == 400
+    refresh = browser.http.post("/token", data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]},
+                                auth=(client_id, secret))
+    assert refresh.json()["error"] == "invalid_grant"
+
+
 def test_expired_code_is_invalid_grant(provider):
     provider.account("alice")
     client_id, secret = provider.client()

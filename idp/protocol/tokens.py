@@ -85,8 +85,12 @@ class Tokens:
         writing its tokens (``replayed`` tells that use). The grant's id is the code's
         digest: the marker needs nothing of the first use to name it."""
         gid = code_grant(code)
-        record = self.store.swap("code:" + _h(code), {"used": True}, USED_MARKER_SECONDS)
+        # "exp" 0: a process of the release before, in a rolling update, takes it for expired.
+        record = self.store.swap("code:" + _h(code), {"used": True, "exp": 0}, USED_MARKER_SECONDS)
         if record is None:
+            # That release's marker of a code it redeemed (kept a day): until then, read it too.
+            if (used := self.store.get("code-used:" + _h(code))) is not None:
+                self.revoke_grant(used["grant"])
             return None
         if record.get("used"):
             # First the mark that an issuance still writing the grant reads after its writes,

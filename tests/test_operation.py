@@ -114,6 +114,21 @@ def test_migrating_a_database_of_the_first_release_keeps_its_bindings_and_consen
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
+def test_a_process_starts_on_a_database_a_newer_release_migrated(settings_for, caplog):
+    """A rolling update (or a rollback): the new release migrated, and a process of this one
+    (re)starts beside it; it runs on the database as it is, and says so."""
+    from idp.storage.db import Database
+
+    settings = settings_for()
+    Database(settings.database_url).migrate()
+    with Database(settings.database_url).engine.begin() as conn:  # what a next release's 0099 leaves
+        conn.execute(text("ALTER TABLE accounts ADD COLUMN locale VARCHAR(16)"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    app = create_app(settings)
+    assert "revision 0099, newer than this release knows" in caplog.text
+    assert app.state.svc.db.scalar("SELECT count(*) FROM accounts") == 0
+
+
 @pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_a_store_that_does_not_answer_fails_readiness_while_other_requests_are_served(settings_for, redis_server):
     """A readiness probe waits on a stalled Redis off the event loop: the process goes

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import uuid
 from functools import partial
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import create_engine, event, make_url, text
@@ -21,6 +24,8 @@ from starlette.concurrency import run_in_threadpool
 
 from idp import bridge
 from idp.settings import SettingsError
+
+log = logging.getLogger("idp")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Any constants work; they name the PostgreSQL advisory locks that serialise migrations and
@@ -199,7 +204,13 @@ class Database:
                 cfg = Config()
                 cfg.set_main_option("script_location", str(MIGRATIONS))
                 cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+                if ahead := _unknown_revisions(cfg, conn):
+                    # A newer release migrated it (a rolling update, a rollback): its migrations only
+                    # add (deploy/README.md, Kubernetes), so this release still runs on it as it is.
+                    log.warning("database is at revision %s, newer than this release knows: not migrated",
+                                ", ".join(ahead))
+                else:
+                    command.upgrade(cfg, "head")
                 if not postgresql and (broken := conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()):
                     raise RuntimeError(f"the migration left rows whose references are gone: {broken[:5]}")
                 conn.commit()
@@ -335,6 +346,12 @@ def _names(cursor) -> list[str]:
     with its bindings (25 columns)."""
     result = cursor.pgresult
     return [result.fname(i).decode() for i in range(result.nfields)] if result else []
+
+
+def _unknown_revisions(cfg: Config, conn) -> list[str]:
+    """The database's revisions that none of this release's migrations names."""
+    known = {script.revision for script in ScriptDirectory.from_config(cfg).walk_revisions()}
+    return [rev for rev in MigrationContext.configure(conn).get_current_heads() if rev not in known]
 
 
 def _sqlite_pragmas(dbapi_conn, _record):

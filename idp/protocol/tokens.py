@@ -82,7 +82,7 @@ class Tokens:
 
         The code's record is swapped for a used marker in one atomic step, so a second use
         finds the marker from the first moment on, even while the first use is still
-        writing its tokens (``replayed`` tells that use). The grant's id is the code's
+        writing its tokens (it marks the grant ``REPLAYED``, which that use's issuance reads). The grant's id is the code's
         digest: the marker needs nothing of the first use to name it."""
         gid = code_grant(code)
         # "exp" 0: a process of the release before, in a rolling update, takes it for expired.

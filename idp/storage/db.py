@@ -200,22 +200,28 @@ class Database:
                 # binding and consent of accounts). Checked once the migration is done instead.
                 conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
             conn.commit()
-            with self._migration_lock(conn):
-                cfg = Config()
-                cfg.set_main_option("script_location", str(MIGRATIONS))
-                cfg.attributes["connection"] = conn
-                if ahead := _unknown_revisions(cfg, conn):
-                    # A newer release migrated it (a rolling update, a rollback): its migrations only
-                    # add (deploy/README.md, Kubernetes), so this release still runs on it as it is.
-                    log.warning("database is at revision %s, newer than this release knows: not migrated",
-                                ", ".join(ahead))
-                else:
-                    command.upgrade(cfg, "head")
-                if not postgresql and (broken := conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()):
-                    raise RuntimeError(f"the migration left rows whose references are gone: {broken[:5]}")
-                conn.commit()
-            conn.execute(text("RESET statement_timeout") if postgresql else text("PRAGMA foreign_keys=ON"))
-            conn.commit()  # back as the pool's connections are
+            try:
+                with self._migration_lock(conn):
+                    cfg = Config()
+                    cfg.set_main_option("script_location", str(MIGRATIONS))
+                    cfg.attributes["connection"] = conn
+                    if ahead := _unknown_revisions(cfg, conn):
+                        # A newer release migrated it (a rolling update, a rollback): its migrations
+                        # only add (deploy/README.md, Kubernetes), so this release runs on it as it is.
+                        log.warning("database is at revision %s, newer than this release knows: not migrated",
+                                    ", ".join(ahead))
+                    else:
+                        before = MigrationContext.configure(conn).get_current_heads()
+                        command.upgrade(cfg, "head")
+                        migrated = MigrationContext.configure(conn).get_current_heads() != before
+                        if migrated and not postgresql:
+                            if broken := conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall():
+                                raise RuntimeError(f"the migration left rows whose references are gone: {broken[:5]}")
+                    conn.commit()
+            finally:
+                conn.rollback()
+                conn.execute(text("RESET statement_timeout") if postgresql else text("PRAGMA foreign_keys=ON"))
+                conn.commit()  # back as the pool's connections are
 
     @contextlib.contextmanager
     def _migration_lock(self, conn):

@@ -430,7 +430,7 @@ def _address(text: str, default_port: int) -> tuple[str, int]:
     if not colon:
         return text.strip(), default_port
     if not port.isdigit():
-        raise ValueError(f"IDP_REDIS_URL: {text!r} is not host:port")
+        raise ValueError(f"{text!r} is not host:port")
     return host, int(port)
 
 

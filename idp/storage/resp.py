@@ -52,7 +52,7 @@ class Address:
         options = parse_url(url)
         unknown = set(options) - _OPTIONS - {"host", "port", "path", "username", "password", "connection_class"}
         if unknown:
-            raise ValueError(f"IDP_REDIS_URL: unsupported option {', '.join(sorted(unknown))}")
+            raise ValueError(f"unsupported option {', '.join(sorted(unknown))}")
         handshake = []
         if options.get("password") is not None:
             user = options.get("username")
@@ -120,7 +120,7 @@ def _tls(options: dict) -> ssl.SSLContext:
         context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
     reqs = options.get("ssl_cert_reqs", "required")
     if reqs not in _CERT_REQS:
-        raise ValueError(f"IDP_REDIS_URL: ssl_cert_reqs is one of {', '.join(_CERT_REQS)}")
+        raise ValueError(f"ssl_cert_reqs is one of {', '.join(_CERT_REQS)}")
     if reqs == "none" or options.get("ssl_check_hostname") is False:  # parse_url reads the boolean
         context.check_hostname = False
     context.verify_mode = _CERT_REQS[reqs]

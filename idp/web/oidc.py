@@ -123,11 +123,6 @@ def _unreadable_basic(request: Request) -> Response | None:
                             {"WWW-Authenticate": 'Basic error="invalid_client"'})
 
 
-def _given(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """RFC 6749 3.1: a parameter sent without a value is treated as if it were omitted."""
-    return [(key, value) for key, value in pairs if value]
-
-
 # The authorization request parameters the provider reads (``request`` and ``request_uri`` to
 # refuse them). RFC 6749 3.1: any other is ignored, and so not kept with the login either: an
 # anonymous request would park up to a body's 64 KB of its own in the store.
@@ -139,7 +134,8 @@ MAX_PARAM_CHARS = 4096  # an ID token hint, a client's state: far below; nginx's
 
 
 def _known(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The authorization request parameters of ``pairs`` (``_given``, ``AUTHORIZATION_PARAMS``)."""
+    """The authorization request parameters of ``pairs`` (``AUTHORIZATION_PARAMS``); RFC 6749 3.1: one
+    sent without a value is treated as if it were omitted."""
     return [(key, value) for key, value in pairs if value and key in AUTHORIZATION_PARAMS]
 
 

@@ -7,7 +7,9 @@
                       (amr ``pop`` + ``user``: a key proven with the
                       authenticator's user verification; never ``hwk``, as
                       without attestation we cannot tell hardware from a
-                      synced passkey, see ``idp.factors.passkey``)
+                      synced passkey, see ``idp.factors.passkey``); after
+                      Google, the other must be one the user holds
+                      (``POSSESSION_AMR``), never the password (SPEC A6)
 ``urn:idp:loa:3``     a certificate proven with its private key: the MOICA
                       natural-person card or an organisation (XCA/GCA) card
                       with its PIN (through the HiPKI component, or in the TLS
@@ -27,6 +29,8 @@ LOA1, LOA2, LOA3 = "urn:idp:loa:1", "urn:idp:loa:2", "urn:idp:loa:3"
 LADDER = (LOA1, LOA2, LOA3)
 # RFC 8176 method values that prove possession of a certificate's key.
 CERTIFICATE_AMR = {"sc", "hwk"}
+# RFC 8176 method values that prove something the user holds: what must follow Google.
+POSSESSION_AMR = {"otp", "swk", "hwk", "sc", "pop"}
 
 
 def rank(acr: str | None) -> int:
@@ -52,6 +56,9 @@ def requested(acr_values: str | None, minimum: str | None) -> list[str]:
 
 
 def with_mfa(amr: list[str]) -> list[str]:
-    """Add RFC 8176 ``mfa`` once two different factors are in."""
+    """Add RFC 8176 ``mfa`` once two different factors are in; with a federated login
+    (``fed``), once one of them is held: Google and the password are not two factors (SPEC A6),
+    at a login, by single sign-on or at a step-up alike."""
     methods = [m for m in amr if m != "mfa"]
-    return methods + ["mfa"] if len(set(methods)) >= 2 else methods
+    two = len(set(methods)) >= 2 and ("fed" not in methods or bool(POSSESSION_AMR & set(methods)))
+    return methods + ["mfa"] if two else methods

@@ -191,9 +191,8 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
         # however the proof came: from the upstream just now, or from the SSO session.
         target = max((target, acr.LOA2), key=acr.rank)
     if acr.rank(acr.earned(tx["amr"])) < acr.rank(target):
-        # After a federated login the second factor must be one the user holds, never the password.
-        options = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"])
-                        and (f.possession or "fed" not in tx["amr"]))
+        # (After a federated login only a factor the user holds raises it: ``acr.with_mfa``.)
+        options = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
         if options:
             return Step("factor", factors=options)
         # Two factors asked for and none bound: binding OTP (M1) is the way there.

@@ -162,6 +162,21 @@ def test_bind_then_log_in_with_google_and_otp(site):
     assert 'name="password"' in page.text and 'name="otp"' not in page.text
 
 
+
+def test_google_and_the_password_of_one_session_are_not_two_factors(site):
+    """SPEC A6: Google is always followed by something the user holds. A session that proved
+    the password, OTP and Google gives a portal taking only the password and Google no LOA2
+    (amr pwd fed mfa) by single sign-on: it answers unmet_authentication_requirements."""
+    provider, client_id, _, otp = site
+    browser = _signed_in(provider, client_id, otp)
+    _bind_google(provider, browser, "alice.g")
+    page = at_google(browser, browser.go(_google_link(browser.authorize(client_id, prompt="login"))), "alice.g")
+    provider.clock.advance(30)
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=_code(provider, otp)))
+    no_otp, _ = provider.client(allowed_factors=["password", "google"])
+    provider.clock.advance(5)
+    assert callback(browser.authorize(no_otp))["error"] == "unmet_authentication_requirements"
+
 @pytest.mark.parametrize("backend", ["postgres+redis"])  # where the audit row's columns have their lengths
 def test_unbound_google_account_is_refused_with_the_seeds_message(site):
     provider, client_id, _, _ = site

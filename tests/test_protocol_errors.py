@@ -319,6 +319,17 @@ def test_unmet_acr_is_reported_to_the_client(provider):
     assert callback(page)["error"] == "unmet_authentication_requirements"
 
 
+def test_unmet_acr_is_reported_without_interaction_too(provider):
+    """RFC 9470 3: with prompt=none, a level the account cannot reach at all is
+    unmet_authentication_requirements, not interaction_required (a login that can only fail)."""
+    provider.account("alice")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    browser.login(client_id)
+    page = browser.authorize(client_id, acr_values="urn:idp:loa:3", prompt="none")
+    assert callback(page)["error"] == "unmet_authentication_requirements"
+
+
 def test_bad_authorization_parameters(provider):
     client_id, _ = provider.client()
     browser = provider.browser()

@@ -140,12 +140,12 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         return await finish(request, tx, account, client, writes)
     if step.kind in ("unmet", "disabled") or not interactive:
         await bridge.run(svc.store.write, writes)  # the login ends without a write of its own to join
+    if step.kind == "unmet":  # with prompt=none too: no interaction could meet it (RFC 9470 3)
+        return await respond_error(request, tx, "unmet_authentication_requirements",
+                                   "The account has no factor that reaches the required assurance.")
     if not interactive:
         error = {"consent": "consent_required", "factor": "login_required" if account is None else "interaction_required"}
         return await respond_error(request, tx, error.get(step.kind, "interaction_required"))
-    if step.kind == "unmet":
-        return await respond_error(request, tx, "unmet_authentication_requirements",
-                                   "The account has no factor that reaches the required assurance.")
     if step.kind == "disabled":
         # A factor proven for an account disabled since (Google's callback, another tab): in its
         # activity log (M6), as the factors that refuse it themselves record it.

@@ -185,7 +185,10 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
         return Step("factor", factors=first) if first else Step("unmet")
     if account.disabled:
         return Step("disabled")
-    target = tx["target_acr"]
+    # The client's policy as it is now: an administrator may change it mid-login (P5, P7).
+    if not _narrow(tx, within_policy(tx, client)):
+        return await next_step(svc, tx, None, client)
+    target = max((tx["target_acr"], client.minimum_acr), key=acr.rank)
     if "fed" in tx["amr"]:
         # Google is always followed by OTP (seed 001), whatever IDP_MFA or the client asks, and
         # however the proof came: from the upstream just now, or from the SSO session.
@@ -223,6 +226,18 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
     if await needs_consent(svc, tx, account, client):
         return Step("consent")
     return Step("done")
+
+
+def _narrow(tx: dict, kept: dict | None) -> bool:
+    """Keep to the login only the proofs ``kept`` (``within_policy``); False when none of them
+    found the account, and the login starts over (``record_factor`` then forgets the rest)."""
+    if kept is None:
+        tx["account"] = None
+        return False
+    if kept is not tx:
+        tx.update(proofs=kept["proofs"], amr=kept["amr"], auth_time=kept["auth_time"],
+                  done=[name for name in tx["done"] if name in kept["proofs"]])
+    return True
 
 
 def holds_possession(svc, account: Account) -> bool:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 from html import unescape
 
-from tests.harness import language_link
+from tests.harness import callback, forms, language_link
 from tests.test_admin import events, sign_in
+from tests.test_totp import _code
 
 LOA2, LOA3 = "urn:idp:loa:2", "urn:idp:loa:3"
 
@@ -122,3 +123,42 @@ def test_an_admin_tightens_the_policy_of_a_client_stored_with_a_sector_identifie
     assert "已儲存登入政策" in page.text
     client = site.svc.server.query_client(client_id)
     assert client.minimum_acr == LOA3 and client.metadata["sector_identifier_uri"].endswith("/sector.json")
+
+
+def _change_policy(site, client_id: str, factors: list[str], minimum: str = "") -> None:
+    """An administrator saves ``client_id``'s policy on the clients page."""
+    browser, page, _ = sign_in(site, "root", "/admin/clients")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    page = browser.go(f"/admin/clients/{client_id}/policy", "POST",
+                      {"csrf": csrf, "factor": factors, "minimum_acr": minimum})
+    assert "已儲存登入政策" in page.text
+
+
+def test_a_minimum_raised_mid_login_holds_for_that_login(site):
+    """SPEC P5: the level an administrator raises a portal to while a user is at its OTP step
+    is the level that login must reach: no LOA2 code at a portal that now asks for the card."""
+    client_id, _ = site.client(client_name="商工行政服務入口網")
+    _, _, secret = sign_in(site, "alice")  # alice binds OTP, no card
+    site.clock.advance(30)
+    browser = site.browser()
+    page = browser.password(browser.authorize(client_id), username="alice")
+    assert 'name="otp"' in page.text
+    _change_policy(site, client_id, ["password", "otp", "certificate"], LOA3)
+    page = browser.submit(page, "/login/factor/otp", otp=_code(site, secret))
+    assert callback(page)["error"] == "unmet_authentication_requirements"
+
+
+def test_a_factor_taken_out_of_a_policy_mid_login_proves_nothing_more(site):
+    """SPEC P7: a password typed before the administrator took the password out of a portal's
+    policy does not count towards that login: the OTP ends no login, which asks for the card."""
+    client_id, _ = site.client(client_name="商工行政服務入口網")
+    _, _, secret = sign_in(site, "alice")
+    site.clock.advance(30)
+    browser = site.browser()
+    page = browser.password(browser.authorize(client_id), username="alice")
+    tx = forms(page.text)[0]["fields"]["tx"]
+    _change_policy(site, client_id, ["certificate", "otp"])
+    page = browser.submit(page, "/login/factor/otp", otp=_code(site, secret))
+    assert "code=" not in page.headers.get("location", "")
+    page = browser.go(f"/login?tx={tx}")
+    assert "/login/factor/certificate" in page.text and 'name="otp"' not in page.text

@@ -152,6 +152,19 @@ def within_day(session: dict, now: float) -> dict | None:
     return _kept(session, {name: proof for name, proof in session["proofs"].items() if name != one_day.ONE_DAY.name})
 
 
+def without_password(session: dict, account: Account) -> dict | None:
+    """The SSO session without its password proofs (the password, a one-day password) once the
+    account has turned password login off (SPEC M4): a login the account can no longer make
+    proves nothing more; None when they alone found the account, and the login starts over."""
+    proofs = session.get("proofs") or {}
+    if not account.password_login_disabled or not set(_PASSWORDS) & set(proofs):
+        return session
+    return _kept(session, {name: proof for name, proof in proofs.items() if name not in _PASSWORDS})
+
+
+_PASSWORDS = ("password", one_day.ONE_DAY.name)
+
+
 def _kept(session: dict, kept: dict) -> dict | None:
     """``session`` with only the proofs ``kept``; None when none of them is a first factor."""
     if not any(FACTORS[name].first for name in kept if name in FACTORS):
@@ -185,8 +198,10 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
         return Step("factor", factors=first) if first else Step("unmet")
     if account.disabled:
         return Step("disabled")
-    # The client's policy as it is now: an administrator may change it mid-login (P5, P7).
-    if not _narrow(tx, within_policy(tx, client)):
+    # What the client's policy takes as it is now (an administrator may change it mid-login, P5,
+    # P7), and no password once the account turned password login off (M4, in another tab too).
+    kept = within_policy(tx, client)
+    if not _narrow(tx, kept and without_password(kept, account)):
         return await next_step(svc, tx, None, client)
     target = max((tx["target_acr"], client.minimum_acr), key=acr.rank)
     if "fed" in tx["amr"]:

@@ -199,6 +199,42 @@ def test_disable_and_re_enable_password_login(user):
     assert "code" in callback(again.submit(page, "/login/factor/otp", otp=_code(provider, secret)))
 
 
+def _with_card_and_password_login_off(provider, client_id, secret):
+    """alice with a card bound turns password login off in her settings; her browser."""
+    with provider.svc.db.session() as session:
+        account = session.query(Account).one()
+        session.add(Binding(account_id=account.id, factor="certificate", external_id="MOICA|TEST0001", data={}))
+    browser = _signed_in(provider, client_id, secret)
+    assert "已停用帳號密碼登入" in _notice(browser.submit(browser.go("/account/password-login"),
+                                                         "/account/password-login/disable"))
+    return browser
+
+
+def test_password_login_turned_off_ends_the_single_sign_on_the_password_made(user):
+    """M4: the session's password proves nothing once password login is off: single sign-on
+    on it (password + OTP) asks for a way in the account still has, and prompt=none cannot."""
+    provider, client_id, secret = user
+    browser = _with_card_and_password_login_off(provider, client_id, secret)
+    provider.clock.advance(5)
+    assert callback(browser.authorize(client_id, prompt="none"))["error"] == "login_required"
+    page = browser.authorize(client_id)
+    assert "factor=certificate" in page.text and 'name="otp"' not in page.text  # a login from the start
+
+
+def test_password_login_turned_off_mid_login_ends_that_password_login(user):
+    """M4 (seed 001: then no 帳號密碼+OTP login): a password typed before password login was
+    turned off in another tab does not count: the OTP after it ends no login."""
+    provider, client_id, secret = user
+    other = provider.browser()
+    page = other.password(other.authorize(client_id))
+    tx = forms(page.text)[0]["fields"]["tx"]
+    _with_card_and_password_login_off(provider, client_id, secret)
+    page = other.submit(page, "/login/factor/otp", otp=_code(provider, secret))
+    assert "code=" not in page.headers.get("location", "")
+    page = other.go(f"/login?tx={tx}")
+    assert "factor=certificate" in page.text and 'name="otp"' not in page.text  # a login from the start
+
+
 def test_the_enable_form_changes_no_password_while_password_login_is_on(user):
     """A hand-made POST (the form is not shown while password login is on) is no way to set a
     new password without the old one."""

@@ -144,7 +144,7 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         return await respond_error(request, tx, "unmet_authentication_requirements",
                                    "The account has no factor that reaches the required assurance.")
     if not interactive:
-        error = {"consent": "consent_required", "factor": "login_required" if account is None else "interaction_required"}
+        error = {"consent": "consent_required", "factor": "login_required" if tx["account"] is None else "interaction_required"}
         return await respond_error(request, tx, error.get(step.kind, "interaction_required"))
     if step.kind == "disabled":
         # A factor proven for an account disabled since (Google's callback, another tab): in its

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from idp import acr
 from idp.accounts import password_expired
-from idp.factors import FACTORS, one_day
+from idp.factors import CERTIFICATE, FACTORS, TOTP, certificate, one_day
 from idp.storage.kv import Batch
 from idp.storage.models import Account, Consent
 
@@ -213,9 +213,9 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
         options = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
         if options:
             return Step("factor", factors=options)
-        # Two factors asked for and none bound: binding OTP (M1) is the way there.
+        # Two factors asked for and none bound: binding one the client takes (M1) is the way there.
         can_bind = acr.rank(target) <= acr.rank(acr.LOA2) and not holds_possession(svc, account)
-        if can_bind and client.allows("otp"):
+        if can_bind and bindings(account, client):
             return Step("action", action="bind")
         if tx.get("fallback_acr"):
             # Out of this account's reach: the next level the client listed (its acr_values).
@@ -223,9 +223,10 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
             return await next_step(svc, lower, account, client)
         return Step("unmet")
     if svc.settings.mfa and "mfa" not in tx["amr"]:
-        # Two factors for everyone (seed 001): a second one if bound, else bind one first (M1).
+        # Two factors for everyone (seed 001): a second one if bound, else bind one first (M1),
+        # one this client takes, or the login could never go on.
         if not holds_possession(svc, account):
-            return Step("action", action="bind")
+            return Step("action", action="bind") if bindings(account, client) else Step("unmet")
         options = tuple(f for f in factors if f.possession and f.bound(account) and f.name not in tx["done"])
         return Step("factor", factors=options) if options else Step("unmet")
     if tx["reverify"] and not any(FACTORS[name].possession for name in tx["done"]):
@@ -260,6 +261,14 @@ def holds_possession(svc, account: Account) -> bool:
     at login (M1) is for an account that has none, or a password alone, through a client that
     allows fewer factors, could add the attacker's own."""
     return any(f.possession and f.enabled(svc) and f.bound(account) for f in FACTORS.values())
+
+
+def bindings(account: Account, client) -> tuple[str, ...]:
+    """What forced binding (M1) offers at ``client``: OTP, or the card to a personal account (an
+    AA account binds OTP only; seed 001: 強制擇一方式進行綁定), each only where the client's policy
+    takes it: a binding it refuses would bring the login no further."""
+    offered = (TOTP.name,) + ((CERTIFICATE.name,) if certificate.account_kind(account) == "personal" else ())
+    return tuple(name for name in offered if client.allows(name))
 
 
 def requested_scope(tx: dict, client) -> set[str]:

@@ -381,6 +381,19 @@ def test_a_client_that_leaves_out_the_bound_factor_cannot_have_another_bound(mfa
     assert callback(page)["error"] == "unmet_authentication_requirements"
 
 
+def test_forced_binding_offers_only_what_the_client_takes(mfa_provider):
+    """M1: a portal taking the password and the card offers the card alone to bind, not OTP,
+    after which its login could only be unmet; one taking neither answers unmet at once."""
+    provider = mfa_provider
+    cards, _ = provider.client(allowed_factors=["password", "certificate"])
+    browser = provider.browser()
+    page = browser.password(browser.authorize(cards))
+    assert "/login/bind/certificate" in page.text and "/login/bind/otp" not in page.text
+    neither, _ = provider.client(allowed_factors=["password", "push"])
+    other = provider.browser()
+    assert callback(other.password(other.authorize(neither)))["error"] == "unmet_authentication_requirements"
+
+
 def test_the_steps_after_the_second_factor_refuse_a_login_that_has_only_the_password(mfa_provider):
     provider = mfa_provider
     portal, _ = provider.client()

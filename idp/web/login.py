@@ -26,7 +26,7 @@ from starlette.responses import RedirectResponse, Response
 from idp import acr, bridge, captcha, flow
 from idp.accounts import AccountError, change_password, with_bindings
 from idp.factors import FACTORS, certificate, methods
-from idp.factors.totp import Enrolment
+from idp.factors.totp import TOTP, Enrolment
 from idp.protocol import claims, logout as logout_
 from idp.protocol.server import Request as OAuthRequest
 from idp.protocol.tokens import ended_by_account, not_before_mark
@@ -213,17 +213,14 @@ async def proceed(request: Request, tx: dict, account: Account, client, writes: 
 
 # -- forced binding (SPEC M1) -------------------------------------------------------------
 def _bind_page(svc, tx, account, client) -> dict:
-    enrolment = Enrolment(svc)
-    page = {"methods": methods(account), "otp": enrolment.page(account, enrolment.start(account, _qr_owner(tx)))}
-    if _card_binds(account, client):  # or the card (seed 001: 強制擇一方式進行綁定)
+    """The bindings this client takes (``flow.bindings``)."""
+    offered, page = flow.bindings(account, client), {"methods": methods(account)}
+    if TOTP.name in offered:
+        enrolment = Enrolment(svc)
+        page["otp"] = enrolment.page(account, enrolment.start(account, _qr_owner(tx)))
+    if certificate.CERTIFICATE.name in offered:
         page.update(challenge=certificate.issue_challenge(svc, "tx:" + tx["id"]), **certificate.component(svc))
     return page
-
-
-def _card_binds(account, client) -> bool:
-    """Whether the forced binding offers the card too: to a personal account (an AA account binds
-    OTP only, M1) of a client that takes card logins."""
-    return certificate.account_kind(account) == "personal" and client.allows(certificate.CERTIFICATE.name)
 
 
 def _qr_owner(tx: dict) -> str:
@@ -234,9 +231,11 @@ def _qr_owner(tx: dict) -> str:
 async def bind_otp(request: Request) -> Response:
     """Confirm the QR's secret with one code; then, as the seeds show, log in again with it."""
     svc = request.app.state.svc
-    form, tx, _, _ = await _posted_at(request, "action", "bind")
+    form, tx, client, account = await _posted_at(request, "action", "bind")
     if tx is None:
         return _expired(request)
+    if TOTP.name not in flow.bindings(account, client):
+        return _again(tx)
     error = await run_in_threadpool(Enrolment(svc).confirm, tx["account"], _qr_owner(tx), form.get("otp"))
     if error:
         tx["flash"] = {"error": error, "params": {}}
@@ -257,7 +256,7 @@ async def bind_certificate(request: Request) -> Response:
     form, tx, client, account = await _posted_at(request, "action", "bind")
     if tx is None:
         return _expired(request)
-    if not _card_binds(account, client):
+    if certificate.CERTIFICATE.name not in flow.bindings(account, client):
         return _again(tx)
     identity, error, _ = await certificate.bind_card(svc, form, "tx:" + tx["id"], account)
     seen = {**who(request), "client_id": tx["client_id"], "method": certificate.CERTIFICATE.name}

@@ -36,6 +36,13 @@ class LogoutTokenError(ValueError):
     pass
 
 
+def for_this_portal(aud, client_id: str) -> bool:
+    """Whether a token's ``aud`` is this portal alone (a string or a list of one): it trusts
+    no other audience (OIDC Core 3.1.3.7 step 3), and a token for several could be any
+    of theirs to use (Back-Channel Logout 2.6 checks aud as for ID tokens)."""
+    return aud in (client_id, [client_id])
+
+
 class Ended:
     """Ended provider sessions (by sid), subjects logged out everywhere (by sub,
     with the time), portal sessions logged out here (by their id), and the
@@ -109,7 +116,7 @@ def validate(token: str, keys: KeySet, issuer: str, client_id: str, now: float) 
     aud = c.get("aud")
     if c.get("iss") != issuer:
         raise LogoutTokenError("wrong iss")
-    if not (aud == client_id or (isinstance(aud, list) and client_id in aud)):
+    if not for_this_portal(aud, client_id):
         raise LogoutTokenError("wrong aud")
     iat = c.get("iat")
     if not isinstance(iat, (int, float)) or iat > now + LEEWAY or iat < now - MAX_AGE:

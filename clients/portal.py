@@ -43,7 +43,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from .backchannel import SESSION_SECONDS, Ended, EndedSessions, backchannel_logout
+from .backchannel import SESSION_SECONDS, Ended, EndedSessions, backchannel_logout, for_this_portal
 from .jwks import ProviderKeys
 
 try:  # authlib uses httpx2 when installed, else httpx; catch whichever it raises
@@ -209,11 +209,11 @@ async def callback(request):
         # authlib checks the ID token with the copy of the provider's keys this keeps fresh.
         await request.app.state.provider_keys.get(request.app.state.ended.clock())
         # authlib checks aud only when told to (OIDC Core 3.1.3.7: it must be this portal), and
-        # takes a list holding it: the portal must be the only audience too (step 3: it trusts no other).
+        # takes a list holding it: the portal must be the only audience too (step 3).
         issuer = (await idp.load_server_metadata())["issuer"]
         token = await idp.authorize_access_token(request, claims_options={
             "iss": {"values": [issuer]},
-            "aud": {"essential": True, "validate": lambda _, aud: aud in (idp.client_id, [idp.client_id])}})
+            "aud": {"essential": True, "validate": lambda _, aud: for_this_portal(aud, idp.client_id)}})
     except PROVIDER_ERRORS as exc:
         return provider_error(request, exc)
     if not token.get("userinfo"):

@@ -459,6 +459,7 @@ def test_the_portal_checks_the_logout_token(live_provider, make_bc_portal):
         refused = [
             post("not-a-jwt"),
             post(signed(for_client=other)),  # another client's token (aud)
+            post(signed({"aud": [client.client_id, other.client_id]})),  # for others too (2.6, as ID tokens)
             post(signed({"iss": "https://evil.example"})),
             post(signed(header_typ="JWT")),  # an ID token is not a logout token
             post(signed({"events": None})),

@@ -31,10 +31,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import jinja2
-from authlib.common.errors import AuthlibBaseError
 from authlib.common.urls import add_params_to_uri
 from authlib.integrations.starlette_client import OAuth
-from joserfc.errors import JoseError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -44,7 +42,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from .backchannel import SESSION_SECONDS, Ended, EndedSessions, backchannel_logout, for_this_portal
-from .jwks import ProviderKeys
+from .jwks import PROVIDER_ERRORS, ProviderKeys
 
 try:  # authlib uses httpx2 when installed, else httpx; catch whichever it raises
     import httpx2 as httpx
@@ -53,10 +51,6 @@ except ImportError:
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-
-# Everything talking to the provider can raise: unreachable or broken provider
-# (httpx, bad JSON, missing metadata), OAuth errors, a bad ID token.
-PROVIDER_ERRORS = (AuthlibBaseError, JoseError, httpx.HTTPError, ValueError, RuntimeError)
 
 # The provider's published assurance levels (its discovery's acr_values_supported), weakest first.
 LOA1, LOA2, LOA3 = "urn:idp:loa:1", "urn:idp:loa:2", "urn:idp:loa:3"

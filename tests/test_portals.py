@@ -26,7 +26,7 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -151,11 +151,14 @@ def test_a_logout_of_every_session_of_a_subject_outlasts_the_next_logout_token()
 class StandIn:
     """A provider over HTTP for what the real one never sends: its token endpoint answers
     with an ID token of ``claims`` (and iss, iat, exp, the nonce asked for) signed by
-    ``key``, and its /jwks publishes ``published``, which a test may change."""
+    ``key``, and its /jwks publishes ``published``, which a test may change, or answers
+    ``jwks_down`` (a proxy's 502 page, say) when it is set; ``jwks_asked`` counts its requests."""
 
     def __init__(self, **claims):
         self.key = ECKey.generate_key("P-256", parameters={"kid": "k1"})
         self.published = [self.key]
+        self.jwks_down = None
+        self.jwks_asked = 0
         self.claims = {"sub": "alice", "aud": "school", **claims}
         self.nonce = ""
 
@@ -167,6 +170,9 @@ class StandIn:
                                  "id_token_signing_alg_values_supported": ["ES256"]})
 
         async def jwks(request):
+            self.jwks_asked += 1
+            if self.jwks_down:
+                return self.jwks_down
             return JSONResponse({"keys": [key.as_dict(private=False) for key in self.published]})
 
         async def token(request):
@@ -228,6 +234,39 @@ def test_a_key_the_provider_withdrew_no_longer_signs_id_tokens():
         portal.state.ended.clock = lambda: time.time() + 301  # the portal's clock: its copy is stale
         answer = provider.log_in(browser)
         assert answer.status_code == 400, "an ID token signed with a withdrawn key was taken"
+
+
+def test_an_unreachable_provider_is_not_asked_for_its_keys_at_every_request():
+    """The portal's copy of the provider's JWKS is stale and /jwks answers a proxy's 502:
+    logins go on with the stale copy, which is asked for again a minute later, not at each
+    request. A logout token naming a key the copy lacks still makes it ask at once (503:
+    the sender tries again), but once a minute at most."""
+    provider = StandIn()
+    with provider.school_portal() as (portal, browser):
+        assert provider.log_in(browser).status_code == 303  # the portal holds a copy with k1 now
+        provider.jwks_down = HTMLResponse("<h1>502 Bad Gateway</h1>", 502)
+        later = time.time() + 301
+        portal.state.ended.clock = lambda: later  # the portal's clock: its copy is stale
+        asked = provider.jwks_asked
+        for _ in range(3):
+            assert provider.log_in(browser).status_code == 303 and "alice" in browser.get("/").text
+        assert provider.jwks_asked - asked == 1
+
+        rotated = ECKey.generate_key("P-256", parameters={"kid": "k2"})  # a key the copy lacks
+
+        def logout(jti: str) -> int:
+            claims = {"iss": portal.state.issuer, "aud": "school", "iat": int(later), "exp": int(later) + 120,
+                      "sub": "alice", "jti": jti, "events": {"http://schemas.openid.net/event/backchannel-logout": {}}}
+            token = jwt.encode({"alg": "ES256", "kid": "k2", "typ": "logout+jwt"}, claims, rotated)
+            return browser.post("/backchannel-logout", data={"logout_token": token}).status_code
+
+        assert [logout("1"), logout("2"), logout("3")] == [503, 400, 400] and provider.jwks_asked - asked == 2
+        assert "alice" in browser.get("/").text
+
+        later += 60  # a minute on, the provider is back with its new key
+        provider.jwks_down, provider.published = None, [provider.key, rotated]
+        assert provider.log_in(browser).status_code == 303 and provider.jwks_asked - asked == 3
+        assert logout("4") == 200  # its new key checks the token now
 
 
 def test_sso_step_up_and_logout_everywhere(world, page):

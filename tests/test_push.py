@@ -6,16 +6,24 @@ The same journeys run in Chromium in ``tests/test_push_journeys.py``."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
 
 from clients.authenticator import AppError, Authenticator
 from idp.factors import push
 from idp.storage.models import AuditEvent, Binding
 from idp.factors.totp import STEP
+from tests import live
 from tests.harness import callback, forms, language_link, redeem, takes
 from tests.test_totp import as_typed
 
@@ -112,6 +120,73 @@ def test_the_app_talks_only_to_the_provider_whose_qr_code_it_scanned(qr, issuer,
         app.register(qr + "/push/register?code=abc")
     assert refused.value.code == "foreign_provider" and not app.state
     assert calls == [qr + "/push/register"]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def app_cli(state, *args, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
+    """The app's command line (``python -m clients.authenticator``) in an environment of no
+    language but ``env``'s."""
+    base = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_MESSAGES", "LANG")}
+    return subprocess.run([sys.executable, "-m", "clients.authenticator", "--state", str(state), *args],
+                          input=stdin, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+class DeviceApi:
+    """A provider's device API over HTTP, as far as a phone sees it: registration, one login
+    request waiting, its answer; ``down`` makes every call a proxy's HTML 502 page."""
+
+    def __init__(self):
+        self.down = False
+        self.languages = []  # the Accept-Language of each call
+
+    def app(self) -> Starlette:
+        def endpoint(answer):
+            async def handle(request):
+                self.languages.append(request.headers.get("accept-language"))
+                if self.down:
+                    return HTMLResponse("<html><body><h1>502 Bad Gateway</h1></body></html>", 502)
+                return JSONResponse(answer(str(request.base_url).rstrip("/")))
+            return handle
+
+        def registered(base):
+            return {"device": "dev1", "issuer": base, "issuer_name": "教育部 身分認證服務",
+                    "otp": {"secret": "JBSWY3DPEHPK3PXP"},
+                    "endpoints": {"poll": base + "/push/device/poll", "answer": base + "/push/device/answer"}}
+
+        def pending(base):
+            return {"requests": [{"id": "r1", "application": "學術研發服務網", "account": "bob",
+                                  "time": "2026-12-04 10:00:00", "choices": [12, 34, 56], "expires_in": 120}]}
+
+        return Starlette(routes=[Route(path, endpoint(answer), methods=["POST"]) for path, answer in (
+            ("/push/register", registered), ("/push/device/poll", pending),
+            ("/push/device/answer", lambda _: {"result": "approved"}))])
+
+
+def test_the_app_speaks_the_users_language_and_says_in_one_line_when_a_proxy_answers(tmp_path):
+    """The command line speaks the language of the environment (LC_ALL before LANG) or of
+    --lang, and asks the provider for its messages in it. A proxy's HTML error page is
+    one line naming the status, not a traceback."""
+    api = DeviceApi()
+    state = tmp_path / "phone.json"
+    with live.reserve() as (sock, url), live.serve(api.app(), sock, url, health=None):
+        done = app_cli(state, "register", url + "/push/register?code=abc", env={"LANG": "en_US.UTF-8"})
+        assert done.returncode == 0 and done.stdout.startswith("Registered: 教育部 身分認證服務")
+        done = app_cli(state, "watch", "--once", stdin="34\n", env={"LC_ALL": "C.UTF-8", "LANG": "zh_TW.UTF-8"})
+        assert done.returncode == 0 and "Login request" in done.stdout and "Approved" in done.stdout
+        assert "登入請求" not in done.stdout and "已核准" not in done.stdout
+        assert set(api.languages) == {"en"}
+        done = app_cli(state, "--lang", "zh-TW", "watch", "--once", stdin="34\n", env={"LANG": "en_US.UTF-8"})
+        assert "登入請求" in done.stdout and "已核准" in done.stdout and "Approved" not in done.stdout
+        assert api.languages[-1] == "zh-TW"
+
+        api.down = True
+        for env, said in (({"LANG": "zh_TW.UTF-8"}, "身分認證服務的回應（HTTP 502）"), ({}, "The provider's reply (HTTP 502)")):
+            done = app_cli(state, "watch", "--once", env=env)
+            assert done.returncode == 2 and done.stdout == "" and said in done.stderr, done.stderr
+            assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
 def test_registration_url_is_one_time_and_number_is_validated(provider):

@@ -15,12 +15,8 @@ same behaviour runs on both back ends over HTTP in ``tests/test_push.py``.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import secrets
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -35,13 +31,13 @@ from tests import live
 from tests.test_e2e import LiveProvider
 from tests.test_journeys import (alice, bound_otp, expect, expect_portal_home, otp, start_at_portal, type_otp,
                                  type_password)
+from tests.test_push import app_cli
 
 try:  # the project depends on httpx2; plain httpx has the same API
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
 PORTAL_NAME = "學術研發服務網"
 ANSWERED = 20_000  # ms: the waiting page looks every 2 s; generous for a busy machine
 
@@ -202,9 +198,8 @@ def test_register_then_log_in_by_otp_and_by_push(site, http, people):
 
 
 def cli(state, *args, stdin: str = "") -> str:
-    """The app's command line (``python -m clients.authenticator``); what it printed."""
-    done = subprocess.run([sys.executable, "-m", "clients.authenticator", "--state", str(state), *args], input=stdin,
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    """The app's command line (``python -m clients.authenticator``) on a phone set to Chinese; what it printed."""
+    done = app_cli(state, *args, stdin=stdin, env={"LANG": "zh_TW.UTF-8"})
     assert done.returncode == 0, done.stderr
     return done.stdout
 

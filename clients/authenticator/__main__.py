@@ -3,36 +3,38 @@
     python -m clients.authenticator --state phone.json register 'https://idp.example.tw/push/register?code=...'
     python -m clients.authenticator --state phone.json otp        # the 6 digits for 儲存 and 【OTP 登入】
     python -m clients.authenticator --state phone.json watch      # wait for login requests, answer them
+
+It speaks Traditional Chinese or English: --lang, else the environment's (LC_ALL, LC_MESSAGES, LANG).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .app import LONG_POLL, AppError, Authenticator
+from .messages import LANGUAGES, language, say
 
 
-def _show(request: dict) -> None:
-    print("登入請求 Login request")
-    print(f"  應用 Application: {request['application']}")
-    print(f"  帳號 Account:     {request['account']}")
-    print(f"  本地時間 Time:    {request['time']}")
-    print(f"  請點選登入頁面上顯示的數字 Pick the number the login page shows: {request['choices']}")
+def _show(app: Authenticator, request: dict) -> None:
+    for key in ("login_request", "application", "account", "time", "pick"):
+        print(say(app.lang, key, **request))
 
 
 def _answer(app: Authenticator, request: dict) -> None:
     choices = {str(n): n for n in request["choices"]}
-    picked = input("數字 Number (Enter: 拒絕 deny): ").strip()
+    picked = input(say(app.lang, "number")).strip()
     result = app.approve(request, choices[picked]) if picked in choices else app.deny(request)
-    print({"approved": "已核准 Approved", "denied": "已拒絕 Denied",
-           "wrong_number": "數字不符，請求已作廢 Wrong number: the request was cancelled"}[result])
+    print(say(app.lang, result))  # approved, denied or wrong_number
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.authenticator", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state", default="authenticator.json", help="the phone's state file (holds its private key)")
+    parser.add_argument("--lang", choices=LANGUAGES, default=language(os.environ),
+                        help="the language it speaks (default: from LC_ALL, LC_MESSAGES or LANG)")
     commands = parser.add_subparsers(dest="command", required=True)
     register = commands.add_parser("register", help="register with the settings page's QR code URL")
     register.add_argument("url")
@@ -41,21 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--once", action="store_true", help="stop after one request")
     args = parser.parse_args(argv)
 
-    app = Authenticator(args.state)
+    app = Authenticator(args.state, lang=args.lang)
     try:
         if args.command == "register":
             answer = app.register(args.url)
-            print(f"註冊成功 Registered: {answer['issuer_name']} ({answer['device'][:12]}…)")
+            print(say(app.lang, "registered", issuer_name=answer["issuer_name"], device=answer["device"][:12]))
             return 0
         if not app.registered:
-            print("尚未註冊 Not registered: run `register URL` first", file=sys.stderr)
+            print(say(app.lang, "not_registered"), file=sys.stderr)
             return 1
         if args.command == "otp":
             print(app.otp())
             return 0
         while True:
             for request in app.pending(wait=LONG_POLL):
-                _show(request)
+                _show(app, request)
                 _answer(app, request)
                 if args.once:
                     return 0

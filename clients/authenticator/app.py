@@ -27,6 +27,8 @@ try:  # the project depends on httpx2; plain httpx has the same API
 except ImportError:  # pragma: no cover
     import httpx
 
+from .messages import say
+
 LONG_POLL = 25  # seconds the provider holds a poll at most
 LOOPBACK = ("localhost", "127.0.0.1", "::1")  # a provider on this computer may be plain http
 
@@ -62,12 +64,14 @@ class AppError(Exception):
 
 
 class Authenticator:
-    def __init__(self, path: str | Path | None = None, *, http=None, clock=time.time):
+    def __init__(self, path: str | Path | None = None, *, http=None, clock=time.time, lang: str = "zh-TW"):
         """``path``: the phone's state file (read if it exists); ``http``: an httpx client
-        (tests pass the provider's in-process one); ``clock``: the phone's clock."""
+        (tests pass the provider's in-process one); ``clock``: the phone's clock; ``lang``:
+        the language of its messages and of the provider's (``zh-TW`` or ``en``)."""
         self.path = Path(path) if path else None
         self.http = http or httpx.Client(timeout=LONG_POLL + 10)
         self.clock = clock
+        self.lang = lang
         self.state = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
 
     # -- what the phone stores ----------------------------------------------------------------
@@ -96,8 +100,14 @@ class Authenticator:
 
     def post(self, url: str, token: str) -> dict:
         """Send one signed message; the provider's JSON answer, or AppError."""
-        response = self.http.post(url, json={"jws": token}, headers={"Accept-Language": "zh-TW"})
-        body = response.json()
+        response = self.http.post(url, json={"jws": token}, headers={"Accept-Language": self.lang})
+        try:
+            body = response.json()
+        except ValueError:  # not the provider speaking: a proxy's or gateway's error page, say
+            body = None
+        if not isinstance(body, dict):
+            raise AppError("invalid_response", say(self.lang, "not_json", status=response.status_code),
+                           response.status_code)
         if response.status_code >= 400:
             raise AppError(body.get("error", "error"), body.get("message", ""), response.status_code)
         return body
@@ -114,7 +124,7 @@ class Authenticator:
         # reply says: its issuer is where the code came from, its endpoints under that issuer.
         urls = [endpoint, *(answer.get("endpoints") or {}).values()]
         if len(urls) != 3 or not _under(answer.get("issuer"), urls):
-            raise AppError("foreign_provider", "The reply names another provider than the QR code's.", 200)
+            raise AppError("foreign_provider", say(self.lang, "foreign_provider"), 200)
         self.state = {"key": key.as_dict(private=True), "device": answer["device"], "issuer": answer["issuer"],
                       "issuer_name": answer["issuer_name"], "otp": answer["otp"], "endpoints": answer["endpoints"]}
         self._save()

@@ -235,6 +235,19 @@ def test_password_login_turned_off_mid_login_ends_that_password_login(user):
     assert "factor=certificate" in page.text and 'name="otp"' not in page.text  # a login from the start
 
 
+def test_an_otp_sent_after_password_login_was_turned_off_goes_on_with_the_login(user):
+    """M4: the OTP form of a login whose password was turned off in another tab brings the user
+    to the login's first step again, saying why; it was the "login expired" page (登入已逾時)
+    of a login still alive at /login?tx=."""
+    provider, client_id, secret = user
+    other = provider.browser()
+    page = other.password(other.authorize(client_id))
+    _with_card_and_password_login_off(provider, client_id, secret)
+    page = other.submit(page, "/login/factor/otp", otp=_code(provider, secret))
+    assert page.status_code == 200 and "factor=certificate" in page.text and 'name="otp"' not in page.text
+    assert "先前完成的驗證已失效" in _notice(page) and "登入已逾時" not in page.text
+
+
 def test_the_enable_form_changes_no_password_while_password_login_is_on(user):
     """A hand-made POST (the form is not shown while password login is on) is no way to set a
     new password without the old one."""

@@ -162,3 +162,18 @@ def test_a_factor_taken_out_of_a_policy_mid_login_proves_nothing_more(site):
     assert "code=" not in page.headers.get("location", "")
     page = browser.go(f"/login?tx={tx}")
     assert "/login/factor/certificate" in page.text and 'name="otp"' not in page.text
+
+
+def test_a_factor_form_sent_after_the_policy_dropped_the_login_s_proofs_goes_on_with_the_login(site):
+    """P7: the OTP form of a login whose password an administrator's policy change made void
+    brings the user to where the login is now (its first step, the card), saying why in the
+    user's language; it was the "login expired" page of a login that was still alive."""
+    client_id, _ = site.client(client_name="商工行政服務入口網")
+    _, _, secret = sign_in(site, "alice")
+    site.clock.advance(30)
+    browser = site.browser()
+    page = browser.password(browser.authorize(client_id, ui_locales="en"), username="alice")
+    _change_policy(site, client_id, ["certificate", "otp"])
+    page = browser.submit(page, "/login/factor/otp", otp=_code(site, secret))
+    assert page.status_code == 200 and "/login/factor/certificate" in page.text and 'name="otp"' not in page.text
+    assert "no longer counts" in page.text and "Login expired" not in page.text

@@ -185,10 +185,18 @@ async def factor_submit(request: Request) -> Response:
     if tx is None or factor is None:
         return _expired(request)
     client, account, step = await load(svc, tx)
-    if step is not None and factor.name in tx["done"]:  # posted again: a factor never counts twice
+    if step is None:
+        return _expired(request)
+    if factor.name in tx["done"]:  # posted again: a factor never counts twice
         return await show(request, tx, client, account, step)
-    if step is None or step.kind != "factor" or factor not in step.factors:
-        return _expired(request)  # only a factor this step offers: the client's policy holds
+    if step.kind != "factor" or factor not in step.factors:
+        # Only a factor this step offers (the client's policy holds). The login is alive where
+        # it is now: one whose proofs were dropped (``flow.within_policy``, ``without_password``)
+        # starts over, and says so.
+        if account is not None and tx["account"] is None:
+            tx["flash"] = {"notice": "login.restarted", "params": {}}
+            await bridge.run(svc.transactions.save, tx)
+        return _again(tx)
     outcome = await factor.verify(request, svc, tx, form, account)
     writes = outcome.writes or Batch()
     if not outcome.ok:

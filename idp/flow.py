@@ -146,10 +146,17 @@ def within_day(session: dict, now: float) -> dict | None:
     """The SSO session without a one-day password proven on an earlier day: the code is good
     on its day alone (SPEC A7), so after midnight in Taiwan the login it made is over, and a
     session it alone found the account for starts the login over."""
-    proof = (session.get("proofs") or {}).get(one_day.ONE_DAY.name)
-    if proof is None or one_day.today(proof["time"]) == one_day.today(now):
+    ends = login_ends(session.get("proofs") or {})
+    if ends is None or now < ends:
         return session
     return _kept(session, {name: proof for name, proof in session["proofs"].items() if name != one_day.ONE_DAY.name})
+
+
+def login_ends(proofs: dict) -> float | None:
+    """When a login with these proofs is over, whatever the session's or a grant's own lifetime:
+    a one-day password's at the end of its day (SPEC A7); None: it has no end of its own."""
+    proof = proofs.get(one_day.ONE_DAY.name)
+    return None if proof is None else one_day.day_ends(proof["time"])
 
 
 def without_password(session: dict, account: Account) -> dict | None:

@@ -17,7 +17,8 @@ from idp.mail import MailError
 from idp.storage.models import Account, AuditEvent
 from tests.harness import PASSWORD, callback, forms, redeem
 from tests.test_admin import _cli_events, _idp, account_id, events, load, notice, sign_in
-from tests.test_totp import _error
+from tests.test_journeys import bound_otp
+from tests.test_totp import _code, _error
 
 CODE = re.compile(r"\b(\d{8})\b")
 
@@ -134,6 +135,40 @@ def test_the_code_ends_at_midnight_taiwan_time(shop, smtp_server):
         reasons = [e.detail.get("reason") for e in session.execute(
             select(AuditEvent).where(AuditEvent.event == "login.failure")).scalars()]
     assert reasons == ["expired"]
+
+
+def _refresh(browser, client_id, secret, token):
+    return browser.http.post("/token", data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]},
+                             auth=(client_id, secret))
+
+
+def test_its_refresh_tokens_end_at_midnight_as_its_login_does(shop, smtp_server):
+    """A portal cannot keep refreshing for a month on a login that rested on a code good for a
+    day: its tokens, and those of the portals it reached by single sign-on, end at midnight in
+    Taiwan; a login by password and OTP that day keeps the usual 30 days."""
+    provider, client_id, secret = shop
+    other_id, other_secret = provider.client(client_name="Records")
+    provider.clock.advance(seconds_to_midnight(provider.clock()) + 22 * 3600)  # 22:00 in Taipei
+    code = enable(provider, smtp_server)
+    browser, page = login(provider, client_id, code)
+    one_day_token = redeem(browser.http, client_id, secret, callback(page)["code"]).json()
+    sso_token = redeem(browser.http, other_id, other_secret, callback(browser.authorize(other_id))["code"]).json()
+    provider.account("bob")
+    otp_secret = bound_otp(provider, account_id(provider, "bob"))
+    bob = provider.browser()
+    page = bob.password(bob.authorize(client_id), username="bob")
+    page = bob.submit(page, "/login/factor/otp", otp=_code(provider, otp_secret))
+    bob_token = redeem(bob.http, client_id, secret, callback(page)["code"]).json()
+
+    provider.clock.advance(7200 - 60)  # 23:59
+    refreshed = _refresh(browser, client_id, secret, one_day_token)
+    assert refreshed.status_code == 200 and refreshed.json()["expires_in"] <= 60  # nothing of it outlives the day
+    one_day_token = refreshed.json()
+    provider.clock.advance(61)  # 00:00:01
+    for token, (client, client_secret) in ((one_day_token, (client_id, secret)), (sso_token, (other_id, other_secret))):
+        response = _refresh(browser, client, client_secret, token)
+        assert response.status_code == 400 and response.json()["error"] == "invalid_grant", response.text
+    assert _refresh(bob, client_id, secret, bob_token).status_code == 200
 
 
 # -- wrong answers --------------------------------------------------------------------------------

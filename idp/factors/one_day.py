@@ -10,8 +10,11 @@ Decisions:
 
 - **Good all that day, not once.** The seed names it a one-day password: the
   user may log in several times that day (another portal, a session that
-  ended). It ends at 24:00 Taiwan time, and so does the single sign-on of
-  the sessions it made (``flow.within_day``). It is never useful alone: the
+  ended). It ends at 24:00 Taiwan time (``day_ends``), and so do the single
+  sign-on of the sessions it made (``flow.within_day``) and the grants of the
+  logins it is part of, refresh tokens included (``flow.login_ends``): a
+  portal cannot keep refreshing for a month on a credential good for a day.
+  It is never useful alone: the
   password, the captcha and the lockout stand in front of it. Enabling it
   again mails a new code and the old one stops working.
 - **amr** ``["pwd", "otp"]`` (RFC 8176: a password and a one-time password);
@@ -65,6 +68,11 @@ _NO_CODE = "0" * 64  # compared against when the account has no code, so the tim
 def today(now: float) -> dt.date:
     """The date in Taiwan: a code is good until midnight there."""
     return dt.datetime.fromtimestamp(now, TAIPEI).date()
+
+
+def day_ends(proven: float) -> float:
+    """When a one-day password proven at ``proven`` stops proving anything: the next midnight in Taiwan."""
+    return dt.datetime.combine(today(proven) + dt.timedelta(days=1), dt.time(), TAIPEI).timestamp()
 
 
 def digest(svc, account_id: str, code: str) -> str:

@@ -266,6 +266,8 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         sid = code["auth"]["sid"]
         profile = _profile(svc, code, code["account"], code["scope"])
         lifetime = self.request.client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
+        if "ends" in code["auth"]:  # a login with an end of its own (a one-day password's day): no token outlives it
+            lifetime = max(1, min(lifetime, int(code["auth"]["ends"] - svc.clock())))
         gid = svc.tokens.open_grant(
             {"client_id": code["client_id"], "account": code["account"], "auth": code["auth"], "claims": profile},
             lifetime,

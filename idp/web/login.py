@@ -430,6 +430,8 @@ async def finish(request: Request, tx: dict, account: Account, client, earlier: 
         svc.sessions.save(session, writes)
     # What the transaction holds: the session's proofs that this client accepts, and the new ones.
     auth = {"sid": session["sid"], "auth_time": int(tx["auth_time"]), "acr": acr.earned(tx["amr"]), "amr": tx["amr"]}
+    if (ends := flow.login_ends(tx.get("proofs") or {})) is not None:
+        auth["ends"] = ends  # its grant ends then too (``AuthorizationCodeGrant.create_token_response``)
     if verified:
         # Counting starts again only after a login the count's guesses could not have made:
         # one that proved a bound second factor. A password-only login (a client at LOA1)

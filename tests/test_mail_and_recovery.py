@@ -15,8 +15,9 @@ from sqlalchemy import select
 from idp.accounts import set_password
 from idp.mail import SEPARATOR, MailError
 from idp.storage.models import Account, AuditEvent
+from idp.web.app import create_app
 from idp.web.recovery import send_verification
-from tests.harness import PASSWORD, callback, forms, redeem
+from tests.harness import PASSWORD, Provider, callback, forms, redeem
 from tests.mailserver import MailServer
 
 NEW = "Brand-New-Pass-7?"
@@ -195,6 +196,40 @@ def test_a_link_is_void_once_the_password_has_changed_since(mailing, smtp_server
         set_password(account, provider.svc.passwords, "Owner-Chose-This-5#",
                      now=dt.datetime.fromtimestamp(provider.clock(), dt.timezone.utc))
     assert provider.browser().go(kept).status_code == 400
+
+
+def _process_in(provider, zone: str) -> Provider:
+    """Another process of the deployment, on the same PostgreSQL and Redis, whose database
+    connections have the TimeZone ``zone`` (its URL's options here; PGTZ or its role's setting alike)."""
+    url = f"{provider.svc.settings.database_url}?options=-c%20TimeZone%3D{zone}"
+    return Provider(create_app(dataclasses.replace(provider.svc.settings, database_url=url), provider.clock), provider.clock)
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_link_holds_whatever_time_zone_the_database_connections_speak(mailing, smtp_server):
+    """The link keeps when the password last changed and is good while it has not since: the
+    same instant, though the process that opens it reads it in Taipei time and the one that
+    mailed it in UTC; a change since still voids it there."""
+    utc, taipei = _process_in(mailing, "UTC"), _process_in(mailing, "Asia/Taipei")
+    utc.account("alice", email_verified=True)
+    ask_reset(utc, utc.browser(), "alice@example.tw")
+    browser = taipei.browser()
+    page = browser.go(reset_link(smtp_server.next_message()))
+    assert page.status_code == 200, _error(page)
+    done = browser.submit(page, "/password/reset", new_password=NEW, new_password_again=NEW)
+    assert "密碼已重設" in done.text
+    client_id, _ = utc.client()
+    assert _logs_in(utc, client_id, NEW)
+
+    utc.clock.advance(60)  # one mail an address a minute
+    ask_reset(utc, utc.browser(), "alice@example.tw")
+    kept = reset_link(smtp_server.next_message())
+    utc.clock.advance(60)
+    with utc.svc.db.session() as session:  # the owner changes it meanwhile
+        account = session.execute(select(Account).where(Account.username == "alice")).scalar_one()
+        set_password(account, utc.svc.passwords, "Owner-Chose-This-5#",
+                     now=dt.datetime.fromtimestamp(utc.clock(), dt.timezone.utc))
+    assert taipei.browser().go(kept).status_code == 400
 
 
 def test_a_link_mailed_before_the_account_was_disabled_is_void_once_it_is_enabled(mailing, smtp_server):

@@ -273,8 +273,16 @@ def _recoverable(svc, email: str) -> list[dict]:
 
 
 def _changed(account: Account) -> str | None:
-    """When the password last changed: a reset link is good only while it has not since."""
+    """When the password last changed: a reset link is good only while it has not since (``_unchanged``)."""
     return account.password_changed_at.isoformat() if account.password_changed_at else None
+
+
+def _unchanged(record: dict, account: Account) -> bool:
+    """Whether the password is still the one the link was mailed to replace. Compared as instants:
+    PostgreSQL gives a time in the TimeZone of the connection that read it, which may differ
+    between the process that mailed the link and the one that opens it."""
+    kept = record.get("changed")
+    return (dt.datetime.fromisoformat(kept) if kept else None) == account.password_changed_at
 
 
 def _issue_reset(svc, account: dict, tx_id: str | None, locale: str) -> str:
@@ -333,7 +341,7 @@ def _may_recover(account: Account | None, record: dict) -> bool:
     read the mailbox does not undo a change the owner made since)."""
     return (account is not None and not account.disabled and not account.password_login_disabled
             and account.email_verified and _same_address(account.email, record["email"])
-            and record.get("changed") == _changed(account))
+            and _unchanged(record, account))
 
 
 def _recoverable_account(svc, record) -> dict | None:

@@ -1,6 +1,7 @@
 """Password login as a user meets it (SPEC A1, O2, O4): captcha, lockout,
 expiry, and messages that say what to do."""
 
+import asyncio
 import re
 import threading
 from urllib.parse import parse_qs, urlsplit
@@ -9,6 +10,12 @@ import pyotp
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+try:  # the project depends on httpx2; plain httpx has the same API
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+from idp import captcha
 from idp.acr import LOA2, LOA3
 from idp.factors import FACTORS
 from idp.storage.models import Binding
@@ -135,6 +142,45 @@ def test_captcha_always(make_provider):
     assert takes(page, "captcha", typed)
     params = callback(browser.password(page, captcha=typed))
     assert params["code"]
+
+
+def test_captcha_images_are_drawn_off_the_event_loop(make_provider, monkeypatch):
+    """A flood of captcha images (anyone may ask for them) neither stalls the process's other
+    requests nor takes more than the captcha threads: the rest wait their turn."""
+    provider = make_provider(captcha="always")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    tx = _tx(browser.authorize(client_id))
+    drawing, release, most = [], threading.Event(), [0]
+    lock, draw = threading.Lock(), captcha._draw
+
+    def held(answer):  # an image that takes as long as the test wants
+        with lock:
+            drawing.append(answer)
+            most[0] = max(most[0], len(drawing))
+        if not release.wait(20):  # on the event loop, nothing else runs: give up, and let the rest through
+            release.set()
+        with lock:
+            drawing.remove(answer)
+        return draw(answer)
+
+    monkeypatch.setattr(captcha, "_draw", held)
+
+    async def flood():
+        transport = httpx.ASGITransport(app=provider.app)
+        async with httpx.AsyncClient(transport=transport, base_url=provider.issuer, cookies=browser.http.cookies) as http:
+            images = [asyncio.create_task(http.get(f"/login/captcha?tx={tx}")) for _ in range(captcha.RENDER_THREADS + 3)]
+            while len(drawing) < captcha.RENDER_THREADS and not release.is_set():
+                await asyncio.sleep(0.01)
+            health = await http.get("/healthz")
+            answered_while_drawing = not release.is_set() and len(drawing) == captcha.RENDER_THREADS
+            release.set()
+            return health, answered_while_drawing, await asyncio.gather(*images)
+
+    health, answered_while_drawing, images = asyncio.run(flood())
+    assert health.text == "ok" and answered_while_drawing
+    assert all(image.status_code == 200 and image.content.startswith(b"\x89PNG") for image in images)
+    assert most[0] == captcha.RENDER_THREADS
 
 
 def _captcha_login(make_provider):

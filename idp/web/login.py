@@ -369,7 +369,7 @@ async def captcha_image(request: Request) -> Response:
         answer = tx.get("captcha") if tx else None
     if not answer:
         return Response(status_code=404)
-    return Response(captcha.png(answer), media_type="image/png", headers={"Cache-Control": "no-store"})
+    return Response(await captcha.png(answer), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 # -- ending the login ----------------------------------------------------------------

@@ -306,7 +306,7 @@ async def forgot_captcha(request: Request) -> Response:
     record = await bridge.run(svc.store.get, _FORM + form_id) if 0 < len(form_id) <= MAX_TOKEN else None
     if record is None or not record.get("captcha") or not _same_browser(request, record.get("browser")):
         return Response(status_code=404)
-    return Response(captcha.png(record["captcha"]), media_type="image/png", headers={"Cache-Control": "no-store"})
+    return Response(await captcha.png(record["captcha"]), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 async def forgot_sent(request: Request) -> Response:

@@ -59,7 +59,11 @@ class Metrics:
     def audited(self, event: str, method: str | None) -> None:
         self.child(self.events, event).inc()
         if outcome := _LOGIN_OUTCOMES.get(event):
-            self.child(self.logins, method or "unknown", outcome).inc()
+            self.login(method or "unknown", outcome)
+
+    def login(self, method: str, outcome: str) -> None:
+        """A login attempt: counted with its audit event, or alone where it writes none."""
+        self.child(self.logins, method, outcome).inc()
 
     def password_hash(self, waited: float, took: float, cpu: float) -> None:
         self.hash_wait.observe(waited)

@@ -281,10 +281,15 @@ class PasskeyFactor:
             return disabled
         return partial(Outcome, account_id=account.id)
 
-    @staticmethod
-    def _failed(svc, account_id, username, reason: str, seen: dict) -> Outcome:
-        """Audited; not counted towards the lockout: a signature cannot be guessed."""
-        svc.audit.record("login.failure", account_id=account_id, username=username or None, **seen, reason=reason)
+    def _failed(self, svc, account_id, username, reason: str, seen: dict) -> Outcome:
+        """Audited when it concerns an account (the login's so far, or the credential's); one
+        that names none is only counted (``idp_logins``): anyone may post those, with no
+        captcha, and each audit row would be kept. Not counted towards the lockout: a
+        signature cannot be guessed."""
+        if account_id:
+            svc.audit.record("login.failure", account_id=account_id, username=username or None, **seen, reason=reason)
+        else:
+            svc.metrics.login(self.name, "failure")
         return Outcome(error="passkey.error." + reason)
 
 

@@ -307,7 +307,7 @@ def test_unlock_a_locked_account(site):
     assert "鎖定中" in browser.go("/admin?q=alice").text
     alice = account_id(provider, "alice")
     page = browser.go(f"/admin/accounts/{alice}")
-    assert "鎖定中" in page.text and "/unlock" in page.text
+    assert "鎖定中" in page.text and "/unlock" in page.text and "此帳號因驗證連續失敗" in page.text
     page = browser.submit(page, f"/admin/accounts/{alice}/unlock")
     assert "已解除帳號鎖定" in notice(page) and "/unlock" not in page.text
     assert events(provider, "account.unlocked")[-1].account_id == alice

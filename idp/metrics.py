@@ -27,7 +27,8 @@ class Metrics:
         )
         self.events = Counter("idp_audit_events", "Audit events by kind", ["event"], registry=self.registry)
         self.logins = Counter("idp_logins", "Login attempts by factor method and outcome (success, failure, "
-                              "locked, disabled); a portal's login by single sign-on is method sso, success",
+                              "locked, disabled, paused: a push or mobile-ID request not sent after too many "
+                              "unanswered); a portal's login by single sign-on is method sso, success",
                               ["method", "outcome"], registry=self.registry)
         self.token_requests = Counter("idp_token_requests", "Token endpoint requests by grant type and outcome "
                                       "(issued, or the OAuth error)", ["grant_type", "outcome"], registry=self.registry)
@@ -91,7 +92,7 @@ class Metrics:
 
 
 _LOGIN_OUTCOMES = {"login.success": "success", "login.sso": "success", "login.failure": "failure",
-                   "login.locked": "locked", "login.disabled": "disabled"}
+                   "login.locked": "locked", "login.disabled": "disabled", "login.push_refused": "paused"}
 _GRANTS = {"authorization_code", "refresh_token", "client_credentials"}
 _TOKEN_ERRORS = {"invalid_request", "invalid_client", "invalid_grant", "unauthorized_client",
                  "unsupported_grant_type", "invalid_scope", "invalid_dpop_proof"}

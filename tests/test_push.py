@@ -25,6 +25,7 @@ from idp.storage.models import AuditEvent, Binding
 from idp.factors.totp import STEP
 from tests import live
 from tests.harness import callback, forms, language_link, redeem, takes
+from tests.test_observability import _samples
 from tests.test_totp import as_typed
 
 LOA2 = "urn:idp:loa:2"
@@ -405,6 +406,25 @@ def test_unanswered_pushes_in_a_row_are_rate_limited(provider):
         page = press_push(browser, page)
         assert "data-number" in page.text
         page = browser.submit(page, "/login/push/stop")
+
+
+def test_pushes_denied_and_paused_are_counted_in_the_login_metric(provider):
+    """An operator watching idp_logins_total for push fatigue saw the denials as failures but
+    not the pushes then refused by the pause (login.push_refused): counted nowhere."""
+    client_id, _ = provider.client()
+    app = register(provider, provider.browser())
+    limit = provider.svc.settings.push_max_unanswered
+    browser, page = _push_page(provider, client_id)
+    for _ in range(limit):
+        page = press_push(browser, page)
+        [request] = app.pending()
+        assert app.deny(request) == "denied"
+        page = browser.submit(page, "/login/factor/push")
+    for _ in range(2):
+        assert "data-number" not in press_push(browser, page).text
+    logins = _samples(provider)
+    assert logins[("idp_logins_total", (("method", "push"), ("outcome", "failure")))] == limit
+    assert logins[("idp_logins_total", (("method", "push"), ("outcome", "paused")))] == 2
 
 
 def test_device_api_refuses_unsigned_foreign_and_removed_devices(provider):

@@ -247,6 +247,29 @@ def test_systemd_steps_give_the_provider_its_trust_anchors():
     assert re.findall(r"cp -r \S*/keys/trust (\S+)", steps) == [trust]
 
 
+def test_the_systemd_steps_make_what_the_unit_reads(tmp_path):
+    """On a fresh machine `install -m 0600 /dev/null /etc/idp/idp.env` stopped with "No such file
+    or directory" (no step made /etc/idp): the unit's EnvironmentFile was missing and the
+    instances did not start. The steps that make files run here with tmp_path as the root."""
+    unit = (DEPLOY / "systemd/idp@.service").read_text()
+    [env_file] = re.findall(r"^EnvironmentFile=(/\S+)$", unit, re.M)
+    [trust] = re.findall(r"^Environment=IDP_TRUST_DIR=(/\S+)$", unit, re.M)
+    readme = (DEPLOY / "README.md").read_text()
+    steps = readme[readme.index("## systemd"):readme.index("## Watching it")]
+    commands = [command.strip() for line in steps.splitlines() for command in line.split("#")[0].split("&&")
+                if command.split()[:1] in (["install"], ["cp"])]
+    rooted = [re.sub(r"(?<= )/(?=etc/|usr/)", f"{tmp_path}/", c.replace("/path/to/this/repository", str(ROOT)))
+              for c in commands]
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)  # on every machine that runs systemd
+    for command in rooted:
+        result = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, (command, result.stderr)
+    made = tmp_path / env_file.lstrip("/")
+    assert made.is_file() and made.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / trust.lstrip("/") / "anchors.toml").is_file()
+    assert (tmp_path / "etc/systemd/system/idp@.service").read_text() == unit
+
+
 def test_systemd_accepts_the_unit(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

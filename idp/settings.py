@@ -194,7 +194,8 @@ class Settings:
 
     mobileid_url: str = _doc(
         "Base URL of the mobile natural-person certificate service (行動自然人憑證, SPEC A4), path prefix "
-        "included, e.g. `https://fidoapi-test.moi.gov.tw/moise/sp/`. Empty: that login is switched off.",
+        "included, e.g. `https://fidoapi-test.moi.gov.tw/moise/sp/`: https, or http on this computer only "
+        "(`localhost`, `127.0.0.1`, `[::1]`: the demo's simulator). Empty: that login is switched off.",
         "",
     )
     mobileid_sp_service_id: str = _doc("This provider's `sp_service_id` at the mobile-ID service.", "")

@@ -50,9 +50,11 @@ Decisions:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import secrets
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -96,6 +98,7 @@ def build_connector(svc) -> MobileIdConnector | None:
     settings = svc.settings
     if not settings.mobileid_url:
         return None
+    _check_service_url(settings.mobileid_url)
     if not settings.mobileid_sp_service_id:
         raise SettingsError("IDP_MOBILEID_SP_SERVICE_ID must be set with IDP_MOBILEID_URL")
     try:
@@ -111,6 +114,27 @@ def build_connector(svc) -> MobileIdConnector | None:
     # No kept-alive connections: a pooled connection belongs to one event loop.
     http = httpx.AsyncClient(timeout=config.timeout, limits=httpx.Limits(max_keepalive_connections=0))
     return MobileIdConnector(config, trust=trust, revocation=svc.revocation, http=http, clock=svc.clock)
+
+
+def _check_service_url(url: str) -> None:
+    # A URL without scheme or host started and failed at the first mobile-ID login. The national
+    # ID and the signed challenge travel to it: https, but for the demo's simulator on this computer.
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a bad port raises here
+    except ValueError:
+        parts = None
+    if not parts or not parts.hostname or parts.scheme != "https" and not (
+            parts.scheme == "http" and _loopback(parts.hostname)):
+        raise SettingsError(f"IDP_MOBILEID_URL must be an https:// URL with a host (http:// only on this "
+                            f"computer: localhost, 127.0.0.1, [::1]), not {url!r}")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def seconds_left(svc, state: dict) -> int:

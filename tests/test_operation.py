@@ -199,6 +199,30 @@ def test_url_options_with_spaces_reach_the_event_loops_connections_too(settings_
 
 
 @pytest.mark.parametrize("backend", ["postgres+redis"])
+def test_a_vanished_migrator_holds_the_migration_lock_a_minute_not_two_hours(settings_for):
+    """The migration's advisory lock is its connection's until the server sees that connection
+    gone: with TCP's defaults (2 idle hours before the first probe) a migrating host that
+    vanished kept every other process's start waiting that long, and one waiting on the lock
+    would not have noticed a vanished server either. Both ends now probe after 30 s; what the
+    URL sets wins."""
+    from idp.storage.db import Database
+
+    server = ["tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout"]
+    client = ["keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout"]
+
+    def probes(url):
+        with Database(url).engine.connect() as conn:  # the kind of connection migrate() locks on
+            sides = [conn.execute(text(f"SHOW {name}")).scalar() for name in server]
+            given = conn.connection.dbapi_connection.info.get_parameters()
+            return sides, [given.get(name) for name in client]
+
+    base = settings_for().database_url
+    assert probes(base) == (["30", "10", "3", "60000"], ["1", "30", "10", "3", "60000"])
+    own = base + ("&" if "?" in base else "?") + "keepalives_idle=5&options=-c%20tcp_keepalives_idle%3D7"
+    assert probes(own) == (["7", "10", "3", "60000"], ["1", "5", "10", "3", "60000"])
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"])
 def test_event_loops_that_have_ended_leave_no_connections_open(settings_for):
     """Each test-client request (and each anyio portal) runs its own event loop: the
     connections such a loop opened to PostgreSQL and Redis are closed once it has ended,

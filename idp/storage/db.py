@@ -32,6 +32,14 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # that the one server process with an in-process store holds (``claim_sole_server``).
 _MIGRATION_LOCK_ID = 0x1D9_0001
 _SOLE_SERVER_LOCK_ID = 0x1D9_0002
+# A peer that vanished (a NAT's idle timeout, a failover, a host powered off) is noticed in about
+# a minute, not after TCP's two idle hours: by libpq on this side, and by the server on its side,
+# which until then keeps the vanished process's advisory locks (the migration's: every other
+# process's start waits on it) and its connection.
+_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+              "tcp_user_timeout": 60000}
+_SERVER_KEEPALIVE = ("-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3 "
+                     "-c tcp_user_timeout=60000")
 
 
 class Database:
@@ -63,19 +71,18 @@ class Database:
             given = parsed.query.get("options", "")
             given = " ".join(given) if isinstance(given, tuple) else given  # ?options=...&options=...
             limit = f"-c statement_timeout={statement_timeout * 1000}" if statement_timeout else ""
-            options = {"options": f"{limit} {given}".strip()} if limit else {}
+            options = {"options": " ".join(filter(None, (_SERVER_KEEPALIVE, limit, given)))}
+            # libpq's side of it, where the URL does not set its own (connect_args would override it).
+            alive = {name: value for name, value in _KEEPALIVE.items() if name not in parsed.query}
             # Twice ``pool`` at most: by default as many as Starlette's thread pool (40 threads)
             # uses, so connections are reused rather than opened per request; no pre-ping round
             # trip per checkout (a dead connection fails one request and is replaced;
             # pool_recycle retires idle ones first).
             self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, hide_parameters=True,
-                                        connect_args={**timeout, **options})
+                                        connect_args={**alive, **timeout, **options})
             # From the parsed URL, not its rendering, which would turn a space into "+".
             _, connect = self.engine.dialect.create_connect_args(parsed)
             connect.pop("context", None)  # SQLAlchemy's type adapters, not a libpq option
-            # The loop's connections live as long as the process: a peer that vanished (a
-            # NAT's idle timeout, a failover) is noticed in about a minute, not TCP's fifteen.
-            alive = {"keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60000}
             self._conninfo = psycopg.conninfo.make_conninfo("", **{**alive, **timeout, **connect, **options})
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._sole_server = None  # ``claim_sole_server``'s lock, held while this lives

@@ -10,7 +10,7 @@ import sys
 from sqlalchemy import select
 
 from idp import logs
-from idp.settings import Settings, SettingsError
+from idp.settings import PORT_MAX, Settings, SettingsError
 
 
 def _services():
@@ -29,6 +29,13 @@ def _seconds(text: str) -> int:
     """A count of seconds for argparse: a whole number above zero."""
     if not (text.isascii() and text.isdigit() and int(text) > 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above zero")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: more than 65535 got as far as the bind, and a traceback."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= PORT_MAX):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to {PORT_MAX})")
     return int(text)
 
 
@@ -365,7 +372,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the provider (migrates the database first)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--workers", type=int, default=1,
                    help="processes on one port (needs IDP_REDIS_URL); /metrics gives their sum")
     s.set_defaults(func=cmd_serve)

@@ -13,13 +13,17 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args, get_type_hints
 from urllib.parse import urlsplit
 
+PORT_MAX = 65535  # a TCP port is 16 bits
 
-def _doc(text: str, default, *, secret: bool = False, minimum: int = 1, required: bool = False):
+
+def _doc(text: str, default, *, secret: bool = False, minimum: int = 1, maximum: int | None = None,
+         required: bool = False):
     # A secret stays out of repr(settings), so a logged settings object shows no password.
     # ``minimum`` is a whole number's least: 0 only where the text gives 0 a meaning.
+    # ``maximum``: its most, where the text names one and more can only be a mistake.
     # ``required``: a directory that must not be empty, which would be the working directory.
-    return field(default=default, metadata={"doc": text, "minimum": minimum, "required": required},
-                 repr=not secret)
+    return field(default=default, metadata={"doc": text, "minimum": minimum, "maximum": maximum,
+                                            "required": required}, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ class Settings:
         "Empty: mails are written as .eml files to `IDP_OUTBOX_DIR` instead.",
         "",
     )
-    smtp_port: int = _doc("SMTP port: 587 for submission with STARTTLS; 465 for TLS from the first byte.", 587)
+    smtp_port: int = _doc("SMTP port, 1 to 65535: 587 for submission with STARTTLS; 465 for TLS from the first byte.",
+                          587, maximum=PORT_MAX)
     smtp_username: str = _doc("SMTP login name; empty: no SMTP authentication.", "")
     smtp_password: str = _doc("SMTP password (used only with `IDP_SMTP_USERNAME`).", "", secret=True)
     smtp_starttls: bool = _doc(
@@ -245,6 +250,8 @@ class Settings:
             value = getattr(self, f.name)
             if hints[f.name] is int and value < f.metadata["minimum"]:
                 raise SettingsError(f"IDP_{f.name.upper()} must be at least {f.metadata['minimum']}, not {value}")
+            if hints[f.name] is int and f.metadata["maximum"] is not None and value > f.metadata["maximum"]:
+                raise SettingsError(f"IDP_{f.name.upper()} must be at most {f.metadata['maximum']}, not {value}")
             if f.metadata["required"] and not value.strip():
                 raise SettingsError(f"IDP_{f.name.upper()} must name a directory, not be empty")
         if self.argon2_memory_kib < 8 * self.argon2_parallelism:  # Argon2's own least, which argon2-cffi refuses

@@ -208,9 +208,20 @@ def test_bad_input_to_the_cli_is_a_clear_error_and_creates_nothing(tmp_path):
     assert expired.returncode == 2 and "above zero" in expired.stderr and "Traceback" not in expired.stderr
 
 
+def test_a_port_no_socket_can_have_stops_the_start(tmp_path):
+    """`idp serve --port 70000` started and went on as if serving ("Uvicorn running on
+    http://127.0.0.1:70000"), on no port anyone would reach; IDP_SMTP_PORT=70000 started and
+    failed every mail."""
+    out = _idp(tmp_path, "serve", "--port", "70000", IDP_TRUST_DIR=str(ROOT / "keys/trust"))
+    assert out.returncode == 2 and "argument --port: '70000' is not a port (1 to 65535)" in out.stderr, out.stderr[-300:]
+    assert "Traceback" not in out.stderr
+    assert Settings.from_env({"IDP_SMTP_PORT": "65535"}).smtp_port == 65535
+
+
 @pytest.mark.parametrize("command, settings, says", [
     (["migrate"], {"IDP_CAPTCHA": "sometimes"}, "IDP_CAPTCHA must be one of always, after-failure, off, not 'sometimes'"),
     (["users", "list"], {"IDP_LOCKOUT_THRESHOLD": "0"}, "IDP_LOCKOUT_THRESHOLD must be at least 1, not 0"),
+    (["users", "list"], {"IDP_SMTP_PORT": "65536"}, "IDP_SMTP_PORT must be at most 65535, not 65536"),
     (["migrate"], {"IDP_DATABASE_URL": "postgres//idp:secret@db/idp"}, "IDP_DATABASE_URL is not a database URL"),
     (["migrate"], {"IDP_REDIS_URL": "redis//cache:6379"}, "IDP_REDIS_URL: Redis URL must specify one of"),
     (["serve", "--port", "1"], {"IDP_TRUSTED_PROXIES": "10.0.0.0/33", "IDP_TRUST_DIR": str(ROOT / "keys/trust")},

@@ -141,6 +141,19 @@ def test_an_untrusted_ca_and_an_encryption_certificate_are_refused(make, tpki):
     assert "加密憑證" in _error(page)
 
 
+def test_a_card_with_a_weak_key_is_refused_in_the_users_language(make, tpki):
+    """A bound certificate of a trusted CA whose key is RSA-1024 does not log in (PROTOCOLS 2)."""
+    provider = make()
+    bind(provider, tpki, provider.account("alice"), "weak_rsa")
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = sign(tpki, browser, cert_page(browser, browser.authorize(client_id)), "weak_rsa")
+    assert "金鑰強度不足" in _error(page) and "2048" in _error(page)
+    english = provider.browser()
+    page = sign(tpki, english, cert_page(english, english.authorize(client_id, ui_locales="en")), "weak_rsa")
+    assert "too weak" in _error(page)
+
+
 def test_a_replayed_signature_is_refused(make, tpki):
     provider = make()
     bind(provider, tpki, provider.account("alice"))

@@ -160,6 +160,26 @@ def test_encryption_certificate_is_not_for_login(tpki, trust):
     assert e.value.code == "key_usage"
 
 
+@pytest.mark.parametrize("name", ["weak_rsa", "odd_curve"])
+def test_a_key_too_short_or_on_a_curve_no_card_uses_is_refused(tpki, trust, name):
+    """RSA under 2048 bits, EC on secp256k1: the chain is good, the key is not (PROTOCOLS 2)."""
+    with pytest.raises(pki.WeakKey) as e:
+        verify(tpki.make_signature(name, CHALLENGE), trust=trust, kind="personal")
+    assert e.value.code == "weak_key"
+    with pytest.raises(pki.WeakKey):
+        verify(tpki.make_pkcs1(name, CHALLENGE), trust=trust, certificate=tpki.certb64(name))
+
+    async def presented_over_tls():
+        checker = pki.RevocationChecker(pki.RevocationPolicy(timeout=2.0))
+        try:
+            return await pki.verify_certificate(tpki.certb64(name), trust=trust, revocation=checker, now=now())
+        finally:
+            await checker.aclose()
+
+    with pytest.raises(pki.WeakKey):
+        asyncio.run(presented_over_tls())
+    assert sum(tpki.server.hits.values()) == 0  # refused before any revocation request
+
 
 def _card(tpki, ku, *extensions):
     """A CMS signature over CHALLENGE by a card the test MOICA issued with key usage ``ku`` and

@@ -86,10 +86,10 @@ class Issued:
     key: object
 
 
-def _key(kind: str = "rsa"):
+def _key(kind: str = "rsa", *, bits: int = 2048, curve: ec.EllipticCurve = ec.SECP256R1()):
     if kind == "ec":
-        return ec.generate_private_key(ec.SECP256R1())
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return ec.generate_private_key(curve)
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
 def _ku(**on) -> x509.KeyUsage:
@@ -203,6 +203,9 @@ def generate(outdir: str | Path, base_url: str, *, offline_url: str = "http://12
     ck = citizen("citizen")
     citizen("citizen_enc", key=ck, ku=_ku(key_encipherment=True, data_encipherment=True))  # the card's 2nd pair
     citizen("citizen_ec", key=_key("ec"), person="陳小華", id_number="B223456780")
+    # Keys no card carries, in otherwise valid certificates: RSA-1024, and EC on the bitcoin curve.
+    citizen("weak_rsa", key=_key(bits=1024), person="周小強", id_number="G112345674")
+    citizen("odd_curve", key=_key("ec", curve=ec.SECP256K1()), person="周小強", id_number="G112345674")
     citizen("revoked_ocsp", person="林大同", id_number="C134567891")
     citizen("revoked_crl", person="張美玲", id_number="D245678902", urls=_revocation_urls(base_url, "moica", ocsp=False))
     # Its revocation dated ahead of the provider's clock, as by a CA whose clock runs ahead.

@@ -49,6 +49,7 @@ ERRORS = {
     "not_yet_valid": "certificate.error.invalid",
     "revoked": "certificate.error.invalid",
     "key_usage": "certificate.error.key_usage",
+    "weak_key": "certificate.error.weak_key",
     "revocation_unavailable": "certificate.error.revocation_unavailable",
 }
 # What counts towards the lockout: a card shown for another account, an answer that does not sign

@@ -114,7 +114,7 @@ def decode_ticket(sp_ticket: str) -> dict:
 # idp.pki refusals -> this package's errors (the signature is over our sign_data: PKCS#1).
 PKI_ERRORS: dict[str, type[e.MobileIdError]] = {
     "bad_format": e.BadSignature, "signature_invalid": e.BadSignature, "challenge_mismatch": e.BadSignature,
-    "untrusted": e.UntrustedCertificate, "key_usage": e.UntrustedCertificate,
+    "untrusted": e.UntrustedCertificate, "key_usage": e.UntrustedCertificate, "weak_key": e.UntrustedCertificate,
     "expired": e.CertificateInvalid, "not_yet_valid": e.CertificateInvalid, "revoked": e.CertificateInvalid,
     "revocation_unavailable": e.RevocationUnavailable,
 }

@@ -16,13 +16,13 @@ The web layer needs four names::
         )
     except PKIError as exc:
         exc.code   # bad_format | challenge_mismatch | signature_invalid | untrusted | expired |
-                   # not_yet_valid | key_usage | revoked | revocation_unavailable
+                   # not_yet_valid | key_usage | weak_key | revoked | revocation_unavailable
     who.binding_key            # (issuer_dn, subject_serial_number): what an account binds to
     who.id_last4               # compare with the account's ID number, when it has one
     who.anchor_set, who.kinds  # which configured set matched; kinds it may log in
 
 ``verify_certificate(cert, trust=..., revocation=..., now=..., kind=...)`` runs the
-same path, key-usage and revocation checks on a certificate whose key was proven
+same path, key-usage, key-strength and revocation checks on a certificate whose key was proven
 elsewhere (the TLS client-certificate mode: a proxy verified the handshake).
 
 Accepted forms: CMS SignedData (attached eContent, or detached with the
@@ -41,7 +41,7 @@ their account kinds; ``revocation``: OCSP/CRL with soft/hard-fail.
 
 from .errors import (
     BadFormat, ChallengeMismatch, Expired, KeyUsage, NotYetValid, PKIError, Revoked, RevocationUnavailable,
-    SignatureInvalid, Untrusted,
+    SignatureInvalid, Untrusted, WeakKey,
 )
 from .revocation import RevocationChecker, RevocationPolicy, RevocationStatus
 from .trust import AnchorSet, TrustStore, check_issuers, load_trust
@@ -50,6 +50,6 @@ from .verify import CertificateIdentity, directory_attributes, verify_certificat
 __all__ = [
     "AnchorSet", "BadFormat", "CertificateIdentity", "ChallengeMismatch", "Expired", "KeyUsage", "NotYetValid",
     "PKIError", "RevocationChecker", "RevocationPolicy", "RevocationStatus", "RevocationUnavailable", "Revoked",
-    "SignatureInvalid", "TrustStore", "Untrusted", "check_issuers", "directory_attributes", "load_trust",
+    "SignatureInvalid", "TrustStore", "Untrusted", "WeakKey", "check_issuers", "directory_attributes", "load_trust",
     "verify_certificate", "verify_signature",
 ]

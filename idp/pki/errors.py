@@ -51,6 +51,12 @@ class KeyUsage(PKIError):
     code = "key_usage"
 
 
+class WeakKey(PKIError):
+    """The key is too weak, or of a kind no CA the provider trusts issues (RSA under 2048 bits)."""
+
+    code = "weak_key"
+
+
 class Revoked(PKIError):
     code = "revoked"
 

@@ -2,8 +2,8 @@
 
 Order matters for the error a user sees: first the signature and the
 challenge (cheap, no network, and a forged or replayed blob must never cause
-an OCSP request), then the path to a pinned issuing CA, the key usage, and
-last revocation (network).
+an OCSP request), then the path to a pinned issuing CA, the key usage and
+strength, and last revocation (network).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ OID_SUBJECT_TYPE = "2.16.886.1.100.2.1"
 # An extended key usage names what a key is for: these purposes alone are no person's login (a
 # CA's OCSP responder, a server, a time-stamping unit). Cards name none, or email/client auth.
 NOT_A_LOGIN = frozenset({"server_auth", "ocsp_signing", "time_stamping", "code_signing"})
+# A card's key (PROTOCOLS 2: MOICA's are RSA-2048): a shorter RSA key can be factored, and a key on
+# another curve, or of another kind, is none the cards carry.
+MIN_RSA_BITS = 2048
+EC_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,19 @@ def _check_key_usage(leaf: x509.Certificate):
         raise errors.KeyUsage(f"certificate is for {', '.join(sorted(eku.native))}, not a person's login")
 
 
+def _check_key_strength(leaf: x509.Certificate):
+    key = leaf.public_key
+    if key.algorithm == "rsa":
+        if key.bit_size < MIN_RSA_BITS:
+            raise errors.WeakKey(f"RSA key of {key.bit_size} bits, under {MIN_RSA_BITS}")
+    elif key.algorithm == "ec":
+        form, curve = key.curve
+        if form != "named" or curve not in EC_CURVES:
+            raise errors.WeakKey(f"EC key on curve {curve if form == 'named' else form}")
+    else:
+        raise errors.WeakKey(f"{key.algorithm} keys are not accepted")
+
+
 def _identity(leaf: x509.Certificate, aset: AnchorSet, signing_time, form: str,
               revocation: RevocationStatus) -> CertificateIdentity:
     c = cx509.load_der_x509_certificate(leaf.dump())
@@ -297,6 +314,7 @@ async def _check_certificate(leaf: x509.Certificate, trust: TrustStore, revocati
                              now: datetime, kind: str | None, form: str, signing_time=None) -> CertificateIdentity:
     aset, ca = await _validate_path(leaf, trust, kind, now)
     _check_key_usage(leaf)
+    _check_key_strength(leaf)
     status = await revocation.check(leaf, ca, now)
     root = aset.root_of(ca)
     if root is not None and ca.crl_distribution_points:

@@ -456,6 +456,32 @@ def test_a_crl_with_a_critical_extension_it_does_not_know_is_not_used(tpki):
     with pytest.raises(ValueError, match="critical extensions"):
         rev.parse_crl(der, ax509.Certificate.load(moica.public_bytes(serialization.Encoding.DER)))
 
+def test_a_crl_with_a_critical_entry_extension_it_does_not_know_is_not_used(tpki, trust, caplog):
+    """RFC 5280 5.3: such an extension may change what the entries after it mean (whose
+    certificates they list); the CRL then clears no card, as an unreachable one: refused under
+    hard-fail, let through with a warning under soft-fail."""
+    blob = _card(tpki, testpki._ku(digital_signature=True, content_commitment=True))  # by CRL alone
+    assert verify(blob, trust=trust).revocation.source == "crl"
+    revoked = tpki.server.state.manifest["revoked"]["moica"]
+    revoked.append({"serial": 0x5E5E, "date": now().isoformat(), "reason": "key_compromise",
+                    "critical_extension": "1.3.6.1.4.1.99999.2"})
+    try:
+        with pytest.raises(pki.RevocationUnavailable, match="critical extensions"):
+            verify(blob, trust=trust)
+        caplog.set_level(logging.WARNING, logger="idp.pki")
+        assert verify(blob, trust=trust, mode="soft-fail").revocation.status == "unavailable"
+        assert any("ACCEPTED under soft-fail" in r.getMessage() for r in caplog.records)
+    finally:
+        revoked.pop()
+    moica, key = tpki.ca("moica")  # a critical reasonCode changes nothing: listed is revoked
+    der = (x509.CertificateRevocationListBuilder().issuer_name(moica.subject)
+           .last_update(now() - timedelta(minutes=1)).next_update(now() + timedelta(days=1))
+           .add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(0x5E5E).revocation_date(now())
+                                    .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), True).build())
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    assert rev.parse_crl(der, ax509.Certificate.load(moica.public_bytes(serialization.Encoding.DER))).lookup(0x5E5E)
+
+
 def _check_with_crls(tpki, name, crls, times, crl_dir=None):
     """Check ``name`` at each of ``times`` under hard-fail, with OCSP down and the CRL URL answered
     by ``crls`` in turn: the status or the refusal of each check."""

@@ -56,10 +56,13 @@ class PKIState:
              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key(ca).public_key()), False)
              .add_extension(x509.CRLNumber(int(now.timestamp())), False))
         for serial, r in self.revoked(ca).items():
-            b = b.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial)
-                .revocation_date(datetime.fromisoformat(r["date"]))
-                .add_extension(x509.CRLReason(REASONS[r["reason"]]), False).build())
+            entry = (x509.RevokedCertificateBuilder().serial_number(serial)
+                     .revocation_date(datetime.fromisoformat(r["date"]))
+                     .add_extension(x509.CRLReason(REASONS[r["reason"]]), False))
+            if "critical_extension" in r:  # an OID no checker knows, to test RFC 5280 5.3
+                entry = entry.add_extension(x509.UnrecognizedExtension(
+                    x509.ObjectIdentifier(r["critical_extension"]), b"\x05\x00"), True)
+            b = b.add_revoked_certificate(entry.build())
         return b.sign(self.key(ca), hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
     def ocsp(self, ca: str, request_der: bytes) -> bytes:

@@ -20,7 +20,9 @@ believed after their signature verifies against the issuing CA, or for OCSP
 a responder certificate that CA delegated with id-kp-OCSPSigning; an OCSP answer
 must also echo the request's nonce. A CRL clears a certificate only when its
 scope covers it (IssuingDistributionPoint, RFC 5280 6.3.3): the one of the
-certificate's distribution point, for all reasons.
+certificate's distribution point, for all reasons. A CRL with a critical
+extension, or a critical entry extension, this checker does not process (RFC
+5280 5.2, 5.3) is not used at all: as an unreachable one.
 """
 
 from __future__ import annotations
@@ -86,11 +88,33 @@ def _der_header(buf: bytes, i: int) -> tuple[int, int, int]:
     return tag, i, i + n
 
 
+# The CRL entry extensions a lookup processes: a listed certificate is revoked, whatever its reason
+# or dates. A critical one of any other kind (RFC 5280 5.3) makes the whole CRL unusable.
+ENTRY_UNDERSTOOD = frozenset({"crl_reason", "invalidity_date"})
+
+
+def _flags_critical(buf: bytes, i: int, end: int) -> bool:
+    """Whether the crlEntryExtensions in ``buf[i:end]`` (if any) mark one critical: each is
+    SEQUENCE {extnID, critical BOOLEAN DEFAULT FALSE, extnValue}."""
+    if i >= end:
+        return False
+    _, j, stop = _der_header(buf, i)
+    while j < stop:
+        _, k, following = _der_header(buf, j)
+        flag = _der_header(buf, k)[2]  # after extnID
+        if buf[flag] == 0x01 and buf[flag + 2] != 0:
+            return True
+        j = following
+    return False
+
+
 def index_revoked(contents: bytes) -> dict[int, tuple[int, int]]:
     """Serial -> (start, end) of its entry in the revokedCertificates contents.
 
     Only the serial is decoded here; the rest of an entry (date, reason) is
-    parsed on a hit, which happens once per revoked login, not per entry."""
+    parsed on a hit, which happens once per revoked login, not per entry. An
+    entry that flags an extension critical is parsed whole, to refuse a CRL
+    with a critical entry extension this checker does not process."""
     index = {}
     i, end = 0, len(contents)
     while i < end:
@@ -100,6 +124,11 @@ def index_revoked(contents: bytes) -> dict[int, tuple[int, int]]:
         itag, vstart, vstop = _der_header(contents, start)
         if itag != 0x02:
             raise ValueError("bad CRL entry serial")
+        if _flags_critical(contents, _der_header(contents, vstop)[2], stop):  # what follows revocationDate
+            critical = crl.RevokedCertificate.load(contents[i:stop]).critical_extensions
+            if unknown := critical - ENTRY_UNDERSTOOD:
+                raise ValueError(f"CRL entry has critical extensions this checker does not process: "
+                                 f"{', '.join(sorted(unknown))}")
         index[int.from_bytes(contents[vstart:vstop], "big", signed=True)] = (i, stop)
         i = stop
     return index

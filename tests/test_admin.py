@@ -166,6 +166,18 @@ def test_list_search_and_pagination(site):
     assert browser.go("/admin?page=abc").status_code == 200  # a bad page number is page 1
 
 
+def test_search_folds_the_case_of_any_letter_on_either_database(site):
+    """Names and emails are not only ASCII: SQLite's own lower() folds A-Z alone, PostgreSQL's
+    every letter; an administrator finds the same accounts on both."""
+    site.account("elodie", name="Élodie Dupont", email="ÉLODIE@example.fr", org=SCHOOL)
+    site.account("wide", name="ＡＢＣ 全形", org=SCHOOL)
+    browser, _, _ = sign_in(site, "root")
+    assert listed(browser.go("/admin?q=élodie d")) == ["elodie"]  # the name, in another case
+    assert listed(browser.go("/admin?q=ÉLODIE DUPONT")) == ["elodie"]
+    assert listed(browser.go("/admin?q=élodie@")) == ["elodie"]  # the email
+    assert listed(browser.go("/admin?q=ａｂｃ")) == ["wide"]  # full-width Latin letters
+
+
 # -- creating an account -------------------------------------------------------------------------
 def test_one_username_created_twice_at_once_is_one_account_and_a_clear_error(site):
     """The second creation checks the name before the first commits: the database's unique

@@ -16,9 +16,11 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 import psycopg
 from psycopg.types.json import Json
-from sqlalchemy import create_engine, event, make_url, text
+from sqlalchemy import String, create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -367,8 +369,31 @@ def _unknown_revisions(cfg: Config, conn) -> list[str]:
     return [rev for rev in MigrationContext.configure(conn).get_current_heads() if rev not in known]
 
 
+class unicode_lower(FunctionElement):
+    """``lower()`` of every letter (É, full-width Ａ), as PostgreSQL's in a UTF-8 locale: SQLite's
+    own lowers A-Z only, so there it is Python's ``str.lower``, registered on each connection."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(unicode_lower)
+def _lower(element, compiler, **kw):
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(unicode_lower, "sqlite")
+def _lower_in_python(element, compiler, **kw):
+    return f"unicode_lower({compiler.process(element.clauses, **kw)})"
+
+
+def _str_lower(value):
+    return value.lower() if isinstance(value, str) else value
+
+
 def _sqlite_pragmas(dbapi_conn, _record):
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.close()
+    dbapi_conn.create_function("unicode_lower", 1, _str_lower, deterministic=True)

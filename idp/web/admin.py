@@ -43,6 +43,7 @@ from idp import accounts, bridge
 from idp.accounts import AccountError, create_account, password_expired, set_disabled
 from idp.factors import lock_ends, methods, one_day
 from idp.mail import MailError, masked
+from idp.storage.db import unicode_lower
 from idp.storage.models import Account
 from idp.web.account import activity, require_account
 from idp.web.forms import BadRequest, read_form
@@ -165,7 +166,7 @@ def _search(svc, role: Role, q: str, page: int) -> tuple[list[Account], int, int
     query = role.scope(select(Account))
     if q:
         needle = q.lower()
-        query = query.where(or_(*(func.lower(column).contains(needle, autoescape=True)
+        query = query.where(or_(*(unicode_lower(column).contains(needle, autoescape=True)
                                   for column in (Account.username, Account.name, Account.email))))
     with svc.db.session() as session:
         total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()

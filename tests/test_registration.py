@@ -6,6 +6,8 @@ import datetime as dt
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from joserfc import jwt
+from joserfc.jwk import KeySet
 from sqlalchemy import func, select
 
 from idp.protocol.clients import create_client, new_initial_access_token
@@ -227,6 +229,24 @@ def test_metadata_the_provider_does_not_know_is_not_registered(provider):
     assert "future_feature" not in info and "initiate_login_uri" not in info and "application_type" not in info
     assert info["client_name#en"] == "Research grants" and info["frontchannel_logout_uri"].endswith("/logout")
     assert "future_feature" not in _manage(provider.http(), info).json()
+
+
+def test_a_client_that_names_no_id_token_algorithm_is_told_the_one_its_tokens_carry(provider):
+    """OIDC Registration 1.0 2: a client that leaves id_token_signed_response_alg out takes RS256
+    to be meant. The provider signs with ES256 by default (SPEC P1), so its registration, reads
+    and updates name that (RFC 7591 3.2.1), and its ID tokens carry what they name."""
+    provider.account("alice")
+    http = provider.http()
+    keys = KeySet.import_key_set(http.get("/jwks").json())
+    for named in ({}, {"id_token_signed_response_alg": "RS256"}):
+        info = _registered(provider, **named)
+        alg = info["id_token_signed_response_alg"]
+        assert alg == named.get("id_token_signed_response_alg", "ES256")
+        token = _login(provider, info["client_id"], info["client_secret"])
+        assert jwt.decode(token["id_token"], keys).header["alg"] == alg
+        assert _manage(http, info).json()["id_token_signed_response_alg"] == alg
+        update = _manage(http, info, "PUT", json={"client_id": info["client_id"], "redirect_uris": [APP]})
+        assert update.json()["id_token_signed_response_alg"] == "ES256"  # omitted again: the provider's, said again
 
 
 def test_the_clients_default_acr_and_max_age_stand_in_for_the_request(provider):

@@ -478,6 +478,13 @@ def _own_metadata(body: dict) -> dict:
     return {k: v for k, v in body.items() if k not in SERVER_ASSIGNED + POLICY}
 
 
+def _stated(svc, meta: dict) -> dict:
+    """``meta`` naming the ID token algorithm the provider signs with for it: a client that names
+    none reads the omission as RS256 (OpenID Connect Registration 1.0 2), and the provider's
+    default is ES256 (SPEC P1), so the answer says so (RFC 7591 3.2.1) and the row keeps it."""
+    return {"id_token_signed_response_alg": svc.settings.signing_alg, **meta}
+
+
 def _registration_error(e: ClientError) -> Response:
     return _oauth_error(e.error, e.description)
 
@@ -504,7 +511,7 @@ async def register(request: Request) -> Response:
 
 def _register(svc, token, meta):
     now = dt.datetime.fromtimestamp(svc.clock(), dt.timezone.utc)
-    meta = validate_metadata(_own_metadata(meta))
+    meta = _stated(svc, validate_metadata(_own_metadata(meta)))
     with svc.db.session() as session:
         # Deleting the row is the claim: of two concurrent uses, one deletes it.
         claimed = session.execute(
@@ -577,7 +584,8 @@ def _manage(svc, method, client_id, token, body):
             # The provider's own keys stay: the administrator's policy, and the sector a client stored
             # before sector_identifier_uri was refused keeps (its subjects must not change).
             kept = (*POLICY, "sector_identifier_uri")
-            updated = {**validate_metadata(meta), **{k: row.metadata_[k] for k in kept if k in row.metadata_}}
+            updated = {**_stated(svc, validate_metadata(meta)),
+                       **{k: row.metadata_[k] for k in kept if k in row.metadata_}}
             # A client that could move its sector after its users logged in would get another
             # client's pairwise subjects for them, its tokens' and refreshes' included.
             if _subjects(row.metadata_) != _subjects(updated):

@@ -337,8 +337,21 @@ def test_bad_authorization_parameters(provider):
     assert callback(browser.authorize(client_id, prompt="none login"))["error"] == "invalid_request"
     assert callback(browser.authorize(client_id, max_age="-1"))["error"] == "invalid_request"
     assert callback(browser.authorize(client_id, max_age="%C2%B2"))["error"] == "invalid_request"  # ², a digit to str.isdigit
-    assert callback(browser.authorize(client_id, scope="openid admin"))["error"] == "invalid_scope"
     assert callback(browser.authorize(client_id, request="eyJ"))["error"] == "request_not_supported"
+
+
+def test_scope_values_the_provider_does_not_know_are_ignored(provider):
+    """OIDC Core 3.1.2.1: an unknown scope value (address, admin) is ignored, at /authorize and
+    /par alike; what is granted leaves it out, and a scope the client is not registered for
+    stays out too."""
+    provider.account("alice")
+    client_id, secret = provider.client(scope="openid profile email")
+    browser = provider.browser()
+    code = browser.login(client_id, scope="openid profile address admin phone")["code"]
+    assert redeem(browser.http, client_id, secret, code).json()["scope"] == "openid profile"
+    pushed = provider.http().post("/par", auth=(client_id, secret), data={
+        "response_type": "code", "redirect_uri": REDIRECT, "scope": "openid email address"})
+    assert pushed.status_code == 201, pushed.text
 
 
 def test_a_nul_character_is_a_bad_request_on_every_back_end(provider):

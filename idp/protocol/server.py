@@ -244,6 +244,10 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
     def create_authorization_response(self, redirect_uri, grant_user):
         raise NotImplementedError("the web layer issues codes through Provider.issue_code")
 
+    def validate_requested_scope(self):
+        """OIDC Core 3.1.2.1: scope values the provider does not understand are ignored, not an
+        invalid_scope; the client's ``get_allowed_scope`` leaves them out of what is granted."""
+
     def query_authorization_code(self, code, client):
         _require_dpop(self.request, client)  # before the claim, which spends the code
         record = self.server.svc.tokens.claim_code(code)

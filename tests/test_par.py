@@ -97,6 +97,30 @@ def test_a_request_uri_works_only_for_its_client_and_only_in_time(provider):
     assert expired.status_code == 400 and "invalid_request_uri" in expired.text
 
 
+def test_a_spent_request_uri_says_so_in_both_languages(provider):
+    """A reload or the back button after the login: the page says the request expired or was
+    used and to log in again at the portal, not that the portal is unregistered."""
+    client_id, secret = provider.client()
+    for lang, says in (("zh-TW", "請回到原系統重新點選登入"), ("en", "Go back to the portal and log in again")):
+        page = provider.browser().go(f"/authorize?client_id={client_id}&ui_locales={lang}"
+                                     "&request_uri=urn:ietf:params:oauth:request_uri:spent")
+        assert page.status_code == 400 and "location" not in page.headers and says in page.text
+        assert "invalid_request_uri" in page.text and "not registered" not in page.text and "未註冊" not in page.text
+    unknown = provider.browser().go(f"/authorize?client_id=nobody&request_uri={_push(provider.http(), client_id, secret).json()['request_uri']}")
+    assert unknown.status_code == 400 and "invalid_client" in unknown.text
+
+
+def test_a_request_uri_not_from_par_is_not_supported(provider):
+    """OIDC Core 6.2, 3.1.2.6 (discovery: request_uri_parameter_supported false): answered to the
+    client's redirect_uri with request_uri_not_supported, once the client and that URI are known."""
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.authorize(client_id, request_uri="https://portal.example.tw/request.jwt")
+    assert callback(page)["error"] == "request_uri_not_supported"
+    elsewhere = browser.authorize(client_id, "https://evil.example.com/cb", request_uri="https://portal.example.tw/r")
+    assert elsewhere.status_code == 400 and "location" not in elsewhere.headers
+
+
 def test_public_client_pushes_with_its_client_id(provider):
     provider.account("alice")
     client_id, _ = provider.client(token_endpoint_auth_method="none")

@@ -191,20 +191,33 @@ def _hint_subject(svc, hint: str) -> dict | None:
     return token.claims if token.claims.get("iss") == svc.settings.issuer else None
 
 
+async def _unusable_request_uri(request: Request, sent: dict) -> Response:
+    """The page for a PAR request_uri that cannot be used: for a registered client, the user's
+    request expired or was used (a reload, the back button), which going back to the portal mends."""
+    client_id = sent.get("client_id")
+    client = await request.app.state.svc.server.client(client_id) if isinstance(client_id, str) else None
+    if client is None:
+        return _bad_authorization_page(request, OAuth2Error("The client is not registered.", error="invalid_client"),
+                                       sent.get("ui_locales"))
+    return error_page(request, "error.request_uri.title", "error.request_uri.detail", status=400,
+                      ui_locales=sent.get("ui_locales"), error="invalid_request_uri",
+                      description="The request_uri is expired, already used or another client's.")
+
+
 async def authorize(request: Request) -> Response:
     svc = request.app.state.svc
     try:
         query, form = _known(read_query(request)), _known(await read_form(request))
     except BadRequest as e:
         return error_page(request, "error.bad_request.title", "error.bad_request.detail", status=e.status)
-    pushed = any(key == "request_uri" for key, _ in query + form)
+    # Only a PAR request_uri is ours to look up; any other is refused to the client's redirect_uri
+    # (request_uri_not_supported, ``_check_extras``) once the client and that URI are known.
+    pushed = any(key == "request_uri" and value.startswith(par.REQUEST_URI_PREFIX) for key, value in query + form)
     if pushed:
         sent = dict(query + form)
         query, form = await bridge.run(par.pull, svc, sent.get("client_id"), sent.get("request_uri")) or [], []
         if not query:
-            return _bad_authorization_page(request, OAuth2Error(
-                "The request_uri is unknown, expired, already used or another client's.", error="invalid_request_uri"),
-                sent.get("ui_locales"))
+            return await _unusable_request_uri(request, sent)
     oauth_request = _oauth_request(request, query, form)
     try:
         grant = await svc.server.consent_grant(oauth_request)

@@ -136,10 +136,12 @@ def within_age(session: dict, max_age: int, now: float) -> dict | None:
     made in its last ``max_age`` seconds, or None when none of them found the account, and the
     login starts over. What the login earns is theirs alone: a card proven hours ago is not a
     recent LOA3 because a password and OTP were typed since; step-up asks for it again."""
+    # Whole seconds, as auth_time in the ID token: a relying party checking now - auth_time
+    # <= max_age on what it gets (Core 3.1.2.1) then finds it holds.
     proofs = session.get("proofs")
     if proofs is None:  # a session from before proofs: its last login as a whole
-        return session if now - session["auth_time"] <= max_age else None
-    return _kept(session, {name: proof for name, proof in proofs.items() if now - proof["time"] <= max_age})
+        return session if now - int(session["auth_time"]) <= max_age else None
+    return _kept(session, {name: proof for name, proof in proofs.items() if now - int(proof["time"]) <= max_age})
 
 
 def within_day(session: dict, now: float) -> dict | None:

@@ -437,3 +437,25 @@ def test_malformed_and_oversized_bodies_get_errors_not_500s(provider):
     long_param = provider.browser().authorize(client_id, state="s" * 10_000)
     assert long_param.status_code == 400
     assert http.get("/login?tx=nope").status_code == 400
+
+
+def test_a_login_by_max_age_carries_an_auth_time_within_it(provider):
+    """The ID token says auth_time in whole seconds: a login 300.75 s ago is past max_age=300
+    for a relying party reading auth_time, so the provider asks for it again, and a login the
+    provider lets through is within max_age by the token's own auth_time (Core 3.1.2.1)."""
+    provider.account("alice")
+    client_id, secret = provider.client()
+    browser = provider.browser()
+    provider.clock.now = int(provider.clock.now) + 0.75
+    browser.login(client_id)
+    provider.clock.advance(299)
+    code = callback(browser.authorize(client_id, max_age="300"))["code"]
+    token = redeem(browser.http, client_id, secret, code).json()
+    from joserfc import jwt
+    from joserfc.jwk import KeySet
+
+    claims = jwt.decode(token["id_token"], KeySet.import_key_set(browser.http.get("/jwks").json())).claims
+    assert provider.clock() - claims["auth_time"] <= 300
+    provider.clock.advance(1)
+    page = browser.authorize(client_id, max_age="300")
+    assert page.status_code == 200 and "/login/factor/password" in page.text

@@ -212,24 +212,20 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
     kept = within_policy(tx, client)
     if not _narrow(tx, kept and without_password(kept, account)):
         return await next_step(svc, tx, None, client)
-    target = max((tx["target_acr"], client.minimum_acr), key=acr.rank)
-    if "fed" in tx["amr"]:
-        # Google is always followed by OTP (seed 001), whatever IDP_MFA or the client asks, and
-        # however the proof came: from the upstream just now, or from the SSO session.
-        target = max((target, acr.LOA2), key=acr.rank)
-    if acr.rank(acr.earned(tx["amr"])) < acr.rank(target):
+    for target in _levels(tx, client):
+        if acr.rank(acr.earned(tx["amr"])) >= acr.rank(target):
+            break
+        if not _reaches(svc, tx, account, client, factors, target):
+            continue  # out of this account's reach: the next level the client listed (acr_values)
         # (After a federated login only a factor the user holds raises it: ``acr.with_mfa``.)
         options = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
         if options:
             return Step("factor", factors=options)
-        # Two factors asked for and none bound: binding one the client takes (M1) is the way there.
-        can_bind = acr.rank(target) <= acr.rank(acr.LOA2) and not holds_possession(svc, account)
-        if can_bind and bindings(account, client):
+        if _can_bind(svc, account, client, target):
             return Step("action", action="bind")
-        if tx.get("fallback_acr"):
-            # Out of this account's reach: the next level the client listed (its acr_values).
-            lower = {**tx, "target_acr": tx["fallback_acr"][0], "fallback_acr": tx["fallback_acr"][1:]}
-            return await next_step(svc, lower, account, client)
+    else:
+        # No level asked for is within reach: said at once, before asking for a factor that
+        # could never get there (RFC 9470 3).
         return Step("unmet")
     if svc.settings.mfa and "mfa" not in tx["amr"]:
         # Two factors for everyone (seed 001): a second one if bound, else bind one first (M1),
@@ -251,6 +247,27 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
     if await needs_consent(svc, tx, account, client):
         return Step("consent")
     return Step("done")
+
+
+def _levels(tx: dict, client) -> list[str]:
+    """The levels the login may end at, in the client's order of preference (its acr_values),
+    each raised to the client's minimum_acr as it is now, and after Google to loa:2 at least:
+    Google is always followed by OTP (seed 001), whatever IDP_MFA or the client asks, and
+    however the proof came (from the upstream just now, or from the SSO session)."""
+    floor = max((client.minimum_acr, acr.LOA2 if "fed" in tx["amr"] else acr.LOA1), key=acr.rank)
+    return [max((level, floor), key=acr.rank) for level in (tx["target_acr"], *tx.get("fallback_acr", ()))]
+
+
+def _reaches(svc, tx: dict, account: Account, client, factors: tuple, level: str) -> bool:
+    """Whether the login can get to ``level`` at ``client``: with the factors the account has
+    bound that the client takes (``factors``), or by binding a second factor first (M1)."""
+    amr = tx["amr"] + [m for f in factors if f.bound(account) for m in f.amr]
+    return acr.rank(acr.earned(acr.with_mfa(amr))) >= acr.rank(level) or _can_bind(svc, account, client, level)
+
+
+def _can_bind(svc, account: Account, client, level: str) -> bool:
+    """Two factors asked for and none bound: binding one the client takes (M1) is the way there."""
+    return acr.rank(level) <= acr.rank(acr.LOA2) and not holds_possession(svc, account) and bool(bindings(account, client))
 
 
 def _narrow(tx: dict, kept: dict | None) -> bool:

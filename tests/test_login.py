@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover
     import httpx
 
 from idp import captcha
-from idp.acr import LOA2, LOA3
+from idp.acr import LOA1, LOA2, LOA3
 from idp.factors import FACTORS
 from idp.storage.models import Binding
 from tests.harness import PASSWORD, both_reach, callback, forms, language_link, redeem, takes
@@ -368,6 +368,35 @@ def test_acr_values_in_order_of_preference_fall_back_to_what_the_account_can_rea
     page = other.password(other.authorize(client_id, acr_values=f"{LOA3} {LOA2}"))
     page = other.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock() + 30))
     assert page.status_code == 200 and "/login/factor/certificate" in page.text  # the card, not a code at LOA2
+
+
+def test_acr_values_fall_back_without_asking_for_what_only_an_unreachable_level_needs(provider):
+    """P5, OIDC Core 5.5.1.1: "loa:3 loa:1" for an account without a card ends at loa:1 after
+    the password; the OTP (loa:2, which neither level asks for) is not asked on the way."""
+    _alice_with_otp(provider)
+    client_id, client_secret = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id, acr_values=f"{LOA3} {LOA1}"))
+    assert 'name="otp"' not in page.text
+    token = redeem(browser.http, client_id, client_secret, callback(page)["code"]).json()
+    claims = jwt.decode(token["id_token"], KeySet.import_key_set(browser.http.get("/jwks").json())).claims
+    assert claims["acr"] == LOA1 and claims["amr"] == ["pwd"]
+
+
+def test_a_step_up_to_a_level_out_of_reach_asks_for_nothing(provider):
+    """P5, RFC 9470 3: a session at loa:2 (a password typed just now, the OTP an hour ago) and
+    a portal asking loa:3 within max_age from an account without a card: the answer is
+    unmet_authentication_requirements at once, not an OTP page that could never lead there."""
+    _, secret = _alice_with_otp(provider)
+    client_id, _ = provider.client()
+    browser = provider.browser()
+    page = browser.password(browser.authorize(client_id, acr_values=LOA2))
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
+    provider.clock.advance(3600)
+    assert "code" in callback(browser.password(browser.authorize(client_id, prompt="login")))
+    provider.clock.advance(10)
+    page = browser.authorize(client_id, acr_values=LOA3, max_age="300")
+    assert callback(page)["error"] == "unmet_authentication_requirements"
 
 
 def test_allow_ends_the_login_though_nothing_asked_for_is_registered(provider):

@@ -27,6 +27,8 @@ def test_discovery_points_at_working_endpoints(provider):
     keys = http.get("/jwks").json()["keys"]
     assert {k["alg"] for k in keys} == {"ES256", "RS256"}
     assert all("d" not in k for k in keys), "private key material must never be published"
+    # RFC 8414 3: an OAuth client reads the same metadata at its own well-known URL.
+    assert http.get("/.well-known/oauth-authorization-server").json() == doc
 
 
 def test_password_login_issues_verified_tokens(provider):

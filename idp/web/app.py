@@ -167,6 +167,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
         Route("/login/factor/{factor}", login.factor_submit, methods=["POST"]),
         Route("/login", login.login_page),
         Route("/.well-known/openid-configuration", oidc.discovery),
+        # RFC 8414 3 for OAuth clients that look there (where the issuer has a path, a proxy
+        # maps /.well-known/oauth-authorization-server/PATH here).
+        Route("/.well-known/oauth-authorization-server", oidc.discovery),
         Route("/jwks", oidc.jwks),
         Route("/par", oidc.pushed_authorization, methods=["POST"]),
         Route("/userinfo", oidc.userinfo, methods=["GET", "POST"]),

@@ -188,6 +188,10 @@ def test_the_app_speaks_the_users_language_and_says_in_one_line_when_a_proxy_ans
             done = app_cli(state, "watch", "--once", env=env)
             assert done.returncode == 2 and done.stdout == "" and said in done.stderr, done.stderr
             assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    # The provider gone (its port closed): one line too, in the user's language.
+    done = app_cli(state, "watch", "--once", env={"LANG": "zh_TW.UTF-8"})
+    assert done.returncode == 2 and done.stderr.startswith("無法連線到身分認證服務") and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1
 
 
 def test_registration_url_is_one_time_and_number_is_validated(provider):

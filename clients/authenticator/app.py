@@ -100,7 +100,10 @@ class Authenticator:
 
     def post(self, url: str, token: str) -> dict:
         """Send one signed message; the provider's JSON answer, or AppError."""
-        response = self.http.post(url, json={"jws": token}, headers={"Accept-Language": self.lang})
+        try:
+            response = self.http.post(url, json={"jws": token}, headers={"Accept-Language": self.lang})
+        except httpx.TransportError as exc:  # no connection, a time-out: the network, not the provider
+            raise AppError("unreachable", say(self.lang, "unreachable", host=urlsplit(url).netloc), 0) from exc
         try:
             body = response.json()
         except ValueError:  # not the provider speaking: a proxy's or gateway's error page, say

@@ -25,6 +25,7 @@ MESSAGES = {
         "not_registered": "尚未註冊：請先執行 `register URL`",
         "foreign_provider": "回應指向的身分認證服務不是 QR 碼上的那一個。",
         "not_json": "身分認證服務的回應（HTTP {status}）不是它的 JSON 答覆（可能是代理伺服器的錯誤頁），請稍後再試。",
+        "unreachable": "無法連線到身分認證服務（{host}），請檢查網路後再試。",
     },
     "en": {
         "login_request": "Login request",
@@ -40,6 +41,7 @@ MESSAGES = {
         "not_registered": "Not registered: run `register URL` first",
         "foreign_provider": "The reply names another provider than the QR code's.",
         "not_json": "The provider's reply (HTTP {status}) is not its JSON answer (a proxy's error page?): try again later.",
+        "unreachable": "Cannot reach the provider ({host}): check the network and try again.",
     },
 }
 

@@ -11,6 +11,7 @@ import signal
 from functools import partial
 from pathlib import Path
 
+from redis.exceptions import ConnectionError as StoreDown, TimeoutError as StoreSlow
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.concurrency import run_in_threadpool
@@ -134,6 +135,16 @@ async def server_error(request: Request, exc):
     return response
 
 
+async def store_unavailable(request: Request, exc):
+    """Redis did not answer (down, a failover): a protocol endpoint's client gets its JSON
+    503 to retry on; a page, the error page."""
+    response = oidc.store_unavailable(request)
+    if response is None:
+        return await server_error(request, exc)
+    log.error("store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return response
+
+
 class Provider(Starlette):
     """Starlette, with ``outermost`` outside its error handler, which Starlette puts first:
     the request id and the security headers reach a 500's page and its log line too."""
@@ -224,7 +235,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
             await svc.store.aclose()
             await svc.db.aclose()
 
-    app = Provider(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+    app = Provider(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error,
+                                                      StoreDown: store_unavailable, StoreSlow: store_unavailable},
                    lifespan=lifespan, middleware=proxies.middleware(svc.settings.trusted_proxies),
                    outermost=[Middleware(logs.RequestId, access=svc.settings.access_log),  # every line carries the id
                               Middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))])

@@ -32,6 +32,7 @@ from idp.web.pages import (CSRF_COOKIE, csrf_ok, csrf_token, delete_cookie, erro
                            set_cookie, who)
 
 PROMPTS = {"none", "login", "consent", "select_account"}
+STORE_RETRY_SECONDS = 5  # Retry-After while the store is unreachable: a client's retry soon finds it back
 
 
 def _json(data, status=200, headers=None) -> Response:
@@ -41,6 +42,15 @@ def _json(data, status=200, headers=None) -> Response:
 def _oauth_error(error: str, description: str, status: int = 400, headers=None) -> Response:
     return _json({"error": error, "error_description": description}, status,
                  {"Cache-Control": "no-store", **(headers or {})})
+
+
+def store_unavailable(request: Request) -> Response | None:
+    """The answer of a protocol endpoint (``JSON_ENDPOINTS``) whose store did not answer: the
+    client's back end reads a JSON error and may retry; None for any other route."""
+    if request.scope.get("endpoint") not in JSON_ENDPOINTS:
+        return None
+    return _oauth_error("temporarily_unavailable", "The provider cannot serve the request now; try again shortly.",
+                        503, {"Retry-After": str(STORE_RETRY_SECONDS)})
 
 
 # -- discovery -----------------------------------------------------------------------
@@ -606,3 +616,7 @@ def _manage(svc, method, client_id, token, body):
                                   "cannot change")
             row.metadata_ = updated
         return 200, client_info(row, reg_token=reg_token, issuer=svc.settings.issuer)
+
+
+# The endpoints a relying party's back end calls, which answer JSON, errors included.
+JSON_ENDPOINTS = {token, userinfo, introspect, revoke, pushed_authorization, register, manage_client}

@@ -1,0 +1,78 @@
+"""Outages: Redis and PostgreSQL stopped and started again during and between the steps of a
+login and of token requests, on servers of each test's own (``tests.outage_helpers``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from idp.clock import FrozenClock
+from idp.settings import Settings
+from idp.web.app import create_app
+from tests import servers
+from tests.harness import Provider, redeem
+from tests.outage_helpers import RestartableRedis
+
+
+def _outage_provider(tmp_path, **extra):
+    """A provider on its own PostgreSQL and Redis, both of which a test may stop and start
+    again on the same port."""
+    pg = servers.start_postgres()
+    rd = RestartableRedis()
+    values = dict(database_url=pg.url, redis_url=rd.url, keys_dir=str(tmp_path / "keys"), captcha="off",
+                  issuer="http://idp.test", mfa=False, crl_cache_dir=str(tmp_path / "crl"))
+    values.update(extra)
+    clock = FrozenClock()
+    provider = Provider(create_app(Settings.from_env({}, **values), clock), clock)
+    provider.pg, provider.rd = pg, rd
+    return provider
+
+
+@pytest.fixture
+def outage(tmp_path):
+    provider = _outage_provider(tmp_path)
+    try:
+        yield provider
+    finally:
+        provider.rd.stop()
+        provider.pg.stop()
+
+
+def _tokens(provider):
+    provider.account()
+    client_id, secret = provider.client()
+    browser = provider.browser()
+    callback = browser.login(client_id)
+    tokens = redeem(browser.http, client_id, secret, callback["code"]).json()
+    return browser, client_id, secret, tokens
+
+
+@pytest.mark.parametrize("endpoint", ["token", "userinfo", "introspect", "revoke"])
+def test_protocol_endpoints_answer_json_503_while_redis_is_down(outage, endpoint):
+    """RFC 6749 5.2, RFC 6750, RFC 7662, RFC 7009: a relying party's back end reads a JSON
+    error from these endpoints, and may retry on a 503 with Retry-After."""
+    browser, client_id, secret, tokens = _tokens(outage)
+    outage.rd.stop()
+    http = browser.http
+    if endpoint == "token":
+        r = http.post("/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+                      auth=(client_id, secret))
+    elif endpoint == "userinfo":
+        r = http.get("/userinfo", headers={"Authorization": "Bearer " + tokens["access_token"]})
+    elif endpoint == "introspect":
+        r = http.post("/introspect", data={"token": tokens["access_token"]}, auth=(client_id, secret))
+    else:
+        r = http.post("/revoke", data={"token": tokens["refresh_token"]}, auth=(client_id, secret))
+    assert r.status_code == 503, (r.status_code, r.text[:200])
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"] == "temporarily_unavailable"
+    assert int(r.headers["retry-after"]) > 0
+
+
+def test_a_login_page_keeps_its_error_page_while_redis_is_down(outage):
+    outage.account()
+    client_id, _ = outage.client()
+    browser = outage.browser()
+    outage.rd.stop()
+    page = browser.authorize(client_id)
+    assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
+    assert "系統錯誤" in page.text

@@ -9,8 +9,8 @@ from idp.clock import FrozenClock
 from idp.settings import Settings
 from idp.web.app import create_app
 from tests import servers
-from tests.harness import Provider, redeem
-from tests.outage_helpers import RestartableRedis
+from tests.harness import PASSWORD, Provider, redeem
+from tests.outage_helpers import RestartableRedis, pg_start, pg_stop
 
 
 def _outage_provider(tmp_path, **extra):
@@ -76,3 +76,23 @@ def test_a_login_page_keeps_its_error_page_while_redis_is_down(outage):
     page = browser.authorize(client_id)
     assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
     assert "系統錯誤" in page.text
+
+
+def test_a_database_outage_does_not_count_the_right_password_toward_the_lockout(outage):
+    """A1 (3 wrong passwords lock the account): a user who typed the right password three times
+    while PostgreSQL was away got three error pages, the provider's failure, not three wrong
+    guesses: once the database is back the right password logs in, no "locked" page."""
+    outage.account()
+    client_id, _ = outage.client()
+    browser = outage.browser()
+    page = browser.authorize(client_id)
+    assert "/login/factor/password" in page.text
+    pg_stop(outage.pg)
+    for _ in range(3):
+        assert browser.password(page).status_code == 500
+    pg_start(outage.pg)
+
+    fresh = outage.browser()
+    done = fresh.password(fresh.authorize(client_id), password=PASSWORD)
+    assert "帳號已暫時停用" not in done.text
+    assert done.status_code == 302

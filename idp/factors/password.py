@@ -61,9 +61,13 @@ class PasswordFactor:
             await bridge.run(lockout.release, username)
             return Outcome(error="captcha.needed", keep=keep)
 
-        account, correct, rehash = await svc.passwords.check(partial(with_bindings, svc, username=username), password)
-        if correct and rehash:  # made with older parameters: upgraded now that the password is known
-            await run_in_threadpool(self._rehash, svc, account.id, password)
+        try:
+            account, correct, rehash = await svc.passwords.check(partial(with_bindings, svc, username=username), password)
+            if correct and rehash:  # made with older parameters: upgraded now that the password is known
+                await run_in_threadpool(self._rehash, svc, account.id, password)
+        except Exception:  # the provider's failure (its database away), not a guess: the attempt is given back
+            await bridge.run(lockout.release, username)
+            raise
         if not correct:
             return await svc.db.call(failed, account.id if account else None, attempt)  # the owner sees it in their activity log
         writes = Batch()  # sent with the login's next write

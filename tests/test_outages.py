@@ -3,7 +3,10 @@ login and of token requests, on servers of each test's own (``tests.outage_helpe
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+from sqlalchemy import event
 
 from idp.clock import FrozenClock
 from idp.settings import Settings
@@ -28,8 +31,9 @@ def _outage_provider(tmp_path, **extra):
 
 
 @pytest.fixture
-def outage(tmp_path):
-    provider = _outage_provider(tmp_path)
+def outage(tmp_path, request):
+    """``_outage_provider``, with the settings a test gives through ``indirect`` parametrization."""
+    provider = _outage_provider(tmp_path, **getattr(request, "param", {}))
     try:
         yield provider
     finally:
@@ -96,3 +100,50 @@ def test_a_database_outage_does_not_count_the_right_password_toward_the_lockout(
     done = fresh.password(fresh.authorize(client_id), password=PASSWORD)
     assert "帳號已暫時停用" not in done.text
     assert done.status_code == 302
+
+
+@contextlib.contextmanager
+def database_goes_away(provider, statement: str):
+    """PostgreSQL stops as the first statement that begins with ``statement`` (upper case) is
+    sent, and starts again when the block ends."""
+    fired = []
+
+    def stop(conn, cursor, sql, *_):
+        if not fired and sql.lstrip().upper().startswith(statement):
+            fired.append(True)
+            pg_stop(provider.pg)
+
+    event.listen(provider.svc.db.engine, "before_cursor_execute", stop)
+    try:
+        yield
+    finally:
+        event.remove(provider.svc.db.engine, "before_cursor_execute", stop)
+        assert fired, f"no {statement} was sent"
+        pg_start(provider.pg)
+
+
+def test_a_reset_link_still_works_after_its_new_password_could_not_be_saved(tmp_path, smtp_server):
+    """A1 (forgot password by a link, single use): PostgreSQL went away as the new password was
+    saved. The user got an error page and the password was not changed; the same link still
+    sets it once the database is back, rather than saying it is invalid."""
+    from tests.test_mail_and_recovery import NEW, ask_reset, reset_link
+
+    provider = _outage_provider(tmp_path, **smtp_server.settings())
+    try:
+        provider.account("alice", email_verified=True)
+        client_id, _ = provider.client()
+        browser = provider.browser()
+        ask_reset(provider, browser, "alice@example.tw")
+        link = reset_link(smtp_server.next_message())
+        page = browser.go(link)
+        with database_goes_away(provider, "UPDATE ACCOUNTS"):
+            assert browser.submit(page, "/password/reset", new_password=NEW, new_password_again=NEW).status_code == 500
+
+        page = browser.go(link)
+        assert page.status_code == 200 and "new_password" in page.text
+        done = browser.submit(page, "/password/reset", new_password=NEW, new_password_again=NEW)
+        assert done.status_code == 200 and "/password/reset/done" in str(done.url)
+        assert provider.browser().login(client_id, password=NEW)["code"]
+    finally:
+        provider.rd.stop()
+        provider.pg.stop()

@@ -399,7 +399,11 @@ async def reset_submit(request: Request) -> Response:
     if await bridge.run(svc.store.take, _RESET + digest) is None:  # used meanwhile (another tab, a double click)
         return _invalid_link(request, record)
     await bridge.run(svc.store.delete, _NEWEST + account["id"])
-    username = await run_in_threadpool(_set_new_password, svc, record, new)
+    try:
+        username = await run_in_threadpool(_set_new_password, svc, record, new)
+    except Exception:  # not saved (the database away): the link is not used up, it works once it is back
+        await bridge.run(_give_back, svc, record)
+        raise
     if username is None:
         return _invalid_link(request, record)
     await bridge.run(svc.lockout.clear, username)
@@ -413,6 +417,15 @@ async def reset_submit(request: Request) -> Response:
 def _is_current(svc, account_id: str, password: str) -> bool:
     with svc.db.session() as session:
         return is_current_password(session.get(Account, account_id), svc.passwords, password)
+
+
+def _give_back(svc, record: dict) -> None:
+    """Put back the link ``reset_submit`` took, for the rest of its time, and as the account's
+    newest unless a newer one was mailed meanwhile."""
+    digest = record["digest"]
+    ttl = int(record["exp"] - svc.clock()) + 60
+    svc.store.set(_RESET + digest, {k: v for k, v in record.items() if k != "digest"}, ttl)
+    svc.store.set(_NEWEST + record["account"], {"digest": digest}, ttl, only_new=True)
 
 
 def _set_new_password(svc, record, new: str) -> str | None:

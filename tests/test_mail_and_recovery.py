@@ -584,6 +584,31 @@ def test_a_mail_server_that_is_down_still_shows_the_neutral_page(make_provider, 
     assert _events(provider, "password.reset_requested") == []
 
 
+def test_a_reset_mail_that_never_left_leaves_the_delivered_link_working(make_provider):
+    """A1 (forgot password): the user holds a link and asks again while the mail server is down.
+    The page says "sent" as always, nothing arrives, and the link the user holds still works
+    (it was no longer the newest, so it said the link was invalid)."""
+    from tests.mailserver import MailServer
+
+    server = MailServer().start()  # stopped below, as a mail server goes down
+    try:
+        provider = make_provider(**server.settings())
+        provider.account("alice", email_verified=True)
+        browser = provider.browser()
+        ask_reset(provider, browser, "alice@example.tw")
+        delivered = reset_link(server.next_message())
+    finally:
+        server.stop()
+    provider.clock.advance(120)  # past the one mail a minute
+    assert ask_reset(provider, browser, "alice@example.tw").status_code == 200
+    assert server.messages[1:] == []
+
+    page = browser.go(delivered)
+    assert page.status_code == 200 and "new_password" in page.text
+    done = browser.submit(page, "/password/reset", new_password=NEW, new_password_again=NEW)
+    assert "/password/reset/done" in str(done.url)
+
+
 def test_mail_dates_follow_the_injected_clock(mailing, smtp_server):
     provider = mailing
     provider.account("alice")

@@ -248,16 +248,18 @@ def _send_reset_links(svc, email: str, locale: str, tx_id: str | None, seen: dic
         log.exception("password reset: could not look up the accounts of an address")
         return
     for account in accounts:
-        token = _issue_reset(svc, account, tx_id, locale)
+        token, older = _issue_reset(svc, account, tx_id, locale)
         try:
             svc.mailer.send(account["email"], "password_reset", locale, name=account["name"] or account["username"],
                             username=account["username"], minutes=RESET_SECONDS // 60,
                             link=_link(svc, "/password/reset", token=token))
-        except MailError:
-            continue  # the mailer logged why; the user may ask again
-        except Exception:
-            log.exception("password reset mail for %s failed", account["username"])
-            continue
+        except Exception as error:
+            if not isinstance(error, MailError):  # the mailer logged why a MailError happened
+                log.exception("password reset mail for %s failed", account["username"])
+            _withdraw_reset(svc, account["id"], token, older)  # the link the user holds keeps working
+            continue  # the user may ask again
+        if older:
+            svc.store.delete(_RESET + older["digest"])
         svc.audit.record("password.reset_requested", account_id=account["id"], username=account["username"],
                          **seen, method="email")
 
@@ -285,9 +287,11 @@ def _unchanged(record: dict, account: Account) -> bool:
     return (dt.datetime.fromisoformat(kept) if kept else None) == account.password_changed_at
 
 
-def _issue_reset(svc, account: dict, tx_id: str | None, locale: str) -> str:
-    """The link's record keeps the language of the request: its pages speak it, in whatever
-    browser the mail is opened."""
+def _issue_reset(svc, account: dict, tx_id: str | None, locale: str) -> tuple[str, dict | None]:
+    """A new link, now the account's newest, and the newest it replaced (None if none), whose
+    record the caller deletes once the mail has gone, or makes the newest again if it has not
+    (``_withdraw_reset``). The link's record keeps the language of the request: its pages speak
+    it, in whatever browser the mail is opened."""
     token = secrets.token_urlsafe(32)
     digest = _digest(token)
     record = {"account": account["id"], "email": account["email"], "changed": account["changed"],
@@ -295,9 +299,16 @@ def _issue_reset(svc, account: dict, tx_id: str | None, locale: str) -> str:
     svc.store.set(_RESET + digest, record, RESET_SECONDS + 60)
     older = svc.store.get(_NEWEST + account["id"])
     svc.store.set(_NEWEST + account["id"], {"digest": digest}, RESET_SECONDS + 60)
+    return token, older
+
+
+def _withdraw_reset(svc, account_id: str, token: str, older: dict | None) -> None:
+    """Undo ``_issue_reset`` for a link whose mail never left: the newest before it is again."""
+    svc.store.delete(_RESET + _digest(token))
     if older:
-        svc.store.delete(_RESET + older["digest"])
-    return token
+        svc.store.set(_NEWEST + account_id, older, RESET_SECONDS + 60)
+    else:
+        svc.store.delete(_NEWEST + account_id)
 
 
 async def forgot_captcha(request: Request) -> Response:

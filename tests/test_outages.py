@@ -147,3 +147,17 @@ def test_a_reset_link_still_works_after_its_new_password_could_not_be_saved(tmp_
     finally:
         provider.rd.stop()
         provider.pg.stop()
+
+
+def test_the_first_login_after_a_postgresql_restart_is_served(outage):
+    """O3: PostgreSQL restarted (a minor upgrade, a failover) and is back. The next user who
+    types the right password logs in, rather than getting the error page from a connection
+    that ended with the old server."""
+    outage.account()
+    client_id, _ = outage.client()
+    assert outage.browser().login(client_id)["code"]  # the pools hold connections now
+    pg_stop(outage.pg)
+    pg_start(outage.pg)
+
+    browser = outage.browser()
+    assert browser.login(client_id)["code"]

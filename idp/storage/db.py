@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import select
 import uuid
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import String, create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DisconnectionError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.orm import sessionmaker
@@ -78,10 +79,11 @@ class Database:
             alive = {name: value for name, value in _KEEPALIVE.items() if name not in parsed.query}
             # Twice ``pool`` at most: by default as many as Starlette's thread pool (40 threads)
             # uses, so connections are reused rather than opened per request; no pre-ping round
-            # trip per checkout (a dead connection fails one request and is replaced;
-            # pool_recycle retires idle ones first).
+            # trip per checkout: one the server ended while it was idle is replaced as it is
+            # checked out (``_ended``); pool_recycle retires idle ones first.
             self.engine = create_engine(url, pool_size=pool, max_overflow=pool, pool_recycle=300, hide_parameters=True,
                                         connect_args={**alive, **timeout, **options})
+            event.listen(self.engine, "checkout", _replace_ended)
             # From the parsed URL, not its rendering, which would turn a space into "+".
             _, connect = self.engine.dialect.create_connect_args(parsed)
             connect.pop("context", None)  # SQLAlchemy's type adapters, not a libpq option
@@ -332,7 +334,12 @@ class _LoopConnections:
 
     async def query(self, sql: str, params, fetch: bool):
         async with self.slots:
-            conn = self.idle.pop() if self.idle else await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+            conn = self.idle.pop() if self.idle else None
+            if conn is not None and _ended(conn):  # while idle (a restart, a failover): so were the others
+                conn.pgconn.finish()
+                self.close()
+                conn = None
+            conn = conn or await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
             try:
                 cursor = await conn.execute(sql, params, prepare=True)
                 result = _names(cursor), await cursor.fetchall() if fetch else []
@@ -353,6 +360,29 @@ class _LoopConnections:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.pgconn.finish()
+
+
+def _ended(conn) -> bool:
+    """Whether the server ended an idle connection (a restart, a failover, an administrator's
+    pg_terminate_backend): it sent its goodbye or closed, so the socket has something to read
+    (else only a reported setting a reload changed, rare: that one is replaced for nothing).
+    Found without a round trip, where
+    pool_pre_ping would add one to every checkout; the first request after a restart is then
+    served on a new connection rather than failed."""
+    if conn.closed:
+        return True
+    poller = select.poll()  # not select.select: a busy process's descriptors pass its limit of 1024
+    try:
+        poller.register(conn.pgconn.socket, select.POLLIN)
+    except (OSError, psycopg.Error):
+        return True
+    return bool(poller.poll(0))
+
+
+def _replace_ended(dbapi_conn, record, proxy) -> None:
+    """The pool's checkout: an ended connection is discarded, and the pool opens a new one."""
+    if _ended(dbapi_conn):
+        raise DisconnectionError("the database server ended the connection while it was idle")
 
 
 def _names(cursor) -> list[str]:

@@ -161,3 +161,27 @@ def test_the_first_login_after_a_postgresql_restart_is_served(outage):
 
     browser = outage.browser()
     assert browser.login(client_id)["code"]
+
+
+@pytest.mark.parametrize("outage", [{"mfa": True}], indirect=True)
+def test_an_otp_binding_that_could_not_be_saved_keeps_its_qr(outage):
+    """A2 (the user proves one code before the binding counts): PostgreSQL went away as the
+    binding was written. The user got an error page; once the database is back the QR code
+    already scanned into the app still binds, rather than "此 QR Code 已失效", which would
+    leave the app's entry useless and a new version to scan."""
+    import pyotp
+
+    from tests.test_totp import _secret
+
+    outage.account()
+    client_id, _ = outage.client()
+    browser = outage.browser()
+    page = browser.password(browser.authorize(client_id))
+    secret = _secret(page)
+    with database_goes_away(outage, "DELETE FROM BINDINGS"):
+        failed = browser.submit(page, "/login/bind/otp", otp=pyotp.TOTP(secret).at(outage.clock()))
+        assert failed.status_code == 500
+
+    outage.clock.advance(30)
+    bound = browser.submit(page, "/login/bind/otp", otp=pyotp.TOTP(secret).at(outage.clock()))
+    assert "OTP 驗證綁定完成" in bound.text

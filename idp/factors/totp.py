@@ -188,14 +188,18 @@ class Enrolment:
             return error
         if self.svc.store.take(self._key(account_id, owner)) is None:
             return "otp.qr_expired"  # confirmed meanwhile by another request
-        with self.svc.db.session() as session:
-            # The old secret stops working. Of two pages' QR codes confirmed at once, the second
-            # waits for the account's row, then its DELETE (one statement, not a read and a
-            # delete: SQLite has no row locks) removes the first one's binding.
-            session.get(Account, account_id, with_for_update=True)
-            session.execute(delete(Binding).where(Binding.account_id == account_id, Binding.factor == TOTP.name))
-            session.add(Binding(account_id=account_id, factor=TOTP.name, label=f"v{pending['version']}",
-                                data={"secret": pending["secret"], "version": pending["version"], "last_step": step}))
+        try:
+            with self.svc.db.session() as session:
+                # The old secret stops working. Of two pages' QR codes confirmed at once, the second
+                # waits for the account's row, then its DELETE (one statement, not a read and a
+                # delete: SQLite has no row locks) removes the first one's binding.
+                session.get(Account, account_id, with_for_update=True)
+                session.execute(delete(Binding).where(Binding.account_id == account_id, Binding.factor == TOTP.name))
+                session.add(Binding(account_id=account_id, factor=TOTP.name, label=f"v{pending['version']}",
+                                    data={"secret": pending["secret"], "version": pending["version"], "last_step": step}))
+        except Exception:  # not bound (the database away): the QR already scanned still binds once it is back
+            self.svc.store.set(self._key(account_id, owner), pending, int(pending["exp"] - self.svc.clock()) + 60)
+            raise
         self.svc.store.set(f"otp-used:{account_id}:{step}", {}, STEP * (2 * WINDOW + 2))
         return None
 

@@ -4,12 +4,19 @@ outage tests (``tests/test_outages.py``)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from sqlalchemy import event
+
+from idp.clock import FrozenClock
+from idp.settings import Settings
+from idp.web.app import create_app
 from tests import servers
+from tests.harness import Provider
 
 
 class RestartableRedis:
@@ -58,3 +65,37 @@ def pg_start(pg):
     opts = f"-p {pg.port} -k {pg.base} -c listen_addresses=127.0.0.1 -c fsync=off"
     started = pg._pg(str(pg.bindir / "pg_ctl"), "-D", str(pg.datadir), "-l", str(pg.logfile), "-w", "-o", opts, "start")
     assert started.returncode == 0, started.stderr
+
+
+def outage_provider(tmp_path, **extra):
+    """A provider on its own PostgreSQL and Redis, both of which a test may stop and start
+    again on the same port."""
+    pg = servers.start_postgres()
+    rd = RestartableRedis()
+    values = dict(database_url=pg.url, redis_url=rd.url, keys_dir=str(tmp_path / "keys"), captcha="off",
+                  issuer="http://idp.test", mfa=False, crl_cache_dir=str(tmp_path / "crl"))
+    values.update(extra)
+    clock = FrozenClock()
+    provider = Provider(create_app(Settings.from_env({}, **values), clock), clock)
+    provider.pg, provider.rd = pg, rd
+    return provider
+
+
+@contextlib.contextmanager
+def database_goes_away(provider, statement: str):
+    """PostgreSQL stops as the first statement that contains ``statement`` (upper case) is sent
+    through SQLAlchemy, and starts again when the block ends."""
+    fired = []
+
+    def stop(conn, cursor, sql, *_):
+        if not fired and statement in sql.upper():
+            fired.append(True)
+            pg_stop(provider.pg)
+
+    event.listen(provider.svc.db.engine, "before_cursor_execute", stop)
+    try:
+        yield
+    finally:
+        event.remove(provider.svc.db.engine, "before_cursor_execute", stop)
+        assert fired, f"no {statement} was sent"
+        pg_start(provider.pg)

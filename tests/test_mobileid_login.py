@@ -456,3 +456,32 @@ def test_with_otp_bound_too_each_page_offers_the_other(provider):
     tx = _tx(browser.password(browser.authorize(client_id)))
     assert f"/login?tx={tx}&amp;factor=mobileid" in browser.go(f"/login?tx={tx}&factor=otp").text
     assert f"/login?tx={tx}&amp;factor=otp" in browser.go(f"/login?tx={tx}&factor=mobileid").text
+
+
+def test_an_approval_outlives_a_database_failure_as_the_page_continues(tmp_path, sim):
+    """A4: the user approved on the phone; as the page continued, PostgreSQL went away for a
+    moment and the user got an error page. Once it is back, "continue" logs in with that
+    approval, within its 3 minutes, rather than saying it expired and asking for another."""
+    from tests.outage_helpers import database_goes_away, outage_provider
+
+    provider = outage_provider(tmp_path, mfa=True, mobileid_url=sim.url + "/moise/sp/", mobileid_sp_service_id=SP_ID,
+                               mobileid_key=KEY.hex(), mobileid_trust=sim.trust)
+    try:
+        sim.clock.target = provider.clock
+        provider.account("alice", national_id=CITIZEN)
+        client_id, _ = provider.client()
+        browser = provider.browser()
+        page, tx = start(provider, browser, client_id)
+        assert phone(sim, "approve", sp_ticket_id=tickets(provider, tx)["push"]["sp_ticket_id"]).status_code == 200
+        provider.clock.advance(4)
+        assert status(browser, tx)["state"] == "done"
+        waiting = browser.go(f"/login?tx={tx}&factor=mobileid")
+        with database_goes_away(provider, "WHERE ACCOUNTS.NATIONAL_ID"):
+            assert browser.submit(waiting, "/login/factor/mobileid").status_code == 500
+
+        provider.clock.advance(4)
+        done = browser.submit(browser.go(f"/login?tx={tx}&factor=mobileid"), "/login/factor/mobileid")
+        assert callback(done)["code"]
+    finally:
+        provider.rd.stop()
+        provider.pg.stop()

@@ -3,37 +3,16 @@ login and of token requests, on servers of each test's own (``tests.outage_helpe
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
-from sqlalchemy import event
 
-from idp.clock import FrozenClock
-from idp.settings import Settings
-from idp.web.app import create_app
-from tests import servers
-from tests.harness import PASSWORD, Provider, redeem
-from tests.outage_helpers import RestartableRedis, pg_start, pg_stop
-
-
-def _outage_provider(tmp_path, **extra):
-    """A provider on its own PostgreSQL and Redis, both of which a test may stop and start
-    again on the same port."""
-    pg = servers.start_postgres()
-    rd = RestartableRedis()
-    values = dict(database_url=pg.url, redis_url=rd.url, keys_dir=str(tmp_path / "keys"), captcha="off",
-                  issuer="http://idp.test", mfa=False, crl_cache_dir=str(tmp_path / "crl"))
-    values.update(extra)
-    clock = FrozenClock()
-    provider = Provider(create_app(Settings.from_env({}, **values), clock), clock)
-    provider.pg, provider.rd = pg, rd
-    return provider
+from tests.harness import PASSWORD, redeem
+from tests.outage_helpers import database_goes_away, outage_provider, pg_start, pg_stop
 
 
 @pytest.fixture
 def outage(tmp_path, request):
-    """``_outage_provider``, with the settings a test gives through ``indirect`` parametrization."""
-    provider = _outage_provider(tmp_path, **getattr(request, "param", {}))
+    """``outage_provider``, with the settings a test gives through ``indirect`` parametrization."""
+    provider = outage_provider(tmp_path, **getattr(request, "param", {}))
     try:
         yield provider
     finally:
@@ -102,33 +81,13 @@ def test_a_database_outage_does_not_count_the_right_password_toward_the_lockout(
     assert done.status_code == 302
 
 
-@contextlib.contextmanager
-def database_goes_away(provider, statement: str):
-    """PostgreSQL stops as the first statement that begins with ``statement`` (upper case) is
-    sent, and starts again when the block ends."""
-    fired = []
-
-    def stop(conn, cursor, sql, *_):
-        if not fired and sql.lstrip().upper().startswith(statement):
-            fired.append(True)
-            pg_stop(provider.pg)
-
-    event.listen(provider.svc.db.engine, "before_cursor_execute", stop)
-    try:
-        yield
-    finally:
-        event.remove(provider.svc.db.engine, "before_cursor_execute", stop)
-        assert fired, f"no {statement} was sent"
-        pg_start(provider.pg)
-
-
 def test_a_reset_link_still_works_after_its_new_password_could_not_be_saved(tmp_path, smtp_server):
     """A1 (forgot password by a link, single use): PostgreSQL went away as the new password was
     saved. The user got an error page and the password was not changed; the same link still
     sets it once the database is back, rather than saying it is invalid."""
     from tests.test_mail_and_recovery import NEW, ask_reset, reset_link
 
-    provider = _outage_provider(tmp_path, **smtp_server.settings())
+    provider = outage_provider(tmp_path, **smtp_server.settings())
     try:
         provider.account("alice", email_verified=True)
         client_id, _ = provider.client()

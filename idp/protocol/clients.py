@@ -42,6 +42,7 @@ AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", 
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
 SCOPES = ("openid", "profile", "email", "phone", "offline_access")
 HUMAN = ("client_name", "client_uri", "logo_uri", "tos_uri", "policy_uri")  # may carry a "#language" tag
+PAGES = ("client_uri", "logo_uri", "tos_uri", "policy_uri")  # of HUMAN, the client's web pages
 KNOWN = (
     "redirect_uris", "post_logout_redirect_uris", "grant_types", "response_types", "token_endpoint_auth_method",
     "token_endpoint_auth_signing_alg", "jwks", "scope", "subject_type", "sector_identifier_uri",
@@ -94,14 +95,25 @@ class OAuthClient(ClientMixin):
 
     def shown_name(self, locale: str) -> str:
         """The name the pages show in ``locale``, as registered (never looked up as one of the
-        provider's messages): ``client_name#<tag>`` for that language, the same language in
-        another region, the untagged name, any name, the client_id (RFC 7591 2.2)."""
-        names = {key.partition("#")[2].lower(): value for key, value in self.metadata.items()
-                 if key.partition("#")[0] == "client_name" and value}
+        provider's messages), else the client_id."""
+        return self._shown("client_name", locale) or self.client_id
+
+    def shown_page(self, field: str, locale: str) -> str | None:
+        """The client's ``policy_uri`` or ``tos_uri`` the login pages link to in ``locale``
+        (Registration 1.0 2: the provider SHOULD show them); only an https page, for a
+        registration stored before others were refused."""
+        uri = self._shown(field, locale)
+        return uri if is_https_page(uri) else None
+
+    def _shown(self, field: str, locale: str) -> str | None:
+        """``field#<tag>`` for the language of ``locale``, the same language in another
+        region, the untagged value, any value (RFC 7591 2.2)."""
+        values = {key.partition("#")[2].lower(): value for key, value in self.metadata.items()
+                  if key.partition("#")[0] == field and value}
         language = locale.lower().partition("-")[0]
-        return (names.get(locale.lower())
-                or next((value for tag, value in names.items() if tag and tag.partition("-")[0] == language), None)
-                or names.get("") or next(iter(names.values()), None) or self.client_id)
+        return (values.get(locale.lower())
+                or next((value for tag, value in values.items() if tag and tag.partition("-")[0] == language), None)
+                or values.get("") or next(iter(values.values()), None))
 
     @property
     def auth_method(self) -> str:
@@ -208,6 +220,11 @@ def validate_metadata(meta: dict) -> dict:
         if key.partition("#")[0] in HUMAN + ("software_id", "software_version") and not (
                 isinstance(value, str) and 0 < len(value) <= 300):
             raise ClientError(f"{key} must be a string of at most 300 characters")
+    for key, value in meta.items():
+        # The login pages link to the client's pages: a javascript: or data: URI
+        # there would run in the provider's origin at a click.
+        if key.partition("#")[0] in PAGES and not is_https_page(value):
+            raise ClientError(f"{key} must be an https URL")
     contacts = meta.get("contacts", [])
     if not isinstance(contacts, list) or not all(isinstance(c, str) and len(c) <= 320 for c in contacts):
         raise ClientError("contacts must be a list of email addresses")
@@ -330,6 +347,18 @@ def _check_uri(uri: str, key: str, error: str = "invalid_redirect_uri") -> None:
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a name (a container's, with "_"), an IP address
 _URI_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+
+
+def is_https_page(uri) -> bool:
+    """Whether ``uri`` is an https URL at a plain host, with no user name and no character a URI
+    may not hold (so nothing a page or header repeating it would read otherwise)."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port  # a bad port raises here
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return (parts.scheme == "https" and _HOST.fullmatch(parts.hostname or "") is not None and port != 0
+            and parts.username is None and _URI_CHARS.fullmatch(uri) is not None)
 
 
 def _loopback_portless(uri: str) -> str | None:

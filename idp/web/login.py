@@ -62,6 +62,9 @@ class Console:
     def shown_name(self, locale: str) -> str:
         return translate(locale, self.name)
 
+    def shown_page(self, field: str, locale: str) -> None:
+        return None  # the provider's own pages: no client's policy or terms to link
+
 
 async def load(svc, tx: dict):
     """The client, the transaction's account (None before the first factor) and the next

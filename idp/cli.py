@@ -293,6 +293,7 @@ def cmd_clients_add(args) -> int:
         "minimum_acr": args.minimum_acr,
         "allowed_factors": args.allowed_factor,
         "id_token_signed_response_alg": args.alg,
+        "jwks_uri": args.jwks_uri,
     }
     # Back-Channel / Front-Channel Logout 1.0 (SPEC P6); this provider always sends iss and sid.
     if args.backchannel_logout_uri:
@@ -423,6 +424,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--auth-method", default="client_secret_basic",
                    choices=["client_secret_basic", "client_secret_post", "private_key_jwt"])
     c.add_argument("--jwks", help="file with the client's public JWKS (private_key_jwt)")
+    c.add_argument("--jwks-uri", help="https URL of the client's public JWKS, fetched when it authenticates "
+                   "(private_key_jwt, instead of --jwks)")
     c.add_argument("--first-party", action="store_true", help="a portal of ours: no consent screen")
     c.add_argument("--subject-type", choices=["public", "pairwise"], default="public")
     c.add_argument("--minimum-acr", help="the lowest acr this client accepts (urn:idp:loa:1..3; loa:2 = MFA required)")

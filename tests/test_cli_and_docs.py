@@ -118,6 +118,15 @@ def test_clients_add_prints_json_with_secret_once(tmp_path):
     assert info["client_id"] not in _idp(tmp_path, "clients", "list").stdout
 
 
+def test_clients_add_takes_a_jwks_uri_for_a_private_key_jwt_client(tmp_path):
+    """OIDC Registration 1.0 2: an administrator may name the client's keys by URL, as /register may."""
+    out = _idp(tmp_path, "clients", "add", "--name", "x", "--grant-type", "client_credentials", "--auth-method",
+               "private_key_jwt", "--jwks-uri", "https://a.example.tw/jwks.json", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["jwks_uri"] == "https://a.example.tw/jwks.json" and "client_secret" not in info
+
+
 def test_clients_add_rejects_bad_redirect(tmp_path):
     out = _idp(tmp_path, "clients", "add", "--name", "x", "--redirect-uri", "http://evil.example.com/cb")
     assert out.returncode == 2 and "https" in out.stderr

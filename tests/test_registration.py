@@ -5,15 +5,22 @@ an integrator's tooling sees it."""
 import datetime as dt
 import html
 import re
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from joserfc import jwt
-from joserfc.jwk import KeySet
+from joserfc.jwk import ECKey, KeySet
 from sqlalchemy import func, select
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
 
+from idp.protocol import remote
 from idp.protocol.clients import create_client, new_initial_access_token
 from idp.storage.models import Client
+from tests import live
 from tests.harness import REDIRECT, both_reach, callback, pkce, redeem
 
 APP = "https://grants.example.tw/callback"
@@ -184,7 +191,11 @@ def test_bad_metadata_values_are_invalid_client_metadata(provider):
          "jwks": {"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
                             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}},
         {"userinfo_signed_response_alg": "ES256"},
-        {"jwks_uri": "https://grants.example.tw/jwks.json"},
+        # Keys by value or by reference, not both (Registration 1.0 2); by reference over https.
+        {"token_endpoint_auth_method": "private_key_jwt", "jwks_uri": "https://grants.example.tw/jwks.json",
+         "jwks": {"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}},
+        {"token_endpoint_auth_method": "private_key_jwt", "jwks_uri": "http://grants.example.tw/jwks.json"},
         {"request_uris": ["https://grants.example.tw/request.jwt"]},
         {"default_acr_values": ["urn:idp:loa:9"]},
         {"default_acr_values": [["urn:idp:loa:2"]]},
@@ -236,6 +247,77 @@ def test_metadata_the_provider_does_not_know_is_not_registered(provider):
     assert "future_feature" not in info and "initiate_login_uri" not in info and "application_type" not in info
     assert info["client_name#en"] == "Research grants" and info["frontchannel_logout_uri"].endswith("/logout")
     assert "future_feature" not in _manage(provider.http(), info).json()
+
+
+class _KeyHost:
+    """A client's jwks_uri (``url`` + /jwks.json): its current public keys, fetches counted."""
+
+    def __init__(self):
+        self.keys, self.fetches, self.url = [], 0, ""
+
+    async def jwks(self, request):
+        self.fetches += 1
+        return JSONResponse({"keys": [key.as_dict(private=False) for key in self.keys]})
+
+    async def huge(self, request):  # keys that would do, but past the size limit
+        return JSONResponse({"keys": [key.as_dict(private=False) for key in self.keys] * (remote.MAX_BYTES // 100)})
+
+    def app(self):
+        return Starlette(routes=[Route("/jwks.json", self.jwks), Route("/huge.json", self.huge),
+                                 Route("/healthz", lambda request: PlainTextResponse("ok"))])
+
+
+@pytest.fixture
+def key_host():
+    host = _KeyHost()
+    with live.reserve() as (sock, url):
+        host.url = url
+        with live.serve(host.app(), sock, url):
+            yield host
+
+
+def _with_key(provider, key, client_id):
+    """A client_credentials request authenticated by an assertion signed with ``key`` (RFC 7523)."""
+    now = int(time.time())  # authlib checks the assertion's exp against the wall clock
+    assertion = jwt.encode({"alg": "ES256", "kid": key.kid}, {
+        "iss": client_id, "sub": client_id, "aud": provider.issuer + "/token", "iat": now,
+        "exp": now + 120, "jti": secrets.token_urlsafe(16)}, key)
+    return provider.http().post("/token", data={"grant_type": "client_credentials", "client_assertion": assertion,
+                                     "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"})
+
+
+def test_a_private_key_jwt_client_registers_its_jwks_uri_and_authenticates_with_its_keys(provider, key_host):
+    """OIDC Registration 1.0 2: jwks_uri instead of jwks. The keys are fetched when the client
+    authenticates, kept a while, and fetched again at once for a key the client rotated in."""
+    first = ECKey.generate_key("P-256", parameters={"kid": "2026-1"}, private=True)
+    key_host.keys = [first]
+    info = _registered(provider, redirect_uris=[], grant_types=["client_credentials"],
+                       token_endpoint_auth_method="private_key_jwt", jwks_uri=key_host.url + "/jwks.json")
+    assert info["jwks_uri"] == key_host.url + "/jwks.json" and "client_secret" not in info
+    for _ in range(2):
+        response = _with_key(provider, first, info["client_id"])
+        assert response.status_code == 200 and response.json()["access_token"], response.text
+    assert key_host.fetches == 1  # kept, not fetched per request
+    second = ECKey.generate_key("P-256", parameters={"kid": "2026-2"}, private=True)
+    key_host.keys = [second]  # rotated
+    provider.clock.advance(remote.REFETCH_SECONDS)
+    assert _with_key(provider, second, info["client_id"]).status_code == 200
+    assert key_host.fetches == 2
+    # Retired keys are refused, and made-up kids fetch nothing more.
+    for key in (first, ECKey.generate_key("P-256", parameters={"kid": "forged"}, private=True)):
+        _error(_with_key(provider, key, info["client_id"]), 400, "invalid_client")
+    assert key_host.fetches == 2
+    provider.clock.advance(remote.KEYS_SECONDS)
+    assert _with_key(provider, second, info["client_id"]).status_code == 200 and key_host.fetches == 3
+
+
+@pytest.mark.parametrize("path", ["/missing.json", "/huge.json"])
+def test_a_jwks_uri_that_cannot_be_read_is_invalid_client(provider, key_host, path):
+    key = ECKey.generate_key("P-256", parameters={"kid": "k"}, private=True)
+    key_host.keys = [key]
+    info = _registered(provider, redirect_uris=[], grant_types=["client_credentials"],
+                       token_endpoint_auth_method="private_key_jwt", jwks_uri=key_host.url + path)
+    _error(_with_key(provider, key, info["client_id"]), 400, "invalid_client")
 
 
 def _client_pages(page) -> dict:

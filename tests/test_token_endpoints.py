@@ -229,7 +229,7 @@ def test_private_key_jwt_needs_a_public_asymmetric_jwks(provider):
         {"jwks": {"keys": [_key().as_dict(private=True)]}},
         {"jwks": {"keys": [{"kty": "EC"}]}},
         {"jwks": "not-a-jwks"},
-        {"jwks_uri": "https://service.example.tw/jwks"},  # never fetched, so it could never log in
+        {"jwks_uri": "http://service.example.tw/jwks"},  # fetched: over https only (but on this computer)
     ):
         with pytest.raises(ClientError) as raised:
             _service(provider, token_endpoint_auth_method="private_key_jwt", **bad)

@@ -3,7 +3,7 @@
 A client's metadata follows RFC 7591 / OpenID Connect Dynamic Registration
 names (``redirect_uris``, ``grant_types``, ``token_endpoint_auth_method``,
 ``post_logout_redirect_uris``, ``subject_type``,
-``id_token_signed_response_alg``, ``jwks``, and the logout URIs of
+``id_token_signed_response_alg``, ``jwks`` or ``jwks_uri``, and the logout URIs of
 Back-Channel and Front-Channel Logout 1.0: ``backchannel_logout_uri``,
 ``backchannel_logout_session_required``, ``frontchannel_logout_uri``,
 ``frontchannel_logout_session_required``, RFC 9126's
@@ -18,7 +18,7 @@ human-readable ``client_name``, ``client_uri``, ``logo_uri``, ``tos_uri``,
 Metadata the provider does not understand is dropped, as RFC 7591 2 asks, so
 the registration response never lists it as registered; metadata it
 understands but cannot honour (encrypted ID tokens, signed UserInfo, request
-objects by reference, a ``jwks_uri`` it would have to fetch) is refused.
+objects by reference) is refused.
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ HUMAN = ("client_name", "client_uri", "logo_uri", "tos_uri", "policy_uri")  # ma
 PAGES = ("client_uri", "logo_uri", "tos_uri", "policy_uri")  # of HUMAN, the client's web pages
 KNOWN = (
     "redirect_uris", "post_logout_redirect_uris", "grant_types", "response_types", "token_endpoint_auth_method",
-    "token_endpoint_auth_signing_alg", "jwks", "scope", "subject_type", "sector_identifier_uri",
+    "token_endpoint_auth_signing_alg", "jwks", "jwks_uri", "scope", "subject_type", "sector_identifier_uri",
     "id_token_signed_response_alg", "default_acr_values", "default_max_age", "require_auth_time",
     "backchannel_logout_uri", "backchannel_logout_session_required", "frontchannel_logout_uri",
     "frontchannel_logout_session_required", "require_pushed_authorization_requests", "dpop_bound_access_tokens",
     "contacts", "software_id", "software_version",
     "first_party", "minimum_acr", "allowed_factors", "access_token_lifetime", "refresh_token_lifetime",
 )
-UNSUPPORTED = ("jwks_uri", "request_uris", "id_token_encrypted_response_alg", "id_token_encrypted_response_enc",
+UNSUPPORTED = ("request_uris", "id_token_encrypted_response_alg", "id_token_encrypted_response_enc",
                "userinfo_signed_response_alg", "userinfo_encrypted_response_alg", "userinfo_encrypted_response_enc",
                "request_object_signing_alg", "request_object_encryption_alg", "request_object_encryption_enc",
                "software_statement")
@@ -238,15 +238,21 @@ def validate_metadata(meta: dict) -> dict:
         raise ClientError(f"unsupported token_endpoint_auth_method: {method}")
     if method == "none" and "client_credentials" in grant_types:
         raise ClientError("a public client cannot use client_credentials")
-    if method == "private_key_jwt" and not meta.get("jwks"):
-        raise ClientError("private_key_jwt needs jwks")  # jwks_uri is never fetched
+    if "jwks" in meta and "jwks_uri" in meta:
+        raise ClientError("jwks and jwks_uri must not both be given (OpenID Connect Registration 1.0 2)")
+    if method == "private_key_jwt" and not (meta.get("jwks") or meta.get("jwks_uri")):
+        raise ClientError("private_key_jwt needs jwks or jwks_uri")
     if "jwks" in meta:
-        _check_jwks(meta["jwks"])
+        check_jwks(meta["jwks"])
+    if "jwks_uri" in meta:  # fetched when the client authenticates (idp.protocol.remote)
+        if not isinstance(meta["jwks_uri"], str):
+            raise ClientError("jwks_uri must be a string")
+        _check_uri(meta["jwks_uri"], "jwks_uri", "invalid_client_metadata")
     for key in ("id_token_signed_response_alg", "token_endpoint_auth_signing_alg"):
         if meta.get(key, "ES256") not in ("ES256", "RS256"):
             raise ClientError(f"{key} must be ES256 or RS256")
     alg = meta.get("token_endpoint_auth_signing_alg")
-    if method == "private_key_jwt" and alg and not any(
+    if method == "private_key_jwt" and alg and "jwks" in meta and not any(
             (k.get("kty"), k.get("crv")) in ((("EC", "P-256"),) if alg == "ES256" else (("RSA", None),))
             and k.get("alg", alg) == alg for k in meta["jwks"]["keys"]):
         raise ClientError(f"jwks has no key that can make the {alg} assertions token_endpoint_auth_signing_alg names")
@@ -313,7 +319,7 @@ def check_policy(meta: dict) -> None:
                           reason="unreachable", minimum=minimum, best=LADDER[best - 1])
 
 
-def _check_jwks(jwks) -> None:
+def check_jwks(jwks) -> None:
     """Client assertions are verified with these keys, so they must parse (or
     /token fails with a 500) and be public EC or RSA keys: a symmetric key here
     would let a "private_key_jwt" client sign with a secret anyone reading its

@@ -12,6 +12,7 @@ are single indexed rows, read blocking.
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import os
 import time
@@ -29,8 +30,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from idp.accounts import disabled_mark
-from idp.protocol import claims, dpop
-from idp.protocol.clients import OAuthClient, find
+from idp.protocol import claims, dpop, remote
+from idp.protocol.clients import ClientError, OAuthClient, check_jwks, find
 from idp.protocol.tokens import REPLAYED, grant_ended, not_before_mark
 from idp.storage.kv import Batch
 from idp.storage.models import Account
@@ -39,6 +40,8 @@ from idp.storage.models import Account
 # scheme decides cookie security. authlib's own http check would only see the
 # internal hop.
 os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
+
+log = logging.getLogger(__name__)
 
 CLIENT_CACHE_SIZE = 10_000
 # The client ``consent_grant`` found, for authlib's ``query_client`` within that one call.
@@ -350,6 +353,7 @@ class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
     def __init__(self, svc):
         super().__init__(validate_jti=True)
         self.svc = svc
+        self.remote_keys = remote.ClientKeys(svc.clock, check_jwks)
 
     def get_audiences(self):
         issuer = self.svc.settings.issuer
@@ -361,9 +365,23 @@ class PrivateKeyJWT(rfc7523.JWTBearerClientAssertion):
         # joserfc's default algorithms are discovery's ES256 and RS256 (HS256 needs a key these
         # EC and RSA keys are not). OIDC Core 9: with an algorithm registered, only that one,
         # which joserfc enforces for a key that names its "alg".
-        keys = (client.metadata.get("jwks") or {"keys": []})["keys"]
         alg = client.metadata.get("token_endpoint_auth_signing_alg")
-        return KeySet.import_key_set({"keys": [{**key, "alg": alg} if alg else key for key in keys]})
+
+        def key_set(jwks):
+            return KeySet.import_key_set({"keys": [{**key, "alg": alg} if alg else key for key in jwks["keys"]]})
+
+        uri = client.metadata.get("jwks_uri")
+        if not uri:
+            return key_set(client.metadata.get("jwks") or {"keys": []})
+
+        def fetched(assertion):  # joserfc calls this with the assertion: its kid picks the fetch
+            try:
+                return key_set(self.remote_keys.get(uri, assertion.headers().get("kid")))
+            except (remote.FetchError, ClientError) as exc:
+                log.warning("jwks_uri of client %s (%s) unusable: %s", client.client_id, uri, exc)
+                raise InvalidClientError(description="The client's jwks_uri could not be read.") from None
+
+        return fetched
 
     def validate_jti(self, claims, jti):
         # Remember the jti for as long as authlib would accept the assertion (its

@@ -182,8 +182,8 @@ def test_bad_metadata_values_are_invalid_client_metadata(provider):
         {"id_token_signed_response_alg": "none"},
         {"subject_type": "mine"},
         {"scope": "openid admin"},
-        # A pairwise sector chosen by the client would be another client's: its users' subs.
-        {"subject_type": "pairwise", "sector_identifier_uri": "https://portal.example.tw/sector.json"},
+        # A sector's document is read over https only.
+        {"subject_type": "pairwise", "sector_identifier_uri": "http://portal.example.tw/sector.json"},
         {"subject_type": "pairwise", "redirect_uris": [APP, "https://portal.example.tw/callback"]},
         # What the provider would not honour is refused, never registered and then ignored.
         {"id_token_encrypted_response_alg": "RSA-OAEP", "id_token_encrypted_response_enc": "A128CBC-HS256"},
@@ -249,11 +249,15 @@ def test_metadata_the_provider_does_not_know_is_not_registered(provider):
     assert "future_feature" not in _manage(provider.http(), info).json()
 
 
-class _KeyHost:
-    """A client's jwks_uri (``url`` + /jwks.json): its current public keys, fetches counted."""
+class _ClientHost:
+    """A client's web host (``url``): its jwks_uri /jwks.json (its current public keys, fetches
+    counted) and its sector_identifier_uri /sector.json (``sector``: the sector's redirect URIs)."""
 
     def __init__(self):
-        self.keys, self.fetches, self.url = [], 0, ""
+        self.keys, self.fetches, self.url, self.sector = [], 0, "", []
+
+    async def sector_document(self, request):
+        return JSONResponse(self.sector)
 
     async def jwks(self, request):
         self.fetches += 1
@@ -264,12 +268,13 @@ class _KeyHost:
 
     def app(self):
         return Starlette(routes=[Route("/jwks.json", self.jwks), Route("/huge.json", self.huge),
+                                 Route("/sector.json", self.sector_document),
                                  Route("/healthz", lambda request: PlainTextResponse("ok"))])
 
 
 @pytest.fixture
-def key_host():
-    host = _KeyHost()
+def client_host():
+    host = _ClientHost()
     with live.reserve() as (sock, url):
         host.url = url
         with live.serve(host.app(), sock, url):
@@ -286,38 +291,86 @@ def _with_key(provider, key, client_id):
                                      "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"})
 
 
-def test_a_private_key_jwt_client_registers_its_jwks_uri_and_authenticates_with_its_keys(provider, key_host):
+def test_a_private_key_jwt_client_registers_its_jwks_uri_and_authenticates_with_its_keys(provider, client_host):
     """OIDC Registration 1.0 2: jwks_uri instead of jwks. The keys are fetched when the client
     authenticates, kept a while, and fetched again at once for a key the client rotated in."""
     first = ECKey.generate_key("P-256", parameters={"kid": "2026-1"}, private=True)
-    key_host.keys = [first]
+    client_host.keys = [first]
     info = _registered(provider, redirect_uris=[], grant_types=["client_credentials"],
-                       token_endpoint_auth_method="private_key_jwt", jwks_uri=key_host.url + "/jwks.json")
-    assert info["jwks_uri"] == key_host.url + "/jwks.json" and "client_secret" not in info
+                       token_endpoint_auth_method="private_key_jwt", jwks_uri=client_host.url + "/jwks.json")
+    assert info["jwks_uri"] == client_host.url + "/jwks.json" and "client_secret" not in info
     for _ in range(2):
         response = _with_key(provider, first, info["client_id"])
         assert response.status_code == 200 and response.json()["access_token"], response.text
-    assert key_host.fetches == 1  # kept, not fetched per request
+    assert client_host.fetches == 1  # kept, not fetched per request
     second = ECKey.generate_key("P-256", parameters={"kid": "2026-2"}, private=True)
-    key_host.keys = [second]  # rotated
+    client_host.keys = [second]  # rotated
     provider.clock.advance(remote.REFETCH_SECONDS)
     assert _with_key(provider, second, info["client_id"]).status_code == 200
-    assert key_host.fetches == 2
+    assert client_host.fetches == 2
     # Retired keys are refused, and made-up kids fetch nothing more.
     for key in (first, ECKey.generate_key("P-256", parameters={"kid": "forged"}, private=True)):
         _error(_with_key(provider, key, info["client_id"]), 400, "invalid_client")
-    assert key_host.fetches == 2
+    assert client_host.fetches == 2
     provider.clock.advance(remote.KEYS_SECONDS)
-    assert _with_key(provider, second, info["client_id"]).status_code == 200 and key_host.fetches == 3
+    assert _with_key(provider, second, info["client_id"]).status_code == 200 and client_host.fetches == 3
 
 
 @pytest.mark.parametrize("path", ["/missing.json", "/huge.json"])
-def test_a_jwks_uri_that_cannot_be_read_is_invalid_client(provider, key_host, path):
+def test_a_jwks_uri_that_cannot_be_read_is_invalid_client(provider, client_host, path):
     key = ECKey.generate_key("P-256", parameters={"kid": "k"}, private=True)
-    key_host.keys = [key]
+    client_host.keys = [key]
     info = _registered(provider, redirect_uris=[], grant_types=["client_credentials"],
-                       token_endpoint_auth_method="private_key_jwt", jwks_uri=key_host.url + path)
+                       token_endpoint_auth_method="private_key_jwt", jwks_uri=client_host.url + path)
     _error(_with_key(provider, key, info["client_id"]), 400, "invalid_client")
+
+
+RESEARCH = "https://research.example.tw/callback"
+
+
+def _sub(provider, info, redirect_uri=APP) -> str:
+    return jwt.decode(_login(provider, info["client_id"], info["client_secret"], redirect_uri)["id_token"],
+                      KeySet.import_key_set(provider.http().get("/jwks").json())).claims["sub"]
+
+
+def test_a_pairwise_client_registers_a_sector_identifier_uri_and_its_subjects_are_its_sectors(provider, client_host):
+    """OIDC Core 8.1, Registration 1.0 5: redirect URIs at several hosts, listed in the document at
+    sector_identifier_uri; the sub is the same at each, and computed for that URI's host."""
+    provider.account("alice")
+    client_host.sector = [APP, RESEARCH, "https://archive.example.tw/cb"]
+    sector_uri = client_host.url + "/sector.json"
+    info = _registered(provider, redirect_uris=[APP, RESEARCH], subject_type="pairwise", sector_identifier_uri=sector_uri)
+    assert info["sector_identifier_uri"] == sector_uri
+    sub = _sub(provider, info)
+    assert _sub(provider, info, RESEARCH) == sub
+    # Another client of the sector knows alice by the same sub; one at APP's host alone, by another.
+    archive = _registered(provider, redirect_uris=["https://archive.example.tw/cb"], subject_type="pairwise",
+                          sector_identifier_uri=sector_uri)
+    assert _sub(provider, archive, "https://archive.example.tw/cb") == sub
+    assert _sub(provider, _registered(provider, subject_type="pairwise")) != sub
+
+
+def test_a_sector_identifier_uri_must_list_every_redirect_uri(provider, client_host):
+    """Registration 1.0 5: else a registration could name another client's sector and learn the
+    subjects its users have there."""
+    token, http = _initial_token(provider), provider.http()
+    meta = {"redirect_uris": [APP, RESEARCH], "subject_type": "pairwise", "sector_identifier_uri": client_host.url + "/sector.json"}
+    for document in ([RESEARCH], {"redirect_uris": [APP, RESEARCH]}, APP):
+        client_host.sector = document
+        _error(_register(http, token, meta), 400, "invalid_client_metadata")
+    _error(_register(http, token, {**meta, "sector_identifier_uri": client_host.url + "/missing.json"}), 400,
+           "invalid_client_metadata")
+    assert _count_clients(provider) == 0
+    # RFC 7592: the redirect URIs of an update are checked against the document too, where the
+    # update names the sector_identifier_uri and where it leaves it as it was.
+    client_host.sector = [APP, RESEARCH]
+    info = _registered(provider, **meta)
+    client_host.sector = [APP]
+    for update in ({"redirect_uris": [RESEARCH]}, meta):
+        _error(_manage(http, info, "PUT", json={"client_id": info["client_id"], "subject_type": "pairwise", **update}),
+               400, "invalid_client_metadata")
+    assert _manage(http, info, "PUT", json={"client_id": info["client_id"], "subject_type": "pairwise",
+                                             "redirect_uris": [APP]}).status_code == 200
 
 
 def _client_pages(page) -> dict:
@@ -511,16 +564,14 @@ def test_update_cannot_move_a_client_into_another_sector(provider):
                                               "subject_type": "pairwise"}), 400, "invalid_client_metadata")
 
 
-def test_a_client_stored_with_a_sector_identifier_uri_keeps_its_sector_through_updates(provider):
-    """Stored before sector_identifier_uri was refused: its subjects stay, and it can still update."""
-    info = _registered(provider, subject_type="pairwise")
-    with provider.svc.db.session() as session:
-        row = session.get(Client, info["client_id"])
-        row.metadata_ = {**row.metadata_, "sector_identifier_uri": "https://sector.example.tw/uris.json"}
+def test_a_client_with_a_sector_identifier_uri_keeps_its_sector_through_updates(provider, client_host):
+    """An update that leaves the sector_identifier_uri out keeps it: its subjects stay."""
+    client_host.sector = [APP]
+    info = _registered(provider, subject_type="pairwise", sector_identifier_uri=client_host.url + "/sector.json")
     update = {"client_id": info["client_id"], "client_name": "v2", "redirect_uris": [APP], "subject_type": "pairwise"}
     assert _manage(provider.http(), info, "PUT", json=update).status_code == 200
     with provider.svc.db.session() as session:
-        assert session.get(Client, info["client_id"]).metadata_["sector_identifier_uri"] == "https://sector.example.tw/uris.json"
+        assert session.get(Client, info["client_id"]).metadata_["sector_identifier_uri"] == client_host.url + "/sector.json"
 
 
 def test_update_needs_the_client_id_and_valid_metadata(provider):

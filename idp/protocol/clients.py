@@ -2,7 +2,7 @@
 
 A client's metadata follows RFC 7591 / OpenID Connect Dynamic Registration
 names (``redirect_uris``, ``grant_types``, ``token_endpoint_auth_method``,
-``post_logout_redirect_uris``, ``subject_type``,
+``post_logout_redirect_uris``, ``subject_type`` (with ``sector_identifier_uri``),
 ``id_token_signed_response_alg``, ``jwks`` or ``jwks_uri``, and the logout URIs of
 Back-Channel and Front-Channel Logout 1.0: ``backchannel_logout_uri``,
 ``backchannel_logout_session_required``, ``frontchannel_logout_uri``,
@@ -36,6 +36,7 @@ from joserfc.jwk import KeySet
 from sqlalchemy import select
 
 from idp.acr import LADDER, earned, rank, with_mfa
+from idp.protocol import remote
 from idp.storage.models import Client, InitialAccessToken
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
@@ -189,8 +190,8 @@ class OAuthClient(ClientMixin):
 
 
 def sector(meta: dict) -> str | None:
-    """The host of a client's redirect URIs (or of the sector_identifier_uri it was stored
-    with before those were refused), for which its pairwise subjects are computed."""
+    """The host of a client's sector_identifier_uri, else of its redirect URIs, for which its
+    pairwise subjects are computed (OIDC Core 8.1)."""
     uri = meta.get("sector_identifier_uri") or (meta.get("redirect_uris") or [""])[0]
     return urlsplit(uri).hostname
 
@@ -258,15 +259,13 @@ def validate_metadata(meta: dict) -> dict:
         raise ClientError(f"jwks has no key that can make the {alg} assertions token_endpoint_auth_signing_alg names")
     if meta.get("subject_type", "public") not in ("public", "pairwise"):
         raise ClientError("subject_type must be public or pairwise")
-    # The sector a pairwise sub is computed for is the redirect URIs' one host (OIDC Core 8.1).
-    # A sector_identifier_uri is not fetched, so not taken: named by the client alone, it would
-    # let any registration choose another client's sector and learn that client's subs.
+    # The sector a pairwise sub is computed for (OIDC Core 8.1): the host of the sector_identifier_uri,
+    # whose document lists this client's redirect URIs, else the redirect URIs' one host.
     if "sector_identifier_uri" in meta:
-        raise ClientError("sector_identifier_uri is not supported: a pairwise client's redirect_uris share one host",
-                          "invalid_client_metadata")
-    if meta.get("subject_type") == "pairwise" and len({urlsplit(u).hostname for u in meta.get("redirect_uris", [])}) > 1:
-        raise ClientError("a pairwise client's redirect_uris must share one host, its sector (OpenID Connect Core 8.1)",
-                          "invalid_client_metadata")
+        _check_sector_document(meta)
+    elif meta.get("subject_type") == "pairwise" and len({urlsplit(u).hostname for u in meta.get("redirect_uris", [])}) > 1:
+        raise ClientError("a pairwise client's redirect_uris must share one host, its sector, or be listed at a "
+                          "sector_identifier_uri (OpenID Connect Core 8.1)")
     check_policy(meta)
     for key in ("backchannel_logout_uri", "frontchannel_logout_uri"):
         if key in meta:
@@ -292,6 +291,25 @@ def validate_metadata(meta: dict) -> dict:
     if scope is not None and (not isinstance(scope, str) or set(scope.split()) - set(SCOPES)):
         raise ClientError(f"scope may only contain: {' '.join(SCOPES)}")
     return meta
+
+
+def _check_sector_document(meta: dict) -> None:
+    """OIDC Registration 1.0 5: the document at sector_identifier_uri, a JSON array of URLs,
+    must list every redirect_uri. Named by the client alone, the sector would let any
+    registration take another client's and learn the subjects that client's users have there."""
+    uri = meta["sector_identifier_uri"]
+    if not isinstance(uri, str):
+        raise ClientError("sector_identifier_uri must be a string")
+    _check_uri(uri, "sector_identifier_uri", "invalid_client_metadata")
+    try:
+        listed = remote.fetch_json(uri)
+    except remote.FetchError:
+        raise ClientError("sector_identifier_uri could not be read as JSON") from None
+    if not isinstance(listed, list) or not all(isinstance(u, str) for u in listed):
+        raise ClientError("sector_identifier_uri must hold a JSON array of URLs")
+    missing = [u for u in meta.get("redirect_uris", []) if u not in listed]
+    if missing:
+        raise ClientError(f"the document at sector_identifier_uri does not list the redirect_uris {' '.join(missing)}")
 
 
 def check_policy(meta: dict) -> None:
@@ -392,9 +410,12 @@ def _new_client_id() -> str:
     return client_id
 
 
-def create_client(session, meta: dict, *, first_party: bool = False, with_registration_token: bool = False):
-    """Register a client; returns (row, secret, registration_access_token), secrets shown once."""
-    meta = validate_metadata(meta)
+def create_client(session, meta: dict, *, first_party: bool = False, with_registration_token: bool = False,
+                  validated: bool = False):
+    """Register a client; returns (row, secret, registration_access_token), secrets shown once.
+    ``validated``: ``meta`` is what ``validate_metadata`` returned (its documents fetched, not
+    again within the caller's transaction)."""
+    meta = meta if validated else validate_metadata(meta)
     secret = None if meta["token_endpoint_auth_method"] in ("none", "private_key_jwt") else new_secret()
     reg_token = new_secret() if with_registration_token else None
     row = Client(

@@ -542,7 +542,7 @@ def _register(svc, token, meta):
         ).scalar_one_or_none()
         if claimed is None or claimed < now:
             return None
-        row, secret, reg = create_client(session, meta, with_registration_token=True)
+        row, secret, reg = create_client(session, meta, with_registration_token=True, validated=True)
         return client_info(row, secret, reg, svc.settings.issuer)
 
 
@@ -604,16 +604,18 @@ def _manage(svc, method, client_id, token, body):
             # client_secret_basic, locking a public or private_key_jwt client out.
             if meta.setdefault("token_endpoint_auth_method", current) != current:
                 raise ClientError("token_endpoint_auth_method cannot change")
-            # The provider's own keys stay: the administrator's policy, and the sector a client stored
-            # before sector_identifier_uri was refused keeps (its subjects must not change).
-            kept = (*POLICY, "sector_identifier_uri")
+            # A sector_identifier_uri omitted stays too (the sector must not change), and its document
+            # is read again: it must list the redirect URIs this update names (Registration 1.0 5).
+            if "sector_identifier_uri" in row.metadata_:
+                meta.setdefault("sector_identifier_uri", row.metadata_["sector_identifier_uri"])
+            # The provider's own keys stay: the administrator's policy.
             updated = {**_stated(svc, validate_metadata(meta)),
-                       **{k: row.metadata_[k] for k in kept if k in row.metadata_}}
+                       **{k: row.metadata_[k] for k in POLICY if k in row.metadata_}}
             # A client that could move its sector after its users logged in would get another
             # client's pairwise subjects for them, its tokens' and refreshes' included.
             if _subjects(row.metadata_) != _subjects(updated):
-                raise ClientError("subject_type, and a pairwise client's sector (the host of its redirect_uris), "
-                                  "cannot change")
+                raise ClientError("subject_type, and a pairwise client's sector (the host of its sector_identifier_uri "
+                                  "or of its redirect_uris), cannot change")
             row.metadata_ = updated
         return 200, client_info(row, reg_token=reg_token, issuer=svc.settings.issuer)
 

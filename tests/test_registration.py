@@ -398,6 +398,19 @@ def test_the_login_and_consent_pages_link_the_clients_policy_and_terms(provider)
     assert _client_pages(provider.browser().authorize(_registered(provider)["client_id"], APP)) == {}
 
 
+def test_the_login_page_shows_the_clients_logo_without_a_referrer(provider):
+    """Registration 1.0 2: logo_uri, shown as an image the page's policy allows, from that
+    origin alone, and fetched without telling the logo's host the login page's address."""
+    info = _registered(provider, logo_uri="https://cdn.example.tw:8443/grants/logo.png")
+    page = provider.browser().authorize(info["client_id"], APP)
+    assert '<img class="client-logo" src="https://cdn.example.tw:8443/grants/logo.png" alt="" ' \
+           'referrerpolicy="no-referrer">' in page.text
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert policy["img-src"] == "'self' data: https://cdn.example.tw:8443"
+    plain = provider.browser().authorize(_registered(provider)["client_id"], APP)
+    assert "client-logo" not in plain.text and "cdn.example.tw" not in plain.headers["content-security-policy"]
+
+
 def test_a_policy_link_stored_before_links_were_checked_is_not_shown(provider):
     info = _registered(provider, tos_uri="https://grants.example.tw/terms")
     with provider.svc.db.session() as session:

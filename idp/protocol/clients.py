@@ -101,10 +101,16 @@ class OAuthClient(ClientMixin):
 
     def shown_page(self, field: str, locale: str) -> str | None:
         """The client's ``policy_uri`` or ``tos_uri`` the login pages link to in ``locale``
-        (Registration 1.0 2: the provider SHOULD show them); only an https page, for a
-        registration stored before others were refused."""
+        (Registration 1.0 2: the provider SHOULD show them), or its ``logo_uri``; only an https
+        URL, for a registration stored before others were refused."""
         uri = self._shown(field, locale)
         return uri if is_https_page(uri) else None
+
+    def logo_origins(self) -> list[str]:
+        """The origins of the client's logo_uri values (any language), which the login page
+        may load an image from (its Content-Security-Policy)."""
+        return sorted({_origin_text(uri) for key, uri in self.metadata.items()
+                       if key.partition("#")[0] == "logo_uri" and is_https_page(uri)})
 
     def _shown(self, field: str, locale: str) -> str | None:
         """``field#<tag>`` for the language of ``locale``, the same language in another
@@ -401,6 +407,12 @@ def _loopback_portless(uri: str) -> str | None:
 def _origin(uri: str) -> tuple:
     parts = urlsplit(uri)
     return parts.scheme, parts.hostname, parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+
+
+def _origin_text(uri: str) -> str:
+    """``scheme://host[:port]`` of ``uri``, as a Content-Security-Policy source names it."""
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def _new_client_id() -> str:

@@ -63,7 +63,10 @@ class Console:
         return translate(locale, self.name)
 
     def shown_page(self, field: str, locale: str) -> None:
-        return None  # the provider's own pages: no client's policy or terms to link
+        return None  # the provider's own pages: no client's policy, terms or logo to show
+
+    def logo_origins(self) -> list[str]:
+        return []
 
 
 async def load(svc, tx: dict):
@@ -171,6 +174,7 @@ async def show(request: Request, tx: dict, client, account, step, *, interactive
         svc.transactions.save(tx, writes)
         await bridge.run(svc.store.write, writes)
         page = {**context, **shown, **flash.get("keep", {})}
+        page["img_src"] = " ".join([page.get("img_src", ""), *client.logo_origins()]).strip()  # its logo
         return render(request, factor.template, factor=factor, factors=step.factors,
                       offered={f.name for f in step.factors}, lost_phone=flow.lost_phone(tx, account), **page)
     svc.transactions.save(tx, writes)

@@ -144,3 +144,38 @@ def test_an_otp_binding_that_could_not_be_saved_keeps_its_qr(outage):
     outage.clock.advance(30)
     bound = browser.submit(page, "/login/bind/otp", otp=pyotp.TOTP(secret).at(outage.clock()))
     assert "OTP 驗證綁定完成" in bound.text
+
+
+def test_an_otp_code_whose_login_could_not_be_recorded_works_once_the_database_is_back(outage, monkeypatch):
+    """A1, A2 (each code once; wrong codes count toward the lock): PostgreSQL went away as the
+    right OTP code's step was recorded. The user got an error page; once the database is back
+    the same code logs in, rather than "already used", and the failure counted as no guess."""
+    import pyotp
+
+    from idp.acr import LOA2
+    from tests.harness import callback
+    from tests.test_login import _alice_with_otp
+
+    _, secret = _alice_with_otp(outage)
+    client_id, _ = outage.client()
+    browser = outage.browser()
+    page = browser.password(browser.authorize(client_id, acr_values=LOA2))
+    code = pyotp.TOTP(secret).at(outage.clock())
+    query, fired = outage.svc.db._query, []
+
+    def goes_away(sql, params, fetch):  # the driver's path, which the binding's step is written on
+        if not fired and "UPDATE BINDINGS" in sql.upper():
+            fired.append(True)
+            pg_stop(outage.pg)
+        return query(sql, params, fetch)
+
+    monkeypatch.setattr(outage.svc.db, "_query", goes_away)
+    assert browser.submit(page, "/login/factor/otp", otp=code).status_code == 500
+    assert fired
+    pg_start(outage.pg)
+    near = {pyotp.TOTP(secret).at(outage.clock() + 30 * k) for k in range(-300, 301)}  # within any drift
+    wrong = next(c for c in ("000000", "111111", "222222", "333333") if c not in near)
+    for _ in range(2):  # two wrong codes: with the failure counted, the second would lock
+        page = browser.submit(page, "/login/factor/otp", otp=wrong)
+        assert page.status_code == 200 and "帳號已暫時停用" not in page.text
+    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=code))

@@ -111,7 +111,12 @@ def check_code(svc, tx, code, seen, binding, claim: str) -> Outcome:
     if binding is None:
         return Outcome(error="otp.not_bound")
     if claimed and claimed[0]:
-        svc.db.write(_LAST_STEP, binding=binding.id, data={**binding.data, "last_step": step})
+        try:
+            svc.db.write(_LAST_STEP, binding=binding.id, data={**binding.data, "last_step": step})
+        except Exception:  # the provider's failure (its database away), not a guess: the attempt
+            lockout.release(username)  # is given back, and the code, unused, works once it is back
+            svc.store.delete(f"otp-used:{claim}:{step}")
+            raise
         writes = Batch()  # sent with the login's next write
         lockout.release(username, writes)
         return Outcome(account_id=tx["account"], writes=writes)

@@ -6,7 +6,8 @@ would go on verifying tokens until the portal restarts. Here the copy lasts as l
 the provider's ``Cache-Control: max-age`` says (5 minutes if it says nothing) and is then
 fetched again, whole, before the next token is checked with it. A provider that cannot
 be reached then leaves the portal its stale copy, asked again a minute later, not at every
-request (each would wait on the connect timeout).
+request (each would wait on the connect timeout); a token naming a key that copy lacks
+cannot be checked meanwhile.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class ProviderKeys:
         self.idp = idp
         self.until = float("-inf")  # the copy is trusted until then
         self.refetched = float("-inf")  # when a token naming a key the copy lacks last made it fetch
+        self.unconfirmed = False  # the last fetch failed: a key the copy lacks may be the provider's
 
     async def get(self, now: float, kid: str | None = None) -> KeySet:
         """The keys to check a token with at ``now``; ``kid``, the key the token names."""
@@ -58,6 +60,10 @@ class ProviderKeys:
             # now (a logout token's sender tries again on a 503).
             self.refetched = now
             await self._fetch(now)
+        if kid is not None and self.unconfirmed and kid not in self._kids():
+            # The provider may have rotated it in: the token cannot be checked now, which is no
+            # proof it is forged (a logout token's sender tries again on a 503, not on a 400).
+            raise RuntimeError("the token names a key the stale copy of the provider's JWKS lacks")
         return KeySet.import_key_set(self.idp.server_metadata["jwks"])
 
     def _kids(self) -> set:
@@ -72,6 +78,7 @@ class ProviderKeys:
                 raise
             log.warning("provider's JWKS unavailable, its copy kept %d s more: %r", REFETCH_SECONDS, exc)
             self.until = now + REFETCH_SECONDS
+            self.unconfirmed = True
 
     async def _fetch(self, now: float) -> None:
         uri = (await self.idp.load_server_metadata()).get("jwks_uri")
@@ -80,5 +87,6 @@ class ProviderKeys:
         response = await self.idp.get(uri, withhold_token=True)
         response.raise_for_status()
         self.idp.server_metadata["jwks"] = response.json()
+        self.unconfirmed = False
         # Not sooner than a minute: "max-age=0" would be a fetch for every token.
         self.until = now + max(REFETCH_SECONDS, max_age(response.headers.get("cache-control", "")))

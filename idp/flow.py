@@ -208,9 +208,11 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
     if account.disabled:
         return Step("disabled")
     # What the client's policy takes as it is now (an administrator may change it mid-login, P5,
-    # P7), and no password once the account turned password login off (M4, in another tab too).
+    # P7), no password once the account turned password login off (M4, in another tab too),
+    # and no one-day password after its day (A7: a consent page left open past midnight).
     kept = within_policy(tx, client)
-    if not _narrow(tx, kept and without_password(kept, account)):
+    kept = kept and without_password(kept, account)
+    if not _narrow(tx, kept and within_day(kept, svc.clock())):
         return await next_step(svc, tx, None, client)
     for target in _levels(tx, client):
         if acr.rank(acr.earned(tx["amr"])) >= acr.rank(target):

@@ -21,6 +21,7 @@ from tests.test_journeys import bound_otp
 from tests.test_totp import _code, _error
 
 CODE = re.compile(r"\b(\d{8})\b")
+RESTARTED = "先前完成的驗證已失效"
 
 
 @pytest.fixture
@@ -320,3 +321,22 @@ def test_cli_mails_the_code_and_prints_no_secret(tmp_path, smtp_server):
     refused = _idp(tmp_path, "users", "one-day-password", "bob", **env)
     assert refused.returncode == 2 and "no email address" in refused.stderr and smtp_server.unread() == 0
     assert _idp(tmp_path, "users", "one-day-password", "nobody", **env).returncode == 2
+
+
+def test_a_login_of_the_last_moments_before_midnight_gets_no_tokens_after_it(shop, smtp_server):
+    """A7: a one-day login finished seconds before midnight in Taiwan. Its code redeemed after
+    midnight gets invalid_grant, not tokens of the next day; its consent page, allowed after
+    midnight, starts the login over rather than issuing a code."""
+    provider, client_id, secret = shop
+    third, _ = provider.client(first_party=False, client_name="Grants")
+    provider.clock.advance(seconds_to_midnight(provider.clock()) - 10)  # 23:59:50 in Taipei
+    code = enable(provider, smtp_server)
+    browser, page = login(provider, client_id, code)
+    issued = callback(page)["code"]
+    consent = browser.authorize(third)
+    assert "/login/consent" in consent.text
+    provider.clock.advance(20)  # 00:00:10
+    response = redeem(browser.http, client_id, secret, issued)
+    assert response.status_code == 400 and response.json()["error"] == "invalid_grant"
+    after = browser.submit(consent, "/login/consent", button=("decision", "allow"))
+    assert after.status_code == 200 and "/login/factor/password" in after.text and RESTARTED in after.text

@@ -274,7 +274,10 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         profile = _profile(svc, code, code["account"], code["scope"])
         lifetime = self.request.client.lifetime("refresh_token", svc.settings.refresh_token_seconds)
         if "ends" in code["auth"]:  # a login with an end of its own (a one-day password's day): no token outlives it
-            lifetime = max(1, min(lifetime, int(code["auth"]["ends"] - svc.clock())))
+            left = int(code["auth"]["ends"] - svc.clock())
+            if left < 1:  # a code of the last moments before midnight, redeemed after
+                raise InvalidGrantError("The login this code was issued for has ended.")
+            lifetime = min(lifetime, left)
         gid = svc.tokens.open_grant(
             {"client_id": code["client_id"], "account": code["account"], "auth": code["auth"], "claims": profile},
             lifetime,

@@ -106,15 +106,29 @@ async def _posted(request: Request, *, need_account: bool = True):
 
 async def _posted_at(request: Request, kind: str, action: str | None = None):
     """(form, tx, client, account) of a POST to the step ``kind`` (``action``: which one), only
-    while the login is at that step; else Nones. No step is taken before those it follows: a
-    password alone neither changes the password nor consents for the account."""
+    while the login is at that step; else the response: the login's current step, or the
+    expiry page. No step is taken before those it follows: a password alone neither changes
+    the password nor consents for the account."""
     form, tx = await _posted(request)
     if tx is None:
-        return None, None, None, None
-    client, account, step = await load(request.app.state.svc, tx)
-    if step is None or step.kind != kind or step.action != action:
-        return None, None, None, None
+        return _expired(request)
+    svc = request.app.state.svc
+    client, account, step = await load(svc, tx)
+    if step is None:
+        return _expired(request)
+    if step.kind != kind or step.action != action:
+        return await _elsewhere(svc, tx, account)
     return form, tx, client, account
+
+
+async def _elsewhere(svc, tx: dict, account) -> Response:
+    """The answer to a form of a step the login is no longer at: the login is alive where it
+    is now. One whose proofs were dropped (``flow.within_policy``, ``without_password``,
+    ``within_day``) started over, and says so."""
+    if account is not None and tx["account"] is None:
+        tx["flash"] = {"notice": "login.restarted", "params": {}}
+        await bridge.run(svc.transactions.save, tx)
+    return _again(tx)
 
 
 def _expired(request: Request):
@@ -196,14 +210,8 @@ async def factor_submit(request: Request) -> Response:
         return _expired(request)
     if factor.name in tx["done"]:  # posted again: a factor never counts twice
         return await show(request, tx, client, account, step)
-    if step.kind != "factor" or factor not in step.factors:
-        # Only a factor this step offers (the client's policy holds). The login is alive where
-        # it is now: one whose proofs were dropped (``flow.within_policy``, ``without_password``)
-        # starts over, and says so.
-        if account is not None and tx["account"] is None:
-            tx["flash"] = {"notice": "login.restarted", "params": {}}
-            await bridge.run(svc.transactions.save, tx)
-        return _again(tx)
+    if step.kind != "factor" or factor not in step.factors:  # only a factor this step offers
+        return await _elsewhere(svc, tx, account)
     outcome = await factor.verify(request, svc, tx, form, account)
     writes = outcome.writes or Batch()
     if not outcome.ok:
@@ -246,9 +254,10 @@ def _qr_owner(tx: dict) -> str:
 async def bind_otp(request: Request) -> Response:
     """Confirm the QR's secret with one code; then, as the seeds show, log in again with it."""
     svc = request.app.state.svc
-    form, tx, client, account = await _posted_at(request, "action", "bind")
-    if tx is None:
-        return _expired(request)
+    posted = await _posted_at(request, "action", "bind")
+    if isinstance(posted, Response):
+        return posted
+    form, tx, client, account = posted
     if TOTP.name not in flow.bindings(account, client):
         return _again(tx)
     error = await run_in_threadpool(Enrolment(svc).confirm, tx["account"], _qr_owner(tx), form.get("otp"))
@@ -268,9 +277,10 @@ async def bind_certificate(request: Request) -> Response:
     """Bind the card that signed this page's challenge instead of OTP; then, as after OTP, log
     in again with it."""
     svc = request.app.state.svc
-    form, tx, client, account = await _posted_at(request, "action", "bind")
-    if tx is None:
-        return _expired(request)
+    posted = await _posted_at(request, "action", "bind")
+    if isinstance(posted, Response):
+        return posted
+    form, tx, client, account = posted
     if certificate.CERTIFICATE.name not in flow.bindings(account, client):
         return _again(tx)
     identity, error, _ = await certificate.bind_card(svc, form, "tx:" + tx["id"], account)
@@ -292,9 +302,10 @@ async def bind_certificate(request: Request) -> Response:
 async def rebuild_otp(request: Request) -> Response:
     """A new QR code: a new version; the previous pending secret stops working."""
     svc = request.app.state.svc
-    _, tx, _, account = await _posted_at(request, "action", "bind")
-    if tx is None:
-        return _expired(request)
+    posted = await _posted_at(request, "action", "bind")
+    if isinstance(posted, Response):
+        return posted
+    _, tx, _, account = posted
     # The version's row is locked: off the event loop.
     await run_in_threadpool(Enrolment(svc).start, account, _qr_owner(tx), rebuild=True)
     return _again(tx)
@@ -303,9 +314,10 @@ async def rebuild_otp(request: Request) -> Response:
 async def password_change(request: Request) -> Response:
     """The expired-password step: a new password that meets the policy, typed twice."""
     svc = request.app.state.svc
-    form, tx, _, _ = await _posted_at(request, "action", "password_change")
-    if tx is None:
-        return _expired(request)
+    posted = await _posted_at(request, "action", "password_change")
+    if isinstance(posted, Response):
+        return posted
+    form, tx, _, _ = posted
     new, again = form.get("new_password") or "", form.get("new_password_again") or ""
     error = None
     if not hmac.compare_digest(new.encode(), again.encode()):
@@ -332,9 +344,10 @@ def _change_password(svc, account_id, new):
 
 async def consent(request: Request) -> Response:
     svc = request.app.state.svc
-    form, tx, client, _ = await _posted_at(request, "consent")
-    if tx is None:
-        return _expired(request)
+    posted = await _posted_at(request, "consent")
+    if isinstance(posted, Response):
+        return posted
+    form, tx, client, _ = posted
     if form.get("decision") != "allow":
         return await respond_error(request, tx, "access_denied", "The user declined.")
     # Kept at the login's end (``finish``), with the code: a login that does not end well

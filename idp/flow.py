@@ -193,8 +193,12 @@ def proven_since(tx: dict) -> float:
     return min((proof["time"] for proof in tx.get("proofs", {}).values()), default=tx["auth_time"] or 0)
 
 
+def _earned_with(factor, amr: list[str]) -> str:
+    return acr.earned(acr.with_mfa(amr + factor.amr))
+
+
 def _raises(factor, amr: list[str]) -> bool:
-    return acr.rank(acr.earned(acr.with_mfa(amr + factor.amr))) > acr.rank(acr.earned(amr))
+    return acr.rank(_earned_with(factor, amr)) > acr.rank(acr.earned(amr))
 
 
 async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
@@ -220,7 +224,10 @@ async def next_step(svc, tx: dict, account: Account | None, client) -> Step:
         if not _reaches(svc, tx, account, client, factors, target):
             continue  # out of this account's reach: the next level the client listed (acr_values)
         # (After a federated login only a factor the user holds raises it: ``acr.with_mfa``.)
-        options = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
+        raising = tuple(f for f in factors if f.name not in tx["done"] and f.bound(account) and _raises(f, tx["amr"]))
+        # Where some get there on their own, only those: an OTP on the way to the card's level
+        # would be asked for nothing.
+        options = tuple(f for f in raising if acr.rank(_earned_with(f, tx["amr"])) >= acr.rank(target)) or raising
         if options:
             return Step("factor", factors=options)
         if _can_bind(svc, account, client, target):

@@ -313,9 +313,9 @@ def test_max_age_counts_the_age_of_the_factors_the_client_accepts(provider):
     assert "/login/factor/password" in browser.authorize(strict, max_age="60").text
 
 
-def test_max_age_counts_the_age_of_each_factor_the_login_builds_on(provider):
-    """A password typed since (at LOA1) does not make an OTP proven an hour ago recent: asked
-    for LOA2 within max_age, the login asks for the OTP again, and prompt=none cannot."""
+def _otp_an_hour_ago(provider):
+    """alice's session: her password and OTP an hour ago, her password alone 10 s ago (LOA1).
+    (browser, client_id, client_secret, her OTP secret)."""
     _, secret = _alice_with_otp(provider)
     client_id, client_secret = provider.client()
     browser = provider.browser()
@@ -324,6 +324,13 @@ def test_max_age_counts_the_age_of_each_factor_the_login_builds_on(provider):
     provider.clock.advance(3600)
     assert "code" in callback(browser.password(browser.authorize(client_id, prompt="login")))
     provider.clock.advance(10)
+    return browser, client_id, client_secret, secret
+
+
+def test_max_age_counts_the_age_of_each_factor_the_login_builds_on(provider):
+    """A password typed since (at LOA1) does not make an OTP proven an hour ago recent: asked
+    for LOA2 within max_age, the login asks for the OTP again, and prompt=none cannot."""
+    browser, client_id, client_secret, secret = _otp_an_hour_ago(provider)
     assert callback(browser.authorize(client_id, acr_values=LOA2, max_age="300", prompt="none"))["error"]
     page = browser.authorize(client_id, acr_values=LOA2, max_age="300")
     assert 'name="otp"' in page.text and 'name="password"' not in page.text  # the password is recent
@@ -387,14 +394,7 @@ def test_a_step_up_to_a_level_out_of_reach_asks_for_nothing(provider):
     """P5, RFC 9470 3: a session at loa:2 (a password typed just now, the OTP an hour ago) and
     a portal asking loa:3 within max_age from an account without a card: the answer is
     unmet_authentication_requirements at once, not an OTP page that could never lead there."""
-    _, secret = _alice_with_otp(provider)
-    client_id, _ = provider.client()
-    browser = provider.browser()
-    page = browser.password(browser.authorize(client_id, acr_values=LOA2))
-    assert "code" in callback(browser.submit(page, "/login/factor/otp", otp=pyotp.TOTP(secret).at(provider.clock())))
-    provider.clock.advance(3600)
-    assert "code" in callback(browser.password(browser.authorize(client_id, prompt="login")))
-    provider.clock.advance(10)
+    browser, client_id, _, _ = _otp_an_hour_ago(provider)
     page = browser.authorize(client_id, acr_values=LOA3, max_age="300")
     assert callback(page)["error"] == "unmet_authentication_requirements"
 

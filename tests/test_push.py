@@ -373,11 +373,17 @@ def test_wrong_number_denied_expired_and_replayed_answers_fail(make_provider):
     assert all(event in activity for event in ("推播數字不符", "推播拒絕", "推播核准", "綁定"))
 
 
-def test_unanswered_pushes_in_a_row_are_rate_limited(provider):
+def _phone_and_push_page(provider):
+    """A portal, a phone registered for alice, and her login at the portal on its push page:
+    (client_id, app, browser, page)."""
     client_id, _ = provider.client()
     app = register(provider, provider.browser())
+    return (client_id, app, *_push_page(provider, client_id))
+
+
+def test_unanswered_pushes_in_a_row_are_rate_limited(provider):
+    client_id, app, browser, page = _phone_and_push_page(provider)
     limit = provider.svc.settings.push_max_unanswered
-    browser, page = _push_page(provider, client_id)
     for _ in range(limit):
         page = press_push(browser, page)
         assert "data-number" in page.text
@@ -415,10 +421,8 @@ def test_unanswered_pushes_in_a_row_are_rate_limited(provider):
 def test_pushes_denied_and_paused_are_counted_in_the_login_metric(provider):
     """An operator watching idp_logins_total for push fatigue saw the denials as failures but
     not the pushes then refused by the pause (login.push_refused): counted nowhere."""
-    client_id, _ = provider.client()
-    app = register(provider, provider.browser())
+    client_id, app, browser, page = _phone_and_push_page(provider)
     limit = provider.svc.settings.push_max_unanswered
-    browser, page = _push_page(provider, client_id)
     for _ in range(limit):
         page = press_push(browser, page)
         [request] = app.pending()

@@ -35,16 +35,29 @@ def test_protocol_endpoints_answer_json_503_while_redis_is_down(outage, endpoint
     error from these endpoints, and may retry on a 503 with Retry-After."""
     browser, client_id, secret, tokens = _tokens(outage)
     outage.rd.stop()
-    http = browser.http
+    _assert_retry_later(_ask(browser.http, endpoint, client_id, secret, tokens))
+
+
+def test_userinfo_answers_json_503_while_the_database_is_down(outage):
+    """OIDC Core 5.3.3: the relying party's back end reads UserInfo's error as JSON and may
+    retry, whichever of the provider's servers is away."""
+    browser, client_id, secret, tokens = _tokens(outage)
+    pg_stop(outage.pg)
+    _assert_retry_later(_ask(browser.http, "userinfo", client_id, secret, tokens))
+
+
+def _ask(http, endpoint, client_id, secret, tokens):
     if endpoint == "token":
-        r = http.post("/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
-                      auth=(client_id, secret))
-    elif endpoint == "userinfo":
-        r = http.get("/userinfo", headers={"Authorization": "Bearer " + tokens["access_token"]})
-    elif endpoint == "introspect":
-        r = http.post("/introspect", data={"token": tokens["access_token"]}, auth=(client_id, secret))
-    else:
-        r = http.post("/revoke", data={"token": tokens["refresh_token"]}, auth=(client_id, secret))
+        return http.post("/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+                         auth=(client_id, secret))
+    if endpoint == "userinfo":
+        return http.get("/userinfo", headers={"Authorization": "Bearer " + tokens["access_token"]})
+    if endpoint == "introspect":
+        return http.post("/introspect", data={"token": tokens["access_token"]}, auth=(client_id, secret))
+    return http.post("/revoke", data={"token": tokens["refresh_token"]}, auth=(client_id, secret))
+
+
+def _assert_retry_later(r):
     assert r.status_code == 503, (r.status_code, r.text[:200])
     assert r.headers["content-type"].startswith("application/json")
     assert r.json()["error"] == "temporarily_unavailable"

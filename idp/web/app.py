@@ -11,7 +11,9 @@ import signal
 from functools import partial
 from pathlib import Path
 
+import psycopg
 from redis.exceptions import ConnectionError as StoreDown, TimeoutError as StoreSlow
+from sqlalchemy.exc import OperationalError as DatabaseDown
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.concurrency import run_in_threadpool
@@ -135,13 +137,14 @@ async def server_error(request: Request, exc):
     return response
 
 
-async def store_unavailable(request: Request, exc):
-    """Redis did not answer (down, a failover): a protocol endpoint's client gets its JSON
-    503 to retry on; a page, the error page."""
-    response = oidc.store_unavailable(request)
+async def unavailable(request: Request, exc):
+    """Redis or the database did not answer (down, a failover, a statement timed out): a
+    protocol endpoint's client gets its JSON 503 to retry on; a page, the error page."""
+    response = oidc.unavailable(request)
     if response is None:
         return await server_error(request, exc)
-    log.error("store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    log.error("%s unavailable on %s %s: %s", "Redis" if isinstance(exc, (StoreDown, StoreSlow)) else "database",
+              request.method, request.url.path, exc)
     return response
 
 
@@ -236,7 +239,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None, ser
             await svc.db.aclose()
 
     app = Provider(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error,
-                                                      StoreDown: store_unavailable, StoreSlow: store_unavailable},
+                                                      StoreDown: unavailable, StoreSlow: unavailable,
+                                                      DatabaseDown: unavailable, psycopg.OperationalError: unavailable},
                    lifespan=lifespan, middleware=proxies.middleware(svc.settings.trusted_proxies),
                    outermost=[Middleware(logs.RequestId, access=svc.settings.access_log),  # every line carries the id
                               Middleware(SecurityHeaders, hsts=svc.settings.issuer.startswith("https://"))])

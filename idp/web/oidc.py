@@ -32,7 +32,7 @@ from idp.web.pages import (CSRF_COOKIE, csrf_ok, csrf_token, delete_cookie, erro
                            set_cookie, who)
 
 PROMPTS = {"none", "login", "consent", "select_account"}
-STORE_RETRY_SECONDS = 5  # Retry-After while the store is unreachable: a client's retry soon finds it back
+RETRY_SECONDS = 5  # Retry-After while Redis or the database is unreachable: a client's retry soon finds it back
 
 
 def _json(data, status=200, headers=None) -> Response:
@@ -44,13 +44,13 @@ def _oauth_error(error: str, description: str, status: int = 400, headers=None) 
                  {"Cache-Control": "no-store", **(headers or {})})
 
 
-def store_unavailable(request: Request) -> Response | None:
-    """The answer of a protocol endpoint (``JSON_ENDPOINTS``) whose store did not answer: the
-    client's back end reads a JSON error and may retry; None for any other route."""
+def unavailable(request: Request) -> Response | None:
+    """The answer of a protocol endpoint (``JSON_ENDPOINTS``) whose Redis or database did not
+    answer: the client's back end reads a JSON error and may retry; None for any other route."""
     if request.scope.get("endpoint") not in JSON_ENDPOINTS:
         return None
     return _oauth_error("temporarily_unavailable", "The provider cannot serve the request now; try again shortly.",
-                        503, {"Retry-After": str(STORE_RETRY_SECONDS)})
+                        503, {"Retry-After": str(RETRY_SECONDS)})
 
 
 # -- discovery -----------------------------------------------------------------------

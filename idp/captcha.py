@@ -7,8 +7,9 @@ compared in constant time.
 
 An image costs about 3.4 ms of CPU, asked for by anyone: drawn on the event loop, a flood
 of them would stall every other request of the process. They are drawn on threads of
-their own (``png``), ``RENDER_THREADS`` at once; more wait their turn without holding a
-request thread."""
+their own (``png``), ``RENDER_THREADS`` at once; up to ``QUEUED`` more wait their turn
+without holding a request thread, and beyond those a flood is refused at once (``Busy``,
+a 503) rather than queued without end."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from captcha.image import ImageCaptcha
 from idp.factors import plain
 
 RENDER_THREADS = 2
+QUEUED = 64  # ~0.1 s of drawing: a user's image waits no longer than that in a flood
 _renderers = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="captcha")
+_taken = 0  # images drawn or waiting, counted on the event loop (no lock needed)
 _images = threading.local()  # an ImageCaptcha per thread: its fonts are not shared between threads
 FORM_SECONDS = 900
 DIGITS = "23456789"  # no 0/1: too easily read as O/l
@@ -59,9 +62,20 @@ def take(svc, tx, answer) -> bool:
         check({"captcha": expected}, answer)
 
 
+class Busy(Exception):
+    """More images asked for than the captcha threads will draw soon."""
+
+
 async def png(answer: str) -> bytes:
-    """The image of ``answer``, drawn on a captcha thread."""
-    return await asyncio.get_running_loop().run_in_executor(_renderers, _draw, answer)
+    """The image of ``answer``, drawn on a captcha thread; ``Busy`` in a flood."""
+    global _taken
+    if _taken >= RENDER_THREADS + QUEUED:
+        raise Busy
+    _taken += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_renderers, _draw, answer)
+    finally:
+        _taken -= 1
 
 
 def _draw(answer: str) -> bytes:

@@ -146,7 +146,8 @@ def test_captcha_always(make_provider):
 
 def test_captcha_images_are_drawn_off_the_event_loop(make_provider, monkeypatch):
     """A flood of captcha images (anyone may ask for them) neither stalls the process's other
-    requests nor takes more than the captcha threads: the rest wait their turn."""
+    requests nor takes more than the captcha threads: the next ones wait their turn, and past
+    those the rest are refused at once (503, Retry-After) rather than queued without end."""
     provider = make_provider(captcha="always")
     client_id, _ = provider.client()
     browser = provider.browser()
@@ -165,6 +166,7 @@ def test_captcha_images_are_drawn_off_the_event_loop(make_provider, monkeypatch)
         return draw(answer)
 
     monkeypatch.setattr(captcha, "_draw", held)
+    monkeypatch.setattr(captcha, "QUEUED", 2)
 
     async def flood():
         transport = httpx.ASGITransport(app=provider.app)
@@ -179,7 +181,9 @@ def test_captcha_images_are_drawn_off_the_event_loop(make_provider, monkeypatch)
 
     health, answered_while_drawing, images = asyncio.run(flood())
     assert health.text == "ok" and answered_while_drawing
-    assert all(image.status_code == 200 and image.content.startswith(b"\x89PNG") for image in images)
+    drawn = [image for image in images if image.status_code == 200 and image.content.startswith(b"\x89PNG")]
+    refused = [image for image in images if image.status_code == 503 and image.headers["retry-after"] == "1"]
+    assert len(drawn) == captcha.RENDER_THREADS + 2 and len(refused) == 1
     assert most[0] == captcha.RENDER_THREADS
 
 

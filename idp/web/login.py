@@ -34,7 +34,7 @@ from idp.storage.kv import Batch
 from idp.storage.models import Account, Consent
 from idp.web.forms import BadRequest, read_form
 from idp.web.i18n import translate
-from idp.web.pages import CSRF_COOKIE, csrf_ok, error_page, get_cookie, render, set_cookie, who
+from idp.web.pages import CSRF_COOKIE, captcha_png, csrf_ok, error_page, get_cookie, render, set_cookie, who
 
 SESSION_COOKIE = "idp_session"
 
@@ -389,7 +389,7 @@ async def captcha_image(request: Request) -> Response:
         answer = tx.get("captcha") if tx else None
     if not answer:
         return Response(status_code=404)
-    return Response(await captcha.png(answer), media_type="image/png", headers={"Cache-Control": "no-store"})
+    return await captcha_png(answer)
 
 
 # -- ending the login ----------------------------------------------------------------

@@ -10,8 +10,9 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.datastructures import URL
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, Response
 
+from idp import captcha
 from idp.web.i18n import LOCALES, negotiate, translate
 
 CSRF_COOKIE = "idp_csrf"
@@ -141,3 +142,11 @@ def error_page(request: Request, title_key: str, detail_key: str, status: int = 
 def who(request: Request) -> dict:
     """Where a request came from, for the audit log."""
     return {"ip": request.client.host if request.client else None, "user_agent": request.headers.get("user-agent")}
+
+
+async def captcha_png(answer: str) -> Response:
+    """A captcha's image as the page's <img> loads it; 503 in a flood, to load again soon."""
+    try:
+        return Response(await captcha.png(answer), media_type="image/png", headers={"Cache-Control": "no-store"})
+    except captcha.Busy:
+        return Response(status_code=503, headers={"Retry-After": "1", "Cache-Control": "no-store"})

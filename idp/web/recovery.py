@@ -43,8 +43,8 @@ from idp.mail import MailError
 from idp.protocol.tokens import not_before_mark
 from idp.storage.models import Account
 from idp.web.forms import BadRequest, read_form
-from idp.web.pages import (CSRF_COOKIE, csrf_ok, csrf_token, error_page, get_cookie, locale_of, render, set_cookie,
-                            who)
+from idp.web.pages import (CSRF_COOKIE, captcha_png, csrf_ok, csrf_token, error_page, get_cookie, locale_of, render,
+                            set_cookie, who)
 
 log = logging.getLogger("idp.recovery")
 
@@ -317,7 +317,7 @@ async def forgot_captcha(request: Request) -> Response:
     record = await bridge.run(svc.store.get, _FORM + form_id) if 0 < len(form_id) <= MAX_TOKEN else None
     if record is None or not record.get("captcha") or not _same_browser(request, record.get("browser")):
         return Response(status_code=404)
-    return Response(await captcha.png(record["captcha"]), media_type="image/png", headers={"Cache-Control": "no-store"})
+    return await captcha_png(record["captcha"])
 
 
 async def forgot_sent(request: Request) -> Response:

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 PROVIDER_ERRORS = (AuthlibBaseError, JoseError, httpx.HTTPError, ValueError, RuntimeError)
 
 DEFAULT_MAX_AGE = 300  # the copy's life when /jwks does not say
-REFETCH_SECONDS = 60  # the least a copy lasts, between two fetches for keys tokens name and it lacks, and after a failed fetch
+# The least a copy lasts; the least between two fetches for keys tokens name and it lacks; how long a
+# stale copy serves after a failed fetch.
+REFETCH_SECONDS = 60
 
 
 def max_age(cache_control: str) -> int:

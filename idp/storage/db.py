@@ -366,9 +366,8 @@ def _ended(conn) -> bool:
     """Whether the server ended an idle connection (a restart, a failover, an administrator's
     pg_terminate_backend): it sent its goodbye or closed, so the socket has something to read
     (else only a reported setting a reload changed, rare: that one is replaced for nothing).
-    Found without a round trip, where
-    pool_pre_ping would add one to every checkout; the first request after a restart is then
-    served on a new connection rather than failed."""
+    A poll with no wait, where pool_pre_ping would add a round trip to every checkout: the
+    first request after a restart is served on a new connection rather than failed."""
     if conn.closed:
         return True
     poller = select.poll()  # not select.select: a busy process's descriptors pass its limit of 1024
